@@ -1,0 +1,170 @@
+"""Checkpoints: our directory format, and bare state_dicts saved from the seed code.
+
+- directory: ``config.json`` (model sizes) + ``model.safetensors``
+- file (.pt/.pth/.bin): a ``torch.save``d state_dict with the seed's parameter
+  names, loaded with ``weights_only=True``; sizes come from the tensors, the head
+  count (which no tensor shows) from ``heads``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from samout_edge.errors import SamoutError
+from samout_edge.fsutil import read_json, sha256_file, staging_dir, write_json_atomic
+from samout_edge.models.config import ModelConfig
+from samout_edge.models.model import SamOut
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
+DEFAULT_HEADS = 8
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: StateDict
+    path: Path  # what the user named: a directory or a file
+    weights_path: Path  # the file holding the tensors
+    sha256: str  # of weights_path
+
+    def model(self, arch: str = "cummax", dtype: torch.dtype = torch.float32) -> SamOut:
+        model = SamOut(self.config, arch)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.to(dtype).eval()
+
+
+def save_checkpoint(model: SamOut, directory: str | Path) -> Path:
+    """Write ``model`` as a checkpoint directory, atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    with staging_dir(directory) as stage:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(stage / WEIGHTS_FILE))
+        write_json_atomic(stage / CONFIG_FILE, {"format": "samout-edge", **model.config.to_dict()})
+    return directory
+
+
+def load_checkpoint(path: str | Path, heads: int | None = None) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise SamoutError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        return _load_directory(path, heads)
+    return _load_state_dict_file(path, heads)
+
+
+def _load_directory(path: Path, heads: int | None) -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = path / WEIGHTS_FILE
+    if not (path / CONFIG_FILE).is_file() or not weights.is_file():
+        raise SamoutError(
+            f"{path} is not a checkpoint directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
+    config = ModelConfig.from_dict(read_json(path / CONFIG_FILE, "checkpoint config"))
+    if heads is not None and heads != config.num_heads:
+        raise SamoutError(f"--heads {heads} contradicts {path / CONFIG_FILE} (num_heads {config.num_heads})")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SamoutError(f"cannot read {weights}: {e}") from None
+    return Checkpoint(config, check_state_dict(state, config), path, weights, sha256_file(weights))
+
+
+def _load_state_dict_file(path: Path, heads: int | None) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SamoutError(
+            f"cannot read checkpoint {path}: not a PyTorch state_dict file, or truncated ({reason[:200]})"
+        ) from None
+    state = _unwrap_state_dict(obj, path)
+    config = infer_config(state, heads if heads is not None else DEFAULT_HEADS, path)
+    return Checkpoint(config, check_state_dict(state, config), path, path, sha256_file(path))
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> StateDict:
+    """Accept a bare state_dict or the usual {'state_dict': ...} / {'model': ...} wrappers."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise SamoutError(f"{path} does not hold a state_dict (a dict of tensors)")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise SamoutError(f"{path}: entry {not_tensors[0]!r} is not a tensor; expected a state_dict")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def infer_config(state: StateDict, heads: int, path: Path | str = "checkpoint") -> ModelConfig:
+    """Read vocab, hidden and layer count off the tensors; heads must be given."""
+    em = state.get("em.weight")
+    if em is None or em.dim() != 2:
+        raise SamoutError(f"{path}: no 2-D 'em.weight' tensor; keys are not SamOut's (first: {next(iter(state))!r})")
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"decoder_layers\.(\d+)\.", k))}
+    if not layers:
+        raise SamoutError(f"{path}: no 'decoder_layers.N.*' tensors; keys are not SamOut's")
+    vocab, hidden = em.shape
+    if heads < 1 or hidden % heads:
+        raise SamoutError(f"--heads {heads} does not divide the checkpoint's hidden size {hidden}")
+    return ModelConfig(vocab_size=vocab, hidden_size=hidden, num_heads=heads, num_layers=max(layers) + 1)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        model = SamOut(config)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def check_state_dict(state: StateDict, config: ModelConfig) -> StateDict:
+    """Check names and shapes against SamOut; name the first differences."""
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+        if unexpected:
+            parts.append(
+                f"unexpected {', '.join(unexpected[:3])}" + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "")
+            )
+        raise SamoutError(f"checkpoint keys are not SamOut's: {'; '.join(parts)}")
+    fixed = {}
+    for key, shape in expected.items():
+        tensor = state[key]
+        if key.endswith(".alpha") and tensor.numel() == 1:
+            tensor = tensor.reshape(shape)  # some seed versions save alpha as shape [1]
+        if tensor.shape != shape:
+            raise SamoutError(
+                f"checkpoint tensor {key} has shape {list(tensor.shape)}, SamOut with "
+                f"{config.num_heads} heads expects {list(shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise SamoutError(f"checkpoint tensor {key} has dtype {tensor.dtype}; expected floating point")
+        fixed[key] = tensor.float()
+    return fixed
+
+
+def random_checkpoint(config: ModelConfig, seed: int = 0) -> SamOut:
+    """A randomly initialised model, reproducible from ``seed``."""
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return SamOut(config).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+

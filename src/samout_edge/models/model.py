@@ -1,0 +1,163 @@
+"""SamOut as the seed article defines it, and its softmax-attention baseline.
+
+Parameter names follow the seed code, so a state_dict saved from it loads with
+``strict=True``. Both archs share every parameter; they differ only in how the
+sequence is mixed: a running maximum (cummax) or causal softmax attention.
+
+State makes prefill, chunked prefill and decode one computation:
+- cummax: per layer the running max so far, ``[batch, heads, 1, head_dim]``;
+  an empty past is the lowest finite value of the dtype.
+- softmax: per layer the ``(key, value)`` cache, ``[batch, heads, past_seq, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samout_edge.models.config import ModelConfig, check_arch
+from samout_edge.models.ops import cummax
+
+CummaxState = torch.Tensor
+KVState = tuple[torch.Tensor, torch.Tensor]
+LayerState = CummaxState | KVState
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[batch, seq, hidden] -> [batch, heads, seq, head_dim]"""
+    b, s, _ = x.shape
+    return x.view(b, s, num_heads, -1).permute(0, 2, 1, 3)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, seq, head_dim] -> [batch, seq, hidden]"""
+    b, _, s, _ = x.shape
+    return x.permute(0, 2, 1, 3).reshape(b, s, -1)
+
+
+class MaxState(nn.Module):
+    """The seed's token mixer: a running max over the sequence, then over the heads."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.combined = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, past: LayerState) -> tuple[torch.Tensor, LayerState]:
+        out, out1, out2 = (split_heads(t, self.num_heads) for t in self.combined(x).chunk(3, -1))
+        out, present = self.mix_sequence(out, out1, out2, past)
+        score = cummax(out, dim=1)  # over the heads
+        y = (score + out1) * out2 + out1
+        return merge_heads(y), present
+
+    def mix_sequence(self, out, out1, out2, past: CummaxState) -> tuple[torch.Tensor, CummaxState]:
+        out = torch.maximum(past, cummax(out, dim=2))  # running max, carried across calls
+        return out, out[:, :, -1:]
+
+
+class CausalSelfAttention(MaxState):
+    """The baseline: MaxState with the sequence cummax replaced by causal softmax
+    attention over q=out, k=out1, v=out2 (same parameters, same count)."""
+
+    def mix_sequence(self, out, out1, out2, past: KVState) -> tuple[torch.Tensor, KVState]:
+        key = torch.cat([past[0], out1], dim=2)
+        value = torch.cat([past[1], out2], dim=2)
+        return causal_attention(out, key, value), (key, value)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention where query i sits at position past_seq + i.
+
+    Eager calls take the fused kernels' fast paths (no past: is_causal; one query:
+    no mask). An exported graph must serve every shape, so it always builds the mask.
+    """
+    seq, total = q.shape[2], k.shape[2]
+    if not torch.compiler.is_exporting():
+        if seq == total:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if seq == 1:
+            return F.scaled_dot_product_attention(q, k, v)
+    key_pos = torch.arange(total, device=q.device)
+    query_pos = torch.arange(seq, device=q.device) + (total - seq)
+    mask = key_pos[None, :] <= query_pos[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class FeedForward(nn.Module):
+    """The seed's gated FFN: ffn2(ffn1(x) * relu(gate(x)))."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.ffn1 = nn.Linear(hidden_size, hidden_size)
+        self.ffn2 = nn.Linear(hidden_size, hidden_size)
+        self.gate = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn2(self.ffn1(x) * F.relu(self.gate(x)))
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the weights' dtype.
+
+    Its sum of squares overflows fp16; TensorRT 11 takes precision from the graph,
+    so the fp32 islands must be in the graph itself. A no-op for fp32 models.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, arch: str):
+        super().__init__()
+        self.self_attention = MaxState(config) if arch == "cummax" else CausalSelfAttention(config)
+        self.ffn = FeedForward(config.hidden_size)
+        self.layer_norm = LayerNorm(config.hidden_size)
+        self.alpha = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor, past: LayerState) -> tuple[torch.Tensor, LayerState]:
+        x1, present = self.self_attention(x, past)
+        return self.layer_norm(self.alpha * self.ffn(x1) + (1 - self.alpha) * x), present
+
+
+class SamOut(nn.Module):
+    """The language model; ``arch="softmax"`` gives the baseline with the same weights."""
+
+    def __init__(self, config: ModelConfig, arch: str = "cummax"):
+        super().__init__()
+        self.config = config
+        self.arch = check_arch(arch)
+        self.em = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config, arch) for _ in range(config.num_layers))
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def empty_state(self, batch: int) -> list[LayerState]:
+        """The state before any token: lowest-value running max, or an empty KV cache."""
+        c, p = self.config, self.head.weight
+        if self.arch == "cummax":
+            low = torch.finfo(p.dtype).min
+            return [p.new_full((batch, c.num_heads, 1, c.head_dim), low) for _ in range(c.num_layers)]
+        empty = p.new_zeros((batch, c.num_heads, 0, c.head_dim))
+        return [(empty, empty) for _ in range(c.num_layers)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past: list[LayerState] | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, list[LayerState]]:
+        if past is None:
+            past = self.empty_state(input_ids.shape[0])
+        x = self.em(input_ids)
+        present = []
+        for layer, layer_past in zip(self.decoder_layers, past):
+            y, layer_present = layer(x, layer_past)
+            x = y + x
+            present.append(layer_present)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(x), present
