@@ -1,0 +1,40 @@
+# samout-edge: `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv on first use. torch is pinned to the CPU build for this
+# machine; the package itself accepts torch>=2.11.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= out
+STAMP  := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Export the seed-size model (hidden 512, 8 heads, 6 layers, vocab 10000) as
+# SamOut and as the softmax baseline, verify both against PyTorch, summarise.
+demo: install
+	$(BIN)/samout-edge doctor
+	$(BIN)/samout-edge init --preset seed -o $(OUT)/seed-checkpoint --force
+	$(BIN)/samout-edge export $(OUT)/seed-checkpoint -o $(OUT)/seed-cummax --arch cummax --max-seq 4096
+	$(BIN)/samout-edge export $(OUT)/seed-checkpoint -o $(OUT)/seed-softmax --arch softmax --max-seq 4096
+	$(BIN)/samout-edge verify $(OUT)/seed-cummax --lengths 1,1000,4096
+	$(BIN)/samout-edge inspect $(OUT)/seed-cummax
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,3 @@
+from samout_edge.cli.app import main
+
+main()

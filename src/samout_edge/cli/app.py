@@ -1,0 +1,250 @@
+"""The samout-edge command line: parse, call the library, render with Rich.
+
+Every command is one library call; errors the user can fix are SamoutError and
+print as one line with a non-zero exit. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from samout_edge.cli.ui import console, err_console, human_bytes, ok, print_json, progress_bar
+from samout_edge.errors import SamoutError
+
+app = typer.Typer(
+    name="samout-edge",
+    help="Export, verify, build and benchmark SamOut (cummax-attention) language models for edge GPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+_debug = {"on": False}
+
+
+@app.callback()
+def root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _debug["on"] = debug
+
+
+def parse_int_list(text: str | None, option: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise SamoutError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------- init / export
+
+
+@app.command()
+def init(
+    preset: str = typer.Option("seed", "--preset", help="Model size: seed (the article's) or tiny."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+    seed: int = typer.Option(0, help="Random seed for the initial weights."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Write a randomly initialised checkpoint (config.json + model.safetensors)."""
+    from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
+    from samout_edge.models.config import preset as get_preset
+
+    config = get_preset(preset)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise SamoutError(f"{output} exists; choose another -o, or pass --force to replace it")
+    save_checkpoint(random_checkpoint(config, seed), output)
+    console.print(f"wrote {output} ({preset}: {config.parameter_count():,} parameters)")
+
+
+@app.command()
+def export(
+    checkpoint: Optional[Path] = typer.Argument(
+        None, help="Checkpoint directory, or a state_dict file (.pt/.pth/.bin) saved from the seed code."
+    ),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Export a randomly initialised preset instead."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    arch: str = typer.Option("cummax", help="cummax (SamOut) or softmax (the baseline)."),
+    lowering: str = typer.Option("native", help="native (standard ONNX ops) or custom (CumMax node + fallback body)."),
+    scan: str = typer.Option("auto", help="Scan the lowering uses: auto, blocked or doubling."),
+    max_seq: int = typer.Option(2048, "--max-seq", help="Longest sequence the graph must be correct for."),
+    dtype: str = typer.Option("fp32", help="fp32 or fp16 (a genuinely fp16 graph, LayerNorm kept in fp32)."),
+    logits: str = typer.Option("last", help="last (decode, [batch,1,vocab]) or all ([batch,seq,vocab])."),
+    opset: int = typer.Option(18, help="ONNX opset (18 or newer)."),
+    heads: Optional[int] = typer.Option(None, help="Head count for a bare state_dict (default 8)."),
+    seed: int = typer.Option(0, help="Random seed for --preset weights."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the export against PyTorch."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT even if it is not an earlier export."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Export a checkpoint to a verified ONNX artifact directory (model.onnx + export.json)."""
+    from samout_edge.exporter.onnx_export import ExportOptions
+    from samout_edge.exporter.onnx_export import export as run_export
+
+    options = ExportOptions(
+        arch=arch, lowering=lowering, scan=scan, max_seq=max_seq, dtype=dtype, logits=logits, opset=opset
+    )
+    with progress_bar(not json_out) as progress:
+        result = run_export(
+            output, options, checkpoint=checkpoint, preset_name=preset, heads=heads, seed=seed,
+            run_verify=verify, force=force, progress=progress,
+        )
+    m = result.manifest
+    if json_out:
+        print_json({"directory": str(result.directory), "seconds": result.seconds, "model_bytes": result.model_bytes,
+                    "timings": result.timings, "manifest": m.to_dict()})
+    else:
+        console.print(
+            f"exported [bold]{m.arch}[/] ({m.dtype}, {m.lowering}/{m.scan['scan']}, max_seq {m.max_seq}) "
+            f"to {result.directory}: model.onnx {human_bytes(result.model_bytes)} in {result.seconds:.1f} s"
+        )
+        if result.verification is not None:
+            render_verification(result.verification)
+    if result.verification is not None and not result.verification.passed:
+        raise SamoutError(f"verification failed; the export is in {result.directory} for inspection")
+
+
+@app.command()
+def verify(
+    directory: Path = typer.Argument(..., help="Export directory."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The source checkpoint, if it has moved."),
+    provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda, tensorrt or a full name."),
+    lengths: Optional[str] = typer.Option(None, help="Sequence lengths to check, e.g. 1,1000,4096."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check an export against PyTorch; exits 1 if any output is out of tolerance."""
+    from samout_edge.exporter.verify import verify as run_verify
+
+    with progress_bar(not json_out) as progress:
+        result = run_verify(directory, checkpoint, provider, parse_int_list(lengths, "--lengths"), progress=progress)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        render_verification(result)
+    if not result.passed:
+        raise SamoutError("verification failed")
+
+
+def render_verification(result) -> None:
+    table = Table(title=f"verify vs PyTorch fp32 (tolerance {result.rtol:g} x max|ref|, {result.provider})")
+    for col in ("check", "output", "max abs err", "tolerance", "result"):
+        table.add_column(col, justify="right" if col in ("max abs err", "tolerance") else "left")
+    op_lengths = ",".join(str(n) for n in result.lengths)
+    table.add_row(f"cummax op, seq {op_lengths}", "both axes", "0" if result.op_exact else "differs", "bit-exact",
+                  ok(result.op_exact))
+    for c in result.checks:
+        layer = re.search(r"\.(\d+)(\.|$)", c.worst)
+        output = f"{c.output} (layer {layer.group(1)})" if layer else c.output
+        table.add_row(c.check, output, f"{c.max_abs_err:.2e}", f"{c.tolerance:.2e}", ok(c.passed))
+    console.print(table)
+    console.print(f"verification {'[green]passed[/]' if result.passed else '[red]FAILED[/]'} in {result.seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------- inspect / doctor
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="Export directory or .onnx file."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Show an export's inputs, outputs, ops, weights and custom nodes."""
+    from samout_edge.exporter.inspect import inspect_path
+
+    result = inspect_path(path)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    console.print(
+        f"[bold]{result.path}[/]: arch {result.arch or '?'}, dtype {result.dtype or '?'}, "
+        f"lowering {result.lowering or '?'}, max_seq {result.max_seq or '?'}"
+    )
+    console.print(f"parameters: {result.parameter_count:,} ({human_bytes(result.parameter_bytes)}), "
+                  f"nodes: {result.node_count}, opsets: {result.opsets}")
+    io_table = Table(title="inputs and outputs")
+    for col in ("", "name", "dtype", "shape"):
+        io_table.add_column(col)
+    for kind, values in (("in", result.inputs), ("out", result.outputs)):
+        for v in values:
+            io_table.add_row(kind, v["name"], v["dtype"], escape("[" + ", ".join(str(d) for d in v["shape"]) + "]"))
+    console.print(io_table)
+    ops = Table(title="op histogram")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in result.op_histogram.items():
+        ops.add_row(op, str(count))
+    console.print(ops)
+    if result.custom_nodes:
+        console.print("custom-domain nodes: " + ", ".join(f"{k} x{v}" for k, v in result.custom_nodes.items())
+                      + (f"; local functions: {', '.join(result.functions)}" if result.functions else ""))
+    else:
+        console.print("custom-domain nodes: none (standard ONNX ops only)")
+    if result.verification:
+        v = result.verification
+        errs = ", ".join(f"{k} {e:.1e}" for k, e in v["max_abs_err"].items())
+        console.print(f"verification: {ok(v['passed'])} (rtol {v['rtol']}; max abs err {errs})")
+
+
+@app.command()
+def doctor(json_out: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
+    """Report what this machine offers: Python, torch, ONNX Runtime providers, GPU, TensorRT, Jetson."""
+    from samout_edge.doctor import collect
+
+    report = collect()
+    if json_out:
+        print_json(report)
+        return
+    table = Table(title="samout-edge doctor", show_header=False)
+    table.add_column("what")
+    table.add_column("found")
+    missing = "[yellow]not installed[/]"
+    table.add_row("python", f"{report['python']} ({report['platform']})")
+    for key in ("samout_edge", "torch", "onnx", "onnxscript", "onnxruntime"):
+        table.add_row(key, report[key] or missing)
+    table.add_row("onnxruntime providers", ", ".join(report["onnxruntime_providers"]) or "-")
+    table.add_row("CUDA", report["cuda"] or "[yellow]no CUDA device[/]")
+    for gpu in report["gpus"]:
+        table.add_row(f"GPU {gpu['index']}", f"{gpu['name']} (sm {gpu['compute_capability']}, {gpu['memory_gib']} GiB)")
+    table.add_row("TensorRT", report["tensorrt"] or missing)
+    table.add_row("Triton", report["triton"] or missing)
+    jetson = report["jetson"]
+    table.add_row("Jetson", f"{jetson.get('model', '?')}, L4T {jetson.get('l4t', '?')}, JetPack {jetson.get('jetpack', '?')}"
+                  if jetson else "not a Jetson")
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: Typer reports usage errors itself (exit 2); SamoutError becomes one line."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="samout-edge")
+    except SamoutError as e:
+        if debug:
+            traceback.print_exc()
+        err_console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        err_console.print(
+            f"[red]error:[/] unexpected {type(e).__name__}: {escape(first_line)} (rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

@@ -1,0 +1,124 @@
+"""What is in an export (or any .onnx file): I/O, ops, weights, custom nodes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from samout_edge.errors import SamoutError
+from samout_edge.exporter.manifest import MODEL_FILE, is_export_dir, read_manifest
+
+ONNX_TYPE_NAMES = {
+    TensorProto.FLOAT: "float32",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.BFLOAT16: "bfloat16",
+    TensorProto.INT64: "int64",
+    TensorProto.INT32: "int32",
+    TensorProto.BOOL: "bool",
+}
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+@dataclass
+class InspectResult:
+    path: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    op_histogram: dict[str, int]
+    node_count: int
+    parameter_count: int
+    parameter_bytes: int
+    custom_nodes: dict[str, int]  # "domain::op_type" -> count
+    functions: list[str]
+    opsets: dict[str, int]
+    max_seq: int | None
+    dtype: str | None
+    arch: str | None
+    lowering: str | None
+    verification: dict[str, Any] | None = None
+    lint: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_onnx(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise SamoutError(f"ONNX file not found: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise SamoutError(f"cannot parse {path} as ONNX: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def value_spec(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    tensor = value.type.tensor_type
+    shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
+    return {"name": value.name, "dtype": ONNX_TYPE_NAMES.get(tensor.elem_type, str(tensor.elem_type)), "shape": shape}
+
+
+def inspect_path(path: str | Path) -> InspectResult:
+    path = Path(path)
+    if not path.exists():
+        raise SamoutError(f"not found: {path}")
+    manifest = None
+    if path.is_dir():
+        if not is_export_dir(path):
+            raise SamoutError(f"{path} is not a samout-edge export (no export.json) and not an .onnx file")
+        manifest = read_manifest(path)
+        model_path = path / MODEL_FILE
+    else:
+        model_path = path
+    model = load_onnx(model_path, load_weights=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+
+    histogram = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
+    custom = Counter(f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx"))
+    count, size = 0, 0
+    for init in model.graph.initializer:
+        if init.data_type not in FLOAT_TYPES:
+            continue  # shape constants, not weights
+        n = int(np.prod(init.dims)) if init.dims else 1
+        count += n
+        size += n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return InspectResult(
+        path=str(path),
+        inputs=[value_spec(v) for v in model.graph.input],
+        outputs=[value_spec(v) for v in model.graph.output],
+        op_histogram=dict(histogram.most_common()),
+        node_count=len(model.graph.node),
+        parameter_count=count,
+        parameter_bytes=size,
+        custom_nodes=dict(custom),
+        functions=[f"{f.domain}::{f.name}" for f in model.functions],
+        opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
+        max_seq=manifest.max_seq if manifest else _int_or_none(meta.get("samout_edge.max_seq")),
+        dtype=manifest.dtype if manifest else meta.get("samout_edge.dtype"),
+        arch=manifest.arch if manifest else meta.get("samout_edge.arch"),
+        lowering=manifest.lowering if manifest else meta.get("samout_edge.lowering"),
+        verification=_verification_summary(manifest.verification) if manifest else None,
+        extra={"config": manifest.config.to_dict() if manifest else json.loads(meta.get("samout_edge.config", "null"))},
+    )
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
+
+
+def _verification_summary(verification: dict | None) -> dict | None:
+    if not verification:
+        return None
+    worst: dict[str, float] = {}
+    for check in verification.get("checks", []):
+        worst[check["output"]] = max(worst.get(check["output"], 0.0), check["max_abs_err"])
+    return {"passed": verification.get("passed"), "rtol": verification.get("rtol"), "max_abs_err": worst}

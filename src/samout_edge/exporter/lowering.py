@@ -1,0 +1,306 @@
+"""Cumulative max in ONNX: there is no CumMax op, so we build one.
+
+The exporter first emits one placeholder node per cummax, ``samout_edge::CumMax``
+(attribute ``axis``). This module then makes it real, one of two ways:
+
+- ``native``: the node is replaced by standard ONNX ops (runs on every runtime
+  and every TensorRT).
+- ``custom``: the node stays, and the model carries a local function of the same
+  name whose body is the native scan. TensorRT with the CumMax plugin runs the
+  plugin; ONNX Runtime and TensorRT without it run the function body.
+
+A scan along a dynamic axis must be unrolled for the longest length it will ever
+see: ``max_len``. The number of steps comes from ``max_len``, never from the
+length used for tracing. Scans (all bit-exact, since max is exact):
+
+- ``doubling``: log-step (Hillis-Steele) scan, ceil(log2(max_len)) passes of
+  shift+max over the whole tensor.
+- ``blocked``: split the axis into blocks of ``block``; a sequential running max
+  inside each block (about one pass), a doubling scan over the block maxima
+  (1/block of the data), then one broadcast max: about four passes in all.
+- a static axis (the head axis) is scanned sequentially, ``len - 1`` Max ops.
+
+Every scan flattens the input to ``[P, L, Q]`` around the scan axis, so one body
+serves any axis and rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DOMAIN = "samout_edge"
+OP_TYPE = "CumMax"
+OP_VERSION = 1
+SCANS = ("blocked", "doubling")
+LOWERINGS = ("native", "custom")
+DEFAULT_BLOCK = 16
+# A static axis up to this long is scanned sequentially (Split + Max chain + Concat).
+MAX_SEQUENTIAL_LEN = 64
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """How one cummax is written in ONNX ops, and the longest axis it is correct for."""
+
+    scan: str  # "blocked" | "doubling"
+    max_len: int
+    block: int = DEFAULT_BLOCK
+
+    def __post_init__(self) -> None:
+        if self.scan not in SCANS:
+            raise ValueError(f"unknown scan {self.scan!r}; choose one of {SCANS}")
+        if self.max_len < 1 or self.block < 2:
+            raise ValueError("max_len must be >= 1 and block >= 2")
+
+    @property
+    def passes(self) -> float:
+        """Approximate full-tensor passes, the cost model behind ``choose_scan``."""
+        if self.scan == "doubling":
+            return 3.0 * math.ceil(math.log2(max(self.max_len, 2)))
+        blocks = math.ceil(self.max_len / self.block)
+        carry = 3.0 * math.ceil(math.log2(blocks)) / self.block if blocks > 1 else 0.0
+        return 4.0 + carry + (1.0 if blocks > 1 else 0.0)
+
+
+def choose_scan(max_len: int, block: int = DEFAULT_BLOCK) -> ScanPlan:
+    """The fastest correct scan for ``max_len`` (measured with ``samout-edge bench op``:
+    blocked wins from a few blocks up, doubling only for very short axes)."""
+    candidates = [ScanPlan("doubling", max_len), ScanPlan("blocked", max_len, block)]
+    return min(candidates, key=lambda plan: plan.passes)
+
+
+class GraphBuilder:
+    """Appends ONNX nodes with unique names; constants become Constant nodes."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}/{hint}_{self._count}"
+
+    def const(self, value, dtype=np.int64) -> str:
+        out = self.name("const")
+        tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), out)
+        self.nodes.append(helper.make_node("Constant", [], [out], name=out, value=tensor))
+        return out
+
+    def attribute_int(self, attribute: str) -> str:
+        """A 1-D int64 tensor holding the enclosing function's int attribute."""
+        scalar = self.name(attribute)
+        ref = helper.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name=attribute)
+        node = helper.make_node("Constant", [], [scalar], name=scalar)
+        node.attribute.append(ref)
+        self.nodes.append(node)
+        return self.op("Unsqueeze", [scalar, self.const([0])])
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> str | list[str]:
+        names = [self.name(op_type) for _ in range(outputs)] if isinstance(outputs, int) else outputs
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(op_type + "_node"), **attrs))
+        return names[0] if len(names) == 1 else names
+
+
+def emit_cummax(
+    g: GraphBuilder,
+    x: str,
+    y: str,
+    axis: int | None,
+    plan: ScanPlan,
+    static_len: int | None = None,
+) -> None:
+    """Append nodes computing ``y = cummax(x, axis)``.
+
+    ``axis=None`` reads it from the enclosing function's ``axis`` attribute.
+    ``static_len`` (the axis length, when every input has the same one) allows
+    the cheapest scan, a sequential one with no padding.
+    """
+    ax = g.const([axis]) if axis is not None else g.attribute_int("axis")
+    shape = g.op("Shape", [x])
+    ax_next = g.op("Add", [ax, g.const([1])])
+    length = g.op("Slice", [shape, ax, ax_next])
+    outer = g.op("ReduceProd", [g.op("Slice", [shape, g.const([0]), ax])], keepdims=1)
+    inner = g.op("ReduceProd", [g.op("Slice", [shape, ax_next, g.const([INT64_MAX])])], keepdims=1)
+    x3 = g.op("Reshape", [x, g.op("Concat", [outer, length, inner], axis=0)])  # [P, L, Q]
+    neg_inf = g.op("CastLike", [g.const(-np.inf, np.float32), x])
+
+    if static_len is not None and static_len <= MAX_SEQUENTIAL_LEN:
+        y3 = _sequential(g, x3, 1, static_len)
+    elif plan.scan == "doubling":
+        y3 = _doubling(g, x3, plan.max_len, neg_inf)
+    else:
+        y3 = _blocked(g, x3, length, outer, inner, plan, neg_inf)
+    g.op("Reshape", [y3, shape], outputs=[y])
+
+
+def _sequential(g: GraphBuilder, x: str, axis: int, length: int) -> str:
+    if length == 1:
+        return g.op("Identity", [x])
+    parts = g.op("Split", [x], outputs=length, axis=axis, num_outputs=length)
+    running = [parts[0]]
+    for part in parts[1:]:
+        running.append(g.op("Max", [running[-1], part]))
+    return g.op("Concat", running, axis=axis)
+
+
+def _shift(g: GraphBuilder, x: str, k: int, rank: int, fill: str) -> str:
+    """x shifted by k along axis 1, the first k entries filled with ``fill``."""
+    pads = [0] * (2 * rank)
+    pads[1] = k
+    padded = g.op("Pad", [x, g.const(pads), fill], mode="constant")
+    return g.op("Slice", [padded, g.const([0]), g.const([-k]), g.const([1])])
+
+
+def _doubling(g: GraphBuilder, x: str, max_len: int, fill: str, rank: int = 3) -> str:
+    k = 1
+    while k < max_len:
+        x = g.op("Max", [x, _shift(g, x, k, rank, fill)])
+        k *= 2
+    return x
+
+
+def _blocked(g: GraphBuilder, x3: str, length: str, outer: str, inner: str, plan: ScanPlan, fill: str) -> str:
+    block = g.const([plan.block])
+    pad_len = g.op("Mod", [g.op("Sub", [block, g.op("Mod", [length, block])]), block])
+    pads = g.op("Concat", [g.const([0, 0, 0, 0]), pad_len, g.const([0])], axis=0)
+    padded = g.op("Pad", [x3, pads, fill], mode="constant")
+    x4 = g.op("Reshape", [padded, g.op("Concat", [outer, g.const([-1]), block, inner], axis=0)])
+    y4 = _sequential(g, x4, 2, plan.block)  # [P, blocks, block, Q]
+    blocks = math.ceil(plan.max_len / plan.block)
+    if blocks > 1:
+        block_max = g.op("Slice", [y4, g.const([-1]), g.const([INT64_MAX]), g.const([2])])
+        block_max = _doubling(g, block_max, blocks, fill, rank=4)
+        y4 = g.op("Max", [y4, _shift(g, block_max, 1, 4, fill)])
+    y3 = g.op("Reshape", [y4, g.op("Concat", [outer, g.const([-1]), inner], axis=0)])
+    return g.op("Slice", [y3, g.const([0]), length, g.const([1])])
+
+
+def cummax_function(plan: ScanPlan, opset: int) -> onnx.FunctionProto:
+    """The ``samout_edge::CumMax`` local function: the native scan as its body."""
+    g = GraphBuilder("CumMax")
+    emit_cummax(g, "x", "y", axis=None, plan=plan)
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        inputs=["x"],
+        outputs=["y"],
+        nodes=g.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["axis"],
+        doc_string=f"Running maximum along `axis` (values of torch.cummax); body correct up to length {plan.max_len}.",
+    )
+
+
+def cummax_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def node_axis(node: onnx.NodeProto) -> int:
+    for attr in node.attribute:
+        if attr.name == "axis":
+            return attr.i
+    raise ValueError(f"{OP_TYPE} node {node.name!r} has no axis attribute")
+
+
+def lower_cummax(
+    model: onnx.ModelProto,
+    lowering: str,
+    plan: ScanPlan,
+    static_lengths: dict[int, int] | None = None,
+) -> onnx.ModelProto:
+    """Make every placeholder CumMax node real (in place); returns ``model``.
+
+    ``static_lengths`` maps an axis to its length where it is fixed (the head axis).
+    """
+    if lowering not in LOWERINGS:
+        raise ValueError(f"unknown lowering {lowering!r}; choose one of {LOWERINGS}")
+    static_lengths = static_lengths or {}
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if lowering == "custom":
+        del model.functions[:]
+        model.functions.append(cummax_function(plan, opset))
+        _set_opset(model, DOMAIN, OP_VERSION)
+        return model
+
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            axis = node_axis(node)
+            g = GraphBuilder(node.name or f"cummax_{len(nodes)}")
+            emit_cummax(g, node.input[0], node.output[0], axis, plan, static_lengths.get(axis))
+            nodes.extend(g.nodes)
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.functions[:]
+    _drop_opset(model, DOMAIN)
+    return model
+
+
+def _set_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+    _drop_opset(model, domain)
+    model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def _drop_opset(model: onnx.ModelProto, domain: str) -> None:
+    keep = [o for o in model.opset_import if o.domain != domain]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+
+
+def standalone_model(
+    lowering: str,
+    plan: ScanPlan,
+    axis: int,
+    dtype: str = "fp32",
+    rank: int = 4,
+    opset: int = 18,
+    static_len: int | None = None,
+) -> onnx.ModelProto:
+    """A one-op model ``y = cummax(x, axis)``: for ``bench op`` and the exactness tests."""
+    elem = ONNX_DTYPES[dtype]
+    dims = [f"d{i}" for i in range(rank)]
+    if static_len is not None:
+        dims[axis] = static_len
+    node = helper.make_node(OP_TYPE, ["x"], ["y"], name="cummax", domain=DOMAIN, axis=axis)
+    graph = helper.make_graph(
+        [node],
+        "cummax",
+        [helper.make_tensor_value_info("x", elem, dims)],
+        [helper.make_tensor_value_info("y", elem, dims)],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)],
+        producer_name="samout-edge",
+    )
+    lower_cummax(model, lowering, plan, {axis: static_len} if static_len else None)
+    return model
+
+
+def register_placeholder_schema() -> None:
+    """Teach onnx (and so the torch exporter) the placeholder op, once per process."""
+    if onnx.defs.has(OP_TYPE, DOMAIN):
+        return
+    schema = onnx.defs.OpSchema(
+        OP_TYPE,
+        DOMAIN,
+        OP_VERSION,
+        doc="Running maximum along `axis`: the values of torch.cummax(x, axis).",
+        inputs=[onnx.defs.OpSchema.FormalParameter("x", "T")],
+        outputs=[onnx.defs.OpSchema.FormalParameter("y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types")],
+        attributes=[onnx.defs.OpSchema.Attribute("axis", onnx.defs.OpSchema.AttrType.INT, "scan axis, >= 0")],
+    )
+    onnx.defs.register_schema(schema)

@@ -1,0 +1,335 @@
+"""SamOut (or its softmax baseline) -> one ONNX graph for prefill and decode.
+
+torch.export traces the model with dynamic batch and sequence; each cummax is
+traced as a ``samout_edge::CumMax`` placeholder, which lowering.py then turns into
+standard ops (``native``) or a custom node with a function body (``custom``).
+Why torch.export and not the TorchScript exporter: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from samout_edge.errors import SamoutError
+from samout_edge.exporter import lowering as low
+from samout_edge.exporter.manifest import (
+    CHECKPOINT_DIR,
+    MODEL_FILE,
+    Manifest,
+    TensorSpec,
+    is_export_dir,
+    tool_versions,
+)
+from samout_edge.fsutil import sha256_file, staging_dir
+from samout_edge.models import state as st
+from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
+from samout_edge.models.config import ModelConfig, check_arch, preset
+from samout_edge.models.model import SamOut
+from samout_edge.progress import Progress, no_progress
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+LOGITS = ("last", "all")
+MIN_OPSET = 18
+# Protobuf cannot hold more than 2 GiB; above this the weights go to model.onnx.data.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
+
+
+@dataclass
+class ExportOptions:
+    arch: str = "cummax"
+    lowering: str = "native"
+    scan: str = "auto"  # auto | blocked | doubling
+    max_seq: int = 2048
+    dtype: str = "fp32"
+    logits: str = "last"
+    opset: int = MIN_OPSET
+    block: int = low.DEFAULT_BLOCK
+
+    def validate(self) -> ExportOptions:
+        check_arch(self.arch)
+        choices = {
+            "lowering": low.LOWERINGS,
+            "scan": ("auto", *low.SCANS),
+            "dtype": tuple(DTYPES),
+            "logits": LOGITS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise SamoutError(f"--{name} {getattr(self, name)!r} is not one of: {', '.join(allowed)}")
+        if self.max_seq < 1:
+            raise SamoutError(f"--max-seq must be at least 1, got {self.max_seq}")
+        if self.opset < MIN_OPSET:
+            raise SamoutError(f"--opset must be {MIN_OPSET} or newer (the torch.export-based exporter), got {self.opset}")
+        if self.opset > onnx.defs.onnx_opset_version():
+            raise SamoutError(f"--opset {self.opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
+        if self.block < 2:
+            raise SamoutError(f"--block must be at least 2, got {self.block}")
+        return self
+
+    def scan_plan(self, config: ModelConfig) -> low.ScanPlan:
+        # One plan serves the sequence axis and (in custom exports) the head axis.
+        max_len = max(self.max_seq, config.num_heads, 2)
+        if self.scan == "auto":
+            return low.choose_scan(max_len, self.block)
+        return low.ScanPlan(self.scan, max_len, self.block)
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: Manifest
+    seconds: float
+    model_bytes: int
+    verification: object | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ExportWrapper(nn.Module):
+    """Flat positional I/O for torch.export: (input_ids, *past) -> (logits, *present)."""
+
+    def __init__(self, model: SamOut, last_only: bool):
+        super().__init__()
+        self.model = model
+        self.last_only = last_only
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+        logits, present = self.model(input_ids, st.unflatten(self.model.arch, list(past)), self.last_only)
+        return (logits, *st.flatten(self.model.arch, present))
+
+
+def graph_io(config: ModelConfig, arch: str, dtype: str, logits: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph contract: names, dtypes and shapes (strings name dynamic dims)."""
+    h, d, layers = config.num_heads, config.head_dim, config.num_layers
+    float_type = "float16" if dtype == "fp16" else "float32"
+    past_dim, present_dim = (1, 1) if arch == "cummax" else ("past_seq", "total_seq")
+    inputs = [TensorSpec("input_ids", "int64", ["batch", "seq"])]
+    inputs += [TensorSpec(n, float_type, ["batch", h, past_dim, d]) for n in st.past_names(arch, layers)]
+    outputs = [TensorSpec("logits", float_type, ["batch", "seq" if logits == "all" else 1, config.vocab_size])]
+    outputs += [TensorSpec(n, float_type, ["batch", h, present_dim, d]) for n in st.present_names(arch, layers)]
+    return inputs, outputs
+
+
+def _translate_cummax(x, dim: int):
+    """custom_translation_table entry: samout_edge::cummax -> the CumMax placeholder."""
+    import onnxscript
+
+    return onnxscript.values.Opset(low.DOMAIN, low.OP_VERSION).CumMax(x, axis=dim)
+
+
+def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace_seq: int) -> onnx.ModelProto:
+    """torch.export + the ONNX translation; cummax nodes are still placeholders."""
+    low.register_placeholder_schema()
+    config, arch = model.config, model.arch
+    dtype = next(model.parameters()).dtype
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=1, max=max(options.max_seq, trace_seq))
+    ids = torch.randint(1, config.vocab_size, (trace_batch, trace_seq))
+    if arch == "cummax":
+        past = st.flatten(arch, model.empty_state(trace_batch))
+        past_shapes = [{0: batch} for _ in past]
+    else:
+        past_seq = torch.export.Dim("past_seq", min=0, max=max(options.max_seq, trace_seq))
+        shape = (trace_batch, config.num_heads, 3, config.head_dim)
+        past = [torch.randn(shape, dtype=dtype) for _ in range(2 * config.num_layers)]
+        past_shapes = [{0: batch, 2: past_seq} for _ in past]
+    inputs, outputs = graph_io(config, arch, options.dtype, options.logits)
+    quiet = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                ExportWrapper(model, options.logits == "last").eval(),
+                (ids, *past),
+                dynamo=True,
+                opset_version=options.opset,
+                input_names=[t.name for t in inputs],
+                output_names=[t.name for t in outputs],
+                dynamic_shapes=({0: batch, 1: seq}, tuple(past_shapes)),
+                custom_translation_table={torch.ops.samout_edge.cummax.default: _translate_cummax},
+                optimize=True,
+                verify=False,
+            )
+    except Exception as e:
+        detail = str(e).strip().splitlines()
+        raise SamoutError(f"torch.export could not trace the model: {detail[0] if detail else type(e).__name__}") from e
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    return program.model_proto
+
+
+def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[int, int]) -> onnx.ModelProto:
+    """Lower cummax, pin the I/O contract, and make the file self-describing."""
+    plan = low.ScanPlan(**manifest.scan)
+    low.lower_cummax(model, manifest.lowering, plan, static_lengths)
+    for value, spec in zip(list(model.graph.input) + list(model.graph.output), manifest.inputs + manifest.outputs):
+        if value.name != spec.name:
+            raise SamoutError(f"exported graph has {value.name!r} where the contract says {spec.name!r}")
+        dims = value.type.tensor_type.shape.dim
+        for dim, want in zip(dims, spec.shape):
+            dim.Clear()
+            if isinstance(want, int):
+                dim.dim_value = want
+            else:
+                dim.dim_param = want
+    model.producer_name = "samout-edge"
+    meta = {
+        "samout_edge.arch": manifest.arch,
+        "samout_edge.lowering": manifest.lowering,
+        "samout_edge.scan": json.dumps(manifest.scan),
+        "samout_edge.max_seq": str(manifest.max_seq),
+        "samout_edge.dtype": manifest.dtype,
+        "samout_edge.logits": manifest.logits,
+        "samout_edge.config": json.dumps(manifest.config.to_dict()),
+    }
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, meta)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise SamoutError(f"the exported graph is not valid ONNX: {str(e).splitlines()[0]}") from e
+    return model
+
+
+def save_model(model: onnx.ModelProto, directory: Path) -> list[str]:
+    """Write model.onnx (and model.onnx.data when the weights are large); returns file names."""
+    path = directory / MODEL_FILE
+    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE
+        )
+        return [MODEL_FILE, EXTERNAL_DATA_FILE]
+    onnx.save_model(model, str(path))
+    return [MODEL_FILE]
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SamoutError(f"{out} exists and is a file; choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not is_export_dir(out) and not force:
+        raise SamoutError(
+            f"{out} exists and is not a samout-edge export; choose another -o, or pass --force to replace it"
+        )
+
+
+def trace_shape(max_seq: int) -> tuple[int, int]:
+    """Example batch and seq for tracing: above 1 (torch.export specializes 0 and 1),
+    and not a length verify checks, so verify proves the graph generalizes."""
+    return 2, max(2, min(6, max_seq))
+
+
+def export(
+    out: str | Path,
+    options: ExportOptions,
+    checkpoint: str | Path | None = None,
+    preset_name: str | None = None,
+    heads: int | None = None,
+    seed: int = 0,
+    run_verify: bool = True,
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> ExportResult:
+    """Export a checkpoint (or a randomly initialised preset) to an artifact directory.
+
+    The directory appears whole or not at all: everything is written to a staging
+    directory beside it and renamed into place at the end.
+    """
+    from samout_edge.exporter.verify import verify
+
+    options.validate()
+    out = Path(out)
+    if (checkpoint is None) == (preset_name is None):
+        raise SamoutError("give either a CHECKPOINT or --preset NAME (not both)")
+    check_output_dir(out, force)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    total = 4 + (1 if run_verify else 0)
+
+    progress("loading checkpoint", 0, total)
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint, heads)
+        source = {"kind": "checkpoint", "path": str(Path(checkpoint).absolute()), "sha256": ckpt.sha256}
+    else:
+        config = preset(preset_name)
+        if heads is not None and heads != config.num_heads:
+            raise SamoutError(f"--heads {heads} contradicts preset {preset_name!r} ({config.num_heads} heads)")
+        ckpt = None
+
+    with staging_dir(out) as stage:
+        if ckpt is None:
+            save_checkpoint(random_checkpoint(config, seed), stage / CHECKPOINT_DIR)
+            ckpt = load_checkpoint(stage / CHECKPOINT_DIR)
+            source = {
+                "kind": "preset",
+                "preset": preset_name,
+                "seed": seed,
+                "path": CHECKPOINT_DIR,
+                "sha256": ckpt.sha256,
+            }
+        manifest = _manifest(ckpt, options, source)
+        model = ckpt.model(options.arch, DTYPES[options.dtype])
+
+        progress(f"tracing with torch.export ({options.arch}, {options.dtype})", 1, total)
+        t = time.perf_counter()
+        proto = trace_to_onnx(model, options, manifest.trace["batch"], manifest.trace["seq"])
+        timings["trace_s"] = time.perf_counter() - t
+
+        progress(f"lowering cummax ({options.lowering}, {manifest.scan['scan']} scan)", 2, total)
+        t = time.perf_counter()
+        finalize(proto, manifest, static_lengths={1: ckpt.config.num_heads})
+        timings["lower_s"] = time.perf_counter() - t
+
+        progress("writing model.onnx", 3, total)
+        for name in save_model(proto, stage):
+            manifest.files[name] = {"sha256": sha256_file(stage / name), "bytes": (stage / name).stat().st_size}
+        manifest.save(stage)
+
+        result = ExportResult(out, manifest, 0.0, manifest.files[MODEL_FILE]["bytes"], timings=timings)
+        if run_verify:
+            progress("verifying against PyTorch", 4, total)
+            t = time.perf_counter()
+            result.verification = verify(stage, checkpoint=ckpt)
+            timings["verify_s"] = time.perf_counter() - t
+            manifest.verification = result.verification.to_dict()
+            manifest.save(stage)
+        progress("done", total, total)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifest:
+    inputs, outputs = graph_io(ckpt.config, options.arch, options.dtype, options.logits)
+    batch, seq = trace_shape(options.max_seq)
+    plan = options.scan_plan(ckpt.config)
+    return Manifest(
+        arch=options.arch,
+        lowering=options.lowering,
+        scan={"scan": plan.scan, "max_len": plan.max_len, "block": plan.block},
+        opset=options.opset,
+        dtype=options.dtype,
+        logits=options.logits,
+        max_seq=options.max_seq,
+        config=ckpt.config,
+        inputs=inputs,
+        outputs=outputs,
+        files={},
+        source=source,
+        trace={"batch": batch, "seq": seq},
+        tools=tool_versions(),
+    )

@@ -1,0 +1,55 @@
+"""One interface over every backend, as Polygraphy does it: loaders build runners,
+runners only run.
+
+``run(input_ids, state) -> (logits, new_state)``: state is a dict keyed by the
+graph's input names (past_max.{i} or past_key_values.{i}.key/.value), so the
+state one call returns feeds the next call unchanged. Arrays stay in the
+backend's own type (numpy for ONNX Runtime, torch tensors for torch and
+TensorRT) so a decode loop never copies through the host; ``to_numpy`` is for
+comparing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from samout_edge.models.config import ModelConfig
+
+State = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    backend: str  # torch | ort | tensorrt
+    device: str  # cpu | cuda | the ORT provider
+    arch: str
+    dtype: str  # fp32 | fp16
+    logits: str  # last | all
+    max_seq: int | None  # None: no limit (eager torch)
+    config: ModelConfig
+
+
+class Runner(ABC):
+    info: RunnerInfo
+
+    @abstractmethod
+    def initial_state(self, batch: int) -> State:
+        """The state before any token."""
+
+    @abstractmethod
+    def run(self, input_ids: np.ndarray, state: State) -> tuple[Any, State]:
+        """Logits for ``input_ids`` ([batch, seq] int64) after ``state``, and the new state."""
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+    def synchronize(self) -> None:  # noqa: B027 - deliberately optional
+        """Wait for queued device work (timing needs it); a no-op on the CPU."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.info.backend}:{self.info.device}"

@@ -1,0 +1,72 @@
+"""ONNX Runtime over an export directory, on any of its execution providers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from samout_edge.errors import SamoutError
+from samout_edge.exporter.manifest import MODEL_FILE, Manifest, read_manifest
+from samout_edge.models import state as st
+from samout_edge.runtime.base import Runner, RunnerInfo, State
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    # Azure is a remote-inference shim, not a local device.
+    return [p for p in ort.get_available_providers() if p != "AzureExecutionProvider"]
+
+
+def resolve_provider(name: str) -> str:
+    provider = PROVIDER_ALIASES.get(name.lower(), name)
+    available = available_providers()
+    if provider not in available:
+        raise SamoutError(
+            f"ONNX Runtime provider {name!r} is not available here; available: {', '.join(available)}"
+            + ("" if "CUDAExecutionProvider" in available else " (install onnxruntime-gpu for CUDA/TensorRT)")
+        )
+    return provider
+
+
+class OrtRunner(Runner):
+    def __init__(self, session, manifest: Manifest, provider: str):
+        self.session = session
+        self.manifest = manifest
+        self.to_past = st.present_to_past(manifest.arch, manifest.config.num_layers)
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.info = RunnerInfo(
+            "ort", provider, manifest.arch, manifest.dtype, manifest.logits, manifest.max_seq, manifest.config
+        )
+
+    def initial_state(self, batch: int) -> State:
+        return st.empty_state(self.manifest.config, self.manifest.arch, batch, self.manifest.dtype)
+
+    def run(self, input_ids, state: State):
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64), **state}
+        outputs = self.session.run(self.output_names, feeds)
+        results = dict(zip(self.output_names, outputs))
+        return results["logits"], {self.to_past[k]: v for k, v in results.items() if k in self.to_past}
+
+
+def load_ort_runner(directory: str | Path, provider: str = "cpu", threads: int | None = None) -> OrtRunner:
+    import onnxruntime as ort
+
+    manifest = read_manifest(directory)
+    provider = resolve_provider(provider)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(Path(directory) / MODEL_FILE), options, providers=[provider])
+    except Exception as e:  # ORT raises its own exception types for bad graphs
+        raise SamoutError(f"ONNX Runtime cannot load {Path(directory) / MODEL_FILE}: {str(e).splitlines()[0]}") from None
+    return OrtRunner(session, manifest, provider)

@@ -1,0 +1,43 @@
+"""PyTorch eager: the reference every export is checked against."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from samout_edge.models import state as st
+from samout_edge.models.checkpoint import Checkpoint
+from samout_edge.runtime.base import Runner, RunnerInfo, State
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class TorchRunner(Runner):
+    def __init__(self, model, dtype: str = "fp32", logits: str = "all", device: str = "cpu"):
+        self.model = model.to(device=device, dtype=TORCH_DTYPES[dtype]).eval()
+        self.device = torch.device(device)
+        self.names = st.past_names(model.arch, model.config.num_layers)
+        self.info = RunnerInfo("torch", self.device.type, model.arch, dtype, logits, None, model.config)
+
+    def initial_state(self, batch: int) -> State:
+        return dict(zip(self.names, st.flatten(self.model.arch, self.model.empty_state(batch))))
+
+    @torch.inference_mode()
+    def run(self, input_ids, state: State):
+        ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=self.device)
+        past = st.unflatten(self.model.arch, [state[n] for n in self.names])
+        logits, present = self.model(ids, past, last_only=self.info.logits == "last")
+        return logits, dict(zip(self.names, st.flatten(self.model.arch, present)))
+
+    def to_numpy(self, value) -> np.ndarray:
+        return value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def load_torch_runner(
+    checkpoint: Checkpoint, arch: str, dtype: str = "fp32", logits: str = "all", device: str = "cpu"
+) -> TorchRunner:
+    return TorchRunner(checkpoint.model(arch), dtype=dtype, logits=logits, device=device)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
+from samout_edge.models.config import PRESETS
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(random_checkpoint(TINY, seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_checkpoint):
+    """export(arch=..., dtype=..., lowering=..., ...) -> directory, each variant exported once."""
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+
+    cache: dict[tuple, object] = {}
+    root = tmp_path_factory.mktemp("exports")
+
+    def get(arch="cummax", dtype="fp32", lowering="native", max_seq=300, logits="last", scan="auto"):
+        key = (arch, dtype, lowering, max_seq, logits, scan)
+        if key not in cache:
+            out = root / "-".join(str(k) for k in key)
+            options = ExportOptions(arch=arch, dtype=dtype, lowering=lowering, max_seq=max_seq, logits=logits, scan=scan)
+            cache[key] = export(out, options, checkpoint=tiny_checkpoint)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+    from samout_edge.cli.app import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

@@ -1,0 +1,143 @@
+"""The CLI as a user runs it: results on stdout, one-line errors on stderr, exit codes."""
+
+import json
+
+import pytest
+import torch
+
+from tests.seed_reference import SamOut as SeedSamOut
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_init_export_verify_inspect(run_cli, tmp_path):
+    code, out, _ = run_cli("init", "--preset", "tiny", "-o", tmp_path / "ck")
+    assert code == 0 and "tiny" in out
+    code, out, err = run_cli("export", tmp_path / "ck", "-o", tmp_path / "ex", "--max-seq", "64", "--arch", "softmax")
+    assert code == 0, err
+    assert "verification passed" in out
+    code, out, _ = run_cli("verify", tmp_path / "ex", "--lengths", "1,33,64", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["passed"] and data["lengths"] == [1, 33, 64]
+    code, out, _ = run_cli("inspect", tmp_path / "ex", "--json")
+    data = json.loads(out)
+    assert data["arch"] == "softmax" and data["max_seq"] == 64 and data["custom_nodes"] == {}
+    assert data["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
+    assert data["verification"]["passed"] is True
+    code, out, _ = run_cli("inspect", tmp_path / "ex")
+    assert code == 0 and "[batch, seq]" in out and "standard ONNX ops only" in out
+
+
+def test_inspect_onnx_file_and_custom_nodes(run_cli, exported):
+    path = exported(lowering="custom").directory / "model.onnx"
+    code, out, _ = run_cli("inspect", path, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["custom_nodes"] == {"samout_edge::CumMax": 4}
+    assert data["functions"] == ["samout_edge::CumMax"] and data["max_seq"] == 300
+
+
+def test_export_seed_state_dict_with_heads(run_cli, tmp_path):
+    torch.save(SeedSamOut(128, 32, 4, 2).state_dict(), tmp_path / "seed.pth")
+    code, out, err = run_cli("export", tmp_path / "seed.pth", "--heads", "4", "-o", tmp_path / "o", "--max-seq", "16")
+    assert code == 0, err
+
+
+def test_doctor_json(run_cli):
+    code, out, _ = run_cli("doctor", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["torch"] and "CPUExecutionProvider" in data["onnxruntime_providers"]
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["export", "{tmp}/missing.pt", "-o", "{tmp}/o"], "checkpoint not found"),
+        (["export", "--preset", "huge", "-o", "{tmp}/o"], "unknown preset 'huge'"),
+        (["export", "--preset", "tiny", "-o", "{tmp}/o", "--max-seq", "0"], "--max-seq must be at least 1"),
+        (["export", "--preset", "tiny", "-o", "{tmp}/o", "--heads", "3"], "--heads 3 contradicts"),
+        (["export", "-o", "{tmp}/o"], "give either a CHECKPOINT or --preset"),
+        (["verify", "{tmp}"], "is not a samout-edge export"),
+        (["verify", "{tmp}/nowhere"], "export directory not found"),
+        (["inspect", "{tmp}/nowhere"], "not found"),
+        (["init", "--preset", "nope", "-o", "{tmp}/c"], "unknown preset"),
+    ],
+)
+def test_bad_input_gets_one_line(run_cli, tmp_path, args, match):
+    code, _, err = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert code == 1
+    assert match in one_error_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_checkpoint(run_cli, tmp_path):
+    torch.save(SeedSamOut(128, 32, 4, 2).state_dict(), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:2000])
+    code, _, err = run_cli("export", tmp_path / "cut.pt", "-o", tmp_path / "o")
+    assert code == 1 and "truncated" in one_error_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_keys_are_named(run_cli, tmp_path):
+    state = SeedSamOut(128, 32, 4, 2).state_dict()
+    state["decoder_layers.0.self_attention.extra"] = state.pop("decoder_layers.0.self_attention.combined.weight")
+    torch.save(state, tmp_path / "k.pt")
+    code, _, err = run_cli("export", tmp_path / "k.pt", "--heads", "4", "-o", tmp_path / "o")
+    line = one_error_line(err)
+    assert "missing decoder_layers.0.self_attention.combined.weight" in line
+    assert "unexpected decoder_layers.0.self_attention.extra" in line
+
+
+def test_wrong_shape_checkpoint(run_cli, tmp_path):
+    state = SeedSamOut(128, 32, 4, 2).state_dict()
+    state["head.weight"] = torch.zeros(128, 31)
+    torch.save(state, tmp_path / "s.pt")
+    code, _, err = run_cli("export", tmp_path / "s.pt", "--heads", "4", "-o", tmp_path / "o")
+    assert "head.weight has shape [128, 31]" in one_error_line(err)
+
+
+def test_heads_not_dividing_hidden(run_cli, tmp_path):
+    torch.save(SeedSamOut(128, 32, 4, 2).state_dict(), tmp_path / "s.pt")
+    code, _, err = run_cli("export", tmp_path / "s.pt", "--heads", "5", "-o", tmp_path / "o")
+    assert code == 1 and "--heads 5 does not divide" in one_error_line(err)
+
+
+def test_existing_directory_says_how_to_overwrite(run_cli, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x.txt").write_text("x")
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", tmp_path / "o", "--max-seq", "8")
+    assert code == 1 and "--force" in one_error_line(err)
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", tmp_path / "o", "--max-seq", "8", "--force")
+    assert code == 0, err
+
+
+def test_verify_lengths_out_of_range(run_cli, exported):
+    code, _, err = run_cli("verify", exported().directory, "--lengths", "1,301")
+    assert code == 1 and "outside 1..300" in one_error_line(err)
+
+
+def test_unknown_provider(run_cli, exported):
+    code, _, err = run_cli("verify", exported().directory, "--provider", "cuda")
+    assert code == 1 and "not available here" in one_error_line(err)
+
+
+def test_corrupt_onnx_file(run_cli, tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x00garbage" * 10)
+    code, _, err = run_cli("inspect", tmp_path / "bad.onnx")
+    assert code == 1 and "cannot parse" in one_error_line(err)
+
+
+def test_unknown_option_exits_2(run_cli):
+    code, _, err = run_cli("export", "--bogus")
+    assert code == 2 and "No such option" in err
+
+
+def test_debug_shows_traceback(run_cli, tmp_path):
+    code, _, err = run_cli("--debug", "verify", tmp_path)
+    assert code == 1 and "Traceback" in err
