@@ -141,3 +141,39 @@ def test_unknown_option_exits_2(run_cli):
 def test_debug_shows_traceback(run_cli, tmp_path):
     code, _, err = run_cli("--debug", "verify", tmp_path)
     assert code == 1 and "Traceback" in err
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["bench", "{tmp}"], "is not a samout-edge export"),
+        (["bench", "{exp}", "--backend", "tflite"], "unknown backend 'tflite'"),
+        (["bench", "{exp}", "--backend", "ort", "--provider", "cuda"], "not available here"),
+        (["bench", "{exp}", "--seq", "5000", "--mode", "prefill"], "max_seq 300"),
+        (["bench", "{exp}", "--mode", "train"], "unknown mode"),
+        (["bench", "{exp}", "--plot", "{tmp}/p.jpg"], "should end in .png"),
+        (["bench", "op", "--shape", "1,8,x"], "--shape takes comma-separated integers"),
+        (["generate", "{exp}", "--ids", "1,2,999"], "outside the vocabulary"),
+        (["generate", "{exp}", "--ids", "1", "--backend", "tflite"], "unknown backend"),
+        (["generate", "{exp}"], "give either --ids"),
+        (["generate", "{exp}", "--prompt", "hi"], "--prompt needs --vocab"),
+        (["generate", "{tmp}/nothing", "--ids", "1"], "not found"),
+    ],
+)
+def test_bench_and_generate_bad_input(run_cli, tmp_path, exported, args, match):
+    exp = exported().directory
+    code, _, err = run_cli(*[a.format(tmp=tmp_path, exp=exp) for a in args])
+    assert code == 1 and match in one_error_line(err)
+
+
+def test_generate_streams_ids(run_cli, exported):
+    code, out, err = run_cli("generate", exported().directory, "--ids", "1,2,3", "--max-new-tokens", "5")
+    assert code == 0 and len(out.split()) == 5 and "tok/s" in err
+
+
+def test_bench_op_cli(run_cli, tmp_path):
+    code, out, _ = run_cli("bench", "op", "--shape", "1,2,64,4", "--repeats", "2", "--budget", "0.01",
+                           "--json", tmp_path / "op.json")
+    data = json.loads((tmp_path / "op.json").read_text())
+    assert code == 0 and all(r["exact"] in (True, None) for r in data["rows"])
+    assert "fraction of copy" in out

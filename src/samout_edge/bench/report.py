@@ -1,0 +1,152 @@
+"""Bench results as rows (cummax beside softmax), Markdown, JSON and a plot."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from samout_edge.bench.suite import BenchReport, Record
+from samout_edge.fsutil import write_bytes_atomic
+
+
+@dataclass
+class PairRow:
+    backend: str
+    provider: str
+    mode: str
+    batch: int
+    length: int  # prefill seq or decode context
+    cummax: Record
+    softmax: Record
+
+    @property
+    def latency_ratio(self) -> float:
+        """cummax / softmax median latency: below 1 means SamOut is faster."""
+        return self.cummax.latency_ms["median"] / self.softmax.latency_ms["median"]
+
+    @property
+    def memory_ratio(self) -> float | None:
+        a, b = self.cummax.peak_mem_mb, self.softmax.peak_mem_mb
+        return a / b if a is not None and b else None
+
+    @property
+    def state_ratio(self) -> float:
+        return self.cummax.state_bytes / self.softmax.state_bytes if self.softmax.state_bytes else float("nan")
+
+
+def pair_rows(report: BenchReport) -> list[PairRow]:
+    by_key: dict[tuple, dict[str, Record]] = {}
+    for r in report.records:
+        by_key.setdefault((r.backend, r.provider, r.mode, r.batch, r.length), {})[r.arch] = r
+    return [PairRow(*key, pair["cummax"], pair["softmax"]) for key, pair in by_key.items()
+            if "cummax" in pair and "softmax" in pair]
+
+
+def short_provider(provider: str) -> str:
+    return provider.replace("ExecutionProvider", "").lower()
+
+
+def fmt_mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n} B"
+
+
+HEADERS = ["backend", "mode", "batch", "tokens", "cummax ms", "softmax ms", "ratio",
+           "cummax MB", "softmax MB", "cummax state", "KV cache"]
+
+
+def table_cells(row: PairRow) -> list[str]:
+    c, s = row.cummax, row.softmax
+    return [
+        f"{row.backend}:{short_provider(row.provider)}", row.mode, str(row.batch), str(row.length),
+        f"{c.latency_ms['median']:.2f}", f"{s.latency_ms['median']:.2f}", f"{row.latency_ratio:.2f}x",
+        fmt_mb(c.peak_mem_mb), fmt_mb(s.peak_mem_mb), fmt_bytes(c.state_bytes), fmt_bytes(s.state_bytes),
+    ]
+
+
+def to_markdown(report: BenchReport) -> str:
+    cfg = report.config
+    lines = [
+        "# samout-edge bench: SamOut (cummax) vs softmax attention",
+        "",
+        f"Machine: {report.machine['label']} ({report.machine['memory_gib']} GiB, torch {report.machine['torch']}, "
+        f"onnxruntime {report.machine['onnxruntime']}). Model: hidden {cfg['hidden_size']}, {cfg['num_heads']} heads, "
+        f"{cfg['num_layers']} layers, vocab {cfg['vocab_size']}, {cfg['dtype']}, lowering {cfg['lowering']}/{cfg['scan']}.",
+        "Latency: median ms of interleaved runs (prefill: one call over `tokens`; decode: one token after `tokens` of "
+        "context). ratio = cummax / softmax latency: below 1 means SamOut is faster. MB: measured peak above the "
+        "loaded model. state and KV cache: analytic bytes after `tokens`.",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "|".join("---" for _ in HEADERS) + "|",
+    ]
+    lines += ["| " + " | ".join(table_cells(row)) + " |" for row in pair_rows(report)]
+    return "\n".join(lines) + "\n"
+
+
+def save_json(report: BenchReport, path: str | Path) -> None:
+    write_bytes_atomic(path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+
+
+def save_markdown(report: BenchReport, path: str | Path) -> None:
+    write_bytes_atomic(path, to_markdown(report).encode())
+
+
+def save_plot(report: BenchReport, path: str | Path) -> None:
+    """Latency (top) and memory (bottom) against length for prefill and decode, both archs,
+    log axes, titled with the machine. Solid: cummax; dashed: softmax."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = pair_rows(report)
+    batch = min(r.batch for r in rows)
+    rows = [r for r in rows if r.batch == batch]
+    modes = [m for m in ("prefill", "decode") if any(r.mode == m for r in rows)]
+    fig, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 9), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    targets = sorted({(r.backend, short_provider(r.provider)) for r in rows})
+    for col, mode in enumerate(modes):
+        ax_lat, ax_mem = axes[0][col], axes[1][col]
+        for i, (backend, provider) in enumerate(targets):
+            pts = sorted((r for r in rows if r.mode == mode and (r.backend, short_provider(r.provider)) == (backend, provider)),
+                         key=lambda r: r.length)
+            if not pts:
+                continue
+            xs, color, name = [r.length for r in pts], colors[i % len(colors)], f"{backend}:{provider}"
+            ax_lat.plot(xs, [r.cummax.latency_ms["median"] for r in pts], "o-", color=color, label=f"cummax {name}")
+            ax_lat.plot(xs, [r.softmax.latency_ms["median"] for r in pts], "s--", color=color, label=f"softmax {name}")
+            if all(r.cummax.peak_mem_mb and r.softmax.peak_mem_mb for r in pts):
+                ax_mem.plot(xs, [r.cummax.peak_mem_mb for r in pts], "o-", color=color, label=f"cummax peak {name}")
+                ax_mem.plot(xs, [r.softmax.peak_mem_mb for r in pts], "s--", color=color, label=f"softmax peak {name}")
+        if mode == "decode":
+            pts = {r.length: r for r in rows if r.mode == "decode"}
+            xs = sorted(pts)
+            ax_mem.plot(xs, [pts[x].cummax.state_bytes / 2**20 for x in xs], "k:", marker="o", label="cummax state (analytic)")
+            ax_mem.plot(xs, [pts[x].softmax.state_bytes / 2**20 for x in xs], "k-.", marker="s", label="KV cache (analytic)")
+        what = "sequence length" if mode == "prefill" else "context before the step"
+        ax_lat.set_title(f"{mode}: latency per call" if mode == "prefill" else "decode: latency per token")
+        ax_mem.set_title(f"{mode}: peak memory above the model" + (", and state" if mode == "decode" else ""))
+        for ax, ylabel in ((ax_lat, "median ms"), (ax_mem, "MB")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(f"{what}, tokens")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    cfg = report.config
+    fig.suptitle(f"SamOut (cummax, solid) vs softmax (dashed): hidden {cfg['hidden_size']}, {cfg['num_layers']} layers, "
+                 f"{cfg['dtype']}, batch {batch}, on {report.machine['label']}", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())

@@ -1,0 +1,278 @@
+"""`samout-edge bench`: SamOut and its softmax baseline, side by side, as deployed.
+
+Both archs always run with the same weights, config, dtype, backend and machine,
+timed in one interleaved loop. Each measurement is one Record; the report pairs
+them into cummax/softmax ratios.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samout_edge.bench import machine
+from samout_edge.bench.memory import MemorySpec, measure_in_child
+from samout_edge.bench.timing import Budget, interleaved
+from samout_edge.errors import SamoutError
+from samout_edge.exporter.manifest import Manifest, read_manifest
+from samout_edge.models import state as st
+from samout_edge.models.config import ARCHS
+from samout_edge.progress import Progress, no_progress
+from samout_edge.runtime.base import Runner
+from samout_edge.runtime.load import BACKENDS, load_runner, torch_device
+from samout_edge.runtime.ort_runner import available_providers, resolve_provider
+
+MODES = ("prefill", "decode")
+
+
+@dataclass
+class BenchConfig:
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    seqs: list[int] = field(default_factory=lambda: [256, 1024, 4096])
+    contexts: list[int] = field(default_factory=lambda: [256, 1024, 4096])
+    batches: list[int] = field(default_factory=lambda: [1])
+    backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
+    providers: list[str] | None = None  # ORT providers; None = every available one
+    device: str = "auto"  # torch device
+    budget: Budget = field(default_factory=Budget)
+    memory: bool = True
+
+    def validate(self) -> BenchConfig:
+        for mode in self.modes:
+            if mode not in MODES:
+                raise SamoutError(f"unknown mode {mode!r}; choose from: {', '.join(MODES)}")
+        for backend in self.backends:
+            if backend not in BACKENDS:
+                raise SamoutError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+        for name, values in (("--seq", self.seqs), ("--context", self.contexts), ("--batch", self.batches)):
+            if not values or any(v < 1 for v in values):
+                raise SamoutError(f"{name} needs positive integers, got {values}")
+        if self.budget.min_repeats < 1 or self.budget.max_repeats < self.budget.min_repeats:
+            raise SamoutError("--repeats must be at least 1 (and at least --min-repeats)")
+        return self
+
+    def max_seq_needed(self) -> int:
+        """Longest sequence a graph sees: the longest prefill, or a context plus every decode step."""
+        longest = max(self.seqs) if "prefill" in self.modes else 1
+        if "decode" in self.modes:
+            longest = max(longest, max(self.contexts) + self.budget.total_calls() + 1)
+        return longest
+
+
+@dataclass
+class Record:
+    arch: str
+    backend: str
+    provider: str  # ORT provider, or the torch device
+    mode: str
+    batch: int
+    seq: int | None  # prefill: tokens in the call
+    context: int | None  # decode: tokens already in the state
+    dtype: str
+    latency_ms: dict[str, float]  # median, p90
+    tokens_per_s: float
+    peak_mem_mb: float | None
+    state_bytes: int
+    repeats: int
+    machine: str
+
+    @property
+    def length(self) -> int:
+        return self.seq if self.mode == "prefill" else self.context
+
+
+@dataclass
+class BenchReport:
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    exports: dict[str, str]
+    records: list[Record]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "config": self.config,
+            "exports": self.exports,
+            "records": [asdict(r) for r in self.records],
+        }
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def prepare_exports(
+    dirs: list[Path],
+    preset: str | None,
+    work_dir: Path | None,
+    max_seq: int,
+    dtype: str,
+    lowering: str,
+    progress: Progress = no_progress,
+) -> dict[str, Path]:
+    """One export per arch from the same checkpoint: given, derived, or made from a preset."""
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+
+    if preset and dirs:
+        raise SamoutError("give export directories or --preset, not both")
+    if not preset and not dirs:
+        raise SamoutError("give one or two export directories, or --preset NAME")
+    if len(dirs) > 2:
+        raise SamoutError("give at most two export directories (one per arch)")
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="samout-bench-"))
+
+    if preset:
+        first = work / "cummax"
+        if not _reusable(first, preset, max_seq, dtype, lowering, "cummax"):
+            progress(f"exporting {preset} (cummax) for ONNX Runtime", 0, 2)
+            export(first, ExportOptions("cummax", lowering, max_seq=max_seq, dtype=dtype), preset_name=preset, force=True)
+        dirs = [first]
+
+    manifests = [read_manifest(d) for d in dirs]
+    pair = {m.arch: d for m, d in zip(manifests, dirs)}
+    if len(dirs) == 2:
+        a, b = manifests
+        if a.arch == b.arch:
+            raise SamoutError(f"both directories are {a.arch} exports; give one cummax and one softmax")
+        if (a.source["sha256"], a.dtype, a.config) != (b.source["sha256"], b.dtype, b.config):
+            raise SamoutError("the two exports differ in checkpoint, dtype or config; bench compares like with like")
+        return pair
+    (made,) = manifests
+    other = "softmax" if made.arch == "cummax" else "cummax"
+    target = work / other
+    if not _matches(target, made, other):
+        progress(f"exporting the {other} counterpart of {dirs[0]}", 1, 2)
+        source = Path(made.source["path"])
+        if not source.is_absolute():
+            source = dirs[0] / source
+        options = ExportOptions(other, made.lowering, made.scan["scan"], made.max_seq, made.dtype, made.logits, made.opset)
+        export(target, options, checkpoint=source, heads=None if source.is_dir() else made.config.num_heads, force=True)
+    pair[other] = target
+    return pair
+
+
+def _reusable(directory: Path, preset: str, max_seq: int, dtype: str, lowering: str, arch: str) -> bool:
+    try:
+        m = read_manifest(directory)
+    except SamoutError:
+        return False
+    return (m.source.get("preset"), m.max_seq, m.dtype, m.lowering, m.arch) == (preset, max_seq, dtype, lowering, arch)
+
+
+def _matches(directory: Path, made: Manifest, arch: str) -> bool:
+    try:
+        m = read_manifest(directory)
+    except SamoutError:
+        return False
+    same = (m.source.get("sha256"), m.dtype, m.max_seq, m.lowering, m.logits)
+    return m.arch == arch and same == (made.source.get("sha256"), made.dtype, made.max_seq, made.lowering, made.logits)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def targets(config: BenchConfig) -> list[tuple[str, str]]:
+    """(backend, provider-or-device) pairs to run."""
+    out = []
+    for backend in config.backends:
+        if backend == "torch":
+            out.append(("torch", torch_device(config.device)))
+        elif backend == "ort":
+            providers = config.providers or available_providers()
+            out += [("ort", resolve_provider(p)) for p in providers]
+        else:
+            raise SamoutError("the tensorrt backend benches built engines: pass --profile NAME (see `samout-edge build`)")
+    return out
+
+
+def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = no_progress) -> BenchReport:
+    config.validate()
+    plan = targets(config)
+    manifests = {arch: read_manifest(pair[arch]) for arch in ARCHS}
+    cm = manifests["cummax"]
+    needed = config.max_seq_needed()
+    for arch, m in manifests.items():
+        if m.max_seq < needed:
+            raise SamoutError(
+                f"the {arch} export has max_seq {m.max_seq}, but this bench needs {needed} tokens "
+                f"(longest --seq, or longest --context + {config.budget.total_calls() + 1} decode steps); "
+                "re-export with a larger --max-seq or bench shorter lengths"
+            )
+    points = [(mode, batch, length) for mode in config.modes for batch in config.batches
+              for length in (config.seqs if mode == "prefill" else config.contexts)]
+    total = len(plan) * len(points)
+    device = next((p for b, p in plan if b == "torch"), "cpu")
+    info = machine.describe(device)
+    records: list[Record] = []
+    done = 0
+    for backend, provider in plan:
+        runners = {arch: load_runner(pair[arch], backend, provider, device=provider if backend == "torch" else None)
+                   for arch in ARCHS}
+        shown = provider.replace("ExecutionProvider", "")
+        for mode, batch, length in points:
+            progress(f"{backend}:{shown} {mode} batch {batch} {'seq' if mode == 'prefill' else 'context'} {length}", done, total)
+            records += _measure_point(runners, pair, backend, provider, mode, batch, length, config, cm, info["label"])
+            done += 1
+    progress("done", total, total)
+    return BenchReport(
+        machine=info,
+        config={**cm.config.to_dict(), "dtype": cm.dtype, "lowering": cm.lowering, "scan": cm.scan["scan"],
+                "max_seq": cm.max_seq, "budget": asdict(config.budget), "memory": config.memory},
+        exports={arch: str(Path(p).absolute()) for arch, p in pair.items()},
+        records=records,
+    )
+
+
+def _measure_point(runners: dict[str, Runner], pair, backend, provider, mode, batch, length, config: BenchConfig,
+                   manifest: Manifest, label: str) -> list[Record]:
+    vocab = manifest.config.vocab_size
+    steps = config.budget.total_calls() + 1
+    ids = np.random.default_rng(length).integers(1, vocab, (batch, length + steps))
+    calls = {}
+    for arch, runner in runners.items():
+        empty = runner.initial_state(batch)
+        if mode == "prefill":
+            calls[arch] = _prefill_call(runner, ids[:, :length], empty)
+        else:
+            _, state = runner.run(ids[:, :length], empty)
+            calls[arch] = _decode_call(runner, ids, length, state)
+    sync = next(iter(runners.values())).synchronize
+    timings = interleaved(calls, config.budget, sync)
+    records = []
+    for arch, timing in timings.items():
+        peak = None
+        if config.memory:
+            spec = MemorySpec(str(pair[arch]), backend, provider, mode, batch, length)
+            peak = measure_in_child(spec)
+        tokens = batch * (length if mode == "prefill" else 1)
+        records.append(Record(
+            arch=arch, backend=backend, provider=provider, mode=mode, batch=batch,
+            seq=length if mode == "prefill" else None, context=length if mode == "decode" else None,
+            dtype=manifest.dtype,
+            latency_ms={"median": timing.median_ms, "p90": timing.p90_ms},
+            tokens_per_s=tokens / (timing.median_ms / 1e3),
+            peak_mem_mb=None if peak is None else peak / 2**20,
+            state_bytes=st.state_bytes(manifest.config, arch, batch, length, manifest.dtype),
+            repeats=len(timing.samples_ms),
+            machine=label,
+        ))
+    return records
+
+
+def _prefill_call(runner: Runner, ids: np.ndarray, state):
+    return lambda: runner.run(ids, state)
+
+
+def _decode_call(runner: Runner, ids: np.ndarray, context: int, state):
+    """One-token steps that feed each new state back, as a decode loop does."""
+    box = {"state": state, "pos": context}
+
+    def step() -> None:
+        pos = box["pos"]
+        _, box["state"] = runner.run(ids[:, pos : pos + 1], box["state"])
+        box["pos"] = pos + 1
+
+    return step

@@ -1,0 +1,181 @@
+"""Token generation: one prefill call, then one-token decode calls carrying the state.
+
+The same loop runs on every runner, so the greedy tokens of an export in ONNX
+Runtime can be checked against PyTorch on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from samout_edge.errors import SamoutError
+from samout_edge.runtime.base import Runner
+
+
+@dataclass
+class Vocab:
+    """A JSON list of token strings; id i is tokens[i]."""
+
+    tokens: list[str]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocab:
+        from samout_edge.fsutil import read_json
+
+        data = read_json(path, "vocab file")
+        if not isinstance(data, list) or not data or not all(isinstance(t, str) for t in data):
+            raise SamoutError(f"vocab file {path} must be a non-empty JSON list of strings")
+        return cls(data)
+
+    def encode(self, text: str) -> list[int]:
+        """Greedy longest match; every character must be covered by some token."""
+        index: dict[str, int] = {}
+        for i, token in enumerate(self.tokens):
+            if token:
+                index.setdefault(token, i)
+        longest = max(len(t) for t in index)
+        ids, pos = [], 0
+        while pos < len(text):
+            for size in range(min(longest, len(text) - pos), 0, -1):
+                token_id = index.get(text[pos : pos + size])
+                if token_id is not None:
+                    ids.append(token_id)
+                    pos += size
+                    break
+            else:
+                raise SamoutError(f"the vocab has no token for {text[pos]!r} (position {pos} of the prompt)")
+        return ids
+
+    def decode(self, token_id: int) -> str:
+        return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<{token_id}>"
+
+
+@dataclass
+class Sampler:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no cut
+    seed: int = 0
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise SamoutError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SamoutError(f"--top-k must be >= 0, got {self.top_k}")
+        self.rng = np.random.default_rng(self.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        logits = logits.astype(np.float64)
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        if self.top_k:
+            cut = np.partition(logits, -self.top_k)[-self.top_k] if self.top_k < logits.size else -np.inf
+            logits = np.where(logits < cut, -np.inf, logits)
+        z = (logits - logits.max()) / self.temperature
+        p = np.exp(z)
+        return int(self.rng.choice(logits.size, p=p / p.sum()))
+
+
+@dataclass
+class GenerateResult:
+    prompt_ids: list[int]
+    new_ids: list[int]
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return len(self.prompt_ids) / self.prefill_s if self.prefill_s else float("inf")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(0, len(self.new_ids) - 1)  # the first new token comes from the prefill call
+        return steps / self.decode_s if self.decode_s else float("nan")
+
+
+def check_ids(ids: list[int], vocab_size: int) -> None:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise SamoutError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def generate(
+    runner: Runner,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampler: Sampler | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> GenerateResult:
+    if not prompt_ids:
+        raise SamoutError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise SamoutError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_ids(prompt_ids, runner.info.config.vocab_size)
+    limit = runner.info.max_seq
+    if limit is not None and len(prompt_ids) + max_new_tokens - 1 > limit:
+        raise SamoutError(
+            f"prompt ({len(prompt_ids)}) + {max_new_tokens} new tokens needs {len(prompt_ids) + max_new_tokens - 1} "
+            f"positions, above the export's max_seq {limit}"
+        )
+    sampler = sampler or Sampler()
+    ids = np.asarray([prompt_ids], dtype=np.int64)
+    t0 = time.perf_counter()
+    logits, state = runner.run(ids, runner.initial_state(1))
+    token = sampler(runner.to_numpy(logits)[0, -1])
+    prefill_s = time.perf_counter() - t0
+    new = [token]
+    if on_token:
+        on_token(token)
+    t0 = time.perf_counter()
+    while len(new) < max_new_tokens:
+        logits, state = runner.run(np.asarray([[token]], dtype=np.int64), state)
+        token = sampler(runner.to_numpy(logits)[0, -1])
+        new.append(token)
+        if on_token:
+            on_token(token)
+    return GenerateResult(list(prompt_ids), new, prefill_s, time.perf_counter() - t0)
+
+
+def load_generation_runner(target: Path, backend: str, provider: str, device: str, arch: str, heads: int | None) -> Runner:
+    """An export directory on any backend, or a checkpoint on torch."""
+    from samout_edge.exporter.manifest import is_export_dir
+    from samout_edge.runtime.load import load_runner, torch_device
+
+    if not target.exists():
+        raise SamoutError(f"not found: {target}")
+    if is_export_dir(target):
+        return load_runner(target, backend, provider, device=device)
+    if backend != "torch":
+        raise SamoutError(f"the {backend} backend runs an export directory; {target} is a checkpoint (use --backend torch)")
+    from samout_edge.models.checkpoint import load_checkpoint
+    from samout_edge.runtime.torch_runner import load_torch_runner
+
+    return load_torch_runner(load_checkpoint(target, heads), arch, "fp32", "last", torch_device(device))
+
+
+def parse_prompt(ids: str | None, prompt: str | None, vocab: Vocab | None) -> list[int]:
+    if (ids is None) == (prompt is None):
+        raise SamoutError("give either --ids 1,2,3 or --prompt TEXT (with --vocab FILE)")
+    if prompt is not None:
+        if vocab is None:
+            raise SamoutError("--prompt needs --vocab FILE (a JSON list of token strings)")
+        return vocab.encode(prompt)
+    try:
+        return [int(part) for part in ids.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise SamoutError(f"--ids takes comma-separated integers, got {ids!r}") from None
+
+
+def vocab_for(path: Path | None, vocab_size: int) -> Vocab | None:
+    if path is None:
+        return None
+    vocab = Vocab.load(path)
+    if len(vocab.tokens) > vocab_size:
+        raise SamoutError(f"vocab file has {len(vocab.tokens)} tokens, the model only {vocab_size}")
+    return vocab
+

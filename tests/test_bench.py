@@ -1,0 +1,112 @@
+import json
+
+import pytest
+
+from samout_edge.bench import report as rep
+from samout_edge.bench.memory import MemorySpec, measure_in_child, rss_supported
+from samout_edge.bench.op import bench_op
+from samout_edge.bench.suite import BenchConfig, prepare_exports, run_bench
+from samout_edge.bench.timing import Budget, interleaved
+from samout_edge.errors import SamoutError
+
+FAST = Budget(warmup=1, min_repeats=2, max_repeats=2, seconds=0.01)
+
+
+@pytest.fixture(scope="module")
+def pair(exported, tmp_path_factory):
+    """A cummax export and its softmax counterpart, exported by bench itself."""
+    return prepare_exports([exported().directory], None, tmp_path_factory.mktemp("work"), 300, "fp32", "native")
+
+
+def test_counterpart_shares_the_checkpoint(pair):
+    from samout_edge.exporter.manifest import read_manifest
+
+    a, b = read_manifest(pair["cummax"]), read_manifest(pair["softmax"])
+    assert (a.arch, b.arch) == ("cummax", "softmax")
+    assert a.source["sha256"] == b.source["sha256"] and a.max_seq == b.max_seq
+
+
+def test_bench_records_both_archs_per_point(pair):
+    config = BenchConfig(seqs=[8, 32], contexts=[8, 32], budget=FAST, memory=False)
+    report = run_bench(pair, config)
+    assert len(report.records) == 2 * 2 * 2 * 2  # backends x modes x lengths x archs
+    r = report.records[0]
+    for key in ("arch", "backend", "provider", "mode", "batch", "seq", "context", "dtype", "latency_ms",
+                "tokens_per_s", "peak_mem_mb", "state_bytes", "machine"):
+        assert hasattr(r, key)
+    rows = rep.pair_rows(report)
+    assert len(rows) == 8 and all(row.latency_ratio > 0 for row in rows)
+    decode = {row.length: row for row in rows if row.mode == "decode" and row.backend == "ort"}
+    assert decode[8].cummax.state_bytes == decode[32].cummax.state_bytes  # constant state
+    assert decode[32].softmax.state_bytes == 4 * decode[8].softmax.state_bytes  # KV cache grows linearly
+
+
+def test_bench_outputs(pair, tmp_path):
+    config = BenchConfig(modes=["decode"], contexts=[4, 16], backends=["ort"], budget=FAST, memory=False)
+    report = run_bench(pair, config)
+    rep.save_json(report, tmp_path / "r.json")
+    rep.save_plot(report, tmp_path / "r.png")
+    rep.save_markdown(report, tmp_path / "r.md")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["machine"]["label"] and len(data["records"]) == 4
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| ort:cpu | decode |" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.skipif(not rss_supported(), reason="peak RSS needs Linux /proc/self/clear_refs")
+def test_memory_child_measures_kv_growth(pair):
+    small = measure_in_child(MemorySpec(str(pair["softmax"]), "ort", "CPUExecutionProvider", "prefill", 1, 8))
+    large = measure_in_child(MemorySpec(str(pair["softmax"]), "ort", "CPUExecutionProvider", "prefill", 1, 290))
+    assert small is not None and large is not None and large > small
+
+
+def test_max_seq_too_small(pair):
+    config = BenchConfig(seqs=[400], modes=["prefill"], budget=FAST, memory=False)
+    with pytest.raises(SamoutError, match="max_seq 300"):
+        run_bench(pair, config)
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (BenchConfig(modes=["train"]), "unknown mode"),
+        (BenchConfig(backends=["tflite"]), "unknown backend"),
+        (BenchConfig(seqs=[0]), "--seq needs positive"),
+    ],
+)
+def test_bad_config(config, match):
+    with pytest.raises(SamoutError, match=match):
+        config.validate()
+
+
+def test_unknown_provider(pair):
+    with pytest.raises(SamoutError, match="not available here"):
+        run_bench(pair, BenchConfig(backends=["ort"], providers=["cuda"], budget=FAST, memory=False))
+
+
+def test_prepare_exports_refuses_two_of_one_arch(exported):
+    d = exported().directory
+    with pytest.raises(SamoutError, match="both directories are cummax"):
+        prepare_exports([d, d], None, None, 300, "fp32", "native")
+
+
+def test_interleaved_alternates_and_respects_counts():
+    order = []
+    timings = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                          Budget(warmup=1, min_repeats=3, max_repeats=3, seconds=0))
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert len(timings["a"].samples_ms) == 3
+
+
+def test_bench_op_is_exact_and_below_copy_speed():
+    report = bench_op([1, 2, 300, 8], budget=Budget(1, 2, 2, 0.01), device="cpu")
+    names = [r.name for r in report.rows]
+    assert names[:2] == ["copy (cpu)", "torch.cummax (cpu)"]
+    assert {"ort:cpu native/blocked", "ort:cpu native/doubling", "ort:cpu custom (function body)"} <= set(names)
+    assert all(r.exact for r in report.rows[1:])
+    assert all(r.gb_per_s > 0 for r in report.rows)
+
+
+def test_bench_op_rejects_short_max_len():
+    with pytest.raises(SamoutError, match="shorter than the axis"):
+        bench_op([1, 2, 300, 8], max_len=64, device="cpu")

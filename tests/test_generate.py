@@ -1,0 +1,49 @@
+import json
+
+import numpy as np
+import pytest
+
+from samout_edge.errors import SamoutError
+from samout_edge.generate import Sampler, Vocab, generate
+from samout_edge.runtime.load import load_runner
+
+
+@pytest.mark.parametrize("arch", ["cummax", "softmax"])
+def test_ort_and_torch_give_the_same_greedy_tokens(exported, arch):
+    d = exported(arch=arch).directory
+    ort_ids = generate(load_runner(d, "ort"), [5, 9, 17, 3], 40).new_ids
+    torch_ids = generate(load_runner(d, "torch"), [5, 9, 17, 3], 40).new_ids
+    assert ort_ids == torch_ids and len(ort_ids) == 40
+
+
+def test_vocab_greedy_longest_match():
+    vocab = Vocab(["<pad>", "t", "h", "e", "th", "the", " ", "c", "a"])
+    assert vocab.encode("the cat") == [5, 6, 7, 8, 1]
+    assert vocab.decode(5) == "the" and vocab.decode(99) == "<99>"
+    with pytest.raises(SamoutError, match="no token for 'x'"):
+        vocab.encode("tax")
+
+
+def test_vocab_file_errors(tmp_path):
+    (tmp_path / "v.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(SamoutError, match="JSON list of strings"):
+        Vocab.load(tmp_path / "v.json")
+
+
+def test_sampling_is_reproducible_and_top_k_restricts():
+    logits = np.array([0.0, 5.0, 4.9, -2.0, 1.0])
+    draws = [Sampler(1.0, 2, seed=3)(logits) for _ in range(5)]
+    assert draws == [Sampler(1.0, 2, seed=3)(logits)] * 5
+    sampler = Sampler(1.0, 2, seed=0)
+    assert {sampler(logits) for _ in range(200)} <= {1, 2}
+    assert Sampler()(logits) == 1
+
+
+def test_generation_limits(exported):
+    runner = load_runner(exported().directory, "ort")
+    with pytest.raises(SamoutError, match="outside the vocabulary"):
+        generate(runner, [1, 128], 3)
+    with pytest.raises(SamoutError, match="above the export's max_seq 300"):
+        generate(runner, [1] * 290, 20)
+    with pytest.raises(SamoutError, match="at least 1"):
+        generate(runner, [1], 0)
