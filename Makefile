@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Export the seed-size model (hidden 512, 8 heads, 6 layers, vocab 10000) as
-# SamOut and as the softmax baseline, verify both against PyTorch, summarise.
+# SamOut and as the softmax baseline, verify both against PyTorch, summarise,
+# then a short bench of the two exports.
 demo: install
 	$(BIN)/samout-edge doctor
 	$(BIN)/samout-edge init --preset seed -o $(OUT)/seed-checkpoint --force
@@ -29,6 +30,8 @@ demo: install
 	$(BIN)/samout-edge export $(OUT)/seed-checkpoint -o $(OUT)/seed-softmax --arch softmax --max-seq 4096
 	$(BIN)/samout-edge verify $(OUT)/seed-cummax --lengths 1,1000,4096
 	$(BIN)/samout-edge inspect $(OUT)/seed-cummax
+	$(BIN)/samout-edge bench $(OUT)/seed-cummax $(OUT)/seed-softmax --seq 256,1024 --context 256,1024 \
+		--budget 1 --json $(OUT)/bench.json --plot $(OUT)/bench.png
 
 test: install
 	$(BIN)/python -m pytest -q
