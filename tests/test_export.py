@@ -103,6 +103,15 @@ def test_export_from_preset_writes_its_checkpoint(tmp_path):
     assert verify(tmp_path / "p").passed  # finds the checkpoint inside the artifact
 
 
+def test_opset_17_for_tensorrt_8(tmp_path):
+    result = export(tmp_path / "o17", ExportOptions(max_seq=40, opset=17), preset_name="tiny")
+    model = onnx.load(str(tmp_path / "o17" / "model.onnx"))
+    assert result.verification.passed
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 17
+    ops = {n.op_type for n in model.graph.node}
+    assert "CastLike" not in ops and "ReduceProd" not in ops  # TensorRT 8.x parses neither on shapes
+
+
 def test_max_seq_1(tmp_path):
     result = export(tmp_path / "one", ExportOptions(max_seq=1), preset_name="tiny")
     assert result.verification.passed and result.verification.lengths == [1]
@@ -153,7 +162,7 @@ def test_failure_leaves_no_partial_artifact(tmp_path, monkeypatch):
         (ExportOptions(max_seq=0), "--max-seq must be at least 1"),
         (ExportOptions(arch="rnn"), "unknown arch"),
         (ExportOptions(dtype="int8"), "--dtype"),
-        (ExportOptions(opset=17), "--opset must be 18"),
+        (ExportOptions(opset=16), "--opset must be 17"),
         (ExportOptions(lowering="magic"), "--lowering"),
     ],
 )

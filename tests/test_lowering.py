@@ -76,7 +76,11 @@ def test_a_scan_unrolled_for_64_is_wrong_at_300(scan):
 def test_custom_model_has_one_node_per_cummax_and_a_function_body():
     model = low.standalone_model("custom", low.ScanPlan("blocked", 100), axis=2)
     assert [(n.domain, n.op_type) for n in model.graph.node] == [(low.DOMAIN, low.OP_TYPE)]
-    assert [(f.domain, f.name, list(f.attribute)) for f in model.functions] == [(low.DOMAIN, low.OP_TYPE, ["axis"])]
+    assert [(f.domain, f.name, list(f.attribute)) for f in model.functions] == [
+        (low.DOMAIN, low.OP_TYPE, ["axis", "plugin_namespace"])
+    ]
+    attrs = {a.name: a for a in model.graph.node[0].attribute}
+    assert attrs["plugin_namespace"].s == b"samout_edge" and attrs["axis"].i == 2
     assert any(o.domain == low.DOMAIN for o in model.opset_import)
 
 
@@ -86,7 +90,8 @@ def test_native_model_has_standard_ops_only():
 
 
 def test_choose_scan_prefers_blocked_for_long_axes():
-    assert low.choose_scan(8192).scan == "blocked"
+    assert low.choose_scan(8192).scan == "blocked" and low.choose_scan(64).scan == "blocked"
+    assert low.choose_scan(32).scan == "doubling" and low.choose_scan(2).scan == "doubling"
     assert low.choose_scan(8192).passes < low.ScanPlan("doubling", 8192).passes / 5
 
 
@@ -95,3 +100,12 @@ def test_scan_plan_validates():
         low.ScanPlan("nope", 10)
     with pytest.raises(ValueError):
         low.ScanPlan("blocked", 0)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_opset_17_split_form(opset):
+    model = low.standalone_model("native", low.ScanPlan("blocked", 40, 4), axis=2, opset=opset)
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    assert splits and all((len(n.input) == 2) == (opset < 18) for n in splits)
+    x = np.random.default_rng(4).standard_normal((1, 2, 37, 3)).astype(np.float32)
+    assert np.array_equal(session(model).run(None, {"x": x})[0], torch_cummax(x, 2))

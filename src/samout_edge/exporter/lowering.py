@@ -5,9 +5,11 @@ The exporter first emits one placeholder node per cummax, ``samout_edge::CumMax`
 
 - ``native``: the node is replaced by standard ONNX ops (runs on every runtime
   and every TensorRT).
-- ``custom``: the node stays, and the model carries a local function of the same
-  name whose body is the native scan. TensorRT with the CumMax plugin runs the
-  plugin; ONNX Runtime and TensorRT without it run the function body.
+- ``custom``: the node stays (op ``CumMax``, domain ``samout_edge``, version 1;
+  attributes ``axis`` and ``plugin_namespace="samout_edge"``), and the model
+  carries a local function of the same name whose body is the native scan.
+  TensorRT with the CumMax plugin runs the plugin; ONNX Runtime and TensorRT
+  without it run the function body.
 
 A scan along a dynamic axis must be unrolled for the longest length it will ever
 see: ``max_len``. The number of steps comes from ``max_len``, never from the
@@ -42,6 +44,7 @@ DEFAULT_BLOCK = 16
 # A static axis up to this long is scanned sequentially (Split + Max chain + Concat).
 MAX_SEQUENTIAL_LEN = 64
 INT64_MAX = np.iinfo(np.int64).max
+ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class ScanPlan:
 
     @property
     def passes(self) -> float:
-        """Approximate full-tensor passes, the cost model behind ``choose_scan``."""
+        """Approximate full-tensor passes (reads + writes), for the docs' comparison."""
         if self.scan == "doubling":
             return 3.0 * math.ceil(math.log2(max(self.max_len, 2)))
         blocks = math.ceil(self.max_len / self.block)
@@ -68,18 +71,31 @@ class ScanPlan:
         return 4.0 + carry + (1.0 if blocks > 1 else 0.0)
 
 
+# Up to this length the doubling scan's few steps beat the blocked scan's fixed
+# node count. `samout-edge bench op --shape 1,8,L,64` on a 2-core EPYC, ONNX Runtime
+# 1.32, median ms blocked/doubling: L=8 0.102/0.064, L=32 0.149/0.134,
+# L=64 0.191/0.214, L=256 0.77/1.15, L=8192 24.3/113.5.
+DOUBLING_UP_TO = 32
+
+
 def choose_scan(max_len: int, block: int = DEFAULT_BLOCK) -> ScanPlan:
-    """The fastest correct scan for ``max_len`` (measured with ``samout-edge bench op``:
-    blocked wins from a few blocks up, doubling only for very short axes)."""
-    candidates = [ScanPlan("doubling", max_len), ScanPlan("blocked", max_len, block)]
-    return min(candidates, key=lambda plan: plan.passes)
+    """The fastest correct scan for an axis of up to ``max_len`` (measured, see above)."""
+    if max_len <= DOUBLING_UP_TO:
+        return ScanPlan("doubling", max_len, block)
+    return ScanPlan("blocked", max_len, block)
 
 
 class GraphBuilder:
-    """Appends ONNX nodes with unique names; constants become Constant nodes."""
+    """Appends ONNX nodes with unique names; constants become Constant nodes.
 
-    def __init__(self, prefix: str):
+    Written for the widest TensorRT support: no ReduceProd on shapes (TensorRT 8.x
+    reduces only floats), Split sized by an input below opset 18, and Slice axes
+    always constant.
+    """
+
+    def __init__(self, prefix: str, opset: int = 18):
         self.prefix = prefix
+        self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self._count = 0
 
@@ -94,18 +110,24 @@ class GraphBuilder:
         return out
 
     def attribute_int(self, attribute: str) -> str:
-        """A 1-D int64 tensor holding the enclosing function's int attribute."""
+        """A scalar int64 tensor holding the enclosing function's int attribute."""
         scalar = self.name(attribute)
         ref = helper.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name=attribute)
         node = helper.make_node("Constant", [], [scalar], name=scalar)
         node.attribute.append(ref)
         self.nodes.append(node)
-        return self.op("Unsqueeze", [scalar, self.const([0])])
+        return scalar
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> str | list[str]:
         names = [self.name(op_type) for _ in range(outputs)] if isinstance(outputs, int) else outputs
         self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(op_type + "_node"), **attrs))
         return names[0] if len(names) == 1 else names
+
+    def split(self, x: str, axis: int, parts: int) -> list[str]:
+        """Equal parts of size 1 along ``axis``."""
+        if self.opset >= 18:
+            return self.op("Split", [x], outputs=parts, axis=axis, num_outputs=parts)
+        return self.op("Split", [x, self.const([1] * parts)], outputs=parts, axis=axis)
 
 
 def emit_cummax(
@@ -115,21 +137,37 @@ def emit_cummax(
     axis: int | None,
     plan: ScanPlan,
     static_len: int | None = None,
+    elem_type: int | None = None,
 ) -> None:
     """Append nodes computing ``y = cummax(x, axis)``.
 
     ``axis=None`` reads it from the enclosing function's ``axis`` attribute.
     ``static_len`` (the axis length, when every input has the same one) allows
-    the cheapest scan, a sequential one with no padding.
+    the cheapest scan, a sequential one with no padding. ``elem_type`` (the ONNX
+    dtype of x) lets the fill constant be typed directly; without it (a function
+    body, generic in dtype) CastLike does it, which TensorRT parses from 9.1.
     """
-    ax = g.const([axis]) if axis is not None else g.attribute_int("axis")
+    if axis is not None:
+        ax, ax_next = g.const([axis]), g.const([axis + 1])
+        flat = g.op("Flatten", [x], axis=axis)
+    else:
+        scalar = g.attribute_int("axis")
+        ax = g.op("Unsqueeze", [scalar, g.const([0])])
+        ax_next = g.op("Add", [ax, g.const([1])])
+        flat = g.op("Flatten", [x])
+        flat_node = g.nodes[-1]
+        flat_node.attribute.append(helper.make_attribute_ref("axis", onnx.AttributeProto.INT))
+    # [P, L, Q] around the scan axis: P, L*Q from the flattened shape, L from x's shape.
     shape = g.op("Shape", [x])
-    ax_next = g.op("Add", [ax, g.const([1])])
     length = g.op("Slice", [shape, ax, ax_next])
-    outer = g.op("ReduceProd", [g.op("Slice", [shape, g.const([0]), ax])], keepdims=1)
-    inner = g.op("ReduceProd", [g.op("Slice", [shape, ax_next, g.const([INT64_MAX])])], keepdims=1)
-    x3 = g.op("Reshape", [x, g.op("Concat", [outer, length, inner], axis=0)])  # [P, L, Q]
-    neg_inf = g.op("CastLike", [g.const(-np.inf, np.float32), x])
+    flat_shape = g.op("Shape", [flat])
+    outer = g.op("Slice", [flat_shape, g.const([0]), g.const([1])])
+    inner = g.op("Div", [g.op("Slice", [flat_shape, g.const([1]), g.const([2])]), length])
+    x3 = g.op("Reshape", [flat, g.op("Concat", [outer, length, inner], axis=0)])
+    if elem_type is None:
+        neg_inf = g.op("CastLike", [g.const(-np.inf, np.float32), x])
+    else:
+        neg_inf = g.const(-np.inf, onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
     if static_len is not None and static_len <= MAX_SEQUENTIAL_LEN:
         y3 = _sequential(g, x3, 1, static_len)
@@ -143,7 +181,7 @@ def emit_cummax(
 def _sequential(g: GraphBuilder, x: str, axis: int, length: int) -> str:
     if length == 1:
         return g.op("Identity", [x])
-    parts = g.op("Split", [x], outputs=length, axis=axis, num_outputs=length)
+    parts = g.split(x, axis, length)
     running = [parts[0]]
     for part in parts[1:]:
         running.append(g.op("Max", [running[-1], part]))
@@ -184,7 +222,7 @@ def _blocked(g: GraphBuilder, x3: str, length: str, outer: str, inner: str, plan
 
 def cummax_function(plan: ScanPlan, opset: int) -> onnx.FunctionProto:
     """The ``samout_edge::CumMax`` local function: the native scan as its body."""
-    g = GraphBuilder("CumMax")
+    g = GraphBuilder("CumMax", opset)
     emit_cummax(g, "x", "y", axis=None, plan=plan)
     return helper.make_function(
         DOMAIN,
@@ -193,7 +231,8 @@ def cummax_function(plan: ScanPlan, opset: int) -> onnx.FunctionProto:
         outputs=["y"],
         nodes=g.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["axis"],
+        # plugin_namespace is for TensorRT's parser (the plugin's namespace); the body ignores it.
+        attributes=["axis", "plugin_namespace"],
         doc_string=f"Running maximum along `axis` (values of torch.cummax); body correct up to length {plan.max_len}.",
     )
 
@@ -214,16 +253,21 @@ def lower_cummax(
     lowering: str,
     plan: ScanPlan,
     static_lengths: dict[int, int] | None = None,
+    elem_type: int | None = None,
 ) -> onnx.ModelProto:
     """Make every placeholder CumMax node real (in place); returns ``model``.
 
-    ``static_lengths`` maps an axis to its length where it is fixed (the head axis).
+    ``static_lengths`` maps an axis to its length where it is fixed (the head
+    axis); ``elem_type`` is the ONNX dtype of the scanned tensors.
     """
     if lowering not in LOWERINGS:
         raise ValueError(f"unknown lowering {lowering!r}; choose one of {LOWERINGS}")
     static_lengths = static_lengths or {}
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if lowering == "custom":
+        for node in cummax_nodes(model):
+            if not any(a.name == "plugin_namespace" for a in node.attribute):
+                node.attribute.append(helper.make_attribute("plugin_namespace", DOMAIN))
         del model.functions[:]
         model.functions.append(cummax_function(plan, opset))
         _set_opset(model, DOMAIN, OP_VERSION)
@@ -233,8 +277,8 @@ def lower_cummax(
     for node in model.graph.node:
         if node.domain == DOMAIN and node.op_type == OP_TYPE:
             axis = node_axis(node)
-            g = GraphBuilder(node.name or f"cummax_{len(nodes)}")
-            emit_cummax(g, node.input[0], node.output[0], axis, plan, static_lengths.get(axis))
+            g = GraphBuilder(node.name or f"cummax_{len(nodes)}", opset)
+            emit_cummax(g, node.input[0], node.output[0], axis, plan, static_lengths.get(axis), elem_type)
             nodes.extend(g.nodes)
         else:
             nodes.append(node)
@@ -255,8 +299,6 @@ def _drop_opset(model: onnx.ModelProto, domain: str) -> None:
     del model.opset_import[:]
     model.opset_import.extend(keep)
 
-
-ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 
 def standalone_model(
@@ -285,7 +327,7 @@ def standalone_model(
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)],
         producer_name="samout-edge",
     )
-    lower_cummax(model, lowering, plan, {axis: static_len} if static_len else None)
+    lower_cummax(model, lowering, plan, {axis: static_len} if static_len else None, elem)
     return model
 
 
@@ -301,6 +343,11 @@ def register_placeholder_schema() -> None:
         inputs=[onnx.defs.OpSchema.FormalParameter("x", "T")],
         outputs=[onnx.defs.OpSchema.FormalParameter("y", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types")],
-        attributes=[onnx.defs.OpSchema.Attribute("axis", onnx.defs.OpSchema.AttrType.INT, "scan axis, >= 0")],
+        attributes=[
+            onnx.defs.OpSchema.Attribute("axis", onnx.defs.OpSchema.AttrType.INT, "scan axis, >= 0"),
+            onnx.defs.OpSchema.Attribute(
+                "plugin_namespace", onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False
+            ),
+        ],
     )
     onnx.defs.register_schema(schema)

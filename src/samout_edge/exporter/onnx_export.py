@@ -35,12 +35,15 @@ from samout_edge.fsutil import sha256_file, staging_dir
 from samout_edge.models import state as st
 from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
 from samout_edge.models.config import ModelConfig, check_arch, preset
-from samout_edge.models.model import SamOut
+from samout_edge.models.model import LayerNorm, SamOut
 from samout_edge.progress import Progress, no_progress
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LOGITS = ("last", "all")
-MIN_OPSET = 18
+# 18 is the torch.export exporter's own opset; 17 goes through onnx's version
+# converter and exists for TensorRT 8.5/8.6 (JetPack 5 and 6.0), which parse up to 17.
+MIN_OPSET = 17
+DEFAULT_OPSET = 18
 # Protobuf cannot hold more than 2 GiB; above this the weights go to model.onnx.data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
@@ -54,8 +57,9 @@ class ExportOptions:
     max_seq: int = 2048
     dtype: str = "fp32"
     logits: str = "last"
-    opset: int = MIN_OPSET
+    opset: int = DEFAULT_OPSET
     block: int = low.DEFAULT_BLOCK
+    decompose_layernorm: bool = False  # for TensorRT 8.5, which has no LayerNormalization
 
     def validate(self) -> ExportOptions:
         check_arch(self.arch)
@@ -71,7 +75,7 @@ class ExportOptions:
         if self.max_seq < 1:
             raise SamoutError(f"--max-seq must be at least 1, got {self.max_seq}")
         if self.opset < MIN_OPSET:
-            raise SamoutError(f"--opset must be {MIN_OPSET} or newer (the torch.export-based exporter), got {self.opset}")
+            raise SamoutError(f"--opset must be {MIN_OPSET} or newer, got {self.opset}")
         if self.opset > onnx.defs.onnx_opset_version():
             raise SamoutError(f"--opset {self.opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
         if self.block < 2:
@@ -146,11 +150,11 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
         past_shapes = [{0: batch, 2: past_seq} for _ in past]
     inputs, outputs = graph_io(config, arch, options.dtype, options.logits)
     quiet = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
-            lg.setLevel(logging.ERROR)
+            lg.setLevel(logging.CRITICAL)
         with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
@@ -171,13 +175,22 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-    return program.model_proto
+    model = program.model_proto
+    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != options.opset:
+        raise SamoutError(
+            f"the exporter could not convert the graph to opset {options.opset} (it stayed at {got}); "
+            f"export with --opset {got}"
+        )
+    return model
 
 
 def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[int, int]) -> onnx.ModelProto:
     """Lower cummax, pin the I/O contract, and make the file self-describing."""
     plan = low.ScanPlan(**manifest.scan)
-    low.lower_cummax(model, manifest.lowering, plan, static_lengths)
+    low.lower_cummax(model, manifest.lowering, plan, static_lengths, low.ONNX_DTYPES[manifest.dtype])
+    if manifest.opset < 18:
+        downgrade_split(model)
     for value, spec in zip(list(model.graph.input) + list(model.graph.output), manifest.inputs + manifest.outputs):
         if value.name != spec.name:
             raise SamoutError(f"exported graph has {value.name!r} where the contract says {spec.name!r}")
@@ -205,6 +218,16 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
     except onnx.checker.ValidationError as e:
         raise SamoutError(f"the exported graph is not valid ONNX: {str(e).splitlines()[0]}") from e
     return model
+
+
+def downgrade_split(model: onnx.ModelProto) -> None:
+    """onnx's version converter leaves Split-18's ``num_outputs`` when going to opset 17;
+    below 18 a Split without sizes already means equal parts, so the attribute goes."""
+    for node in model.graph.node:
+        if node.op_type == "Split" and node.domain in ("", "ai.onnx"):
+            keep = [a for a in node.attribute if a.name != "num_outputs"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
 
 
 def save_model(model: onnx.ModelProto, directory: Path) -> list[str]:
@@ -284,6 +307,9 @@ def export(
             }
         manifest = _manifest(ckpt, options, source)
         model = ckpt.model(options.arch, DTYPES[options.dtype])
+        for module in model.modules():
+            if isinstance(module, LayerNorm):
+                module.decompose = options.decompose_layernorm
 
         progress(f"tracing with torch.export ({options.arch}, {options.dtype})", 1, total)
         t = time.perf_counter()
@@ -332,4 +358,5 @@ def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifes
         source=source,
         trace={"batch": batch, "seq": seq},
         tools=tool_versions(),
+        extra={"decompose_layernorm": options.decompose_layernorm},
     )

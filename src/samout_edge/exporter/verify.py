@@ -104,6 +104,9 @@ def check_op(manifest: Manifest, lengths: list[int]) -> tuple[bool, list[dict]]:
     """The lowering alone must equal torch.cummax bit for bit on both axes."""
     import onnxruntime as ort
 
+    from samout_edge.runtime.ort_runner import quiet_onnxruntime
+
+    quiet_onnxruntime()
     plan = low.ScanPlan(**manifest.scan)
     cfg = manifest.config
     np_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
@@ -126,42 +129,55 @@ def verify(
     checkpoint: Checkpoint | str | Path | None = None,
     provider: str = "cpu",
     lengths: list[int] | None = None,
+    engine: str | None = None,
     progress: Progress = no_progress,
 ) -> VerifyResult:
-    """Verify the export in ``directory``; ``lengths`` replaces the default sequence lengths."""
+    """Verify the export in ``directory`` in ONNX Runtime, or a TensorRT engine of it
+    (``directory`` an engine dir, or ``engine`` a profile name); ``lengths`` replaces
+    the default sequence lengths."""
+    from samout_edge.runtime.trt_runner import is_engine_dir, load_trt_runner, resolve_engine
+
     directory = Path(directory)
     started = time.perf_counter()
+    if engine or is_engine_dir(directory):
+        directory, engine_dir = resolve_engine(directory, engine)
+        actual = load_trt_runner(engine_dir)
+    else:
+        actual = load_ort_runner(directory, provider)
     manifest = read_manifest(directory)
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = source_checkpoint(directory, manifest, checkpoint)
-    rtol = RTOL[manifest.dtype]
+    rtol = RTOL[actual.info.dtype]
+    limit = actual.info.max_seq
     if lengths:
-        bad = [n for n in lengths if not 1 <= n <= manifest.max_seq]
+        bad = [n for n in lengths if not 1 <= n <= limit]
         if bad:
-            raise SamoutError(f"seq {bad[0]} is outside 1..{manifest.max_seq}, the export's max_seq")
+            what = "the export's max_seq" if limit == manifest.max_seq else "the engine's longest prefill"
+            raise SamoutError(f"seq {bad[0]} is outside 1..{limit}, {what}")
         lengths = sorted(set(lengths))
     else:
-        lengths = verify_lengths(manifest.max_seq, manifest.trace["seq"])
+        lengths = verify_lengths(limit, manifest.trace["seq"])
     steps = len(lengths) + 2
     progress("cummax op, bit for bit", 0, steps)
     op_exact, op_rows = check_op(manifest, lengths)
 
-    actual = load_ort_runner(directory, provider)
     reference = load_torch_runner(checkpoint, manifest.arch, "fp32", manifest.logits)
     result = VerifyResult(False, rtol, lengths, op_exact, op_checks=op_rows, provider=actual.info.device)
     rng = np.random.default_rng(0)
     vocab = manifest.config.vocab_size
+    small_batch = min(2, actual.info.max_batch or 2)
     for i, length in enumerate(lengths, start=1):
-        batch = 2 if length <= 128 else 1
+        batch = small_batch if length <= 128 else 1
         progress(f"prefill seq={length}", i, steps)
         ids = rng.integers(1, vocab, (batch, length))
         result.checks += compare_prefill(reference, actual, ids, rtol, f"prefill {batch}x{length}")
-    prefill = max(1, min(DECODE_PREFILL, manifest.max_seq - DECODE_STEPS))
-    total = min(manifest.max_seq, prefill + DECODE_STEPS)
+    prefill = max(1, min(DECODE_PREFILL, limit - DECODE_STEPS))
+    total = min(limit, prefill + DECODE_STEPS)
     progress(f"decode {prefill}+{total - prefill}", steps - 1, steps)
     if total > prefill:
-        ids = rng.integers(1, vocab, (2, total))
-        result.checks += compare_decode(reference, actual, ids, prefill, rtol, f"decode 2x({prefill}+{total - prefill})")
+        ids = rng.integers(1, vocab, (small_batch, total))
+        check = f"decode {small_batch}x({prefill}+{total - prefill})"
+        result.checks += compare_decode(reference, actual, ids, prefill, rtol, check)
     result.passed = op_exact and all(c.passed for c in result.checks)
     result.seconds = time.perf_counter() - started
     progress("verified", steps, steps)

@@ -102,9 +102,21 @@ class LayerNorm(nn.LayerNorm):
 
     Its sum of squares overflows fp16; TensorRT 11 takes precision from the graph,
     so the fp32 islands must be in the graph itself. A no-op for fp32 models.
+    ``decompose`` writes it as mean/variance ops, for graphs that TensorRT 8.5
+    (no LayerNormalization op) must parse.
     """
 
+    decompose: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decompose:
+            # sum / n rather than mean: ReduceSum takes its axes the same way in opsets 13-18
+            h = x.float()
+            n = 1.0 / h.shape[-1]
+            mean = h.sum(-1, keepdim=True) * n
+            var = (h - mean).pow(2).sum(-1, keepdim=True) * n
+            y = (h - mean) / torch.sqrt(var + self.eps) * self.weight.float() + self.bias.float()
+            return y.to(x.dtype)
         if x.dtype == torch.float32:
             return super().forward(x)
         w, b = self.weight.float(), self.bias.float()

@@ -18,6 +18,13 @@ PROVIDER_ALIASES = {
 }
 
 
+def quiet_onnxruntime() -> None:
+    """ONNX Runtime logs graph-cleanup warnings to stderr; our output is ours."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -62,6 +69,7 @@ def load_ort_runner(directory: str | Path, provider: str = "cpu", cpu_arena: boo
 
     manifest = read_manifest(directory)
     provider = resolve_provider(provider)
+    quiet_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = cpu_arena
