@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto
 
 from samout_edge.errors import SamoutError
+from samout_edge.exporter.lint import lint_model
 from samout_edge.exporter.manifest import MODEL_FILE, is_export_dir, read_manifest
 
 ONNX_TYPE_NAMES = {
@@ -44,7 +45,7 @@ class InspectResult:
     arch: str | None
     lowering: str | None
     verification: dict[str, Any] | None = None
-    lint: dict[str, Any] | None = None
+    lint: list[dict[str, Any]] | None = None  # one VersionLint per TensorRT version
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def value_spec(value: onnx.ValueInfoProto) -> dict[str, Any]:
     return {"name": value.name, "dtype": ONNX_TYPE_NAMES.get(tensor.elem_type, str(tensor.elem_type)), "shape": shape}
 
 
-def inspect_path(path: str | Path) -> InspectResult:
+def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
     path = Path(path)
     if not path.exists():
         raise SamoutError(f"not found: {path}")
@@ -108,6 +109,7 @@ def inspect_path(path: str | Path) -> InspectResult:
         lowering=manifest.lowering if manifest else meta.get("samout_edge.lowering"),
         verification=_verification_summary(manifest.verification) if manifest else None,
         extra={"config": manifest.config.to_dict() if manifest else json.loads(meta.get("samout_edge.config", "null"))},
+        lint=[r.to_dict() for r in lint_model(model)] if lint else None,
     )
 
 
