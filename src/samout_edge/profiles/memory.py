@@ -1,0 +1,140 @@
+"""`samout-edge plan`: will the model fit a device, and up to which context?
+
+An estimate, not a measurement: it says how memory scales for each arch so the
+two can be compared on a device we may not have. Serving is modelled as a
+chunked prefill (chunks of the profile's opt prefill length) and then decode:
+
+- weights: parameters x bytes per element
+- runtime: the profile's resident CUDA/TensorRT overhead + builder workspace
+- state, double-buffered (a step reads past and writes present):
+  cummax 2 x layers x batch x heads x head_dim; softmax 2 x the KV cache,
+  2 x layers x batch x heads x context x head_dim
+- activations, the larger of one prefill chunk and one decode step:
+  ACTIVATION_VALUES hidden-sized values per token (one layer's live tensors:
+  projections, the scan's temporaries, FFN, fp32 LayerNorm) plus the last-token
+  logits; softmax adds its scores and probabilities, 2 x batch x heads x chunk x
+  context, as if unfused (an upper bound; fused attention needs less).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from samout_edge.models.config import ARCHS, ModelConfig
+from samout_edge.profiles import DeviceProfile
+
+ACTIVATION_VALUES = 16
+BYTES = {"fp16": 2, "fp32": 4}
+DEFAULT_CONTEXTS = [1024, 4096, 16384, 65536, 262144, 1048576]
+SEARCH_LIMIT = 1 << 26  # 67M tokens: beyond this we call it unbounded
+
+
+@dataclass
+class Breakdown:
+    weights: int
+    runtime: int
+    state: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.runtime + self.state + self.activations
+
+
+@dataclass
+class PlanRow:
+    context: int
+    cummax: Breakdown
+    softmax: Breakdown
+    budget: int
+
+    def fits(self, arch: str) -> bool:
+        return getattr(self, arch).total <= self.budget
+
+
+@dataclass
+class MemoryPlan:
+    profile: str
+    config: ModelConfig
+    dtype: str
+    batch: int
+    chunk: int
+    budget: int
+    rows: list[PlanRow]
+    longest: dict[str, int | None]  # None: memory does not bound it
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["config"] = self.config.to_dict()
+        for row, raw in zip(self.rows, data["rows"]):
+            for arch in ARCHS:
+                raw[arch]["total"] = getattr(row, arch).total
+                raw[arch]["fits"] = row.fits(arch)
+        return data
+
+
+def estimate(config: ModelConfig, arch: str, dtype: str, batch: int, context: int, chunk: int,
+             profile: DeviceProfile) -> Breakdown:
+    e = BYTES[dtype]
+    h, heads, d, layers = config.hidden_size, config.num_heads, config.head_dim, config.num_layers
+    weights = config.parameter_count() * e
+    runtime = (profile.runtime_overhead_mib + profile.workspace_mib) * 2**20
+    if arch == "cummax":
+        state = 2 * layers * batch * heads * d * e
+    else:
+        state = 2 * (2 * layers * batch * heads * context * d * e)
+    logits = batch * config.vocab_size * e
+
+    def call(tokens: int) -> int:
+        acts = ACTIVATION_VALUES * batch * tokens * h * e + logits
+        if arch == "softmax":
+            acts += 2 * batch * heads * tokens * max(context, tokens) * e
+        return acts
+
+    return Breakdown(weights, runtime, state, max(call(min(chunk, max(context, 1))), call(1)))
+
+
+def longest_context(config: ModelConfig, arch: str, dtype: str, batch: int, chunk: int, profile: DeviceProfile) -> int | None:
+    """The longest context that fits the budget; None when memory does not bound it."""
+    budget = profile.memory_budget_bytes
+
+    def fits(n: int) -> bool:
+        return estimate(config, arch, dtype, batch, n, chunk, profile).total <= budget
+
+    if not fits(1):
+        return 0
+    if fits(SEARCH_LIMIT):
+        return None
+    lo, hi = 1, SEARCH_LIMIT  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None = None, batch: int = 1,
+                contexts: list[int] | None = None) -> MemoryPlan:
+    dtype = dtype or profile.precision
+    chunk = profile.prefill.seq.opt
+    contexts = contexts or DEFAULT_CONTEXTS
+    rows = [
+        PlanRow(n, *(estimate(config, arch, dtype, batch, n, chunk, profile) for arch in ARCHS), profile.memory_budget_bytes)
+        for n in contexts
+    ]
+    return MemoryPlan(
+        profile=profile.name,
+        config=config,
+        dtype=dtype,
+        batch=batch,
+        chunk=chunk,
+        budget=profile.memory_budget_bytes,
+        rows=rows,
+        longest={arch: longest_context(config, arch, dtype, batch, chunk, profile) for arch in ARCHS},
+        assumptions=[
+            f"chunked prefill of {chunk} tokens (the profile's opt prefill length), then decode",
+            f"activations: {ACTIVATION_VALUES} hidden-sized values per token per call, plus last-token logits",
+            "softmax scores as if unfused (upper bound); state double-buffered (past in, present out)",
+            f"runtime: {profile.runtime_overhead_mib} MiB resident overhead + {profile.workspace_mib} MiB workspace",
+        ],
+    )
