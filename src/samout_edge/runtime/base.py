@@ -31,6 +31,7 @@ class RunnerInfo:
     logits: str  # last | all
     max_seq: int | None  # None: no limit (eager torch)
     config: ModelConfig
+    max_batch: int | None = None  # None: no limit (a TensorRT engine has one per profile)
 
 
 class Runner(ABC):

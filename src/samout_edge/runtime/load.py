@@ -29,11 +29,13 @@ def load_runner(
     device: str | None = None,
     checkpoint: str | Path | None = None,
     cpu_arena: bool = True,
+    fast_kernel: bool = True,
 ) -> Runner:
     """The export in ``directory`` on ``backend``.
 
     torch runs the export's source checkpoint eagerly, with the export's arch,
-    dtype and logits mode, so it computes what the graph computes.
+    dtype and logits mode, so it computes what the graph computes. For tensorrt,
+    ``provider`` names the engine's profile ("" when the export has one engine).
     """
     if backend not in BACKENDS:
         raise SamoutError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -45,10 +47,10 @@ def load_runner(
     if backend == "tensorrt":
         from samout_edge.runtime.trt_runner import load_trt_runner
 
-        return load_trt_runner(directory, profile=provider)
+        return load_trt_runner(directory, profile=provider or None)
     from samout_edge.exporter.verify import source_checkpoint
     from samout_edge.runtime.torch_runner import load_torch_runner
 
     manifest = read_manifest(directory)
     ckpt = source_checkpoint(directory, manifest, checkpoint)
-    return load_torch_runner(ckpt, manifest.arch, manifest.dtype, manifest.logits, torch_device(device))
+    return load_torch_runner(ckpt, manifest.arch, manifest.dtype, manifest.logits, torch_device(device), fast_kernel)

@@ -38,6 +38,20 @@ class TorchRunner(Runner):
 
 
 def load_torch_runner(
-    checkpoint: Checkpoint, arch: str, dtype: str = "fp32", logits: str = "all", device: str = "cpu"
+    checkpoint: Checkpoint, arch: str, dtype: str = "fp32", logits: str = "all", device: str = "cpu",
+    fast_kernel: bool = True,
 ) -> TorchRunner:
-    return TorchRunner(checkpoint.model(arch), dtype=dtype, logits=logits, device=device)
+    """On CUDA, ``fast_kernel`` swaps torch.cummax for the Triton scan (when Triton is there)."""
+    from samout_edge.models.ops import FAST_KERNELS
+
+    runner = TorchRunner(checkpoint.model(arch), dtype=dtype, logits=logits, device=device)
+    if device.startswith("cuda"):
+        if fast_kernel:
+            from samout_edge.kernels import enable_fast_cummax
+
+            fast_kernel = enable_fast_cummax()
+        else:
+            FAST_KERNELS.pop("cuda", None)
+        label = "cuda+triton" if fast_kernel else "cuda"
+        runner.info = RunnerInfo(**{**runner.info.__dict__, "device": label})
+    return runner

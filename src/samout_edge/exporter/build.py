@@ -1,0 +1,272 @@
+"""From an export and a device profile to a TensorRT build plan.
+
+Everything here is pure logic, so it runs and is tested without TensorRT: the
+plan holds every setting and shape the build will use, and the equivalent
+trtexec command line. exporter/tensorrt_build.py turns a plan into an engine.
+
+Version rules (TensorRT's own API, see docs/deploy-jetson.md):
+- EXPLICIT_BATCH is required before 10.0, deprecated in 10, removed in 11.
+- Strongly typed networks (precision from the graph) exist from 9.1 and are the
+  only kind in 11, where BuilderFlag.FP16 no longer exists. An fp16 export is
+  built strongly typed wherever possible; an fp32 export with an fp16 profile
+  uses the FP16 builder flag, which only TensorRT before 11 has.
+- builder_optimization_level exists from 8.6; trtexec takes several
+  optimization profiles (--profile=N) from 9.0 and --stronglyTyped from 9.1.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from samout_edge.errors import SamoutError
+from samout_edge.exporter import lowering as low
+from samout_edge.exporter.manifest import MODEL_FILE, Manifest, read_manifest
+from samout_edge.profiles import DeviceProfile, Range
+
+ENGINES_DIR = "engines"
+ENGINE_FILE = "model.engine"
+ENGINE_JSON = "engine.json"
+ENGINE_SCHEMA_VERSION = 1
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise SamoutError(f"not a TensorRT version: {version!r}") from None
+
+
+@dataclass
+class ShapeRange:
+    name: str
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+
+@dataclass
+class OptimizationProfile:
+    name: str  # decode | prefill
+    shapes: list[ShapeRange]
+
+
+@dataclass
+class BuildPlan:
+    export_dir: str
+    onnx: str
+    engine: str
+    engine_json: str
+    profile: str
+    arch: str
+    export_dtype: str
+    tensorrt: str
+    tensorrt_source: str  # installed | profile | option
+    precision: str  # fp16 | fp32: what the engine computes in
+    strongly_typed: bool
+    fp16_flag: bool
+    explicit_batch_flag: bool
+    workspace_bytes: int
+    builder_optimization_level: int | None  # None: this TensorRT has no such setting
+    timing_cache: str
+    dla_core: int | None
+    gpu_fallback: bool
+    plugins: list[str]
+    optimization_profiles: list[OptimizationProfile]
+    max_seq: int
+    notes: list[str] = field(default_factory=list)
+    trtexec: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_timing_cache(profile: str, tensorrt: str) -> Path:
+    """Timing caches are per device and TensorRT version; they live across builds and exports."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "samout-edge" / "timing-cache"
+    return root / f"{profile}-trt{tensorrt}.cache"
+
+
+def _clamp(r: Range, upper: int, lower: int = 1) -> Range:
+    hi = max(lower, min(r.max, upper))
+    lo = max(lower, min(r.min, hi))
+    return Range(lo, min(max(r.opt, lo), hi), hi)
+
+
+def optimization_profiles(manifest: Manifest, profile: DeviceProfile) -> tuple[list[OptimizationProfile], list[str]]:
+    """decode (one token) and prefill (a seq range), with state shapes from export.json,
+    clamped so no shape exceeds what the export is correct for."""
+    cfg, notes = manifest.config, []
+    h, d = cfg.num_heads, cfg.head_dim
+    seq = _clamp(profile.prefill.seq, manifest.max_seq)
+    if seq.max < profile.prefill.seq.max:
+        notes.append(f"prefill seq capped at {seq.max} (the export's max_seq; the profile asks {profile.prefill.seq.max})")
+    context = _clamp(profile.decode.context, manifest.max_seq - 1, lower=0)
+    if manifest.arch == "softmax" and context.max < profile.decode.context.max:
+        notes.append(f"decode context capped at {context.max} (max_seq - 1; the profile asks {profile.decode.context.max})")
+    result = []
+    for name, batch, tokens, past in (
+        ("decode", profile.decode.batch, Range(1, 1, 1), context),
+        ("prefill", profile.prefill.batch, seq, Range(0, 0, max(0, min(context.max, manifest.max_seq - seq.max)))),
+    ):
+        shapes = [ShapeRange("input_ids", [batch.min, tokens.min], [batch.opt, tokens.opt], [batch.max, tokens.max])]
+        for spec in manifest.inputs[1:]:
+            if manifest.arch == "cummax":
+                dims = lambda b: [b, h, 1, d]  # noqa: E731
+                shapes.append(ShapeRange(spec.name, dims(batch.min), dims(batch.opt), dims(batch.max)))
+            else:
+                shapes.append(ShapeRange(spec.name, [batch.min, h, past.min, d], [batch.opt, h, past.opt, d],
+                                         [batch.max, h, past.max, d]))
+        result.append(OptimizationProfile(name, shapes))
+    return result, notes
+
+
+def custom_ops(model_path: Path) -> list[str]:
+    """domain::op of every custom-domain node, read without loading the weights."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+
+
+def make_plan(
+    export_dir: str | Path,
+    profile: DeviceProfile,
+    tensorrt: str | None = None,
+    precision: str | None = None,
+    dla_core: int | None = None,
+    timing_cache: str | Path | None = None,
+) -> BuildPlan:
+    """The whole build, decided: every flag, every shape, for this export, profile and TensorRT."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    installed = installed_tensorrt()
+    if tensorrt:
+        source = "option"
+    elif installed:
+        tensorrt, source = installed, "installed"
+    else:
+        tensorrt, source = profile.tensorrt, "profile"
+    v = version_tuple(tensorrt)
+    notes: list[str] = []
+    if source != "installed":
+        notes.append(f"TensorRT {tensorrt} assumed ({'--tensorrt' if source == 'option' else 'the profile'}); "
+                     "the build uses whatever is installed")
+
+    precision = precision or profile.precision
+    if precision not in ("fp16", "fp32"):
+        raise SamoutError(f"--precision must be fp16 or fp32, got {precision!r}")
+    dtype = manifest.dtype
+    if dtype == "fp16" and precision == "fp32":
+        raise SamoutError("the export is fp16; an fp32 engine needs an fp32 export (--dtype fp32)")
+    strongly_typed = v >= (11, 0) or (v >= (9, 1) and dtype == "fp16")
+    fp16_flag = precision == "fp16" and not strongly_typed
+    if v >= (11, 0) and dtype == "fp32" and precision == "fp16":
+        raise SamoutError(
+            f"TensorRT {tensorrt} takes precision from the graph (no FP16 builder flag): "
+            "export with --dtype fp16, or build with --precision fp32"
+        )
+    if fp16_flag and dtype == "fp32":
+        notes.append("fp32 graph built with the FP16 flag (weak typing): TensorRT picks fp16 kernels where it can; "
+                     "export with --dtype fp16 for an fp16 graph with LayerNorm kept in fp32")
+    if fp16_flag and v >= (10, 12):
+        notes.append("BuilderFlag.FP16 is deprecated from TensorRT 10.12 (removed in 11)")
+
+    if dla_core is not None:
+        if profile.dla_cores == 0:
+            raise SamoutError(f"profile {profile.name} has no DLA cores; drop --dla-core")
+        if not 0 <= dla_core < profile.dla_cores:
+            raise SamoutError(f"--dla-core must be 0..{profile.dla_cores - 1} on {profile.name}, got {dla_core}")
+        if precision != "fp16":
+            raise SamoutError("DLA runs fp16 (or int8) only; use --precision fp16")
+        notes.append("DLA with GPU fallback: layers DLA cannot run (shape ops, the scan) run on the GPU")
+
+    plugins = custom_ops(export_dir / MODEL_FILE)
+    cummax = f"{low.DOMAIN}::{low.OP_TYPE}"
+    if cummax in plugins:
+        if v >= (10, 6):
+            notes.append("CumMax nodes: the samout-edge plugin is registered for the build "
+                         + ("(ahead-of-time kernel, no Python at run time)" if v >= (10, 9) else "(JIT: Python at run time)"))
+        elif v >= (9, 0):
+            notes.append("CumMax nodes run their local-function body (the native scan): plugins need TensorRT 10.6+")
+        else:
+            raise SamoutError(
+                f"TensorRT {tensorrt} has neither local functions nor the CumMax plugin; export with --lowering native"
+            )
+    others = [p for p in plugins if p != cummax]
+    if others:
+        raise SamoutError(f"the graph has custom nodes no plugin of ours implements: {', '.join(others)}")
+
+    profiles, shape_notes = optimization_profiles(manifest, profile)
+    engine_dir = export_dir / ENGINES_DIR / profile.name
+    plan = BuildPlan(
+        export_dir=str(export_dir),
+        onnx=str(export_dir / MODEL_FILE),
+        engine=str(engine_dir / ENGINE_FILE),
+        engine_json=str(engine_dir / ENGINE_JSON),
+        profile=profile.name,
+        arch=manifest.arch,
+        export_dtype=dtype,
+        tensorrt=tensorrt,
+        tensorrt_source=source,
+        precision=precision,
+        strongly_typed=strongly_typed,
+        fp16_flag=fp16_flag,
+        explicit_batch_flag=v < (10, 0),
+        workspace_bytes=profile.workspace_mib * 2**20,
+        builder_optimization_level=profile.builder_optimization_level if v >= (8, 6) else None,
+        timing_cache=str(timing_cache or default_timing_cache(profile.name, tensorrt)),
+        dla_core=dla_core,
+        gpu_fallback=dla_core is not None,
+        plugins=plugins,
+        optimization_profiles=profiles,
+        max_seq=manifest.max_seq,
+        notes=notes + shape_notes,
+    )
+    plan.trtexec = trtexec_command(plan)
+    if v < (9, 0):
+        plan.notes.append("trtexec before 9.0 builds one optimization profile: its line has prefill's only")
+    return plan
+
+
+def _shapes(shapes: list[ShapeRange], which: str) -> str:
+    return ",".join(f"{s.name}:{'x'.join(str(d) for d in getattr(s, which))}" for s in shapes)
+
+
+def trtexec_command(plan: BuildPlan) -> str:
+    """The same build as one trtexec command line, for users who build on the device by hand."""
+    v = version_tuple(plan.tensorrt)
+    args = ["trtexec", f"--onnx={plan.onnx}", f"--saveEngine={plan.engine}"]
+    profiles = plan.optimization_profiles if v >= (9, 0) else [p for p in plan.optimization_profiles if p.name == "prefill"]
+    for index, prof in enumerate(profiles):
+        if v >= (9, 0):
+            args.append(f"--profile={index}")
+        args += [f"--minShapes={_shapes(prof.shapes, 'min')}", f"--optShapes={_shapes(prof.shapes, 'opt')}",
+                 f"--maxShapes={_shapes(prof.shapes, 'max')}"]
+    if plan.strongly_typed and v < (11, 0):
+        args.append("--stronglyTyped")
+    if plan.fp16_flag:
+        args.append("--fp16")
+    args.append(f"--memPoolSize=workspace:{plan.workspace_bytes // 2**20}")
+    if plan.builder_optimization_level is not None:
+        args.append(f"--builderOptimizationLevel={plan.builder_optimization_level}")
+    args.append(f"--timingCacheFile={plan.timing_cache}")
+    if plan.dla_core is not None:
+        args += [f"--useDLACore={plan.dla_core}", "--allowGPUFallback"]
+    args.append("--skipInference" if v >= (8, 6) else "--buildOnly")
+    line = " ".join(shlex.quote(a) for a in args)
+    if plan.plugins:
+        line += "  # CumMax needs the samout-edge plugin: build with `samout-edge build` (trtexec loads no Python plugins)"
+    return line
+
+
+def installed_tensorrt() -> str | None:
+    try:
+        import tensorrt
+
+        return tensorrt.__version__
+    except Exception:  # not installed, or the registry's download stub
+        return None
