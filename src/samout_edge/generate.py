@@ -142,12 +142,15 @@ def generate(
 
 
 def load_generation_runner(target: Path, backend: str, provider: str, device: str, arch: str, heads: int | None) -> Runner:
-    """An export directory on any backend, or a checkpoint on torch."""
+    """An export directory on any backend, an engine directory, or a checkpoint on torch."""
     from samout_edge.exporter.manifest import is_export_dir
     from samout_edge.runtime.load import load_runner, torch_device
+    from samout_edge.runtime.trt_runner import is_engine_dir, load_trt_runner
 
     if not target.exists():
         raise SamoutError(f"not found: {target}")
+    if is_engine_dir(target):
+        return load_trt_runner(target)
     if is_export_dir(target):
         return load_runner(target, backend, provider, device=device)
     if backend != "torch":

@@ -33,6 +33,7 @@ class MemorySpec:
     batch: int
     length: int  # prefill seq, or decode context
     steps: int = 4  # decode steps measured
+    fast_kernel: bool = True
 
 
 def _status_kib(field: str) -> int:
@@ -71,11 +72,12 @@ def measure(spec: MemorySpec) -> int | None:
     from samout_edge.runtime.load import load_runner
 
     cuda = spec.backend == "torch" and spec.provider.startswith("cuda")
-    if spec.backend != "torch" and spec.provider not in ("CPUExecutionProvider", "cpu"):
-        return None  # ONNX Runtime's GPU allocators expose no peak we can read
+    if spec.backend == "tensorrt" or (spec.backend == "ort" and spec.provider != "CPUExecutionProvider"):
+        return None  # TensorRT's and ONNX Runtime's GPU allocators expose no peak we can read
     if not cuda and not rss_supported():
         return None
-    runner = load_runner(spec.directory, spec.backend, spec.provider, device=spec.provider if spec.backend == "torch" else None, cpu_arena=False)
+    runner = load_runner(spec.directory, spec.backend, spec.provider, device=spec.provider if spec.backend == "torch" else None,
+                         cpu_arena=False, fast_kernel=spec.fast_kernel)
     vocab = runner.info.config.vocab_size
     ids = np.random.default_rng(0).integers(1, vocab, (spec.batch, spec.length + spec.steps))
     empty = runner.initial_state(spec.batch)

@@ -108,10 +108,14 @@ def bench_op(
         f"torch.cummax ({device})": lambda: torch.cummax(x_dev, axis).values,
     }
     devices = {f"copy ({device})": device, f"torch.cummax ({device})": device}
+    if device.startswith("cuda"):
+        from samout_edge.kernels import enable_fast_cummax
+
+        enable_fast_cummax()
     kernel = FAST_KERNELS.get(torch.device(device).type)
     if kernel is not None:
-        calls[f"fast kernel ({device})"] = lambda: kernel(x_dev, axis)
-        devices[f"fast kernel ({device})"] = device
+        calls[f"triton kernel ({device})"] = lambda: kernel(x_dev, axis)
+        devices[f"triton kernel ({device})"] = device
     for name, (short, session) in _ort_candidates(shape, dtype, axis, max_len, block).items():
         calls[name] = (lambda s=session: s.run(None, {"x": x_np})[0])
         devices[name] = short

@@ -38,6 +38,8 @@ class BenchConfig:
     backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
     providers: list[str] | None = None  # ORT providers; None = every available one
     device: str = "auto"  # torch device
+    engine: str | None = None  # TensorRT engine profile, for the tensorrt backend
+    fast_kernel: bool = True  # torch on CUDA: the Triton cummax instead of torch.cummax
     budget: Budget = field(default_factory=Budget)
     memory: bool = True
 
@@ -112,6 +114,7 @@ def prepare_exports(
     dtype: str,
     lowering: str,
     progress: Progress = no_progress,
+    scan: str = "auto",
 ) -> dict[str, Path]:
     """One export per arch from the same checkpoint: given, derived, or made from a preset."""
     from samout_edge.exporter.onnx_export import ExportOptions, export
@@ -126,9 +129,10 @@ def prepare_exports(
 
     if preset:
         first = work / "cummax"
-        if not _reusable(first, preset, max_seq, dtype, lowering, "cummax"):
+        options = ExportOptions("cummax", lowering, scan, max_seq=max_seq, dtype=dtype)
+        if not _reusable(first, preset, options):
             progress(f"exporting {preset} (cummax) for ONNX Runtime", 0, 2)
-            export(first, ExportOptions("cummax", lowering, max_seq=max_seq, dtype=dtype), preset_name=preset, force=True)
+            export(first, options, preset_name=preset, force=True)
         dirs = [first]
 
     manifests = [read_manifest(d) for d in dirs]
@@ -154,12 +158,14 @@ def prepare_exports(
     return pair
 
 
-def _reusable(directory: Path, preset: str, max_seq: int, dtype: str, lowering: str, arch: str) -> bool:
+def _reusable(directory: Path, preset: str, options) -> bool:
     try:
         m = read_manifest(directory)
     except SamoutError:
         return False
-    return (m.source.get("preset"), m.max_seq, m.dtype, m.lowering, m.arch) == (preset, max_seq, dtype, lowering, arch)
+    plan = options.scan_plan(m.config)
+    return (m.source.get("preset"), m.max_seq, m.dtype, m.lowering, m.arch, m.scan["scan"]) == (
+        preset, options.max_seq, options.dtype, options.lowering, options.arch, plan.scan)
 
 
 def _matches(directory: Path, made: Manifest, arch: str) -> bool:
@@ -167,8 +173,9 @@ def _matches(directory: Path, made: Manifest, arch: str) -> bool:
         m = read_manifest(directory)
     except SamoutError:
         return False
-    same = (m.source.get("sha256"), m.dtype, m.max_seq, m.lowering, m.logits)
-    return m.arch == arch and same == (made.source.get("sha256"), made.dtype, made.max_seq, made.lowering, made.logits)
+    same = (m.source.get("sha256"), m.dtype, m.max_seq, m.lowering, m.logits, m.scan)
+    return m.arch == arch and same == (made.source.get("sha256"), made.dtype, made.max_seq, made.lowering, made.logits,
+                                       made.scan)
 
 
 # --------------------------------------------------------------------------- running
@@ -184,7 +191,7 @@ def targets(config: BenchConfig) -> list[tuple[str, str]]:
             providers = config.providers or available_providers()
             out += [("ort", resolve_provider(p)) for p in providers]
         else:
-            raise SamoutError("the tensorrt backend benches built engines: pass --profile NAME (see `samout-edge build`)")
+            out.append(("tensorrt", config.engine or ""))
     return out
 
 
@@ -209,12 +216,18 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     records: list[Record] = []
     done = 0
     for backend, provider in plan:
-        runners = {arch: load_runner(pair[arch], backend, provider, device=provider if backend == "torch" else None)
+        runners = {arch: load_runner(pair[arch], backend, provider, device=provider if backend == "torch" else None,
+                                     fast_kernel=config.fast_kernel)
                    for arch in ARCHS}
-        shown = provider.replace("ExecutionProvider", "")
+        if backend in ("tensorrt", "torch"):
+            label = runners["cummax"].info.device  # the engine profile loaded; cuda+triton
+        else:
+            label = provider
+        shown = label.replace("ExecutionProvider", "")
         for mode, batch, length in points:
             progress(f"{backend}:{shown} {mode} batch {batch} {'seq' if mode == 'prefill' else 'context'} {length}", done, total)
-            records += _measure_point(runners, pair, backend, provider, mode, batch, length, config, cm, info["label"])
+            records += _measure_point(runners, pair, backend, provider, label, mode, batch, length, config, cm,
+                                      info["label"])
             done += 1
     progress("done", total, total)
     return BenchReport(
@@ -226,8 +239,8 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     )
 
 
-def _measure_point(runners: dict[str, Runner], pair, backend, provider, mode, batch, length, config: BenchConfig,
-                   manifest: Manifest, label: str) -> list[Record]:
+def _measure_point(runners: dict[str, Runner], pair, backend, provider, label, mode, batch, length,
+                   config: BenchConfig, manifest: Manifest, machine_label: str) -> list[Record]:
     vocab = manifest.config.vocab_size
     steps = config.budget.total_calls() + 1
     ids = np.random.default_rng(length).integers(1, vocab, (batch, length + steps))
@@ -245,11 +258,11 @@ def _measure_point(runners: dict[str, Runner], pair, backend, provider, mode, ba
     for arch, timing in timings.items():
         peak = None
         if config.memory:
-            spec = MemorySpec(str(pair[arch]), backend, provider, mode, batch, length)
+            spec = MemorySpec(str(pair[arch]), backend, provider, mode, batch, length, fast_kernel=config.fast_kernel)
             peak = measure_in_child(spec)
         tokens = batch * (length if mode == "prefill" else 1)
         records.append(Record(
-            arch=arch, backend=backend, provider=provider, mode=mode, batch=batch,
+            arch=arch, backend=backend, provider=label, mode=mode, batch=batch,
             seq=length if mode == "prefill" else None, context=length if mode == "decode" else None,
             dtype=manifest.dtype,
             latency_ms={"median": timing.median_ms, "p90": timing.p90_ms},
@@ -257,7 +270,7 @@ def _measure_point(runners: dict[str, Runner], pair, backend, provider, mode, ba
             peak_mem_mb=None if peak is None else peak / 2**20,
             state_bytes=st.state_bytes(manifest.config, arch, batch, length, manifest.dtype),
             repeats=len(timing.samples_ms),
-            machine=label,
+            machine=machine_label,
         ))
     return records
 

@@ -79,7 +79,10 @@ def export(
     max_seq: int = typer.Option(2048, "--max-seq", help="Longest sequence the graph must be correct for."),
     dtype: str = typer.Option("fp32", help="fp32 or fp16 (a genuinely fp16 graph, LayerNorm kept in fp32)."),
     logits: str = typer.Option("last", help="last (decode, [batch,1,vocab]) or all ([batch,seq,vocab])."),
-    opset: int = typer.Option(18, help="ONNX opset (18 or newer)."),
+    opset: int = typer.Option(18, help="ONNX opset: 18 or newer; 17 for TensorRT 8.5/8.6 (JetPack 5, 6.0)."),
+    decompose_layernorm: bool = typer.Option(
+        False, "--decompose-layernorm", help="Write LayerNorm as mean/variance ops (TensorRT 8.5 has no LayerNormalization)."
+    ),
     heads: Optional[int] = typer.Option(None, help="Head count for a bare state_dict (default 8)."),
     seed: int = typer.Option(0, help="Random seed for --preset weights."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the export against PyTorch."),
@@ -91,7 +94,8 @@ def export(
     from samout_edge.exporter.onnx_export import export as run_export
 
     options = ExportOptions(
-        arch=arch, lowering=lowering, scan=scan, max_seq=max_seq, dtype=dtype, logits=logits, opset=opset
+        arch=arch, lowering=lowering, scan=scan, max_seq=max_seq, dtype=dtype, logits=logits, opset=opset,
+        decompose_layernorm=decompose_layernorm,
     )
     with progress_bar(not json_out) as progress:
         result = run_export(
@@ -119,13 +123,14 @@ def verify(
     checkpoint: Optional[Path] = typer.Option(None, help="The source checkpoint, if it has moved."),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda, tensorrt or a full name."),
     lengths: Optional[str] = typer.Option(None, help="Sequence lengths to check, e.g. 1,1000,4096."),
+    engine: Optional[str] = typer.Option(None, help="Verify the TensorRT engine built for this profile instead."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Check an export against PyTorch; exits 1 if any output is out of tolerance."""
+    """Check an export (or its TensorRT engine: DIR/engines/PROFILE) against PyTorch; exits 1 on failure."""
     from samout_edge.exporter.verify import verify as run_verify
 
     with progress_bar(not json_out) as progress:
-        result = run_verify(directory, checkpoint, provider, parse_int_list(lengths, "--lengths"), progress=progress)
+        result = run_verify(directory, checkpoint, provider, parse_int_list(lengths, "--lengths"), engine, progress=progress)
     if json_out:
         print_json(result.to_dict())
     else:
@@ -192,6 +197,30 @@ def inspect(
         v = result.verification
         errs = ", ".join(f"{k} {e:.1e}" for k, e in v["max_abs_err"].items())
         console.print(f"verification: {ok(v['passed'])} (rtol {v['rtol']}; max abs err {errs})")
+    if result.lint:
+        render_lint(result.lint)
+
+
+def render_lint(reports: list[dict], shown: int = 4) -> None:
+    """One row per TensorRT version; identical findings on many nodes collapse into one line."""
+    table = Table(title="TensorRT compatibility (ONNX parser operator support, per release)")
+    for col in ("TensorRT", "ships with", "verdict", "findings"):
+        table.add_column(col)
+    for r in reports:
+        groups: dict[tuple, list[str]] = {}
+        for i in r["issues"]:
+            groups.setdefault((i["severity"], i["op"], i["message"]), []).append(i["node"])
+        ordered = sorted(groups.items(), key=lambda kv: {"error": 0, "warning": 1, "note": 2}[kv[0][0]])
+        lines = []
+        for (severity, op, message), nodes in ordered[:shown]:
+            where = nodes[0] if len(nodes) == 1 else f"{len(nodes)} nodes, e.g. {nodes[0]}"
+            lines.append(f"{severity}: {op} [{where}]: {message}")
+        if len(ordered) > shown:
+            lines.append(f"... and {len(ordered) - shown} more kinds (inspect --json lists all)")
+        errors = sum(len(n) for (sev, _, _), n in groups.items() if sev == "error")
+        verdict = "[green]compatible[/]" if r["compatible"] else f"[red]{errors} node(s) fail[/]"
+        table.add_row(r["version"], r["field"], verdict, escape("\n".join(lines)) or "-")
+    console.print(table)
 
 
 @app.command()
@@ -222,6 +251,178 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print the report
     console.print(table)
 
 
+# --------------------------------------------------------------------------- profiles / build / plan
+
+profiles_app = typer.Typer(help="Device profiles: what each target offers and how engines for it are built.",
+                           no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(profiles_app, name="profiles")
+
+
+@profiles_app.command("list")
+def profiles_list(json_out: bool = typer.Option(False, "--json", help="Print the profiles as JSON.")) -> None:
+    """The shipped device profiles."""
+    from samout_edge.profiles import list_profiles
+
+    profiles = list_profiles()
+    if json_out:
+        print_json([p.to_dict() for p in profiles])
+        return
+    table = Table(title="device profiles (samout-edge profiles show NAME)")
+    for col in ("name", "kind", "sm", "memory / budget GiB", "TensorRT", "JetPack", "precision", "DLA",
+                "prefill seq", "decode context"):
+        table.add_column(col, no_wrap=col == "name")
+    for p in profiles:
+        table.add_row(p.name, p.kind, p.compute_capability, f"{p.memory_gib:g} / {p.memory_budget_gib:g}",
+                      p.tensorrt, p.jetpack or "-", p.precision, str(p.dla_cores),
+                      "..".join(str(v) for v in (p.prefill.seq.min, p.prefill.seq.max)),
+                      "..".join(str(v) for v in (p.decode.context.min, p.decode.context.max)))
+    console.print(table)
+
+
+@profiles_app.command("show")
+def profiles_show(
+    name: str = typer.Argument(..., help="A shipped profile name, or a FILE.toml."),
+    json_out: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
+) -> None:
+    """One profile in full."""
+    from samout_edge.profiles import load_profile
+
+    profile = load_profile(name)
+    data = profile.to_dict()
+    if json_out:
+        print_json(data)
+        return
+    table = Table(title=f"profile {profile.name}", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                label = f"{key}.{sub}" + (" (min, opt, max)" if key in ("prefill", "decode") else "")
+                table.add_row(label, escape(str(v)))
+        else:
+            table.add_row(key, escape(str(value)))
+    console.print(table)
+
+
+@app.command()
+def build(
+    directory: Path = typer.Argument(..., help="Export directory."),
+    profile: str = typer.Option(..., "--profile", help="Device profile name, or a FILE.toml."),
+    precision: Optional[str] = typer.Option(None, help="fp16 or fp32 (default: the profile's)."),
+    dla_core: Optional[int] = typer.Option(None, "--dla-core", help="Run on this DLA core, GPU fallback on (profiles with DLA)."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file, reused across builds."),
+    tensorrt: Optional[str] = typer.Option(None, help="Plan for this TensorRT version (default: the installed one, else the profile's)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the build plan and the trtexec line; build nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan or result as JSON."),
+) -> None:
+    """Build a TensorRT engine for a device profile: DIR/engines/PROFILE/model.engine + engine.json."""
+    from samout_edge.exporter.build import make_plan
+    from samout_edge.profiles import load_profile
+
+    plan = make_plan(directory, load_profile(profile), tensorrt, precision, dla_core, timing_cache)
+    if dry_run:
+        if json_out:
+            print_json(plan.to_dict())
+        else:
+            render_plan(plan)
+        return
+    from samout_edge.exporter.tensorrt_build import build_engine
+
+    with progress_bar(not json_out) as progress:
+        result = build_engine(plan, progress)
+    if json_out:
+        print_json({"engine": str(result.engine), "seconds": result.seconds, "bytes": result.engine_bytes, **result.meta})
+    else:
+        console.print(f"built {result.engine} ({human_bytes(result.engine_bytes)}) in {result.seconds:.0f} s "
+                      f"with TensorRT {result.meta['tensorrt']} on {result.meta['gpu']}")
+
+
+def render_plan(plan) -> None:
+    table = Table(title=f"build plan: {plan.export_dir} for {plan.profile} (TensorRT {plan.tensorrt}, {plan.tensorrt_source})",
+                  show_header=False)
+    table.add_column("setting")
+    table.add_column("value")
+    rows = [
+        ("arch / export dtype", f"{plan.arch} / {plan.export_dtype}"),
+        ("engine precision", plan.precision),
+        ("strongly typed network", str(plan.strongly_typed)),
+        ("FP16 builder flag", str(plan.fp16_flag)),
+        ("EXPLICIT_BATCH flag", str(plan.explicit_batch_flag)),
+        ("workspace", human_bytes(plan.workspace_bytes)),
+        ("builder optimization level", "-" if plan.builder_optimization_level is None else str(plan.builder_optimization_level)),
+        ("timing cache", plan.timing_cache),
+        ("DLA core", "-" if plan.dla_core is None else f"{plan.dla_core} (GPU fallback)"),
+        ("plugins", ", ".join(plan.plugins) or "none"),
+        ("engine", plan.engine),
+    ]
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    for index, prof in enumerate(plan.optimization_profiles):
+        for s in prof.shapes:
+            table.add_row(f"profile {index} ({prof.name}) {s.name}", escape(f"min {s.min}  opt {s.opt}  max {s.max}"))
+    console.print(table)
+    for note in plan.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print("trtexec equivalent:", highlight=False)
+    console.print(plan.trtexec, highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command()
+def plan(
+    target: Optional[Path] = typer.Argument(None, help="Export directory (default: --preset)."),
+    profile: str = typer.Option(..., "--profile", help="Device profile name, or a FILE.toml."),
+    preset: str = typer.Option("seed", help="Model size when no DIR is given."),
+    dtype: Optional[str] = typer.Option(None, help="fp16 or fp32 (default: the export's, else the profile's)."),
+    batch: int = typer.Option(1, help="Batch size."),
+    contexts: Optional[str] = typer.Option(None, help="Context lengths to tabulate (default 1k..1M)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Memory plan on a device: weights + activations + cummax state vs KV cache, and the longest context."""
+    from samout_edge.models.config import preset as get_preset
+    from samout_edge.profiles import load_profile
+    from samout_edge.profiles.memory import memory_plan
+
+    device = load_profile(profile)
+    if target is not None:
+        from samout_edge.exporter.manifest import read_manifest
+
+        manifest = read_manifest(target)
+        config, dtype = manifest.config, dtype or manifest.dtype
+    else:
+        config = get_preset(preset)
+    if dtype not in (None, "fp16", "fp32"):
+        raise SamoutError(f"--dtype must be fp16 or fp32, got {dtype!r}")
+    if batch < 1:
+        raise SamoutError(f"--batch must be at least 1, got {batch}")
+    result = memory_plan(config, device, dtype, batch, parse_int_list(contexts, "--contexts"))
+    if json_out:
+        print_json(result.to_dict())
+        return
+    mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    table = Table(title=f"memory plan on {device.name}: budget {device.memory_budget_gib:g} GiB of {device.memory_gib:g}, "
+                        f"{result.dtype}, batch {batch}, hidden {config.hidden_size} x {config.num_layers} layers (MiB)")
+    for col in ("context", "weights", "runtime", "cummax state x2", "cummax act.", "cummax total", "KV cache x2",
+                "softmax act.", "softmax total"):
+        table.add_column(col, justify="right")
+    for row in result.rows:
+        c, s_ = row.cummax, row.softmax
+
+        def fit(arch: str, total: int, row=row) -> str:
+            return f"[green]{mib(total)}[/]" if row.fits(arch) else f"[red]{mib(total)}[/]"
+
+        table.add_row(f"{row.context:,}", mib(c.weights), mib(c.runtime), f"{c.state / 2**10:,.0f} KiB", mib(c.activations),
+                      fit("cummax", c.total), mib(s_.state), mib(s_.activations), fit("softmax", s_.total))
+    console.print(table)
+    for arch in ("cummax", "softmax"):
+        n = result.longest[arch]
+        text = ("not bounded by memory (the state does not grow)" if n is None
+                else "does not fit at all" if n == 0 else f"{n:,} tokens")
+        console.print(f"longest context, {arch}: {text}")
+    for line in result.assumptions:
+        console.print(f"assumes {line}", highlight=False)
+
+
 # --------------------------------------------------------------------------- generate
 
 
@@ -235,6 +436,7 @@ def generate(
     backend: str = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch or ort."),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
     device: str = typer.Option("auto", help="torch device."),
+    engine: Optional[str] = typer.Option(None, help="Run the TensorRT engine built for this profile."),
     arch: str = typer.Option("cummax", help="For a checkpoint: cummax or softmax."),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
@@ -249,7 +451,9 @@ def generate(
     from samout_edge.models.config import check_arch
 
     check_arch(arch)
-    if backend == "auto":
+    if engine:
+        backend, provider = "tensorrt", engine
+    elif backend == "auto":
         backend = "ort" if is_export_dir(target) else "torch"
     runner = load_generation_runner(target, backend, provider, device, arch, heads)
     words = vocab_for(vocab, runner.info.config.vocab_size)
@@ -308,8 +512,12 @@ def bench_run(
     backend: str = typer.Option("torch,ort", help="Backends: torch (eager) and/or ort (every available provider)."),
     provider: Optional[str] = typer.Option(None, help="ONNX Runtime providers to use (default: all available)."),
     device: str = typer.Option("auto", help="torch device: auto (cuda when present), cpu or cuda."),
+    engine: Optional[str] = typer.Option(None, help="Also bench the TensorRT engines built for this profile."),
     dtype: str = typer.Option("fp32", help="With --preset: fp32 or fp16."),
     lowering: str = typer.Option("native", help="With --preset: native or custom."),
+    scan: str = typer.Option("auto", help="With --preset: the lowering's scan (auto, blocked, doubling)."),
+    fast_kernel: bool = typer.Option(True, "--fast-kernel/--no-fast-kernel",
+                                     help="torch on CUDA: the Triton cummax (default) or torch.cummax."),
     work: Optional[Path] = typer.Option(None, help="Where to keep exports made for the bench (default: a temporary directory)."),
     warmup: int = typer.Option(2, help="Untimed calls per series."),
     repeats: int = typer.Option(20, help="Most timed calls per series."),
@@ -324,7 +532,16 @@ def bench_run(
     from samout_edge.bench import report as rep
     from samout_edge.bench.suite import BenchConfig, prepare_exports, run_bench
     from samout_edge.bench.timing import Budget
+    from samout_edge.runtime.trt_runner import is_engine_dir
 
+    dirs = list(dirs or [])
+    engine_dirs = [d for d in dirs if is_engine_dir(d)]
+    if engine_dirs:  # DIR/engines/PROFILE: bench that engine, on the tensorrt backend
+        engine = engine or engine_dirs[0].name
+        dirs = [d.parent.parent if is_engine_dir(d) else d for d in dirs]
+        backend = "tensorrt"
+    if engine and "tensorrt" not in backend:
+        backend += ",tensorrt"
     config = BenchConfig(
         modes=[m.strip() for m in mode.split(",") if m.strip()],
         seqs=parse_int_list(seq, "--seq"),
@@ -333,6 +550,8 @@ def bench_run(
         backends=[b.strip() for b in backend.split(",") if b.strip()],
         providers=[p.strip() for p in provider.split(",")] if provider else None,
         device=device,
+        engine=engine,
+        fast_kernel=fast_kernel,
         budget=Budget(warmup=warmup, min_repeats=min_repeats, max_repeats=repeats, seconds=budget),
         memory=memory,
     ).validate()
@@ -340,7 +559,7 @@ def bench_run(
         if path is not None and path.suffix.lower() != suffix:
             raise SamoutError(f"{path} should end in {suffix}")
     with progress_bar() as progress:
-        pair = prepare_exports(list(dirs or []), preset, work, config.max_seq_needed(), dtype, lowering, progress)
+        pair = prepare_exports(dirs, preset, work, config.max_seq_needed(), dtype, lowering, progress, scan)
         report = run_bench(pair, config, progress)
     table = Table(title=f"SamOut (cummax) vs softmax on {report.machine['label']} ({report.config['dtype']}); "
                         "ms: median latency; ratio: cummax/softmax, below 1 = cummax faster; MB: peak memory")

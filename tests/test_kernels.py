@@ -1,0 +1,76 @@
+"""The Triton cummax kernel: exact on CUDA (marked gpu), and its logic checked in
+Triton's CPU interpreter wherever Triton is installed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from samout_edge.kernels import triton_available
+
+SHAPES = [((2, 4, 37, 8), 2), ((1, 8, 300, 4), 2), ((2, 8, 5, 16), 1), ((3, 1, 1, 5), 2), ((1, 2, 4999, 3), 2),
+          ((8, 8, 8192, 64), 2), ((8, 8, 1000, 64), 1)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def test_block_sizes_fill_the_gpu():
+    from samout_edge.kernels.tiling import block_sizes
+
+    assert block_sizes(64, 8192, 64, 264) == (256, 16)  # [8,8,8192,64] on 132 SMs: 256 programs
+    assert block_sizes(8, 8, 8192 * 64, 264) == (8, 64)  # head axis: plenty of columns
+    bl, bq = block_sizes(1, 1, 5, 264)
+    assert bl >= 2 and bq >= 8
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed (it ships with CUDA builds of torch)")
+def test_kernel_logic_in_the_triton_interpreter():
+    """The kernel itself, run by Triton's CPU interpreter: bit-exact, NaN propagated."""
+    script = """
+import torch
+from samout_edge.kernels.triton_cummax import cummax
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for shape, dim in [((2, 4, 37, 8), 2), ((1, 8, 300, 4), 2), ((2, 8, 5, 16), 1), ((3, 1, 1, 5), 2)]:
+        x = torch.randn(shape).to(dtype)
+        want, got = torch.cummax(x, dim).values, cummax(x, dim)
+        view = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(got.view(view), want.view(view)), (dtype, shape, dim)
+x = torch.randn(1, 1, 40, 2)
+x[0, 0, 5, 0] = float("nan")
+assert torch.equal(torch.cummax(x, 2).values.isnan(), cummax(x, 2).isnan())
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_kernel_bit_exact_on_cuda(shape, dim, dtype):
+    from samout_edge.kernels.triton_cummax import cummax
+
+    x = torch.randn(shape, device="cuda").to(dtype)
+    assert torch.equal(bits(cummax(x, dim)), bits(torch.cummax(x, dim).values))
+
+
+@pytest.mark.gpu
+def test_torch_runner_uses_the_kernel_on_cuda(exported):
+    import numpy as np
+
+    from samout_edge.runtime.load import load_runner
+
+    d = exported().directory
+    fast = load_runner(d, "torch", device="cuda")
+    cpu = load_runner(d, "torch", device="cpu")
+    assert fast.info.device == "cuda+triton"
+    ids = np.random.default_rng(0).integers(1, 128, (2, 77))
+    a = fast.to_numpy(fast.run(ids, fast.initial_state(2))[0])
+    b = cpu.to_numpy(cpu.run(ids, cpu.initial_state(2))[0])
+    assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(b).max())
