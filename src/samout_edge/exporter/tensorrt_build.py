@@ -102,9 +102,10 @@ def build_engine(plan: BuildPlan, progress: Progress = no_progress) -> BuildResu
     logger = _logger(trt)
     trt.init_libnvinfer_plugins(logger, "")
     if plan.plugins:
-        from samout_edge.kernels.trt_plugin import register_cummax_plugin
+        from samout_edge.kernels.trt_plugin import plugin_supported, register_cummax_plugin
 
-        register_cummax_plugin(trt.__version__)
+        if plugin_supported(trt.__version__):  # else the parser runs the function body
+            register_cummax_plugin(trt.__version__)
 
     progress("parsing model.onnx", 0, 3)
     builder = trt.Builder(logger)
@@ -143,7 +144,9 @@ def build_engine(plan: BuildPlan, progress: Progress = no_progress) -> BuildResu
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     cache_path = Path(plan.timing_cache)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, False)
+    if not config.set_timing_cache(cache, False):  # another GPU's cache, or a damaged file: start afresh
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
     for prof in plan.optimization_profiles:
         profile = builder.create_optimization_profile()
         for s in prof.shapes:
@@ -160,7 +163,9 @@ def build_engine(plan: BuildPlan, progress: Progress = no_progress) -> BuildResu
         raise SamoutError(f"TensorRT could not build the engine: {detail}")
     engine_path, json_path = Path(plan.engine), Path(plan.engine_json)
     write_bytes_atomic(engine_path, bytes(serialized))
-    write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    timing = config.get_timing_cache()
+    if timing is not None:
+        write_bytes_atomic(cache_path, bytes(timing.serialize()))
     seconds = time.perf_counter() - started
     meta = engine_meta(plan, trt.__version__, identity, seconds)
     write_json_atomic(json_path, meta)

@@ -1,3 +1,4 @@
+# ruff: noqa: UP006, UP035 - tensorrt.plugin validates typing.Tuple/List annotations, as in NVIDIA's samples
 """The CumMax TensorRT plugin: a quickly deployable plugin (`tensorrt.plugin`)
 running the Triton scan of kernels/triton_cummax.py.
 
@@ -18,7 +19,10 @@ the registered plugin over the local function of the same name.
 Verified only where TensorRT and a GPU exist (tests marked `tensorrt`).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: tensorrt.plugin inspects the
+# decorated functions' annotations as real types, and rejects strings.
+import os
+from typing import List, Tuple, Union
 
 from samout_edge.exporter.lowering import DOMAIN, OP_TYPE
 
@@ -30,6 +34,12 @@ _registered: set[str] = set()
 def _version(version: str) -> tuple[int, int]:
     major, minor = version.split(".")[:2]
     return int(major), int(minor)
+
+
+def plugin_supported(tensorrt_version: str) -> bool:
+    """Quickly deployable plugins exist from TensorRT 10.6; before that a custom
+    export runs its CumMax function body (9.0+)."""
+    return _version(tensorrt_version) >= (10, 6)
 
 
 def register_cummax_plugin(tensorrt_version: str) -> None:
@@ -49,21 +59,27 @@ def register_cummax_plugin(tensorrt_version: str) -> None:
     def cummax_desc(x: trtp.TensorDesc, axis: int) -> trtp.TensorDesc:
         return x.like()
 
+    # bf16 only ahead of time: the JIT path hands tensors to torch, whose
+    # __cuda_array_interface__ import has no bf16.
+    aot = v >= (10, 9)
+    types = "FP32|FP16|BF16" if aot and hasattr(trt, "bfloat16") else "FP32|FP16"
+
     @trtp.autotune(PLUGIN_ID)
-    def cummax_autotune(x: trtp.TensorDesc, outputs) -> list:
-        types = "FP32|FP16|BF16" if hasattr(trt, "bfloat16") else "FP32|FP16"
+    def cummax_autotune(x: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination(f"{types}, {types}", "LINEAR")]
 
-    if v >= (10, 9):
+    if aot:
 
         @trtp.aot_impl(PLUGIN_ID)
-        def cummax_aot(x: trtp.TensorDesc, axis: int, outputs, tactic: int):
+        def cummax_aot(
+            x: trtp.TensorDesc, axis: int, outputs: Tuple[trtp.TensorDesc], tactic: int
+        ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
             return compile_for_tensorrt(trt, trtp, x, axis)
 
     else:
 
         @trtp.impl(PLUGIN_ID)
-        def cummax_jit(x: trtp.Tensor, axis: int, outputs, stream: int) -> None:
+        def cummax_jit(x: trtp.Tensor, axis: int, outputs: Tuple[trtp.Tensor], stream: int) -> None:
             import torch
             import triton
 
@@ -116,10 +132,16 @@ def compile_for_tensorrt(trt, trtp, x, axis: int):
         signature={"x_ptr": ptr, "P": "i32", "L": "i32", "Q": "i32", "y_ptr": ptr},
         constexprs={"BLOCK_L": block_l, "BLOCK_Q": block_q},
     )
-    compiled = triton.compile(source)
+    # Newer Triton emits a PTX ISA older drivers reject; SAMOUT_EDGE_PTX_VERSION (e.g. 80)
+    # pins it to what the device's driver accepts.
+    ptx = os.environ.get("SAMOUT_EDGE_PTX_VERSION")
+    compiled = triton.compile(source, options={"ptx_version": int(ptx)} if ptx else None)
     launch = trtp.KernelLaunchParams()
-    q_blocks = trtp.cdiv(Q, block_q)
-    launch.grid_x = q_blocks if isinstance(P, int) else P * q_blocks
+    q_blocks = -(-Q // block_q) if isinstance(Q, int) else trtp.cdiv(Q, block_q)  # Q is an int for the last axis
+    if isinstance(P, int) and isinstance(q_blocks, int):
+        launch.grid_x = P * q_blocks
+    else:
+        launch.grid_x = q_blocks if isinstance(P, int) else P * q_blocks
     launch.block_x = compiled.metadata.num_warps * 32
     launch.shared_mem = compiled.metadata.shared
     scalars = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (P, L, Q)])

@@ -114,6 +114,7 @@ class TensorRTRunner(Runner):
         self.ranges = profile_ranges(meta, manifest.arch)
         self.active = 0
         self.stream = torch.cuda.Stream()
+        self.placeholder = torch.zeros(1, device="cuda")
         self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -141,17 +142,20 @@ class TensorRTRunner(Runner):
         past = next(iter(state.values())).shape[2] if self.manifest.arch == "softmax" else 0
         chosen = select_profile(self.ranges, batch, seq, past)
         if chosen.index != self.active:
-            self.context.set_optimization_profile_async(chosen.index, self.stream.cuda_stream)
+            if not self.context.set_optimization_profile_async(chosen.index, self.stream.cuda_stream):
+                raise SamoutError(f"TensorRT refused to switch to the {chosen.name} optimization profile")
             self.active = chosen.index
         feeds = {"input_ids": ids, **{k: v.contiguous() for k, v in state.items()}}
         for name in self.inputs:
-            self.context.set_input_shape(name, tuple(feeds[name].shape))
-            self.context.set_tensor_address(name, feeds[name].data_ptr())
+            if not self.context.set_input_shape(name, tuple(feeds[name].shape)):
+                raise SamoutError(f"TensorRT refused shape {tuple(feeds[name].shape)} for {name}")
+            # an empty tensor (the first softmax past) has no storage; TensorRT wants a valid address anyway
+            self.context.set_tensor_address(name, feeds[name].data_ptr() or self.placeholder.data_ptr())
         outputs = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
             outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
+            self.context.set_tensor_address(name, outputs[name].data_ptr() or self.placeholder.data_ptr())
         self.stream.wait_stream(torch.cuda.current_stream())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise SamoutError("TensorRT failed to run the engine (see the TensorRT log)")
@@ -188,9 +192,10 @@ def load_trt_runner(path: str | Path, profile: str | None = None) -> TensorRTRun
     check_compatible(meta, trt.__version__, identity["gpu"], identity["compute_capability"], export_dir)
     manifest = read_manifest(export_dir)
     if meta.get("plugins"):
-        from samout_edge.kernels.trt_plugin import register_cummax_plugin
+        from samout_edge.kernels.trt_plugin import plugin_supported, register_cummax_plugin
 
-        register_cummax_plugin(trt.__version__)
+        if plugin_supported(trt.__version__):  # else the parser runs the function body
+            register_cummax_plugin(trt.__version__)
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
     engine = trt.Runtime(logger).deserialize_cuda_engine((engine_dir / ENGINE_FILE).read_bytes())
