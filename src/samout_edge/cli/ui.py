@@ -18,9 +18,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-# Piped output (CI logs, files) gets 120 columns instead of Rich's 80, so tables stay whole.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+# Piped output (CI logs, files) gets 150 columns instead of Rich's 80, so tables stay whole.
+console = Console(width=None if sys.stdout.isatty() else 150)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 
 @contextmanager

@@ -1,0 +1,211 @@
+"""How each command's result looks on a terminal: Rich tables, nothing else.
+
+The commands in app.py parse options and call the library; everything a person
+reads is drawn here, so app.py stays a list of commands.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rich.markup import escape
+from rich.table import Table
+
+from samout_edge.cli.ui import console, human_bytes, ok
+
+
+def verification(result) -> None:
+    table = Table(title=f"verify vs PyTorch fp32 (tolerance {result.rtol:g} x max|ref|, {result.provider})")
+    for col in ("check", "output", "max abs err", "tolerance", "result"):
+        table.add_column(col, justify="right" if col in ("max abs err", "tolerance") else "left")
+    op_lengths = ",".join(str(n) for n in result.lengths)
+    table.add_row(f"cummax op, seq {op_lengths}", "both axes", "0" if result.op_exact else "differs", "bit-exact",
+                  ok(result.op_exact))
+    for c in result.checks:
+        layer = re.search(r"\.(\d+)(\.|$)", c.worst)
+        output = f"{c.output} (layer {layer.group(1)})" if layer else c.output
+        table.add_row(c.check, output, f"{c.max_abs_err:.2e}", f"{c.tolerance:.2e}", ok(c.passed))
+    console.print(table)
+    console.print(f"verification {'[green]passed[/]' if result.passed else '[red]FAILED[/]'} in {result.seconds:.1f} s")
+
+
+def lint(reports: list[dict], shown: int = 4) -> None:
+    """One row per TensorRT version; identical findings on many nodes collapse into one line."""
+    table = Table(title="TensorRT compatibility (ONNX parser operator support, per release)")
+    for col in ("TensorRT", "ships with", "verdict", "findings"):
+        table.add_column(col)
+    for r in reports:
+        groups: dict[tuple, list[str]] = {}
+        for i in r["issues"]:
+            groups.setdefault((i["severity"], i["op"], i["message"]), []).append(i["node"])
+        ordered = sorted(groups.items(), key=lambda kv: {"error": 0, "warning": 1, "note": 2}[kv[0][0]])
+        lines = []
+        for (severity, op, message), nodes in ordered[:shown]:
+            where = nodes[0] if len(nodes) == 1 else f"{len(nodes)} nodes, e.g. {nodes[0]}"
+            lines.append(f"{severity}: {op} [{where}]: {message}")
+        if len(ordered) > shown:
+            lines.append(f"... and {len(ordered) - shown} more kinds (inspect --json lists all)")
+        errors = sum(len(n) for (sev, _, _), n in groups.items() if sev == "error")
+        verdict = "[green]compatible[/]" if r["compatible"] else f"[red]{errors} node(s) fail[/]"
+        table.add_row(r["version"], r["field"], verdict, escape("\n".join(lines)) or "-")
+    console.print(table)
+
+
+def build_plan(plan) -> None:
+    table = Table(title=f"build plan: {plan.export_dir} for {plan.profile} (TensorRT {plan.tensorrt}, {plan.tensorrt_source})",
+                  show_header=False)
+    table.add_column("setting")
+    table.add_column("value")
+    rows = [
+        ("arch / export dtype", f"{plan.arch} / {plan.export_dtype}"),
+        ("engine precision", plan.precision),
+        ("strongly typed network", str(plan.strongly_typed)),
+        ("FP16 builder flag", str(plan.fp16_flag)),
+        ("EXPLICIT_BATCH flag", str(plan.explicit_batch_flag)),
+        ("workspace", human_bytes(plan.workspace_bytes)),
+        ("builder optimization level", "-" if plan.builder_optimization_level is None else str(plan.builder_optimization_level)),
+        ("timing cache", plan.timing_cache),
+        ("DLA core", "-" if plan.dla_core is None else f"{plan.dla_core} (GPU fallback)"),
+        ("plugins", ", ".join(plan.plugins) or "none"),
+        ("engine", plan.engine),
+    ]
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    for index, prof in enumerate(plan.optimization_profiles):
+        for s in prof.shapes:
+            table.add_row(f"profile {index} ({prof.name}) {s.name}", escape(f"min {s.min}  opt {s.opt}  max {s.max}"))
+    console.print(table)
+    for note in plan.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print("trtexec equivalent:", highlight=False)
+    console.print(plan.trtexec, highlight=False, soft_wrap=True, markup=False)
+
+
+def inspect(result) -> None:
+    console.print(
+        f"[bold]{result.path}[/]: arch {result.arch or '?'}, dtype {result.dtype or '?'}, "
+        f"lowering {result.lowering or '?'}, max_seq {result.max_seq or '?'}"
+    )
+    console.print(f"parameters: {result.parameter_count:,} ({human_bytes(result.parameter_bytes)}), "
+                  f"nodes: {result.node_count}, opsets: {result.opsets}")
+    io_table = Table(title="inputs and outputs")
+    for col in ("", "name", "dtype", "shape"):
+        io_table.add_column(col)
+    for kind, values in (("in", result.inputs), ("out", result.outputs)):
+        for v in values:
+            io_table.add_row(kind, v["name"], v["dtype"], escape("[" + ", ".join(str(d) for d in v["shape"]) + "]"))
+    console.print(io_table)
+    ops = Table(title="op histogram")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in result.op_histogram.items():
+        ops.add_row(op, str(count))
+    console.print(ops)
+    if result.custom_nodes:
+        console.print("custom-domain nodes: " + ", ".join(f"{k} x{v}" for k, v in result.custom_nodes.items())
+                      + (f"; local functions: {', '.join(result.functions)}" if result.functions else ""))
+    else:
+        console.print("custom-domain nodes: none (standard ONNX ops only)")
+    if result.verification:
+        v = result.verification
+        errs = ", ".join(f"{k} {e:.1e}" for k, e in v["max_abs_err"].items())
+        console.print(f"verification: {ok(v['passed'])} (rtol {v['rtol']}; max abs err {errs})")
+    if result.lint:
+        lint(result.lint)
+
+
+def doctor(report: dict) -> None:
+    table = Table(title="samout-edge doctor", show_header=False)
+    table.add_column("what")
+    table.add_column("found")
+    missing = "[yellow]not installed[/]"
+    table.add_row("python", f"{report['python']} ({report['platform']})")
+    for key in ("samout_edge", "torch", "onnx", "onnxscript", "onnxruntime"):
+        table.add_row(key, report[key] or missing)
+    table.add_row("onnxruntime providers", ", ".join(report["onnxruntime_providers"]) or "-")
+    table.add_row("CUDA", report["cuda"] or "[yellow]no CUDA device[/]")
+    for gpu in report["gpus"]:
+        table.add_row(f"GPU {gpu['index']}", f"{gpu['name']} (sm {gpu['compute_capability']}, {gpu['memory_gib']} GiB)")
+    table.add_row("TensorRT", report["tensorrt"] or missing)
+    table.add_row("Triton", report["triton"] or missing)
+    jetson = report["jetson"]
+    table.add_row("Jetson", f"{jetson.get('model', '?')}, L4T {jetson.get('l4t', '?')}, JetPack {jetson.get('jetpack', '?')}"
+                  if jetson else "not a Jetson")
+    console.print(table)
+
+
+def profiles(profiles) -> None:
+    table = Table(title="device profiles (samout-edge profiles show NAME)")
+    for col in ("name", "kind", "sm", "memory / budget GiB", "TensorRT", "JetPack", "precision", "DLA",
+                "prefill seq", "decode context"):
+        table.add_column(col, no_wrap=col == "name")
+    for p in profiles:
+        table.add_row(p.name, p.kind, p.compute_capability, f"{p.memory_gib:g} / {p.memory_budget_gib:g}",
+                      p.tensorrt, p.jetpack or "-", p.precision, str(p.dla_cores),
+                      "..".join(str(v) for v in (p.prefill.seq.min, p.prefill.seq.max)),
+                      "..".join(str(v) for v in (p.decode.context.min, p.decode.context.max)))
+    console.print(table)
+
+
+def profile(profile, data: dict) -> None:
+    table = Table(title=f"profile {profile.name}", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                label = f"{key}.{sub}" + (" (min, opt, max)" if key in ("prefill", "decode") else "")
+                table.add_row(label, escape(str(v)))
+        else:
+            table.add_row(key, escape(str(value)))
+    console.print(table)
+
+
+def memory_plan(result, device, config, batch: int) -> None:
+    mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    table = Table(title=f"memory plan on {device.name}: budget {device.memory_budget_gib:g} GiB of {device.memory_gib:g}, "
+                        f"{result.dtype}, batch {batch}, hidden {config.hidden_size} x {config.num_layers} layers (MiB)")
+    for col in ("context", "weights", "runtime", "cummax state x2", "cummax act.", "cummax total", "KV cache x2",
+                "softmax act.", "softmax total"):
+        table.add_column(col, justify="right")
+    for row in result.rows:
+        c, s_ = row.cummax, row.softmax
+
+        def fit(arch: str, total: int, row=row) -> str:
+            return f"[green]{mib(total)}[/]" if row.fits(arch) else f"[red]{mib(total)}[/]"
+
+        table.add_row(f"{row.context:,}", mib(c.weights), mib(c.runtime), f"{c.state / 2**10:,.0f} KiB", mib(c.activations),
+                      fit("cummax", c.total), mib(s_.state), mib(s_.activations), fit("softmax", s_.total))
+    console.print(table)
+    for arch in ("cummax", "softmax"):
+        n = result.longest[arch]
+        text = ("not bounded by memory (the state does not grow)" if n is None
+                else "does not fit at all" if n == 0 else f"{n:,} tokens")
+        console.print(f"longest context, {arch}: {text}")
+    for line in result.assumptions:
+        console.print(f"assumes {line}", highlight=False)
+
+
+def bench(report) -> None:
+    from samout_edge.bench import report as rep
+
+    table = Table(title=f"SamOut (cummax) vs softmax on {report.machine['label']} ({report.config['dtype']}); "
+                        "ms: median latency; ratio: cummax/softmax, below 1 = cummax faster; MB: peak memory")
+    for header in rep.HEADERS:
+        table.add_column(header, justify="left" if header in ("backend", "mode") else "right", no_wrap=True)
+    for row in rep.pair_rows(report):
+        cells = rep.table_cells(row)
+        color = "green" if row.latency_ratio < 1 else "red"
+        cells[6] = f"[{color}]{cells[6]}[/]"
+        table.add_row(*cells)
+    console.print(table)
+
+
+def bench_op(report, dims: list[int], dtype: str, axis: int) -> None:
+    table = Table(title=f"cummax of {dims} {dtype}, axis {axis}, on {report.machine['label']} (median of interleaved runs)")
+    for header in ("candidate", "median ms", "GB/s", "fraction of copy", "bit-exact"):
+        table.add_column(header, justify="left" if header == "candidate" else "right")
+    for r in report.rows:
+        exact = "-" if r.exact is None else ("[green]yes[/]" if r.exact else "[red]NO[/]")
+        table.add_row(r.name, f"{r.median_ms:.3f}", f"{r.gb_per_s:.1f}", f"{r.fraction_of_copy:.3f}", exact)
+    console.print(table)
