@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
@@ -37,6 +38,9 @@ from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_ch
 from samout_edge.models.config import ModelConfig, check_arch, preset
 from samout_edge.models.model import LayerNorm, SamOut
 from samout_edge.progress import Progress, no_progress
+
+if TYPE_CHECKING:
+    from samout_edge.exporter.verify import VerifyResult
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LOGITS = ("last", "all")
@@ -96,7 +100,7 @@ class ExportResult:
     manifest: Manifest
     seconds: float
     model_bytes: int
-    verification: object | None = None
+    verification: VerifyResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
