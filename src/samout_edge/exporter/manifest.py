@@ -9,11 +9,14 @@ from __future__ import annotations
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from samout_edge.errors import SamoutError
 from samout_edge.fsutil import read_json, write_json_atomic
 from samout_edge.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from samout_edge.models.checkpoint import Checkpoint
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "export.json"
@@ -101,6 +104,25 @@ def read_manifest(directory: str | Path) -> Manifest:
     if not (directory / MODEL_FILE).is_file():
         raise SamoutError(f"{directory} has {MANIFEST_FILE} but no {MODEL_FILE}; re-export it")
     return manifest
+
+
+def source_checkpoint(directory: Path, manifest: Manifest, override: str | Path | None) -> Checkpoint:
+    """The checkpoint the export came from, checked against the recorded sha256."""
+    src = manifest.source
+    path = Path(override) if override else Path(src["path"])
+    if not path.is_absolute() and not override:
+        path = directory / path
+    if not path.exists():
+        raise SamoutError(
+            f"the source checkpoint {path} is not here; pass --checkpoint PATH to verify against a copy of it"
+        )
+    from samout_edge.models.checkpoint import load_checkpoint  # torch, only when needed
+
+    heads = manifest.config.num_heads
+    ckpt = load_checkpoint(path, None if path.is_dir() else heads)
+    if ckpt.sha256 != src.get("sha256"):
+        raise SamoutError(f"checkpoint {path} does not match the one exported (sha256 differs)")
+    return ckpt
 
 
 def tool_versions() -> dict[str, str]:

@@ -19,8 +19,8 @@ import torch
 
 from samout_edge.errors import SamoutError
 from samout_edge.exporter import lowering as low
-from samout_edge.exporter.manifest import Manifest, read_manifest
-from samout_edge.models.checkpoint import Checkpoint, load_checkpoint
+from samout_edge.exporter.manifest import Manifest, read_manifest, source_checkpoint
+from samout_edge.models.checkpoint import Checkpoint
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.compare import OutputError, compare_decode, compare_prefill
 from samout_edge.runtime.ort_runner import load_ort_runner
@@ -73,23 +73,6 @@ def verify_lengths(max_seq: int, trace_seq: int) -> list[int]:
     if prime == trace_seq:
         prime = largest_prime_at_most(prime - 1)
     return sorted({1, max_seq} | ({prime} if prime else set()))
-
-
-def source_checkpoint(directory: Path, manifest: Manifest, override: str | Path | None) -> Checkpoint:
-    """The checkpoint the export came from, checked against the recorded sha256."""
-    src = manifest.source
-    path = Path(override) if override else Path(src["path"])
-    if not path.is_absolute() and not override:
-        path = directory / path
-    if not path.exists():
-        raise SamoutError(
-            f"the source checkpoint {path} is not here; pass --checkpoint PATH to verify against a copy of it"
-        )
-    heads = manifest.config.num_heads
-    ckpt = load_checkpoint(path, None if path.is_dir() else heads)
-    if ckpt.sha256 != src.get("sha256"):
-        raise SamoutError(f"checkpoint {path} does not match the one exported (sha256 differs)")
-    return ckpt
 
 
 def bit_equal(a: np.ndarray, b: np.ndarray) -> bool:

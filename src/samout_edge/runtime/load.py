@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from samout_edge.errors import SamoutError
-from samout_edge.exporter.manifest import read_manifest
+from samout_edge.exporter.manifest import read_manifest, source_checkpoint
 from samout_edge.runtime.base import Runner
 
 BACKENDS = ("torch", "ort", "tensorrt")
@@ -48,7 +48,6 @@ def load_runner(
         from samout_edge.runtime.trt_runner import load_trt_runner
 
         return load_trt_runner(directory, profile=provider or None)
-    from samout_edge.exporter.verify import source_checkpoint
     from samout_edge.runtime.torch_runner import load_torch_runner
 
     manifest = read_manifest(directory)
