@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from samout_edge.artifact.config import preset
+from samout_edge.artifact.manifest import read_manifest
 from samout_edge.bench import machine
 from samout_edge.bench.timing import Budget, interleaved
-from samout_edge.exporter.manifest import read_manifest
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
-from samout_edge.models.config import preset
-from samout_edge.runtime.load import load_runner, torch_device
+from samout_edge.runtime.registry import LoadOptions, load_runner
+from samout_edge.runtime.torch_runner import torch_device
 
 VARIANTS = {"native/blocked": ("native", "blocked"), "native/doubling": ("native", "doubling"),
             "custom (function body)": ("custom", "blocked")}
@@ -59,9 +60,9 @@ def main() -> None:
     device = torch_device("auto")
     runners = {f"ort {name}": load_runner(d, "ort") for name, d in dirs.items()}
     first = next(iter(dirs.values()))
-    runners[f"torch:{device} torch.cummax"] = load_runner(first, "torch", device=device, fast_kernel=False)
+    runners[f"torch:{device} torch.cummax"] = load_runner(first, "torch", LoadOptions(device=device, fast_kernel=False))
     if device.startswith("cuda"):
-        runners[f"torch:{device} triton kernel"] = load_runner(first, "torch", device=device, fast_kernel=True)
+        runners[f"torch:{device} triton kernel"] = load_runner(first, "torch", LoadOptions(device=device, fast_kernel=True))
     budget = Budget(warmup=1, min_repeats=5, max_repeats=10, seconds=4.0)
     rng = np.random.default_rng(0)
     rows = []

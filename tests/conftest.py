@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from samout_edge.artifact.config import PRESETS
 from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
-from samout_edge.models.config import PRESETS
 
 TINY = PRESETS["tiny"]
 

@@ -19,7 +19,7 @@ def pair(exported, tmp_path_factory):
 
 
 def test_counterpart_shares_the_checkpoint(pair):
-    from samout_edge.exporter.manifest import read_manifest
+    from samout_edge.artifact.manifest import read_manifest
 
     a, b = read_manifest(pair["cummax"]), read_manifest(pair["softmax"])
     assert (a.arch, b.arch) == ("cummax", "softmax")

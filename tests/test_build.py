@@ -9,11 +9,16 @@ import pytest
 from onnx import TensorProto, helper
 
 from samout_edge.errors import SamoutError
-from samout_edge.exporter.build import make_plan
-from samout_edge.exporter.lint import lint_model
-from samout_edge.exporter.tensorrt_build import parser_error_message
 from samout_edge.profiles import load_profile
-from samout_edge.runtime.trt_runner import ProfileRanges, check_compatible, resolve_engine, select_profile
+from samout_edge.runtime.tensorrt_runner import (
+    ProfileRanges,
+    check_compatible,
+    resolve_engine,
+    select_profile,
+)
+from samout_edge.tensorrt.build import parser_error_message
+from samout_edge.tensorrt.lint import lint_model
+from samout_edge.tensorrt.plan import make_plan
 
 NANO = load_profile("jetson-orin-nano-8gb")
 NX = load_profile("jetson-orin-nx-16gb")
@@ -213,17 +218,17 @@ def test_inspect_shows_the_lint(run_cli, exported):
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("lowering", ["native", "custom"])
 def test_engine_builds_runs_and_verifies(exported, lowering):
-    from samout_edge.exporter.tensorrt_build import build_engine
-    from samout_edge.exporter.verify import verify
     from samout_edge.profiles import load_profile
-    from samout_edge.runtime.load import load_runner
+    from samout_edge.runtime.registry import LoadOptions, load_runner
+    from samout_edge.runtime.verify import verify
+    from samout_edge.tensorrt.build import build_engine
 
     d = exported(dtype="fp16", lowering=lowering).directory
     plan = make_plan(d, load_profile("rtx-desktop"))
     result = build_engine(plan)
     assert result.engine.is_file() and result.meta["onnx_sha256"]
     assert verify(result.engine.parent).passed
-    runner = load_runner(d, "tensorrt", "rtx-desktop")
+    runner = load_runner(d, "tensorrt", LoadOptions(engine="rtx-desktop"))
     logits, state = runner.run(np.ones((1, 5), np.int64), runner.initial_state(1))
     assert tuple(logits.shape) == (1, 1, 128)
     logits, state = runner.run(np.ones((1, 1), np.int64), state)  # decode profile, state fed back
@@ -232,7 +237,7 @@ def test_engine_builds_runs_and_verifies(exported, lowering):
 
 @pytest.mark.tensorrt
 def test_engine_bench_and_generate(exported, run_cli):
-    from samout_edge.exporter.tensorrt_build import build_engine
+    from samout_edge.tensorrt.build import build_engine
 
     for arch in ("cummax", "softmax"):
         d = exported(arch=arch, dtype="fp16").directory

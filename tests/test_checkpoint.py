@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from samout_edge.artifact.config import PRESETS, ModelConfig
 from samout_edge.errors import SamoutError
 from samout_edge.models import SamOut
 from samout_edge.models.checkpoint import load_checkpoint, save_checkpoint
-from samout_edge.models.config import PRESETS, ModelConfig
 from tests import seed_reference
 
 TINY = PRESETS["tiny"]

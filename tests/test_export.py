@@ -4,12 +4,12 @@ import numpy as np
 import onnx
 import pytest
 
+from samout_edge.artifact.files import sha256_file
+from samout_edge.artifact.manifest import read_manifest
 from samout_edge.errors import SamoutError
-from samout_edge.exporter.manifest import read_manifest
 from samout_edge.exporter.onnx_export import ExportOptions, export
-from samout_edge.exporter.verify import verify, verify_lengths
-from samout_edge.fsutil import sha256_file
 from samout_edge.runtime.ort_runner import load_ort_runner
+from samout_edge.runtime.verify import verify, verify_lengths
 
 VARIANTS = [(a, d, lo) for a in ("cummax", "softmax") for d in ("fp32", "fp16") for lo in ("native", "custom")]
 

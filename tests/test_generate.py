@@ -5,7 +5,7 @@ import pytest
 
 from samout_edge.errors import SamoutError
 from samout_edge.generate import Sampler, Vocab, generate
-from samout_edge.runtime.load import load_runner
+from samout_edge.runtime.registry import load_runner
 
 
 @pytest.mark.parametrize("arch", ["cummax", "softmax"])

@@ -64,11 +64,11 @@ def test_kernel_bit_exact_on_cuda(shape, dim, dtype):
 def test_torch_runner_uses_the_kernel_on_cuda(exported):
     import numpy as np
 
-    from samout_edge.runtime.load import load_runner
+    from samout_edge.runtime.registry import LoadOptions, load_runner
 
     d = exported().directory
-    fast = load_runner(d, "torch", device="cuda")
-    cpu = load_runner(d, "torch", device="cpu")
+    fast = load_runner(d, "torch", LoadOptions(device="cuda"))
+    cpu = load_runner(d, "torch", LoadOptions(device="cpu"))
     assert fast.info.device == "cuda+triton"
     ids = np.random.default_rng(0).integers(1, 128, (2, 77))
     a = fast.to_numpy(fast.run(ids, fast.initial_state(2))[0])

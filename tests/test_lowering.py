@@ -4,7 +4,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from samout_edge.exporter import lowering as low
+from samout_edge import lowering as low
 
 
 def session(model: onnx.ModelProto):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from samout_edge.artifact.config import PRESETS, ModelConfig
 from samout_edge.errors import SamoutError
 from samout_edge.models import SamOut
-from samout_edge.models.config import PRESETS, ModelConfig
 from tests import seed_reference
 
 TINY = PRESETS["tiny"]

@@ -1,8 +1,8 @@
 import pytest
 import tomllib
 
+from samout_edge.artifact.config import PRESETS
 from samout_edge.errors import SamoutError
-from samout_edge.models.config import PRESETS
 from samout_edge.profiles import list_profiles, load_profile, parse_profile
 from samout_edge.profiles.memory import estimate, longest_context, memory_plan
 
@@ -86,7 +86,7 @@ def test_longest_context_per_profile():
 
 
 def test_a_model_too_big_fits_nowhere():
-    from samout_edge.models.config import ModelConfig
+    from samout_edge.artifact.config import ModelConfig
 
     huge = ModelConfig(vocab_size=250000, hidden_size=8192, num_heads=64, num_layers=80)
     nano = load_profile("jetson-orin-nano-8gb")

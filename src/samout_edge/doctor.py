@@ -22,7 +22,10 @@ L4T_TO_JETPACK = {
 
 def _version(module: str) -> str | None:
     try:
-        return getattr(importlib.import_module(module), "__version__", "unknown")
+        loaded = importlib.import_module(module)
+        if getattr(loaded, "__file__", None) is None:
+            return None  # a namespace package (e.g. tensorrt-stubs' .pyi files), not the module
+        return getattr(loaded, "__version__", "unknown")
     except Exception:  # not installed, or a broken install (e.g. the registry's tensorrt stub)
         return None
 
@@ -49,13 +52,15 @@ def jetson_info(root: Path = Path("/")) -> dict[str, str] | None:
 
 
 def collect() -> dict[str, Any]:
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # the device install has no torch: report it, do not fail
+        torch = None
     report: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",
         "samout_edge": _version("samout_edge"),
-        "torch": torch.__version__,
+        "torch": torch.__version__ if torch else None,
         "onnx": _version("onnx"),
         "onnxscript": _version("onnxscript"),
         "onnxruntime": _version("onnxruntime"),
@@ -72,7 +77,7 @@ def collect() -> dict[str, Any]:
         report["onnxruntime_providers"] = onnxruntime.get_available_providers()
     except Exception:
         pass
-    if torch.cuda.is_available():
+    if torch is not None and torch.cuda.is_available():
         report["cuda"] = torch.version.cuda
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)

@@ -11,3 +11,16 @@ class SamoutError(Exception):
     """
 
     exit_code: int = 1
+
+
+EXPORT_INSTALL = "pip install 'samout-edge[export]'"
+
+
+def require_torch(what: str) -> None:
+    """torch is the workstation side's (the [export] extra); the device install has none.
+    Say so in one line instead of a ModuleNotFoundError deep in a command."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise SamoutError(f"{what} needs PyTorch, which this install does not have (the device install "
+                          f"runs without it); on a workstation: {EXPORT_INSTALL}")

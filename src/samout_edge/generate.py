@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samout_edge.errors import SamoutError
+from samout_edge.errors import SamoutError, require_torch
 from samout_edge.runtime.base import Runner
 
 
@@ -25,7 +25,7 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
-        from samout_edge.fsutil import read_json
+        from samout_edge.artifact.files import read_json
 
         data = read_json(path, "vocab file")
         if not isinstance(data, list) or not data or not all(isinstance(t, str) for t in data):
@@ -143,20 +143,21 @@ def generate(
 
 def load_generation_runner(target: Path, backend: str, provider: str, device: str, arch: str, heads: int | None) -> Runner:
     """An export directory on any backend, an engine directory, or a checkpoint on torch."""
-    from samout_edge.exporter.manifest import is_export_dir
-    from samout_edge.runtime.load import load_runner, torch_device
-    from samout_edge.runtime.trt_runner import is_engine_dir, load_trt_runner
+    from samout_edge.artifact.manifest import is_export_dir
+    from samout_edge.runtime.registry import LoadOptions, load_runner
+    from samout_edge.runtime.tensorrt_runner import is_engine_dir, load_trt_runner
 
     if not target.exists():
         raise SamoutError(f"not found: {target}")
     if is_engine_dir(target):
         return load_trt_runner(target)
     if is_export_dir(target):
-        return load_runner(target, backend, provider, device=device)
+        return load_runner(target, backend, LoadOptions(provider=provider, device=device))
     if backend != "torch":
         raise SamoutError(f"the {backend} backend runs an export directory; {target} is a checkpoint (use --backend torch)")
+    require_torch("generate from a checkpoint")
     from samout_edge.models.checkpoint import load_checkpoint
-    from samout_edge.runtime.torch_runner import load_torch_runner
+    from samout_edge.runtime.torch_runner import load_torch_runner, torch_device
 
     return load_torch_runner(load_checkpoint(target, heads), arch, "fp32", "last", torch_device(device))
 

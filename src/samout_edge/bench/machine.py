@@ -29,7 +29,11 @@ def memory_gib() -> float | None:
 
 def describe(device: str = "cpu") -> dict[str, Any]:
     import onnxruntime
-    import torch
+
+    try:
+        import torch
+    except ImportError:  # the device install: no torch
+        torch = None
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {
@@ -38,11 +42,11 @@ def describe(device: str = "cpu") -> dict[str, Any]:
         "memory_gib": memory_gib(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": torch.__version__ if torch else None,
         "onnxruntime": onnxruntime.__version__,
         "gpu": None,
     }
-    if device.startswith("cuda") and torch.cuda.is_available():
+    if torch is not None and device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     info["label"] = info["gpu"] or f"{cores}-core {info['cpu']}"
     return info

@@ -69,15 +69,17 @@ def _return_freed_memory() -> None:
 
 def measure(spec: MemorySpec) -> int | None:
     """Run in the child: the scenario's peak bytes above the loaded model."""
-    from samout_edge.runtime.load import load_runner
+    from samout_edge.runtime.registry import LoadOptions, load_runner
 
     cuda = spec.backend == "torch" and spec.provider.startswith("cuda")
     if spec.backend == "tensorrt" or (spec.backend == "ort" and spec.provider != "CPUExecutionProvider"):
         return None  # TensorRT's and ONNX Runtime's GPU allocators expose no peak we can read
     if not cuda and not rss_supported():
         return None
-    runner = load_runner(spec.directory, spec.backend, spec.provider, device=spec.provider if spec.backend == "torch" else None,
-                         cpu_arena=False, fast_kernel=spec.fast_kernel)
+    options = LoadOptions(provider=spec.provider, device=spec.provider if spec.backend == "torch" else None,
+                          engine=spec.provider if spec.backend == "tensorrt" else None, cpu_arena=False,
+                          fast_kernel=spec.fast_kernel)
+    runner = load_runner(spec.directory, spec.backend, options)
     vocab = runner.info.config.vocab_size
     ids = np.random.default_rng(0).integers(1, vocab, (spec.batch, spec.length + spec.steps))
     empty = runner.initial_state(spec.batch)

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from samout_edge import lowering as low
 from samout_edge.bench import machine
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError
-from samout_edge.exporter import lowering as low
 from samout_edge.progress import Progress, no_progress
 
 OP_DTYPES = ("fp32", "fp16")
@@ -83,7 +83,7 @@ def bench_op(
     import torch
 
     from samout_edge.models.ops import FAST_KERNELS
-    from samout_edge.runtime.load import torch_device
+    from samout_edge.runtime.torch_runner import torch_device
 
     if dtype not in OP_DTYPES:
         raise SamoutError(f"--dtype {dtype!r} is not one of: {', '.join(OP_DTYPES)}")
@@ -120,7 +120,7 @@ def bench_op(
         calls[name] = (lambda s=session: s.run(None, {"x": x_np})[0])
         devices[name] = short
 
-    from samout_edge.exporter.verify import bit_equal
+    from samout_edge.runtime.verify import bit_equal
 
     exact = {}
     for name, call in calls.items():

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from samout_edge.artifact.files import write_bytes_atomic
 from samout_edge.bench.suite import BenchReport, Record
-from samout_edge.fsutil import write_bytes_atomic
 
 
 @dataclass

@@ -14,17 +14,17 @@ from typing import Any
 
 import numpy as np
 
+from samout_edge.artifact import graph
+from samout_edge.artifact.config import ARCHS
+from samout_edge.artifact.manifest import Manifest, read_manifest
 from samout_edge.bench import machine
 from samout_edge.bench.memory import MemorySpec, measure_in_child
 from samout_edge.bench.timing import Budget, interleaved
-from samout_edge.errors import SamoutError
-from samout_edge.exporter.manifest import Manifest, read_manifest
-from samout_edge.models import state as st
-from samout_edge.models.config import ARCHS
+from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import Runner
-from samout_edge.runtime.load import BACKENDS, load_runner, torch_device
 from samout_edge.runtime.ort_runner import available_providers, resolve_provider
+from samout_edge.runtime.registry import BACKENDS, LoadOptions, load_runner
 
 MODES = ("prefill", "decode")
 
@@ -186,6 +186,9 @@ def targets(config: BenchConfig) -> list[tuple[str, str]]:
     out = []
     for backend in config.backends:
         if backend == "torch":
+            require_torch("bench --backend torch")
+            from samout_edge.runtime.torch_runner import torch_device
+
             out.append(("torch", torch_device(config.device)))
         elif backend == "ort":
             providers = config.providers or available_providers()
@@ -216,9 +219,9 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     records: list[Record] = []
     done = 0
     for backend, provider in plan:
-        runners = {arch: load_runner(pair[arch], backend, provider, device=provider if backend == "torch" else None,
-                                     fast_kernel=config.fast_kernel)
-                   for arch in ARCHS}
+        options = LoadOptions(provider=provider, device=provider if backend == "torch" else None,
+                              engine=provider if backend == "tensorrt" else None, fast_kernel=config.fast_kernel)
+        runners = {arch: load_runner(pair[arch], backend, options) for arch in ARCHS}
         if backend in ("tensorrt", "torch"):
             label = runners["cummax"].info.device  # the engine profile loaded; cuda+triton
         else:
@@ -268,7 +271,7 @@ def _measure_point(runners: dict[str, Runner], pair, backend, provider, label, m
             latency_ms={"median": timing.median_ms, "p90": timing.p90_ms},
             tokens_per_s=tokens / (timing.median_ms / 1e3),
             peak_mem_mb=None if peak is None else peak / 2**20,
-            state_bytes=st.state_bytes(manifest.config, arch, batch, length, manifest.dtype),
+            state_bytes=graph.state_bytes(manifest.config, arch, batch, length, manifest.dtype),
             repeats=len(timing.samples_ms),
             machine=machine_label,
         ))

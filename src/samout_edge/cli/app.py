@@ -55,8 +55,8 @@ def init(
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ) -> None:
     """Write a randomly initialised checkpoint (config.json + model.safetensors)."""
+    from samout_edge.artifact.config import preset as get_preset
     from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
-    from samout_edge.models.config import preset as get_preset
 
     config = get_preset(preset)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
@@ -119,17 +119,19 @@ def export(
 @app.command()
 def verify(
     directory: Path = typer.Argument(..., help="Export directory."),
-    checkpoint: Optional[Path] = typer.Option(None, help="The source checkpoint, if it has moved."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Recompute with PyTorch from this source checkpoint (needs torch)."),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda, tensorrt or a full name."),
-    lengths: Optional[str] = typer.Option(None, help="Sequence lengths to check, e.g. 1,1000,4096."),
+    lengths: Optional[str] = typer.Option(None, help="Recompute with PyTorch at these lengths, e.g. 1,1000,4096 (needs torch)."),
     engine: Optional[str] = typer.Option(None, help="Verify the TensorRT engine built for this profile instead."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Check an export (or its TensorRT engine: DIR/engines/PROFILE) against PyTorch; exits 1 on failure."""
-    from samout_edge.exporter.verify import verify as run_verify
+    """Check an export (or its engine: DIR/engines/PROFILE) against its golden PyTorch outputs; exits 1 on failure.
+
+    Needs no torch. --lengths or --checkpoint recompute the reference with PyTorch instead."""
+    from samout_edge.runtime.verify import verify as run_verify
 
     with progress_bar(not json_out) as progress:
-        result = run_verify(directory, checkpoint, provider, parse_int_list(lengths, "--lengths"), engine, progress=progress)
+        result = run_verify(directory, provider, parse_int_list(lengths, "--lengths"), engine, checkpoint, progress=progress)
     if json_out:
         print_json(result.to_dict())
     else:
@@ -147,7 +149,7 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Show an export's inputs, outputs, ops, weights and custom nodes."""
-    from samout_edge.exporter.inspect import inspect_path
+    from samout_edge.inspection import inspect_path
 
     result = inspect_path(path)
     if json_out:
@@ -219,8 +221,8 @@ def build(
     json_out: bool = typer.Option(False, "--json", help="Print the plan or result as JSON."),
 ) -> None:
     """Build a TensorRT engine for a device profile: DIR/engines/PROFILE/model.engine + engine.json."""
-    from samout_edge.exporter.build import make_plan
     from samout_edge.profiles import load_profile
+    from samout_edge.tensorrt.plan import make_plan
 
     plan = make_plan(directory, load_profile(profile), tensorrt, precision, dla_core, timing_cache)
     if dry_run:
@@ -229,7 +231,7 @@ def build(
         else:
             render.build_plan(plan)
         return
-    from samout_edge.exporter.tensorrt_build import build_engine
+    from samout_edge.tensorrt.build import build_engine
 
     with progress_bar(not json_out) as progress:
         result = build_engine(plan, progress)
@@ -251,13 +253,13 @@ def plan(
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Memory plan on a device: weights + activations + cummax state vs KV cache, and the longest context."""
-    from samout_edge.models.config import preset as get_preset
+    from samout_edge.artifact.config import preset as get_preset
     from samout_edge.profiles import load_profile
     from samout_edge.profiles.memory import memory_plan
 
     device = load_profile(profile)
     if target is not None:
-        from samout_edge.exporter.manifest import read_manifest
+        from samout_edge.artifact.manifest import read_manifest
 
         manifest = read_manifest(target)
         config, dtype = manifest.config, dtype or manifest.dtype
@@ -297,10 +299,10 @@ def generate(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming."),
 ) -> None:
     """Generate tokens: one prefill call, then one-token decode calls carrying the state."""
-    from samout_edge.exporter.manifest import is_export_dir
+    from samout_edge.artifact.config import check_arch
+    from samout_edge.artifact.manifest import is_export_dir
     from samout_edge.generate import Sampler, load_generation_runner, parse_prompt, vocab_for
     from samout_edge.generate import generate as run_generate
-    from samout_edge.models.config import check_arch
 
     check_arch(arch)
     if engine:
@@ -384,7 +386,7 @@ def bench_run(
     from samout_edge.bench import report as rep
     from samout_edge.bench.suite import BenchConfig, prepare_exports, run_bench
     from samout_edge.bench.timing import Budget
-    from samout_edge.runtime.trt_runner import is_engine_dir
+    from samout_edge.runtime.tensorrt_runner import is_engine_dir
 
     dirs = list(dirs or [])
     engine_dirs = [d for d in dirs if is_engine_dir(d)]
@@ -438,9 +440,9 @@ def bench_op_command(
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
 ) -> None:
     """The cummax op alone: torch.cummax vs each ONNX lowering in ONNX Runtime vs a plain copy."""
+    from samout_edge.artifact.files import write_bytes_atomic, write_json_atomic
     from samout_edge.bench.op import bench_op, to_markdown
     from samout_edge.bench.timing import Budget
-    from samout_edge.fsutil import write_bytes_atomic, write_json_atomic
 
     dims = parse_int_list(shape, "--shape")
     with progress_bar() as progress:

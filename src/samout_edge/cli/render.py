@@ -15,7 +15,8 @@ from samout_edge.cli.ui import console, human_bytes, ok
 
 
 def verification(result) -> None:
-    table = Table(title=f"verify vs PyTorch fp32 (tolerance {result.rtol:g} x max|ref|, {result.provider})")
+    against = "golden PyTorch fp32 outputs" if result.reference == "golden" else "PyTorch fp32, recomputed"
+    table = Table(title=escape(f"verify vs {against} (tolerance {result.rtol:g} x max|ref|, {result.provider})"))
     for col in ("check", "output", "max abs err", "tolerance", "result"):
         table.add_column(col, justify="right" if col in ("max abs err", "tolerance") else "left")
     op_lengths = ",".join(str(n) for n in result.lengths)
@@ -26,6 +27,8 @@ def verification(result) -> None:
         output = f"{c.output} (layer {layer.group(1)})" if layer else c.output
         table.add_row(c.check, output, f"{c.max_abs_err:.2e}", f"{c.tolerance:.2e}", ok(c.passed))
     console.print(table)
+    for line in result.skipped:
+        console.print(f"not checked: {escape(line)}", highlight=False)
     console.print(f"verification {'[green]passed[/]' if result.passed else '[red]FAILED[/]'} in {result.seconds:.1f} s")
 
 

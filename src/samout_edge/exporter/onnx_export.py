@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import logging
+import platform
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,27 +23,21 @@ import onnx
 import torch
 from torch import nn
 
+from samout_edge import lowering as low
+from samout_edge.artifact import graph
+from samout_edge.artifact.config import ModelConfig, check_arch, preset
+from samout_edge.artifact.files import staging_dir
+from samout_edge.artifact.golden import save_golden
+from samout_edge.artifact.manifest import CHECKPOINT_DIR, MODEL_FILE, Manifest, is_export_dir, record_file
 from samout_edge.errors import SamoutError
-from samout_edge.exporter import lowering as low
-from samout_edge.exporter.manifest import (
-    CHECKPOINT_DIR,
-    MODEL_FILE,
-    Manifest,
-    TensorSpec,
-    is_export_dir,
-    tool_versions,
-)
-from samout_edge.fsutil import sha256_file, staging_dir
-from samout_edge.models import state as st
+from samout_edge.exporter.golden import record_golden
 from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
-from samout_edge.models.config import ModelConfig, check_arch, preset
-from samout_edge.models.model import LayerNorm, SamOut
+from samout_edge.models.model import LayerNorm, SamOut, torch_dtype
 from samout_edge.progress import Progress, no_progress
 
 if TYPE_CHECKING:
-    from samout_edge.exporter.verify import VerifyResult
+    from samout_edge.runtime.verify import VerifyResult
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LOGITS = ("last", "all")
 # 18 is the torch.export exporter's own opset; 17 goes through onnx's version
 # converter and exists for TensorRT 8.5/8.6 (JetPack 5 and 6.0), which parse up to 17.
@@ -70,7 +65,7 @@ class ExportOptions:
         choices = {
             "lowering": low.LOWERINGS,
             "scan": ("auto", *low.SCANS),
-            "dtype": tuple(DTYPES),
+            "dtype": graph.EXPORT_DTYPES,
             "logits": LOGITS,
         }
         for name, allowed in choices.items():
@@ -113,20 +108,8 @@ class ExportWrapper(nn.Module):
         self.last_only = last_only
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
-        logits, present = self.model(input_ids, st.unflatten(self.model.arch, list(past)), self.last_only)
-        return (logits, *st.flatten(self.model.arch, present))
-
-
-def graph_io(config: ModelConfig, arch: str, dtype: str, logits: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The graph contract: names, dtypes and shapes (strings name dynamic dims)."""
-    h, d, layers = config.num_heads, config.head_dim, config.num_layers
-    float_type = "float16" if dtype == "fp16" else "float32"
-    past_dim, present_dim = (1, 1) if arch == "cummax" else ("past_seq", "total_seq")
-    inputs = [TensorSpec("input_ids", "int64", ["batch", "seq"])]
-    inputs += [TensorSpec(n, float_type, ["batch", h, past_dim, d]) for n in st.past_names(arch, layers)]
-    outputs = [TensorSpec("logits", float_type, ["batch", "seq" if logits == "all" else 1, config.vocab_size])]
-    outputs += [TensorSpec(n, float_type, ["batch", h, present_dim, d]) for n in st.present_names(arch, layers)]
-    return inputs, outputs
+        logits, present = self.model(input_ids, graph.unflatten(self.model.arch, list(past)), self.last_only)
+        return (logits, *graph.flatten(self.model.arch, present))
 
 
 def _translate_cummax(x, dim: int):
@@ -145,14 +128,14 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
     seq = torch.export.Dim("seq", min=1, max=max(options.max_seq, trace_seq))
     ids = torch.randint(1, config.vocab_size, (trace_batch, trace_seq))
     if arch == "cummax":
-        past = st.flatten(arch, model.empty_state(trace_batch))
+        past = graph.flatten(arch, model.empty_state(trace_batch))
         past_shapes = [{0: batch} for _ in past]
     else:
         past_seq = torch.export.Dim("past_seq", min=0, max=max(options.max_seq, trace_seq))
         shape = (trace_batch, config.num_heads, 3, config.head_dim)
         past = [torch.randn(shape, dtype=dtype) for _ in range(2 * config.num_layers)]
         past_shapes = [{0: batch, 2: past_seq} for _ in past]
-    inputs, outputs = graph_io(config, arch, options.dtype, options.logits)
+    inputs, outputs = graph.graph_io(config, arch, options.dtype, options.logits)
     quiet = io.StringIO()
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -192,7 +175,7 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
 def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[int, int]) -> onnx.ModelProto:
     """Lower cummax, pin the I/O contract, and make the file self-describing."""
     plan = low.ScanPlan(**manifest.scan)
-    low.lower_cummax(model, manifest.lowering, plan, static_lengths, low.ONNX_DTYPES[manifest.dtype])
+    low.lower_cummax(model, manifest.lowering, plan, static_lengths, graph.dtype(manifest.dtype).onnx)
     if manifest.opset < 18:
         downgrade_split(model)
     for value, spec in zip(list(model.graph.input) + list(model.graph.output), manifest.inputs + manifest.outputs):
@@ -277,7 +260,7 @@ def export(
     The directory appears whole or not at all: everything is written to a staging
     directory beside it and renamed into place at the end.
     """
-    from samout_edge.exporter.verify import verify
+    from samout_edge.runtime.verify import verify
 
     options.validate()
     out = Path(out)
@@ -286,7 +269,7 @@ def export(
     check_output_dir(out, force)
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    total = 4 + (1 if run_verify else 0)
+    total = 5 + (1 if run_verify else 0)
 
     progress("loading checkpoint", 0, total)
     if checkpoint is not None:
@@ -310,7 +293,7 @@ def export(
                 "sha256": ckpt.sha256,
             }
         manifest = _manifest(ckpt, options, source)
-        model = ckpt.model(options.arch, DTYPES[options.dtype])
+        model = ckpt.model(options.arch, torch_dtype(options.dtype))
         for module in model.modules():
             if isinstance(module, LayerNorm):
                 module.decompose = options.decompose_layernorm
@@ -327,14 +310,25 @@ def export(
 
         progress("writing model.onnx", 3, total)
         for name in save_model(proto, stage):
-            manifest.files[name] = {"sha256": sha256_file(stage / name), "bytes": (stage / name).stat().st_size}
+            record_file(stage, manifest, name)
+        if source["kind"] == "preset":
+            for name in sorted(p.name for p in (stage / CHECKPOINT_DIR).iterdir()):
+                record_file(stage, manifest, f"{CHECKPOINT_DIR}/{name}")
+
+        progress("recording golden outputs (PyTorch fp32)", 4, total)
+        t = time.perf_counter()
+        golden = record_golden(ckpt.model(options.arch), manifest)
+        for name in save_golden(stage, golden):
+            record_file(stage, manifest, name)
+        manifest.golden = golden.index.to_dict()
+        timings["golden_s"] = time.perf_counter() - t
         manifest.save(stage)
 
         result = ExportResult(out, manifest, 0.0, manifest.files[MODEL_FILE]["bytes"], timings=timings)
         if run_verify:
-            progress("verifying against PyTorch", 4, total)
+            progress("verifying against the golden outputs", 5, total)
             t = time.perf_counter()
-            result.verification = verify(stage, checkpoint=ckpt)
+            result.verification = verify(stage)
             timings["verify_s"] = time.perf_counter() - t
             manifest.verification = result.verification.to_dict()
             manifest.save(stage)
@@ -344,7 +338,7 @@ def export(
 
 
 def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifest:
-    inputs, outputs = graph_io(ckpt.config, options.arch, options.dtype, options.logits)
+    inputs, outputs = graph.graph_io(ckpt.config, options.arch, options.dtype, options.logits)
     batch, seq = trace_shape(options.max_seq)
     plan = options.scan_plan(ckpt.config)
     return Manifest(
@@ -364,3 +358,19 @@ def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifes
         tools=tool_versions(),
         extra={"decompose_layernorm": options.decompose_layernorm},
     )
+
+
+def tool_versions() -> dict[str, str]:
+    import onnxruntime
+    import onnxscript
+
+    from samout_edge import __version__
+
+    return {
+        "samout_edge": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }

@@ -4,7 +4,7 @@
 ONNX Runtime path, bench's memory children) do not pay for importing torch.
 """
 
-from samout_edge.models.config import ARCHS, PRESETS, ModelConfig, preset
+from samout_edge.artifact.config import ARCHS, PRESETS, ModelConfig, preset
 
 __all__ = ["ARCHS", "PRESETS", "ModelConfig", "SamOut", "preset"]
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from samout_edge.artifact.config import ModelConfig
+from samout_edge.artifact.files import read_json, sha256_file, staging_dir, write_json_atomic
+from samout_edge.artifact.manifest import Manifest
 from samout_edge.errors import SamoutError
-from samout_edge.fsutil import read_json, sha256_file, staging_dir, write_json_atomic
-from samout_edge.models.config import ModelConfig
 from samout_edge.models.model import SamOut
 
 CONFIG_FILE = "config.json"
@@ -168,3 +169,21 @@ def random_checkpoint(config: ModelConfig, seed: int = 0) -> SamOut:
     finally:
         torch.random.set_rng_state(generator_state)
 
+
+
+def source_checkpoint(directory: Path, manifest: Manifest, override: str | Path | None) -> Checkpoint:
+    """The checkpoint an export came from, checked against the recorded sha256."""
+    src = manifest.source
+    path = Path(override) if override else Path(src["path"])
+    if not path.is_absolute() and not override:
+        path = directory / path
+    if not path.exists():
+        raise SamoutError(
+            f"the source checkpoint {path} is not here; pass --checkpoint PATH to use a copy of it"
+        )
+    ckpt = load_checkpoint(path, None if path.is_dir() else manifest.config.num_heads)
+    if ckpt.sha256 != src.get("sha256"):
+        raise SamoutError(f"checkpoint {path} does not match the one exported (sha256 differs)")
+    if ckpt.config != manifest.config:
+        raise SamoutError(f"checkpoint {path} has config {ckpt.config.to_dict()}, the export {manifest.config.to_dict()}")
+    return ckpt

@@ -16,8 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samout_edge.models.config import ModelConfig, check_arch
+from samout_edge.artifact.config import ModelConfig, check_arch
+from samout_edge.artifact.graph import dtype as graph_dtype
 from samout_edge.models.ops import cummax
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """fp32 | fp16 | bf16 -> the torch dtype (one table: artifact.graph.DTYPES)."""
+    return getattr(torch, graph_dtype(name).numpy)
+
 
 CummaxState = torch.Tensor
 KVState = tuple[torch.Tensor, torch.Tensor]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from samout_edge.models.config import ARCHS, ModelConfig
+from samout_edge.artifact.config import ARCHS, ModelConfig
 from samout_edge.profiles import DeviceProfile
 
 ACTIVATION_VALUES = 16

@@ -4,9 +4,10 @@ runners only run.
 ``run(input_ids, state) -> (logits, new_state)``: state is a dict keyed by the
 graph's input names (past_max.{i} or past_key_values.{i}.key/.value), so the
 state one call returns feeds the next call unchanged. Arrays stay in the
-backend's own type (numpy for ONNX Runtime, torch tensors for torch and
-TensorRT) so a decode loop never copies through the host; ``to_numpy`` is for
-comparing.
+backend's own type (numpy for ONNX Runtime, torch tensors for torch, device
+arrays for TensorRT) so a decode loop never copies through the host;
+``to_numpy`` is for comparing. Every runner is a context manager: leaving the
+``with`` block frees its session, context, stream and buffers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from samout_edge.models.config import ModelConfig
+from samout_edge.artifact.config import ModelConfig
 
 State = dict[str, Any]
 
@@ -25,7 +26,7 @@ State = dict[str, Any]
 @dataclass(frozen=True)
 class RunnerInfo:
     backend: str  # torch | ort | tensorrt
-    device: str  # cpu | cuda | the ORT provider
+    device: str  # cpu | cuda | the ORT provider | the engine's profile
     arch: str
     dtype: str  # fp32 | fp16
     logits: str  # last | all
@@ -50,6 +51,15 @@ class Runner(ABC):
 
     def synchronize(self) -> None:  # noqa: B027 - deliberately optional
         """Wait for queued device work (timing needs it); a no-op on the CPU."""
+
+    def close(self) -> None:  # noqa: B027 - deliberately optional
+        """Free what the runner holds; it cannot run afterwards."""
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def name(self) -> str:

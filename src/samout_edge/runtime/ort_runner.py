@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from samout_edge.artifact import graph
+from samout_edge.artifact.manifest import MODEL_FILE, Manifest, read_manifest
 from samout_edge.errors import SamoutError
-from samout_edge.exporter.manifest import MODEL_FILE, Manifest, read_manifest
-from samout_edge.models import state as st
 from samout_edge.runtime.base import Runner, RunnerInfo, State
 
 PROVIDER_ALIASES = {
@@ -47,14 +47,17 @@ class OrtRunner(Runner):
     def __init__(self, session, manifest: Manifest, provider: str):
         self.session = session
         self.manifest = manifest
-        self.to_past = st.present_to_past(manifest.arch, manifest.config.num_layers)
+        self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
         self.output_names = [o.name for o in session.get_outputs()]
         self.info = RunnerInfo(
             "ort", provider, manifest.arch, manifest.dtype, manifest.logits, manifest.max_seq, manifest.config
         )
 
     def initial_state(self, batch: int) -> State:
-        return st.empty_state(self.manifest.config, self.manifest.arch, batch, self.manifest.dtype)
+        return graph.empty_state(self.manifest.config, self.manifest.arch, batch, self.manifest.dtype)
+
+    def close(self) -> None:
+        self.session = None
 
     def run(self, input_ids, state: State):
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64), **state}
@@ -77,4 +80,8 @@ def load_ort_runner(directory: str | Path, provider: str = "cpu", cpu_arena: boo
         session = ort.InferenceSession(str(Path(directory) / MODEL_FILE), options, providers=[provider])
     except Exception as e:  # ORT raises its own exception types for bad graphs
         raise SamoutError(f"ONNX Runtime cannot load {Path(directory) / MODEL_FILE}: {str(e).splitlines()[0]}") from None
+    recorded = session.get_modelmeta().custom_metadata_map.get("samout_edge.max_seq")
+    if recorded != str(manifest.max_seq):
+        raise SamoutError(f"{MODEL_FILE} says max_seq {recorded}, export.json says {manifest.max_seq}: "
+                          "one of them was edited; re-export")
     return OrtRunner(session, manifest, provider)

@@ -5,29 +5,29 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from samout_edge.models import state as st
+from samout_edge.artifact import graph
+from samout_edge.errors import SamoutError
 from samout_edge.models.checkpoint import Checkpoint
+from samout_edge.models.model import torch_dtype
 from samout_edge.runtime.base import Runner, RunnerInfo, State
-
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 class TorchRunner(Runner):
     def __init__(self, model, dtype: str = "fp32", logits: str = "all", device: str = "cpu"):
-        self.model = model.to(device=device, dtype=TORCH_DTYPES[dtype]).eval()
+        self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
         self.device = torch.device(device)
-        self.names = st.past_names(model.arch, model.config.num_layers)
+        self.names = graph.past_names(model.arch, model.config.num_layers)
         self.info = RunnerInfo("torch", self.device.type, model.arch, dtype, logits, None, model.config)
 
     def initial_state(self, batch: int) -> State:
-        return dict(zip(self.names, st.flatten(self.model.arch, self.model.empty_state(batch))))
+        return dict(zip(self.names, graph.flatten(self.model.arch, self.model.empty_state(batch))))
 
     @torch.inference_mode()
     def run(self, input_ids, state: State):
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=self.device)
-        past = st.unflatten(self.model.arch, [state[n] for n in self.names])
+        past = graph.unflatten(self.model.arch, [torch.as_tensor(state[n], device=self.device) for n in self.names])
         logits, present = self.model(ids, past, last_only=self.info.logits == "last")
-        return logits, dict(zip(self.names, st.flatten(self.model.arch, present)))
+        return logits, dict(zip(self.names, graph.flatten(self.model.arch, present)))
 
     def to_numpy(self, value) -> np.ndarray:
         return value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -35,6 +35,17 @@ class TorchRunner(Runner):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def torch_device(device: str | None) -> str:
+    """'auto' or None -> cuda when available, else cpu; a named device is checked."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise SamoutError(f"unknown torch device {device!r}; choose auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SamoutError(f"device {device!r} asked for, but torch sees no CUDA device here")
+    return device
 
 
 def load_torch_runner(

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from samout_edge.artifact.manifest import MODEL_FILE, is_export_dir, read_manifest
 from samout_edge.errors import SamoutError
-from samout_edge.exporter.lint import lint_model
-from samout_edge.exporter.manifest import MODEL_FILE, is_export_dir, read_manifest
+from samout_edge.tensorrt.lint import lint_model
 
 ONNX_TYPE_NAMES = {
     TensorProto.FLOAT: "float32",

@@ -21,15 +21,17 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from samout_edge import lowering as low
+from samout_edge.artifact.engine import (
+    ENGINE_FILE,
+    ENGINE_JSON,
+    ENGINES_DIR,
+    OptimizationProfile,
+    ShapeRange,
+)
+from samout_edge.artifact.manifest import MODEL_FILE, Manifest, read_manifest
 from samout_edge.errors import SamoutError
-from samout_edge.exporter import lowering as low
-from samout_edge.exporter.manifest import MODEL_FILE, Manifest, read_manifest
 from samout_edge.profiles import DeviceProfile, Range
-
-ENGINES_DIR = "engines"
-ENGINE_FILE = "model.engine"
-ENGINE_JSON = "engine.json"
-ENGINE_SCHEMA_VERSION = 1
 
 
 def version_tuple(version: str) -> tuple[int, int]:
@@ -38,20 +40,6 @@ def version_tuple(version: str) -> tuple[int, int]:
         return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
     except ValueError:
         raise SamoutError(f"not a TensorRT version: {version!r}") from None
-
-
-@dataclass
-class ShapeRange:
-    name: str
-    min: list[int]
-    opt: list[int]
-    max: list[int]
-
-
-@dataclass
-class OptimizationProfile:
-    name: str  # decode | prefill
-    shapes: list[ShapeRange]
 
 
 @dataclass

@@ -15,54 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from samout_edge.artifact import graph
+from samout_edge.artifact.engine import ENGINE_FILE, ENGINE_JSON, check_compatible, resolve_engine
+from samout_edge.artifact.files import read_json
+from samout_edge.artifact.manifest import read_manifest
 from samout_edge.errors import SamoutError
-from samout_edge.exporter.build import ENGINE_FILE, ENGINE_JSON, ENGINES_DIR
-from samout_edge.exporter.manifest import is_export_dir, read_manifest
-from samout_edge.fsutil import read_json
-from samout_edge.models import state as st
 from samout_edge.runtime.base import Runner, RunnerInfo, State
-
-
-def engine_dirs(export_dir: Path) -> list[Path]:
-    root = export_dir / ENGINES_DIR
-    return sorted(p for p in root.iterdir() if (p / ENGINE_JSON).is_file()) if root.is_dir() else []
-
-
-def is_engine_dir(path: Path) -> bool:
-    return (path / ENGINE_JSON).is_file() and is_export_dir(path.parent.parent)
-
-
-def resolve_engine(path: str | Path, profile: str | None = None) -> tuple[Path, Path]:
-    """(export dir, engine dir) from an engine dir, or an export dir and a profile name."""
-    path = Path(path)
-    if is_engine_dir(path):
-        return path.parent.parent, path
-    if not is_export_dir(path):
-        raise SamoutError(f"{path} is neither an export directory nor an engine directory (engines/<profile>)")
-    built = engine_dirs(path)
-    if profile:
-        engine = path / ENGINES_DIR / profile
-        if not (engine / ENGINE_JSON).is_file():
-            have = ", ".join(p.name for p in built) or "none"
-            raise SamoutError(f"no engine for profile {profile!r} in {path} (built: {have}); "
-                              f"run `samout-edge build {path} --profile {profile}`")
-        return path, engine
-    if len(built) == 1:
-        return path, built[0]
-    if not built:
-        raise SamoutError(f"{path} has no TensorRT engine; run `samout-edge build {path} --profile NAME`")
-    raise SamoutError(f"{path} has engines for {', '.join(p.name for p in built)}; pick one with --engine NAME")
-
-
-def check_compatible(meta: dict, tensorrt_version: str, gpu: str, compute_capability: str, export_dir: Path) -> None:
-    """Refuse an engine built by another TensorRT or for another GPU, saying how to rebuild."""
-    rebuild = f"rebuild it here: samout-edge build {export_dir} --profile {meta.get('profile', 'NAME')}"
-    if meta.get("tensorrt") != tensorrt_version:
-        raise SamoutError(f"the engine was built with TensorRT {meta.get('tensorrt')}, this machine has "
-                          f"{tensorrt_version}; engines only run on the TensorRT that built them; {rebuild}")
-    if meta.get("compute_capability") != compute_capability or meta.get("gpu") != gpu:
-        raise SamoutError(f"the engine was built for {meta.get('gpu')} (sm {meta.get('compute_capability')}), this "
-                          f"machine has {gpu} (sm {compute_capability}); {rebuild}")
 
 
 @dataclass(frozen=True)
@@ -119,7 +77,7 @@ class TensorRTRunner(Runner):
         self.inputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: _torch_dtype(trt, torch, engine.get_tensor_dtype(n)) for n in self.names}
-        self.to_past = st.present_to_past(manifest.arch, manifest.config.num_layers)
+        self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
         longest = max(r.seq[1] for r in self.ranges)
         self.info = RunnerInfo("tensorrt", meta["profile"], manifest.arch, meta["precision"], manifest.logits,
                                min(manifest.max_seq, longest), manifest.config,
@@ -186,13 +144,13 @@ def load_trt_runner(path: str | Path, profile: str | None = None) -> TensorRTRun
         import tensorrt as trt
     except Exception:
         raise SamoutError("TensorRT is not installed here; engines run where TensorRT and a CUDA GPU are") from None
-    from samout_edge.exporter.tensorrt_build import gpu_identity
+    from samout_edge.tensorrt.build import gpu_identity
 
     identity = gpu_identity()
     check_compatible(meta, trt.__version__, identity["gpu"], identity["compute_capability"], export_dir)
     manifest = read_manifest(export_dir)
     if meta.get("plugins"):
-        from samout_edge.kernels.trt_plugin import plugin_supported, register_cummax_plugin
+        from samout_edge.tensorrt.plugin import plugin_supported, register_cummax_plugin
 
         if plugin_supported(trt.__version__):  # else the parser runs the function body
             register_cummax_plugin(trt.__version__)

@@ -33,18 +33,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-DOMAIN = "samout_edge"
-OP_TYPE = "CumMax"
-OP_VERSION = 1
+from samout_edge.artifact.graph import CUMMAX_DOMAIN as DOMAIN
+from samout_edge.artifact.graph import CUMMAX_OP as OP_TYPE
+from samout_edge.artifact.graph import CUMMAX_VERSION as OP_VERSION
+from samout_edge.artifact.graph import dtype as graph_dtype
+
 SCANS = ("blocked", "doubling")
 LOWERINGS = ("native", "custom")
 DEFAULT_BLOCK = 16
 # A static axis up to this long is scanned sequentially (Split + Max chain + Concat).
 MAX_SEQUENTIAL_LEN = 64
 INT64_MAX = np.iinfo(np.int64).max
-ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ def standalone_model(
     static_len: int | None = None,
 ) -> onnx.ModelProto:
     """A one-op model ``y = cummax(x, axis)``: for ``bench op`` and the exactness tests."""
-    elem = ONNX_DTYPES[dtype]
+    elem = graph_dtype(dtype).onnx
     dims = [f"d{i}" for i in range(rank)]
     if static_len is not None:
         dims[axis] = static_len

@@ -16,10 +16,14 @@ from functools import lru_cache
 from importlib import resources
 
 import onnx
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
 from onnx import TensorProto
 
-from samout_edge.exporter import lowering as low
+from samout_edge import lowering as low
 
 # Which JetPack (or product line) ships each TensorRT version we lint for.
 FIELD = {
@@ -70,7 +74,7 @@ class VersionLint:
 
 @lru_cache(maxsize=1)
 def support_table() -> dict:
-    text = resources.files("samout_edge.exporter").joinpath("data/tensorrt_onnx_ops.toml").read_text()
+    text = resources.files("samout_edge.tensorrt").joinpath("data/tensorrt_onnx_ops.toml").read_text()
     return tomllib.loads(text)["versions"]
 
 

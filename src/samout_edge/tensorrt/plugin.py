@@ -24,7 +24,7 @@ Verified only where TensorRT and a GPU exist (tests marked `tensorrt`).
 import os
 from typing import List, Tuple, Union
 
-from samout_edge.exporter.lowering import DOMAIN, OP_TYPE
+from samout_edge.lowering import DOMAIN, OP_TYPE
 
 PLUGIN_ID = f"{DOMAIN}::{OP_TYPE}"
 TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from samout_edge.artifact.files import sha256_file, write_bytes_atomic, write_json_atomic
 from samout_edge.errors import SamoutError
-from samout_edge.exporter.build import ENGINE_SCHEMA_VERSION, BuildPlan, version_tuple
-from samout_edge.fsutil import sha256_file, write_bytes_atomic, write_json_atomic
 from samout_edge.progress import Progress, no_progress
+from samout_edge.artifact.engine import ENGINE_SCHEMA_VERSION
+from samout_edge.tensorrt.plan import BuildPlan, version_tuple
 
 
 @dataclass
@@ -102,7 +103,7 @@ def build_engine(plan: BuildPlan, progress: Progress = no_progress) -> BuildResu
     logger = _logger(trt)
     trt.init_libnvinfer_plugins(logger, "")
     if plan.plugins:
-        from samout_edge.kernels.trt_plugin import plugin_supported, register_cummax_plugin
+        from samout_edge.tensorrt.plugin import plugin_supported, register_cummax_plugin
 
         if plugin_supported(trt.__version__):  # else the parser runs the function body
             register_cummax_plugin(trt.__version__)

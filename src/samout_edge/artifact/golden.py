@@ -1,0 +1,134 @@
+"""Golden inputs and PyTorch outputs that travel with an export.
+
+``export`` runs the PyTorch fp32 model on a fixed set of cases and writes them
+beside model.onnx, so ``verify`` on the device needs only numpy and a runtime:
+no torch, no checkpoint. The files are in Polygraphy's JSON format, so NVIDIA's
+own tool checks an export or engine against them as well:
+
+    polygraphy run model.onnx --onnxrt \
+        --load-inputs golden/inputs.json --load-outputs golden/outputs.json
+
+- ``golden/inputs.json``: a list of feed dicts (``input_ids`` and every past state)
+- ``golden/outputs.json``: Polygraphy ``RunResults``, one iteration per feed
+- export.json ``golden``: the cases (what each iteration checks, and which
+  decode step takes its state from the step before), written by GoldenIndex.
+
+Arrays are ``np.save`` bytes in base64, as Polygraphy writes them; loading never
+unpickles (``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samout_edge.artifact.files import write_bytes_atomic
+from samout_edge.errors import SamoutError
+
+INPUTS_FILE = "golden/inputs.json"
+OUTPUTS_FILE = "golden/outputs.json"
+RUNNER_NAME = "pytorch-fp32"
+# An output above this many bytes is not recorded (a softmax KV cache at max_seq,
+# logits for every position): the golden files stay small enough to copy with the model.
+MAX_OUTPUT_BYTES = 1 << 20
+MAX_GOLDEN_FILE_BYTES = 256 << 20
+
+
+@dataclass
+class GoldenCase:
+    name: str  # "prefill 2x97", "decode 2x(11+3)"
+    batch: int
+    seq: int
+    past: int  # tokens already in the state
+    state_from: int | None = None  # index of the case whose present state this one's past is
+    skipped: list[str] = field(default_factory=list)  # outputs too large to record
+
+
+@dataclass
+class GoldenIndex:
+    cases: list[GoldenCase]
+    runner: str = RUNNER_NAME
+    inputs: str = INPUTS_FILE
+    outputs: str = OUTPUTS_FILE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> GoldenIndex:
+        try:
+            return cls([GoldenCase(**c) for c in data["cases"]], data.get("runner", RUNNER_NAME))
+        except (KeyError, TypeError) as e:
+            raise SamoutError(f"export.json: the golden index is malformed ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class Golden:
+    index: GoldenIndex
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
+
+
+def encode_array(array: np.ndarray) -> dict[str, str]:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return {"array": base64.b64encode(buffer.getvalue()).decode(), "polygraphy_class": "ndarray"}
+
+
+def decode_array(data: Any, where: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(data["array"].encode(), validate=True)
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception as e:  # binascii.Error, ValueError, KeyError, TypeError
+        raise SamoutError(f"{where}: not an encoded array ({type(e).__name__})") from None
+
+
+def save_golden(directory: Path, golden: Golden) -> list[str]:
+    """Write both files (atomically, each); returns their names relative to ``directory``."""
+    feeds = [{k: encode_array(v) for k, v in feed.items()} for feed in golden.feeds]
+    iterations = [
+        {
+            "outputs": {k: {"values": encode_array(v), "polygraphy_class": "LazyArray"} for k, v in out.items()},
+            "runtime": 0.0,
+            "runner_name": golden.index.runner,
+            "polygraphy_class": "IterationResult",
+        }
+        for out in golden.outputs
+    ]
+    results = {"lst": [[golden.index.runner, iterations]], "polygraphy_class": "RunResults"}
+    write_bytes_atomic(directory / INPUTS_FILE, json.dumps(feeds).encode())
+    write_bytes_atomic(directory / OUTPUTS_FILE, json.dumps(results).encode())
+    return [INPUTS_FILE, OUTPUTS_FILE]
+
+
+def _read(path: Path) -> Any:
+    if not path.is_file():
+        raise SamoutError(f"{path} is missing; re-export, or verify against PyTorch with --checkpoint")
+    if path.stat().st_size > MAX_GOLDEN_FILE_BYTES:
+        raise SamoutError(f"{path} is larger than any golden file samout-edge writes")
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SamoutError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_golden(directory: Path, index: GoldenIndex) -> Golden:
+    feeds_data = _read(directory / index.inputs)
+    results = _read(directory / index.outputs)
+    try:
+        (runner, iterations), = results["lst"]
+        feeds = [{k: decode_array(v, f"{index.inputs}[{i}].{k}") for k, v in feed.items()} for i, feed in enumerate(feeds_data)]
+        outputs = [{k: decode_array(v["values"], f"{index.outputs}[{i}].{k}") for k, v in it["outputs"].items()}
+                   for i, it in enumerate(iterations)]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SamoutError(f"the golden files in {directory} are malformed ({type(e).__name__}: {e})") from None
+    if not len(feeds) == len(outputs) == len(index.cases):
+        raise SamoutError(f"the golden files in {directory} hold {len(feeds)} inputs and {len(outputs)} outputs "
+                          f"for {len(index.cases)} cases")
+    return Golden(index, feeds, outputs)

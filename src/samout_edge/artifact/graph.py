@@ -1,0 +1,137 @@
+"""The exported graph's contract: I/O names, dtypes, the empty state, the CumMax op.
+
+One graph serves prefill and decode. Inputs: ``input_ids`` int64 ``[batch, seq]``
+and per layer the past state; outputs: ``logits`` and the present state, which
+the next call takes as its past. Every runner passes state as a dict keyed by
+the graph's *input* names, so the state one call returns feeds the next call
+unchanged, whatever the backend.
+
+- cummax: ``past_max.{i}`` / ``present_max.{i}``, ``[batch, heads, 1, head_dim]``,
+  the running max so far; the empty past is the dtype's lowest finite value.
+- softmax: ``past_key_values.{i}.key|value`` / ``present.{i}.key|value``,
+  ``[batch, heads, past_seq, head_dim]`` as Optimum names them; past_seq may be 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from samout_edge.artifact.config import ModelConfig
+
+INPUT_IDS = "input_ids"
+LOGITS = "logits"
+
+# The CumMax op's identity, shared by the exporter, the lowering, the lint and the
+# TensorRT plugin: op type, domain (also the plugin's namespace) and version.
+CUMMAX_DOMAIN = "samout_edge"
+CUMMAX_OP = "CumMax"
+CUMMAX_VERSION = 1
+CUMMAX_PLUGIN_ID = f"{CUMMAX_DOMAIN}::{CUMMAX_OP}"
+
+
+@dataclass(frozen=True)
+class DType:
+    """One float type as every layer names it (ONNX element types as plain ints, so
+    this module needs neither onnx nor torch)."""
+
+    name: str  # fp32 | fp16 | bf16: what users type
+    numpy: str  # numpy's and torch's attribute name
+    onnx: int  # onnx.TensorProto element type
+    itemsize: int
+
+
+DTYPES: dict[str, DType] = {
+    "fp32": DType("fp32", "float32", 1, 4),
+    "fp16": DType("fp16", "float16", 10, 2),
+    "bf16": DType("bf16", "bfloat16", 16, 2),  # the kernels and plugin take it; exports do not
+}
+EXPORT_DTYPES = ("fp32", "fp16")
+ONNX_TYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool", 11: "float64"}
+
+
+def dtype(name: str) -> DType:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    if name == "bf16":
+        raise ValueError("numpy has no bfloat16")
+    return np.dtype(dtype(name).numpy)
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # "int64" | "float32" | "float16"
+    shape: list[int | str]  # ints are fixed, strings name a dynamic dimension
+
+
+def past_names(arch: str, num_layers: int) -> list[str]:
+    if arch == "cummax":
+        return [f"past_max.{i}" for i in range(num_layers)]
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(arch: str, num_layers: int) -> list[str]:
+    if arch == "cummax":
+        return [f"present_max.{i}" for i in range(num_layers)]
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_to_past(arch: str, num_layers: int) -> dict[str, str]:
+    return dict(zip(present_names(arch, num_layers), past_names(arch, num_layers)))
+
+
+def graph_io(config: ModelConfig, arch: str, dtype_name: str, logits: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Names, dtypes and shapes of the graph's inputs and outputs (strings name dynamic dims)."""
+    h, d, layers = config.num_heads, config.head_dim, config.num_layers
+    float_type = dtype(dtype_name).numpy
+    past_dim, present_dim = (1, 1) if arch == "cummax" else ("past_seq", "total_seq")
+    inputs = [TensorSpec(INPUT_IDS, "int64", ["batch", "seq"])]
+    inputs += [TensorSpec(n, float_type, ["batch", h, past_dim, d]) for n in past_names(arch, layers)]
+    outputs = [TensorSpec(LOGITS, float_type, ["batch", "seq" if logits == "all" else 1, config.vocab_size])]
+    outputs += [TensorSpec(n, float_type, ["batch", h, present_dim, d]) for n in present_names(arch, layers)]
+    return inputs, outputs
+
+
+def empty_value(dtype_name: str) -> float:
+    """The cummax state before any token: the lowest finite value (not -inf, which
+    some runtimes refuse as an input and which fp16 kernels may mishandle)."""
+    return float(np.finfo(numpy_dtype(dtype_name)).min)
+
+
+def empty_state(config: ModelConfig, arch: str, batch: int, dtype_name: str) -> dict[str, np.ndarray]:
+    """The state before any token, as numpy arrays keyed by graph input name."""
+    np_dtype = numpy_dtype(dtype_name)
+    names = past_names(arch, config.num_layers)
+    if arch == "cummax":
+        shape = (batch, config.num_heads, 1, config.head_dim)
+        return {n: np.full(shape, empty_value(dtype_name), dtype=np_dtype) for n in names}
+    shape = (batch, config.num_heads, 0, config.head_dim)
+    return {n: np.zeros(shape, dtype=np_dtype) for n in names}
+
+
+def state_bytes(config: ModelConfig, arch: str, batch: int, context: int, dtype_name: str) -> int:
+    """Bytes of the decode state after ``context`` tokens: constant for cummax, linear for softmax."""
+    per_layer = batch * config.num_heads * config.head_dim * dtype(dtype_name).itemsize
+    if arch == "cummax":
+        return config.num_layers * per_layer
+    return config.num_layers * 2 * per_layer * context
+
+
+def flatten(arch: str, layer_states: list) -> list:
+    """Per-layer states (tensor, or (key, value)) -> the flat list in graph order."""
+    if arch == "cummax":
+        return list(layer_states)
+    return [t for kv in layer_states for t in kv]
+
+
+def unflatten(arch: str, flat: list) -> list:
+    if arch == "cummax":
+        return list(flat)
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]

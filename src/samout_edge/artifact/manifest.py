@@ -1,0 +1,151 @@
+"""export.json: what an artifact directory holds, so later steps need nothing else.
+
+Every step after export (verify, build, bench, generate) reads only the artifact
+directory, so it can run on another machine than the export did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from samout_edge.artifact.config import ARCHS, ModelConfig
+from samout_edge.artifact.files import read_json, sha256_file, write_json_atomic
+from samout_edge.artifact.graph import EXPORT_DTYPES, INPUT_IDS, LOGITS, TensorSpec
+from samout_edge.errors import SamoutError
+
+SCHEMA_VERSION = 2
+PRODUCER = "samout-edge"
+MANIFEST_FILE = "export.json"
+MODEL_FILE = "model.onnx"
+CHECKPOINT_DIR = "checkpoint"
+GOLDEN_DIR = "golden"
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+@dataclass
+class Manifest:
+    arch: str
+    lowering: str
+    scan: dict[str, Any]  # the ScanPlan: scan, max_len, block
+    opset: int
+    dtype: str
+    logits: str
+    max_seq: int
+    config: ModelConfig
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    files: dict[str, dict[str, Any]]  # name -> {sha256, bytes}
+    source: dict[str, Any]  # {kind: preset|checkpoint, path, sha256, ...}
+    trace: dict[str, int]  # batch and seq of the example inputs torch.export traced
+    tools: dict[str, str]
+    verification: dict[str, Any] | None = None
+    golden: dict[str, Any] | None = None  # golden.GoldenIndex as a dict: what golden/ holds
+    schema_version: int = SCHEMA_VERSION
+    producer: str = PRODUCER
+    exporter: str = "torch.export"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state_inputs(self) -> list[str]:
+        return [t.name for t in self.inputs if t.name != INPUT_IDS]
+
+    @property
+    def state_outputs(self) -> list[str]:
+        return [t.name for t in self.outputs if t.name != LOGITS]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["config"] = self.config.to_dict()
+        order = ["producer", "schema_version", "arch", "lowering", "scan", "opset", "dtype", "logits", "max_seq", "config"]
+        return {k: data[k] for k in order} | {k: v for k, v in data.items() if k not in order}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        data = dict(data)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SamoutError(
+                f"export.json schema_version {version!r} is not {SCHEMA_VERSION}; re-export with this samout-edge"
+            )
+        if data.get("producer") != PRODUCER:
+            raise SamoutError(f"export.json was not written by samout-edge (producer {data.get('producer')!r})")
+        try:
+            data["config"] = ModelConfig.from_dict(data["config"])
+            data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
+            data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+            known = set(cls.__dataclass_fields__)
+            manifest = cls(**{k: v for k, v in data.items() if k in known})
+        except (KeyError, TypeError, AttributeError) as e:
+            raise SamoutError(f"export.json is incomplete or malformed ({type(e).__name__}: {e})") from None
+        manifest.check()
+        return manifest
+
+    def check(self) -> None:
+        """Every field a later step relies on has a value it can use."""
+        choices = {"arch": ARCHS, "dtype": EXPORT_DTYPES, "logits": ("last", "all"), "lowering": ("native", "custom")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise SamoutError(f"export.json: {name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("max_seq", "opset"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SamoutError(f"export.json: {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.files, dict) or MODEL_FILE not in self.files:
+            raise SamoutError(f"export.json lists no {MODEL_FILE} in its files")
+
+    def save(self, directory: str | Path) -> None:
+        write_json_atomic(Path(directory) / MANIFEST_FILE, self.to_dict())
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """True only for a directory whose export.json samout-edge wrote: a stray
+    export.json of someone else's never makes a directory ours to replace."""
+    path = Path(path) / MANIFEST_FILE
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("producer") == PRODUCER and isinstance(data.get("files"), dict)
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    directory = Path(directory)
+    if not directory.exists():
+        raise SamoutError(f"export directory not found: {directory}")
+    if not is_export_dir(directory):
+        raise SamoutError(f"{directory} is not a samout-edge export (no {MANIFEST_FILE}); create one with `samout-edge export`")
+    if (directory / MANIFEST_FILE).stat().st_size > MAX_MANIFEST_BYTES:
+        raise SamoutError(f"{directory / MANIFEST_FILE} is larger than any export.json samout-edge writes")
+    data = read_json(directory / MANIFEST_FILE, "manifest")
+    if not isinstance(data, dict):
+        raise SamoutError(f"{directory / MANIFEST_FILE} is not a JSON object")
+    manifest = Manifest.from_dict(data)
+    if not (directory / MODEL_FILE).is_file():
+        raise SamoutError(f"{directory} has {MANIFEST_FILE} but no {MODEL_FILE}; re-export it")
+    return manifest
+
+
+def check_files(directory: str | Path, manifest: Manifest) -> None:
+    """Every file export.json lists is there with the recorded sha256: a device
+    trusts nothing it copied until this passes."""
+    directory = Path(directory)
+    for name, entry in manifest.files.items():
+        path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise SamoutError(f"export.json lists a file outside the export: {name!r}")
+        if not path.is_file():
+            raise SamoutError(f"{path} is missing (export.json lists it); copy the whole export directory")
+        if not isinstance(entry, dict) or "sha256" not in entry:
+            raise SamoutError(f"export.json has no sha256 for {name}")
+        if path.stat().st_size != entry.get("bytes", path.stat().st_size) or sha256_file(path) != entry["sha256"]:
+            raise SamoutError(f"{path} does not match the sha256 in export.json: it changed after export; re-export it")
+
+
+def record_file(directory: str | Path, manifest: Manifest, name: str) -> None:
+    path = Path(directory) / name
+    manifest.files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}

@@ -1,0 +1,86 @@
+"""Record the golden cases an export carries: PyTorch fp32 on fixed inputs.
+
+The cases cover what a wrong graph gets wrong: prefill at 1 token, at a prime
+length near 100 and at max_seq (a scan unrolled too short fails there); batch 2
+where it is cheap; ids that include 0 (the padding row of the embedding) and
+vocab-1; and a prefill followed by one-token decode steps, each step's past the
+state the step before returned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from samout_edge.artifact import graph
+from samout_edge.artifact.golden import MAX_OUTPUT_BYTES, Golden, GoldenCase, GoldenIndex
+from samout_edge.artifact.manifest import Manifest
+from samout_edge.models.model import SamOut
+
+DECODE_PREFILL = 11
+DECODE_STEPS = 4
+BATCH2_UP_TO = 128  # longer cases run batch 1, to keep the golden files small
+
+
+def largest_prime_at_most(n: int) -> int | None:
+    for p in range(n, 1, -1):
+        if all(p % d for d in range(2, int(p**0.5) + 1)):
+            return p
+    return None
+
+
+def golden_lengths(max_seq: int, trace_seq: int) -> list[int]:
+    """1, a prime near 100, and max_seq; never the traced length where avoidable."""
+    prime = largest_prime_at_most(min(100, max_seq))
+    if prime == trace_seq:
+        prime = largest_prime_at_most(prime - 1)
+    return sorted({1, max_seq} | ({prime} if prime else set()))
+
+
+def golden_ids(rng: np.random.Generator, vocab: int, batch: int, seq: int) -> np.ndarray:
+    """Random ids with 0 first in row 0 and vocab-1 last in the last row."""
+    ids = rng.integers(0, vocab, (batch, seq))
+    ids[0, 0] = 0
+    ids[-1, -1] = vocab - 1
+    return ids
+
+
+def record_golden(model: SamOut, manifest: Manifest) -> Golden:
+    """Run ``model`` (fp32, on the CPU) on every golden case."""
+    model = model.float().eval()
+    cfg, arch = manifest.config, manifest.arch
+    past_names = graph.past_names(arch, cfg.num_layers)
+    present_names = graph.present_names(arch, cfg.num_layers)
+    np_dtype = graph.numpy_dtype(manifest.dtype)
+    rng = np.random.default_rng(20261126)
+    cases: list[GoldenCase] = []
+    feeds: list[dict[str, np.ndarray]] = []
+    outputs: list[dict[str, np.ndarray]] = []
+
+    def run(name: str, ids: np.ndarray, state: list | None, past: int, state_from: int | None) -> list:
+        batch, seq = ids.shape
+        if state is None:
+            feed_state = graph.empty_state(cfg, arch, batch, manifest.dtype)
+        else:
+            flat = graph.flatten(arch, state)
+            feed_state = {n: t.numpy().astype(np_dtype) for n, t in zip(past_names, flat)}
+        with torch.inference_mode():
+            logits, present = model(torch.from_numpy(ids), state, last_only=manifest.logits == "last")
+        result = {graph.LOGITS: logits.numpy(), **{n: t.numpy() for n, t in zip(present_names, graph.flatten(arch, present))}}
+        skipped = [n for n, v in result.items() if v.nbytes > MAX_OUTPUT_BYTES]
+        cases.append(GoldenCase(name, batch, seq, past, state_from, skipped))
+        feeds.append({graph.INPUT_IDS: ids.astype(np.int64), **feed_state})
+        outputs.append({n: v.copy() for n, v in result.items() if n not in skipped})
+        return present
+
+    for length in golden_lengths(manifest.max_seq, manifest.trace["seq"]):
+        batch = 2 if length <= BATCH2_UP_TO else 1
+        run(f"prefill {batch}x{length}", golden_ids(rng, cfg.vocab_size, batch, length), None, 0, None)
+    prefill = max(1, min(DECODE_PREFILL, manifest.max_seq - DECODE_STEPS))
+    steps = min(DECODE_STEPS, manifest.max_seq - prefill)
+    ids = golden_ids(rng, cfg.vocab_size, 2, prefill + steps)
+    state = run(f"decode 2x{prefill}: prefill", ids[:, :prefill], None, 0, None)
+    for k in range(steps):
+        pos = prefill + k
+        state = run(f"decode 2x{prefill}: step {k + 1}", ids[:, pos : pos + 1], state, pos, len(cases) - 1)
+    return Golden(GoldenIndex(cases), feeds, outputs)

@@ -1,0 +1,221 @@
+"""Check an export, or an engine built from it, before anyone trusts it.
+
+Needs only numpy and a runtime (the device side): the reference is the golden
+PyTorch fp32 outputs the export carries (artifact/golden.py). Where torch and
+the source checkpoint are present, ``lengths`` or ``checkpoint`` recompute the
+reference with PyTorch at any length instead.
+
+1. every file export.json lists has its recorded sha256;
+2. the cummax lowering alone, on both axes, equals a running max bit for bit
+   (max is exact, so any difference is a bug): numpy's ``maximum.accumulate``
+   here, ``torch.cummax`` in the tests;
+3. every golden case: prefill at 1, a prime and max_seq, batch 2, ids 0 and
+   vocab-1, and a prefill followed by decode steps that feed the runner's own
+   state back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from samout_edge import lowering as low
+from samout_edge.artifact import graph
+from samout_edge.artifact.engine import is_engine_dir, resolve_engine
+from samout_edge.artifact.golden import GoldenIndex, load_golden
+from samout_edge.artifact.manifest import Manifest, check_files, read_manifest
+from samout_edge.errors import SamoutError, require_torch
+from samout_edge.progress import Progress, no_progress
+from samout_edge.runtime.compare import OutputError, compare_arrays, compare_decode, compare_prefill
+from samout_edge.runtime.registry import LoadOptions, load_runner
+
+# Tolerance, relative to each output's scale: max|err| <= RTOL * max(1, max|reference|).
+# fp32: only accumulation order differs between runtimes (seed preset: ~8e-7 seen).
+# fp16 is compared with the fp32 model, so its own rounding counts (fp16 eps is 9.8e-4;
+# seed preset: ~1e-3 of the scale seen, so 5e-3 leaves a 5x margin).
+RTOL = {"fp32": 1e-4, "fp16": 5e-3}
+
+
+@dataclass
+class VerifyResult:
+    passed: bool
+    rtol: float
+    lengths: list[int]
+    op_exact: bool
+    reference: str  # "golden" | "pytorch"
+    checks: list[OutputError] = field(default_factory=list)
+    op_checks: list[dict] = field(default_factory=list)
+    provider: str = "CPUExecutionProvider"
+    skipped: list[str] = field(default_factory=list)  # outputs the golden files do not hold
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["rule"] = "max_abs_err <= rtol * max(1, max|reference|), reference = PyTorch fp32"
+        return data
+
+    @property
+    def worst(self) -> dict[str, float]:
+        """Largest error per output group over all checks."""
+        out: dict[str, float] = {}
+        for c in self.checks:
+            out[c.output] = max(out.get(c.output, 0.0), c.max_abs_err)
+        return out
+
+
+def bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same shape and the same bits (so -0.0 != 0.0 and NaN payloads count)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    as_int = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
+    return bool(np.array_equal(a.view(as_int), b.view(as_int)))
+
+
+def running_max(x: np.ndarray, axis: int) -> np.ndarray:
+    """The values of torch.cummax, NaN propagating as torch does."""
+    return np.maximum.accumulate(x, axis=axis)
+
+
+def check_op(manifest: Manifest, lengths: list[int]) -> tuple[bool, list[dict]]:
+    """The lowering alone must equal a running max bit for bit on both axes."""
+    import onnxruntime as ort
+
+    from samout_edge.runtime.ort_runner import quiet_onnxruntime
+
+    quiet_onnxruntime()
+    plan = low.ScanPlan(**manifest.scan)
+    cfg = manifest.config
+    np_dtype = graph.numpy_dtype(manifest.dtype)
+    rng = np.random.default_rng(1)
+    rows = []
+    static = cfg.num_heads if manifest.lowering == "native" else None
+    for axis, static_len in ((2, None), (1, static)):
+        model = low.standalone_model(manifest.lowering, plan, axis, manifest.dtype, opset=manifest.opset,
+                                     static_len=static_len)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        for length in lengths:
+            x = rng.standard_normal((1, cfg.num_heads, length, cfg.head_dim)).astype(np_dtype)
+            got = session.run(None, {"x": x})[0]
+            rows.append({"axis": axis, "seq": length, "exact": bit_equal(got, running_max(x, axis))})
+    return all(r["exact"] for r in rows), rows
+
+
+def open_target(path: Path, provider: str, engine: str | None):
+    """(export dir, runner): an export on ONNX Runtime, or an engine (DIR/engines/PROFILE, or --engine)."""
+    if engine or is_engine_dir(path):
+        export_dir, engine_dir = resolve_engine(path, engine)
+        return export_dir, load_runner(export_dir, "tensorrt", LoadOptions(engine=engine_dir.name))
+    return path, load_runner(path, "ort", LoadOptions(provider=provider))
+
+
+def verify(
+    directory: str | Path,
+    provider: str = "cpu",
+    lengths: list[int] | None = None,
+    engine: str | None = None,
+    checkpoint: str | Path | None = None,
+    progress: Progress = no_progress,
+) -> VerifyResult:
+    """Verify the export in ``directory`` in ONNX Runtime, or a TensorRT engine of it
+    (``directory`` an engine dir, or ``engine`` a profile name)."""
+    started = time.perf_counter()
+    directory = Path(directory)
+    if not directory.exists():
+        raise SamoutError(f"not found: {directory}")
+    export_dir = resolve_engine(directory, engine)[0] if (engine or is_engine_dir(directory)) else directory
+    manifest = read_manifest(export_dir)
+    progress("checking file hashes", 0, 1)
+    check_files(export_dir, manifest)
+    recompute = bool(lengths) or checkpoint is not None
+    if not recompute and manifest.golden is None:
+        raise SamoutError(f"{export_dir} carries no golden outputs; verify with --checkpoint (needs torch)")
+    _, actual = open_target(directory, provider, engine)
+    with actual:
+        rtol = RTOL[manifest.dtype]
+        if recompute:
+            result = _against_pytorch(actual, export_dir, manifest, lengths, checkpoint, rtol, progress)
+        else:
+            result = _against_golden(actual, export_dir, manifest, rtol, progress)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _op_result(manifest: Manifest, lengths: list[int], rtol: float, provider: str, reference: str) -> VerifyResult:
+    op_exact, op_rows = check_op(manifest, lengths)
+    return VerifyResult(False, rtol, lengths, op_exact, reference, op_checks=op_rows, provider=provider)
+
+
+def _against_golden(actual, export_dir: Path, manifest: Manifest, rtol: float, progress: Progress) -> VerifyResult:
+    golden = load_golden(export_dir, GoldenIndex.from_dict(manifest.golden))
+    limit = actual.info.max_seq or manifest.max_seq
+    max_batch = actual.info.max_batch
+    cases = golden.index.cases
+    steps = len(cases) + 1
+    lengths = sorted({c.seq for c in cases if c.past == 0})
+    progress("cummax op, bit for bit", 0, steps)
+    result = _op_result(manifest, lengths, rtol, actual.info.device, "golden")
+    results: dict[int, dict] = {}
+    for i, (case, feed, want) in enumerate(zip(cases, golden.feeds, golden.outputs), start=1):
+        progress(case.name, i, steps)
+        if case.seq + case.past > limit or (max_batch is not None and case.batch > max_batch):
+            result.skipped.append(f"{case.name}: outside the engine's shapes")
+            continue
+        state = {k: v for k, v in feed.items() if k != graph.INPUT_IDS}
+        if case.state_from is not None:
+            if case.state_from not in results:
+                continue  # its first step was outside the engine's shapes
+            state = results[case.state_from]
+        logits, new_state = actual.run(feed[graph.INPUT_IDS], state)
+        results[i - 1] = new_state
+        got = {graph.LOGITS: actual.to_numpy(logits)}
+        got |= {name: actual.to_numpy(new_state[past]) for name, past in
+                graph.present_to_past(manifest.arch, manifest.config.num_layers).items()}
+        result.checks += compare_arrays(case.name, want, got, rtol)
+        result.skipped += [f"{case.name}: {name} (not recorded)" for name in case.skipped]
+    result.passed = result.op_exact and bool(result.checks) and all(c.passed for c in result.checks)
+    progress("verified", steps, steps)
+    return result
+
+
+def _against_pytorch(actual, export_dir: Path, manifest: Manifest, lengths: list[int] | None,
+                     checkpoint: str | Path | None, rtol: float, progress: Progress) -> VerifyResult:
+    require_torch("verify --lengths/--checkpoint (recomputing with PyTorch)")
+    from samout_edge.exporter.golden import DECODE_PREFILL, DECODE_STEPS, golden_ids, golden_lengths
+    from samout_edge.models.checkpoint import source_checkpoint
+    from samout_edge.runtime.torch_runner import load_torch_runner
+
+    limit = actual.info.max_seq
+    if lengths:
+        bad = [n for n in lengths if not 1 <= n <= limit]
+        if bad:
+            what = "the export's max_seq" if limit == manifest.max_seq else "the engine's longest prefill"
+            raise SamoutError(f"seq {bad[0]} is outside 1..{limit}, {what}")
+        lengths = sorted(set(lengths))
+    else:
+        lengths = golden_lengths(limit, manifest.trace["seq"])
+    steps = len(lengths) + 2
+    progress("cummax op, bit for bit", 0, steps)
+    result = _op_result(manifest, lengths, rtol, actual.info.device, "pytorch")
+    ckpt = source_checkpoint(export_dir, manifest, checkpoint)
+    reference = load_torch_runner(ckpt, manifest.arch, "fp32", manifest.logits)
+    rng = np.random.default_rng(0)
+    vocab = manifest.config.vocab_size
+    small_batch = min(2, actual.info.max_batch or 2)
+    for i, length in enumerate(lengths, start=1):
+        batch = small_batch if length <= 128 else 1
+        progress(f"prefill seq={length}", i, steps)
+        ids = golden_ids(rng, vocab, batch, length)
+        result.checks += compare_prefill(reference, actual, ids, rtol, f"prefill {batch}x{length}")
+    prefill = max(1, min(DECODE_PREFILL, limit - DECODE_STEPS))
+    total = min(limit, prefill + DECODE_STEPS)
+    progress(f"decode {prefill}+{total - prefill}", steps - 1, steps)
+    if total > prefill:
+        ids = golden_ids(rng, vocab, small_batch, total)
+        check = f"decode {small_batch}x({prefill}+{total - prefill})"
+        result.checks += compare_decode(reference, actual, ids, prefill, rtol, check)
+    result.passed = result.op_exact and all(c.passed for c in result.checks)
+    progress("verified", steps, steps)
+    return result
