@@ -7,9 +7,10 @@ import pytest
 from samout_edge.artifact.files import sha256_file
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.errors import SamoutError
+from samout_edge.exporter.golden import golden_lengths
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.runtime.ort_runner import load_ort_runner
-from samout_edge.runtime.verify import verify, verify_lengths
+from samout_edge.runtime.verify import verify
 
 VARIANTS = [(a, d, lo) for a in ("cummax", "softmax") for d in ("fp32", "fp16") for lo in ("native", "custom")]
 
@@ -20,7 +21,7 @@ def test_export_verifies(exported, arch, dtype, lowering):
     v = result.verification
     assert v.passed and v.op_exact
     assert {c.check.split()[0] for c in v.checks} == {"prefill", "decode"}
-    assert v.lengths == [1, 97, 300]
+    assert v.lengths == [1, 11, 97, 300]  # the golden prefills, and the decode run's
     manifest = read_manifest(result.directory)
     assert manifest.verification["passed"] is True
     assert (manifest.arch, manifest.dtype, manifest.lowering) == (arch, dtype, lowering)
@@ -87,13 +88,26 @@ def test_verify_catches_a_wrong_graph(exported, tmp_path):
     array *= 1.01  # a 1% weight error, far above the fp32 tolerance
     weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
     onnx.save(model, str(broken / "model.onnx"))
+    with pytest.raises(SamoutError, match="does not match the sha256"):
+        verify(broken)
+    rehash(broken)
     assert not verify(broken).passed
 
 
+def rehash(directory):
+    """What an attacker (or a careless script) does after editing a file: update export.json to match."""
+    from samout_edge.artifact.manifest import read_manifest, record_file
+
+    manifest = read_manifest(directory)
+    for name in manifest.files:
+        record_file(directory, manifest, name)
+    manifest.save(directory)
+
+
 def test_verify_lengths_avoid_trace_length():
-    assert verify_lengths(2048, 6) == [1, 97, 2048]
-    assert verify_lengths(5, 5) == [1, 3, 5]
-    assert verify_lengths(1, 2) == [1]
+    assert golden_lengths(2048, 6) == [1, 97, 2048]
+    assert golden_lengths(5, 5) == [1, 3, 5]
+    assert golden_lengths(1, 2) == [1]
 
 
 def test_export_from_preset_writes_its_checkpoint(tmp_path):

@@ -143,16 +143,16 @@ def generate(
 
 def load_generation_runner(target: Path, backend: str, provider: str, device: str, arch: str, heads: int | None) -> Runner:
     """An export directory on any backend, an engine directory, or a checkpoint on torch."""
+    from samout_edge.artifact.engine import is_engine_dir
     from samout_edge.artifact.manifest import is_export_dir
     from samout_edge.runtime.registry import LoadOptions, load_runner
-    from samout_edge.runtime.tensorrt_runner import is_engine_dir, load_trt_runner
 
     if not target.exists():
         raise SamoutError(f"not found: {target}")
     if is_engine_dir(target):
-        return load_trt_runner(target)
+        return load_runner(target.parent.parent, "tensorrt", LoadOptions(engine=target.name))
     if is_export_dir(target):
-        return load_runner(target, backend, LoadOptions(provider=provider, device=device))
+        return load_runner(target, backend, LoadOptions(provider=provider, device=device, engine=provider))
     if backend != "torch":
         raise SamoutError(f"the {backend} backend runs an export directory; {target} is a checkpoint (use --backend torch)")
     require_torch("generate from a checkpoint")

@@ -383,10 +383,10 @@ def bench_run(
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
 ) -> None:
     """Latency and memory of SamOut vs the softmax baseline: prefill and decode, side by side."""
+    from samout_edge.artifact.engine import is_engine_dir
     from samout_edge.bench import report as rep
     from samout_edge.bench.suite import BenchConfig, prepare_exports, run_bench
     from samout_edge.bench.timing import Budget
-    from samout_edge.runtime.tensorrt_runner import is_engine_dir
 
     dirs = list(dirs or [])
     engine_dirs = [d for d in dirs if is_engine_dir(d)]

@@ -124,7 +124,7 @@ def verify(
     started = time.perf_counter()
     directory = Path(directory)
     if not directory.exists():
-        raise SamoutError(f"not found: {directory}")
+        raise SamoutError(f"export directory not found: {directory}")
     export_dir = resolve_engine(directory, engine)[0] if (engine or is_engine_dir(directory)) else directory
     manifest = read_manifest(export_dir)
     progress("checking file hashes", 0, 1)

@@ -1,0 +1,82 @@
+"""Golden outputs travel with the export, so the device verifies with numpy alone,
+and NVIDIA's Polygraphy reads the same files."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from samout_edge.artifact.golden import GoldenIndex, load_golden
+from samout_edge.artifact.manifest import read_manifest
+from samout_edge.errors import SamoutError
+from samout_edge.runtime.verify import verify
+from tests.test_export import rehash
+
+
+def test_golden_cases_cover_what_breaks_graphs(exported):
+    d = exported().directory
+    m = read_manifest(d)
+    golden = load_golden(d, GoldenIndex.from_dict(m.golden))
+    names = [c.name for c in golden.index.cases]
+    assert names[:3] == ["prefill 2x1", "prefill 2x97", "prefill 1x300"]
+    ids = np.concatenate([f["input_ids"].ravel() for f in golden.feeds])
+    assert 0 in ids and m.config.vocab_size - 1 in ids
+    steps = [c for c in golden.index.cases if c.state_from is not None]
+    assert len(steps) == 4 and all(c.seq == 1 and c.batch == 2 for c in steps)
+    assert golden.feeds[0]["past_max.0"].dtype == np.float32
+    assert m.files["golden/inputs.json"]["sha256"] and m.files["golden/outputs.json"]["sha256"]
+
+
+def test_fp16_golden_feeds_are_fp16(exported):
+    d = exported(dtype="fp16").directory
+    m = read_manifest(d)
+    golden = load_golden(d, GoldenIndex.from_dict(m.golden))
+    assert golden.feeds[0]["past_max.0"].dtype == np.float16
+    assert golden.feeds[0]["past_max.0"].min() == np.finfo(np.float16).min
+
+
+def _edit_embedding_row0(directory, values):
+    model = onnx.load(str(directory / "model.onnx"))
+    table = next(t for t in model.graph.initializer if list(t.dims) == [128, 32])
+    array = onnx.numpy_helper.to_array(table).copy()
+    array[0] = values
+    table.CopyFrom(onnx.numpy_helper.from_array(array, table.name))
+    onnx.save(model, str(directory / "model.onnx"))
+
+
+@pytest.mark.parametrize("row", ["linspace", "nan"])
+def test_verify_catches_an_edited_padding_row_even_with_hashes_updated(exported, tmp_path, row):
+    d = tmp_path / "edited"
+    shutil.copytree(exported().directory, d)
+    _edit_embedding_row0(d, np.linspace(-40, 40, 32) if row == "linspace" else np.full(32, np.nan))
+    with pytest.raises(SamoutError, match="does not match the sha256"):
+        verify(d)
+    rehash(d)
+    result = verify(d)
+    assert not result.passed
+    assert any(not c.passed for c in result.checks if c.check.startswith("prefill 2x"))
+
+
+def test_verify_needs_no_torch_reference(exported, monkeypatch):
+    """The golden path never builds a torch runner."""
+    import samout_edge.runtime.torch_runner as tr
+
+    monkeypatch.setattr(tr, "load_torch_runner", lambda *a, **k: pytest.fail("torch used"))
+    result = verify(exported().directory)
+    assert result.passed and result.reference == "golden"
+
+
+def test_polygraphy_reads_and_passes_the_golden_files(exported):
+    """NVIDIA's Polygraphy, given our files, runs the graph in ONNX Runtime and agrees."""
+    pytest.importorskip("polygraphy")
+    d = exported().directory
+    cmd = [str(Path(sys.executable).parent / "polygraphy"), "run", str(d / "model.onnx"), "--onnxrt",
+           "--load-inputs", str(d / "golden/inputs.json"), "--load-outputs", str(d / "golden/outputs.json"),
+           "--atol", "1e-4", "--rtol", "1e-4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PASSED" in proc.stdout + proc.stderr
