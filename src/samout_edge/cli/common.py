@@ -1,0 +1,63 @@
+"""What every command group shares: the root Typer app, choice Enums, list parsing.
+
+Choices are Enums, so Typer itself rejects a bad one with a usage error (exit 2)
+and lists the allowed values in --help; the values come from the library's own
+tables, so the CLI cannot drift from what the library accepts.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import typer
+
+from samout_edge.artifact.config import ARCHS, PRESETS
+from samout_edge.artifact.graph import EXPORT_DTYPES
+from samout_edge.errors import SamoutError
+
+app = typer.Typer(
+    name="samout-edge",
+    help="Export, verify, build and benchmark SamOut (cummax-attention) language models for edge GPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def choices(name: str, values: tuple[str, ...] | list[str]) -> type[Enum]:
+    """A str Enum whose members are ``values`` (Typer shows and checks them)."""
+    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
+Arch = choices("Arch", ARCHS)
+Preset = choices("Preset", tuple(PRESETS))
+DType = choices("DType", EXPORT_DTYPES)
+Lowering = choices("Lowering", ("native", "custom"))
+Scan = choices("Scan", ("auto", "blocked", "doubling"))
+Logits = choices("Logits", ("last", "all"))
+Precision = choices("Precision", ("fp16", "fp32"))
+TorchDevice = choices("TorchDevice", ("auto", "cpu", "cuda"))
+GenerateBackend = choices("GenerateBackend", ("auto", "torch", "ort", "tensorrt"))
+
+
+def value(choice: Enum | None) -> str | None:
+    return None if choice is None else str(choice.value)
+
+
+def parse_int_list(text: str | None, option: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise SamoutError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+def parse_choice_list(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma-separated list of choices; a bad one is a usage error (exit 2)."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [i for i in items if i not in allowed]
+    if bad or not items:
+        raise typer.BadParameter(f"{bad[0] if bad else text!r} is not one of: {', '.join(allowed)}", param_hint=option)
+    return items

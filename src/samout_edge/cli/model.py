@@ -1,0 +1,114 @@
+"""Commands on the workstation side: init and export (need torch), and verify (needs none)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from samout_edge.cli import render
+from samout_edge.cli.common import Arch, DType, Logits, Lowering, Preset, Scan, app, parse_int_list, value
+from samout_edge.cli.ui import console, human_bytes, print_json, progress_bar
+from samout_edge.errors import SamoutError, require_torch
+
+
+@app.command()
+def init(
+    preset: Preset = typer.Option("seed", "--preset", help="Model size: seed (the article's) or tiny."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+    seed: int = typer.Option(0, help="Random seed for the initial weights."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Write a randomly initialised checkpoint (config.json + model.safetensors)."""
+    require_torch("init")
+    from samout_edge.artifact.config import preset as get_preset
+    from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
+
+    config = get_preset(preset.value)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise SamoutError(f"{output} exists; choose another -o, or pass --force to replace it")
+    save_checkpoint(random_checkpoint(config, seed), output)
+    console.print(f"wrote {escape(str(output))} ({preset.value}: {config.parameter_count():,} parameters)", highlight=False)
+
+
+@app.command()
+def export(
+    checkpoint: Optional[Path] = typer.Argument(
+        None, help="Checkpoint directory, or a state_dict file (.pt/.pth/.bin) saved from the seed code."
+    ),
+    preset: Optional[Preset] = typer.Option(None, "--preset", help="Export a randomly initialised preset instead."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    arch: Arch = typer.Option("cummax", help="cummax (SamOut) or softmax (the baseline)."),
+    lowering: Lowering = typer.Option("native", help="native (standard ONNX ops) or custom (CumMax node + fallback body)."),
+    scan: Scan = typer.Option("auto", help="Scan the lowering uses: auto, blocked or doubling."),
+    max_seq: int = typer.Option(2048, "--max-seq", help="Longest sequence the graph must be correct for."),
+    dtype: DType = typer.Option("fp32", help="fp32 or fp16 (a genuinely fp16 graph, LayerNorm kept in fp32)."),
+    logits: Logits = typer.Option("last", help="last (decode, [batch,1,vocab]) or all ([batch,seq,vocab])."),
+    opset: int = typer.Option(18, help="ONNX opset: 18 or newer; 17 for TensorRT 8.5/8.6 (JetPack 5, 6.0)."),
+    decompose_layernorm: bool = typer.Option(
+        False, "--decompose-layernorm", help="Write LayerNorm as mean/variance ops (TensorRT 8.5 has no LayerNormalization)."
+    ),
+    heads: Optional[int] = typer.Option(None, help="Head count for a bare state_dict (default 8)."),
+    seed: int = typer.Option(0, help="Random seed for --preset weights."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the export against PyTorch."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT even if it is not an earlier export."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Export a checkpoint to a verified ONNX artifact directory (model.onnx + export.json)."""
+    require_torch("export")
+    from samout_edge.exporter.onnx_export import ExportOptions
+    from samout_edge.exporter.onnx_export import export as run_export
+
+    options = ExportOptions(
+        arch=arch.value, lowering=lowering.value, scan=scan.value, max_seq=max_seq, dtype=dtype.value, logits=logits.value,
+        opset=opset,
+        decompose_layernorm=decompose_layernorm,
+    )
+    with progress_bar(not json_out) as progress:
+        result = run_export(
+            output, options, checkpoint=checkpoint, preset_name=value(preset), heads=heads, seed=seed,
+            run_verify=verify, force=force, progress=progress,
+        )
+    m = result.manifest
+    if json_out:
+        print_json({"directory": str(result.directory), "seconds": result.seconds, "model_bytes": result.model_bytes,
+                    "timings": result.timings, "manifest": m.to_dict()})
+    else:
+        console.print(
+            f"exported [bold]{m.arch}[/] ({m.dtype}, {m.lowering}/{m.scan['scan']}, max_seq {m.max_seq}) "
+            f"to {escape(str(result.directory))}: model.onnx {human_bytes(result.model_bytes)} in {result.seconds:.1f} s",
+            highlight=False,
+        )
+        if result.verification is not None:
+            render.verification(result.verification)
+    if result.verification is not None and not result.verification.passed:
+        raise SamoutError(f"verification failed; the export is in {result.directory} for inspection")
+
+
+@app.command()
+def verify(
+    directory: Path = typer.Argument(..., help="Export directory."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Recompute with PyTorch from this source checkpoint (needs torch)."),
+    provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda, tensorrt or a full name."),
+    lengths: Optional[str] = typer.Option(None, help="Recompute with PyTorch at these lengths, e.g. 1,1000,4096 (needs torch)."),
+    engine: Optional[str] = typer.Option(None, help="Verify the TensorRT engine built for this profile instead."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check an export (or its engine: DIR/engines/PROFILE) against its golden PyTorch outputs; exits 1 on failure.
+
+    Needs no torch. --lengths or --checkpoint recompute the reference with PyTorch instead."""
+    from samout_edge.runtime.verify import verify as run_verify
+
+    with progress_bar(not json_out) as progress:
+        result = run_verify(directory, provider, parse_int_list(lengths, "--lengths"), engine, checkpoint, progress=progress)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        render.verification(result)
+    if not result.passed:
+        raise SamoutError("verification failed")
+
+
+# --------------------------------------------------------------------------- inspect / doctor

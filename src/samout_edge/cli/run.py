@@ -1,0 +1,204 @@
+"""Commands that run a model: generate, bench and bench op."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typer.core import TyperGroup
+
+from samout_edge.cli import render
+from samout_edge.cli.common import (
+    Arch,
+    DType,
+    GenerateBackend,
+    Lowering,
+    Preset,
+    Scan,
+    TorchDevice,
+    app,
+    parse_choice_list,
+    parse_int_list,
+    value,
+)
+from samout_edge.cli.ui import console, err_console, print_json, progress_bar
+from samout_edge.errors import SamoutError, require_torch
+
+
+@app.command()
+def generate(
+    target: Path = typer.Argument(..., help="Export directory, or a checkpoint (torch backend)."),
+    ids: Optional[str] = typer.Option(None, help="Prompt token ids, e.g. 1,2,3."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt text (needs --vocab)."),
+    vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings: id i is the i-th string."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
+    backend: GenerateBackend = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch, ort or tensorrt."),
+    provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
+    device: TorchDevice = typer.Option("auto", help="torch device."),
+    engine: Optional[str] = typer.Option(None, help="Run the TensorRT engine built for this profile."),
+    arch: Arch = typer.Option("cummax", help="For a checkpoint: cummax or softmax."),
+    heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
+    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0: all)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming."),
+) -> None:
+    """Generate tokens: one prefill call, then one-token decode calls carrying the state."""
+    from samout_edge.artifact.config import check_arch
+    from samout_edge.artifact.manifest import is_export_dir
+    from samout_edge.generate import Sampler, load_generation_runner, parse_prompt, vocab_for
+    from samout_edge.generate import generate as run_generate
+
+    check_arch(arch)
+    if engine:
+        backend, provider = "tensorrt", engine
+    elif backend == "auto":
+        backend = "ort" if is_export_dir(target) else "torch"
+    runner = load_generation_runner(target, backend, provider, device, arch, heads)
+    words = vocab_for(vocab, runner.info.config.vocab_size)
+    prompt_ids = parse_prompt(ids, prompt, words)
+    sampler = Sampler(temperature, top_k, seed)
+
+    def show(token: int) -> None:
+        sys.stdout.write(words.decode(token) if words else f"{token} ")
+        sys.stdout.flush()
+
+    result = run_generate(runner, prompt_ids, max_new_tokens, sampler, None if json_out else show)
+    stats = (f"{runner.name} {runner.info.arch}: prefill {len(result.prompt_ids)} tokens in {result.prefill_s * 1e3:.1f} ms "
+             f"({result.prefill_tokens_per_s:,.0f} tok/s), decode {result.decode_tokens_per_s:,.1f} tok/s")
+    if json_out:
+        print_json({"prompt_ids": result.prompt_ids, "new_ids": result.new_ids,
+                    "text": "".join(words.decode(t) for t in result.new_ids) if words else None,
+                    "prefill_ms": result.prefill_s * 1e3, "prefill_tokens_per_s": result.prefill_tokens_per_s,
+                    "decode_tokens_per_s": result.decode_tokens_per_s, "runner": runner.name, "arch": runner.info.arch})
+    else:
+        sys.stdout.write("\n")
+        err_console.print(stats, highlight=False)
+
+
+class DefaultCommandGroup(TyperGroup):
+    """`bench ARGS` means `bench run ARGS` unless ARGS start with a subcommand name."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args.insert(0, self.default_command)
+        elif not args:
+            args.insert(0, self.default_command)
+        return super().parse_args(ctx, args)
+
+
+bench_app = typer.Typer(
+    cls=DefaultCommandGroup,
+    help="Benchmark SamOut against the softmax baseline (`bench run`, the default) or the cummax op alone (`bench op`).",
+    rich_markup_mode=None,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("run")
+def bench_run(
+    dirs: Optional[list[Path]] = typer.Argument(None, help="Export directories: one (its counterpart is exported) or one per arch."),
+    preset: Optional[Preset] = typer.Option(None, "--preset", help="Bench a randomly initialised preset instead (exported first)."),
+    mode: str = typer.Option("prefill,decode", help="Scenarios: prefill, decode or both."),
+    seq: str = typer.Option("256,1024,4096", help="Prefill sequence lengths."),
+    context: str = typer.Option("256,1024,4096", help="Decode: tokens already in the state."),
+    batch: str = typer.Option("1", help="Batch sizes."),
+    backend: str = typer.Option("torch,ort", help="Backends: torch (eager) and/or ort (every available provider)."),
+    provider: Optional[str] = typer.Option(None, help="ONNX Runtime providers to use (default: all available)."),
+    device: TorchDevice = typer.Option("auto", help="torch device: auto (cuda when present), cpu or cuda."),
+    engine: Optional[str] = typer.Option(None, help="Also bench the TensorRT engines built for this profile."),
+    dtype: DType = typer.Option("fp32", help="With --preset: fp32 or fp16."),
+    lowering: Lowering = typer.Option("native", help="With --preset: native or custom."),
+    scan: Scan = typer.Option("auto", help="With --preset: the lowering's scan (auto, blocked, doubling)."),
+    fast_kernel: bool = typer.Option(True, "--fast-kernel/--no-fast-kernel",
+                                     help="torch on CUDA: the Triton cummax (default) or torch.cummax."),
+    work: Optional[Path] = typer.Option(None, help="Where to keep exports made for the bench (default: a temporary directory)."),
+    warmup: int = typer.Option(2, help="Untimed calls per series."),
+    repeats: int = typer.Option(20, help="Most timed calls per series."),
+    min_repeats: int = typer.Option(3, "--min-repeats", help="Fewest timed calls per series."),
+    budget: float = typer.Option(3.0, help="Seconds per series after which timing stops (once --min-repeats are done)."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (a child process per scenario)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write one record per measurement to this JSON file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write latency and memory plots to this PNG."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
+) -> None:
+    """Latency and memory of SamOut vs the softmax baseline: prefill and decode, side by side."""
+    from samout_edge.artifact.engine import is_engine_dir
+    from samout_edge.bench import report as rep
+    from samout_edge.bench.suite import MODES, BenchConfig, prepare_exports, run_bench
+    from samout_edge.bench.timing import Budget
+    from samout_edge.runtime.registry import BACKENDS
+
+    dirs = list(dirs or [])
+    engine_dirs = [d for d in dirs if is_engine_dir(d)]
+    if engine_dirs:  # DIR/engines/PROFILE: bench that engine, on the tensorrt backend
+        engine = engine or engine_dirs[0].name
+        dirs = [d.parent.parent if is_engine_dir(d) else d for d in dirs]
+        backend = "tensorrt"
+    if engine and "tensorrt" not in backend:
+        backend += ",tensorrt"
+    config = BenchConfig(
+        modes=parse_choice_list(mode, "--mode", MODES),
+        seqs=parse_int_list(seq, "--seq"),
+        contexts=parse_int_list(context, "--context"),
+        batches=parse_int_list(batch, "--batch"),
+        backends=parse_choice_list(backend, "--backend", BACKENDS),
+        providers=[p.strip() for p in provider.split(",")] if provider else None,
+        device=device.value,
+        engine=engine,
+        fast_kernel=fast_kernel,
+        budget=Budget(warmup=warmup, min_repeats=min_repeats, max_repeats=repeats, seconds=budget),
+        memory=memory,
+    ).validate()
+    for path, suffix in ((json_file, ".json"), (plot, ".png"), (markdown, ".md")):
+        if path is not None and path.suffix.lower() != suffix:
+            raise SamoutError(f"{path} should end in {suffix}")
+    with progress_bar() as progress:
+        pair = prepare_exports(dirs, value(preset), work, config.max_seq_needed(), dtype.value, lowering.value,
+                               progress, scan.value)
+        report = run_bench(pair, config, progress)
+    render.bench(report)
+    if json_file:
+        rep.save_json(report, json_file)
+        console.print(f"wrote {json_file} ({len(report.records)} records)")
+    if markdown:
+        rep.save_markdown(report, markdown)
+        console.print(f"wrote {markdown}")
+    if plot:
+        rep.save_plot(report, plot)
+        console.print(f"wrote {plot}")
+
+
+@bench_app.command("op")
+def bench_op_command(
+    shape: str = typer.Option("1,8,8192,64", help="Tensor shape [batch, heads, seq, head_dim]."),
+    dtype: DType = typer.Option("fp32", help="fp32 or fp16."),
+    axis: int = typer.Option(2, help="Scan axis (2: sequence, 1: heads)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Unroll the lowerings for this length (an export's max_seq); default: the axis length."),
+    device: TorchDevice = typer.Option("auto", help="torch device for torch.cummax and the copy: auto, cpu or cuda."),
+    repeats: int = typer.Option(30, help="Most timed calls per candidate."),
+    budget: float = typer.Option(2.0, help="Seconds per candidate after which timing stops."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
+) -> None:
+    """The cummax op alone: torch.cummax vs each ONNX lowering in ONNX Runtime vs a plain copy."""
+    from samout_edge.artifact.files import write_bytes_atomic, write_json_atomic
+    require_torch("bench op (torch.cummax and the copy are its yardsticks)")
+    from samout_edge.bench.op import bench_op, to_markdown
+    from samout_edge.bench.timing import Budget
+
+    dims = parse_int_list(shape, "--shape")
+    with progress_bar() as progress:
+        report = bench_op(dims, dtype.value, axis, max_len, budget=Budget(2, min(5, repeats), repeats, budget),
+                          device=device.value, progress=progress)
+    render.bench_op(report, dims, dtype.value, axis)
+    if json_file:
+        write_json_atomic(json_file, report.to_dict())
+        console.print(f"wrote {json_file}")
+    if markdown:
+        write_bytes_atomic(markdown, to_markdown(report).encode())
+        console.print(f"wrote {markdown}")
