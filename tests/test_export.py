@@ -5,9 +5,9 @@ import onnx
 import pytest
 
 from samout_edge.artifact.files import sha256_file
+from samout_edge.artifact.golden import golden_lengths
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.errors import SamoutError
-from samout_edge.exporter.golden import golden_lengths
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.runtime.ort_runner import load_ort_runner
 from samout_edge.runtime.verify import verify

@@ -13,36 +13,19 @@ import numpy as np
 import torch
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.golden import MAX_OUTPUT_BYTES, Golden, GoldenCase, GoldenIndex
+from samout_edge.artifact.golden import (
+    BATCH2_UP_TO,
+    DECODE_PREFILL,
+    DECODE_STEPS,
+    MAX_OUTPUT_BYTES,
+    Golden,
+    GoldenCase,
+    GoldenIndex,
+    golden_ids,
+    golden_lengths,
+)
 from samout_edge.artifact.manifest import Manifest
 from samout_edge.models.model import SamOut
-
-DECODE_PREFILL = 11
-DECODE_STEPS = 4
-BATCH2_UP_TO = 128  # longer cases run batch 1, to keep the golden files small
-
-
-def largest_prime_at_most(n: int) -> int | None:
-    for p in range(n, 1, -1):
-        if all(p % d for d in range(2, int(p**0.5) + 1)):
-            return p
-    return None
-
-
-def golden_lengths(max_seq: int, trace_seq: int) -> list[int]:
-    """1, a prime near 100, and max_seq; never the traced length where avoidable."""
-    prime = largest_prime_at_most(min(100, max_seq))
-    if prime == trace_seq:
-        prime = largest_prime_at_most(prime - 1)
-    return sorted({1, max_seq} | ({prime} if prime else set()))
-
-
-def golden_ids(rng: np.random.Generator, vocab: int, batch: int, seq: int) -> np.ndarray:
-    """Random ids with 0 first in row 0 and vocab-1 last in the last row."""
-    ids = rng.integers(0, vocab, (batch, seq))
-    ids[0, 0] = 0
-    ids[-1, -1] = vocab - 1
-    return ids
 
 
 def record_golden(model: SamOut, manifest: Manifest) -> Golden:

@@ -25,7 +25,14 @@ import numpy as np
 from samout_edge import lowering as low
 from samout_edge.artifact import graph
 from samout_edge.artifact.engine import is_engine_dir, resolve_engine
-from samout_edge.artifact.golden import GoldenIndex, load_golden
+from samout_edge.artifact.golden import (
+    DECODE_PREFILL,
+    DECODE_STEPS,
+    GoldenIndex,
+    golden_ids,
+    golden_lengths,
+    load_golden,
+)
 from samout_edge.artifact.manifest import Manifest, check_files, read_manifest
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
@@ -183,7 +190,6 @@ def _against_golden(actual, export_dir: Path, manifest: Manifest, rtol: float, p
 def _against_pytorch(actual, export_dir: Path, manifest: Manifest, lengths: list[int] | None,
                      checkpoint: str | Path | None, rtol: float, progress: Progress) -> VerifyResult:
     require_torch("verify --lengths/--checkpoint (recomputing with PyTorch)")
-    from samout_edge.exporter.golden import DECODE_PREFILL, DECODE_STEPS, golden_ids, golden_lengths
     from samout_edge.models.checkpoint import source_checkpoint
     from samout_edge.runtime.torch_runner import load_torch_runner
 
