@@ -9,13 +9,17 @@ OUT    ?= out
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test device-test lint clean
 
+# The workstation side and every test tool. tensorrt-stubs goes in without its
+# dependencies: they are download stubs for a host this network cannot reach.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[export,tensorrt,plot,dev]'
+	$(BIN)/pip install -q 'triton>=3.3' openvino
+	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,8 +40,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The device side: Python 3.10 (JetPack 6's), core install, no torch (.ci/device-side).
+device-test: install
+	.ci/device-side
+
 lint: install
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf $(OUT) .pytest_cache .venv-device

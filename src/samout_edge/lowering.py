@@ -327,6 +327,9 @@ def standalone_model(
         graph,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)],
         producer_name="samout-edge",
+        # the oldest IR the opset allows, not this onnx's newest: older runtimes
+        # (ONNX Runtime 1.23 on Python 3.10) refuse IR versions they do not know
+        ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", opset)]),
     )
     lower_cummax(model, lowering, plan, {axis: static_len} if static_len else None, elem)
     return model

@@ -117,15 +117,17 @@ def prepare_exports(
     scan: str = "auto",
 ) -> dict[str, Path]:
     """One export per arch from the same checkpoint: given, derived, or made from a preset."""
-    from samout_edge.exporter.onnx_export import ExportOptions, export
-
     if preset and dirs:
         raise SamoutError("give export directories or --preset, not both")
     if not preset and not dirs:
         raise SamoutError("give one or two export directories, or --preset NAME")
     if len(dirs) > 2:
         raise SamoutError("give at most two export directories (one per arch)")
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="samout-bench-"))
+    if preset or len(dirs) == 1:
+        require_torch("bench with --preset or one export (it exports the other arch); give one export per arch")
+        from samout_edge.exporter.onnx_export import ExportOptions, export
+
+        work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="samout-bench-"))
 
     if preset:
         first = work / "cummax"

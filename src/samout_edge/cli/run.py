@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Optional
@@ -154,6 +155,8 @@ def bench_run(
         budget=Budget(warmup=warmup, min_repeats=min_repeats, max_repeats=repeats, seconds=budget),
         memory=memory,
     ).validate()
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise SamoutError("--plot needs matplotlib: pip install 'samout-edge[plot]'")
     for path, suffix in ((json_file, ".json"), (plot, ".png"), (markdown, ".md")):
         if path is not None and path.suffix.lower() != suffix:
             raise SamoutError(f"{path} should end in {suffix}")
