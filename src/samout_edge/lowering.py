@@ -165,17 +165,19 @@ def emit_cummax(
     outer = g.op("Slice", [flat_shape, g.const([0]), g.const([1])])
     inner = g.op("Div", [g.op("Slice", [flat_shape, g.const([1]), g.const([2])]), length])
     x3 = g.op("Reshape", [flat, g.op("Concat", [outer, length, inner], axis=0)])
-    if elem_type is None:
-        neg_inf = g.op("CastLike", [g.const(-np.inf, np.float32), x])
-    else:
-        neg_inf = g.const(-np.inf, onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+    def neg_inf() -> str:
+        """The padding value, emitted only by scans that pad (no dead Constant nodes)."""
+        if elem_type is None:
+            return g.op("CastLike", [g.const(-np.inf, np.float32), x])
+        return g.const(-np.inf, onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
     if static_len is not None and static_len <= MAX_SEQUENTIAL_LEN:
         y3 = _sequential(g, x3, 1, static_len)
     elif plan.scan == "doubling":
-        y3 = _doubling(g, x3, plan.max_len, neg_inf)
+        y3 = _doubling(g, x3, plan.max_len, neg_inf())
     else:
-        y3 = _blocked(g, x3, length, outer, inner, plan, neg_inf)
+        y3 = _blocked(g, x3, length, outer, inner, plan, neg_inf())
     g.op("Reshape", [y3, shape], outputs=[y])
 
 
@@ -355,3 +357,32 @@ def register_placeholder_schema() -> None:
         ],
     )
     onnx.defs.register_schema(schema)
+
+
+def guard_length(model: onnx.ModelProto, input_name: str, axis: int, max_len: int, outputs: list[str],
+                 elem_type: int) -> onnx.ModelProto:
+    """Make ``outputs`` NaN when ``input_name``'s ``axis`` is longer than ``max_len``.
+
+    An unrolled scan is wrong past the length it was unrolled for, and a wrong
+    finite answer is the worst kind; a NaN is loud in every runtime and stays NaN
+    through the state into every later call. Costs five tiny nodes per graph.
+    """
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    g = GraphBuilder("length_guard", opset)
+    shape = g.op("Shape", [input_name])
+    length = g.op("Slice", [shape, g.const([axis]), g.const([axis + 1])])
+    too_long = g.op("Greater", [length, g.const([max_len])])
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    poison = g.op("Where", [too_long, g.const([np.nan], np_type), g.const([0.0], np_type)])
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for name in outputs:
+        unguarded = f"{name}_unguarded"
+        node = producers[name]
+        node.output[list(node.output).index(name)] = unguarded
+        for consumer in model.graph.node:  # the graph may read the output internally too
+            for i, inp in enumerate(consumer.input):
+                if inp == name:
+                    consumer.input[i] = unguarded
+        g.op("Add", [unguarded, poison], outputs=[name])
+    model.graph.node.extend(g.nodes)
+    return model

@@ -113,6 +113,16 @@ def is_export_dir(path: str | Path) -> bool:
     return isinstance(data, dict) and data.get("producer") == PRODUCER and isinstance(data.get("files"), dict)
 
 
+def previous_export_files(directory: Path) -> list[str] | None:
+    """The files an earlier export at ``directory`` wrote (its manifest's list and
+    the manifest itself); None when what is there is not an export of ours."""
+    if not is_export_dir(directory):
+        return None
+    data = json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    names = [str(n) for n in data["files"] if isinstance(n, str) and ".." not in Path(n).parts and not Path(n).is_absolute()]
+    return [*names, MANIFEST_FILE]
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     directory = Path(directory)
     if not directory.exists():

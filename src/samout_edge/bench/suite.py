@@ -8,6 +8,8 @@ them into cummax/softmax ratios.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import numpy as np
 
 from samout_edge.artifact import graph
 from samout_edge.artifact.config import ARCHS
+from samout_edge.artifact.files import check_output_dir
 from samout_edge.artifact.manifest import Manifest, read_manifest
 from samout_edge.bench import machine
 from samout_edge.bench.memory import MemorySpec, measure_in_child
@@ -106,6 +109,17 @@ class BenchReport:
 # --------------------------------------------------------------------------- exports
 
 
+@contextmanager
+def bench_workspace(work: Path | None) -> Iterator[Path]:
+    """Where bench keeps the exports it makes: ``--work`` (kept), or a temporary
+    directory removed when the bench ends, fails or is interrupted."""
+    if work is not None:
+        yield check_output_dir(work, "--work")
+        return
+    with tempfile.TemporaryDirectory(prefix="samout-bench-") as tmp:
+        yield Path(tmp)
+
+
 def prepare_exports(
     dirs: list[Path],
     preset: str | None,
@@ -127,14 +141,16 @@ def prepare_exports(
         require_torch("bench with --preset or one export (it exports the other arch); give one export per arch")
         from samout_edge.exporter.onnx_export import ExportOptions, export
 
-        work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="samout-bench-"))
+        if work_dir is None:
+            raise SamoutError("bench needs a work directory for the exports it makes (see bench_workspace)")
+        work = Path(work_dir)
 
     if preset:
         first = work / "cummax"
         options = ExportOptions("cummax", lowering, scan, max_seq=max_seq, dtype=dtype)
         if not _reusable(first, preset, options):
             progress(f"exporting {preset} (cummax) for ONNX Runtime", 0, 2)
-            export(first, options, preset_name=preset, force=True)
+            export(first, options, preset_name=preset)
         dirs = [first]
 
     manifests = [read_manifest(d) for d in dirs]
@@ -155,7 +171,7 @@ def prepare_exports(
         if not source.is_absolute():
             source = dirs[0] / source
         options = ExportOptions(other, made.lowering, made.scan["scan"], made.max_seq, made.dtype, made.logits, made.opset)
-        export(target, options, checkpoint=source, heads=None if source.is_dir() else made.config.num_heads, force=True)
+        export(target, options, checkpoint=source, heads=None if source.is_dir() else made.config.num_heads)
     pair[other] = target
     return pair
 

@@ -7,7 +7,10 @@ live by group in model.py, inspect_doctor.py, tensorrt.py and run.py.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import traceback
 
 import typer
@@ -34,26 +37,43 @@ def root(
     """Export, verify, build and benchmark SamOut (cummax-attention) language models for edge GPUs."""
 
 
+def printable(text: str) -> str:
+    """Control characters in user-given names (a path with an escape sequence) are shown escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds like an exception: staging directories are removed
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: Typer reports usage errors itself (exit 2); SamoutError becomes one line."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         app(args=args, prog_name="samout-edge")
     except SamoutError as e:
         if debug:
             traceback.print_exc()
-        err_console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(printable(str(e)))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except BrokenPipeError:
+        # the reader went away (`samout-edge inspect DIR | head -1`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
     except Exception as e:
         if debug:
             raise
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         err_console.print(
-            f"[red]error:[/] unexpected {type(e).__name__}: {escape(first_line)} (rerun with --debug for the traceback)",
+            f"[red]error:[/] unexpected {type(e).__name__}: {escape(printable(first_line))} "
+            "(rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from samout_edge.artifact.files import check_output_dir
 from samout_edge.cli import render
 from samout_edge.cli.common import Arch, DType, Logits, Lowering, Preset, Scan, app, parse_int_list, value
 from samout_edge.cli.ui import console, human_bytes, print_json, progress_bar
@@ -19,7 +20,7 @@ def init(
     preset: Preset = typer.Option("seed", "--preset", help="Model size: seed (the article's) or tiny."),
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
     seed: int = typer.Option(0, help="Random seed for the initial weights."),
-    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier checkpoint at OUTPUT (other files there are kept)."),
 ) -> None:
     """Write a randomly initialised checkpoint (config.json + model.safetensors)."""
     require_torch("init")
@@ -27,9 +28,11 @@ def init(
     from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
 
     config = get_preset(preset.value)
+    output = check_output_dir(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise SamoutError(f"{output} exists; choose another -o, or pass --force to replace it")
-    save_checkpoint(random_checkpoint(config, seed), output)
+        raise SamoutError(f"{output} exists; choose another -o, or pass --force to replace an earlier checkpoint "
+                          "(or to add one beside other files, removing none of them)")
+    save_checkpoint(random_checkpoint(config, seed), output, force)
     console.print(f"wrote {escape(str(output))} ({preset.value}: {config.parameter_count():,} parameters)", highlight=False)
 
 
@@ -53,7 +56,7 @@ def export(
     heads: Optional[int] = typer.Option(None, help="Head count for a bare state_dict (default 8)."),
     seed: int = typer.Option(0, help="Random seed for --preset weights."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the export against PyTorch."),
-    force: bool = typer.Option(False, "--force", help="Replace OUTPUT even if it is not an earlier export."),
+    force: bool = typer.Option(False, "--force", help="Write into OUTPUT even if it is not an earlier export (nothing there is removed)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a checkpoint to a verified ONNX artifact directory (model.onnx + export.json)."""

@@ -129,8 +129,9 @@ def bench_run(
 ) -> None:
     """Latency and memory of SamOut vs the softmax baseline: prefill and decode, side by side."""
     from samout_edge.artifact.engine import is_engine_dir
+    from samout_edge.artifact.files import check_writable_file
     from samout_edge.bench import report as rep
-    from samout_edge.bench.suite import MODES, BenchConfig, prepare_exports, run_bench
+    from samout_edge.bench.suite import MODES, BenchConfig, bench_workspace, prepare_exports, run_bench
     from samout_edge.bench.timing import Budget
     from samout_edge.runtime.registry import BACKENDS
 
@@ -160,8 +161,11 @@ def bench_run(
     for path, suffix in ((json_file, ".json"), (plot, ".png"), (markdown, ".md")):
         if path is not None and path.suffix.lower() != suffix:
             raise SamoutError(f"{path} should end in {suffix}")
-    with progress_bar() as progress:
-        pair = prepare_exports(dirs, value(preset), work, config.max_seq_needed(), dtype.value, lowering.value,
+    for path, option in ((json_file, "--json"), (plot, "--plot"), (markdown, "--markdown")):
+        if path is not None:
+            check_writable_file(path, option)
+    with progress_bar() as progress, bench_workspace(work) as work_dir:
+        pair = prepare_exports(dirs, value(preset), work_dir, config.max_seq_needed(), dtype.value, lowering.value,
                                progress, scan.value)
         report = run_bench(pair, config, progress)
     render.bench(report)

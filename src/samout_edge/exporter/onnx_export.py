@@ -26,9 +26,15 @@ from torch import nn
 from samout_edge import lowering as low
 from samout_edge.artifact import graph
 from samout_edge.artifact.config import ModelConfig, check_arch, preset
-from samout_edge.artifact.files import staging_dir
+from samout_edge.artifact.files import check_output_dir, staging_dir
 from samout_edge.artifact.golden import save_golden
-from samout_edge.artifact.manifest import CHECKPOINT_DIR, MODEL_FILE, Manifest, is_export_dir, record_file
+from samout_edge.artifact.manifest import (
+    CHECKPOINT_DIR,
+    MODEL_FILE,
+    Manifest,
+    previous_export_files,
+    record_file,
+)
 from samout_edge.errors import SamoutError
 from samout_edge.exporter.golden import record_golden
 from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
@@ -175,7 +181,10 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
 def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[int, int]) -> onnx.ModelProto:
     """Lower cummax, pin the I/O contract, and make the file self-describing."""
     plan = low.ScanPlan(**manifest.scan)
-    low.lower_cummax(model, manifest.lowering, plan, static_lengths, graph.dtype(manifest.dtype).onnx)
+    elem_type = graph.dtype(manifest.dtype).onnx
+    low.lower_cummax(model, manifest.lowering, plan, static_lengths, elem_type)
+    if manifest.arch == "cummax":  # the sequence scan is unrolled for max_seq: past it, NaN (softmax has no limit)
+        low.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs], elem_type)
     if manifest.opset < 18:
         downgrade_split(model)
     for value, spec in zip(list(model.graph.input) + list(model.graph.output), manifest.inputs + manifest.outputs):
@@ -229,13 +238,21 @@ def save_model(model: onnx.ModelProto, directory: Path) -> list[str]:
     return [MODEL_FILE]
 
 
-def check_output_dir(out: Path, force: bool) -> None:
+def check_target(out: Path, force: bool, checkpoint: str | Path | None) -> Path:
+    """Fail before minutes of tracing: the target must be new, empty, an earlier
+    export of ours, or (with --force) a directory we only add to."""
+    out = check_output_dir(out)
     if out.exists() and not out.is_dir():
         raise SamoutError(f"{out} exists and is a file; choose another -o")
-    if out.is_dir() and any(out.iterdir()) and not is_export_dir(out) and not force:
-        raise SamoutError(
-            f"{out} exists and is not a samout-edge export; choose another -o, or pass --force to replace it"
-        )
+    if out.is_dir() and any(out.iterdir()) and previous_export_files(out) is None and not force:
+        raise SamoutError(f"{out} exists and is not a samout-edge export; choose another -o, or pass --force "
+                          "to add the export beside what is there (nothing of it is removed)")
+    if checkpoint is not None:
+        source = Path(checkpoint).resolve()
+        if source == out.resolve() or out.resolve() in source.parents:
+            raise SamoutError(f"the checkpoint {checkpoint} is inside -o {out}, which the export replaces; "
+                              "export to another directory")
+    return out
 
 
 def trace_shape(max_seq: int) -> tuple[int, int]:
@@ -266,7 +283,7 @@ def export(
     out = Path(out)
     if (checkpoint is None) == (preset_name is None):
         raise SamoutError("give either a CHECKPOINT or --preset NAME (not both)")
-    check_output_dir(out, force)
+    out = check_target(out, force, checkpoint)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     total = 5 + (1 if run_verify else 0)
@@ -281,7 +298,7 @@ def export(
             raise SamoutError(f"--heads {heads} contradicts preset {preset_name!r} ({config.num_heads} heads)")
         ckpt = None
 
-    with staging_dir(out) as stage:
+    with staging_dir(out, previous_export_files, force) as stage:
         if ckpt is None:
             save_checkpoint(random_checkpoint(config, seed), stage / CHECKPOINT_DIR)
             ckpt = load_checkpoint(stage / CHECKPOINT_DIR)

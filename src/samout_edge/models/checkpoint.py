@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from samout_edge.artifact.config import ModelConfig
-from samout_edge.artifact.files import read_json, sha256_file, staging_dir, write_json_atomic
+from samout_edge.artifact.files import make_readable, read_json, sha256_file, staging_dir, write_json_atomic
 from samout_edge.artifact.manifest import Manifest
 from samout_edge.errors import SamoutError
 from samout_edge.models.model import SamOut
@@ -42,14 +43,27 @@ class Checkpoint:
         return model.to(dtype).eval()
 
 
-def save_checkpoint(model: SamOut, directory: str | Path) -> Path:
-    """Write ``model`` as a checkpoint directory, atomically."""
+def previous_checkpoint_files(directory: Path) -> list[str] | None:
+    """The files an earlier checkpoint of ours at ``directory`` holds; None if it is not ours."""
+    try:
+        data = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != "samout-edge":
+        return None
+    return [CONFIG_FILE, WEIGHTS_FILE]
+
+
+def save_checkpoint(model: SamOut, directory: str | Path, force: bool = False) -> Path:
+    """Write ``model`` as a checkpoint directory, atomically; an earlier checkpoint
+    of ours is replaced, anything else refused unless ``force`` (which removes nothing)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    with staging_dir(directory) as stage:
+    with staging_dir(directory, previous_checkpoint_files, force) as stage:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(stage / WEIGHTS_FILE))
+        make_readable(stage / WEIGHTS_FILE)
         write_json_atomic(stage / CONFIG_FILE, {"format": "samout-edge", **model.config.to_dict()})
     return directory
 

@@ -1,0 +1,195 @@
+"""What a hostile user tries, each a test that failed before issue 9's fixes:
+nothing lost, nothing silently wrong, one clear line per bad input."""
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from samout_edge.artifact.manifest import read_manifest
+from samout_edge.exporter.onnx_export import ExportOptions, export
+from samout_edge.runtime.ort_runner import load_ort_runner
+from tests.test_cli import one_error_line
+
+CLI = [sys.executable, "-m", "samout_edge"]
+
+
+# ------------------------------------------------------------------ data loss
+
+
+def test_a_foreign_export_json_does_not_make_a_directory_ours(run_cli, tmp_path):
+    p = tmp_path / "P"
+    (p / "src").mkdir(parents=True)
+    (p / "export.json").write_text('{"name": "x"}')
+    (p / "src" / "main.py").write_text("code")
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", p, "--max-seq", "8")
+    assert code == 1 and "not a samout-edge export" in one_error_line(err)
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", p, "--max-seq", "8", "--force")
+    assert code == 1 and "export.json is in the way" in one_error_line(err)
+    assert (p / "src" / "main.py").read_text() == "code" and (p / "export.json").read_text() == '{"name": "x"}'
+
+
+def test_force_adds_beside_foreign_files_and_removes_nothing(run_cli, tmp_path):
+    p = tmp_path / "P"
+    (p / "src").mkdir(parents=True)
+    (p / "src" / "main.py").write_text("code")
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", p, "--max-seq", "8", "--force")
+    assert code == 0, err
+    assert (p / "src" / "main.py").read_text() == "code" and read_manifest(p).max_seq == 8
+
+
+def test_replacing_an_export_keeps_what_its_manifest_does_not_list(run_cli, tmp_path):
+    p = tmp_path / "P"
+    assert run_cli("export", "--preset", "tiny", "-o", p, "--max-seq", "8")[0] == 0
+    (p / "notes.txt").write_text("mine")
+    (p / "engines" / "x").mkdir(parents=True)
+    (p / "engines" / "x" / "engine.json").write_text("{}")
+    (p / "golden" / "my-extra.json").write_text("[]")
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", p, "--max-seq", "16")
+    assert code == 0, err
+    assert read_manifest(p).max_seq == 16
+    assert (p / "notes.txt").read_text() == "mine" and (p / "engines" / "x" / "engine.json").exists()
+    assert (p / "golden" / "my-extra.json").exists()
+    assert not [e for e in tmp_path.iterdir() if e.name.startswith(".samout")]
+
+
+def test_bench_work_never_replaces_what_is_not_ours(run_cli, exported, tmp_path):
+    work = tmp_path / "WK"
+    (work / "cummax").mkdir(parents=True)
+    (work / "cummax" / "data.bin").write_text("keep")
+    code, _, err = run_cli("bench", "--preset", "tiny", "--work", work, "--seq", "8", "--context", "8",
+                           "--backend", "ort", "--budget", "0.05", "--no-memory")
+    assert code == 1 and "not a samout-edge export" in one_error_line(err)
+    assert (work / "cummax" / "data.bin").read_text() == "keep"
+
+
+def test_exporting_an_exports_own_checkpoint_into_it_is_refused(run_cli, tmp_path):
+    d = tmp_path / "D"
+    assert run_cli("export", "--preset", "tiny", "-o", d, "--max-seq", "8")[0] == 0
+    code, _, err = run_cli("export", d / "checkpoint", "-o", d, "--max-seq", "8")
+    assert code == 1 and "is inside -o" in one_error_line(err)
+    assert run_cli("verify", d)[0] == 0
+
+
+@pytest.mark.parametrize("target", ["", ".", "~", "/", ".."])
+def test_dangerous_output_paths_are_refused(run_cli, tmp_path, monkeypatch, target):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    (work / "keep.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    for command in (["init", "--preset", "tiny"], ["export", "--preset", "tiny", "--max-seq", "8"]):
+        code, _, err = run_cli(*command, "-o", target, "--force")
+        assert code == 1 and "error:" in err, (command, target, err)
+    assert (work / "keep.txt").read_text() == "keep" and sorted(p.name for p in work.iterdir()) == ["keep.txt"]
+
+
+def test_a_250_character_directory_name_works(tmp_path):
+    out = tmp_path / ("d" * 250)
+    export(out, ExportOptions(max_seq=8), preset_name="tiny", run_verify=False)
+    assert read_manifest(out).max_seq == 8
+
+
+def test_artifacts_are_readable_by_others_under_umask_022(tmp_path):
+    old = os.umask(0o022)
+    try:
+        export(tmp_path / "e", ExportOptions(max_seq=8), preset_name="tiny", run_verify=False)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "e").rglob("*"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o044 == 0o044, f"{path} is {oct(mode)}"
+
+
+def test_stale_staging_of_a_killed_export_is_removed_by_the_next_run(tmp_path):
+    """kill -9 mid-export leaves a staging directory; the next run into that parent removes it."""
+    proc = subprocess.Popen([*CLI, "export", "--preset", "tiny", "-o", str(tmp_path / "e"), "--max-seq", "8"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not [p for p in tmp_path.iterdir() if p.name.startswith(".samout-stage-")]:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".samout-stage-")], "no staging dir seen"
+    assert not (tmp_path / "e").exists()
+    export(tmp_path / "f", ExportOptions(max_seq=8), preset_name="tiny", run_verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_sigterm_removes_the_staging_directory(tmp_path):
+    proc = subprocess.Popen([*CLI, "export", "--preset", "tiny", "-o", str(tmp_path / "e"), "--max-seq", "8"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not [p for p in tmp_path.iterdir() if p.name.startswith(".samout-stage-")]:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0 and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ wrong results
+
+
+@pytest.mark.parametrize("lowering", ["native", "custom"])
+def test_past_max_seq_the_graph_returns_nan_never_a_finite_wrong_answer(exported, lowering):
+    runner = load_ort_runner(exported(lowering=lowering).directory)  # max_seq 300
+    ids = np.random.default_rng(0).integers(0, 128, (1, 1000))
+    for seq in (300, 301, 400, 1000):
+        logits, state = runner.run(ids[:, :seq], runner.initial_state(1))
+        assert np.isnan(logits).all() == (seq > 300) and np.isfinite(logits).all() == (seq <= 300)
+    next_logits, _ = runner.run(ids[:, :1], state)  # the poison stays in the state
+    assert np.isnan(next_logits).all()
+
+
+def test_max_seq_in_the_graph_wins_over_an_edited_manifest(exported, tmp_path):
+    d = tmp_path / "edited"
+    shutil.copytree(exported().directory, d)
+    data = json.loads((d / "export.json").read_text())
+    data["max_seq"] = 4096
+    (d / "export.json").write_text(json.dumps(data))
+    with pytest.raises(Exception, match="one of them was edited"):
+        load_ort_runner(d)
+
+
+# ------------------------------------------------------------------ output
+
+
+def test_markup_in_paths_is_printed_verbatim(run_cli, tmp_path):
+    for name in ("a[/]b", "[bold]loud"):
+        out = tmp_path / name
+        code, stdout, err = run_cli("export", "--preset", "tiny", "-o", out, "--max-seq", "8")
+        assert code == 0, err
+        assert name in stdout.replace("\n", "")
+
+
+def test_a_closed_pipe_is_quiet(exported):
+    d = exported().directory
+    proc = subprocess.run(f"{sys.executable} -m samout_edge inspect {d} | head -1", shell=True, capture_output=True,
+                          text=True, executable="/bin/bash")
+    assert proc.stderr == "" and proc.stdout.count("\n") == 1
+
+
+# ------------------------------------------------------------------ portable graphs
+
+
+def test_exports_have_no_dead_nodes_and_onnxruntime_warns_nothing(exported):
+    script = ("import onnxruntime as ort, sys; o = ort.SessionOptions(); o.log_severity_level = 1; "
+              "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])")
+    for arch in ("cummax", "softmax"):
+        for lowering in ("native", "custom"):
+            path = exported(arch=arch, lowering=lowering).directory / "model.onnx"
+            model = onnx.load(str(path))
+            used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+            dead = [n.name for n in model.graph.node if not any(o in used for o in n.output)]
+            assert not dead, f"{arch}/{lowering}: dead nodes {dead[:3]}"
+            proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+            warnings = [line for line in proc.stderr.splitlines() if "W:onnxruntime" in line or "not used" in line]
+            assert proc.returncode == 0 and not warnings, warnings[:3]
