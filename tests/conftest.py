@@ -60,11 +60,10 @@ def _deterministic():
 
 
 def _tensorrt_available() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available()
+    """Real TensorRT (not tensorrt-stubs' namespace package) and a CUDA GPU."""
+    from samout_edge.tensorrt.versions import installed_version
+
+    return installed_version() is not None and torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -28,9 +28,21 @@ def test_block_sizes_fill_the_gpu():
     assert bl >= 2 and bq >= 8
 
 
-@pytest.mark.skipif(not triton_available(), reason="Triton is not installed (it ships with CUDA builds of torch)")
+def test_aot_block_sizes():
+    """Compiled before shapes are known: a tight tile for a fixed short axis (heads), the long-sequence tile otherwise."""
+    from samout_edge.kernels.tiling import TILE_ELEMENTS, aot_block_sizes
+
+    assert aot_block_sizes(None) == (256, 16)
+    assert aot_block_sizes(8) == (8, 64) and aot_block_sizes(1) == (2, 64) and aot_block_sizes(5) == (8, 64)
+    assert all(bl * bq <= TILE_ELEMENTS for bl, bq in map(aot_block_sizes, (None, 1, 8, 64, 4096)))
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed (it ships with CUDA builds of torch; "
+                                                     "CI installs it as a dev package)")
 def test_kernel_logic_in_the_triton_interpreter():
-    """The kernel itself, run by Triton's CPU interpreter: bit-exact, NaN propagated."""
+    """The kernel itself, run by Triton's CPU interpreter: bit-exact, NaN propagated, with the
+    eager tiles and the plugin's ahead-of-time tiles. TRITON_INTERPRET must be set before
+    triton is imported, so this runs in a fresh interpreter."""
     script = """
 import torch
 from samout_edge.kernels.triton_cummax import cummax
@@ -43,6 +55,17 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
 x = torch.randn(1, 1, 40, 2)
 x[0, 0, 5, 0] = float("nan")
 assert torch.equal(torch.cummax(x, 2).values.isnan(), cummax(x, 2).isnan())
+# the tiles the TensorRT plugin compiles ahead of time (kernels.tiling.aot_block_sizes)
+import triton
+from samout_edge.kernels.tiling import aot_block_sizes, split_shape
+from samout_edge.kernels.triton_cummax import cummax_kernel
+for shape, dim, static in [((2, 8, 37, 16), 1, 8), ((1, 4, 300, 8), 2, None), ((3, 5, 7), 2, None)]:
+    x = torch.randn(shape).to(torch.float16)
+    y = torch.empty_like(x)
+    P, L, Q = split_shape(shape, dim)
+    bl, bq = aot_block_sizes(static)
+    cummax_kernel[(P * triton.cdiv(Q, bq),)](x, P, L, Q, y, BLOCK_L=bl, BLOCK_Q=bq)
+    assert torch.equal(y.view(torch.int16), torch.cummax(x, dim).values.view(torch.int16)), (shape, dim)
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from samout_edge.cli import render
 from samout_edge.cli.common import DType, Precision, Preset, app, parse_int_list, value
@@ -76,8 +77,10 @@ def build(
     if json_out:
         print_json({"engine": str(result.engine), "seconds": result.seconds, "bytes": result.engine_bytes, **result.meta})
     else:
-        console.print(f"built {result.engine} ({human_bytes(result.engine_bytes)}) in {result.seconds:.0f} s "
-                      f"with TensorRT {result.meta['tensorrt']} on {result.meta['gpu']}")
+        console.print(escape(f"built {result.engine} ({human_bytes(result.engine_bytes)}) in {result.seconds:.0f} s "
+                             f"with TensorRT {result.meta['tensorrt']} on {result.meta['gpu']}"), highlight=False)
+        for note in result.notes:
+            console.print(f"note: {escape(note)}", highlight=False)
 
 
 @app.command()

@@ -29,3 +29,16 @@ def block_sizes(P: int, L: int, Q: int, programs_wanted: int) -> tuple[int, int]
         block_q //= 2
     block_l = max(2, min(_pow2_at_least(L), _pow2_at_most(TILE_ELEMENTS // block_q)))
     return block_l, block_q
+
+
+def aot_block_sizes(static_len: int | None) -> tuple[int, int]:
+    """Tiles for a kernel compiled before the shapes are known (the TensorRT plugin).
+
+    A scan axis whose length the graph fixes (the head axis) gets a tile just tall
+    enough for it and wide rows; a dynamic one (the sequence) gets the long-sequence
+    tile, 16 columns x 256 rows, as block_sizes picks for [8, 8, 8192, 64].
+    """
+    if static_len is not None and static_len >= 1:
+        block_q = 64
+        return max(2, min(_pow2_at_least(static_len), TILE_ELEMENTS // block_q)), block_q
+    return TILE_ELEMENTS // MIN_BLOCK_Q, MIN_BLOCK_Q

@@ -8,18 +8,28 @@ Max is exact in any float type; values are widened to fp32 only so one kernel
 serves fp32, fp16 and bf16, and narrowing back is exact. NaN propagates, as in
 torch.cummax.
 
-The same kernel is compiled ahead of time for the TensorRT plugin
-(kernels/trt_plugin.py); its argument order (x, P, L, Q, y) is the one
-TensorRT's quickly deployable plugins use (inputs, scalar args, outputs).
+The same kernel is compiled ahead of time for the TensorRT plugin by
+``compile_aot``, a pure function of (dtype, axis, rank, compute capability) that
+needs neither TensorRT, nor torch, nor a GPU. Its argument order (x, P, L, Q, y)
+is the one TensorRT's AOT plugins launch with: input pointers, the extra scalar
+arguments, output pointers. torch is imported only by ``cummax``, the eager
+path, so a Jetson without a CUDA torch can still build the plugin.
 """
 
 from __future__ import annotations
 
-import torch
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import triton
 import triton.language as tl
 
-from samout_edge.kernels.tiling import block_sizes, split_shape
+from samout_edge.kernels.tiling import aot_block_sizes, block_sizes, split_shape
+
+if TYPE_CHECKING:
+    import torch
 
 
 @triton.jit
@@ -48,6 +58,8 @@ def cummax_kernel(x_ptr, P, L, Q, y_ptr, BLOCK_L: tl.constexpr, BLOCK_Q: tl.cons
 
 def cummax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """The values of torch.cummax(x, dim), computed by cummax_kernel."""
+    import torch
+
     dim = dim % x.dim()
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -59,3 +71,159 @@ def cummax(x: torch.Tensor, dim: int) -> torch.Tensor:
     grid = (P * triton.cdiv(Q, block_q),)
     cummax_kernel[grid](x, P, L, Q, y, BLOCK_L=block_l, BLOCK_Q=block_q)
     return y
+
+
+# --------------------------------------------------------------------------- ahead of time
+
+TRITON_TYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# What TensorRT passes an AOT plugin kernel, in order: the input pointers, the
+# extra scalar args (SymInt32 only: the plugin API has no wider type), the output
+# pointers. The kernel's own parameters are declared in exactly this order.
+LAUNCH_ARGS: tuple[tuple[str, str], ...] = (("x_ptr", "ptr"), ("P", "i32"), ("L", "i32"), ("Q", "i32"),
+                                            ("y_ptr", "ptr"))
+MIN_ASTSOURCE = "Triton 3.3"  # the first with ASTSource(constexprs=...) and the hidden scratch parameters
+
+
+@dataclass(frozen=True)
+class PtxParam:
+    name: str
+    kind: str  # ptr | i32 | i64 | other:<ptx type>
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """One compiled kernel, as the plugin hands it to TensorRT."""
+
+    name: str
+    ptx: str
+    num_warps: int
+    shared: int
+    params: list[PtxParam]  # the PTX entry's parameters after stripping: exactly LAUNCH_ARGS
+    block_l: int
+    block_q: int
+    arch: int  # sm_XX as an int: 87, 90, 110
+    stripped: list[PtxParam] = field(default_factory=list)  # Triton's hidden parameters we removed
+
+
+def arch_of(compute_capability: str | int) -> int:
+    """'8.7' -> 87, '11.0' -> 110, 90 -> 90: Triton's GPUTarget arch."""
+    if isinstance(compute_capability, int):
+        return compute_capability
+    major, _, minor = str(compute_capability).partition(".")
+    if not (major.isdigit() and (minor.isdigit() or minor == "")):
+        raise ValueError(f"not a compute capability: {compute_capability!r}")
+    return int(major) * 10 + int(minor or 0)
+
+
+_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\((.*?)\)", re.S)
+_PARAM = re.compile(r"\.param\s+(.+)\s+(\w+)$")
+
+
+def _kind(ptx_type: str) -> str:
+    words = ptx_type.split()
+    if ".ptr" in words:
+        return "ptr"
+    if words and words[0] in (".u32", ".s32", ".b32"):
+        return "i32"
+    if words and words[0] in (".u64", ".s64", ".b64"):
+        return "i64"
+    return "other:" + " ".join(words)
+
+
+def ptx_params(ptx: str) -> list[PtxParam]:
+    """The .entry parameter list of a one-kernel PTX module."""
+    match = _ENTRY.search(ptx)
+    if match is None:
+        raise ValueError("no .entry in the PTX")
+    params = []
+    for line in match.group(2).split(","):
+        param = _PARAM.search(line.strip())
+        if param is None:
+            raise ValueError(f"unexpected PTX parameter declaration: {line.strip()!r}")
+        params.append(PtxParam(param.group(2), _kind(param.group(1))))
+    return params
+
+
+def strip_hidden_params(ptx: str, keep: int) -> tuple[str, list[PtxParam]]:
+    """Drop the parameters after the first ``keep`` from the .entry, if the body never uses them.
+
+    Triton 3.3+ appends hidden pointer parameters to every kernel (global_scratch,
+    and from 3.5 profile_scratch). TensorRT launches an AOT plugin kernel with
+    inputs, extra args and outputs only, so the PTX must declare exactly those;
+    a kernel that reads a hidden parameter cannot be launched that way, and this
+    refuses it.
+    """
+    match = _ENTRY.search(ptx)
+    if match is None:
+        raise ValueError("no .entry in the PTX")
+    params = ptx_params(ptx)
+    extra = params[keep:]
+    if not extra:
+        return ptx, []
+    outside = ptx[: match.start()] + ptx[match.end():]
+    used = [p.name for p in extra if re.search(rf"\b{re.escape(p.name)}\b", outside)]
+    if used:
+        raise ValueError(f"the kernel uses its hidden parameters {used}; TensorRT's AOT launch cannot pass them")
+    declared = [line.strip() for line in match.group(2).split(",")][:keep]
+    block = "\n" + ",\n".join("\t" + d for d in declared) + "\n"
+    start, end = match.span(2)
+    return ptx[:start] + block + ptx[end:], extra
+
+
+def _source(signature: dict[str, str], constexprs: dict[str, int]):
+    """triton.compiler.ASTSource, whose constexprs keyword exists from Triton 3.3."""
+    source_cls = triton.compiler.ASTSource
+    if "constexprs" not in inspect.signature(source_cls.__init__).parameters:
+        raise RuntimeError(f"Triton {triton.__version__} is too old for the ahead-of-time CumMax kernel; "
+                           f"it needs {MIN_ASTSOURCE} or newer (pip install 'triton>=3.3')")
+    return source_cls(fn=cummax_kernel, signature=signature, constexprs=constexprs)
+
+
+def tritons_ptx_version(arch: int) -> int | None:
+    """The PTX ISA Triton emits for ``arch`` by default (what its bundled ptxas for that
+    architecture takes: 8.8 below sm_90, 9.4 from sm_90 in Triton 3.9), or None where
+    Triton's internals do not say."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+        tool = get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()
+        return int(ptx_get_version(tool.version))
+    except Exception:  # the internals moved: compile at what the caller asked
+        return None
+
+
+def compile_aot(dtype: str, axis: int, rank: int, compute_capability: str | int, *,
+                static_len: int | None = None, ptx_version: int | None = None) -> AotKernel:
+    """cummax_kernel as PTX for one GPU, without TensorRT, torch or a GPU.
+
+    ``dtype`` is fp32, fp16 or bf16; the scan runs along ``axis`` of a rank-``rank``
+    tensor; ``static_len`` is the axis length when the graph fixes it (the head
+    axis), for a tighter tile; ``ptx_version`` (e.g. 85) caps the PTX ISA at what the
+    device's driver loads (never above what Triton's own ptxas takes). The PTX declares exactly LAUNCH_ARGS (see strip_hidden_params).
+    """
+    from triton.backends.compiler import GPUTarget
+
+    if dtype not in TRITON_TYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(TRITON_TYPES)}")
+    if not 0 <= axis < rank:
+        raise ValueError(f"axis {axis} is outside a rank-{rank} tensor")
+    arch = arch_of(compute_capability)
+    block_l, block_q = aot_block_sizes(static_len)
+    ptr = "*" + TRITON_TYPES[dtype]
+    signature = {"x_ptr": ptr, "P": "i32", "L": "i32", "Q": "i32", "y_ptr": ptr}
+    source = _source(signature, {"BLOCK_L": block_l, "BLOCK_Q": block_q})
+    default = tritons_ptx_version(arch)
+    if ptx_version and default and ptx_version >= default:
+        ptx_version = None  # the cap only ever lowers the ISA: Triton's ptxas cannot assemble a newer one
+    options = {"ptx_version": ptx_version} if ptx_version else None
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    metadata = compiled.metadata
+    scratch = {k: getattr(metadata, k, 0) for k in ("global_scratch_size", "profile_scratch_size")}
+    if any(scratch.values()):
+        raise RuntimeError(f"cummax_kernel needs Triton scratch memory {scratch}, which a TensorRT AOT launch cannot give")
+    ptx, stripped = strip_hidden_params(compiled.asm["ptx"], len(LAUNCH_ARGS))
+    params = ptx_params(ptx)
+    want = [kind for _, kind in LAUNCH_ARGS]
+    if [p.kind for p in params] != want:
+        raise RuntimeError(f"cummax_kernel's PTX takes {[p.kind for p in params]}, TensorRT launches it with {want}")
+    return AotKernel(metadata.name, ptx, metadata.num_warps, metadata.shared, params, block_l, block_q, arch, stripped)

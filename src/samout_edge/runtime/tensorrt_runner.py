@@ -1,26 +1,57 @@
-"""TensorRT engines behind the same Runner interface (needs TensorRT and a CUDA GPU).
+"""TensorRT engines behind the Runner interface, on Polygraphy's TrtRunner.
 
-Buffers are torch CUDA tensors: the state a step returns is the next step's input,
-never copied through the host. One-token calls use the engine's decode
-optimization profile, longer ones its prefill profile.
+Needs TensorRT, Polygraphy (the `[tensorrt]` extra) and a CUDA GPU; no torch
+(a Jetson has no CUDA build of it). Values are Polygraphy device views: the state
+one step returns is the next step's input on the GPU, never copied through the
+host. One-token calls use the engine's decode optimization profile, longer ones
+its prefill profile (TrtRunner.set_profile).
 
-An engine is only valid for the TensorRT version and GPU that built it, so the
-runner checks engine.json first and says how to rebuild.
+Buffer ownership: TrtRunner writes every output into its output allocator's
+buffer for that name and reuses it next call, so feeding a state output back as
+an input would alias it (and a growing KV cache would be reallocated under the
+engine's feet). After each call the runner takes the output buffers out of the
+allocator; each returned value keeps its buffer until the caller drops it, then
+the buffer goes back to a pool the allocator draws from. A value therefore stays
+valid as long as it is referenced, and steady-state decoding allocates nothing.
+
+An engine is only valid for the TensorRT, GPU and model.onnx that built it: the
+loader checks engine.json (artifact.engine.check_compatible) before it
+deserializes anything, and says how to rebuild.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.engine import ENGINE_FILE, ENGINE_JSON, check_compatible, resolve_engine
-from samout_edge.artifact.files import read_json
-from samout_edge.artifact.manifest import read_manifest
+from samout_edge.artifact.engine import (
+    ENGINE_FILE,
+    EngineMeta,
+    check_compatible,
+    is_engine_dir,
+    read_engine_meta,
+    resolve_engine,
+)
+from samout_edge.artifact.files import sha256_file
+from samout_edge.artifact.manifest import MODEL_FILE, Manifest, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.runtime.base import Runner, RunnerInfo, State
+from samout_edge.tensorrt import versions
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+__all__ = ["ProfileRanges", "TensorRTRunner", "check_compatible", "is_engine_dir", "load_trt_runner",
+           "profile_ranges", "resolve_engine", "select_profile"]
+
+NUMPY_TYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+STATE_DTYPES = {"float32": "fp32", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -32,15 +63,16 @@ class ProfileRanges:
     past: tuple[int, int] | None  # softmax past_seq range; None for cummax
 
 
-def profile_ranges(meta: dict, arch: str) -> list[ProfileRanges]:
+def profile_ranges(meta: EngineMeta, arch: str) -> list[ProfileRanges]:
+    """The batch/seq/past ranges of each optimization profile, in engine order."""
     out = []
-    for index, prof in enumerate(meta["optimization_profiles"]):
-        ids = prof["shapes"]["input_ids"]
+    for index, prof in enumerate(meta.optimization_profiles):
+        ids = prof.shape(graph.INPUT_IDS)
         past = None
         if arch == "softmax":
-            first = next(v for k, v in prof["shapes"].items() if k != "input_ids")
-            past = (first["min"][2], first["max"][2])
-        out.append(ProfileRanges(prof["name"], index, (ids["min"][0], ids["max"][0]), (ids["min"][1], ids["max"][1]), past))
+            first = next(s for s in prof.shapes if s.name != graph.INPUT_IDS)
+            past = (first.min[2], first.max[2])
+        out.append(ProfileRanges(prof.name, index, (ids.min[0], ids.max[0]), (ids.min[1], ids.max[1]), past))
     return out
 
 
@@ -59,104 +91,231 @@ def select_profile(ranges: list[ProfileRanges], batch: int, seq: int, past: int)
     raise SamoutError(f"batch {batch}, seq {seq}, past {past} is outside every optimization profile of the engine ({described})")
 
 
-class TensorRTRunner(Runner):
-    def __init__(self, engine, meta: dict, manifest, export_dir: Path):
-        import tensorrt as trt
-        import torch
+class _Pool:
+    """Device buffers by output name, waiting to be lent to TrtRunner's allocator again."""
 
-        self.trt, self.torch = trt, torch
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        self.manifest = manifest
-        self.meta = meta
-        self.ranges = profile_ranges(meta, manifest.arch)
+    def __init__(self) -> None:
+        self.free: dict[str, list[Any]] = {}
+        self.closed = False
+
+    def take(self, key: str) -> Any | None:
+        arrays = self.free.get(key)
+        return arrays.pop() if arrays else None
+
+    def give(self, key: str, array: Any) -> None:
+        if self.closed:
+            array.free()
+        else:
+            self.free.setdefault(key, []).append(array)
+
+    def close(self) -> None:
+        self.closed = True
+        for arrays in self.free.values():
+            for array in arrays:
+                array.free()
+        self.free.clear()
+
+
+@lru_cache(maxsize=1)
+def _held_type() -> type:
+    """A DeviceView that owns its buffer until dropped (defined lazily: Polygraphy is an extra)."""
+    from polygraphy import cuda
+
+    class Held(cuda.DeviceView):  # type: ignore[misc, name-defined]
+        def __init__(self, array: Any, shape: tuple[int, ...], dtype: Any, release: Callable[[Any], None] | None):
+            super().__init__(array.ptr, shape, dtype)
+            self._array, self._release = array, release
+
+        def __del__(self) -> None:
+            release, self._release = self._release, None
+            if release is not None:
+                try:
+                    release(self._array)
+                except Exception:  # interpreter shutdown: the CUDA wrapper may be gone
+                    pass
+
+    return Held
+
+
+class TensorRTRunner(Runner):
+    def __init__(self, engine: trt.ICudaEngine, meta: EngineMeta, manifest: Manifest):
+        versions.import_tensorrt()  # the real module, not the stubs' namespace package
+        import tensorrt as trt
+        from polygraphy import cuda
+        from polygraphy.backend.trt import TrtRunner
+        from polygraphy.datatype import DataType
+
+        self.cuda, self.DataType = cuda, DataType
+        self.meta, self.manifest = meta, manifest
+        self.engine: trt.ICudaEngine | None = engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        cfg, arch = manifest.config, manifest.arch
+        self.past = graph.past_names(arch, cfg.num_layers)
+        self.to_past = graph.present_to_past(arch, cfg.num_layers)
+        missing = [n for n in [graph.INPUT_IDS, *self.past] if n not in self.inputs]
+        missing += [n for n in [graph.LOGITS, *self.to_past] if n not in self.outputs]
+        if missing:
+            raise SamoutError(f"the engine lacks tensors export.json names ({', '.join(missing)}); rebuild it")
+        types = {n: engine.get_tensor_dtype(n).name for n in names}
+        odd = [f"{n} ({t})" for n, t in types.items() if t not in NUMPY_TYPES]
+        if odd:
+            raise SamoutError(f"the engine exchanges tensors of types samout-edge does not: {', '.join(odd)}")
+        self.numpy_types = {n: np.dtype(NUMPY_TYPES[t]) for n, t in types.items()}
+        self.state_dtype = STATE_DTYPES[self.numpy_types[self.past[0]].name]
+        self.ranges = profile_ranges(meta, arch)
+        self.pool = _Pool()
+        self.last_nbytes: dict[str, int] = {}
+        self.grew: dict[str, bool] = {}
+        self.empty: Any = None
+        self._runner: Any = TrtRunner(engine, optimization_profile=0)
+        try:
+            self._runner.activate()  # creates the execution context and the stream
+            if not isinstance(getattr(getattr(self._runner, "output_allocator", None), "buffers", None), dict):
+                raise SamoutError("this Polygraphy's TrtRunner has no output allocator buffers to take over; "
+                                  "pip install 'polygraphy>=0.49'")
+            self.empty = cuda.DeviceArray.raw((256,))  # where a zero-length past points: TensorRT wants an address
+        except BaseException:
+            self.close()
+            raise
         self.active = 0
-        self.stream = torch.cuda.Stream()
-        self.placeholder = torch.zeros(1, device="cuda")
-        self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.inputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: _torch_dtype(trt, torch, engine.get_tensor_dtype(n)) for n in self.names}
-        self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
         longest = max(r.seq[1] for r in self.ranges)
-        self.info = RunnerInfo("tensorrt", meta["profile"], manifest.arch, meta["precision"], manifest.logits,
-                               min(manifest.max_seq, longest), manifest.config,
-                               max_batch=min(r.batch[1] for r in self.ranges))
+        self.info = RunnerInfo("tensorrt", meta.profile, arch, meta.precision, manifest.logits,
+                               min(manifest.max_seq, longest), cfg, max_batch=min(r.batch[1] for r in self.ranges))
+
+    # -- values
+
+    def _hold(self, array: Any, shape: tuple[int, ...], numpy_type: np.dtype, key: str | None) -> Any:
+        release = (lambda a, k=key: self.pool.give(k, a)) if key is not None else None
+        return _held_type()(array, shape, self.DataType.from_dtype(numpy_type), release)
 
     def initial_state(self, batch: int) -> State:
-        torch = self.torch
-        cfg = self.manifest.config
-        dtype = self.dtypes[self.inputs[1]]
-        if self.manifest.arch == "cummax":
-            shape = (batch, cfg.num_heads, 1, cfg.head_dim)
-            return {n: torch.full(shape, torch.finfo(dtype).min, dtype=dtype, device="cuda") for n in self.inputs[1:]}
-        shape = (batch, cfg.num_heads, 0, cfg.head_dim)
-        return {n: torch.zeros(shape, dtype=dtype, device="cuda") for n in self.inputs[1:]}
+        self._check_open()
+        if self.manifest.arch == "softmax":  # zero-length pasts, pointing at a real (unused) buffer
+            shape = (batch, self.manifest.config.num_heads, 0, self.manifest.config.head_dim)
+            return {n: self._hold(self.empty, shape, self.numpy_types[n], None) for n in self.past}
+        state = {}
+        for name, host in graph.empty_state(self.manifest.config, "cummax", batch, self.state_dtype).items():
+            host = np.ascontiguousarray(host)
+            array = self.pool.take(name) or self.cuda.DeviceArray.raw((host.nbytes,))
+            array.resize((host.nbytes,))
+            array.copy_from(host.view(np.uint8).reshape(-1))
+            state[name] = self._hold(array, host.shape, host.dtype, name)
+        return state
 
-    def run(self, input_ids, state: State):
-        torch = self.torch
-        ids = torch.as_tensor(np.asarray(input_ids), device="cuda").to(self.dtypes["input_ids"]).contiguous()
+    def _lend(self, name: str) -> None:
+        """Put a pooled buffer where TrtRunner's allocator looks, grown ahead for a growing output."""
+        array = self.pool.take(name)
+        if array is None:
+            return
+        need = self.last_nbytes.get(name, 0)
+        if self.grew.get(name) and array.allocated_nbytes < need + need // 8:
+            array.resize((2 * need,))  # a KV cache grows a token per step: reallocate rarely
+        self._runner.output_allocator.buffers[name] = array
+
+    def run(self, input_ids: np.ndarray, state: State) -> tuple[Any, State]:
+        self._check_open()
+        ids = np.ascontiguousarray(np.asarray(input_ids), dtype=self.numpy_types[graph.INPUT_IDS])
+        if ids.ndim != 2:
+            raise SamoutError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        missing = [n for n in self.past if n not in state]
+        if missing:
+            raise SamoutError(f"the state lacks {', '.join(missing)}; start from initial_state()")
         batch, seq = ids.shape
-        past = next(iter(state.values())).shape[2] if self.manifest.arch == "softmax" else 0
+        past = int(state[self.past[0]].shape[2]) if self.manifest.arch == "softmax" else 0
         chosen = select_profile(self.ranges, batch, seq, past)
+        feeds: dict[str, Any] = {graph.INPUT_IDS: ids, **{n: state[n] for n in self.past}}
         if chosen.index != self.active:
-            if not self.context.set_optimization_profile_async(chosen.index, self.stream.cuda_stream):
-                raise SamoutError(f"TensorRT refused to switch to the {chosen.name} optimization profile")
+            self._runner.set_profile(chosen.index)
             self.active = chosen.index
-        feeds = {"input_ids": ids, **{k: v.contiguous() for k, v in state.items()}}
-        for name in self.inputs:
-            if not self.context.set_input_shape(name, tuple(feeds[name].shape)):
-                raise SamoutError(f"TensorRT refused shape {tuple(feeds[name].shape)} for {name}")
-            # an empty tensor (the first softmax past) has no storage; TensorRT wants a valid address anyway
-            self.context.set_tensor_address(name, feeds[name].data_ptr() or self.placeholder.data_ptr())
-        outputs = {}
+            for name, value in feeds.items():  # shapes belong to a profile: set them again
+                if not self._runner.context.set_input_shape(name, tuple(value.shape)):
+                    raise SamoutError(f"TensorRT refused shape {tuple(value.shape)} for {name} in the {chosen.name} profile")
+        allocator = self._runner.output_allocator.buffers
         for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, outputs[name].data_ptr() or self.placeholder.data_ptr())
-        self.stream.wait_stream(torch.cuda.current_stream())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise SamoutError("TensorRT failed to run the engine (see the TensorRT log)")
-        torch.cuda.current_stream().wait_stream(self.stream)
-        new_state = {self.to_past[k]: v for k, v in outputs.items() if k in self.to_past}
-        return outputs["logits"], new_state
+            self._lend(name)
+        from polygraphy.exception import PolygraphyException
 
-    def to_numpy(self, value) -> np.ndarray:
-        return value.detach().float().cpu().numpy()
+        try:
+            views = self._runner.infer(feeds, check_inputs=False, copy_outputs_to_host=False)
+        except PolygraphyException as e:
+            raise SamoutError(f"TensorRT failed to run the engine: {e}") from None
+        values = {}
+        for name in self.outputs:
+            array, view = allocator.pop(name), views[name]
+            shape = tuple(int(d) for d in view.shape)
+            nbytes = int(np.prod(shape)) * self.numpy_types[name].itemsize
+            self.grew[name] = name in self.last_nbytes and nbytes > self.last_nbytes[name]
+            self.last_nbytes[name] = nbytes
+            values[name] = self._hold(array, shape, self.numpy_types[name], name)
+        new_state = {self.to_past[k]: v for k, v in values.items() if k in self.to_past}
+        return values[graph.LOGITS], new_state
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        if isinstance(value, self.cuda.DeviceView):
+            host = np.asarray(value.numpy())
+            return host.astype(np.float32) if host.dtype.kind == "f" else host
+        return np.asarray(value)
 
     def synchronize(self) -> None:
-        self.torch.cuda.synchronize()
+        if self._runner is not None:
+            self._runner.stream.synchronize()
 
+    # -- lifecycle
 
-def _torch_dtype(trt, torch, dtype):
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.bool: torch.bool}
-    if hasattr(trt, "int64"):
-        table[trt.int64] = torch.int64
-    if hasattr(trt, "bfloat16"):
-        table[trt.bfloat16] = torch.bfloat16
-    return table[dtype]
+    def _check_open(self) -> None:
+        if self._runner is None:
+            raise SamoutError("this TensorRT runner is closed")
+
+    def close(self) -> None:
+        """Free the context, stream and every buffer the runner holds; values still
+        referenced free their own buffers when dropped."""
+        runner, self._runner = getattr(self, "_runner", None), None
+        if runner is not None:
+            leftover = getattr(getattr(runner, "output_allocator", None), "buffers", {}) or {}
+            for array in list(leftover.values()):
+                array.free()
+            leftover.clear()
+            if getattr(runner, "is_active", False):
+                runner.deactivate()  # frees its input buffers, stream and the execution context
+        if hasattr(self, "pool"):
+            self.pool.close()
+        if getattr(self, "empty", None) is not None:
+            self.empty.free()
+            self.empty = None
+        self.engine = None
 
 
 def load_trt_runner(path: str | Path, profile: str | None = None) -> TensorRTRunner:
+    """The engine for ``profile`` in an export directory (or an engine directory),
+    checked against this machine before it is deserialized."""
     export_dir, engine_dir = resolve_engine(path, profile)
-    meta = read_json(engine_dir / ENGINE_JSON, "engine.json")
-    try:
-        import tensorrt as trt
-    except Exception:
-        raise SamoutError("TensorRT is not installed here; engines run where TensorRT and a CUDA GPU are") from None
-    from samout_edge.tensorrt.build import gpu_identity
+    meta = read_engine_meta(engine_dir)
+    versions.import_tensorrt()  # the real module, not the stubs' namespace package
+    import tensorrt as trt
+
+    from samout_edge.tensorrt.driver import gpu_identity
 
     identity = gpu_identity()
-    check_compatible(meta, trt.__version__, identity["gpu"], identity["compute_capability"], export_dir)
+    check_compatible(meta, str(trt.__version__), identity.gpu, identity.compute_capability,
+                     sha256_file(export_dir / MODEL_FILE), export_dir)
     manifest = read_manifest(export_dir)
-    if meta.get("plugins"):
-        from samout_edge.tensorrt.plugin import plugin_supported, register_cummax_plugin
+    if meta.plugins:
+        from samout_edge.tensorrt.plugin import plugin_kind, register_cummax_plugin
 
-        if plugin_supported(trt.__version__):  # else the parser runs the function body
+        if plugin_kind(trt.__version__) == "jit":  # an AOT kernel is in the engine; JIT calls back into Python
             register_cummax_plugin(trt.__version__)
-    logger = trt.Logger(trt.Logger.WARNING)
-    trt.init_libnvinfer_plugins(logger, "")
-    engine = trt.Runtime(logger).deserialize_cuda_engine((engine_dir / ENGINE_FILE).read_bytes())
-    if engine is None:
-        raise SamoutError(f"TensorRT could not deserialize {engine_dir / ENGINE_FILE}; rebuild it with `samout-edge build`")
-    return TensorRTRunner(engine, meta, manifest, export_dir)
+    try:
+        from polygraphy.backend.trt import EngineFromPath
+        from polygraphy.exception import PolygraphyException
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise SamoutError("running TensorRT engines uses Polygraphy: pip install 'samout-edge[tensorrt]'") from None
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            engine = EngineFromPath(str(engine_dir / ENGINE_FILE))()
+    except PolygraphyException:
+        raise SamoutError(f"TensorRT could not deserialize {engine_dir / ENGINE_FILE}; "
+                          f"rebuild it: samout-edge build {export_dir} --profile {meta.profile}") from None
+    return TensorRTRunner(engine, meta, manifest)

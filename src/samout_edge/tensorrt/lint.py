@@ -4,9 +4,10 @@ documented operator support for the TensorRT versions in the field.
 The data (data/tensorrt_onnx_ops.toml) is transcribed from onnx-tensorrt's
 docs/operators.md per release; its header names each source. A node fails when
 its op is unsupported or unknown for a version, its input dtype is not listed, or
-an input the parser needs as a constant (Slice/Squeeze/Unsqueeze/Reduce axes) is
-computed. Custom-domain nodes need a plugin; CumMax nodes also carry a local
-function body (TensorRT 9.0+ runs it when the plugin is absent).
+an input the parser needs as a constant (Slice/Pad/Squeeze/Unsqueeze/Reduce axes)
+is computed where that version needs a constant. Custom-domain nodes need a
+plugin; CumMax nodes also carry a local function body. Which of the two runs, per
+version, is versions.cummax_runner (the one versions table).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ except ModuleNotFoundError:  # Python 3.10 (JetPack 6)
     import tomli as tomllib
 from onnx import TensorProto
 
-from samout_edge import lowering as low
+from samout_edge.artifact.graph import CUMMAX_DOMAIN, CUMMAX_OP
+from samout_edge.tensorrt import versions
 
 # Which JetPack (or product line) ships each TensorRT version we lint for.
 FIELD = {
@@ -33,9 +35,6 @@ FIELD = {
     "10.13": "JetPack 7 (Thor)",
     "11.1": "desktop/datacenter 11.x",
 }
-LOCAL_FUNCTIONS_SINCE = (9, 0)
-QUICK_PLUGINS_SINCE = (10, 6)  # tensorrt.plugin (JIT); ahead-of-time from 10.9
-PLUGIN_BEFORE_FUNCTION_SINCE = (10, 7)
 
 DOC_TYPES = {
     TensorProto.FLOAT: "FP32",
@@ -47,9 +46,6 @@ DOC_TYPES = {
     TensorProto.UINT8: "UINT8",
     TensorProto.BOOL: "BOOL",
 }
-# input index that the parser needs as a build-time constant, per op
-CONSTANT_INPUTS = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "Pad": 3, "ReduceProd": 1, "ReduceMean": 1,
-                   "ReduceSum": 1, "ReduceMax": 1}
 
 
 @dataclass
@@ -78,9 +74,14 @@ def support_table() -> dict:
     return tomllib.loads(text)["versions"]
 
 
-def _version_tuple(version: str) -> tuple[int, int]:
-    major, minor = version.split(".")[:2]
-    return int(major), int(minor)
+def needs_constant(op: str, version: str) -> int | None:
+    """The input index the parser needs as a build-time constant for ``op`` on this
+    TensorRT, or None (no such input, or computed ones are fine there)."""
+    entry = versions.CONSTANT_AXES.get(op)
+    if entry is None:
+        return None
+    index, computed_ok = entry
+    return None if computed_ok is not None and computed_ok.available(version) else index
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -108,7 +109,7 @@ def _constants(nodes, initializers) -> set[str]:
 def _check_nodes(nodes, constants: set[str], types: dict[str, int], version: str, ops: dict, prefix: str,
                  severity: str) -> list[LintIssue]:
     issues = []
-    legacy_int64 = _version_tuple(version) < (9, 0)  # the 8.x parser casts INT64 to INT32
+    legacy_int64 = not versions.INT64.available(version)  # the 8.x parser casts INT64 to INT32
     for node in nodes:
         if node.domain not in ("", "ai.onnx"):
             continue
@@ -129,7 +130,7 @@ def _check_nodes(nodes, constants: set[str], types: dict[str, int], version: str
         if doc_type and row["types"] and doc_type not in row["types"]:
             issues.append(LintIssue(severity, name, node.op_type,
                                     f"{node.op_type} on {doc_type} is not supported by TensorRT {version} (types: {', '.join(row['types'])})"))
-        index = CONSTANT_INPUTS.get(node.op_type)
+        index = needs_constant(node.op_type, version)
         if index is not None and len(node.input) > index and node.input[index] and node.input[index] not in constants:
             issues.append(LintIssue(severity, name, node.op_type,
                                     f"input {index} of {node.op_type} is computed, but TensorRT {version} needs it constant "
@@ -146,36 +147,42 @@ def lint_model(model: onnx.ModelProto) -> list[VersionLint]:
     custom = [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
     reports = []
     for version, data in table.items():
-        v = _version_tuple(version)
         issues: list[LintIssue] = []
         if opset > data["max_opset"]:
             issues.append(LintIssue("warning", "(model)", "opset",
                                     f"opset {opset} is above TensorRT {version}'s documented maximum ({data['max_opset']}); "
                                     f"the parser reads op by op, but export with --opset {data['max_opset']} to be safe"))
         issues += _check_nodes(model.graph.node, constants, types, version, data["ops"], "", "error")
+        body_runs = False  # some CumMax node runs its function body on this version
         for node in custom:
             name = node.name or node.output[0]
             function = functions.get((node.domain, node.op_type))
-            is_cummax = (node.domain, node.op_type) == (low.DOMAIN, low.OP_TYPE)
-            if is_cummax and v >= QUICK_PLUGINS_SINCE:
+            if (node.domain, node.op_type) != (CUMMAX_DOMAIN, CUMMAX_OP):
+                issues.append(LintIssue("error", name, f"{node.domain}::{node.op_type}",
+                                        f"needs a TensorRT plugin named {node.op_type!r}"))
+                continue
+            runner = versions.cummax_runner(version, has_function=function is not None)
+            if runner in ("aot", "jit"):
                 issues.append(LintIssue("note", name, node.op_type,
                                         "runs the samout-edge CumMax plugin (registered by `samout-edge build`)"
                                         + (", else its function body" if function else "")))
-            elif function is not None and v >= LOCAL_FUNCTIONS_SINCE:
-                issues.append(LintIssue("note", name, node.op_type,
-                                        f"no samout-edge plugin before TensorRT {'.'.join(map(str, QUICK_PLUGINS_SINCE))}: "
-                                        "runs the local-function body (the native scan)"))
+            elif runner == "function":
+                body_runs = True
+                why = ("TensorRT 10.6's parser prefers the model-local function over a registered plugin "
+                       "(plugins win from 10.7)" if versions.QUICK_PLUGINS.available(version)
+                       else "no samout-edge plugin before TensorRT 10.6")
+                issues.append(LintIssue("note", name, node.op_type, f"runs its local-function body (the native scan): {why}"))
             else:
-                reason = ("TensorRT before 9.0 has no local functions and the samout-edge plugin needs 10.6+"
-                          if is_cummax else f"needs a TensorRT plugin named {node.op_type!r}")
+                reason = ("TensorRT before 9.1 cannot run it (local functions from 9.0, the body's CastLike from 9.1, "
+                          "the plugin from 10.6)" if function is not None
+                          else "the node has no function body and the samout-edge plugin needs TensorRT 10.6+")
                 issues.append(LintIssue("error", name, f"{node.domain}::{node.op_type}",
-                                        f"{reason}; export with --lowering native" if is_cummax else reason))
-        if custom and v >= LOCAL_FUNCTIONS_SINCE:
+                                        f"{reason}; export with --lowering native"))
+        if custom and versions.LOCAL_FUNCTIONS.available(version):
             for (domain, fname), function in functions.items():
                 body_constants = _constants(function.node, [])
-                body_severity = "warning" if v >= QUICK_PLUGINS_SINCE else "error"
                 issues += _check_nodes(function.node, body_constants, types, version, data["ops"],
-                                       f"{domain}::{fname}/", body_severity)
+                                       f"{domain}::{fname}/", "error" if body_runs else "warning")
         compatible = not any(i.severity == "error" for i in issues)
         reports.append(VersionLint(version, FIELD.get(version, ""), compatible, data["source"], issues))
     return reports

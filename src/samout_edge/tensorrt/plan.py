@@ -2,16 +2,12 @@
 
 Everything here is pure logic, so it runs and is tested without TensorRT: the
 plan holds every setting and shape the build will use, and the equivalent
-trtexec command line. exporter/tensorrt_build.py turns a plan into an engine.
-
-Version rules (TensorRT's own API, see docs/deploy-jetson.md):
-- EXPLICIT_BATCH is required before 10.0, deprecated in 10, removed in 11.
-- Strongly typed networks (precision from the graph) exist from 9.1 and are the
-  only kind in 11, where BuilderFlag.FP16 no longer exists. An fp16 export is
-  built strongly typed wherever possible; an fp32 export with an fp16 profile
-  uses the FP16 builder flag, which only TensorRT before 11 has.
-- builder_optimization_level exists from 8.6; trtexec takes several
-  optimization profiles (--profile=N) from 9.0 and --stronglyTyped from 9.1.
+trtexec command line. tensorrt/build.py carries a plan out with Polygraphy.
+Every version rule comes from tensorrt/versions.py (EXPLICIT_BATCH before 10,
+strongly typed networks from 9.0, no weak typing in 11, builder optimization
+level from 8.6, several trtexec profiles from 9.0, what runs CumMax nodes).
+An fp16 export is built strongly typed wherever possible; an fp32 export with an
+fp16 profile uses the FP16 builder flag, which only TensorRT before 11 has.
 """
 
 from __future__ import annotations
@@ -21,25 +17,20 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from samout_edge import lowering as low
 from samout_edge.artifact.engine import (
     ENGINE_FILE,
     ENGINE_JSON,
     ENGINES_DIR,
     OptimizationProfile,
     ShapeRange,
+    check_profile_name,
 )
+from samout_edge.artifact.graph import CUMMAX_PLUGIN_ID
 from samout_edge.artifact.manifest import MODEL_FILE, Manifest, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import DeviceProfile, Range
-
-
-def version_tuple(version: str) -> tuple[int, int]:
-    parts = version.split(".")
-    try:
-        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
-    except ValueError:
-        raise SamoutError(f"not a TensorRT version: {version!r}") from None
+from samout_edge.tensorrt import versions
+from samout_edge.tensorrt.versions import version_tuple
 
 
 @dataclass
@@ -62,7 +53,8 @@ class BuildPlan:
     timing_cache: str
     dla_core: int | None
     gpu_fallback: bool
-    plugins: list[str]
+    plugins: list[str]  # custom-domain ops in the graph (domain::op)
+    cummax: str  # what runs CumMax nodes: aot | jit (our plugin) | function (the body) | "" (none in the graph)
     optimization_profiles: list[OptimizationProfile]
     max_seq: int
     notes: list[str] = field(default_factory=list)
@@ -131,7 +123,7 @@ def make_plan(
     """The whole build, decided: every flag, every shape, for this export, profile and TensorRT."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
-    installed = installed_tensorrt()
+    installed = versions.installed_version()
     if tensorrt:
         source = "option"
     elif installed:
@@ -150,9 +142,9 @@ def make_plan(
     dtype = manifest.dtype
     if dtype == "fp16" and precision == "fp32":
         raise SamoutError("the export is fp16; an fp32 engine needs an fp32 export (--dtype fp32)")
-    strongly_typed = v >= (11, 0) or (v >= (9, 1) and dtype == "fp16")
+    strongly_typed = versions.STRONGLY_TYPED.available(v) and (dtype == "fp16" or not versions.WEAK_TYPING.available(v))
     fp16_flag = precision == "fp16" and not strongly_typed
-    if v >= (11, 0) and dtype == "fp32" and precision == "fp16":
+    if not versions.WEAK_TYPING.available(v) and dtype == "fp32" and precision == "fp16":
         raise SamoutError(
             f"TensorRT {tensorrt} takes precision from the graph (no FP16 builder flag): "
             "export with --dtype fp16, or build with --precision fp32"
@@ -160,8 +152,9 @@ def make_plan(
     if fp16_flag and dtype == "fp32":
         notes.append("fp32 graph built with the FP16 flag (weak typing): TensorRT picks fp16 kernels where it can; "
                      "export with --dtype fp16 for an fp16 graph with LayerNorm kept in fp32")
-    if fp16_flag and v >= (10, 12):
-        notes.append("BuilderFlag.FP16 is deprecated from TensorRT 10.12 (removed in 11)")
+    if fp16_flag and versions.FP16_FLAG_DEPRECATED.available(v):
+        notes.append(f"BuilderFlag.FP16 is deprecated from TensorRT "
+                     f"{'.'.join(map(str, versions.FP16_FLAG_DEPRECATED.since or ()))} (removed in 11)")
 
     if dla_core is not None:
         if profile.dla_cores == 0:
@@ -173,23 +166,31 @@ def make_plan(
         notes.append("DLA with GPU fallback: layers DLA cannot run (shape ops, the scan) run on the GPU")
 
     plugins = custom_ops(export_dir / MODEL_FILE)
-    cummax = f"{low.DOMAIN}::{low.OP_TYPE}"
-    if cummax in plugins:
-        if v >= (10, 6):
-            notes.append("CumMax nodes: the samout-edge plugin is registered for the build "
-                         + ("(ahead-of-time kernel, no Python at run time)" if v >= (10, 9) else "(JIT: Python at run time)"))
-        elif v >= (9, 0):
-            notes.append("CumMax nodes run their local-function body (the native scan): plugins need TensorRT 10.6+")
+    cummax = ""
+    if CUMMAX_PLUGIN_ID in plugins:
+        cummax = versions.cummax_runner(v, has_function=manifest.lowering == "custom")
+        if cummax == "aot":
+            notes.append("CumMax nodes: the samout-edge plugin, ahead-of-time kernel (no Python at run time)")
+        elif cummax == "jit":
+            notes.append("CumMax nodes: the samout-edge plugin, JIT (TensorRT calls back into Python at run time; "
+                         "10.9+ bakes the kernel into the engine)")
+        elif cummax == "function" and versions.QUICK_PLUGINS.available(v):
+            notes.append(f"CumMax nodes run their local-function body (the native scan): TensorRT {tensorrt}'s "
+                         "parser prefers a model-local function over a registered plugin (plugins win from 10.7), "
+                         "so the plugin is not registered")
+        elif cummax == "function":
+            notes.append("CumMax nodes run their local-function body (the native scan): the plugin needs TensorRT 10.6+")
         else:
             raise SamoutError(
-                f"TensorRT {tensorrt} has neither local functions nor the CumMax plugin; export with --lowering native"
+                f"TensorRT {tensorrt} cannot run CumMax nodes (local functions need 9.0, the body's CastLike 9.1, "
+                "the plugin 10.6); export with --lowering native"
             )
-    others = [p for p in plugins if p != cummax]
+    others = [p for p in plugins if p != CUMMAX_PLUGIN_ID]
     if others:
         raise SamoutError(f"the graph has custom nodes no plugin of ours implements: {', '.join(others)}")
 
     profiles, shape_notes = optimization_profiles(manifest, profile)
-    engine_dir = export_dir / ENGINES_DIR / profile.name
+    engine_dir = export_dir / ENGINES_DIR / check_profile_name(profile.name)
     plan = BuildPlan(
         export_dir=str(export_dir),
         onnx=str(export_dir / MODEL_FILE),
@@ -203,19 +204,21 @@ def make_plan(
         precision=precision,
         strongly_typed=strongly_typed,
         fp16_flag=fp16_flag,
-        explicit_batch_flag=v < (10, 0),
+        explicit_batch_flag=versions.EXPLICIT_BATCH_REQUIRED.available(v),
         workspace_bytes=profile.workspace_mib * 2**20,
-        builder_optimization_level=profile.builder_optimization_level if v >= (8, 6) else None,
+        builder_optimization_level=(profile.builder_optimization_level
+                                    if versions.BUILDER_OPTIMIZATION_LEVEL.available(v) else None),
         timing_cache=str(timing_cache or default_timing_cache(profile.name, tensorrt)),
         dla_core=dla_core,
         gpu_fallback=dla_core is not None,
         plugins=plugins,
+        cummax=cummax,
         optimization_profiles=profiles,
         max_seq=manifest.max_seq,
         notes=notes + shape_notes,
     )
     plan.trtexec = trtexec_command(plan)
-    if v < (9, 0):
+    if not versions.TRTEXEC_PROFILES.available(v):
         plan.notes.append("trtexec before 9.0 builds one optimization profile: its line has prefill's only")
     return plan
 
@@ -227,14 +230,15 @@ def _shapes(shapes: list[ShapeRange], which: str) -> str:
 def trtexec_command(plan: BuildPlan) -> str:
     """The same build as one trtexec command line, for users who build on the device by hand."""
     v = version_tuple(plan.tensorrt)
+    several = versions.TRTEXEC_PROFILES.available(v)
     args = ["trtexec", f"--onnx={plan.onnx}", f"--saveEngine={plan.engine}"]
-    profiles = plan.optimization_profiles if v >= (9, 0) else [p for p in plan.optimization_profiles if p.name == "prefill"]
+    profiles = plan.optimization_profiles if several else [p for p in plan.optimization_profiles if p.name == "prefill"]
     for index, prof in enumerate(profiles):
-        if v >= (9, 0):
+        if several:
             args.append(f"--profile={index}")
         args += [f"--minShapes={_shapes(prof.shapes, 'min')}", f"--optShapes={_shapes(prof.shapes, 'opt')}",
                  f"--maxShapes={_shapes(prof.shapes, 'max')}"]
-    if plan.strongly_typed and v < (11, 0):
+    if plan.strongly_typed and versions.WEAK_TYPING.available(v):  # 11 has only strongly typed networks
         args.append("--stronglyTyped")
     if plan.fp16_flag:
         args.append("--fp16")
@@ -244,17 +248,8 @@ def trtexec_command(plan: BuildPlan) -> str:
     args.append(f"--timingCacheFile={plan.timing_cache}")
     if plan.dla_core is not None:
         args += [f"--useDLACore={plan.dla_core}", "--allowGPUFallback"]
-    args.append("--skipInference" if v >= (8, 6) else "--buildOnly")
+    args.append("--skipInference" if versions.TRTEXEC_SKIP_INFERENCE.available(v) else "--buildOnly")
     line = " ".join(shlex.quote(a) for a in args)
-    if plan.plugins:
+    if plan.cummax in ("aot", "jit"):
         line += "  # CumMax needs the samout-edge plugin: build with `samout-edge build` (trtexec loads no Python plugins)"
     return line
-
-
-def installed_tensorrt() -> str | None:
-    try:
-        import tensorrt
-
-        return tensorrt.__version__
-    except Exception:  # not installed, or the registry's download stub
-        return None
