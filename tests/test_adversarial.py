@@ -193,3 +193,140 @@ def test_exports_have_no_dead_nodes_and_onnxruntime_warns_nothing(exported):
             proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
             warnings = [line for line in proc.stderr.splitlines() if "W:onnxruntime" in line or "not used" in line]
             assert proc.returncode == 0 and not warnings, warnings[:3]
+
+
+def _golden(directory):
+    from samout_edge.artifact.golden import GoldenIndex, load_golden
+
+    return load_golden(directory, GoldenIndex.from_dict(read_manifest(directory).golden))
+
+
+def test_an_inlined_custom_export_runs_where_local_functions_do_not(exported, tmp_path):
+    """OpenVINO and the ONNX reference evaluator refuse a custom export; its inlined copy matches the golden outputs."""
+    from onnx.reference import ReferenceEvaluator
+
+    from samout_edge.inlining import inline_export
+    from samout_edge.runtime.verify import verify
+
+    out = inline_export(exported(lowering="custom").directory, tmp_path / "inlined")
+    assert verify(out).passed and read_manifest(out).lowering == "inlined"
+    golden = _golden(out)
+    feed, want = golden.feeds[1], golden.outputs[1]  # prefill 2x97
+    got = ReferenceEvaluator(str(out / "model.onnx")).run(["logits"], feed)[0]
+    assert np.abs(got - want["logits"]).max() <= 1e-4 * max(1, np.abs(want["logits"]).max())
+    ov = pytest.importorskip("openvino")
+    compiled = ov.Core().compile_model(str(out / "model.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(feed)
+    got = result[compiled.output("logits")]
+    assert np.abs(got - want["logits"]).max() <= 1e-4 * max(1, np.abs(want["logits"]).max())
+
+
+# ------------------------------------------------------------------ bad input, one line each
+
+
+def _export_copy(exported, tmp_path, edit):
+    d = tmp_path / "copy"
+    shutil.copytree(exported().directory, d)
+    data = json.loads((d / "export.json").read_text())
+    edit(data)
+    (d / "export.json").write_text(json.dumps(data))
+    return d
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.update(max_seq="abc"), "max_seq must be a positive integer"),
+        (lambda m: m.update(max_seq=-5), "max_seq must be a positive integer"),
+        (lambda m: m.update(max_seq=64.5), "max_seq must be a positive integer"),
+        (lambda m: m.update(scan={"scan": "zigzag"}), "is not a scan plan"),
+        (lambda m: m.update(dtype="fp64"), "dtype 'fp64'"),
+        (lambda m: m["config"].update(hidden_size=2**40, num_heads=2**10), "one of them was edited"),
+        (lambda m: m.update(config=[1, 2]), "must be a JSON object"),
+    ],
+)
+def test_edited_manifest_fails_in_one_line(run_cli, exported, tmp_path, edit, match):
+    d = _export_copy(exported, tmp_path, edit)
+    code, _, err = run_cli("verify", d)
+    assert code == 1 and match in one_error_line(err), err
+
+
+def test_edited_checkpoint_config_fails_before_building_a_model(run_cli, tiny_checkpoint, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    data = json.loads((ck / "config.json").read_text())
+    data["num_layers"] = 10**6
+    (ck / "config.json").write_text(json.dumps(data))
+    started = time.time()
+    code, _, err = run_cli("export", ck, "-o", tmp_path / "o")
+    assert code == 1 and "do not belong together" in one_error_line(err) and time.time() - started < 30
+    (ck / "config.json").write_text("[1, 2]")
+    code, _, err = run_cli("export", ck, "-o", tmp_path / "o")
+    assert code == 1 and "must be a JSON object" in one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["export", "--preset", "tiny", "-o", "{tmp}/o", "--max-seq", "1000000000"], "needs about"),
+        (["bench", "op", "--shape", "1,8,1000000000,64", "--device", "cpu"], "needs about"),
+        (["plan", "--profile", "jetson-orin-nano-8gb", "--contexts=-1024"], "positive lengths"),
+        (["inspect", "{tmp}/empty.onnx"], "is not an ONNX model (it is empty)"),
+        (["inspect", "{tmp}/text.onnx"], "is not an ONNX model"),
+        (["generate", "{exp}", "--ids", "1", "--temperature", "nan"], "finite number"),
+        (["generate", "{exp}", "--prompt", "a", "--vocab", "{tmp}/empty-vocab.json"], "at least one of them non-empty"),
+        (["profiles", "show", "{tmp}/inf.toml"], "must be a finite number"),
+        (["bench", "{exp}", "{exp}", "--budget", "-5"], "--budget must be a positive"),
+        (["bench", "{exp}", "{exp}", "--budget", "nan"], "--budget must be a positive"),
+        (["bench", "{exp}", "{exp}", "--json", "/proc/nope/x.json"], "cannot write there"),
+        (["export", "--preset", "tiny", "-o", "/proc/x", "--max-seq", "8"], "cannot"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(run_cli, exported, tmp_path, args, match):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "text.onnx").write_text("not a model")
+    (tmp_path / "empty-vocab.json").write_text('[""]')
+    shipped = Path(__file__).parents[1] / "src/samout_edge/profiles/data/jetson-orin-nano-8gb.toml"
+    (tmp_path / "inf.toml").write_text(shipped.read_text().replace("memory_gib = 8.0", "memory_gib = inf", 1))
+    exp = exported().directory
+    code, _, err = run_cli(*[a.format(tmp=tmp_path, exp=exp) for a in args])
+    assert code == 1 and match in one_error_line(err), err
+    assert "unexpected" not in err
+
+
+@pytest.mark.parametrize("args", [["bench", "op", "--repeats", "0"], ["bench", "{exp}", "--warmup", "-3"],
+                                  ["init", "--preset", "tiny", "-o", "{tmp}/c", "--seed", "100000000000000000000000"]])
+def test_out_of_range_numbers_are_usage_errors(run_cli, exported, tmp_path, args):
+    code, _, err = run_cli(*[a.format(tmp=tmp_path, exp=exported().directory) for a in args])
+    assert code == 2 and "Traceback" not in err
+
+
+def test_a_pickle_is_refused_without_advice_to_unpickle(run_cli, tmp_path):
+    import torch
+
+    torch.save({"em.weight": torch.zeros(2, 2), "obj": Path("x")}, tmp_path / "evil.pt")
+    code, _, err = run_cli("export", tmp_path / "evil.pt", "-o", tmp_path / "o")
+    assert code == 1 and "never unpickles" in one_error_line(err) and "weights_only=False" not in err
+
+
+def test_tiny_temperature_is_greedy_and_quiet(exported):
+    import warnings
+
+    from samout_edge.generate import Sampler, generate
+
+    runner = load_ort_runner(exported().directory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny = generate(runner, [1, 2, 3], 8, Sampler(temperature=1e-320)).new_ids
+    assert tiny == generate(runner, [1, 2, 3], 8, Sampler()).new_ids
+
+
+def test_control_characters_in_paths_are_escaped(run_cli, tmp_path):
+    code, _, err = run_cli("verify", tmp_path / "bad\x1b[31mname")
+    assert code == 1 and "\x1b" not in err and "\\x1b" in err
+
+
+@pytest.mark.parametrize("max_seq", [1, 2])
+def test_softmax_exports_with_the_shortest_max_seq(tmp_path, max_seq):
+    result = export(tmp_path / "s", ExportOptions(arch="softmax", max_seq=max_seq), preset_name="tiny")
+    assert result.verification.passed

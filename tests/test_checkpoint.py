@@ -63,7 +63,7 @@ def test_truncated_safetensors(tmp_path):
     save_checkpoint(SamOut(TINY), tmp_path / "ck")
     weights = tmp_path / "ck" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(SamoutError, match="cannot read"):
+    with pytest.raises(SamoutError, match="cannot read|do not belong together"):
         load_checkpoint(tmp_path / "ck")
 
 

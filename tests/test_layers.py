@@ -18,13 +18,13 @@ LAYERS = [
     {"tensorrt"},
     {"runtime"},
     {"exporter"},
-    {"bench", "generate", "inspection", "doctor"},
+    {"bench", "generate", "inspection", "inlining", "doctor"},
     {"cli"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 # Units the device install (no torch) must be able to import at module level.
 TORCH_FREE = {"errors", "progress", "artifact", "lowering", "profiles", "tensorrt", "runtime", "bench", "generate",
-              "inspection", "doctor", "cli"}
+              "inspection", "inlining", "doctor", "cli"}
 TORCH_MODULES = {"runtime/torch_runner.py", "bench/op.py", "tensorrt/plugin.py"}  # loaded only when torch is asked for
 
 

@@ -6,6 +6,7 @@ Runtime can be checked against PyTorch on the same checkpoint.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ class Vocab:
         from samout_edge.artifact.files import read_json
 
         data = read_json(path, "vocab file")
-        if not isinstance(data, list) or not data or not all(isinstance(t, str) for t in data):
-            raise SamoutError(f"vocab file {path} must be a non-empty JSON list of strings")
+        if not isinstance(data, list) or not any(data) or not all(isinstance(t, str) for t in data):
+            raise SamoutError(f"vocab file {path} must be a JSON list of strings, at least one of them non-empty")
         return cls(data)
 
     def encode(self, text: str) -> list[int]:
@@ -55,6 +56,9 @@ class Vocab:
         return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<{token_id}>"
 
 
+GREEDY_BELOW = 1e-6
+
+
 @dataclass
 class Sampler:
     temperature: float = 0.0  # 0: greedy
@@ -63,15 +67,15 @@ class Sampler:
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise SamoutError(f"--temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SamoutError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise SamoutError(f"--top-k must be >= 0, got {self.top_k}")
         self.rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
         logits = logits.astype(np.float64)
-        if self.temperature == 0:
+        if self.temperature < GREEDY_BELOW:  # below this, exp overflows and the softmax is argmax anyway
             return int(np.argmax(logits))
         if self.top_k:
             cut = np.partition(logits, -self.top_k)[-self.top_k] if self.top_k < logits.size else -np.inf

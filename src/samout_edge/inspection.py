@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 from onnx import TensorProto
 
 from samout_edge.artifact.manifest import MODEL_FILE, is_export_dir, read_manifest
 from samout_edge.errors import SamoutError
+from samout_edge.inlining import RUNS_IN
 from samout_edge.tensorrt.lint import lint_model
 
 ONNX_TYPE_NAMES = {
@@ -25,6 +26,7 @@ ONNX_TYPE_NAMES = {
     TensorProto.BOOL: "bool",
 }
 
+MAX_PROTO_BYTES = 2**31
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
@@ -44,6 +46,7 @@ class InspectResult:
     dtype: str | None
     arch: str | None
     lowering: str | None
+    runs_in: str | None
     verification: dict[str, Any] | None = None
     lint: list[dict[str, Any]] | None = None  # one VersionLint per TensorRT version
     extra: dict[str, Any] = field(default_factory=dict)
@@ -56,10 +59,21 @@ def load_onnx(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise SamoutError(f"ONNX file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        first = f.read(1)
+    # A ModelProto starts with field 1 (ir_version, a varint: tag 0x08) and is at most 2 GiB (protobuf's limit;
+    # larger models keep their weights in external data).
+    if size == 0 or size > MAX_PROTO_BYTES or first != b"\x08":
+        why = "is empty" if size == 0 else ("is over 2 GiB" if size > MAX_PROTO_BYTES else "does not start like one")
+        raise SamoutError(f"{path} is not an ONNX model (it {why})")
     try:
-        return onnx.load(str(path), load_external_data=load_weights)
+        model = onnx.load(str(path), load_external_data=load_weights)
     except Exception as e:  # protobuf DecodeError and friends
         raise SamoutError(f"cannot parse {path} as ONNX: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not model.graph.node or not model.opset_import:
+        raise SamoutError(f"{path} is not an ONNX model with a graph (no nodes or no opset)")
+    return model
 
 
 def value_spec(value: onnx.ValueInfoProto) -> dict[str, Any]:
@@ -89,7 +103,7 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
     for init in model.graph.initializer:
         if init.data_type not in FLOAT_TYPES:
             continue  # shape constants, not weights
-        n = int(np.prod(init.dims)) if init.dims else 1
+        n = math.prod(int(d) for d in init.dims)  # Python ints: no int64 overflow on absurd dims
         count += n
         size += n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
     return InspectResult(
@@ -107,6 +121,7 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
         dtype=manifest.dtype if manifest else meta.get("samout_edge.dtype"),
         arch=manifest.arch if manifest else meta.get("samout_edge.arch"),
         lowering=manifest.lowering if manifest else meta.get("samout_edge.lowering"),
+        runs_in=RUNS_IN.get((manifest.lowering if manifest else meta.get("samout_edge.lowering")) or ""),
         verification=_verification_summary(manifest.verification) if manifest else None,
         extra={"config": manifest.config.to_dict() if manifest else json.loads(meta.get("samout_edge.config", "null"))},
         lint=[r.to_dict() for r in lint_model(model)] if lint else None,

@@ -36,6 +36,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         keys = ("vocab_size", "hidden_size", "num_heads", "num_layers")
+        if not isinstance(data, dict):
+            raise SamoutError(f"model config must be a JSON object, got {type(data).__name__}")
         missing = [k for k in keys if k not in data]
         if missing:
             raise SamoutError(f"model config is missing {', '.join(missing)}")

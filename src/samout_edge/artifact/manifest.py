@@ -85,10 +85,15 @@ class Manifest:
 
     def check(self) -> None:
         """Every field a later step relies on has a value it can use."""
-        choices = {"arch": ARCHS, "dtype": EXPORT_DTYPES, "logits": ("last", "all"), "lowering": ("native", "custom")}
+        choices = {"arch": ARCHS, "dtype": EXPORT_DTYPES, "logits": ("last", "all"), "lowering": ("native", "custom", "inlined")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise SamoutError(f"export.json: {name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        scan = self.scan if isinstance(self.scan, dict) else {}
+        ints = [scan.get(k) for k in ("max_len", "block")]
+        if scan.get("scan") not in ("blocked", "doubling") or not all(isinstance(v, int) and v >= 2 for v in ints[1:]) \
+                or not isinstance(ints[0], int) or ints[0] < 1:
+            raise SamoutError(f"export.json: scan {self.scan!r} is not a scan plan (scan blocked|doubling, max_len, block)")
         for name in ("max_seq", "opset"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

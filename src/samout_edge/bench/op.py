@@ -7,6 +7,7 @@ checked bit for bit against torch.cummax.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from samout_edge import lowering as low
+from samout_edge.artifact.resources import check_memory
 from samout_edge.bench import machine
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError
@@ -91,6 +93,7 @@ def bench_op(
         raise SamoutError(f"--shape needs positive dimensions, got {shape}")
     if not 0 <= axis < len(shape):
         raise SamoutError(f"--axis {axis} is outside the shape's {len(shape)} dimensions")
+    check_memory(math.prod(shape) * (2 if dtype == "fp16" else 4) * 8, f"bench op --shape {','.join(map(str, shape))}")
     max_len = max_len or shape[axis]
     if max_len < shape[axis]:
         raise SamoutError(f"--max-len {max_len} is shorter than the axis ({shape[axis]}): the lowering would be wrong")

@@ -7,6 +7,7 @@ them into cummax/softmax ratios.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +57,9 @@ class BenchConfig:
         for name, values in (("--seq", self.seqs), ("--context", self.contexts), ("--batch", self.batches)):
             if not values or any(v < 1 for v in values):
                 raise SamoutError(f"{name} needs positive integers, got {values}")
+        if not (math.isfinite(self.budget.seconds) and self.budget.seconds > 0) or self.budget.warmup < 0:
+            raise SamoutError(f"--budget must be a positive number of seconds and --warmup >= 0, got "
+                              f"{self.budget.seconds} and {self.budget.warmup}")
         if self.budget.min_repeats < 1 or self.budget.max_repeats < self.budget.min_repeats:
             raise SamoutError("--repeats must be at least 1 (and at least --min-repeats)")
         return self

@@ -19,7 +19,7 @@ from samout_edge.errors import SamoutError, require_torch
 def init(
     preset: Preset = typer.Option("seed", "--preset", help="Model size: seed (the article's) or tiny."),
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
-    seed: int = typer.Option(0, help="Random seed for the initial weights."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Random seed for the initial weights."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier checkpoint at OUTPUT (other files there are kept)."),
 ) -> None:
     """Write a randomly initialised checkpoint (config.json + model.safetensors)."""
@@ -54,7 +54,7 @@ def export(
         False, "--decompose-layernorm", help="Write LayerNorm as mean/variance ops (TensorRT 8.5 has no LayerNormalization)."
     ),
     heads: Optional[int] = typer.Option(None, help="Head count for a bare state_dict (default 8)."),
-    seed: int = typer.Option(0, help="Random seed for --preset weights."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Random seed for --preset weights."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the export against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Write into OUTPUT even if it is not an earlier export (nothing there is removed)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -115,3 +115,23 @@ def verify(
 
 
 # --------------------------------------------------------------------------- inspect / doctor
+
+
+@app.command()
+def inline(
+    directory: Path = typer.Argument(..., help="A --lowering custom export."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for the inlined copy."),
+    force: bool = typer.Option(False, "--force", help="Write into OUTPUT even if it is not an earlier export."),
+) -> None:
+    """A copy of a custom export with its CumMax functions inlined, for OpenVINO and onnx.reference (no torch)."""
+    from samout_edge.inlining import inline_export
+    from samout_edge.runtime.verify import verify as run_verify
+
+    with progress_bar() as progress:
+        progress("inlining", 0, 2)
+        out = inline_export(directory, output, force)
+        result = run_verify(out, progress=progress)
+    console.print(escape(f"wrote {out} (lowering inlined)"), highlight=False)
+    render.verification(result)
+    if not result.passed:
+        raise SamoutError(f"the inlined copy does not verify; it is in {out} for inspection")

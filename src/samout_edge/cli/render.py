@@ -55,8 +55,8 @@ def lint(reports: list[dict], shown: int = 4) -> None:
 
 
 def build_plan(plan) -> None:
-    table = Table(title=f"build plan: {plan.export_dir} for {plan.profile} (TensorRT {plan.tensorrt}, {plan.tensorrt_source})",
-                  show_header=False)
+    table = Table(title=escape(f"build plan: {plan.export_dir} for {plan.profile} (TensorRT {plan.tensorrt}, "
+                               f"{plan.tensorrt_source})"), show_header=False)
     table.add_column("setting")
     table.add_column("value")
     rows = [
@@ -70,6 +70,8 @@ def build_plan(plan) -> None:
         ("timing cache", plan.timing_cache),
         ("DLA core", "-" if plan.dla_core is None else f"{plan.dla_core} (GPU fallback)"),
         ("plugins", ", ".join(plan.plugins) or "none"),
+        ("CumMax nodes run", {"aot": "the plugin, ahead of time", "jit": "the plugin, just in time",
+                              "function": "their function body (the native scan)"}.get(plan.cummax, "-")),
         ("engine", plan.engine),
     ]
     for key, value in rows:
@@ -79,18 +81,20 @@ def build_plan(plan) -> None:
             table.add_row(f"profile {index} ({prof.name}) {s.name}", escape(f"min {s.min}  opt {s.opt}  max {s.max}"))
     console.print(table)
     for note in plan.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {escape(note)}", highlight=False)
     console.print("trtexec equivalent:", highlight=False)
     console.print(plan.trtexec, highlight=False, soft_wrap=True, markup=False)
 
 
 def inspect(result) -> None:
     console.print(
-        f"[bold]{result.path}[/]: arch {result.arch or '?'}, dtype {result.dtype or '?'}, "
+        f"[bold]{escape(result.path)}[/]: arch {result.arch or '?'}, dtype {result.dtype or '?'}, "
         f"lowering {result.lowering or '?'}, max_seq {result.max_seq or '?'}"
     )
     console.print(f"parameters: {result.parameter_count:,} ({human_bytes(result.parameter_bytes)}), "
                   f"nodes: {result.node_count}, opsets: {result.opsets}")
+    if result.runs_in:
+        console.print(f"runs in: {escape(result.runs_in)}", highlight=False)
     io_table = Table(title="inputs and outputs")
     for col in ("", "name", "dtype", "shape"):
         io_table.add_column(col)
@@ -143,7 +147,7 @@ def profiles(profiles) -> None:
                 "prefill seq", "decode context"):
         table.add_column(col, no_wrap=col == "name")
     for p in profiles:
-        table.add_row(p.name, p.kind, p.compute_capability, f"{p.memory_gib:g} / {p.memory_budget_gib:g}",
+        table.add_row(escape(p.name), p.kind, p.compute_capability, f"{p.memory_gib:g} / {p.memory_budget_gib:g}",
                       p.tensorrt, p.jetpack or "-", p.precision, str(p.dla_cores),
                       "..".join(str(v) for v in (p.prefill.seq.min, p.prefill.seq.max)),
                       "..".join(str(v) for v in (p.decode.context.min, p.decode.context.max)))
@@ -151,7 +155,7 @@ def profiles(profiles) -> None:
 
 
 def profile(profile, data: dict) -> None:
-    table = Table(title=f"profile {profile.name}", show_header=False)
+    table = Table(title=escape(f"profile {profile.name}"), show_header=False)
     table.add_column("field")
     table.add_column("value")
     for key, value in data.items():
@@ -166,7 +170,7 @@ def profile(profile, data: dict) -> None:
 
 def memory_plan(result, device, config, batch: int) -> None:
     mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
-    table = Table(title=f"memory plan on {device.name}: budget {device.memory_budget_gib:g} GiB of {device.memory_gib:g}, "
+    table = Table(title=f"memory plan on {escape(device.name)}: budget {device.memory_budget_gib:g} GiB of {device.memory_gib:g}, "
                         f"{result.dtype}, batch {batch}, hidden {config.hidden_size} x {config.num_layers} layers (MiB)")
     for col in ("context", "weights", "runtime", "cummax state x2", "cummax act.", "cummax total", "KV cache x2",
                 "softmax act.", "softmax total"):

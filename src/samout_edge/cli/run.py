@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from samout_edge.cli import render
@@ -42,8 +43,8 @@ def generate(
     arch: Arch = typer.Option("cummax", help="For a checkpoint: cummax or softmax."),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0: all)."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k most likely tokens (0: all)."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Sampling seed."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming."),
 ) -> None:
     """Generate tokens: one prefill call, then one-token decode calls carrying the state."""
@@ -118,9 +119,9 @@ def bench_run(
     fast_kernel: bool = typer.Option(True, "--fast-kernel/--no-fast-kernel",
                                      help="torch on CUDA: the Triton cummax (default) or torch.cummax."),
     work: Optional[Path] = typer.Option(None, help="Where to keep exports made for the bench (default: a temporary directory)."),
-    warmup: int = typer.Option(2, help="Untimed calls per series."),
-    repeats: int = typer.Option(20, help="Most timed calls per series."),
-    min_repeats: int = typer.Option(3, "--min-repeats", help="Fewest timed calls per series."),
+    warmup: int = typer.Option(2, min=0, help="Untimed calls per series."),
+    repeats: int = typer.Option(20, min=1, help="Most timed calls per series."),
+    min_repeats: int = typer.Option(3, "--min-repeats", min=1, help="Fewest timed calls per series."),
     budget: float = typer.Option(3.0, help="Seconds per series after which timing stops (once --min-repeats are done)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (a child process per scenario)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write one record per measurement to this JSON file."),
@@ -171,13 +172,13 @@ def bench_run(
     render.bench(report)
     if json_file:
         rep.save_json(report, json_file)
-        console.print(f"wrote {json_file} ({len(report.records)} records)")
+        console.print(escape(f"wrote {json_file} ({len(report.records)} records)"), highlight=False)
     if markdown:
         rep.save_markdown(report, markdown)
-        console.print(f"wrote {markdown}")
+        console.print(escape(f"wrote {markdown}"), highlight=False)
     if plot:
         rep.save_plot(report, plot)
-        console.print(f"wrote {plot}")
+        console.print(escape(f"wrote {plot}"), highlight=False)
 
 
 @bench_app.command("op")
@@ -187,17 +188,20 @@ def bench_op_command(
     axis: int = typer.Option(2, help="Scan axis (2: sequence, 1: heads)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Unroll the lowerings for this length (an export's max_seq); default: the axis length."),
     device: TorchDevice = typer.Option("auto", help="torch device for torch.cummax and the copy: auto, cpu or cuda."),
-    repeats: int = typer.Option(30, help="Most timed calls per candidate."),
+    repeats: int = typer.Option(30, min=1, help="Most timed calls per candidate."),
     budget: float = typer.Option(2.0, help="Seconds per candidate after which timing stops."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
 ) -> None:
     """The cummax op alone: torch.cummax vs each ONNX lowering in ONNX Runtime vs a plain copy."""
-    from samout_edge.artifact.files import write_bytes_atomic, write_json_atomic
+    from samout_edge.artifact.files import check_writable_file, write_bytes_atomic, write_json_atomic
     require_torch("bench op (torch.cummax and the copy are its yardsticks)")
     from samout_edge.bench.op import bench_op, to_markdown
     from samout_edge.bench.timing import Budget
 
+    for path, option in ((json_file, "--json"), (markdown, "--markdown")):
+        if path is not None:
+            check_writable_file(path, option)
     dims = parse_int_list(shape, "--shape")
     with progress_bar() as progress:
         report = bench_op(dims, dtype.value, axis, max_len, budget=Budget(2, min(5, repeats), repeats, budget),
@@ -205,7 +209,7 @@ def bench_op_command(
     render.bench_op(report, dims, dtype.value, axis)
     if json_file:
         write_json_atomic(json_file, report.to_dict())
-        console.print(f"wrote {json_file}")
+        console.print(escape(f"wrote {json_file}"), highlight=False)
     if markdown:
         write_bytes_atomic(markdown, to_markdown(report).encode())
-        console.print(f"wrote {markdown}")
+        console.print(escape(f"wrote {markdown}"), highlight=False)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import platform
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from samout_edge.artifact.manifest import (
     previous_export_files,
     record_file,
 )
+from samout_edge.artifact.resources import check_memory
 from samout_edge.errors import SamoutError
 from samout_edge.exporter.golden import record_golden
 from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
@@ -137,7 +139,7 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
         past = graph.flatten(arch, model.empty_state(trace_batch))
         past_shapes = [{0: batch} for _ in past]
     else:
-        past_seq = torch.export.Dim("past_seq", min=0, max=max(options.max_seq, trace_seq))
+        past_seq = torch.export.Dim("past_seq", min=0)  # softmax attention has no length limit
         shape = (trace_batch, config.num_heads, 3, config.head_dim)
         past = [torch.randn(shape, dtype=dtype) for _ in range(2 * config.num_layers)]
         past_shapes = [{0: batch, 2: past_seq} for _ in past]
@@ -163,7 +165,7 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
                 verify=False,
             )
     except Exception as e:
-        detail = str(e).strip().splitlines()
+        detail = [line for line in re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e)).strip().splitlines() if line.strip()]
         raise SamoutError(f"torch.export could not trace the model: {detail[0] if detail else type(e).__name__}") from e
     finally:
         for lg, level in zip(loggers, levels):
@@ -297,6 +299,8 @@ def export(
         if heads is not None and heads != config.num_heads:
             raise SamoutError(f"--heads {heads} contradicts preset {preset_name!r} ({config.num_heads} heads)")
         ckpt = None
+    model_config = ckpt.config if ckpt is not None else config
+    check_memory(export_memory(model_config, options), f"exporting {options.arch} with --max-seq {options.max_seq}")
 
     with staging_dir(out, previous_export_files, force) as stage:
         if ckpt is None:
@@ -352,6 +356,17 @@ def export(
         progress("done", total, total)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def export_memory(config: ModelConfig, options: ExportOptions) -> int:
+    """A generous estimate of an export's peak: copies of the fp32 weights (model,
+    state_dict, graph, serialization) plus the golden and verification runs at
+    max_seq (activations; softmax also its seq x seq scores, unfused in ONNX Runtime)."""
+    seq, h = options.max_seq, config.hidden_size
+    weights = 4 * config.parameter_count()
+    activations = 2 * seq * h * 4 * 24
+    scores = 2 * config.num_heads * seq * seq * 4 * 3 if options.arch == "softmax" else 0
+    return 5 * weights + activations + scores
 
 
 def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifest:

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 from samout_edge.artifact.config import ModelConfig
 from samout_edge.artifact.files import make_readable, read_json, sha256_file, staging_dir, write_json_atomic
 from samout_edge.artifact.manifest import Manifest
+from samout_edge.artifact.resources import check_memory
 from samout_edge.errors import SamoutError
 from samout_edge.models.model import SamOut
 
@@ -89,6 +92,12 @@ def _load_directory(path: Path, heads: int | None) -> Checkpoint:
     config = ModelConfig.from_dict(read_json(path / CONFIG_FILE, "checkpoint config"))
     if heads is not None and heads != config.num_heads:
         raise SamoutError(f"--heads {heads} contradicts {path / CONFIG_FILE} (num_heads {config.num_heads})")
+    # Sizes first, so an edited config.json (a million layers) fails in one line, not after building the model.
+    count, size = config.parameter_count(), weights.stat().st_size
+    if not count * 2 <= size <= count * 8 + (16 << 20):
+        raise SamoutError(f"{path / CONFIG_FILE} describes {count:,} parameters, but {WEIGHTS_FILE} holds "
+                          f"{size:,} bytes: the two do not belong together")
+    check_memory(size * 3, f"loading {path}")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
@@ -98,7 +107,12 @@ def _load_directory(path: Path, heads: int | None) -> Checkpoint:
 
 def _load_state_dict_file(path: Path, heads: int | None) -> Checkpoint:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's warnings advise unsafe loading; we never do it
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SamoutError(f"cannot read checkpoint {path}: it holds Python objects besides tensors, which "
+                          "samout-edge never unpickles; save the model's state_dict() alone") from None
     except Exception as e:  # torch raises many types for truncated or foreign files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SamoutError(

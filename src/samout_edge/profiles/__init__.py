@@ -7,6 +7,7 @@ field and names the first bad one.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -103,6 +104,8 @@ def _get(data: dict, key: str, kind: type | tuple, source: str, prefix: str = ""
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise _err(source, name, f"must be {expected}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise _err(source, name, f"must be a finite number, got {value!r}")
     return value
 
 

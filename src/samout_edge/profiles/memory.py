@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from samout_edge.artifact.config import ARCHS, ModelConfig
+from samout_edge.errors import SamoutError
 from samout_edge.profiles import DeviceProfile
 
 ACTIVATION_VALUES = 16
@@ -116,6 +117,10 @@ def longest_context(config: ModelConfig, arch: str, dtype: str, batch: int, chun
 def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None = None, batch: int = 1,
                 contexts: list[int] | None = None) -> MemoryPlan:
     dtype = dtype or profile.precision
+    if batch < 1:
+        raise SamoutError(f"--batch must be at least 1, got {batch}")
+    if contexts is not None and (not contexts or any(n < 1 for n in contexts)):
+        raise SamoutError(f"--contexts needs positive lengths, got {contexts}")
     chunk = profile.prefill.seq.opt
     contexts = contexts or DEFAULT_CONTEXTS
     rows = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,18 @@ class OrtRunner(Runner):
         return results["logits"], {self.to_past[k]: v for k, v in results.items() if k in self.to_past}
 
 
+def check_graph_metadata(meta: dict[str, str], manifest: Manifest) -> None:
+    """The graph's own metadata wins over export.json (which no hash covers): an
+    edited max_seq or config must fail here, not return wrong tokens later."""
+    recorded = {"max_seq": meta.get("samout_edge.max_seq"), "config": meta.get("samout_edge.config"),
+                "arch": meta.get("samout_edge.arch")}
+    expected = {"max_seq": str(manifest.max_seq), "config": json.dumps(manifest.config.to_dict()), "arch": manifest.arch}
+    for key, value in recorded.items():
+        if value != expected[key]:
+            raise SamoutError(f"{MODEL_FILE} says {key} {value}, export.json says {expected[key]}: "
+                              "one of them was edited; re-export")
+
+
 def load_ort_runner(directory: str | Path, provider: str = "cpu", cpu_arena: bool = True) -> OrtRunner:
     """``cpu_arena=False`` returns freed memory to the OS, so peak-RSS measurements see it."""
     import onnxruntime as ort
@@ -80,8 +93,5 @@ def load_ort_runner(directory: str | Path, provider: str = "cpu", cpu_arena: boo
         session = ort.InferenceSession(str(Path(directory) / MODEL_FILE), options, providers=[provider])
     except Exception as e:  # ORT raises its own exception types for bad graphs
         raise SamoutError(f"ONNX Runtime cannot load {Path(directory) / MODEL_FILE}: {str(e).splitlines()[0]}") from None
-    recorded = session.get_modelmeta().custom_metadata_map.get("samout_edge.max_seq")
-    if recorded != str(manifest.max_seq):
-        raise SamoutError(f"{MODEL_FILE} says max_seq {recorded}, export.json says {manifest.max_seq}: "
-                          "one of them was edited; re-export")
+    check_graph_metadata(session.get_modelmeta().custom_metadata_map, manifest)
     return OrtRunner(session, manifest, provider)

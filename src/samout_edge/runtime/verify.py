@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.inliner
 
 from samout_edge import lowering as low
 from samout_edge.artifact import graph
@@ -99,9 +101,11 @@ def check_op(manifest: Manifest, lengths: list[int]) -> tuple[bool, list[dict]]:
     rng = np.random.default_rng(1)
     rows = []
     static = cfg.num_heads if manifest.lowering == "native" else None
+    lowering = "custom" if manifest.lowering == "inlined" else manifest.lowering
     for axis, static_len in ((2, None), (1, static)):
-        model = low.standalone_model(manifest.lowering, plan, axis, manifest.dtype, opset=manifest.opset,
-                                     static_len=static_len)
+        model = low.standalone_model(lowering, plan, axis, manifest.dtype, opset=manifest.opset, static_len=static_len)
+        if manifest.lowering == "inlined":  # the custom node's body, inlined as `samout-edge inline` does
+            model = onnx.inliner.inline_local_functions(model)
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         for length in lengths:
             x = rng.standard_normal((1, cfg.num_heads, length, cfg.head_dim)).astype(np_dtype)

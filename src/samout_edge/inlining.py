@@ -1,0 +1,68 @@
+"""An inlined copy of a ``--lowering custom`` export, for runtimes that do not run
+model-local functions (OpenVINO, the ONNX reference evaluator).
+
+The CumMax nodes are replaced by their function bodies (the native scan), so the
+copy is a standard-ops graph; everything else, the golden files included, is
+carried over, the manifest says ``lowering: inlined`` and lists the new hashes,
+and the copy is verified like any export.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+import onnx.inliner
+
+from samout_edge.artifact.files import check_output_dir, staging_dir
+from samout_edge.artifact.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    check_files,
+    previous_export_files,
+    read_manifest,
+    record_file,
+)
+from samout_edge.errors import SamoutError
+
+# Which runtimes run which lowering (tested for ONNX Runtime, OpenVINO and onnx.reference).
+RUNS_IN = {
+    "native": "every ONNX runtime (ONNX Runtime, OpenVINO, onnx.reference) and TensorRT (8.5+)",
+    "inlined": "every ONNX runtime (ONNX Runtime, OpenVINO, onnx.reference) and TensorRT (9.1+)",
+    "custom": "ONNX Runtime (the function body) and TensorRT 9.1+ (the body or the CumMax plugin); not OpenVINO or "
+              "onnx.reference, which do not run model-local functions: `samout-edge inline DIR -o OUT` makes a copy they run",
+}
+
+
+def inline_export(source: str | Path, out: str | Path, force: bool = False) -> Path:
+    source = Path(source)
+    manifest = read_manifest(source)
+    check_files(source, manifest)
+    if manifest.lowering != "custom":
+        raise SamoutError(f"{source} is a {manifest.lowering} export: it has no local functions to inline")
+    out = check_output_dir(out)
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise SamoutError("-o must be another directory than the export itself")
+    model = onnx.load(str(source / MODEL_FILE))
+    inlined = onnx.inliner.inline_local_functions(model)
+    del inlined.functions[:]
+    kept = [o for o in inlined.opset_import if o.domain != "samout_edge"]
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(kept)
+    for prop in inlined.metadata_props:
+        if prop.key == "samout_edge.lowering":
+            prop.value = "inlined"
+    onnx.checker.check_model(inlined)
+    manifest.lowering = "inlined"
+    manifest.verification = None
+    manifest.files = {k: v for k, v in manifest.files.items() if k != MODEL_FILE}
+    with staging_dir(out, previous_export_files, force) as stage:
+        onnx.save_model(inlined, str(stage / MODEL_FILE))
+        for name in list(manifest.files):
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, stage / name)
+        record_file(stage, manifest, MODEL_FILE)
+        manifest.save(stage)
+        assert (stage / MANIFEST_FILE).is_file()
+    return out
