@@ -330,3 +330,56 @@ def test_control_characters_in_paths_are_escaped(run_cli, tmp_path):
 def test_softmax_exports_with_the_shortest_max_seq(tmp_path, max_seq):
     result = export(tmp_path / "s", ExportOptions(arch="softmax", max_seq=max_seq), preset_name="tiny")
     assert result.verification.passed
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--tensorrt", "7.0"], "outside the supported range"),
+        (["--tensorrt=-1.-5"], "not a TensorRT version"),
+        (["--profile", ""], "unknown profile ''"),
+        (["--profile", "{tmp}/evil.toml"], "names a directory"),
+    ],
+)
+def test_build_refuses_bad_versions_and_profile_names(run_cli, exported, tmp_path, extra, match):
+    shipped = Path(__file__).parents[1] / "src/samout_edge/profiles/data/jetson-orin-nano-8gb.toml"
+    text = "\n".join('name = "../../../../tmp/x"' if line.startswith("name =") else line
+                     for line in shipped.read_text().splitlines())
+    (tmp_path / "evil.toml").write_text(text)
+    args = ["build", exported().directory, "--dry-run", *[a.format(tmp=tmp_path) for a in extra]]
+    if "--profile" not in " ".join(extra):
+        args += ["--profile", "jetson-orin-nano-8gb"]
+    code, _, err = run_cli(*args)
+    assert code == 1 and match in one_error_line(err), err
+
+
+def test_build_plan_refuses_an_empty_model(run_cli, exported, tmp_path):
+    d = tmp_path / "d"
+    shutil.copytree(exported().directory, d)
+    (d / "model.onnx").write_bytes(b"")
+    code, _, err = run_cli("build", d, "--profile", "jetson-orin-nano-8gb", "--dry-run")
+    assert code == 1 and "does not match the sha256" in one_error_line(err)
+
+
+def test_inspect_counts_absurd_initializers_without_overflow(tmp_path):
+    from onnx import TensorProto, helper
+
+    from samout_edge.inspection import inspect_path
+
+    big = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2**32, 2**32])  # dims only, no data
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [big])
+    onnx.save(helper.make_model(graph), str(tmp_path / "big.onnx"))
+    assert inspect_path(tmp_path / "big.onnx", lint=False).parameter_count == 2**64
+
+
+def test_bench_without_work_leaves_no_temporary_directory(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    code, _, err = run_cli("bench", "--preset", "tiny", "--seq", "8", "--context", "8", "--backend", "ort",
+                           "--budget", "0.05", "--repeats", "2", "--min-repeats", "1", "--no-memory")
+    assert code == 0, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("samout-bench-")]

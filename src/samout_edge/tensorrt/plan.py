@@ -26,7 +26,7 @@ from samout_edge.artifact.engine import (
     check_profile_name,
 )
 from samout_edge.artifact.graph import CUMMAX_PLUGIN_ID
-from samout_edge.artifact.manifest import MODEL_FILE, Manifest, read_manifest
+from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_files, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import DeviceProfile, Range
 from samout_edge.tensorrt import versions
@@ -123,6 +123,7 @@ def make_plan(
     """The whole build, decided: every flag, every shape, for this export, profile and TensorRT."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
+    check_files(export_dir, manifest)  # a plan for an edited or truncated model.onnx is no plan
     installed = versions.installed_version()
     if tensorrt:
         source = "option"
