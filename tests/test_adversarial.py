@@ -383,3 +383,39 @@ def test_bench_without_work_leaves_no_temporary_directory(run_cli, tmp_path, mon
                            "--budget", "0.05", "--repeats", "2", "--min-repeats", "1", "--no-memory")
     assert code == 0, err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("samout-bench-")]
+
+
+def test_an_edited_checkpoint_config_is_caught(run_cli, tmp_path):
+    d = tmp_path / "d"
+    assert run_cli("export", "--preset", "tiny", "-o", d, "--max-seq", "16")[0] == 0
+    config = json.loads((d / "checkpoint" / "config.json").read_text())
+    config["num_heads"] = 8
+    (d / "checkpoint" / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli("verify", d)
+    assert code == 1 and "does not match the sha256" in one_error_line(err)
+    code, _, err = run_cli("generate", d, "--ids", "1,2", "--backend", "torch")
+    assert code == 1 and "has config" in one_error_line(err)
+
+
+def test_a_huge_sparse_file_is_not_read(run_cli, tmp_path):
+    path = tmp_path / "huge.onnx"
+    with open(path, "wb") as f:
+        f.write(b"\x08")
+        f.truncate(2**31 + 1)
+    started = time.time()
+    code, _, err = run_cli("inspect", path)
+    assert code == 1 and "over 2 GiB" in one_error_line(err) and time.time() - started < 5
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(run_cli, tmp_path, monkeypatch):
+    import errno
+
+    import samout_edge.exporter.onnx_export as onnx_export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx_export.onnx, "save_model", full)
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", tmp_path / "o", "--max-seq", "8")
+    assert code == 1 and "No space left on device" in one_error_line(err) and "unexpected" not in err
+    assert list(tmp_path.iterdir()) == []
