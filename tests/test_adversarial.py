@@ -109,13 +109,19 @@ def test_artifacts_are_readable_by_others_under_umask_022(tmp_path):
         assert mode & 0o044 == 0o044, f"{path} is {oct(mode)}"
 
 
-def test_stale_staging_of_a_killed_export_is_removed_by_the_next_run(tmp_path):
-    """kill -9 mid-export leaves a staging directory; the next run into that parent removes it."""
+def export_until_staging(tmp_path) -> subprocess.Popen:
+    """An export in a child process, returned once its staging directory exists."""
     proc = subprocess.Popen([*CLI, "export", "--preset", "tiny", "-o", str(tmp_path / "e"), "--max-seq", "8"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not [p for p in tmp_path.iterdir() if p.name.startswith(".samout-stage-")]:
         time.sleep(0.05)
+    return proc
+
+
+def test_stale_staging_of_a_killed_export_is_removed_by_the_next_run(tmp_path):
+    """kill -9 mid-export leaves a staging directory; the next run into that parent removes it."""
+    proc = export_until_staging(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".samout-stage-")], "no staging dir seen"
@@ -125,11 +131,7 @@ def test_stale_staging_of_a_killed_export_is_removed_by_the_next_run(tmp_path):
 
 
 def test_sigterm_removes_the_staging_directory(tmp_path):
-    proc = subprocess.Popen([*CLI, "export", "--preset", "tiny", "-o", str(tmp_path / "e"), "--max-seq", "8"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not [p for p in tmp_path.iterdir() if p.name.startswith(".samout-stage-")]:
-        time.sleep(0.05)
+    proc = export_until_staging(tmp_path)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert proc.returncode != 0 and list(tmp_path.iterdir()) == []
