@@ -18,12 +18,12 @@ LAYERS = [
     {"tensorrt"},
     {"runtime"},
     {"exporter"},
-    {"bench", "generate", "inspection", "inlining", "doctor"},
+    {"bench", "generate", "evaluate", "inspection", "inlining", "doctor"},
     {"cli"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 # Units the device install (no torch) must be able to import at module level.
-TORCH_FREE = {"errors", "progress", "artifact", "lowering", "profiles", "tensorrt", "runtime", "bench", "generate",
+TORCH_FREE = {"errors", "progress", "artifact", "lowering", "profiles", "tensorrt", "runtime", "bench", "generate", "evaluate",
               "inspection", "inlining", "doctor", "cli"}
 TORCH_MODULES = {"runtime/torch_runner.py", "bench/op.py", "tensorrt/plugin.py"}  # loaded only when torch is asked for
 

@@ -216,3 +216,22 @@ def bench_op(report, dims: list[int], dtype: str, axis: int) -> None:
         exact = "-" if r.exact is None else ("[green]yes[/]" if r.exact else "[red]NO[/]")
         table.add_row(r.name, f"{r.median_ms:.3f}", f"{r.gb_per_s:.1f}", f"{r.fraction_of_copy:.3f}", exact)
     console.print(table)
+
+
+def evaluation(results, text) -> None:
+    """Quality next to cost: one row per target."""
+    table = Table(title=escape(f"eval on {text}: bits per byte (lower is better), top-1 agreement and max logit "
+                               "error vs PyTorch fp32 on the same windows"))
+    for col in ("target", "arch", "runner", "dtype", "weights", "bits/byte", "perplexity", "top-1 agree",
+                "max logit err", "weights MiB", "state", "ms/window"):
+        table.add_column(col, justify="left" if col in ("target", "arch", "runner", "dtype", "weights") else "right")
+    for r in results:
+        agree = "-" if r.top1_agreement is None else f"{100 * r.top1_agreement:.2f}%"
+        err = "-" if r.max_logit_error is None else f"{r.max_logit_error:.2e}"
+        weights = "-" if r.weights_bytes is None else f"{r.weights_bytes / 2**20:.1f}"
+        table.add_row(escape(r.target), r.arch, escape(r.runner), r.dtype, r.weights, f"{r.bits_per_byte:.4f}",
+                      f"{r.perplexity:.3f}", agree, err, weights, human_bytes(r.state_bytes), f"{r.window_ms:.1f}")
+    console.print(table)
+    first = results[0]
+    console.print(f"{first.tokens:,} tokens ({first.bytes:,} bytes) scored; windows of {first.window} every "
+                  f"{first.stride}; state is the decode state after one window", highlight=False)

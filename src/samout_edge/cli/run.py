@@ -21,6 +21,7 @@ from samout_edge.cli.common import (
     Scan,
     TorchDevice,
     app,
+    choices,
     parse_choice_list,
     parse_int_list,
     value,
@@ -213,3 +214,37 @@ def bench_op_command(
     if markdown:
         write_bytes_atomic(markdown, to_markdown(report).encode())
         console.print(escape(f"wrote {markdown}"), highlight=False)
+
+
+EvalBackend = choices("EvalBackend", ("auto", "torch", "ort", "tensorrt"))
+
+
+@app.command("eval")
+def eval_command(
+    targets: list[Path] = typer.Argument(..., help="One or two exports (--logits all), engine dirs or checkpoints."),
+    text: Path = typer.Option(..., "--text", help="A UTF-8 text file to score."),
+    backend: EvalBackend = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch, ort or tensorrt."),
+    provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
+    window: Optional[int] = typer.Option(None, min=2, help="Tokens per window (default min(512, max_seq))."),
+    stride: Optional[int] = typer.Option(None, min=1, help="Tokens between window starts (default window/2)."),
+    vocab: Optional[Path] = typer.Option(None, help="Vocab file (JSON list of token strings); default: UTF-8 bytes as ids."),
+    reference: bool = typer.Option(True, "--reference/--no-reference",
+                                   help="Also compare with PyTorch fp32 (top-1 agreement, max logit error; needs torch)."),
+    arch: Arch = typer.Option("cummax", help="For a checkpoint: cummax or softmax."),
+    heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Quality on the deployed artifact: bits per byte, perplexity, agreement with PyTorch fp32; side by side for two."""
+    from samout_edge.evaluate import eval_target
+
+    if len(targets) > 2:
+        raise SamoutError("give one or two targets")
+    results = []
+    with progress_bar(not json_out) as progress:
+        for target in targets:
+            results.append(eval_target(target, text, backend.value, provider, window, stride, vocab, reference,
+                                       arch.value, heads, progress))
+    if json_out:
+        print_json([r.to_dict() for r in results])
+    else:
+        render.evaluation(results, text)
