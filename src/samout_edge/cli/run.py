@@ -217,11 +217,12 @@ def bench_op_command(
 
 
 EvalBackend = choices("EvalBackend", ("auto", "torch", "ort", "tensorrt"))
+MAX_EVAL_TARGETS = 16
 
 
 @app.command("eval")
 def eval_command(
-    targets: list[Path] = typer.Argument(..., help="One or two exports (--logits all), engine dirs or checkpoints."),
+    targets: list[Path] = typer.Argument(..., help="Exports (--logits all), engine dirs or checkpoints: one row each."),
     text: Path = typer.Option(..., "--text", help="A UTF-8 text file to score."),
     backend: EvalBackend = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch, ort or tensorrt."),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
@@ -234,11 +235,11 @@ def eval_command(
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Quality on the deployed artifact: bits per byte, perplexity, agreement with PyTorch fp32; side by side for two."""
+    """Quality on the deployed artifact: bits per byte, perplexity, agreement with PyTorch fp32; targets side by side."""
     from samout_edge.evaluate import eval_target
 
-    if len(targets) > 2:
-        raise SamoutError("give one or two targets")
+    if len(targets) > MAX_EVAL_TARGETS:
+        raise SamoutError(f"give at most {MAX_EVAL_TARGETS} targets")
     results = []
     with progress_bar(not json_out) as progress:
         for target in targets:
