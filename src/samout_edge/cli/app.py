@@ -7,6 +7,7 @@ live by group in model.py, inspect_doctor.py, tensorrt.py and run.py.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -17,10 +18,13 @@ import typer
 from rich.markup import escape
 
 from samout_edge import __version__
-from samout_edge.cli import inspect_doctor, model, run, tensorrt  # noqa: F401 - registers the commands
 from samout_edge.cli.common import app
 from samout_edge.cli.ui import err_console
 from samout_edge.errors import SamoutError
+
+# Importing a command module registers its commands; --help lists them in this order (the workflow first).
+for _module in ("model", "tensorrt", "run", "inspect_doctor"):
+    importlib.import_module(f"samout_edge.cli.{_module}")
 
 
 def _show_version(show: bool) -> None:
