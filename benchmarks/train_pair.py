@@ -1,0 +1,413 @@
+"""Train SamOut and its softmax baseline of identical size on the Python standard library.
+
+A trained pair that anyone can reproduce offline: the corpus is the running
+Python's own standard library (``*.py`` files, test directories left out), read
+at run time and never copied into the repository; tokens are bytes (vocab 256),
+so ``samout-edge generate --prompt`` prints readable text. Both archs get the
+same config, initial weights (one seed), batches (one seeded generator), step
+count, optimizer and schedule; they train one after the other, each in its own
+child process, so each one's peak RSS is its own.
+
+Files left in --out (default benchmarks/pair/):
+  cummax/, softmax/   checkpoints (config.json + model.safetensors, fp16 weights);
+                      softmax/ must be exported with --arch softmax
+  vocab.json          256 strings, id i = chr(i): byte i read as latin-1
+  heldout.txt         the held-out files (relative to the stdlib directory)
+  train.json          config, steps, throughput, peak RSS, losses, bits per byte
+  train.log           this script's output
+
+    .venv/bin/python benchmarks/train_pair.py [--minutes 10] [--steps N] [--out DIR]
+    .venv/bin/python benchmarks/train_pair.py --write-heldout FILE [--max-bytes N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+ARCHS = ("cummax", "softmax")
+HIDDEN, HEADS, LAYERS, VOCAB = 256, 8, 4, 256
+BATCH, SEQ = 16, 256
+# Calibrated on 2 idle cores (AMD EPYC, torch 2.13 CPU, fp32, batch 16 x 256 bytes): one
+# step takes about 0.8 s for cummax and 0.9-1.1 s for softmax, so 62 steps per minute
+# makes --minutes roughly the mean wall time of the two runs. Both archs always do the
+# same steps, so a busy machine makes the runs longer, never shorter.
+STEPS_PER_MINUTE = 62
+LR, MIN_LR_FRACTION, WARMUP_FRACTION, WEIGHT_DECAY, CLIP = 2e-3, 0.1, 0.05, 0.1, 1.0
+HELDOUT_PERCENT = 5
+EVAL_BYTES = 256 << 10
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+DEFAULT_OUT = Path(__file__).resolve().parent / "pair"
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus_files(root: Path) -> list[str]:
+    """The stdlib's *.py files as sorted relative paths, without tests or per-build files,
+    so the list is as close as can be on every CPython 3.10-3.13 install."""
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        dirs = rel.parts[:-1]
+        if any(d in EXCLUDED_DIRS or d.startswith("config-") for d in dirs):
+            continue  # tests, installed packages, the build's python-config
+        if rel.name.startswith("_sysconfigdata"):
+            continue  # differs per platform and build
+        files.append(rel.as_posix())
+    return sorted(files)
+
+
+def is_heldout(rel: str) -> bool:
+    """A fixed split: a hash of the relative path, so a file's side never depends on
+    which other files this Python has."""
+    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+
+
+def read_concatenated(root: Path, files: list[str], max_bytes: int | None = None) -> bytes:
+    """The files' bytes in the listed order; files missing on this Python are skipped."""
+    parts, size = [], 0
+    for rel in files:
+        try:
+            data = (root / rel).read_bytes()
+        except OSError:
+            continue
+        parts.append(data)
+        size += len(data)
+        if max_bytes is not None and size >= max_bytes:
+            break
+    out = b"".join(parts)
+    return out if max_bytes is None else out[:max_bytes]
+
+
+def read_heldout_list(out: Path) -> list[str]:
+    return [line for line in (out / "heldout.txt").read_text().splitlines() if line.strip()]
+
+
+def write_heldout(target: Path, out: Path, max_bytes: int) -> int:
+    """For evaluation elsewhere: the held-out text that heldout.txt names, written to ``target``."""
+    data = read_concatenated(stdlib_dir(), read_heldout_list(out), max_bytes)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return len(data)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM on Linux, else getrusage's maxrss."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(this process's CPU seconds, the whole machine's busy CPU seconds), to tell
+    how much of the cores other work took while we trained."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    own = usage.ru_utime + usage.ru_stime
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")
+    return own, busy
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to MIN_LR_FRACTION of the peak."""
+    warmup = max(1, int(steps * WARMUP_FRACTION))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def bits_per_byte(model, data, seq: int, batch: int) -> float:
+    """Mean next-byte cross-entropy in bits over non-overlapping windows of seq + 1 bytes."""
+    import torch
+    import torch.nn.functional as F
+
+    n = (len(data) - 1) // seq
+    windows = torch.stack([data[i * seq : i * seq + seq + 1] for i in range(n)]).long()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, n, batch):
+            ids = windows[start : start + batch]
+            logits, _ = model(ids[:, :-1], last_only=False)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+            count += ids[:, 1:].numel()
+    return total / count / math.log(2)
+
+
+def train_one(arch: str, steps: int, seed: int, out: Path, threads: int, lr: float) -> dict[str, Any]:
+    """Train one arch from the shared seed; save the checkpoint; return its measurements."""
+    import torch
+    import torch.nn.functional as F
+
+    from samout_edge.artifact.config import ModelConfig
+    from samout_edge.models.checkpoint import load_checkpoint, save_checkpoint
+    from samout_edge.models.model import SamOut
+
+    torch.set_num_threads(threads)
+    root = stdlib_dir()
+    files = corpus_files(root)
+    train_bytes = read_concatenated(root, [f for f in files if not is_heldout(f)])
+    data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8)
+    heldout = torch.frombuffer(bytearray(read_concatenated(root, read_heldout_list(out), EVAL_BYTES)),
+                               dtype=torch.uint8)
+    rss_before_model = peak_rss_bytes()
+
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_heads=HEADS, num_layers=LAYERS)
+    torch.manual_seed(seed)
+    model = SamOut(config, arch)
+    init_hash = hashlib.sha256(b"".join(v.numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("em.")]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("em."))]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    batches = torch.Generator().manual_seed(seed)  # the same windows, in the same order, for both archs
+    batch_hash = hashlib.sha256()
+    offsets_span = torch.arange(SEQ + 1)
+    losses: list[float] = []
+    load_start = os.getloadavg()
+    print(f"[{arch}] {config.parameter_count():,} parameters, {len(data):,} training bytes, "
+          f"{steps} steps of {BATCH}x{SEQ}, {threads} threads, load {load_start[0]:.2f}", flush=True)
+    model.train()
+    own0, busy0 = cpu_seconds()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        starts = torch.randint(0, len(data) - SEQ - 1, (BATCH,), generator=batches)
+        batch_hash.update(starts.numpy().tobytes())
+        ids = data[starts[:, None] + offsets_span].long()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        logits, _ = model(ids[:, :-1], last_only=False)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 25 == 0 or step == steps - 1:
+            elapsed = time.perf_counter() - t0
+            print(f"[{arch}] step {step + 1:5d}/{steps}  loss {loss.item():.3f}  lr {lr_at(step, steps, lr):.2e}  "
+                  f"{elapsed:6.0f} s  {(step + 1) * BATCH * SEQ / elapsed:7.0f} tokens/s", flush=True)
+    seconds = time.perf_counter() - t0
+    own1, busy1 = cpu_seconds()
+    load_end = os.getloadavg()
+    peak = peak_rss_bytes()
+
+    # Ship fp16 weights (half the size; the loader reads them back as fp32) and
+    # measure the checkpoint as shipped, so train.json describes the files.
+    target = out / arch
+    save_checkpoint(model.half(), target)
+    shipped = load_checkpoint(target).model(arch)
+    bpb = bits_per_byte(shipped, heldout, SEQ, BATCH)
+    tail = losses[-max(1, steps // 20):]
+    result = {
+        "tokens_seen": steps * BATCH * SEQ,
+        "train_seconds": round(seconds, 1),
+        "tokens_per_s": round(steps * BATCH * SEQ / seconds, 1),
+        "seconds_per_step": round(seconds / steps, 4),
+        "peak_rss_mib": round(peak / 2**20, 1),
+        "rss_before_model_mib": round(rss_before_model / 2**20, 1),
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "loadavg_end": [round(x, 2) for x in load_end],
+        "cpu_seconds": round(own1 - own0, 1),
+        "other_processes_cpu_seconds": round(max(0.0, (busy1 - busy0) - (own1 - own0)), 1),
+        "first_loss": round(losses[0], 4),
+        "final_loss": round(losses[-1], 4),
+        "final_loss_mean_last_5pct": round(sum(tail) / len(tail), 4),
+        "heldout_bits_per_byte": round(bpb, 4),
+        "heldout_eval_bytes": len(heldout),
+        "init_sha256": init_hash,
+        "batches_sha256": batch_hash.hexdigest(),
+        "checkpoint_bytes": (target / "model.safetensors").stat().st_size,
+    }
+    print(f"[{arch}] done: {result['tokens_per_s']:.0f} tokens/s, peak RSS {result['peak_rss_mib']:.0f} MiB, "
+          f"final loss {result['final_loss_mean_last_5pct']:.3f}, held-out {bpb:.3f} bits/byte", flush=True)
+    return result
+
+
+def interleaved_throughput(out: Path, threads: int, rounds: int, steps_per_round: int) -> dict[str, Any]:
+    """Training-step speed of the two shipped models, measured alternately in one process.
+
+    Others share this machine, so a long run's tokens/s depends on what else ran
+    meanwhile; short alternating blocks see the same load, and the median and best
+    step times compare the archs fairly."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from samout_edge.models.checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (BATCH, SEQ + 1), generator=generator)
+    models, optimizers = {}, {}
+    for arch in ARCHS:
+        models[arch] = load_checkpoint(out / arch).model(arch).train()
+        optimizers[arch] = torch.optim.AdamW(models[arch].parameters(), lr=1e-5)
+
+    def step(arch: str) -> float:
+        t = time.perf_counter()
+        logits, _ = models[arch](ids[:, :-1], last_only=False)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        optimizers[arch].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models[arch].parameters(), CLIP)
+        optimizers[arch].step()
+        return time.perf_counter() - t
+
+    for arch in ARCHS:
+        step(arch)  # warm-up: allocates the optimizer state
+    times: dict[str, list[float]] = {arch: [] for arch in ARCHS}
+    for r in range(rounds):
+        for arch in ARCHS if r % 2 == 0 else ARCHS[::-1]:
+            times[arch] += [step(arch) for _ in range(steps_per_round)]
+    tokens = BATCH * SEQ
+    return {arch: {"steps": len(t), "median_s_per_step": round(statistics.median(t), 4),
+                   "tokens_per_s_median": round(tokens / statistics.median(t), 1),
+                   "tokens_per_s_best": round(tokens / min(t), 1)} for arch, t in times.items()}
+
+
+def run_child(arch: str, args: argparse.Namespace, steps: int, log) -> dict[str, Any]:
+    """Train ``arch`` in a fresh process (its own peak RSS), echoing its output to stdout and the log."""
+    cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--only", arch, "--steps", str(steps),
+           "--seed", str(args.seed), "--lr", str(args.lr), "--out", str(args.out), "--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            continue
+        print(line, end="", flush=True)
+        log.write(line)
+        log.flush()
+    if proc.wait() != 0 or result is None:
+        sys.exit(f"training {arch} failed (exit {proc.returncode})")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0,
+                        help="mean wall time per arch on 2 cores; sets the step count (default 10)")
+    parser.add_argument("--steps", type=int, help=f"exact step count (default: {STEPS_PER_MINUTE} per minute)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (default {LR})")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of the interleaved speed check (default 10)")
+    parser.add_argument("--write-heldout", type=Path, metavar="FILE",
+                        help="write the held-out files named in OUT/heldout.txt to FILE and exit")
+    parser.add_argument("--max-bytes", type=int, default=1 << 20, help="with --write-heldout (default 1 MiB)")
+    parser.add_argument("--only", choices=ARCHS, help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+
+    if args.write_heldout:
+        size = write_heldout(args.write_heldout, args.out, args.max_bytes)
+        print(f"wrote {size:,} held-out bytes to {args.write_heldout}")
+        return
+    steps = args.steps or max(1, round(args.minutes * STEPS_PER_MINUTE))
+    if args.only:
+        print("RESULT " + json.dumps(train_one(args.only, steps, args.seed, args.out, args.threads, args.lr)), flush=True)
+        return
+
+    import torch
+
+    from samout_edge.artifact.config import ModelConfig
+    from samout_edge.bench.machine import describe
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    root = stdlib_dir()
+    files = corpus_files(root)
+    heldout = [f for f in files if is_heldout(f)]
+    (args.out / "heldout.txt").write_text("".join(f + "\n" for f in heldout))
+    (args.out / "vocab.json").write_text(json.dumps([chr(i) for i in range(256)]) + "\n")
+    train_size = sum((root / f).stat().st_size for f in files if not is_heldout(f))
+    heldout_size = sum((root / f).stat().st_size for f in heldout)
+    started = time.time()
+    with open(args.out / "train.log", "w") as log:
+        header = (f"python {platform.python_version()} stdlib {root}: {len(files)} files, "
+                  f"{len(heldout)} held out ({heldout_size:,} bytes), {train_size:,} training bytes\n"
+                  f"torch {torch.__version__}, {args.threads} threads, {steps} steps, batch {BATCH}, seq {SEQ}, "
+                  f"seed {args.seed}, load average {os.getloadavg()[0]:.2f}\n")
+        print(header, end="", flush=True)
+        log.write(header)
+        results = {arch: run_child(arch, args, steps, log) for arch in ARCHS}
+        load = os.getloadavg()[0]
+        speed = interleaved_throughput(args.out, args.threads, args.rounds, 3)
+        lines = f"interleaved training steps ({args.rounds} rounds of 3 steps per arch, load {load:.2f}):\n"
+        lines += "".join(f"  {a}: median {s['tokens_per_s_median']:.0f} tokens/s, best {s['tokens_per_s_best']:.0f}\n"
+                         for a, s in speed.items())
+        print(lines, end="", flush=True)
+        log.write(lines)
+    same_init = results["cummax"]["init_sha256"] == results["softmax"]["init_sha256"]
+    same_batches = results["cummax"]["batches_sha256"] == results["softmax"]["batches_sha256"]
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_heads=HEADS, num_layers=LAYERS)
+    report = {
+        "config": config.to_dict(),
+        "parameters": config.parameter_count(),
+        "steps": steps,
+        "batch": BATCH,
+        "seq": SEQ,
+        "tokens_seen": steps * BATCH * SEQ,
+        "seed": args.seed,
+        "same_initial_weights": same_init,
+        "same_batches": same_batches,
+        "optimizer": {"name": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "weight_decay": WEIGHT_DECAY,
+                      "schedule": f"linear warm-up {WARMUP_FRACTION:.0%}, cosine to {MIN_LR_FRACTION:.0%}",
+                      "grad_clip": CLIP},
+        "corpus": {"source": "the running Python's standard library, *.py, no test directories",
+                   "python": platform.python_version(), "files": len(files), "heldout_files": len(heldout),
+                   "train_bytes": train_size, "heldout_bytes": heldout_size,
+                   "heldout_rule": f"sha256(relative path) % 100 < {HELDOUT_PERCENT}"},
+        "eval": f"held-out bits per byte: first {EVAL_BYTES // 1024} KiB of the held-out files, "
+                f"non-overlapping windows of {SEQ} + 1 bytes, fp16 checkpoint read back as fp32",
+        "checkpoint_dtype": "fp16",
+        "machine": {**describe("cpu"), "threads": args.threads},
+        "measurement": "archs trained one after the other, each in its own process; peak RSS is that "
+                       "process's VmHWM (Python, torch, corpus and training); the machine is shared, so "
+                       "other work may have run meanwhile: see each arch's load averages and "
+                       "other_processes_cpu_seconds (CPU time the rest of the machine used during the run), "
+                       "and interleaved_throughput",
+        "interleaved_throughput": {"rounds": args.rounds, "steps_per_round": 3,
+                                   "what": "training steps of the shipped models, alternating arch every 3 steps "
+                                           "in one process, after training; fairer than the runs' own "
+                                           "tokens/s when others load the machine", "archs": speed},
+        "wall_seconds": round(time.time() - started, 1),
+        "archs": results,
+    }
+    (args.out / "train.json").write_text(json.dumps(report, indent=2) + "\n")
+    summary = "".join(f"{a}: {r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                      f"held-out {r['heldout_bits_per_byte']:.3f} bits/byte\n" for a, r in results.items())
+    print(summary, end="")
+    with open(args.out / "train.log", "a") as log:
+        log.write(summary)
+    if not (same_init and same_batches):
+        sys.exit("the two archs did not start from the same weights or see the same batches")
+
+
+if __name__ == "__main__":
+    main()
