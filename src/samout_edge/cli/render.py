@@ -234,4 +234,5 @@ def evaluation(results, text) -> None:
     console.print(table)
     first = results[0]
     console.print(f"{first.tokens:,} tokens ({first.bytes:,} bytes) scored; windows of {first.window} every "
-                  f"{first.stride}; state is the decode state after one window", highlight=False)
+                  f"{first.stride}; agreement over the first {first.compared_tokens:,} tokens; state is the decode "
+                  "state after one window", highlight=False)

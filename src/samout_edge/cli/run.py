@@ -227,7 +227,7 @@ def eval_command(
     backend: EvalBackend = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch, ort or tensorrt."),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
     window: Optional[int] = typer.Option(None, min=2, help="Tokens per window (default min(512, max_seq))."),
-    stride: Optional[int] = typer.Option(None, min=1, help="Tokens between window starts (default window/2)."),
+    stride: Optional[int] = typer.Option(None, min=1, help="Tokens between window starts (default window-1: each token computed once)."),
     vocab: Optional[Path] = typer.Option(None, help="Vocab file (JSON list of token strings); default: UTF-8 bytes as ids."),
     reference: bool = typer.Option(True, "--reference/--no-reference",
                                    help="Also compare with PyTorch fp32 (top-1 agreement, max logit error; needs torch)."),
