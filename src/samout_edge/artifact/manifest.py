@@ -23,6 +23,19 @@ MODEL_FILE = "model.onnx"
 CHECKPOINT_DIR = "checkpoint"
 GOLDEN_DIR = "golden"
 MAX_MANIFEST_BYTES = 16 << 20
+# export.json's ``weights``: how the weights are stored. kind fp (float, the export's
+# dtype), int8 (one scale per output channel) or int4 (one scale per block_size
+# inputs); format dq (DequantizeLinear, standard ONNX) or matmulnbits (ONNX Runtime's
+# com.microsoft MatMulNBits/GatherBlockQuantized), None for fp; bytes: the graph's
+# initializers (what the weights take on the device); reason: why this format;
+# ort_session_config: ONNX Runtime session config entries the runner sets for it.
+WEIGHT_KINDS = ("fp", "int8", "int4")
+WEIGHT_FORMATS = ("dq", "matmulnbits")
+
+
+def fp_weights() -> dict[str, Any]:
+    """The ``weights`` entry of a float export, and of manifests older than the field."""
+    return {"kind": "fp", "block_size": None, "format": None, "bytes": None, "reason": None}
 
 
 @dataclass
@@ -47,6 +60,7 @@ class Manifest:
     producer: str = PRODUCER
     exporter: str = "torch.export"
     extra: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=fp_weights)  # see WEIGHT_KINDS above
 
     @property
     def state_inputs(self) -> list[str]:
@@ -100,6 +114,31 @@ class Manifest:
                 raise SamoutError(f"export.json: {name} must be a positive integer, got {value!r}")
         if not isinstance(self.files, dict) or MODEL_FILE not in self.files:
             raise SamoutError(f"export.json lists no {MODEL_FILE} in its files")
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        w = self.weights
+        if w is None:  # written as null: a float export
+            self.weights = w = fp_weights()
+        kind = w.get("kind") if isinstance(w, dict) else None
+        if kind not in WEIGHT_KINDS:
+            raise SamoutError(f"export.json: weights {w!r} has no kind of {', '.join(WEIGHT_KINDS)}")
+        block, fmt, size = w.get("block_size"), w.get("format"), w.get("bytes")
+        if kind == "int4":
+            good_block = isinstance(block, int) and not isinstance(block, bool) and block >= 2 and not block & (block - 1)
+        else:
+            good_block = block is None
+        if not good_block:
+            raise SamoutError(f"export.json: weights block_size {block!r} does not fit kind {kind} "
+                              "(int4: a power of two; otherwise null)")
+        if (fmt is None) != (kind == "fp") or (fmt is not None and fmt not in WEIGHT_FORMATS):
+            raise SamoutError(f"export.json: weights format {fmt!r} does not fit kind {kind} "
+                              f"({' or '.join(WEIGHT_FORMATS)} for int8/int4, null for fp)")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise SamoutError(f"export.json: weights bytes must be a positive integer or null, got {size!r}")
+        config = w.get("ort_session_config", {})
+        if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+            raise SamoutError(f"export.json: weights ort_session_config must map strings to strings, got {config!r}")
 
     def save(self, directory: str | Path) -> None:
         write_json_atomic(Path(directory) / MANIFEST_FILE, self.to_dict())

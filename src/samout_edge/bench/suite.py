@@ -88,6 +88,8 @@ class Record:
     state_bytes: int
     repeats: int
     machine: str
+    weights: str = "fp"  # fp | int8 | int4 (export.json weights.kind)
+    weights_bytes: int | None = None  # the graph's initializers: what the weights take (export.json weights.bytes)
 
     @property
     def length(self) -> int:
@@ -163,8 +165,10 @@ def prepare_exports(
         a, b = manifests
         if a.arch == b.arch:
             raise SamoutError(f"both directories are {a.arch} exports; give one cummax and one softmax")
-        if (a.source["sha256"], a.dtype, a.config) != (b.source["sha256"], b.dtype, b.config):
-            raise SamoutError("the two exports differ in checkpoint, dtype or config; bench compares like with like")
+        if (a.source["sha256"], a.dtype, a.config, _weights_key(a)) != (b.source["sha256"], b.dtype, b.config,
+                                                                          _weights_key(b)):
+            raise SamoutError("the two exports differ in checkpoint, dtype, config or weights (kind, block size, "
+                              "format); bench compares like with like")
         return pair
     (made,) = manifests
     other = "softmax" if made.arch == "cummax" else "cummax"
@@ -174,7 +178,10 @@ def prepare_exports(
         source = Path(made.source["path"])
         if not source.is_absolute():
             source = dirs[0] / source
-        options = ExportOptions(other, made.lowering, made.scan["scan"], made.max_seq, made.dtype, made.logits, made.opset)
+        w = made.weights or {}
+        options = ExportOptions(other, made.lowering, made.scan["scan"], made.max_seq, made.dtype, made.logits, made.opset,
+                                weights=w.get("kind", "fp"), block_size=w.get("block_size"),
+                                weights_format=w.get("format") or "auto")
         export(target, options, checkpoint=source, heads=None if source.is_dir() else made.config.num_heads)
     pair[other] = target
     return pair
@@ -186,8 +193,8 @@ def _reusable(directory: Path, preset: str, options) -> bool:
     except SamoutError:
         return False
     plan = options.scan_plan(m.config)
-    return (m.source.get("preset"), m.max_seq, m.dtype, m.lowering, m.arch, m.scan["scan"]) == (
-        preset, options.max_seq, options.dtype, options.lowering, options.arch, plan.scan)
+    return (m.source.get("preset"), m.max_seq, m.dtype, m.lowering, m.arch, m.scan["scan"], _weights_key(m)[0]) == (
+        preset, options.max_seq, options.dtype, options.lowering, options.arch, plan.scan, options.weights)
 
 
 def _matches(directory: Path, made: Manifest, arch: str) -> bool:
@@ -195,9 +202,28 @@ def _matches(directory: Path, made: Manifest, arch: str) -> bool:
         m = read_manifest(directory)
     except SamoutError:
         return False
-    same = (m.source.get("sha256"), m.dtype, m.max_seq, m.lowering, m.logits, m.scan)
+    same = (m.source.get("sha256"), m.dtype, m.max_seq, m.lowering, m.logits, m.scan, _weights_key(m))
     return m.arch == arch and same == (made.source.get("sha256"), made.dtype, made.max_seq, made.lowering, made.logits,
-                                       made.scan)
+                                       made.scan, _weights_key(made))
+
+
+def _weights_key(m: Manifest) -> tuple:
+    w = m.weights or {}
+    return w.get("kind", "fp"), w.get("block_size"), w.get("format")
+
+
+def weights_bytes(directory: Path, manifest: Manifest) -> int:
+    """What the export's weights take: export.json's record, else measured from
+    model.onnx's initializers (exports older than the record)."""
+    recorded = (manifest.weights or {}).get("bytes")
+    if recorded:
+        return int(recorded)
+    import onnx
+
+    from samout_edge.artifact.manifest import MODEL_FILE
+    from samout_edge.exporter.quantize import initializer_bytes  # numpy and onnx only
+
+    return initializer_bytes(onnx.load(str(Path(directory) / MODEL_FILE), load_external_data=False))
 
 
 # --------------------------------------------------------------------------- running
@@ -233,6 +259,7 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
                 f"(longest --seq, or longest --context + {config.budget.total_calls() + 1} decode steps); "
                 "re-export with a larger --max-seq or bench shorter lengths"
             )
+    stored = {arch: (m.weights.get("kind", "fp"), weights_bytes(pair[arch], m)) for arch, m in manifests.items()}
     points = [(mode, batch, length) for mode in config.modes for batch in config.batches
               for length in (config.seqs if mode == "prefill" else config.contexts)]
     total = len(plan) * len(points)
@@ -252,20 +279,22 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
         for mode, batch, length in points:
             progress(f"{backend}:{shown} {mode} batch {batch} {'seq' if mode == 'prefill' else 'context'} {length}", done, total)
             records += _measure_point(runners, pair, backend, provider, label, mode, batch, length, config, cm,
-                                      info["label"])
+                                      info["label"], stored)
             done += 1
     progress("done", total, total)
     return BenchReport(
         machine=info,
         config={**cm.config.to_dict(), "dtype": cm.dtype, "lowering": cm.lowering, "scan": cm.scan["scan"],
-                "max_seq": cm.max_seq, "budget": asdict(config.budget), "memory": config.memory},
+                "max_seq": cm.max_seq, "budget": asdict(config.budget), "memory": config.memory,
+                "weights": {k: cm.weights.get(k) for k in ("kind", "block_size", "format")}},
         exports={arch: str(Path(p).absolute()) for arch, p in pair.items()},
         records=records,
     )
 
 
 def _measure_point(runners: dict[str, Runner], pair, backend, provider, label, mode, batch, length,
-                   config: BenchConfig, manifest: Manifest, machine_label: str) -> list[Record]:
+                   config: BenchConfig, manifest: Manifest, machine_label: str,
+                   stored: dict[str, tuple[str, int]] | None = None) -> list[Record]:
     vocab = manifest.config.vocab_size
     steps = config.budget.total_calls() + 1
     ids = np.random.default_rng(length).integers(1, vocab, (batch, length + steps))
@@ -296,6 +325,8 @@ def _measure_point(runners: dict[str, Runner], pair, backend, provider, label, m
             state_bytes=graph.state_bytes(manifest.config, arch, batch, length, manifest.dtype),
             repeats=len(timing.samples_ms),
             machine=machine_label,
+            weights=(stored or {}).get(arch, ("fp", None))[0],
+            weights_bytes=(stored or {}).get(arch, ("fp", None))[1],
         ))
     return records
 

@@ -13,6 +13,7 @@ import typer
 
 from samout_edge.artifact.config import ARCHS, PRESETS
 from samout_edge.artifact.graph import EXPORT_DTYPES
+from samout_edge.artifact.manifest import WEIGHT_FORMATS, WEIGHT_KINDS
 from samout_edge.errors import SamoutError
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ Logits = choices("Logits", ("last", "all"))
 Precision = choices("Precision", ("fp16", "fp32"))
 TorchDevice = choices("TorchDevice", ("auto", "cpu", "cuda"))
 GenerateBackend = choices("GenerateBackend", ("auto", "torch", "ort", "tensorrt"))
+Weights, WeightsFormat = choices("Weights", WEIGHT_KINDS), choices("WeightsFormat", ("auto", *WEIGHT_FORMATS))
 
 
 def value(choice: Enum | None) -> str | None:

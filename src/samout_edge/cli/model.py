@@ -10,7 +10,19 @@ from rich.markup import escape
 
 from samout_edge.artifact.files import check_output_dir
 from samout_edge.cli import render
-from samout_edge.cli.common import Arch, DType, Logits, Lowering, Preset, Scan, app, parse_int_list, value
+from samout_edge.cli.common import (
+    Arch,
+    DType,
+    Logits,
+    Lowering,
+    Preset,
+    Scan,
+    Weights,
+    WeightsFormat,
+    app,
+    parse_int_list,
+    value,
+)
 from samout_edge.cli.ui import console, human_bytes, print_json, progress_bar
 from samout_edge.errors import SamoutError, require_torch
 
@@ -49,10 +61,21 @@ def export(
     max_seq: int = typer.Option(2048, "--max-seq", help="Longest sequence the graph must be correct for."),
     dtype: DType = typer.Option("fp32", help="fp32 or fp16 (a genuinely fp16 graph, LayerNorm kept in fp32)."),
     logits: Logits = typer.Option("last", help="last (decode, [batch,1,vocab]) or all ([batch,seq,vocab])."),
-    opset: int = typer.Option(18, help="ONNX opset: 18 or newer; 17 for TensorRT 8.5/8.6 (JetPack 5, 6.0)."),
+    opset: Optional[int] = typer.Option(
+        None, help="ONNX opset (default 18, 21 with --weights int8/int4): 17 for TensorRT 8.5/8.6 (JetPack 5, 6.0); "
+        "int4 needs 21."),
     decompose_layernorm: bool = typer.Option(
         False, "--decompose-layernorm", help="Write LayerNorm as mean/variance ops (TensorRT 8.5 has no LayerNormalization)."
     ),
+    weights: Weights = typer.Option(
+        "fp", "--weights", help="fp (the dtype's floats), int8 (one scale per output channel) or int4 (one per block): "
+        "weight-only, round-to-nearest, symmetric; verified against PyTorch with the same dequantized weights."),
+    block_size: Optional[int] = typer.Option(
+        None, "--block-size", help="int4: inputs per scale, a power of two from 16 that divides the hidden size "
+        "(default 32)."),
+    weights_format: WeightsFormat = typer.Option(
+        "auto", "--weights-format", help="dq (DequantizeLinear: ONNX Runtime and TensorRT 10+, int8 also 8.x), "
+        "matmulnbits (ONNX Runtime's MatMulNBits: ONNX Runtime only) or auto (export.json says which, and why)."),
     heads: Optional[int] = typer.Option(None, help="Head count for a bare state_dict (default 8)."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Random seed for --preset weights."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the export against PyTorch."),
@@ -68,6 +91,9 @@ def export(
         arch=arch.value, lowering=lowering.value, scan=scan.value, max_seq=max_seq, dtype=dtype.value, logits=logits.value,
         opset=opset,
         decompose_layernorm=decompose_layernorm,
+        weights=weights.value,
+        block_size=block_size,
+        weights_format=weights_format.value,
     )
     with progress_bar(not json_out) as progress:
         result = run_export(

@@ -38,6 +38,7 @@ from samout_edge.artifact.manifest import (
 )
 from samout_edge.artifact.resources import check_memory
 from samout_edge.errors import SamoutError
+from samout_edge.exporter import quantize as qz
 from samout_edge.exporter.golden import record_golden
 from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
 from samout_edge.models.model import LayerNorm, SamOut, torch_dtype
@@ -64,12 +65,19 @@ class ExportOptions:
     max_seq: int = 2048
     dtype: str = "fp32"
     logits: str = "last"
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None  # None: DEFAULT_OPSET, or QUANT_OPSET (21) with quantized weights
     block: int = low.DEFAULT_BLOCK
     decompose_layernorm: bool = False  # for TensorRT 8.5, which has no LayerNormalization
+    weights: str = "fp"  # fp | int8 | int4 (exporter/quantize.py)
+    block_size: int | None = None  # int4: inputs per scale (default quantize.DEFAULT_BLOCK_SIZE)
+    weights_format: str = "auto"  # auto | dq | matmulnbits
 
     def validate(self) -> ExportOptions:
         check_arch(self.arch)
+        if self.weights not in qz.KINDS:
+            raise SamoutError(f"--weights {self.weights!r} is not one of: {', '.join(qz.KINDS)}")
+        if self.opset is None:
+            self.opset = DEFAULT_OPSET if self.weights == "fp" else qz.QUANT_OPSET
         choices = {
             "lowering": low.LOWERINGS,
             "scan": ("auto", *low.SCANS),
@@ -87,7 +95,12 @@ class ExportOptions:
             raise SamoutError(f"--opset {self.opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
         if self.block < 2:
             raise SamoutError(f"--block must be at least 2, got {self.block}")
+        spec = qz.validate(self.weights_spec(), self.opset)
+        self.block_size = spec.block_size
         return self
+
+    def weights_spec(self) -> qz.WeightsSpec:
+        return qz.WeightsSpec(self.weights, self.block_size, self.weights_format)
 
     def scan_plan(self, config: ModelConfig) -> low.ScanPlan:
         # One plan serves the sequence axis and (in custom exports) the head axis.
@@ -180,8 +193,11 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
     return model
 
 
-def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[int, int]) -> onnx.ModelProto:
-    """Lower cummax, pin the I/O contract, and make the file self-describing."""
+def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[int, int],
+             quantized: dict[str, qz.QuantizedWeight] | None = None) -> onnx.ModelProto:
+    """Lower cummax, pin the I/O contract, store quantized weights in their integer
+    form (``quantized``: the grid the traced model's weights were put on), record
+    the weights' bytes in the manifest, and make the file self-describing."""
     plan = low.ScanPlan(**manifest.scan)
     elem_type = graph.dtype(manifest.dtype).onnx
     low.lower_cummax(model, manifest.lowering, plan, static_lengths, elem_type)
@@ -209,6 +225,17 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
         "samout_edge.logits": manifest.logits,
         "samout_edge.config": json.dumps(manifest.config.to_dict()),
     }
+    if quantized:
+        report = qz.quantize_graph(model, quantized, manifest.weights["format"])
+        manifest.weights["bytes"] = report.bytes
+        manifest.weights["float_bytes"] = report.float_bytes
+        meta["samout_edge.weights"] = json.dumps({k: manifest.weights[k] for k in ("kind", "block_size", "format")})
+        # the oldest IR the opset allows (INT4 needs IR 10, opset 21's minimum): runtimes
+        # older than this onnx (ONNX Runtime 1.23 on JetPack's Python 3.10) load it
+        default_domain = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+        model.ir_version = max(onnx.helper.find_min_ir_version_for(default_domain), 10 if qz.has_int4(model) else 3)
+    else:
+        manifest.weights["bytes"] = qz.initializer_bytes(model)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, meta)
     try:
@@ -300,6 +327,9 @@ def export(
             raise SamoutError(f"--heads {heads} contradicts preset {preset_name!r} ({config.num_heads} heads)")
         ckpt = None
     model_config = ckpt.config if ckpt is not None else config
+    if options.weights != "fp":  # what depends on the model's size, before any work
+        qz.validate(options.weights_spec(), options.opset, model_config.hidden_size)
+        qz.check_nbits(options.weights_spec(), model_config.hidden_size)
     check_memory(export_memory(model_config, options), f"exporting {options.arch} with --max-seq {options.max_seq}")
 
     with staging_dir(out, previous_export_files, force) as stage:
@@ -318,15 +348,19 @@ def export(
         for module in model.modules():
             if isinstance(module, LayerNorm):
                 module.decompose = options.decompose_layernorm
+        quantized = None
+        if options.weights != "fp":  # the traced weights are dequantize(quantize(w)): see exporter/quantize.py
+            quantized = qz.quantize_model(model, options.weights_spec())
 
         progress(f"tracing with torch.export ({options.arch}, {options.dtype})", 1, total)
         t = time.perf_counter()
         proto = trace_to_onnx(model, options, manifest.trace["batch"], manifest.trace["seq"])
         timings["trace_s"] = time.perf_counter() - t
 
-        progress(f"lowering cummax ({options.lowering}, {manifest.scan['scan']} scan)", 2, total)
+        quantizing = "" if quantized is None else f"; {options.weights} weights ({manifest.weights['format']})"
+        progress(f"lowering cummax ({options.lowering}, {manifest.scan['scan']} scan{quantizing})", 2, total)
         t = time.perf_counter()
-        finalize(proto, manifest, static_lengths={1: ckpt.config.num_heads})
+        finalize(proto, manifest, static_lengths={1: ckpt.config.num_heads}, quantized=quantized)
         timings["lower_s"] = time.perf_counter() - t
 
         progress("writing model.onnx", 3, total)
@@ -338,7 +372,10 @@ def export(
 
         progress("recording golden outputs (PyTorch fp32)", 4, total)
         t = time.perf_counter()
-        golden = record_golden(ckpt.model(options.arch), manifest)
+        reference = ckpt.model(options.arch)
+        if quantized is not None:  # the same dequantized weights the graph holds
+            qz.apply_weights(reference, quantized)
+        golden = record_golden(reference, manifest)
         for name in save_golden(stage, golden):
             record_file(stage, manifest, name)
         manifest.golden = golden.index.to_dict()
@@ -389,6 +426,7 @@ def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifes
         trace={"batch": batch, "seq": seq},
         tools=tool_versions(),
         extra={"decompose_layernorm": options.decompose_layernorm},
+        weights=qz.weights_entry(options.weights_spec()),
     )
 
 

@@ -4,7 +4,9 @@ An estimate, not a measurement: it says how memory scales for each arch so the
 two can be compared on a device we may not have. Serving is modelled as a
 chunked prefill (chunks of the profile's opt prefill length) and then decode:
 
-- weights: parameters x bytes per element
+- weights: parameters x bytes per element; for an export, the bytes its
+  export.json records (``weights.bytes``: the graph's initializers, so int8/int4
+  weights count as stored, with their scales)
 - runtime: the profile's resident CUDA/TensorRT overhead + builder workspace
 - state, double-buffered (a step reads past and writes present):
   cummax 2 x layers x batch x heads x head_dim; softmax 2 x the KV cache,
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from samout_edge.artifact.config import ARCHS, ModelConfig
+from samout_edge.artifact.manifest import Manifest
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import DeviceProfile
 
@@ -64,6 +67,8 @@ class MemoryPlan:
     rows: list[PlanRow]
     longest: dict[str, int | None]  # None: memory does not bound it
     assumptions: list[str] = field(default_factory=list)
+    weights_kind: str = "fp"  # fp | int8 | int4: the export's weights (export.json weights.kind)
+    weights_bytes: int = 0  # what the plan counts for the weights
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -75,11 +80,22 @@ class MemoryPlan:
         return data
 
 
+def export_weights(manifest: Manifest, dtype: str | None = None) -> tuple[int | None, str]:
+    """(bytes, kind) of an export's weights for the plan: the recorded bytes where
+    they hold for ``dtype`` (quantized weights keep their integers whatever the
+    activations' dtype; float weights only in the export's own dtype), else None."""
+    weights = manifest.weights or {}
+    kind, recorded = weights.get("kind", "fp"), weights.get("bytes")
+    if recorded and (kind != "fp" or dtype in (None, manifest.dtype)):
+        return int(recorded), kind
+    return None, kind
+
+
 def estimate(config: ModelConfig, arch: str, dtype: str, batch: int, context: int, chunk: int,
-             profile: DeviceProfile) -> Breakdown:
+             profile: DeviceProfile, weights_bytes: int | None = None) -> Breakdown:
     e = BYTES[dtype]
     h, heads, d, layers = config.hidden_size, config.num_heads, config.head_dim, config.num_layers
-    weights = config.parameter_count() * e
+    weights = config.parameter_count() * e if weights_bytes is None else weights_bytes
     runtime = (profile.runtime_overhead_mib + profile.workspace_mib) * 2**20
     if arch == "cummax":
         state = 2 * layers * batch * heads * d * e
@@ -96,12 +112,13 @@ def estimate(config: ModelConfig, arch: str, dtype: str, batch: int, context: in
     return Breakdown(weights, runtime, state, max(call(min(chunk, max(context, 1))), call(1)))
 
 
-def longest_context(config: ModelConfig, arch: str, dtype: str, batch: int, chunk: int, profile: DeviceProfile) -> int | None:
+def longest_context(config: ModelConfig, arch: str, dtype: str, batch: int, chunk: int, profile: DeviceProfile,
+                    weights_bytes: int | None = None) -> int | None:
     """The longest context that fits the budget; None when memory does not bound it."""
     budget = profile.memory_budget_bytes
 
     def fits(n: int) -> bool:
-        return estimate(config, arch, dtype, batch, n, chunk, profile).total <= budget
+        return estimate(config, arch, dtype, batch, n, chunk, profile, weights_bytes).total <= budget
 
     if not fits(1):
         return 0
@@ -115,8 +132,13 @@ def longest_context(config: ModelConfig, arch: str, dtype: str, batch: int, chun
 
 
 def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None = None, batch: int = 1,
-                contexts: list[int] | None = None) -> MemoryPlan:
+                contexts: list[int] | None = None, weights_bytes: int | None = None,
+                weights_kind: str = "fp") -> MemoryPlan:
+    """``weights_bytes``/``weights_kind``: an export's stored weights (``export_weights``);
+    None counts parameters x the dtype's size."""
     dtype = dtype or profile.precision
+    if weights_bytes is not None and weights_bytes < 1:
+        raise SamoutError(f"weights bytes must be positive, got {weights_bytes}")
     if batch < 1:
         raise SamoutError(f"--batch must be at least 1, got {batch}")
     if contexts is not None and (not contexts or any(n < 1 for n in contexts)):
@@ -124,7 +146,8 @@ def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None =
     chunk = profile.prefill.seq.opt
     contexts = contexts or DEFAULT_CONTEXTS
     rows = [
-        PlanRow(n, *(estimate(config, arch, dtype, batch, n, chunk, profile) for arch in ARCHS), profile.memory_budget_bytes)
+        PlanRow(n, *(estimate(config, arch, dtype, batch, n, chunk, profile, weights_bytes) for arch in ARCHS),
+                profile.memory_budget_bytes)
         for n in contexts
     ]
     return MemoryPlan(
@@ -135,8 +158,12 @@ def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None =
         chunk=chunk,
         budget=profile.memory_budget_bytes,
         rows=rows,
-        longest={arch: longest_context(config, arch, dtype, batch, chunk, profile) for arch in ARCHS},
+        longest={arch: longest_context(config, arch, dtype, batch, chunk, profile, weights_bytes) for arch in ARCHS},
+        weights_kind=weights_kind,
+        weights_bytes=rows[0].cummax.weights if rows else config.parameter_count() * BYTES[dtype],
         assumptions=[
+            (f"weights: {weights_kind} as stored in model.onnx ({weights_bytes / 2**20:.1f} MiB with scales)"
+             if weights_bytes is not None else f"weights: {config.parameter_count():,} parameters x {BYTES[dtype]} bytes"),
             f"chunked prefill of {chunk} tokens (the profile's opt prefill length), then decode",
             f"activations: {ACTIVATION_VALUES} hidden-sized values per token per call, plus last-token logits",
             "softmax scores as if unfused (upper bound); state double-buffered (past in, present out)",

@@ -89,6 +89,8 @@ def load_ort_runner(directory: str | Path, provider: str = "cpu", cpu_arena: boo
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = cpu_arena
+    for key, value in ((manifest.weights or {}).get("ort_session_config") or {}).items():
+        options.add_session_config_entry(key, value)  # a quantized export's settings: compute the verified function
     try:
         session = ort.InferenceSession(str(Path(directory) / MODEL_FILE), options, providers=[provider])
     except Exception as e:  # ORT raises its own exception types for bad graphs

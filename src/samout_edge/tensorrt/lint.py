@@ -8,6 +8,12 @@ an input the parser needs as a constant (Slice/Pad/Squeeze/Unsqueeze/Reduce axes
 is computed where that version needs a constant. Custom-domain nodes need a
 plugin; CumMax nodes also carry a local function body. Which of the two runs, per
 version, is versions.cummax_runner (the one versions table).
+
+Quantized weights (``export --weights int8|int4``): a DequantizeLinear must also
+meet its parser's rules (versions.DQ_*, sources in the toml's header): INT4 and
+blocked scales from 10.0; the zero-point input and FP32 scales on 8.x; on every
+version a zero zero-point, positive scales and whole blocks. ONNX Runtime's
+contrib ops (``--weights-format matmulnbits``) parse on no TensorRT.
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
 
+import numpy as np
 import onnx
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10 (JetPack 6)
     import tomli as tomllib
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from samout_edge.artifact.graph import CUMMAX_DOMAIN, CUMMAX_OP
 from samout_edge.tensorrt import versions
@@ -44,6 +51,7 @@ DOC_TYPES = {
     TensorProto.INT64: "INT64",
     TensorProto.INT8: "INT8",
     TensorProto.UINT8: "UINT8",
+    TensorProto.INT4: "INT4",
     TensorProto.BOOL: "BOOL",
 }
 
@@ -138,25 +146,95 @@ def _check_nodes(nodes, constants: set[str], types: dict[str, int], version: str
     return issues
 
 
+ORT_CONTRIB_DOMAIN = "com.microsoft"
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int | None = None) -> int | None:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _check_dequantize(nodes, inits: dict[str, onnx.TensorProto], types: dict[str, int], version: str) -> list[LintIssue]:
+    """The parser's own rules for DequantizeLinear beyond its operator-table row."""
+    issues = []
+    for node in nodes:
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+            name = node.name or node.output[0]
+            issues += [LintIssue(severity, name, node.op_type, message)
+                       for severity, message in _dequantize_problems(node, nodes, inits, types, version)]
+    return issues
+
+
+def _dequantize_problems(node: onnx.NodeProto, nodes, inits: dict[str, onnx.TensorProto], types: dict[str, int],
+                         version: str) -> list[tuple[str, str]]:
+    found = []
+    x = inits.get(node.input[0])
+    scale = inits.get(node.input[1]) if len(node.input) > 1 else None
+    zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    x_dims = list(x.dims) if x is not None else None
+    scale_dims = list(scale.dims) if scale is not None else None
+    blocked = bool(_attr(node, "block_size", 0)) or (x_dims is not None and scale_dims is not None
+                                                     and len(scale_dims) == len(x_dims) > 1)
+    int4 = types.get(node.input[0]) in (TensorProto.INT4, TensorProto.UINT4)
+    if blocked and not versions.DQ_INT4_BLOCKED.available(version):
+        found.append(("error", f"blocked scales (block_size) parse from TensorRT 10.0; TensorRT {version} takes one "
+                               "scale per tensor or per axis: export --weights int8 for it"))
+    if blocked and x_dims and scale_dims and any(d % max(s, 1) for d, s in zip(x_dims, scale_dims)):
+        found.append(("error", f"blocks do not divide the weight {x_dims} (scales {scale_dims}); "
+                               "TensorRT takes whole blocks only"))
+    if int4 and x_dims and x_dims[-1] % 2:
+        found.append(("error", "TensorRT packs INT4 in pairs: the weight's last dimension must be even"))
+    if zero is None and not versions.DQ_OPTIONAL_ZERO_POINT.available(version):
+        found.append(("error", f"TensorRT {version}'s parser needs the zero-point input (all zeros)"))
+    if zero is not None and np.any(numpy_helper.to_array(zero).astype(np.int32)):
+        found.append(("error", "the zero-point is not all zeros: TensorRT takes symmetric quantization only"))
+    if scale is not None:
+        if scale.data_type != TensorProto.FLOAT and not versions.DQ_HALF_SCALE.available(version):
+            found.append(("error", f"TensorRT {version} reads DequantizeLinear scales as FP32; this one is "
+                                   f"{TensorProto.DataType.Name(scale.data_type)} (export --dtype fp32)"))
+        if not np.all(numpy_helper.to_array(scale).astype(np.float32) > 0):
+            found.append(("error", "every scale must be positive (TensorRT rejects zero or negative scales)"))
+    if int4 and versions.DQ_INT4_BLOCKED.available(version) and not _feeds_matmul(node, nodes):
+        found.append(("warning", "TensorRT documents INT4 as weight-only quantization of GEMM weights; the parser "
+                                 "takes this INT4 DequantizeLinear, which feeds no MatMul (the embedding's Gather): "
+                                 "build to confirm"))
+    return found
+
+
+def _feeds_matmul(dq: onnx.NodeProto, nodes) -> bool:
+    users = [n for n in nodes if dq.output[0] in n.input]
+    return bool(users) and all(n.op_type in ("MatMul", "Gemm") for n in users)
+
+
 def lint_model(model: onnx.ModelProto) -> list[VersionLint]:
     table = support_table()
     types = _value_types(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     constants = _constants(model.graph.node, model.graph.initializer)
+    inits = {t.name: t for t in model.graph.initializer}
     functions = {(f.domain, f.name): f for f in model.functions}
+    int4 = any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in model.graph.initializer)
+    needed_opset = 21 if int4 else 0  # DequantizeLinear takes INT4 from opset 21
     custom = [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
     reports = []
     for version, data in table.items():
         issues: list[LintIssue] = []
         if opset > data["max_opset"]:
+            advice = (f"export with --opset {data['max_opset']} to be safe" if data["max_opset"] >= needed_opset
+                      else f"INT4 weights need opset {needed_opset}")
             issues.append(LintIssue("warning", "(model)", "opset",
                                     f"opset {opset} is above TensorRT {version}'s documented maximum ({data['max_opset']}); "
-                                    f"the parser reads op by op, but export with --opset {data['max_opset']} to be safe"))
+                                    f"the parser reads op by op, but {advice}"))
         issues += _check_nodes(model.graph.node, constants, types, version, data["ops"], "", "error")
+        issues += _check_dequantize(model.graph.node, inits, types, version)
         body_runs = False  # some CumMax node runs its function body on this version
         for node in custom:
             name = node.name or node.output[0]
             function = functions.get((node.domain, node.op_type))
+            if node.domain == ORT_CONTRIB_DOMAIN:
+                issues.append(LintIssue("error", name, f"{node.domain}::{node.op_type}",
+                                        f"{node.op_type} is an ONNX Runtime contrib op: no TensorRT parses it; "
+                                        "export with --weights-format dq for TensorRT"))
+                continue
             if (node.domain, node.op_type) != (CUMMAX_DOMAIN, CUMMAX_OP):
                 issues.append(LintIssue("error", name, f"{node.domain}::{node.op_type}",
                                         f"needs a TensorRT plugin named {node.op_type!r}"))

@@ -78,6 +78,20 @@ SLICE_TENSOR_AXES = Feature("slice_tensor_axes", "Slice takes computed (tensor) 
 PAD_TENSOR_AXES = Feature("pad_tensor_axes", "Pad takes computed (tensor) axes (onnx-tensorrt 10.4 GA)",
                           since=(10, 4))
 
+# Quantized weights: DequantizeLinear (`export --weights int8|int4`). From the parser's
+# QuantDequantLinearHelper of each release (onnx-tensorrt builtin_op_importers.cpp, from 10.0
+# onnxOpImporters.cpp) and docs/operators.md; data/tensorrt_onnx_ops.toml's header has the commits.
+DQ_OPTIONAL_ZERO_POINT = Feature(
+    "dq_optional_zero_point", "DequantizeLinear without its zero-point input (8.x's importer needs all three; "
+    "optional from onnx-tensorrt 9.0 GA)", since=(9, 0))
+DQ_HALF_SCALE = Feature(
+    "dq_half_scale", "DequantizeLinear with FP16/BF16 scales (8.x reads every scale as FP32; typed from 9.0 GA)",
+    since=(9, 0))
+DQ_INT4_BLOCKED = Feature(
+    "dq_int4_blocked", "DequantizeLinear of INT4 weights with blocked scales (block_size): INT4 weight-only "
+    "quantization (onnx-tensorrt 10.0 EA, docs/Changelog.md 'Added support for INT4 quantization'; "
+    "9.3 takes only per-axis scales)", since=(10, 0))
+
 # Plugins (tensorrt.plugin, "quickly deployable plugins").
 QUICK_PLUGINS = Feature("quick_plugins", "quickly deployable Python plugins (tensorrt.plugin), JIT: "
                         "TensorRT calls back into Python at run time", since=(10, 6))
@@ -90,8 +104,8 @@ PLUGIN_BEFORE_FUNCTION = Feature(
 FEATURES: tuple[Feature, ...] = (
     EXPLICIT_BATCH_REQUIRED, EXPLICIT_BATCH_FLAG, STRONGLY_TYPED, WEAK_TYPING, FP16_FLAG_DEPRECATED,
     BUILDER_OPTIMIZATION_LEVEL, PROGRESS_MONITOR, TRTEXEC_PROFILES, TRTEXEC_SKIP_INFERENCE, INT64, LOCAL_FUNCTIONS,
-    CASTLIKE, CUMMAX_FUNCTION_BODY, SLICE_TENSOR_AXES, PAD_TENSOR_AXES, QUICK_PLUGINS, AOT_PLUGINS,
-    PLUGIN_BEFORE_FUNCTION,
+    CASTLIKE, CUMMAX_FUNCTION_BODY, SLICE_TENSOR_AXES, PAD_TENSOR_AXES, DQ_OPTIONAL_ZERO_POINT, DQ_HALF_SCALE,
+    DQ_INT4_BLOCKED, QUICK_PLUGINS, AOT_PLUGINS, PLUGIN_BEFORE_FUNCTION,
 )
 
 # Parser inputs that must be build-time constants, and from when a computed one is fine

@@ -1,0 +1,507 @@
+"""Weight-only INT8 / INT4 exports: round-to-nearest, symmetric, zero-point zero.
+
+What is quantized: every Linear weight (the MatMuls: ``combined``, ``ffn1``,
+``ffn2``, ``gate``, ``head``) and the embedding table (its Gather). LayerNorm,
+biases and ``alpha`` stay float.
+
+The grid: per row of a weight in torch's layout (a Linear's output channel, an
+embedding's token) and per block of ``block`` consecutive inputs,
+``s = max|w| / qmax`` (in the export's float dtype; an all-zero block gets 1) and
+``q = clip(rint(w / s), -qmax, qmax)``, qmax 127 (int8) or 7 (int4). INT8 has
+one scale per row (per output channel); INT4 one per block of ``block_size``
+inputs (default 32). Symmetric because TensorRT's DequantizeLinear takes only a
+zero zero-point (onnx-tensorrt's importer, every release), and because one grid
+then serves both graph forms, which so compute the same function. Asymmetric
+would fit the seed preset's (random) weights a little better: relative RMS error
+0.064 vs 0.069 at int4 block 32, 0.0040 vs 0.0041 at int8.
+
+Verification stays exact: ``quantize_model`` replaces the model's weights by
+``dequantize(quantize(w))`` *before* torch.export traces it, so the traced
+graph's float initializers are the dequantized weights, and the golden outputs
+are recorded from a model with the same dequantized weights. ``quantize_graph``
+then swaps each such initializer for its integer form, matching it bit for bit
+(a weight it cannot match is an error, never silently left float). A
+DequantizeLinear computes ``q * s`` in the scale's dtype, the same product
+numpy computes here, so the graph's weights are the golden model's exactly and
+the fp32 tolerance holds.
+
+Graph forms (``export.json``'s ``weights.format``):
+
+- ``dq``: standard ONNX, ``DequantizeLinear`` (opset 21: INT4 and ``block_size``;
+  INT8 per-axis from opset 13) feeding the MatMuls and the Gather, with an
+  explicit all-zero zero-point (TensorRT 8.x needs the third input). ONNX
+  Runtime and TensorRT 10+ (INT8 also 8.x) take the same file. ONNX Runtime
+  needs ``weights.ort_session_config`` (ORT_SESSION_CONFIG): left to itself it
+  fuses DequantizeLinear -> MatMul into MatMulNBits computing with int8
+  activations, which is not the verified function.
+- ``matmulnbits``: ONNX Runtime's contrib ops (domain ``com.microsoft``):
+  ``MatMulNBits`` for the MatMuls and ``GatherBlockQuantized`` for the embedding,
+  with ``accuracy_level`` 1 (fp32 compute: the dequantized weights, exactly).
+  ONNX Runtime only; no TensorRT parses them.
+
+``--weights-format auto`` picks per kind what measured faster on ONNX Runtime's
+CPU (AUTO_FORMAT; the numbers are in REASONS and in export.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from samout_edge.artifact.manifest import WEIGHT_FORMATS, WEIGHT_KINDS
+from samout_edge.errors import SamoutError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+KINDS = WEIGHT_KINDS  # fp | int8 | int4
+BITS = {"int8": 8, "int4": 4}
+FORMATS = WEIGHT_FORMATS  # dq | matmulnbits
+FORMAT_CHOICES = ("auto", *FORMATS)
+DEFAULT_BLOCK_SIZE = 32
+MIN_BLOCK_SIZE = 16  # MatMulNBits and GatherBlockQuantized take powers of two from 16
+# ... up to 256 here: ONNX Runtime 1.23 (the device side's, Python 3.10) returns garbage from
+# MatMulNBits with block_size 512 (8 and 4 bits; measured; 1.32 is right).
+MAX_NBITS_BLOCK = 256
+NBITS_BLOCKS = (256, 128, 64, 32, 16)  # largest first: one scale per row takes the largest dividing it
+# DequantizeLinear takes INT4 and block_size from opset 21; INT8 per-axis from 13.
+INT4_OPSET = 21
+INT8_OPSET = 13
+QUANT_OPSET = 21  # the default opset of a quantized export
+ORT_DOMAIN = "com.microsoft"
+SCHEME = "round-to-nearest, symmetric (zero-point 0), scale = max|w| / qmax per output channel (int8) or block (int4)"
+# What --weights-format auto gives, and why. Measured on seed-preset exports (seed 0),
+# ONNX Runtime 1.32 CPU on a 2-core AVX2 EPYC shared with other jobs, so all forms were
+# timed interleaved in one process (same load for each; intra-op spinning off): median
+# one-token decode of the cummax model at context 256, the dq form with ORT_SESSION_CONFIG
+# below as the runner applies it:
+#   fp32 9.4 ms | int8: dq 8.8 (x0.93), matmulnbits 58.7 (x6.3) | int4 (block 32): dq 9.5 (x1.01),
+#   matmulnbits 6.8 (x0.72)   [softmax, context 1024: fp32 25.3, int8 dq x0.96, int4 matmulnbits x0.90]
+AUTO_FORMAT = {"int8": "dq", "int4": "matmulnbits"}
+REASONS = {
+    "dq": "asked for (--weights-format dq): standard ONNX DequantizeLinear, the file ONNX Runtime and "
+          "TensorRT both take",
+    "matmulnbits": "asked for (--weights-format matmulnbits): ONNX Runtime's MatMulNBits/GatherBlockQuantized, "
+                   "ONNX Runtime only (TensorRT: --weights-format dq)",
+    "auto": {
+        "int8": "auto: dq. On ONNX Runtime 1.32 CPU (seed decode, fp32 9.4 ms) dq measured 8.8 ms (it folds the "
+                "dequantized weights to float at load) and matmulnbits 58.7 ms (8-bit MatMulNBits has no fast "
+                "fp32-accuracy CPU kernel); the same dq file parses on TensorRT 8.5+",
+        "int4": "auto: matmulnbits. On ONNX Runtime 1.32 CPU (seed decode, fp32 9.4 ms) matmulnbits measured 6.8 ms "
+                "and dq 9.5 ms; matmulnbits is ONNX Runtime only: for TensorRT 10+ export with --weights-format dq",
+    },
+}
+# ONNX Runtime session config entries an export's runner must set (export.json
+# weights.ort_session_config). ONNX Runtime fuses DequantizeLinear -> MatMul into
+# MatMulNBits on its own, at accuracy level 4 by default (int8 activations: not the
+# verified function); level 1 keeps fp32. Disabling the QDQ fusions instead folds the
+# dequantized weights into float at load, measured faster on CPU for both kinds
+# (8-bit MatMulNBits computes in fp32 slowly; a DequantizeLinear feeding the Gather
+# would dequantize the whole table every call).
+ORT_SESSION_CONFIG = {
+    "dq": {"session.qdq_matmulnbits_accuracy_level": "1", "session.disable_quant_qdq": "1"},
+    "matmulnbits": {},
+}
+# accuracy_level of MatMulNBits: 1 computes in fp32 (4 would quantize the activations
+# to int8 too: faster, but no longer the dequantized model's function).
+ACCURACY_LEVEL = 1
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """What ``--weights``, ``--block-size`` and ``--weights-format`` asked for."""
+
+    kind: str = "fp"  # fp | int8 | int4
+    block_size: int | None = None  # int4 only: inputs per scale
+    format: str = "auto"  # auto | dq | matmulnbits
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.kind]
+
+
+def check_block_size(block_size: int) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < MIN_BLOCK_SIZE \
+            or block_size & (block_size - 1):
+        raise SamoutError(f"--block-size must be a power of two, {MIN_BLOCK_SIZE} or more; got {block_size}")
+    return block_size
+
+
+def validate(spec: WeightsSpec, opset: int, hidden_size: int | None = None) -> WeightsSpec:
+    """One-line errors for what cannot be exported; returns the spec with its block size resolved."""
+    if spec.kind not in KINDS:
+        raise SamoutError(f"--weights {spec.kind!r} is not one of: {', '.join(KINDS)}")
+    if spec.format not in FORMAT_CHOICES:
+        raise SamoutError(f"--weights-format {spec.format!r} is not one of: {', '.join(FORMAT_CHOICES)}")
+    if spec.kind == "fp":
+        if spec.block_size is not None:
+            raise SamoutError("--block-size applies to --weights int4 only")
+        return WeightsSpec("fp", None, "auto")
+    if spec.kind == "int8":
+        if spec.block_size is not None:
+            raise SamoutError("--block-size applies to --weights int4 only (int8 has one scale per output channel)")
+        if opset < INT8_OPSET:
+            raise SamoutError(f"--weights int8 needs --opset {INT8_OPSET} or newer (DequantizeLinear per axis); got {opset}")
+        return spec
+    block = check_block_size(DEFAULT_BLOCK_SIZE if spec.block_size is None else spec.block_size)
+    if opset < INT4_OPSET:
+        raise SamoutError(f"--weights int4 needs --opset {INT4_OPSET} or newer (DequantizeLinear with INT4 and "
+                          f"block_size came in opset 21); got --opset {opset}")
+    if hidden_size is not None and hidden_size % block:
+        raise SamoutError(f"--block-size {block} does not divide the hidden size {hidden_size} (TensorRT takes only "
+                          "whole blocks); choose a power of two that divides it")
+    return WeightsSpec(spec.kind, block, spec.format)
+
+
+def check_nbits(spec: WeightsSpec, hidden_size: int) -> None:
+    """The matmulnbits form needs MatMulNBits blocks: powers of two from 16 to 256
+    (int4: the block size; int8: one dividing the hidden size)."""
+    if spec.kind == "fp" or resolve_format(spec)[0] != "matmulnbits":
+        return
+    if spec.kind == "int4" and not nbits_block_ok(spec.block_size):
+        raise SamoutError(f"--weights-format matmulnbits takes --block-size {MIN_BLOCK_SIZE} to {MAX_NBITS_BLOCK} "
+                          f"(ONNX Runtime 1.23 computes larger MatMulNBits blocks wrong); got {spec.block_size}: "
+                          "choose a smaller one, or --weights-format dq")
+    if spec.kind == "int8" and not any(hidden_size % b == 0 for b in NBITS_BLOCKS):
+        raise SamoutError(f"--weights-format matmulnbits with int8 needs a hidden size divisible by "
+                          f"{MIN_BLOCK_SIZE} (MatMulNBits' blocks); this model's is {hidden_size}: use --weights-format dq")
+
+
+def resolve_format(spec: WeightsSpec) -> tuple[str, str]:
+    """(format, reason) for export.json."""
+    if spec.format == "dq":
+        return "dq", REASONS["dq"]
+    if spec.format == "matmulnbits":
+        return "matmulnbits", REASONS["matmulnbits"]
+    return AUTO_FORMAT[spec.kind], REASONS["auto"][spec.kind]
+
+
+def weights_entry(spec: WeightsSpec) -> dict:
+    """export.json's ``weights`` before the graph is written (``bytes`` comes with it)."""
+    if spec.kind == "fp":
+        return {"kind": "fp", "block_size": None, "format": None, "bytes": None, "reason": None}
+    fmt, reason = resolve_format(spec)
+    return {"kind": spec.kind, "block_size": spec.block_size if spec.kind == "int4" else None, "format": fmt,
+            "bytes": None, "reason": reason, "scheme": SCHEME,
+            "ort_session_config": dict(ORT_SESSION_CONFIG[fmt])}
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight in torch's layout ``[rows, cols]`` on its grid."""
+
+    q: np.ndarray  # int8 container, integers in [-qmax, qmax], [rows, cols]
+    scale: np.ndarray  # [rows, blocks], the weight's float dtype, every one > 0
+    bits: int
+    block: int  # cols per scale (cols itself: one scale per row)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape  # type: ignore[return-value]
+
+    @property
+    def blocks(self) -> int:
+        return self.scale.shape[1]
+
+    @property
+    def per_row(self) -> bool:
+        return self.blocks == 1 and self.block >= self.q.shape[1]
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def quantize(w: np.ndarray, bits: int, block: int | None = None) -> QuantizedWeight:
+    """Round-to-nearest, symmetric: one scale per row (``block`` None) or per
+    ``block`` consecutive columns. The scale has ``w``'s dtype; an all-zero block
+    gets scale 1 (TensorRT needs every scale positive)."""
+    if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
+        raise ValueError(f"quantize takes a 2-D float32/float16 array, got {w.dtype} {w.shape}")
+    if not np.isfinite(w).all():
+        raise SamoutError("the checkpoint has non-finite weights (inf or NaN); they cannot be quantized")
+    rows, cols = w.shape
+    block = cols if block is None else block
+    blocks = -(-cols // block)
+    top = qmax(bits)
+    wide = np.zeros((rows, blocks * block), np.float32)
+    wide[:, :cols] = w
+    grouped = wide.reshape(rows, blocks, block)
+    amax = np.abs(grouped).max(axis=2)
+    scale = (amax / np.float32(top)).astype(w.dtype)
+    scale[~(scale > 0)] = 1
+    q = np.clip(np.rint(grouped / scale.astype(np.float32)[:, :, None]), -top, top).astype(np.int8)
+    return QuantizedWeight(q.reshape(rows, -1)[:, :cols].copy(), scale, bits, block)
+
+
+def expand_scale(qw: QuantizedWeight) -> np.ndarray:
+    """The scale of every element, ``[rows, cols]``."""
+    return np.repeat(qw.scale, qw.block, axis=1)[:, : qw.q.shape[1]]
+
+
+def dequantize(qw: QuantizedWeight) -> np.ndarray:
+    """``q * s`` in the scale's dtype: what DequantizeLinear computes."""
+    return qw.q.astype(qw.scale.dtype) * expand_scale(qw)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Linear and Embedding of the model, by parameter name of its weight."""
+    from torch import nn
+
+    return [(f"{name}.weight", m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+
+
+def quantize_model(model: nn.Module, spec: WeightsSpec) -> dict[str, QuantizedWeight]:
+    """Quantize every Linear and Embedding weight on the grid, in the model's own
+    dtype, and replace it in place by its dequantized value; returns the grid by
+    parameter name (apply it to other copies of the model with ``apply_weights``)."""
+    import torch
+
+    table = {}
+    with torch.no_grad():
+        for name, module in quantized_modules(model):
+            w = module.weight.detach().cpu().numpy()
+            table[name] = quantize(w, spec.bits, spec.block_size if spec.kind == "int4" else None)
+    apply_weights(model, table)
+    return table
+
+
+def apply_weights(model: nn.Module, table: dict[str, QuantizedWeight]) -> None:
+    """Set each quantized weight of ``model`` (any dtype) to ``dequantize`` of its grid."""
+    import torch
+
+    modules = dict(quantized_modules(model))
+    if set(modules) != set(table):
+        raise SamoutError("the model's Linear/Embedding weights do not match the quantized ones (internal error)")
+    with torch.no_grad():
+        for name, qw in table.items():
+            weight = modules[name].weight
+            weight.copy_(torch.from_numpy(dequantize(qw)).to(weight.dtype))
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+@dataclass
+class GraphReport:
+    """What quantize_graph did: the export.json ``weights`` entry is built from it."""
+
+    format: str
+    quantized: list[str]  # parameter names
+    bytes: int  # every initializer of the quantized graph (what model.onnx's weights take)
+    float_bytes: int  # the same graph's initializers with the quantized weights in float
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() + str(a.shape) + str(a.dtype)
+
+
+FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of one initializer's values as stored (4-bit types packed two a byte)."""
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    if t.data_location == TensorProto.EXTERNAL:
+        return int(next((e.value for e in t.external_data if e.key == "length"), 0))
+    count = int(np.prod(t.dims, dtype=np.int64))
+    if t.data_type in FOUR_BIT:
+        return -(-count // 2)
+    return count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the graph's initializers: what the weights take in model.onnx."""
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
+
+
+def _int_tensor(name: str, values: np.ndarray, bits: int) -> onnx.TensorProto:
+    """INT8, or INT4 packed two a byte (raw data, low nibble first, as ONNX stores it)."""
+    if bits == 8:
+        return numpy_helper.from_array(np.ascontiguousarray(values, dtype=np.int8), name)
+    import ml_dtypes  # onnx's own dependency
+
+    return numpy_helper.from_array(np.ascontiguousarray(values).astype(ml_dtypes.int4), name)
+
+
+def _dq(qw: QuantizedWeight, transposed: bool, base: str, output: str):
+    """(initializers, node): DequantizeLinear of ``qw`` in the layout the graph
+    holds (``transposed``: ``[cols, rows]``, a MatMul's B)."""
+    q = qw.q.T if transposed else qw.q
+    if qw.bits == 8:  # one scale per row: per axis, on the row axis (opset 13)
+        scale = qw.scale[:, 0]
+        attrs = {"axis": 1 if transposed else 0}
+    else:  # blocks along the columns (opset 21)
+        scale = qw.scale.T if transposed else qw.scale
+        attrs = {"axis": 0 if transposed else 1, "block_size": qw.block}
+    inits = [
+        _int_tensor(f"{base}.q", q, qw.bits),
+        numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}.scale"),
+        _int_tensor(f"{base}.zero_point", np.zeros(scale.shape, np.int8), qw.bits),
+    ]
+    node = helper.make_node("DequantizeLinear", [t.name for t in inits], [output], name=f"{base}.dequantize", **attrs)
+    return inits, node
+
+
+def _pack_nbits(qw: QuantizedWeight, block: int) -> np.ndarray:
+    """MatMulNBits' B: ``[rows, blocks, block * bits / 8]`` uint8, values offset by
+    2^(bits-1) (its default zero-point), two 4-bit values a byte, low nibble first."""
+    rows, cols = qw.q.shape
+    blocks = -(-cols // block)
+    u = np.zeros((rows, blocks * block), np.uint8)
+    u[:, :cols] = (qw.q.astype(np.int16) + (1 << (qw.bits - 1))).astype(np.uint8)
+    if qw.bits == 4:
+        u = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+    return u.reshape(rows, blocks, -1)
+
+
+def _nbits_scales(qw: QuantizedWeight, block: int) -> np.ndarray:
+    if qw.per_row and block != qw.block:  # one scale per row, spread over MatMulNBits' blocks
+        blocks = -(-qw.q.shape[1] // block)
+        return np.repeat(qw.scale, blocks, axis=1)
+    return qw.scale
+
+
+def nbits_block(qw: QuantizedWeight) -> int | None:
+    """The MatMulNBits/GatherBlockQuantized block size for ``qw``, or None where
+    there is none: a power of two from 16 to MAX_NBITS_BLOCK (ONNX Runtime 1.23
+    computes blocks of 512 wrong) dividing the row; one scale per row repeats over
+    several such blocks, which is the same function."""
+    if not qw.per_row:
+        return qw.block if nbits_block_ok(qw.block) else None
+    cols = qw.q.shape[1]
+    return next((b for b in NBITS_BLOCKS if cols % b == 0), None)
+
+
+def nbits_block_ok(block: int) -> bool:
+    return block in NBITS_BLOCKS
+
+
+def _matmulnbits(qw: QuantizedWeight, base: str, a: str, output: str, node_name: str):
+    rows, cols = qw.q.shape  # N, K
+    block = nbits_block(qw)
+    inits = [
+        numpy_helper.from_array(_pack_nbits(qw, block), f"{base}.nbits"),
+        numpy_helper.from_array(np.ascontiguousarray(_nbits_scales(qw, block).reshape(-1)), f"{base}.scales"),
+    ]
+    node = helper.make_node("MatMulNBits", [a, *(t.name for t in inits)], [output], name=node_name, domain=ORT_DOMAIN,
+                            K=cols, N=rows, bits=qw.bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
+    return inits, node
+
+
+def _gather_quantized(qw: QuantizedWeight, base: str, indices: str, output: str, node_name: str):
+    """GatherBlockQuantized on the table's rows; INT8 as uint8 with zero-point 128."""
+    rows, cols = qw.q.shape
+    block = nbits_block(qw)
+    scale = _nbits_scales(qw, block)
+    if qw.bits == 4:
+        data = _int_tensor(f"{base}.q", qw.q, 4)
+        inits = [data, numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}.scale")]
+    else:
+        data = numpy_helper.from_array((qw.q.astype(np.int16) + 128).astype(np.uint8), f"{base}.q")
+        zero = numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), f"{base}.zero_point")
+        inits = [data, numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}.scale"), zero]
+    names = [t.name for t in inits]
+    node = helper.make_node("GatherBlockQuantized", [names[0], indices, *names[1:]], [output], name=node_name,
+                            domain=ORT_DOMAIN, gather_axis=0, quantize_axis=1, block_size=block, bits=qw.bits)
+    return inits, node
+
+
+def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fmt: str) -> GraphReport:
+    """Replace every float initializer that is a quantized weight (matched bit for
+    bit with ``dequantize`` of the grid, in either layout) by its integer form:
+    DequantizeLinear (``dq``), or MatMulNBits / GatherBlockQuantized where the
+    weight is a MatMul's B or the Gather's table (``matmulnbits``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weights format {fmt!r}")
+    float_bytes = initializer_bytes(model)
+    keys: dict[str, tuple[str, bool]] = {}  # digest of a layout -> (parameter, transposed)
+    digests: dict[str, set[str]] = {}  # parameter -> the digests of its two layouts
+    for name, qw in table.items():
+        deq = dequantize(qw)
+        digests[name] = {_digest(deq), _digest(deq.T)}
+        keys.setdefault(_digest(deq), (name, False))
+        keys.setdefault(_digest(deq.T), (name, True))
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for i, x in enumerate(node.input):
+            consumers.setdefault(x, []).append((node, i))
+
+    def is_weight_use(node: onnx.NodeProto, i: int) -> bool:
+        return (node.op_type, i) in (("MatMul", 1), ("Gather", 0), ("Gemm", 1)) and node.domain in ("", "ai.onnx")
+
+    found: dict[str, str] = {}  # initializer -> parameter
+    layout: dict[str, bool] = {}
+    seen: set[str] = set()  # digests of the initializers matched
+    for init in model.graph.initializer:
+        uses = consumers.get(init.name, [])
+        if init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or not any(is_weight_use(n, i) for n, i in uses):
+            continue
+        digest = _digest(numpy_helper.to_array(init))
+        match = keys.get(digest)
+        if match is None:
+            raise SamoutError(f"the graph's weight {init.name!r} {list(init.dims)} matches no quantized parameter "
+                              "(internal error: the export would not be the verified function)")
+        found[init.name], layout[init.name] = match
+        seen.add(digest)
+    # equal weights share one initializer (the exporter deduplicates them): each needs a match, not its own
+    missing = {name for name, own in digests.items() if not own & seen}
+    if missing:
+        raise SamoutError(f"quantized parameters not found in the graph: {', '.join(sorted(missing))} (internal error)")
+
+    new_inits: list[onnx.TensorProto] = []
+    new_nodes: list[onnx.NodeProto] = []
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> the nodes that replace it
+    for init_name, param in found.items():
+        qw, transposed = table[param], layout[init_name]
+        base = param
+        uses = consumers[init_name]
+        rest = uses
+        if fmt == "matmulnbits" and nbits_block(qw) is not None:
+            rest = []
+            for k, (node, i) in enumerate(uses):
+                suffix = "" if len(uses) == 1 else f".{k}"
+                if node.op_type == "MatMul" and i == 1 and transposed:
+                    inits, new = _matmulnbits(qw, base + suffix, node.input[0], node.output[0], node.name)
+                elif node.op_type == "Gather" and i == 0 and not transposed and _axis(node) == 0:
+                    inits, new = _gather_quantized(qw, base + suffix, node.input[1], node.output[0], node.name)
+                else:
+                    rest.append((node, i))
+                    continue
+                new_inits += inits
+                replaced[id(node)] = [new]
+        if rest:  # DequantizeLinear, under the initializer's own name: its consumers are unchanged
+            inits, node = _dq(qw, transposed, base, init_name)
+            new_inits += inits
+            new_nodes.append(node)
+    keep = [t for t in model.graph.initializer if t.name not in found]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    nodes = list(new_nodes)
+    for node in model.graph.node:
+        nodes += replaced.get(id(node), [node])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if fmt == "matmulnbits" and not any(o.domain == ORT_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
+    return GraphReport(fmt, sorted(found.values()), initializer_bytes(model), float_bytes)
+
+
+def has_int4(model: onnx.ModelProto) -> bool:
+    return any(t.data_type in FOUR_BIT for t in model.graph.initializer)
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)

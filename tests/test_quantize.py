@@ -1,0 +1,215 @@
+"""Weight-only INT8/INT4 exports (exporter/quantize.py): the grid, the graph forms,
+exact verification against PyTorch with the same dequantized weights, the bytes,
+the CLI's choices and the TensorRT lint."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from samout_edge.artifact.golden import GoldenIndex, load_golden
+from samout_edge.artifact.manifest import Manifest, read_manifest
+from samout_edge.errors import SamoutError
+from samout_edge.exporter import quantize as qz
+from samout_edge.exporter.onnx_export import ExportOptions, export
+from samout_edge.models.checkpoint import load_checkpoint
+from samout_edge.runtime.verify import RTOL, verify
+from samout_edge.tensorrt.lint import lint_model
+
+# (arch, weights, --weights-format, the form it gets): both archs, both kinds, both forms
+# and auto, in four exports.
+CASES = [("cummax", "int8", "auto", "dq"), ("softmax", "int8", "matmulnbits", "matmulnbits"),
+         ("cummax", "int4", "auto", "matmulnbits"), ("softmax", "int4", "dq", "dq")]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("quantized")
+    cache = {}
+
+    def get(arch="cummax", weights="int4", fmt="auto", block_size=None):
+        key = (arch, weights, fmt, block_size)
+        if key not in cache:
+            options = ExportOptions(arch=arch, max_seq=40, weights=weights, weights_format=fmt, block_size=block_size)
+            cache[key] = export(root / "-".join(map(str, key)), options, checkpoint=tiny_checkpoint, run_verify=False)
+        return cache[key]
+
+    return get
+
+
+def ort_errors(directory, manifest: Manifest) -> float:
+    """Worst error over every golden case, relative to each output's scale, in an
+    ONNX Runtime session set up as export.json's weights.ort_session_config says."""
+    options = ort.SessionOptions()
+    for key, value in manifest.weights.get("ort_session_config", {}).items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    golden = load_golden(directory, GoldenIndex.from_dict(manifest.golden))
+    worst = 0.0
+    for feed, want in zip(golden.feeds, golden.outputs):
+        got = dict(zip(names, session.run(None, feed)))
+        for name, ref in want.items():
+            worst = max(worst, float(np.abs(got[name] - ref).max()) / max(1.0, float(np.abs(ref).max())))
+    return worst
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@pytest.mark.parametrize("bits,block", [(8, None), (4, 16), (4, 32)])
+def test_values_on_the_grid_round_trip_exactly(bits, block):
+    rng = np.random.default_rng(bits)
+    top = qz.qmax(bits)
+    rows, cols = 6, 64
+    per_block = cols if block is None else block
+    q = rng.integers(-top, top + 1, (rows, cols)).astype(np.int8)
+    q[:, ::per_block] = top  # every block reaches the edge of the grid, so its scale is the one we chose
+    scale = (2.0 ** rng.integers(-12, 2, (rows, cols // per_block))).astype(np.float32)
+    w = q.astype(np.float32) * np.repeat(scale, per_block, axis=1)
+    got = qz.quantize(w, bits, block)
+    assert np.array_equal(got.q, q) and np.array_equal(got.scale, scale)
+    assert np.array_equal(qz.dequantize(got), w)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_quantize_is_idempotent_and_close(dtype):
+    w = np.random.default_rng(0).standard_normal((40, 64)).astype(dtype)
+    w[3] = 0  # an all-zero row (the embedding's padding row) still gets a positive scale
+    for bits, block in ((8, None), (4, 32)):
+        qw = qz.quantize(w, bits, block)
+        deq = qz.dequantize(qw)
+        assert deq.dtype == dtype and (qw.scale > 0).all() and np.abs(qw.q).max() <= qz.qmax(bits)
+        assert np.abs(deq.astype(np.float32) - w).max() <= 0.51 * float(qw.scale.max()) + 1e-3
+        again = qz.quantize(deq, bits, block)
+        assert np.array_equal(qz.dequantize(again), deq)  # the dequantized weights are on their own grid
+
+
+def test_non_finite_weights_are_refused():
+    with pytest.raises(SamoutError, match="non-finite"):
+        qz.quantize(np.array([[1.0, np.inf]], np.float32), 8)
+
+
+# --------------------------------------------------------------------------- exports
+
+
+@pytest.mark.parametrize("arch,weights,asked,fmt", CASES)
+def test_quantized_export_is_exact_against_dequantized_pytorch(quantized, tiny_checkpoint, arch, weights, asked, fmt):
+    result = quantized(arch, weights, asked)
+    manifest = read_manifest(result.directory)
+    w = manifest.weights
+    assert (w["kind"], w["format"]) == (weights, fmt) and w["block_size"] == (32 if weights == "int4" else None)
+    assert w["reason"].startswith("auto" if asked == "auto" else "asked")
+    assert ort_errors(result.directory, manifest) <= RTOL["fp32"] / 10
+    model = onnx.load(str(result.directory / "model.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert (("DequantizeLinear" in ops) == (fmt == "dq")) and (("MatMulNBits" in ops) == (fmt == "matmulnbits"))
+    blocks = [a.i for n in model.graph.node for a in n.attribute if a.name == "block_size"]
+    assert all(16 <= b <= 256 for b in blocks)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and min(t.dims) >= 32
+                   for t in model.graph.initializer)  # no float weight matrix left
+    assert model.ir_version == 10 and {(o.domain, o.version) for o in model.opset_import} >= {("", 21)}
+    # the golden outputs are the dequantized model's, not the checkpoint's
+    golden = load_golden(result.directory, GoldenIndex.from_dict(manifest.golden))
+    original = load_checkpoint(tiny_checkpoint).model(arch)
+    with torch.inference_mode():
+        logits, _ = original(torch.from_numpy(golden.feeds[0]["input_ids"]), None, last_only=True)
+    assert not np.allclose(logits.numpy(), golden.outputs[0]["logits"], atol=1e-4)
+
+
+def test_verify_passes_at_the_fp32_tolerance(quantized):
+    result = verify(quantized("cummax", "int4", "auto").directory)
+    assert result.passed and result.rtol == RTOL["fp32"]
+
+
+def test_verify_passes_for_the_dq_form(quantized):
+    assert verify(quantized("softmax", "int4", "dq").directory).passed
+
+
+def test_auto_format_and_reason():
+    for weights, fmt in (("int8", "dq"), ("int4", "matmulnbits")):
+        w = qz.weights_entry(qz.validate(qz.WeightsSpec(weights), 21))
+        assert w["format"] == fmt and w["reason"].startswith("auto") and " ms" in w["reason"]
+        assert w["ort_session_config"] == qz.ORT_SESSION_CONFIG[fmt]
+    w = qz.weights_entry(qz.WeightsSpec("int4", 32, "matmulnbits"))
+    assert w["format"] == "matmulnbits" and w["reason"].startswith("asked")
+
+
+def test_weights_bytes(quantized, exported):
+    fp = read_manifest(exported().directory).weights
+    assert fp["kind"] == "fp" and fp["format"] is None and fp["bytes"] > 0
+    int8 = quantized("cummax", "int8", "auto").manifest.weights
+    int4 = quantized("cummax", "int4", "auto").manifest.weights
+    assert int8["float_bytes"] == int4["float_bytes"] == fp["bytes"]
+    # tiny (vocab 128, hidden 32): every weight matrix quantized, biases/LayerNorm/scan constants float
+    assert int8["bytes"] <= 0.30 * fp["bytes"] and int4["bytes"] <= 0.18 * fp["bytes"]
+    model = onnx.load(str(quantized("cummax", "int4", "auto").directory / "model.onnx"))
+    assert qz.initializer_bytes(model) == int4["bytes"]
+
+
+def test_block_size_and_opset_rules(tiny_checkpoint, tmp_path):
+    bad = [(dict(weights="int4", opset=17), "--weights int4 needs --opset 21"),
+           (dict(weights="int4", block_size=24), "power of two"),
+           (dict(weights="int4", block_size=8), "power of two, 16 or more"),
+           (dict(weights="int8", block_size=32), "int4 only"),
+           (dict(weights="int4", block_size=64), "does not divide the hidden size 32")]
+    for kwargs, match in bad:
+        with pytest.raises(SamoutError, match=match):
+            export(tmp_path / "x", ExportOptions(max_seq=40, **kwargs), checkpoint=tiny_checkpoint, run_verify=False)
+    with pytest.raises(SamoutError, match="takes --block-size 16 to 256"):  # ONNX Runtime 1.23 gets 512 wrong
+        qz.check_nbits(qz.WeightsSpec("int4", 512, "auto"), 1024)
+    qz.check_nbits(qz.WeightsSpec("int4", 512, "dq"), 1024)  # TensorRT takes it
+    assert ExportOptions(weights="int4").validate().opset == 21 and ExportOptions().validate().opset == 18
+    assert ExportOptions(weights="int8", opset=17).validate().opset == 17  # per-axis DQ exists from opset 13
+
+
+def test_manifest_checks_the_weights_entry(quantized):
+    data = quantized("cummax", "int4", "auto").manifest.to_dict()
+    for bad in ({"kind": "int3"}, {"kind": "int4", "block_size": 24, "format": "dq"},
+                {"kind": "int8", "block_size": None, "format": None}, {"kind": "fp", "format": "dq", "block_size": None},
+                {"kind": "int4", "block_size": 32, "format": "dq", "bytes": -1}):
+        with pytest.raises(SamoutError, match="export.json: weights"):
+            Manifest.from_dict(data | {"weights": bad})
+    old = {k: v for k, v in data.items() if k != "weights"}
+    assert Manifest.from_dict(old).weights["kind"] == "fp"  # manifests older than the field
+
+
+# --------------------------------------------------------------------------- CLI and lint
+
+
+def test_cli_weights_choices(run_cli, tmp_path, tiny_checkpoint):
+    code, _, err = run_cli("export", tiny_checkpoint, "-o", tmp_path / "a", "--weights", "int3")
+    assert code == 2 and "int3" in err
+    code, _, err = run_cli("export", tiny_checkpoint, "-o", tmp_path / "b", "--weights", "int4", "--opset", "17")
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "--weights int4 needs --opset 21" in lines[0]
+
+
+def test_lint_names_the_tensorrt_versions_that_parse_each_form(quantized):
+    def compatible(result) -> dict[str, bool]:
+        model = onnx.load(str(result.directory / "model.onnx"))
+        return {r.version: r.compatible for r in lint_model(model)}
+
+    int4_dq = compatible(quantized("softmax", "int4", "dq"))
+    assert int4_dq == {"8.5": False, "8.6": False, "10.3": True, "10.13": True, "11.1": True}
+    int8_dq = compatible(quantized("cummax", "int8", "auto"))
+    assert int8_dq["8.6"] and int8_dq["10.3"] and int8_dq["11.1"]  # INT8 per-axis parses on 8.x too
+    assert not any(compatible(quantized("cummax", "int4", "auto")).values())  # matmulnbits: ONNX Runtime only
+    reports = {r.version: r for r in lint_model(onnx.load(str(quantized("softmax", "int4", "dq").directory / "model.onnx")))}
+    messages = " ".join(i.message for i in reports["8.6"].issues)
+    assert "INT4" in messages and "blocked scales" in messages and "10.0" in messages
+    assert any(i.severity == "warning" and "Gather" in i.message for i in reports["10.3"].issues)
+
+
+def test_equal_weights_sharing_one_initializer(tmp_path):
+    """The exporter keeps one initializer for equal weights; each must still be matched."""
+    from samout_edge.artifact.config import PRESETS
+    from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
+
+    model = random_checkpoint(PRESETS["tiny"], seed=1)
+    with torch.no_grad():
+        model.decoder_layers[1].ffn.ffn1.weight.copy_(model.decoder_layers[0].ffn.ffn1.weight)
+    save_checkpoint(model, tmp_path / "ck")
+    result = export(tmp_path / "e", ExportOptions(max_seq=40, weights="int4"), checkpoint=tmp_path / "ck")
+    assert result.verification.passed
