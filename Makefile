@@ -24,11 +24,28 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Export the seed-size model (hidden 512, 8 heads, 6 layers, vocab 10000) as
-# SamOut and as the softmax baseline, verify both against PyTorch, summarise,
-# then a short bench of the two exports.
+PAIR := benchmarks/pair
+PAIR_MAX_SEQ := 1024
+
+# 1. The trained pair (benchmarks/pair: SamOut and softmax, byte-level, trained on the
+#    standard library): exported at fp32, fp16, INT8 and INT4, each verified, then one
+#    table of quality (held-out bits per byte, agreement with PyTorch fp32), weights and
+#    state, and readable text from the INT4 SamOut export.
+# 2. The seed-size model (hidden 512, 8 heads, 6 layers, vocab 10000) as SamOut and as
+#    the softmax baseline, verified against PyTorch, summarised, then a short bench.
 demo: install
 	$(BIN)/samout-edge doctor
+	$(BIN)/python benchmarks/train_pair.py --write-heldout $(OUT)/heldout.txt --max-bytes 65536
+	for arch in cummax softmax; do \
+	  for w in fp32:--weights=fp fp16:--dtype=fp16 int8:--weights=int8 int4:--weights=int4; do \
+	    $(BIN)/samout-edge export $(PAIR)/$$arch --arch $$arch --logits all --max-seq $(PAIR_MAX_SEQ) \
+	      $${w#*:} -o $(OUT)/pair-$$arch-$${w%%:*} > /dev/null || exit 1; \
+	  done; \
+	done
+	$(BIN)/samout-edge eval $(OUT)/pair-cummax-fp32 $(OUT)/pair-softmax-fp32 $(OUT)/pair-cummax-fp16 \
+	  $(OUT)/pair-softmax-fp16 $(OUT)/pair-cummax-int8 $(OUT)/pair-softmax-int8 $(OUT)/pair-cummax-int4 \
+	  $(OUT)/pair-softmax-int4 --text $(OUT)/heldout.txt --window 256
+	$(BIN)/samout-edge generate $(OUT)/pair-cummax-int4 --vocab $(PAIR)/vocab.json --prompt 'class Foo:\n    def __init__(self' --max-new-tokens 160 --temperature 0.7 --top-k 20
 	$(BIN)/samout-edge init --preset seed -o $(OUT)/seed-checkpoint --force
 	$(BIN)/samout-edge export $(OUT)/seed-checkpoint -o $(OUT)/seed-cummax --arch cummax --max-seq 4096
 	$(BIN)/samout-edge export $(OUT)/seed-checkpoint -o $(OUT)/seed-softmax --arch softmax --max-seq 4096
