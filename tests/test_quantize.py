@@ -13,6 +13,7 @@ from samout_edge.artifact.manifest import Manifest, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.exporter import quantize as qz
 from samout_edge.exporter.onnx_export import ExportOptions, export
+from samout_edge.models import quantize as grid
 from samout_edge.models.checkpoint import load_checkpoint
 from samout_edge.runtime.verify import RTOL, verify
 from samout_edge.tensorrt.lint import lint_model
@@ -61,16 +62,16 @@ def ort_errors(directory, manifest: Manifest) -> float:
 @pytest.mark.parametrize("bits,block", [(8, None), (4, 16), (4, 32)])
 def test_values_on_the_grid_round_trip_exactly(bits, block):
     rng = np.random.default_rng(bits)
-    top = qz.qmax(bits)
+    top = grid.qmax(bits)
     rows, cols = 6, 64
     per_block = cols if block is None else block
     q = rng.integers(-top, top + 1, (rows, cols)).astype(np.int8)
     q[:, ::per_block] = top  # every block reaches the edge of the grid, so its scale is the one we chose
     scale = (2.0 ** rng.integers(-12, 2, (rows, cols // per_block))).astype(np.float32)
     w = q.astype(np.float32) * np.repeat(scale, per_block, axis=1)
-    got = qz.quantize(w, bits, block)
+    got = grid.quantize(w, bits, block)
     assert np.array_equal(got.q, q) and np.array_equal(got.scale, scale)
-    assert np.array_equal(qz.dequantize(got), w)
+    assert np.array_equal(grid.dequantize(got), w)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -78,17 +79,17 @@ def test_quantize_is_idempotent_and_close(dtype):
     w = np.random.default_rng(0).standard_normal((40, 64)).astype(dtype)
     w[3] = 0  # an all-zero row (the embedding's padding row) still gets a positive scale
     for bits, block in ((8, None), (4, 32)):
-        qw = qz.quantize(w, bits, block)
-        deq = qz.dequantize(qw)
-        assert deq.dtype == dtype and (qw.scale > 0).all() and np.abs(qw.q).max() <= qz.qmax(bits)
+        qw = grid.quantize(w, bits, block)
+        deq = grid.dequantize(qw)
+        assert deq.dtype == dtype and (qw.scale > 0).all() and np.abs(qw.q).max() <= grid.qmax(bits)
         assert np.abs(deq.astype(np.float32) - w).max() <= 0.51 * float(qw.scale.max()) + 1e-3
-        again = qz.quantize(deq, bits, block)
-        assert np.array_equal(qz.dequantize(again), deq)  # the dequantized weights are on their own grid
+        again = grid.quantize(deq, bits, block)
+        assert np.array_equal(grid.dequantize(again), deq)  # the dequantized weights are on their own grid
 
 
 def test_non_finite_weights_are_refused():
     with pytest.raises(SamoutError, match="non-finite"):
-        qz.quantize(np.array([[1.0, np.inf]], np.float32), 8)
+        grid.quantize(np.array([[1.0, np.inf]], np.float32), 8)
 
 
 # --------------------------------------------------------------------------- exports
@@ -125,6 +126,25 @@ def test_verify_passes_at_the_fp32_tolerance(quantized):
 
 def test_verify_passes_for_the_dq_form(quantized):
     assert verify(quantized("softmax", "int4", "dq").directory).passed
+
+
+def test_torch_runner_of_a_quantized_export_computes_the_graphs_function(quantized):
+    """bench/eval/generate --backend torch on a quantized export run its dequantized weights, not the checkpoint's."""
+    from samout_edge.runtime.registry import load_runner
+
+    directory = quantized("cummax", "int8", "auto").directory
+    manifest = read_manifest(directory)
+    golden = load_golden(directory, GoldenIndex.from_dict(manifest.golden))
+    with load_runner(directory, "torch") as runner:
+        feed = golden.feeds[0]
+        state = {k: v for k, v in feed.items() if k != "input_ids"}
+        logits, _ = runner.run(feed["input_ids"], state)
+        np.testing.assert_allclose(runner.to_numpy(logits), golden.outputs[0]["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_verify_recomputing_with_pytorch_uses_the_dequantized_weights(quantized):
+    result = verify(quantized("softmax", "int4", "dq").directory, lengths=[1, 7])
+    assert result.passed and result.reference == "pytorch"
 
 
 def test_auto_format_and_reason():

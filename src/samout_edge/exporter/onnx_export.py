@@ -42,6 +42,7 @@ from samout_edge.exporter import quantize as qz
 from samout_edge.exporter.golden import record_golden
 from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
 from samout_edge.models.model import LayerNorm, SamOut, torch_dtype
+from samout_edge.models.quantize import apply_weights, quantize_model
 from samout_edge.progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -350,7 +351,7 @@ def export(
                 module.decompose = options.decompose_layernorm
         quantized = None
         if options.weights != "fp":  # the traced weights are dequantize(quantize(w)): see exporter/quantize.py
-            quantized = qz.quantize_model(model, options.weights_spec())
+            quantized = quantize_model(model, options.weights_spec().bits, options.block_size)
 
         progress(f"tracing with torch.export ({options.arch}, {options.dtype})", 1, total)
         t = time.perf_counter()
@@ -374,7 +375,7 @@ def export(
         t = time.perf_counter()
         reference = ckpt.model(options.arch)
         if quantized is not None:  # the same dequantized weights the graph holds
-            qz.apply_weights(reference, quantized)
+            apply_weights(reference, quantized)
         golden = record_golden(reference, manifest)
         for name in save_golden(stage, golden):
             record_file(stage, manifest, name)

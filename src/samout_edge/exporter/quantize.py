@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -55,12 +54,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from samout_edge.artifact.manifest import WEIGHT_FORMATS, WEIGHT_KINDS
 from samout_edge.errors import SamoutError
-
-if TYPE_CHECKING:
-    from torch import nn
+from samout_edge.models.quantize import BITS, QuantizedWeight, dequantize  # the grid: below the runtime
 
 KINDS = WEIGHT_KINDS  # fp | int8 | int4
-BITS = {"int8": 8, "int4": 4}
 FORMATS = WEIGHT_FORMATS  # dq | matmulnbits
 FORMAT_CHOICES = ("auto", *FORMATS)
 DEFAULT_BLOCK_SIZE = 32
@@ -189,105 +185,6 @@ def weights_entry(spec: WeightsSpec) -> dict:
     return {"kind": spec.kind, "block_size": spec.block_size if spec.kind == "int4" else None, "format": fmt,
             "bytes": None, "reason": reason, "scheme": SCHEME,
             "ort_session_config": dict(ORT_SESSION_CONFIG[fmt])}
-
-
-# --------------------------------------------------------------------------- the grid
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """A weight in torch's layout ``[rows, cols]`` on its grid."""
-
-    q: np.ndarray  # int8 container, integers in [-qmax, qmax], [rows, cols]
-    scale: np.ndarray  # [rows, blocks], the weight's float dtype, every one > 0
-    bits: int
-    block: int  # cols per scale (cols itself: one scale per row)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.q.shape  # type: ignore[return-value]
-
-    @property
-    def blocks(self) -> int:
-        return self.scale.shape[1]
-
-    @property
-    def per_row(self) -> bool:
-        return self.blocks == 1 and self.block >= self.q.shape[1]
-
-
-def qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
-def quantize(w: np.ndarray, bits: int, block: int | None = None) -> QuantizedWeight:
-    """Round-to-nearest, symmetric: one scale per row (``block`` None) or per
-    ``block`` consecutive columns. The scale has ``w``'s dtype; an all-zero block
-    gets scale 1 (TensorRT needs every scale positive)."""
-    if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
-        raise ValueError(f"quantize takes a 2-D float32/float16 array, got {w.dtype} {w.shape}")
-    if not np.isfinite(w).all():
-        raise SamoutError("the checkpoint has non-finite weights (inf or NaN); they cannot be quantized")
-    rows, cols = w.shape
-    block = cols if block is None else block
-    blocks = -(-cols // block)
-    top = qmax(bits)
-    wide = np.zeros((rows, blocks * block), np.float32)
-    wide[:, :cols] = w
-    grouped = wide.reshape(rows, blocks, block)
-    amax = np.abs(grouped).max(axis=2)
-    scale = (amax / np.float32(top)).astype(w.dtype)
-    scale[~(scale > 0)] = 1
-    q = np.clip(np.rint(grouped / scale.astype(np.float32)[:, :, None]), -top, top).astype(np.int8)
-    return QuantizedWeight(q.reshape(rows, -1)[:, :cols].copy(), scale, bits, block)
-
-
-def expand_scale(qw: QuantizedWeight) -> np.ndarray:
-    """The scale of every element, ``[rows, cols]``."""
-    return np.repeat(qw.scale, qw.block, axis=1)[:, : qw.q.shape[1]]
-
-
-def dequantize(qw: QuantizedWeight) -> np.ndarray:
-    """``q * s`` in the scale's dtype: what DequantizeLinear computes."""
-    return qw.q.astype(qw.scale.dtype) * expand_scale(qw)
-
-
-# --------------------------------------------------------------------------- the model
-
-
-def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Linear and Embedding of the model, by parameter name of its weight."""
-    from torch import nn
-
-    return [(f"{name}.weight", m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-
-
-def quantize_model(model: nn.Module, spec: WeightsSpec) -> dict[str, QuantizedWeight]:
-    """Quantize every Linear and Embedding weight on the grid, in the model's own
-    dtype, and replace it in place by its dequantized value; returns the grid by
-    parameter name (apply it to other copies of the model with ``apply_weights``)."""
-    import torch
-
-    table = {}
-    with torch.no_grad():
-        for name, module in quantized_modules(model):
-            w = module.weight.detach().cpu().numpy()
-            table[name] = quantize(w, spec.bits, spec.block_size if spec.kind == "int4" else None)
-    apply_weights(model, table)
-    return table
-
-
-def apply_weights(model: nn.Module, table: dict[str, QuantizedWeight]) -> None:
-    """Set each quantized weight of ``model`` (any dtype) to ``dequantize`` of its grid."""
-    import torch
-
-    modules = dict(quantized_modules(model))
-    if set(modules) != set(table):
-        raise SamoutError("the model's Linear/Embedding weights do not match the quantized ones (internal error)")
-    with torch.no_grad():
-        for name, qw in table.items():
-            weight = modules[name].weight
-            weight.copy_(torch.from_numpy(dequantize(qw)).to(weight.dtype))
 
 
 # --------------------------------------------------------------------------- the graph

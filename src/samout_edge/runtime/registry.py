@@ -52,8 +52,9 @@ def _tensorrt(directory: Path, options: LoadOptions) -> Runner:
 
 @register("torch")
 def _torch(directory: Path, options: LoadOptions) -> Runner:
-    """The export's source checkpoint, eagerly, with the export's arch, dtype and
-    logits mode, so it computes what the graph computes."""
+    """The export's source checkpoint, eagerly, with the export's arch, dtype,
+    logits mode and (quantized exports) dequantized weights, so it computes what
+    the graph computes."""
     require_torch("the torch backend")
     from samout_edge.artifact.manifest import read_manifest
     from samout_edge.models.checkpoint import source_checkpoint
@@ -62,7 +63,7 @@ def _torch(directory: Path, options: LoadOptions) -> Runner:
     manifest = read_manifest(directory)
     ckpt = source_checkpoint(directory, manifest, options.checkpoint)
     return load_torch_runner(ckpt, manifest.arch, manifest.dtype, manifest.logits, torch_device(options.device),
-                             options.fast_kernel)
+                             options.fast_kernel, weights=manifest.weights)
 
 
 BACKENDS = tuple(RUNNERS)
