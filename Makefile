@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[export,tensorrt,plot,dev]'
+	$(BIN)/pip install -q -e '.[export,tensorrt,plot,serve,dev]'
 	$(BIN)/pip install -q 'triton>=3.3' openvino
 	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)

@@ -49,6 +49,11 @@ class Runner(ABC):
     def to_numpy(self, value: Any) -> np.ndarray:
         return np.asarray(value)
 
+    def host_state(self, state: State) -> dict[str, np.ndarray]:
+        """The state as numpy arrays in the graph's own dtypes: to store it, or to
+        stack several sessions' states into one batch."""
+        return {name: np.asarray(self.to_numpy(value)) for name, value in state.items()}
+
     def synchronize(self) -> None:  # noqa: B027 - deliberately optional
         """Wait for queued device work (timing needs it); a no-op on the CPU."""
 

@@ -252,6 +252,9 @@ class TensorRTRunner(Runner):
         new_state = {self.to_past[k]: v for k, v in values.items() if k in self.to_past}
         return values[graph.LOGITS], new_state
 
+    def host_state(self, state: State) -> dict[str, np.ndarray]:
+        return {name: self.to_numpy(value).astype(self.numpy_types[name]) for name, value in state.items()}
+
     def to_numpy(self, value: Any) -> np.ndarray:
         if isinstance(value, self.cuda.DeviceView):
             host = np.asarray(value.numpy())

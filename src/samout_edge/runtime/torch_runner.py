@@ -32,6 +32,9 @@ class TorchRunner(Runner):
     def to_numpy(self, value) -> np.ndarray:
         return value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
+    def host_state(self, state: State) -> dict[str, np.ndarray]:
+        return {name: value.detach().cpu().numpy() for name, value in state.items()}  # in the model's dtype
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

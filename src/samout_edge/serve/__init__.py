@@ -1,0 +1,91 @@
+"""`samout-edge serve`: an OpenAI-style HTTP server with persistent, batched sessions.
+
+sessions.py holds and persists the states, batcher.py runs every request's
+steps in one worker thread, server.py is the FastAPI app, metrics.py the
+Prometheus text. Needs the ``[serve]`` extra (FastAPI, uvicorn); no torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from samout_edge.errors import SamoutError
+
+if TYPE_CHECKING:
+    from samout_edge.serve.server import ServeOptions, Server
+
+SERVE_INSTALL = "pip install 'samout-edge[serve]'"
+
+
+def require_serve() -> None:
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SamoutError(f"serve needs {' and '.join(missing)}, which this install does not have: {SERVE_INSTALL}")
+
+
+def open_server(target: Path, backend: str, options: ServeOptions, provider: str = "cpu", device: str = "auto",
+                arch: str = "cummax", heads: int | None = None, vocab: Path | None = None) -> Server:
+    """Load the runner (in the batcher's thread), the vocab and the stored sessions."""
+    require_serve()
+    from samout_edge.generate import load_generation_runner, vocab_for
+    from samout_edge.serve.server import Server, model_identity
+
+    if not target.exists():
+        raise SamoutError(f"not found: {target}")
+    identity = model_identity(target)
+
+    def load():
+        return load_generation_runner(target, backend, provider, device, arch, heads)
+
+    server = Server(load, options, identity, model_name=target.resolve().name or "samout")
+    try:
+        server.vocab = vocab_for(vocab, server.info.config.vocab_size)
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before starting, so a taken port is one clear error and port 0 gets a free one."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        raise SamoutError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def run(server: Server, on_ready: Callable[[str], None] | None = None, log_level: str = "warning") -> None:
+    """Serve until SIGINT/SIGTERM, then stop the batcher. uvicorn shuts down
+    gracefully (in-flight requests finish and commit their sessions) and then
+    re-raises the signal it caught: the handlers here make that a clean exit 0."""
+    import signal
+
+    import uvicorn
+
+    from samout_edge.serve.server import create_app
+
+    try:
+        sock = listen(server.options.host, server.options.port)
+        host, port = sock.getsockname()[:2]
+        config = uvicorn.Config(create_app(server), log_level=log_level, access_log=False)
+        if on_ready:
+            on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}")
+        main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        server.close()

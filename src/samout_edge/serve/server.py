@@ -1,0 +1,385 @@
+"""The HTTP server: OpenAI-style completions over the batcher, with persistent sessions.
+
+Endpoints: ``POST /v1/completions`` (token-id or text prompts, ``max_tokens``,
+``temperature``, ``top_k``, ``seed``, ``stream`` as server-sent events, and our
+``session`` field), ``POST/GET/DELETE /v1/sessions[/{id}]``, ``GET /health``,
+``GET /metrics`` (Prometheus text). Every error is ``{"error": {"message",
+"type", "code"}}`` with a 4xx (the request's fault) or 5xx status, and a
+refused or failed request changes no session: a session's state is replaced
+only when a request completes, and persisted before the response says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from samout_edge.artifact import graph
+from samout_edge.errors import SamoutError
+from samout_edge.generate import Sampler, Vocab
+from samout_edge.runtime.base import Runner
+from samout_edge.serve.batcher import Batcher, Job, JobResult
+from samout_edge.serve.metrics import BATCH_BUCKETS, Metrics
+from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore, SessionTable
+
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    store: Path | None = None  # None: sessions live in memory only
+    max_batch: int = 32
+    max_tokens: int = 4096  # per request
+    policy: SessionPolicy = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.policy = self.policy or SessionPolicy()
+        if self.max_batch < 1:
+            raise SamoutError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.max_tokens < 1:
+            raise SamoutError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if self.policy.max_sessions < 1:
+            raise SamoutError(f"--max-sessions must be at least 1, got {self.policy.max_sessions}")
+        if not (self.policy.ttl_s > 0 and math.isfinite(self.policy.ttl_s)):
+            raise SamoutError(f"--session-ttl must be a positive number of seconds, got {self.policy.ttl_s}")
+        if self.policy.kv_budget_bytes is not None and self.policy.kv_budget_bytes < 0:
+            raise SamoutError("--kv-budget-mib must be >= 0")
+        if not 0 <= self.port <= 65535:
+            raise SamoutError(f"--port must be 0..65535, got {self.port}")
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completion request, the fields we honour; others are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | list[StrictInt] = ""
+    max_tokens: StrictInt = Field(DEFAULT_MAX_TOKENS, ge=1)
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_k: StrictInt = Field(0, ge=0)
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    session: str | None = None
+
+
+class Server:
+    """What the routes share: the runner's description, the batcher, sessions, metrics."""
+
+    def __init__(self, load_runner, options: ServeOptions, identity: str, vocab: Vocab | None = None,
+                 model_name: str = "samout"):
+        self.options, self.vocab, self.model_name = options, vocab, model_name
+        self.metrics = Metrics()
+        self.batcher = Batcher(load_runner, options.max_batch, self._on_step)
+        runner: Runner = self.batcher.start()
+        self.info = runner.info
+        self.initial = runner.host_state(runner.initial_state(1))
+        dtypes = sorted({a.dtype.name for a in self.initial.values()})
+        fingerprint = f"{self.info.arch}/{','.join(dtypes)}/{identity}"
+        store = None
+        if options.store is not None:
+            try:
+                store = SessionStore(options.store, fingerprint)
+            except BaseException:
+                self.batcher.stop()
+                raise
+        self.sessions = SessionTable(store, self.initial, self.info.arch, options.policy)
+        self.active = 0
+        m = self.metrics
+        m.counter("samout_requests_total", "HTTP requests by route and status.")
+        m.counter("samout_prompt_tokens_total", "Tokens consumed from prompts (and sessions' pending tokens).")
+        m.counter("samout_generated_tokens_total", "Tokens generated.")
+        m.histogram("samout_request_seconds", "Completion latency, request to last token.")
+        m.histogram("samout_time_to_first_token_seconds", "Request to first token (queueing and prefill).")
+        m.histogram("samout_step_seconds", "One runner call, by kind (prefill, decode).")
+        m.histogram("samout_batch_size", "Requests per runner call, by kind.", BATCH_BUCKETS)
+        m.gauges.update({
+            "samout_live_sessions": ("Sessions held.", lambda: len(self.sessions.sessions)),
+            "samout_session_state_bytes": ("Bytes of all sessions' states.", lambda: self.sessions.state_bytes),
+            "samout_active_requests": ("Completions running.", lambda: self.active),
+            "samout_corrupt_sessions": ("Stored sessions that failed their checksum at start.",
+                                        lambda: len(self.sessions.corrupt)),
+        })
+
+    def _on_step(self, kind: str, batch: int, seconds: float) -> None:
+        self.metrics.observe("samout_step_seconds", seconds, kind=kind)
+        self.metrics.observe("samout_batch_size", batch, kind=kind)
+
+    def close(self) -> None:
+        self.batcher.stop()
+        if self.sessions.store is not None:
+            self.sessions.store.close()
+
+    # -- requests
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                return []
+            if self.vocab is None:
+                raise SessionError("this server has no vocab (serve --vocab FILE): send the prompt as token ids",
+                                   400, "no_vocab")
+            try:
+                return self.vocab.encode(prompt)
+            except SamoutError as e:
+                raise SessionError(str(e), 400, "unknown_text") from None
+        vocab = self.info.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise SessionError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", 400, "token_out_of_range")
+        return list(prompt)
+
+    def check_request(self, req: CompletionRequest, ids: list[int], position: int) -> None:
+        if not ids:
+            raise SessionError("the prompt is empty (and the session has no pending token)", 400, "empty_prompt")
+        if req.max_tokens > self.options.max_tokens:
+            raise SessionError(f"max_tokens {req.max_tokens} is above this server's limit {self.options.max_tokens} "
+                               "(serve --max-tokens)", 400, "max_tokens_too_large")
+        limit = self.info.max_seq
+        if limit is not None and len(ids) > limit:
+            raise SessionError(f"the prompt is {len(ids)} tokens, above the export's max_seq {limit}", 400,
+                               "prompt_too_long")
+        if self.info.arch == "softmax" and limit is not None and position + len(ids) + req.max_tokens - 1 > limit:
+            raise SessionError(f"the KV cache would reach {position + len(ids) + req.max_tokens - 1} positions, "
+                               f"above the export's max_seq {limit}", 400, "context_too_long")
+
+    def text(self, tokens: list[int]) -> str:
+        return "".join(self.vocab.decode(t) for t in tokens) if self.vocab else ""
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the body is not valid JSON"
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sweeper = asyncio.create_task(_sweep(server))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+
+    app = FastAPI(title="samout-edge", lifespan=lifespan)
+    metrics = server.metrics
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.inc("samout_requests_total", route=getattr(route, "path", "unmatched"), status=str(response.status_code))
+        return response
+
+    @app.exception_handler(SessionError)
+    async def session_error(request: Request, exc: SessionError):
+        return _error(exc.status, str(exc), exc.code)
+
+    @app.exception_handler(SamoutError)
+    async def samout_error(request: Request, exc: SamoutError):
+        return _error(400, str(exc), "invalid_request")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return _error(400, _validation_message(exc), "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), "http_error")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        info = server.info
+        return {"status": "ok", "model": server.model_name, "arch": info.arch, "backend": info.backend,
+                "device": info.device, "dtype": info.dtype, "max_seq": info.max_seq,
+                "vocab_size": info.config.vocab_size, "max_batch": server.batcher.max_batch,
+                "sessions": len(server.sessions.sessions), "session_state_bytes": server.sessions.state_bytes,
+                "corrupt_sessions": len(server.sessions.corrupt), "text_prompts": server.vocab is not None}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/sessions")
+    async def create_session() -> dict[str, Any]:
+        server.sessions.check_budget(0)
+        session = await asyncio.to_thread(server.sessions.create)
+        return session.to_dict()
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str) -> dict[str, Any]:
+        return server.sessions.get(session_id).to_dict()
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str) -> dict[str, Any]:
+        await asyncio.to_thread(server.sessions.delete, session_id)
+        return {"id": session_id, "object": "session", "deleted": True}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompt = server.prompt_ids(req.prompt)
+        session = server.sessions.acquire(req.session) if req.session is not None else None
+        try:
+            ids = (session.pending if session else []) + prompt
+            server.check_request(req, ids, session.position if session else 0)
+            if session is not None:
+                needed = graph.state_bytes(server.info.config, server.info.arch, 1, len(ids) + req.max_tokens - 1,
+                                           server.info.dtype) if server.info.arch == "softmax" else 0
+                server.sessions.check_budget(needed)
+            state = session.state if session else server.initial
+            seed = req.seed if req.seed is not None else secrets.randbits(63)
+            run = _Run(server, session, prompt, Job(ids, state, req.max_tokens, Sampler(req.temperature, req.top_k, seed),
+                                                    emit=lambda e: None))
+        except BaseException:
+            if session is not None:
+                server.sessions.release(session)
+            raise
+        run.start()
+        if req.stream:
+            return StreamingResponse(run.sse(), media_type="text/event-stream")
+        return await run.whole()
+
+    return app
+
+
+class _Run:
+    """One completion in flight: bridges the batcher thread's events into asyncio."""
+
+    def __init__(self, server: Server, session, prompt: list[int], job: Job):
+        self.server, self.session, self.prompt, self.job = server, session, prompt, job
+        self.id, self.created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        self.t0 = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.finished = False
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.job.emit = lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.server.active += 1
+        self.server.metrics.inc("samout_prompt_tokens_total", len(self.job.ids))
+        self.server.batcher.submit(self.job)
+
+    async def _events(self) -> AsyncIterator[tuple[str, Any]]:
+        try:
+            while True:
+                kind, value = await self.events.get()
+                if kind == "token" and self.first_token_s is None:
+                    self.first_token_s = time.perf_counter() - self.t0
+                    self.server.metrics.observe("samout_time_to_first_token_seconds", self.first_token_s)
+                if kind == "done":
+                    await self._complete(value)
+                yield kind, value
+                if kind in ("done", "error"):
+                    return
+        finally:
+            self._finish()
+
+    async def _complete(self, result: JobResult) -> None:
+        if self.session is not None:
+            await asyncio.to_thread(self.server.sessions.commit, self.session, result.state, result.consumed,
+                                    [result.new[-1]])
+        m = self.server.metrics
+        m.inc("samout_generated_tokens_total", len(result.new))
+        m.observe("samout_request_seconds", time.perf_counter() - self.t0)
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.job.cancelled.set()  # a no-op once done; stops the work of a client that went away
+        self.server.active -= 1
+        if self.session is not None:
+            self.server.sessions.release(self.session)
+
+    def body(self, result: JobResult) -> dict[str, Any]:
+        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.server.model_name,
+                "choices": [{"index": 0, "text": self.server.text(result.new), "token_ids": result.new,
+                             "logprobs": None, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": len(self.prompt), "completion_tokens": len(result.new),
+                          "total_tokens": len(self.prompt) + len(result.new)}}
+        if self.session is not None:
+            body["session"] = self.session.to_dict()
+        return body
+
+    async def whole(self) -> JSONResponse:
+        async for kind, value in self._events():
+            if kind == "done":
+                return JSONResponse(self.body(value))
+            if kind == "error":
+                return _error(500, value, "runner_error")
+        return _error(500, "the request ended without a result", "internal_error")  # pragma: no cover
+
+    async def sse(self) -> AsyncIterator[str]:
+        def chunk(payload: dict) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async for kind, value in self._events():
+            if kind == "token":
+                yield chunk({"id": self.id, "object": "text_completion", "created": self.created,
+                             "model": self.server.model_name,
+                             "choices": [{"index": 0, "text": self.server.text([value]), "token_ids": [value],
+                                          "logprobs": None, "finish_reason": None}]})
+            elif kind == "done":
+                final = self.body(value)
+                final["choices"][0]["text"] = ""
+                final["choices"][0]["token_ids"] = []
+                yield chunk(final)
+                yield "data: [DONE]\n\n"
+            else:
+                yield chunk({"error": {"message": value, "type": "server_error", "code": "runner_error"}})
+                yield "data: [DONE]\n\n"
+
+
+async def _sweep(server: Server) -> None:
+    interval = min(60.0, max(1.0, server.options.policy.ttl_s / 4))
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.to_thread(server.sessions.sweep)
+
+
+def model_identity(target: Path) -> str:
+    """The weights a session's state belongs to (a store written for others is refused)."""
+    from samout_edge.artifact.engine import ENGINE_JSON, is_engine_dir
+    from samout_edge.artifact.files import sha256_file
+    from samout_edge.artifact.manifest import is_export_dir, read_manifest
+
+    if is_engine_dir(target):
+        meta = json.loads((target / ENGINE_JSON).read_text())
+        digest = f"onnx:{meta.get('onnx_sha256')}"
+    elif is_export_dir(target):
+        manifest = read_manifest(target)
+        digest = f"onnx:{manifest.files.get('model.onnx', {}).get('sha256')}"
+    elif target.is_file():
+        digest = f"checkpoint:{sha256_file(target)}"
+    else:
+        weights = target / "model.safetensors"
+        digest = f"checkpoint:{sha256_file(weights) if weights.is_file() else target.name}"
+    return digest

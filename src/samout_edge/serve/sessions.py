@@ -1,0 +1,258 @@
+"""Sessions: a conversation's decode state, kept in memory and persisted in SQLite.
+
+A session is the state after every token it has consumed, plus the one token
+it generated last and has not consumed yet (``pending``): the next request
+feeds ``pending + prompt``, so continuing a session costs no extra call. Its
+``position`` counts the consumed tokens.
+
+The store is one SQLite file in WAL mode. Each completed request rewrites its
+session's row in one transaction (``synchronous=FULL``), so a kill -9 at any
+moment leaves every row as of its last completed request; each row carries the
+sha256 of its state, checked on load, and the file records which model its
+states belong to (a store of another model is refused, never resumed).
+
+Policy: a session idle longer than ``ttl_s`` is evicted (memory and store) by
+the periodic sweep; past ``max_sessions`` the least recently used idle session
+is evicted to make room. Softmax sessions' KV caches together stay under
+``kv_budget_bytes``: a request that would grow them past it is refused.
+Cummax states are constant-size, so cummax sessions are bounded only by
+``max_sessions`` and the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from samout_edge.errors import SamoutError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Session:
+    id: str
+    state: dict[str, np.ndarray]  # batch 1, the graph's input names and dtypes
+    position: int = 0  # tokens consumed into the state
+    pending: list[int] = field(default_factory=list)  # generated, not yet consumed
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    busy: bool = False  # a request is running on it
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(a.nbytes for a in self.state.values())
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "object": "session", "position": self.position, "pending_tokens": len(self.pending),
+                "state_bytes": self.state_bytes, "created": int(self.created), "last_used": int(self.last_used)}
+
+
+def encode_state(state: dict[str, np.ndarray]) -> bytes:
+    """A JSON header line (name, dtype, shape per array) then the raw bytes, in order."""
+    header = [[name, a.dtype.str, list(a.shape)] for name, a in state.items()]
+    return json.dumps(header).encode() + b"\n" + b"".join(np.ascontiguousarray(a).tobytes() for a in state.values())
+
+
+def decode_state(blob: bytes) -> dict[str, np.ndarray]:
+    head, _, body = blob.partition(b"\n")
+    state, offset = {}, 0
+    for name, dtype, shape in json.loads(head):
+        dt = np.dtype(dtype)
+        size = int(np.prod(shape)) * dt.itemsize
+        if offset + size > len(body):
+            raise ValueError("state blob is shorter than its header says")
+        state[name] = np.frombuffer(body, dt, count=int(np.prod(shape)), offset=offset).reshape(shape).copy()
+        offset += size
+    if offset != len(body):
+        raise ValueError("state blob is longer than its header says")
+    return state
+
+
+class SessionStore:
+    """The SQLite file. One connection, used under a lock from any thread."""
+
+    def __init__(self, path: str | Path, model_fingerprint: str):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_file():
+            raise SamoutError(f"--store {self.path} exists and is not a file")
+        if not self.path.parent.is_dir():
+            raise SamoutError(f"--store {self.path}: directory {self.path.parent} does not exist")
+        self.lock = threading.Lock()
+        try:
+            self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, position INTEGER NOT NULL, "
+                            "pending TEXT NOT NULL, state BLOB NOT NULL, state_sha256 TEXT NOT NULL, "
+                            "created REAL NOT NULL, last_used REAL NOT NULL)")
+        except sqlite3.DatabaseError as e:
+            raise SamoutError(f"--store {self.path} is not a usable SQLite file: {e}") from None
+        self._check_meta(model_fingerprint)
+
+    def _check_meta(self, fingerprint: str) -> None:
+        meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        if not meta:
+            with self.lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.executemany("INSERT INTO meta VALUES (?, ?)",
+                                    [("schema_version", str(SCHEMA_VERSION)), ("model", fingerprint)])
+                self.db.execute("COMMIT")
+            return
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise SamoutError(f"--store {self.path} has schema {meta.get('schema_version')!r}, not {SCHEMA_VERSION}")
+        if meta.get("model") != fingerprint:
+            raise SamoutError(f"--store {self.path} holds sessions of another model ({meta.get('model')}); "
+                              f"this one is {fingerprint}: give another --store")
+
+    def save(self, session: Session) -> None:
+        blob = encode_state(session.state)
+        row = (session.id, session.position, json.dumps(session.pending), blob, hashlib.sha256(blob).hexdigest(),
+               session.created, session.last_used)
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+
+    def delete(self, session_id: str) -> None:
+        with self.lock:
+            self.db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+    def load_all(self) -> tuple[list[Session], list[str]]:
+        """Every session, and the ids of rows that fail their checksum (left in place, reported)."""
+        sessions, corrupt = [], []
+        with self.lock:
+            rows = self.db.execute("SELECT id, position, pending, state, state_sha256, created, last_used "
+                                   "FROM sessions").fetchall()
+        for sid, position, pending, blob, digest, created, last_used in rows:
+            try:
+                if hashlib.sha256(blob).hexdigest() != digest:
+                    raise ValueError("checksum mismatch")
+                sessions.append(Session(sid, decode_state(blob), int(position), [int(t) for t in json.loads(pending)],
+                                        float(created), float(last_used)))
+            except (ValueError, TypeError):
+                corrupt.append(sid)
+        return sessions, corrupt
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+class SessionError(SamoutError):
+    """A request the session table refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int, code: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+@dataclass
+class SessionPolicy:
+    max_sessions: int = 10_000
+    ttl_s: float = 24 * 3600.0
+    kv_budget_bytes: int | None = None  # softmax: all sessions' KV caches together
+
+
+class SessionTable:
+    """The live sessions (all of them, in memory), their policy, and the store behind them."""
+
+    def __init__(self, store: SessionStore | None, initial_state: dict[str, np.ndarray], arch: str,
+                 policy: SessionPolicy):
+        self.store, self.initial, self.arch, self.policy = store, initial_state, arch, policy
+        self.sessions: dict[str, Session] = {}
+        self.lock = threading.Lock()
+        self.corrupt: list[str] = []
+        if store is not None:
+            loaded, self.corrupt = store.load_all()
+            names = set(initial_state)
+            for s in loaded:
+                if set(s.state) != names:
+                    self.corrupt.append(s.id)
+                    continue
+                self.sessions[s.id] = s
+
+    # -- accounting
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(s.state_bytes for s in self.sessions.values())
+
+    def check_budget(self, extra_bytes: int) -> None:
+        budget = self.policy.kv_budget_bytes
+        if self.arch == "softmax" and budget is not None and self.state_bytes + extra_bytes > budget:
+            raise SessionError(f"the KV-cache budget ({budget / 2**20:.1f} MiB) is full: sessions hold "
+                               f"{self.state_bytes / 2**20:.1f} MiB and this request needs {extra_bytes / 2**20:.2f} "
+                               "MiB more; delete sessions or raise --kv-budget-mib", 429, "kv_budget_exhausted")
+
+    # -- lifecycle
+
+    def create(self) -> Session:
+        with self.lock:
+            self._make_room()
+            session = Session(secrets.token_hex(12), {k: v.copy() for k, v in self.initial.items()})
+            self.sessions[session.id] = session
+        if self.store is not None:
+            self.store.save(session)
+        return session
+
+    def _make_room(self) -> None:
+        while len(self.sessions) >= self.policy.max_sessions:
+            idle = [s for s in self.sessions.values() if not s.busy]
+            if not idle:
+                raise SessionError(f"{len(self.sessions)} sessions are busy (--max-sessions "
+                                   f"{self.policy.max_sessions})", 429, "too_many_sessions")
+            self._evict(min(idle, key=lambda s: s.last_used).id)
+
+    def _evict(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+        if self.store is not None:
+            self.store.delete(session_id)
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionError(f"no session {session_id!r} (unknown, deleted or expired)", 404, "session_not_found")
+        return session
+
+    def acquire(self, session_id: str) -> Session:
+        """Mark a session busy for one request; a second concurrent request on it is refused."""
+        with self.lock:
+            session = self.get(session_id)
+            if session.busy:
+                raise SessionError(f"session {session_id} is running another request", 409, "session_busy")
+            session.busy = True
+            return session
+
+    def release(self, session: Session) -> None:
+        session.busy = False
+
+    def commit(self, session: Session, state: dict[str, np.ndarray], consumed: int, pending: list[int]) -> None:
+        """The request completed: the new state is persisted before the client hears so."""
+        session.state, session.position, session.pending = state, session.position + consumed, pending
+        session.last_used = time.time()
+        if self.store is not None:
+            self.store.save(session)
+
+    def delete(self, session_id: str) -> None:
+        with self.lock:
+            session = self.get(session_id)
+            if session.busy:
+                raise SessionError(f"session {session_id} is running a request", 409, "session_busy")
+            self._evict(session_id)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Evict sessions idle past the TTL; returns how many."""
+        now = time.time() if now is None else now
+        with self.lock:
+            expired = [s.id for s in self.sessions.values() if not s.busy and now - s.last_used > self.policy.ttl_s]
+            for sid in expired:
+                self._evict(sid)
+        return len(expired)

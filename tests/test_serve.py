@@ -1,0 +1,320 @@
+"""samout-edge serve: completions equal generate, sessions persist and survive kill -9,
+bad requests change nothing, batching, the session policy, and the metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from samout_edge.errors import SamoutError
+from samout_edge.generate import Sampler, generate
+from samout_edge.runtime.registry import load_runner
+from samout_edge.serve import open_server
+from samout_edge.serve.batcher import Batcher, Job
+from samout_edge.serve.server import ServeOptions, create_app
+from samout_edge.serve.sessions import SessionPolicy
+
+PROMPT = [5, 9, 17, 3]
+
+
+def greedy(directory: Path, prompt: list[int], n: int) -> list[int]:
+    with load_runner(directory, "ort") as runner:
+        return generate(runner, prompt, n).new_ids
+
+
+class Client:
+    """A server on a TestClient, closed with the test."""
+
+    def __init__(self, directory: Path, store: Path | None, **options):
+        policy = options.pop("policy", SessionPolicy())
+        self.server = open_server(directory, "ort", ServeOptions(store=store, policy=policy, **options))
+        self.http = TestClient(create_app(self.server))
+        self.http.__enter__()
+
+    def complete(self, prompt, max_tokens=8, **extra) -> httpx.Response:
+        return self.http.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                                       **extra})
+
+    def tokens(self, prompt, max_tokens=8, **extra) -> list[int]:
+        r = self.complete(prompt, max_tokens, **extra)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    def close(self) -> None:
+        self.http.__exit__(None, None, None)
+        self.server.close()
+
+
+@pytest.fixture
+def client_for(tmp_path):
+    opened = []
+
+    def make(directory, store: Path | None | str = "default", **options) -> Client:
+        c = Client(directory, tmp_path / "sessions.sqlite" if store == "default" else store, **options)
+        opened.append(c)
+        return c
+
+    yield make
+    for c in opened:
+        c.close()
+
+
+@pytest.mark.parametrize("arch", ["cummax", "softmax"])
+def test_a_completion_is_generates_greedy_tokens(exported, client_for, arch):
+    d = exported(arch=arch).directory
+    assert client_for(d).tokens(PROMPT, 12) == greedy(d, PROMPT, 12)
+
+
+@pytest.mark.parametrize("arch", ["cummax", "softmax"])
+def test_a_session_continues_as_one_long_generation(exported, client_for, arch):
+    d = exported(arch=arch).directory
+    c = client_for(d)
+    sid = c.http.post("/v1/sessions").json()["id"]
+    first = c.tokens([5, 9], 4, session=sid)
+    second = c.tokens([17, 3], 6, session=sid)
+    # the session consumed 5 9, then first[:-1]; first[-1] is pending and goes before 17 3
+    assert second == greedy(d, [5, 9, *first, 17, 3], 6)
+    info = c.http.get(f"/v1/sessions/{sid}").json()
+    assert info["position"] == 2 + 3 + 3 + 5 and info["pending_tokens"] == 1
+
+
+def test_sessions_resume_exactly_after_a_restart(exported, client_for, tmp_path):
+    d = exported().directory
+    c = client_for(d)
+    sid = c.http.post("/v1/sessions").json()["id"]
+    first = c.tokens([5, 9, 17], 5, session=sid)
+    before = c.http.get(f"/v1/sessions/{sid}").json()
+    c.close()
+    again = client_for(d)
+    assert again.http.get(f"/v1/sessions/{sid}").json() == before
+    assert again.tokens([3], 6, session=sid) == greedy(d, [5, 9, 17, *first, 3], 6)
+
+
+def test_bad_requests_get_a_json_4xx_and_change_no_session(exported, client_for):
+    d = exported(max_seq=300).directory
+    c = client_for(d)
+    sid = c.http.post("/v1/sessions").json()["id"]
+    c.tokens([5, 9], 3, session=sid)
+    before = c.http.get(f"/v1/sessions/{sid}").json()
+    bodies = {
+        "unknown session": {"prompt": [1], "session": "nope"},
+        "id outside the vocab": {"prompt": [1, 128], "session": sid},
+        "negative id": {"prompt": [-1], "session": sid},
+        "prompt longer than max_seq": {"prompt": [1] * 301, "session": sid},
+        "negative max_tokens": {"prompt": [1], "max_tokens": -1, "session": sid},
+        "max_tokens above the limit": {"prompt": [1], "max_tokens": 10**9, "session": sid},
+        "text without a vocab": {"prompt": "hello", "session": sid},
+        "float ids": {"prompt": [1.5], "session": sid},
+        "string max_tokens": {"prompt": [1], "max_tokens": "4", "session": sid},
+        "negative temperature": {"prompt": [1], "temperature": -1, "session": sid},
+        "n above 1": {"prompt": [1], "n": 2, "session": sid},
+    }
+    for why, body in bodies.items():
+        r = c.http.post("/v1/completions", json=body)
+        assert 400 <= r.status_code < 500, why
+        assert r.json()["error"]["message"], why
+    for raw in (b"{not json", b"", b"[1, 2]", b'{"prompt": [1], "session": 5}'):
+        r = c.http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500 and "error" in r.json(), raw
+    assert c.http.get(f"/v1/sessions/{sid}").json() == before
+    assert c.http.get("/v1/sessions/nope").status_code == 404
+    assert c.http.delete("/v1/sessions/nope").status_code == 404
+    assert c.http.get("/no/such/route").json()["error"]["code"] == "http_error"
+
+
+def test_streaming_sends_each_token_then_done(exported, client_for):
+    d = exported().directory
+    c = client_for(d)
+    with c.http.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 5, "temperature": 0,
+                                                        "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    tokens = [t for ch in chunks for t in ch["choices"][0]["token_ids"]]
+    assert tokens == greedy(d, PROMPT, 5) and chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_text_prompts_with_a_vocab(exported, tmp_path):
+    d = exported().directory
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps([chr(i) for i in range(128)]))
+    server = open_server(d, "ort", ServeOptions(), vocab=vocab)
+    try:
+        with TestClient(create_app(server)) as http:
+            r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "temperature": 0}).json()
+            assert r["choices"][0]["token_ids"] == greedy(d, [ord("h"), ord("i")], 4)
+            assert r["choices"][0]["text"] == "".join(chr(t) for t in r["choices"][0]["token_ids"])
+            assert http.post("/v1/completions", json={"prompt": "é", "max_tokens": 1}).status_code == 400
+    finally:
+        server.close()
+
+
+def test_sampling_follows_the_seed(exported, client_for):
+    c = client_for(exported().directory)
+    a = c.tokens(PROMPT, 10, temperature=1.0, top_k=20, seed=7)
+    assert a == c.tokens(PROMPT, 10, temperature=1.0, top_k=20, seed=7)
+    assert a != c.tokens(PROMPT, 10, temperature=1.0, top_k=20, seed=8)
+
+
+def test_concurrent_requests_decode_in_one_batched_call(exported):
+    """Jobs submitted together run as batch-4 calls and give each one's own greedy tokens."""
+    d = exported().directory
+    sizes = []
+    batcher = Batcher(lambda: load_runner(d, "ort"), 8, on_step=lambda kind, n, s: sizes.append((kind, n)))
+    runner = batcher.start()
+    events: dict[int, list] = {i: [] for i in range(4)}
+    initial = runner.host_state(runner.initial_state(1))
+    prompts = [[5, 9], [17, 3], [1, 2], [9, 9]]
+    jobs = [Job(p, initial, 6, Sampler(), emit=events[i].append) for i, p in enumerate(prompts)]
+    for job in jobs:
+        batcher.submit(job)
+    deadline = time.time() + 30
+    while not all(e and e[-1][0] == "done" for e in events.values()) and time.time() < deadline:
+        time.sleep(0.01)
+    batcher.stop()
+    for i, p in enumerate(prompts):
+        assert [v for k, v in events[i] if k == "token"] == greedy(d, p, 6)
+    assert max(n for kind, n in sizes if kind == "decode") == 4
+
+
+def test_softmax_sessions_are_refused_past_the_kv_budget(exported, client_for):
+    d = exported(arch="softmax").directory
+    # tiny: 2 layers x K,V x 4 heads x 8 dims x 4 bytes = 512 bytes per token; 16 KiB holds 32 tokens
+    c = client_for(d, policy=SessionPolicy(kv_budget_bytes=16 * 1024))
+    sid = c.http.post("/v1/sessions").json()["id"]
+    c.tokens([5, 9], 10, session=sid)
+    r = c.complete([1] * 10, 20, session=sid)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "kv_budget_exhausted"
+    assert c.http.get(f"/v1/sessions/{sid}").json()["position"] == 11
+    state = c.http.get("/health").json()["session_state_bytes"]
+    assert state == 11 * 512
+
+
+def test_cummax_sessions_cost_the_same_whatever_their_length(exported, client_for):
+    c = client_for(exported().directory, policy=SessionPolicy(kv_budget_bytes=1))
+    sid = c.http.post("/v1/sessions").json()["id"]
+    sizes = {c.http.get(f"/v1/sessions/{sid}").json()["state_bytes"]}
+    for _ in range(3):
+        c.tokens([5, 9, 1], 20, session=sid)
+        sizes.add(c.http.get(f"/v1/sessions/{sid}").json()["state_bytes"])
+    assert sizes == {2 * 4 * 8 * 4}  # layers x heads x head_dim x fp32, at 0 and at 66 tokens
+
+
+def test_expiry_and_the_session_limit(exported, client_for):
+    c = client_for(exported().directory, policy=SessionPolicy(max_sessions=2, ttl_s=100))
+    a, b = (c.http.post("/v1/sessions").json()["id"] for _ in range(2))
+    c.tokens([1], 2, session=a)  # b is now the least recently used
+    third = c.http.post("/v1/sessions").json()["id"]
+    assert c.http.get(f"/v1/sessions/{b}").status_code == 404
+    table = c.server.sessions
+    assert table.sweep(now=time.time() + 50) == 0
+    assert table.sweep(now=time.time() + 101) == 2 and not table.sessions
+    assert c.http.get(f"/v1/sessions/{third}").status_code == 404
+    # evicted from the store too: a restart does not bring them back
+    assert sqlite3.connect(table.store.path).execute("SELECT COUNT(*) FROM sessions").fetchone() == (0,)
+
+
+def test_a_store_of_another_model_is_refused_and_corrupt_rows_are_reported(exported, client_for, tmp_path):
+    store = tmp_path / "s.sqlite"
+    c = client_for(exported().directory, store)
+    sid = c.http.post("/v1/sessions").json()["id"]
+    c.tokens([1, 2], 3, session=sid)
+    c.close()
+    with pytest.raises(SamoutError, match="another model"):
+        client_for(exported(arch="softmax").directory, store)
+    with sqlite3.connect(store) as db:
+        db.execute("UPDATE sessions SET state = ? WHERE id = ?", (b"[]\n", sid))
+    again = client_for(exported().directory, store)
+    health = again.http.get("/health").json()
+    assert health["corrupt_sessions"] == 1 and health["sessions"] == 0
+
+
+def test_metrics_are_prometheus_text(exported, client_for):
+    c = client_for(exported().directory)
+    c.tokens(PROMPT, 5)
+    c.complete([1], -1)
+    families = {f.name: f for f in text_string_to_metric_families(c.http.get("/metrics").text)}
+    generated = families["samout_generated_tokens"].samples[0].value
+    assert generated == 5
+    statuses = {(s.labels["route"], s.labels["status"]) for s in families["samout_requests"].samples}
+    assert ("/v1/completions", "200") in statuses and ("/v1/completions", "400") in statuses
+    assert families["samout_request_seconds"].type == "histogram"
+    assert {"samout_live_sessions", "samout_session_state_bytes", "samout_batch_size"} <= set(families)
+
+
+# --------------------------------------------------------------------------- the real process
+
+
+def start(directory: Path, store: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "samout_edge", "serve", str(directory), "--port", "0",
+                             "--store", str(store)], stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise AssertionError(f"the server did not start: {line}{proc.stderr.read()}")
+    url = line.split(" on ", 1)[1].split(";", 1)[0].strip()
+    for _ in range(200):
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return proc, url
+        except httpx.TransportError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the server never answered /health")
+
+
+def test_sessions_survive_kill_9_mid_request(exported, tmp_path):
+    d = exported().directory
+    store = tmp_path / "s.sqlite"
+    proc, url = start(d, store)
+    try:
+        sid = httpx.post(f"{url}/v1/sessions").json()["id"]
+        first = httpx.post(f"{url}/v1/completions", json={"prompt": [5, 9], "max_tokens": 4, "temperature": 0,
+                                                          "session": sid}).json()["choices"][0]["token_ids"]
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": [17], "max_tokens": 4000, "stream": True,
+                                                                 "temperature": 0, "session": sid}, timeout=30) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 20:  # mid-request: tokens are flowing
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    proc, url = start(d, store)
+    try:
+        info = httpx.get(f"{url}/v1/sessions/{sid}").json()
+        assert info["position"] == 2 + 3 and info["pending_tokens"] == 1  # as after the first request
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": [17], "max_tokens": 5, "temperature": 0,
+                                                      "session": sid}).json()
+        assert r["choices"][0]["token_ids"] == greedy(d, [5, 9, *first, 17], 5)
+        assert httpx.get(f"{url}/health").json()["corrupt_sessions"] == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.stderr.close()
+
+
+def test_cli_errors_are_one_line(run_cli, exported, tmp_path):
+    code, _, err = run_cli("serve", tmp_path / "missing")
+    assert code == 1 and "not found" in err and "Traceback" not in err
+    code, _, err = run_cli("serve", exported().directory, "--store", tmp_path / "no" / "dir.sqlite")
+    assert code == 1 and "does not exist" in err
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"not a database at all, not even close" * 100)
+    code, _, err = run_cli("serve", exported().directory, "--store", bad)
+    assert code == 1 and "not a usable SQLite file" in err
+    assert bad.read_bytes().startswith(b"not a database")  # never touched what we did not write
