@@ -18,14 +18,14 @@ LAYERS = [
     {"tensorrt"},
     {"runtime"},
     {"exporter"},
-    {"bench", "generate", "evaluate", "inspection", "inlining", "doctor"},
+    {"bench", "generate", "evaluate", "inspection", "inlining", "doctor", "triton_repo"},
     {"serve"},
     {"cli"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 # Units the device install (no torch) must be able to import at module level.
 TORCH_FREE = {"errors", "progress", "artifact", "lowering", "profiles", "tensorrt", "runtime", "bench", "generate", "evaluate", "serve",
-              "inspection", "inlining", "doctor", "cli"}
+              "inspection", "inlining", "doctor", "triton_repo", "cli"}
 TORCH_MODULES = {"runtime/torch_runner.py", "bench/op.py", "tensorrt/plugin.py"}  # loaded only when torch is asked for
 
 

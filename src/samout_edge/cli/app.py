@@ -23,7 +23,7 @@ from samout_edge.cli.ui import err_console
 from samout_edge.errors import SamoutError
 
 # Importing a command module registers its commands; --help lists them in this order (the workflow first).
-for _module in ("model", "tensorrt", "run", "serve", "inspect_doctor"):
+for _module in ("model", "tensorrt", "run", "serve", "package", "inspect_doctor"):
     importlib.import_module(f"samout_edge.cli.{_module}")
 
 
