@@ -53,7 +53,9 @@ def package(
     if json_out:
         print_json(result.to_dict())
         return
-    table = Table(title=escape(f"{result.model_dir} ({result.platform}, max_batch_size {result.max_batch_size})"))
+    console.print(f"{escape(str(result.model_dir))} ({result.platform}, max_batch_size {result.max_batch_size})",
+                  highlight=False, soft_wrap=True)
+    table = Table()
     table.add_column("file")
     table.add_column("size", justify="right")
     for rel, size in result.files.items():

@@ -44,10 +44,11 @@ def serve(
     """Serve completions over HTTP with sessions that persist across restarts."""
     from samout_edge.artifact.manifest import is_export_dir
     from samout_edge.serve import open_server, require_serve, run
+
+    require_serve()  # before importing the server, which imports FastAPI
     from samout_edge.serve.server import ServeOptions
     from samout_edge.serve.sessions import SessionPolicy
 
-    require_serve()
     backend_name = value(backend)
     provider_name = provider
     if engine:
