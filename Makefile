@@ -30,7 +30,8 @@ PAIR_MAX_SEQ := 1024
 # 1. The trained pair (benchmarks/pair: SamOut and softmax, byte-level, trained on the
 #    standard library): exported at fp32, fp16, INT8 and INT4, each verified, then one
 #    table of quality (held-out bits per byte, agreement with PyTorch fp32), weights and
-#    state, and readable text from the INT4 SamOut export.
+#    state, readable text from the INT4 SamOut export, and a served session that
+#    survives a kill -9 of the server (samout-edge serve).
 # 2. The seed-size model (hidden 512, 8 heads, 6 layers, vocab 10000) as SamOut and as
 #    the softmax baseline, verified against PyTorch, summarised, then a short bench.
 demo: install
@@ -46,6 +47,7 @@ demo: install
 	  $(OUT)/pair-softmax-fp16 $(OUT)/pair-cummax-int8 $(OUT)/pair-softmax-int8 $(OUT)/pair-cummax-int4 \
 	  $(OUT)/pair-softmax-int4 --text $(OUT)/heldout.txt --window 256
 	$(BIN)/samout-edge generate $(OUT)/pair-cummax-int4 --vocab $(PAIR)/vocab.json --prompt 'class Foo:\n    def __init__(self' --max-new-tokens 160 --temperature 0.7 --top-k 20
+	$(BIN)/python benchmarks/serve_session.py $(OUT)/pair-cummax-int4 $(PAIR)/vocab.json
 	$(BIN)/samout-edge init --preset seed -o $(OUT)/seed-checkpoint --force
 	$(BIN)/samout-edge export $(OUT)/seed-checkpoint -o $(OUT)/seed-cummax --arch cummax --max-seq 4096
 	$(BIN)/samout-edge export $(OUT)/seed-checkpoint -o $(OUT)/seed-softmax --arch softmax --max-seq 4096

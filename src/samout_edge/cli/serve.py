@@ -72,6 +72,6 @@ def serve(
     def ready(url: str) -> None:
         where = "memory only" if store_path is None else escape(str(store_path))
         err_console.print(f"serving {escape(str(target))} ({info.arch}, {info.backend}:{escape(info.device)}, {info.dtype}) "
-                          f"on {url}; sessions: {resumed} resumed from {where}", highlight=False)
+                          f"on {url}; sessions: {resumed} resumed from {where}", highlight=False, soft_wrap=True)
 
     run(server, ready, log_level)

@@ -1,0 +1,94 @@
+"""The demo's serve step: a conversation that outlives a kill -9.
+
+Starts `samout-edge serve EXPORT --vocab VOCAB` on loopback, opens a session,
+sends one turn, SIGKILLs the server, restarts it on the same store, sends a
+second turn on the same session, and shows that the continuation is the one the
+uninterrupted model gives (ONNX Runtime over the whole history, sampling with the same seed).
+
+    python benchmarks/serve_session.py out/pair-cummax-int4 benchmarks/pair/vocab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from samout_edge.generate import Sampler, Vocab, generate
+from samout_edge.runtime.registry import load_runner
+
+
+def start(export: Path, vocab: Path, store: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "samout_edge", "serve", str(export), "--vocab", str(vocab),
+                             "--port", "0", "--store", str(store)], stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    if " on http://" not in line:
+        proc.kill()
+        sys.exit(f"error: the server did not start: {line.strip()}")
+    print(line.strip())
+    url = line.split(" on ", 1)[1].split(";", 1)[0].strip()
+    for _ in range(400):
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return proc, url
+        except httpx.TransportError:
+            time.sleep(0.05)
+    proc.kill()
+    sys.exit("error: the server never answered")
+
+
+SAMPLING = {"temperature": 0.7, "top_k": 20, "seed": 3}
+
+
+def turn(url: str, sid: str, text: str, n: int) -> dict:
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": text, "max_tokens": n, "session": sid, **SAMPLING},
+                   timeout=120)
+    r.raise_for_status()
+    return r.json()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", type=Path)
+    parser.add_argument("vocab", type=Path)
+    parser.add_argument("--tokens", type=int, default=48)
+    args = parser.parse_args()
+    vocab = Vocab.load(args.vocab)
+    first_text, second_text = "class Foo:\n    def __init__(self", "\n\n    def read(self"
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "sessions.sqlite"
+        proc, url = start(args.export, args.vocab, store)
+        sid = httpx.post(f"{url}/v1/sessions").json()["id"]
+        first = turn(url, sid, first_text, args.tokens)
+        print(f"turn 1 -> {first['choices'][0]['text']!r}\nsession: {first['session']}")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        print("server killed with SIGKILL; restarting on the same store")
+        proc, url = start(args.export, args.vocab, store)
+        try:
+            second = turn(url, sid, second_text, args.tokens)
+            print(f"turn 2 -> {second['choices'][0]['text']!r}\nsession: {second['session']}")
+            history = vocab.encode(first_text) + first["choices"][0]["token_ids"] + vocab.encode(second_text)
+            with load_runner(args.export, "ort") as runner:
+                want = generate(runner, history, args.tokens, Sampler(**SAMPLING)).new_ids
+            same = second["choices"][0]["token_ids"] == want
+            print(f"turn 2 equals one uninterrupted generation over the whole conversation: {same}")
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+            proc.stderr.close()
+    if not same:
+        sys.exit("error: the session did not resume exactly")
+
+
+if __name__ == "__main__":
+    main()
