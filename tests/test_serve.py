@@ -318,3 +318,21 @@ def test_cli_errors_are_one_line(run_cli, exported, tmp_path):
     code, _, err = run_cli("serve", exported().directory, "--store", bad)
     assert code == 1 and "not a usable SQLite file" in err
     assert bad.read_bytes().startswith(b"not a database")  # never touched what we did not write
+
+
+def test_concurrent_softmax_requests_cannot_both_squeeze_into_the_budget(exported, client_for):
+    c = client_for(exported(arch="softmax").directory, policy=SessionPolicy(kv_budget_bytes=16 * 1024))
+    a, b = (c.http.post("/v1/sessions").json()["id"] for _ in range(2))
+    table = c.server.sessions
+    held = table.reserve(20 * 512)  # as if a's request were running: 20 tokens reserved
+    r = c.complete([1] * 4, 20, session=b)  # needs 23 tokens more: 43 > 32 fit
+    assert r.status_code == 429
+    table.unreserve(held)
+    assert c.complete([1] * 4, 20, session=b).status_code == 200 and table.reserved == 0
+
+
+def test_oversized_bodies_are_refused_before_parsing(exported, client_for):
+    c = client_for(exported().directory)
+    r = c.http.post("/v1/completions", content=b"[" + b"1," * (5 * 2**20) + b"1]",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"

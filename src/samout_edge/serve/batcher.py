@@ -105,11 +105,16 @@ class Batcher:
         try:
             while not self.stopping.is_set():
                 incoming = self._take(block=not active)
-                if incoming:
-                    active += self._prefill(incoming)
-                active = [j for j in active if not j.cancelled.is_set()]
-                if active:
-                    active = self._decode(active)
+                try:
+                    if incoming:
+                        active += self._prefill(incoming)
+                    active = [j for j in active if not j.cancelled.is_set()]
+                    if active:
+                        active = self._decode(active)
+                except Exception as e:  # a bug here must end these requests, not hang them or the server
+                    for job in {id(j): j for j in active + incoming}.values():
+                        job.emit(("error", f"internal error: {type(e).__name__}: {e}"))
+                    active = []
         finally:
             self.runner.close()
 

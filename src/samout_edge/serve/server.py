@@ -37,6 +37,7 @@ from samout_edge.serve.metrics import BATCH_BUCKETS, Metrics
 from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore, SessionTable
 
 DEFAULT_MAX_TOKENS = 16
+MAX_BODY_BYTES = 8 * 2**20  # a request is a prompt; 8 MiB holds a million token ids
 
 
 @dataclass
@@ -193,7 +194,11 @@ def create_app(server: Server) -> FastAPI:
 
     @app.middleware("http")
     async def count(request: Request, call_next):
-        response = await call_next(request)
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            response = _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "body_too_large")
+        else:
+            response = await call_next(request)
         route = request.scope.get("route")
         metrics.inc("samout_requests_total", route=getattr(route, "path", "unmatched"), status=str(response.status_code))
         return response
@@ -215,13 +220,14 @@ def create_app(server: Server) -> FastAPI:
         return _error(exc.status_code, str(exc.detail), "http_error")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health():
         info = server.info
-        return {"status": "ok", "model": server.model_name, "arch": info.arch, "backend": info.backend,
+        alive = server.batcher.thread.is_alive()
+        return JSONResponse(status_code=200 if alive else 503, content={"status": "ok" if alive else "runner stopped", "model": server.model_name, "arch": info.arch, "backend": info.backend,
                 "device": info.device, "dtype": info.dtype, "max_seq": info.max_seq,
                 "vocab_size": info.config.vocab_size, "max_batch": server.batcher.max_batch,
                 "sessions": len(server.sessions.sessions), "session_state_bytes": server.sessions.state_bytes,
-                "corrupt_sessions": len(server.sessions.corrupt), "text_prompts": server.vocab is not None}
+                "corrupt_sessions": len(server.sessions.corrupt), "text_prompts": server.vocab is not None})
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -229,7 +235,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/sessions")
     async def create_session() -> dict[str, Any]:
-        server.sessions.check_budget(0)
+        server.sessions.unreserve(server.sessions.reserve(0))  # a full softmax budget takes no new sessions
         session = await asyncio.to_thread(server.sessions.create)
         return session.to_dict()
 
@@ -249,14 +255,14 @@ def create_app(server: Server) -> FastAPI:
         try:
             ids = (session.pending if session else []) + prompt
             server.check_request(req, ids, session.position if session else 0)
+            reserved = 0
             if session is not None:
-                needed = graph.state_bytes(server.info.config, server.info.arch, 1, len(ids) + req.max_tokens - 1,
-                                           server.info.dtype) if server.info.arch == "softmax" else 0
-                server.sessions.check_budget(needed)
+                reserved = server.sessions.reserve(graph.state_bytes(
+                    server.info.config, server.info.arch, 1, len(ids) + req.max_tokens - 1, server.info.dtype))
             state = session.state if session else server.initial
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             run = _Run(server, session, prompt, Job(ids, state, req.max_tokens, Sampler(req.temperature, req.top_k, seed),
-                                                    emit=lambda e: None))
+                                                    emit=lambda e: None), reserved)
         except BaseException:
             if session is not None:
                 server.sessions.release(session)
@@ -272,8 +278,8 @@ def create_app(server: Server) -> FastAPI:
 class _Run:
     """One completion in flight: bridges the batcher thread's events into asyncio."""
 
-    def __init__(self, server: Server, session, prompt: list[int], job: Job):
-        self.server, self.session, self.prompt, self.job = server, session, prompt, job
+    def __init__(self, server: Server, session, prompt: list[int], job: Job, reserved: int = 0):
+        self.server, self.session, self.prompt, self.job, self.reserved = server, session, prompt, job, reserved
         self.id, self.created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         self.t0 = time.perf_counter()
         self.first_token_s: float | None = None
@@ -316,6 +322,7 @@ class _Run:
         self.finished = True
         self.job.cancelled.set()  # a no-op once done; stops the work of a client that went away
         self.server.active -= 1
+        self.server.sessions.unreserve(self.reserved)
         if self.session is not None:
             self.server.sessions.release(self.session)
 

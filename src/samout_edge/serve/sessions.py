@@ -168,6 +168,7 @@ class SessionTable:
                  policy: SessionPolicy):
         self.store, self.initial, self.arch, self.policy = store, initial_state, arch, policy
         self.sessions: dict[str, Session] = {}
+        self.reserved = 0  # softmax: KV bytes that running requests may still add
         self.lock = threading.Lock()
         self.corrupt: list[str] = []
         if store is not None:
@@ -185,12 +186,25 @@ class SessionTable:
     def state_bytes(self) -> int:
         return sum(s.state_bytes for s in self.sessions.values())
 
-    def check_budget(self, extra_bytes: int) -> None:
+    def reserve(self, extra_bytes: int) -> int:
+        """Reserve what a softmax request may add to the KV caches, refusing past the
+        budget; running requests' reservations count, so two cannot both squeeze in.
+        Returns the bytes reserved (give them back with ``unreserve``)."""
         budget = self.policy.kv_budget_bytes
-        if self.arch == "softmax" and budget is not None and self.state_bytes + extra_bytes > budget:
-            raise SessionError(f"the KV-cache budget ({budget / 2**20:.1f} MiB) is full: sessions hold "
-                               f"{self.state_bytes / 2**20:.1f} MiB and this request needs {extra_bytes / 2**20:.2f} "
-                               "MiB more; delete sessions or raise --kv-budget-mib", 429, "kv_budget_exhausted")
+        if self.arch != "softmax" or budget is None:
+            return 0
+        with self.lock:
+            held = self.state_bytes + self.reserved
+            if held + extra_bytes > budget:
+                raise SessionError(f"the KV-cache budget ({budget / 2**20:.1f} MiB) is full: sessions hold "
+                                   f"{held / 2**20:.1f} MiB and this request needs {extra_bytes / 2**20:.2f} MiB more; "
+                                   "delete sessions or raise --kv-budget-mib", 429, "kv_budget_exhausted")
+            self.reserved += extra_bytes
+        return extra_bytes
+
+    def unreserve(self, extra_bytes: int) -> None:
+        with self.lock:
+            self.reserved -= extra_bytes
 
     # -- lifecycle
 
