@@ -30,7 +30,6 @@ import os
 import platform
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,30 +40,18 @@ import numpy as np
 
 from samout_edge.generate import generate
 from samout_edge.runtime.registry import load_runner
+from samout_edge.serve.process import ServerProcess
 
 LOOPBACK = "127.0.0.1"
 
 
-def start_server(export: Path, store: Path, max_batch: int, kv_budget_mib: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "samout_edge", "serve", str(export), "--host", LOOPBACK, "--port", "0",
-                             "--store", str(store), "--max-batch", str(max_batch), "--kv-budget-mib", str(kv_budget_mib)],
-                            stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
-    if " on http://" not in line:
-        proc.kill()
-        sys.exit(f"error: the server did not start: {line.strip()} {proc.stderr.read()[-500:]}")
-    url = line.split(" on ", 1)[1].split(";", 1)[0].strip()
-    if not url.startswith(f"http://{LOOPBACK}:"):
-        proc.kill()
-        sys.exit(f"error: refusing to load anything but loopback, got {url}")
-    for _ in range(400):
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            return proc, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    proc.kill()
-    sys.exit("error: the server never answered /health")
+def start_server(export: Path, store: Path, max_batch: int, kv_budget_mib: float) -> ServerProcess:
+    server = ServerProcess(export, "--host", LOOPBACK, "--store", str(store), "--max-batch", str(max_batch),
+                           "--kv-budget-mib", str(kv_budget_mib))
+    if not server.url.startswith(f"http://{LOOPBACK}:"):
+        server.kill()
+        sys.exit(f"error: refusing to load anything but loopback, got {server.url}")
+    return server
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -129,7 +116,7 @@ async def level(url: str, sessions: int, prompt_len: int, tokens: int, rounds: i
             "ttft_ms_p50": round(float(np.percentile(first, 50)), 1)}
 
 
-async def rounds_until_killed(url: str, proc: subprocess.Popen, sessions: int, kill_after: float, vocab: int,
+async def rounds_until_killed(url: str, server: ServerProcess, sessions: int, kill_after: float, vocab: int,
                               tokens: int) -> dict[str, dict]:
     """Each session runs rounds back to back; history holds what each client saw complete."""
     rng = np.random.default_rng(1)
@@ -157,22 +144,22 @@ async def rounds_until_killed(url: str, proc: subprocess.Popen, sessions: int, k
 
         async def killer() -> None:
             await asyncio.sleep(kill_after)
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(server.pid, signal.SIGKILL)
 
         await asyncio.gather(killer(), *(run(sid) for sid in seen))
-    proc.wait()
+    server.kill()  # reaps it
     return seen
 
 
 def fault_test(export: Path, store: Path, args) -> dict:
-    proc, url = start_server(export, store, args.max_batch, args.kv_budget_mib)
-    vocab = httpx.get(f"{url}/health").json()["vocab_size"]
-    seen = asyncio.run(rounds_until_killed(url, proc, args.fault_sessions, args.fault_after, vocab, args.fault_tokens))
-    proc.stderr.close()
+    with start_server(export, store, args.max_batch, args.kv_budget_mib) as server:
+        vocab = httpx.get(f"{server.url}/health").json()["vocab_size"]
+        seen = asyncio.run(rounds_until_killed(server.url, server, args.fault_sessions, args.fault_after, vocab,
+                                               args.fault_tokens))
     integrity = sqlite3.connect(store).execute("PRAGMA integrity_check").fetchone()[0]
-    proc, url = start_server(export, store, args.max_batch, args.kv_budget_mib)
     failures, ahead = [], 0
-    try:
+    with start_server(export, store, args.max_batch, args.kv_budget_mib) as server:
+        url = server.url
         health = httpx.get(f"{url}/health").json()
         with load_runner(export, "ort") as runner:
             for sid, s in seen.items():
@@ -189,11 +176,7 @@ def fault_test(export: Path, store: Path, args) -> dict:
                 want = generate(runner, s["history"] + s["pending"] + probe, 8).new_ids
                 if got["choices"][0]["token_ids"] != want:
                     failures.append(f"{sid}: continuation differs from greedy over the history")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-        proc.stderr.close()
+        server.stop()
     rounds = [s["rounds"] for s in seen.values()]
     return {"sessions": len(seen), "killed_after_s": args.fault_after, "completed_rounds": sum(rounds),
             "rounds_per_session_min": min(rounds), "rounds_per_session_max": max(rounds),
@@ -224,23 +207,20 @@ def main() -> None:
     for export in args.exports:
         with tempfile.TemporaryDirectory() as tmp:
             store = Path(tmp) / "sessions.sqlite"
-            proc, url = start_server(export, store, args.max_batch, args.kv_budget_mib)
-            health = httpx.get(f"{url}/health").json()
-            entry = {"export": str(export), "arch": health["arch"], "dtype": health["dtype"],
-                     "memory_at_start_kib": memory_kib(proc.pid), "levels": []}
-            try:
+            with start_server(export, store, args.max_batch, args.kv_budget_mib) as server:
+                health = httpx.get(f"{server.url}/health").json()
+                entry = {"export": str(export), "arch": health["arch"], "dtype": health["dtype"],
+                         "memory_at_start_kib": memory_kib(server.pid), "levels": []}
                 for c in levels:
-                    result = asyncio.run(level(url, c, args.prompt, args.tokens, args.rounds, health["vocab_size"], c))
-                    result.update({f"server_{k}_kib": v for k, v in memory_kib(proc.pid).items()})
+                    result = asyncio.run(level(server.url, c, args.prompt, args.tokens, args.rounds,
+                                               health["vocab_size"], c))
+                    result.update({f"server_{k}_kib": v for k, v in memory_kib(server.pid).items()})
                     entry["levels"].append(result)
                     print(f"{health['arch']:8} x{c:<3} {result['tokens_per_s']:8.1f} tok/s  p50 {result['token_ms_p50']:7.2f} ms"
                           f"  p99 {result['token_ms_p99']:7.2f} ms  ttft p50 {result['ttft_ms_p50']:8.1f} ms"
                           f"  rss {result['server_VmRSS_kib'] / 1024:6.0f} MiB (peak {result['server_VmHWM_kib'] / 1024:.0f})",
                           flush=True)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=30)
-                proc.stderr.close()
+                server.stop()
             entry["fault"] = fault_test(export, Path(tmp) / "fault.sqlite", args)
             print(f"{health['arch']:8} kill -9: {json.dumps(entry['fault'])}", flush=True)
             report["exports"].append(entry)

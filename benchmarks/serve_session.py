@@ -11,38 +11,15 @@ uninterrupted model gives (ONNX Runtime over the whole history, sampling with th
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 from samout_edge.generate import Sampler, Vocab, generate
 from samout_edge.runtime.registry import load_runner
-
-
-def start(export: Path, vocab: Path, store: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "samout_edge", "serve", str(export), "--vocab", str(vocab),
-                             "--port", "0", "--store", str(store)], stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
-    if " on http://" not in line:
-        proc.kill()
-        sys.exit(f"error: the server did not start: {line.strip()}")
-    print(line.strip())
-    url = line.split(" on ", 1)[1].split(";", 1)[0].strip()
-    for _ in range(400):
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            return proc, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    proc.kill()
-    sys.exit("error: the server never answered")
-
+from samout_edge.serve.process import ServerProcess
 
 SAMPLING = {"temperature": 0.7, "top_k": 20, "seed": 3}
 
@@ -63,29 +40,24 @@ def main() -> None:
     vocab = Vocab.load(args.vocab)
     first_text, second_text = "class Foo:\n    def __init__(self", "\n\n    def read(self"
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "sessions.sqlite"
-        proc, url = start(args.export, args.vocab, store)
-        sid = httpx.post(f"{url}/v1/sessions").json()["id"]
-        first = turn(url, sid, first_text, args.tokens)
-        print(f"turn 1 -> {first['choices'][0]['text']!r}\nsession: {first['session']}")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
+        options = ("--vocab", str(args.vocab), "--store", str(Path(tmp) / "sessions.sqlite"))
+        with ServerProcess(args.export, *options) as server:
+            print(server.banner)
+            sid = httpx.post(f"{server.url}/v1/sessions").json()["id"]
+            first = turn(server.url, sid, first_text, args.tokens)
+            print(f"turn 1 -> {first['choices'][0]['text']!r}\nsession: {first['session']}")
+            server.kill()
         print("server killed with SIGKILL; restarting on the same store")
-        proc, url = start(args.export, args.vocab, store)
-        try:
-            second = turn(url, sid, second_text, args.tokens)
+        with ServerProcess(args.export, *options) as server:
+            print(server.banner)
+            second = turn(server.url, sid, second_text, args.tokens)
             print(f"turn 2 -> {second['choices'][0]['text']!r}\nsession: {second['session']}")
             history = vocab.encode(first_text) + first["choices"][0]["token_ids"] + vocab.encode(second_text)
             with load_runner(args.export, "ort") as runner:
                 want = generate(runner, history, args.tokens, Sampler(**SAMPLING)).new_ids
             same = second["choices"][0]["token_ids"] == want
             print(f"turn 2 equals one uninterrupted generation over the whole conversation: {same}")
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-        finally:
-            proc.kill()
-            proc.stderr.close()
+            server.stop()
     if not same:
         sys.exit("error: the session did not resume exactly")
 

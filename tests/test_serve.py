@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from samout_edge.generate import Sampler, generate
 from samout_edge.runtime.registry import load_runner
 from samout_edge.serve import open_server
 from samout_edge.serve.batcher import Batcher, Job
+from samout_edge.serve.process import ServerProcess
 from samout_edge.serve.server import ServeOptions, create_app
 from samout_edge.serve.sessions import SessionPolicy
 
@@ -257,29 +256,11 @@ def test_metrics_are_prometheus_text(exported, client_for):
 # --------------------------------------------------------------------------- the real process
 
 
-def start(directory: Path, store: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "samout_edge", "serve", str(directory), "--port", "0",
-                             "--store", str(store)], stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
-    if "serving" not in line:
-        proc.kill()
-        raise AssertionError(f"the server did not start: {line}{proc.stderr.read()}")
-    url = line.split(" on ", 1)[1].split(";", 1)[0].strip()
-    for _ in range(200):
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            return proc, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("the server never answered /health")
-
-
 def test_sessions_survive_kill_9_mid_request(exported, tmp_path):
     d = exported().directory
     store = tmp_path / "s.sqlite"
-    proc, url = start(d, store)
-    try:
+    with ServerProcess(d, "--store", str(store)) as server:
+        url = server.url
         sid = httpx.post(f"{url}/v1/sessions").json()["id"]
         first = httpx.post(f"{url}/v1/completions", json={"prompt": [5, 9], "max_tokens": 4, "temperature": 0,
                                                           "session": sid}).json()["choices"][0]["token_ids"]
@@ -287,25 +268,17 @@ def test_sessions_survive_kill_9_mid_request(exported, tmp_path):
                                                                  "temperature": 0, "session": sid}, timeout=30) as r:
             for i, _ in enumerate(r.iter_lines()):
                 if i >= 20:  # mid-request: tokens are flowing
-                    os.kill(proc.pid, signal.SIGKILL)
+                    os.kill(server.pid, signal.SIGKILL)
                     break
-        proc.wait(timeout=10)
-    finally:
-        proc.kill()
-        proc.stderr.close()
-    proc, url = start(d, store)
-    try:
+    with ServerProcess(d, "--store", str(store)) as server:
+        url = server.url
         info = httpx.get(f"{url}/v1/sessions/{sid}").json()
         assert info["position"] == 2 + 3 and info["pending_tokens"] == 1  # as after the first request
         r = httpx.post(f"{url}/v1/completions", json={"prompt": [17], "max_tokens": 5, "temperature": 0,
                                                       "session": sid}).json()
         assert r["choices"][0]["token_ids"] == greedy(d, [5, 9, *first, 17], 5)
         assert httpx.get(f"{url}/health").json()["corrupt_sessions"] == 0
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        proc.kill()
-        proc.stderr.close()
+        assert server.stop() == 0  # SIGTERM: a graceful stop
 
 
 def test_cli_errors_are_one_line(run_cli, exported, tmp_path):
