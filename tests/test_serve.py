@@ -130,6 +130,7 @@ def test_bad_requests_get_a_json_4xx_and_change_no_session(exported, client_for)
     assert c.http.get("/v1/sessions/nope").status_code == 404
     assert c.http.delete("/v1/sessions/nope").status_code == 404
     assert c.http.get("/no/such/route").json()["error"]["code"] == "http_error"
+    assert c.http.get("/v1/models").json()["data"][0]["id"] == d.name
 
 
 def test_streaming_sends_each_token_then_done(exported, client_for):

@@ -2,9 +2,9 @@
 
 Endpoints: ``POST /v1/completions`` (token-id or text prompts, ``max_tokens``,
 ``temperature``, ``top_k``, ``seed``, ``stream`` as server-sent events, and our
-``session`` field), ``POST/GET/DELETE /v1/sessions[/{id}]``, ``GET /health``,
-``GET /metrics`` (Prometheus text). Every error is ``{"error": {"message",
-"type", "code"}}`` with a 4xx (the request's fault) or 5xx status, and a
+``session`` field), ``POST/GET/DELETE /v1/sessions[/{id}]``, ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus text). Every error is
+``{"error": {"message", "type", "code"}}`` with a 4xx (the request's fault) or 5xx status, and a
 refused or failed request changes no session: a session's state is replaced
 only when a request completes, and persisted before the response says so.
 """
@@ -228,6 +228,12 @@ def create_app(server: Server) -> FastAPI:
                 "vocab_size": info.config.vocab_size, "max_batch": server.batcher.max_batch,
                 "sessions": len(server.sessions.sessions), "session_state_bytes": server.sessions.state_bytes,
                 "corrupt_sessions": len(server.sessions.corrupt), "text_prompts": server.vocab is not None})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """What OpenAI clients list first: the one model this server runs."""
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
+                                            "owned_by": "samout-edge"}]}
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
