@@ -40,14 +40,14 @@ demo: install
 	for arch in cummax softmax; do \
 	  for w in fp32:--weights=fp fp16:--dtype=fp16 int8:--weights=int8 int4:--weights=int4; do \
 	    $(BIN)/samout-edge export $(PAIR)/$$arch --arch $$arch --logits all --max-seq $(PAIR_MAX_SEQ) \
-	      $${w#*:} -o $(OUT)/pair-$$arch-$${w%%:*} > /dev/null || exit 1; \
+	      --vocab $(PAIR)/vocab.json $${w#*:} -o $(OUT)/pair-$$arch-$${w%%:*} > /dev/null || exit 1; \
 	  done; \
 	done
 	$(BIN)/samout-edge eval $(OUT)/pair-cummax-fp32 $(OUT)/pair-softmax-fp32 $(OUT)/pair-cummax-fp16 \
 	  $(OUT)/pair-softmax-fp16 $(OUT)/pair-cummax-int8 $(OUT)/pair-softmax-int8 $(OUT)/pair-cummax-int4 \
 	  $(OUT)/pair-softmax-int4 --text $(OUT)/heldout.txt --window 256
-	$(BIN)/samout-edge generate $(OUT)/pair-cummax-int4 --vocab $(PAIR)/vocab.json --prompt 'class Foo:\n    def __init__(self' --max-new-tokens 160 --temperature 0.7 --top-k 20
-	$(BIN)/python benchmarks/serve_session.py $(OUT)/pair-cummax-int4 $(PAIR)/vocab.json
+	$(BIN)/samout-edge generate $(OUT)/pair-cummax-int4 --prompt 'class Foo:\n    def __init__(self' --max-new-tokens 160 --temperature 0.7 --top-k 20
+	$(BIN)/python benchmarks/serve_session.py $(OUT)/pair-cummax-int4
 	$(BIN)/samout-edge init --preset seed -o $(OUT)/seed-checkpoint --force
 	$(BIN)/samout-edge export $(OUT)/seed-checkpoint -o $(OUT)/seed-cummax --arch cummax --max-seq 4096
 	$(BIN)/samout-edge export $(OUT)/seed-checkpoint -o $(OUT)/seed-softmax --arch softmax --max-seq 4096

@@ -1,11 +1,11 @@
 """The demo's serve step: a conversation that outlives a kill -9.
 
-Starts `samout-edge serve EXPORT --vocab VOCAB` on loopback, opens a session,
+Starts `samout-edge serve EXPORT` (an export made with --vocab) on loopback, opens a session,
 sends one turn, SIGKILLs the server, restarts it on the same store, sends a
 second turn on the same session, and shows that the continuation is the one the
 uninterrupted model gives (ONNX Runtime over the whole history, sampling with the same seed).
 
-    python benchmarks/serve_session.py out/pair-cummax-int4 benchmarks/pair/vocab.json
+    python benchmarks/serve_session.py out/pair-cummax-int4
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from samout_edge.generate import Sampler, Vocab, generate
+from samout_edge.artifact.vocab import export_vocab
+from samout_edge.generate import Sampler, generate
 from samout_edge.runtime.registry import load_runner
 from samout_edge.serve.process import ServerProcess
 
@@ -34,13 +35,14 @@ def turn(url: str, sid: str, text: str, n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export", type=Path)
-    parser.add_argument("vocab", type=Path)
     parser.add_argument("--tokens", type=int, default=48)
     args = parser.parse_args()
-    vocab = Vocab.load(args.vocab)
+    vocab = export_vocab(args.export)
+    if vocab is None:
+        sys.exit(f"error: {args.export} carries no vocab: export it with --vocab FILE")
     first_text, second_text = "class Foo:\n    def __init__(self", "\n\n    def read(self"
     with tempfile.TemporaryDirectory() as tmp:
-        options = ("--vocab", str(args.vocab), "--store", str(Path(tmp) / "sessions.sqlite"))
+        options = ("--store", str(Path(tmp) / "sessions.sqlite"))
         with ServerProcess(args.export, *options) as server:
             print(server.banner)
             sid = httpx.post(f"{server.url}/v1/sessions").json()["id"]

@@ -47,3 +47,26 @@ def test_generation_limits(exported):
         generate(runner, [1] * 290, 20)
     with pytest.raises(SamoutError, match="at least 1"):
         generate(runner, [1], 0)
+
+
+def test_an_export_carries_its_vocab(tmp_path, tiny_checkpoint, run_cli):
+    """export --vocab copies it in (hashed); generate and serve then take text without --vocab."""
+    from samout_edge.artifact.vocab import export_vocab
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+
+    words = tmp_path / "words.json"
+    words.write_text(json.dumps([chr(i) for i in range(128)]))
+    out = export(tmp_path / "e", ExportOptions(max_seq=64), checkpoint=tiny_checkpoint, run_verify=False, vocab=words)
+    assert "vocab.json" in out.manifest.files and export_vocab(out.directory).encode("hi") == [104, 105]
+    code, text, err = run_cli("generate", out.directory, "--prompt", "hi", "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    result = json.loads(text)
+    assert result["prompt_ids"] == [104, 105] and result["text"] == "".join(chr(t) for t in result["new_ids"])
+    (out.directory / "vocab.json").write_text(json.dumps(["x"] * 128))
+    code, _, err = run_cli("generate", out.directory, "--prompt", "hi")
+    assert code == 1 and "does not match the sha256" in err
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(["a"] * 129))
+    with pytest.raises(SamoutError, match="129 tokens, the model only 128"):
+        export(tmp_path / "f", ExportOptions(max_seq=64), checkpoint=tiny_checkpoint, run_verify=False, vocab=big)
+    assert not (tmp_path / "f").exists()

@@ -14,47 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from samout_edge.artifact.vocab import Vocab, export_vocab
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.runtime.base import Runner
-
-
-@dataclass
-class Vocab:
-    """A JSON list of token strings; id i is tokens[i]."""
-
-    tokens: list[str]
-
-    @classmethod
-    def load(cls, path: str | Path) -> Vocab:
-        from samout_edge.artifact.files import read_json
-
-        data = read_json(path, "vocab file")
-        if not isinstance(data, list) or not any(data) or not all(isinstance(t, str) for t in data):
-            raise SamoutError(f"vocab file {path} must be a JSON list of strings, at least one of them non-empty")
-        return cls(data)
-
-    def encode(self, text: str) -> list[int]:
-        """Greedy longest match; every character must be covered by some token."""
-        index: dict[str, int] = {}
-        for i, token in enumerate(self.tokens):
-            if token:
-                index.setdefault(token, i)
-        longest = max(len(t) for t in index)
-        ids, pos = [], 0
-        while pos < len(text):
-            for size in range(min(longest, len(text) - pos), 0, -1):
-                token_id = index.get(text[pos : pos + size])
-                if token_id is not None:
-                    ids.append(token_id)
-                    pos += size
-                    break
-            else:
-                raise SamoutError(f"the vocab has no token for {text[pos]!r} (position {pos} of the prompt)")
-        return ids
-
-    def decode(self, token_id: int) -> str:
-        return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<{token_id}>"
-
 
 GREEDY_BELOW = 1e-6
 
@@ -179,11 +141,11 @@ def parse_prompt(ids: str | None, prompt: str | None, vocab: Vocab | None) -> li
         raise SamoutError(f"--ids takes comma-separated integers, got {ids!r}") from None
 
 
-def vocab_for(path: Path | None, vocab_size: int) -> Vocab | None:
+def vocab_for(path: Path | None, vocab_size: int, target: Path | None = None) -> Vocab | None:
+    """``--vocab FILE``, else the vocab an export (or the export of an engine directory) carries."""
     if path is None:
-        return None
+        return export_vocab(target) if target is not None else None
     vocab = Vocab.load(path)
     if len(vocab.tokens) > vocab_size:
         raise SamoutError(f"vocab file has {len(vocab.tokens)} tokens, the model only {vocab_size}")
     return vocab
-

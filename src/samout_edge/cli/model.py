@@ -77,6 +77,8 @@ def export(
         "auto", "--weights-format", help="dq (DequantizeLinear: ONNX Runtime and TensorRT 10+, int8 also 8.x), "
         "matmulnbits (ONNX Runtime's MatMulNBits: ONNX Runtime only) or auto (export.json says which, and why)."),
     heads: Optional[int] = typer.Option(None, help="Head count for a bare state_dict (default 8)."),
+    vocab: Optional[Path] = typer.Option(
+        None, help="JSON list of token strings to carry in the export (vocab.json): generate, eval and serve then take text."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Random seed for --preset weights."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the export against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Write into OUTPUT even if it is not an earlier export (nothing there is removed)."),
@@ -98,7 +100,7 @@ def export(
     with progress_bar(not json_out) as progress:
         result = run_export(
             output, options, checkpoint=checkpoint, preset_name=value(preset), heads=heads, seed=seed,
-            run_verify=verify, force=force, progress=progress,
+            run_verify=verify, force=force, progress=progress, vocab=vocab,
         )
     m = result.manifest
     if json_out:

@@ -35,7 +35,7 @@ def generate(
     target: Path = typer.Argument(..., help="Export directory, or a checkpoint (torch backend)."),
     ids: Optional[str] = typer.Option(None, help="Prompt token ids, e.g. 1,2,3."),
     prompt: Optional[str] = typer.Option(None, help="Prompt text (needs --vocab)."),
-    vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings: id i is the i-th string."),
+    vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings: id i is the i-th string [default: the export's]."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
     backend: GenerateBackend = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch, ort or tensorrt."),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
@@ -60,7 +60,7 @@ def generate(
     elif backend == "auto":
         backend = "ort" if is_export_dir(target) else "torch"
     runner = load_generation_runner(target, backend, provider, device, arch, heads)
-    words = vocab_for(vocab, runner.info.config.vocab_size)
+    words = vocab_for(vocab, runner.info.config.vocab_size, target)
     prompt_ids = parse_prompt(ids, prompt, words)
     sampler = Sampler(temperature, top_k, seed)
 

@@ -27,7 +27,7 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free one; the URL is printed)."),
     store: Optional[Path] = typer.Option(None, help="SQLite file the sessions persist in [default: TARGET/sessions.sqlite]."),
     memory_only: bool = typer.Option(False, "--memory-only", help="Keep sessions in memory only (lost on restart)."),
-    vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings: enables text prompts and text output."),
+    vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings, for text prompts and text output [default: the export's]."),
     backend: GenerateBackend = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch, ort or tensorrt."),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
     device: TorchDevice = typer.Option("auto", help="torch device."),

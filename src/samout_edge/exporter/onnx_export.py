@@ -27,7 +27,7 @@ from torch import nn
 from samout_edge import lowering as low
 from samout_edge.artifact import graph
 from samout_edge.artifact.config import ModelConfig, check_arch, preset
-from samout_edge.artifact.files import check_output_dir, staging_dir
+from samout_edge.artifact.files import check_output_dir, staging_dir, write_json_atomic
 from samout_edge.artifact.golden import save_golden
 from samout_edge.artifact.manifest import (
     CHECKPOINT_DIR,
@@ -37,6 +37,7 @@ from samout_edge.artifact.manifest import (
     record_file,
 )
 from samout_edge.artifact.resources import check_memory
+from samout_edge.artifact.vocab import VOCAB_FILE, Vocab
 from samout_edge.errors import SamoutError
 from samout_edge.exporter import quantize as qz
 from samout_edge.exporter.golden import record_golden
@@ -301,6 +302,7 @@ def export(
     run_verify: bool = True,
     force: bool = False,
     progress: Progress = no_progress,
+    vocab: str | Path | None = None,
 ) -> ExportResult:
     """Export a checkpoint (or a randomly initialised preset) to an artifact directory.
 
@@ -332,6 +334,11 @@ def export(
         qz.validate(options.weights_spec(), options.opset, model_config.hidden_size)
         qz.check_nbits(options.weights_spec(), model_config.hidden_size)
     check_memory(export_memory(model_config, options), f"exporting {options.arch} with --max-seq {options.max_seq}")
+    words = None
+    if vocab is not None:  # before any work: a bad vocab file fails the export up front
+        words = Vocab.load(vocab)
+        if len(words.tokens) > model_config.vocab_size:
+            raise SamoutError(f"--vocab has {len(words.tokens)} tokens, the model only {model_config.vocab_size}")
 
     with staging_dir(out, previous_export_files, force) as stage:
         if ckpt is None:
@@ -367,6 +374,9 @@ def export(
         progress("writing model.onnx", 3, total)
         for name in save_model(proto, stage):
             record_file(stage, manifest, name)
+        if words is not None:
+            write_json_atomic(stage / VOCAB_FILE, words.tokens)
+            record_file(stage, manifest, VOCAB_FILE)
         if source["kind"] == "preset":
             for name in sorted(p.name for p in (stage / CHECKPOINT_DIR).iterdir()):
                 record_file(stage, manifest, f"{CHECKPOINT_DIR}/{name}")

@@ -44,7 +44,7 @@ def open_server(target: Path, backend: str, options: ServeOptions, provider: str
 
     server = Server(load, options, identity, model_name=target.resolve().name or "samout")
     try:
-        server.vocab = vocab_for(vocab, server.info.config.vocab_size)
+        server.vocab = vocab_for(vocab, server.info.config.vocab_size, target)
     except BaseException:
         server.close()
         raise
