@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from samout_edge.evaluate import eval_target, windows
+from samout_edge.evaluate import batches, eval_target, evaluate, log_softmax, read_tokens, token_nll, windows
+from samout_edge.runtime.ort_runner import load_ort_runner
 from tests.test_cli import one_error_line
 
 
@@ -68,3 +69,43 @@ def test_eval_bad_input(run_cli, exported, text_and_vocab, tmp_path, content, ex
     code, _, err = run_cli("eval", exported(logits=logits).directory, "--text", tmp_path / "x.txt", "--vocab", vocab,
                            *extra)
     assert code == 1 and match in one_error_line(err), err
+
+
+def test_batches_group_consecutive_windows_of_one_length():
+    for n, window, stride, batch in ((1000, 64, 63, 8), (1000, 64, 16, 3), (50, 64, 63, 8), (130, 64, 63, 2)):
+        spans = windows(n, window, stride)
+        calls = batches(spans, batch)
+        assert [s for call in calls for s in call] == spans
+        assert all(1 <= len(call) <= batch and len({e - s for s, e, _ in call}) == 1 for call in calls)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_token_nll_matches_float64_log_softmax(dtype):
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, 40, 256)) * 8 + 30).astype(dtype)  # large offsets: the shift matters
+    ids = rng.integers(0, 256, (3, 40))
+    want = -np.take_along_axis(log_softmax(logits[:, :-1]), ids[:, 1:, None], axis=-1)[..., 0]
+    got = token_nll(logits, ids)
+    assert got.dtype == np.float32 and got.shape == (3, 39)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["cummax", "softmax"])
+def test_batched_and_concurrent_eval_equals_one_window_at_a_time(exported, text_and_vocab, arch):
+    """Batch size, worker threads and the reference's window count change nothing but speed."""
+    text, vocab = text_and_vocab
+    from samout_edge.generate import Vocab
+
+    directory = exported(arch=arch, logits="all").directory
+    with load_ort_runner(directory) as one, load_ort_runner(directory, intra_op_threads=1, spinning=False) as many:
+        tokens, sizes = read_tokens(text, one.info.config.vocab_size, Vocab.load(vocab))
+        for window, stride in ((64, 63), (48, 20)):
+            base = evaluate(one, tokens, sizes, window, stride, batch=1, workers=1)
+            fast = evaluate(many, tokens, sizes, window, stride, reference=one, batch=8, workers=2,
+                            reference_windows=10)
+            assert (fast["tokens"], fast["bytes"]) == (base["tokens"], base["bytes"]) == (2999, 2999)
+            assert math.isclose(fast["bits_per_byte"], base["bits_per_byte"], rel_tol=1e-6)
+            # the reference covers whole calls: the first two (16 windows) hold the first 10
+            spans = windows(len(tokens), window, stride)
+            assert fast["compared_tokens"] == sum(e - first for _, e, first in spans[:16])
+            assert fast["top1_agreement"] == 1.0 and fast["max_logit_error"] < 1e-4

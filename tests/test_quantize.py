@@ -2,6 +2,8 @@
 exact verification against PyTorch with the same dequantized weights, the bytes,
 the CLI's choices and the TensorRT lint."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -233,3 +235,19 @@ def test_equal_weights_sharing_one_initializer(tmp_path):
     save_checkpoint(model, tmp_path / "ck")
     result = export(tmp_path / "e", ExportOptions(max_seq=40, weights="int4"), checkpoint=tmp_path / "ck")
     assert result.verification.passed
+
+
+def test_eval_on_the_torch_backend_scores_the_quantized_function(tmp_path, tiny_checkpoint):
+    from samout_edge.evaluate import eval_target
+
+    directory = export(tmp_path / "e", ExportOptions(max_seq=64, logits="all", weights="int4"),
+                       checkpoint=tiny_checkpoint, run_verify=False).directory
+    text = tmp_path / "t.txt"
+    text.write_text("".join(chr(32 + i % 90) for i in range(300)))
+    vocab = tmp_path / "v.json"
+    vocab.write_text(json.dumps([chr(i) for i in range(128)]))
+    on_ort = eval_target(directory, text, window=32, vocab=vocab, with_reference=False)
+    on_torch = eval_target(directory, text, backend="torch", window=32, vocab=vocab, with_reference=False)
+    reference = eval_target(tiny_checkpoint, text, window=32, vocab=vocab)  # the float checkpoint
+    assert on_torch.bits_per_byte == pytest.approx(on_ort.bits_per_byte, rel=1e-5)
+    assert on_torch.bits_per_byte != pytest.approx(reference.bits_per_byte, rel=1e-5)

@@ -79,8 +79,21 @@ def check_graph_metadata(meta: dict[str, str], manifest: Manifest) -> None:
                               "one of them was edited; re-export")
 
 
-def load_ort_runner(directory: str | Path, provider: str = "cpu", cpu_arena: bool = True) -> OrtRunner:
-    """``cpu_arena=False`` returns freed memory to the OS, so peak-RSS measurements see it."""
+def load_ort_runner(
+    directory: str | Path,
+    provider: str = "cpu",
+    cpu_arena: bool = True,
+    intra_op_threads: int | None = None,
+    spinning: bool | None = None,
+) -> OrtRunner:
+    """``cpu_arena=False`` returns freed memory to the OS, so peak-RSS measurements see it.
+
+    ``intra_op_threads``: threads one call uses (None: ORT's default, one per
+    physical core). ``spinning``: whether those threads busy-wait for work
+    between operators (None: ORT's default, on); off costs a few percent on an
+    idle machine and saves a lot on a shared one, where spinning threads take
+    cores from the threads that have work.
+    """
     import onnxruntime as ort
 
     manifest = read_manifest(directory)
@@ -89,6 +102,10 @@ def load_ort_runner(directory: str | Path, provider: str = "cpu", cpu_arena: boo
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = cpu_arena
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     for key, value in ((manifest.weights or {}).get("ort_session_config") or {}).items():
         options.add_session_config_entry(key, value)  # a quantized export's settings: compute the verified function
     try:
