@@ -53,6 +53,31 @@ def test_bench_outputs(pair, tmp_path):
     assert "| ort:cpu | decode |" in (tmp_path / "r.md").read_text()
 
 
+def test_bench_shows_the_weights_kind_and_mib(pair, capsys):
+    from samout_edge.artifact.manifest import read_manifest
+    from samout_edge.cli import render
+
+    config = BenchConfig(modes=["decode"], contexts=[4], backends=["ort"], budget=FAST, memory=False)
+    report = run_bench(pair, config)
+    stored = {arch: read_manifest(pair[arch]).weights["bytes"] for arch in ("cummax", "softmax")}
+    data = report.to_dict()
+    assert data["config"]["weights"]["kind"] == "fp" and data["config"]["weights"]["bytes"] == stored
+    assert {(r["arch"], r["weights"], r["weights_bytes"]) for r in data["records"]} == {
+        (arch, "fp", n) for arch, n in stored.items()}
+    row = rep.pair_rows(report)[0]
+    cell = rep.table_cells(row)[rep.HEADERS.index("weights MiB")]
+    mib = sorted({f"{n / 2**20:,.1f}" for n in stored.values()})
+    assert cell == f"fp {mib[0]}" if len(mib) == 1 else cell == f"fp {'/'.join(mib)}"
+    assert len(rep.table_cells(row)) == len(rep.HEADERS)
+    render.bench(report)
+    out = capsys.readouterr().out
+    assert "weights MiB" in out and cell in out and "fp weights" in out
+    # a quantized record shows its own kind and size
+    row.cummax.weights = row.softmax.weights = "int4"
+    row.cummax.weights_bytes, row.softmax.weights_bytes = 3 * 2**20, int(3.5 * 2**20)
+    assert rep.fmt_weights(row) == "int4 3.0/3.5"
+
+
 @pytest.mark.skipif(not rss_supported(), reason="peak RSS needs Linux /proc/self/clear_refs")
 def test_memory_child_measures_kv_growth(pair):
     small = measure_in_child(MemorySpec(str(pair["softmax"]), "ort", "CPUExecutionProvider", "prefill", 1, 8))
@@ -110,3 +135,14 @@ def test_bench_op_is_exact_and_below_copy_speed():
 def test_bench_op_rejects_short_max_len():
     with pytest.raises(SamoutError, match="shorter than the axis"):
         bench_op([1, 2, 300, 8], max_len=64, device="cpu")
+
+
+@pytest.mark.parametrize("spinning", [None, True])
+def test_bench_records_ort_spinning(pair, tmp_path, spinning):
+    """Off unless asked for: interleaved sessions' spinning threads slow each other."""
+    extra = {} if spinning is None else {"ort_spinning": spinning}
+    config = BenchConfig(modes=["decode"], contexts=[4], backends=["ort"], budget=FAST, memory=False, **extra)
+    report = run_bench(pair, config)
+    assert report.config["ort_spinning"] is bool(spinning) and len(report.records) == 2
+    rep.save_markdown(report, tmp_path / "r.md")
+    assert f"intra-op spinning {'on' if spinning else 'off'}" in (tmp_path / "r.md").read_text()

@@ -60,7 +60,19 @@ def fmt_bytes(n: int) -> str:
 
 
 HEADERS = ["backend", "mode", "batch", "tokens", "cummax ms", "softmax ms", "ratio",
-           "cummax MB", "softmax MB", "cummax state", "KV cache"]
+           "cummax MB", "softmax MB", "cummax state", "KV cache", "weights MiB"]
+
+
+def fmt_weights(row: PairRow) -> str:
+    """Kind and MiB of the weights as stored: ``int4 0.9``, or ``int4 0.9/1.0`` (cummax/softmax) where they differ."""
+    c, s = row.cummax, row.softmax
+    sizes = [fmt_mib(r.weights_bytes) for r in (c, s)]
+    kinds = c.weights if c.weights == s.weights else f"{c.weights}/{s.weights}"
+    return f"{kinds} {sizes[0] if sizes[0] == sizes[1] else '/'.join(sizes)}"
+
+
+def fmt_mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:,.1f}"
 
 
 def table_cells(row: PairRow) -> list[str]:
@@ -69,6 +81,7 @@ def table_cells(row: PairRow) -> list[str]:
         f"{row.backend}:{short_provider(row.provider)}", row.mode, str(row.batch), str(row.length),
         f"{c.latency_ms['median']:.2f}", f"{s.latency_ms['median']:.2f}", f"{row.latency_ratio:.2f}x",
         fmt_mb(c.peak_mem_mb), fmt_mb(s.peak_mem_mb), fmt_bytes(c.state_bytes), fmt_bytes(s.state_bytes),
+        fmt_weights(row),
     ]
 
 
@@ -79,10 +92,12 @@ def to_markdown(report: BenchReport) -> str:
         "",
         f"Machine: {report.machine['label']} ({report.machine['memory_gib']} GiB, torch {report.machine['torch']}, "
         f"onnxruntime {report.machine['onnxruntime']}). Model: hidden {cfg['hidden_size']}, {cfg['num_heads']} heads, "
-        f"{cfg['num_layers']} layers, vocab {cfg['vocab_size']}, {cfg['dtype']}, lowering {cfg['lowering']}/{cfg['scan']}.",
+        f"{cfg['num_layers']} layers, vocab {cfg['vocab_size']}, {cfg['dtype']}, lowering {cfg['lowering']}/{cfg['scan']}"
+        f"; ONNX Runtime intra-op spinning {'on' if cfg.get('ort_spinning', True) else 'off'}.",
         "Latency: median ms of interleaved runs (prefill: one call over `tokens`; decode: one token after `tokens` of "
         "context). ratio = cummax / softmax latency: below 1 means SamOut is faster. MB: measured peak above the "
-        "loaded model. state and KV cache: analytic bytes after `tokens`.",
+        "loaded model. state and KV cache: analytic bytes after `tokens`. weights MiB: the weights' kind and the bytes "
+        "model.onnx stores them in (cummax/softmax where they differ).",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "|".join("---" for _ in HEADERS) + "|",

@@ -27,7 +27,7 @@ from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import Runner
-from samout_edge.runtime.ort_runner import available_providers, resolve_provider
+from samout_edge.runtime.ort_runner import available_providers, load_ort_runner, resolve_provider
 from samout_edge.runtime.registry import BACKENDS, LoadOptions, load_runner
 
 MODES = ("prefill", "decode")
@@ -46,6 +46,14 @@ class BenchConfig:
     fast_kernel: bool = True  # torch on CUDA: the Triton cummax instead of torch.cummax
     budget: Budget = field(default_factory=Budget)
     memory: bool = True
+    # ONNX Runtime CPU: whether intra-op threads busy-wait between operators (ORT's own
+    # default is on). Off by default here: bench interleaves two sessions (one per arch) in
+    # one process, and the threads one session leaves spinning take the cores the other's
+    # call needs. Seed preset, decode, ORT 1.32 on a 2-core EPYC, median ms cummax/softmax:
+    # idle box, context 1024: on 9.4-10.4 / 21.4-24.1, off 7.1-7.3 / 14.0-15.5; with another
+    # job on the box, context 256: on 22.8-24.4 / 24.2-31.8, off 7.9-8.6 / 10.5-11.3. A lone
+    # session on an idle box is the one case on wins (cummax 6.1 vs 7.4 ms, softmax even).
+    ort_spinning: bool = False
 
     def validate(self) -> BenchConfig:
         for mode in self.modes:
@@ -270,7 +278,10 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     for backend, provider in plan:
         options = LoadOptions(provider=provider, device=provider if backend == "torch" else None,
                               engine=provider if backend == "tensorrt" else None, fast_kernel=config.fast_kernel)
-        runners = {arch: load_runner(pair[arch], backend, options) for arch in ARCHS}
+        if backend == "ort":
+            runners = {arch: load_ort_runner(pair[arch], provider, spinning=config.ort_spinning) for arch in ARCHS}
+        else:
+            runners = {arch: load_runner(pair[arch], backend, options) for arch in ARCHS}
         if backend in ("tensorrt", "torch"):
             label = runners["cummax"].info.device  # the engine profile loaded; cuda+triton
         else:
@@ -286,7 +297,9 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
         machine=info,
         config={**cm.config.to_dict(), "dtype": cm.dtype, "lowering": cm.lowering, "scan": cm.scan["scan"],
                 "max_seq": cm.max_seq, "budget": asdict(config.budget), "memory": config.memory,
-                "weights": {k: cm.weights.get(k) for k in ("kind", "block_size", "format")}},
+                "ort_spinning": config.ort_spinning,
+                "weights": {**{k: cm.weights.get(k) for k in ("kind", "block_size", "format")},
+                            "bytes": {arch: stored[arch][1] for arch in ARCHS}}},
         exports={arch: str(Path(p).absolute()) for arch, p in pair.items()},
         records=records,
     )

@@ -23,7 +23,7 @@ from samout_edge.cli.common import (
     parse_int_list,
     value,
 )
-from samout_edge.cli.ui import console, human_bytes, print_json, progress_bar
+from samout_edge.cli.ui import console, print_json, progress_bar
 from samout_edge.errors import SamoutError, require_torch
 
 
@@ -107,13 +107,7 @@ def export(
         print_json({"directory": str(result.directory), "seconds": result.seconds, "model_bytes": result.model_bytes,
                     "timings": result.timings, "manifest": m.to_dict()})
     else:
-        console.print(
-            f"exported [bold]{m.arch}[/] ({m.dtype}, {m.lowering}/{m.scan['scan']}, max_seq {m.max_seq}) "
-            f"to {escape(str(result.directory))}: model.onnx {human_bytes(result.model_bytes)} in {result.seconds:.1f} s",
-            highlight=False,
-        )
-        if result.verification is not None:
-            render.verification(result.verification)
+        render.export_summary(result)
     if result.verification is not None and not result.verification.passed:
         raise SamoutError(f"verification failed; the export is in {result.directory} for inspection")
 

@@ -86,6 +86,38 @@ def build_plan(plan) -> None:
     console.print(plan.trtexec, highlight=False, soft_wrap=True, markup=False)
 
 
+def export_summary(result) -> None:
+    """What `samout-edge export` wrote: the artifact, its weights (quantized: kind, format, block, bytes, why),
+    then the verification table."""
+    m = result.manifest
+    console.print(
+        f"exported [bold]{m.arch}[/] ({m.dtype}, {m.lowering}/{m.scan['scan']}, max_seq {m.max_seq}) "
+        f"to {escape(str(result.directory))}: model.onnx {human_bytes(result.model_bytes)} in {result.seconds:.1f} s",
+        highlight=False,
+    )
+    line = export_weights_line(m.weights)
+    if line:
+        console.print(escape(line), highlight=False)
+    if result.verification is not None:
+        verification(result.verification)
+
+
+def export_weights_line(weights: dict | None) -> str | None:
+    """One line on an export's quantized weights (None for float weights): kind, block size, format,
+    bytes as stored against the same weights in float, and why this format."""
+    w = weights or {}
+    kind = w.get("kind") or "fp"
+    if kind == "fp":
+        return None
+    block = f", block {w['block_size']}" if w.get("block_size") else ""
+    stored, as_float = w.get("bytes"), w.get("float_bytes")
+    size = "size not recorded" if not stored else f"{human_bytes(stored)} stored"
+    if stored and as_float:
+        size += f" ({stored / as_float:.2f}x of {human_bytes(as_float)} in float)"
+    reason = f"; {w['reason']}" if w.get("reason") else ""
+    return f"weights: {kind}{block}, format {w.get('format') or '?'}, {size}{reason}"
+
+
 def inspect(result) -> None:
     console.print(
         f"[bold]{escape(result.path)}[/]: arch {result.arch or '?'}, dtype {result.dtype or '?'}, "
@@ -170,10 +202,12 @@ def profile(profile, data: dict) -> None:
 
 def memory_plan(result, device, config, batch: int) -> None:
     mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    kind = getattr(result, "weights_kind", "fp") or "fp"
     table = Table(title=f"memory plan on {escape(device.name)}: budget {device.memory_budget_gib:g} GiB of {device.memory_gib:g}, "
-                        f"{result.dtype}, batch {batch}, hidden {config.hidden_size} x {config.num_layers} layers (MiB)")
-    for col in ("context", "weights", "runtime", "cummax state x2", "cummax act.", "cummax total", "KV cache x2",
-                "softmax act.", "softmax total"):
+                        f"{result.dtype}, {kind} weights, batch {batch}, hidden {config.hidden_size} x "
+                        f"{config.num_layers} layers (MiB)")
+    for col in ("context", f"weights ({kind})", "runtime", "cummax state x2", "cummax act.", "cummax total",
+                "KV cache x2", "softmax act.", "softmax total"):
         table.add_column(col, justify="right")
     for row in result.rows:
         c, s_ = row.cummax, row.softmax
@@ -181,7 +215,7 @@ def memory_plan(result, device, config, batch: int) -> None:
         def fit(arch: str, total: int, row=row) -> str:
             return f"[green]{mib(total)}[/]" if row.fits(arch) else f"[red]{mib(total)}[/]"
 
-        table.add_row(f"{row.context:,}", mib(c.weights), mib(c.runtime), f"{c.state / 2**10:,.0f} KiB", mib(c.activations),
+        table.add_row(f"{row.context:,}", f"{c.weights / 2**20:,.1f}", mib(c.runtime), f"{c.state / 2**10:,.0f} KiB", mib(c.activations),
                       fit("cummax", c.total), mib(s_.state), mib(s_.activations), fit("softmax", s_.total))
     console.print(table)
     for arch in ("cummax", "softmax"):
@@ -196,10 +230,13 @@ def memory_plan(result, device, config, batch: int) -> None:
 def bench(report) -> None:
     from samout_edge.bench import report as rep
 
-    table = Table(title=f"SamOut (cummax) vs softmax on {report.machine['label']} ({report.config['dtype']}); "
-                        "ms: median latency; ratio: cummax/softmax, below 1 = cummax faster; MB: peak memory")
+    kind = (report.config.get("weights") or {}).get("kind") or "fp"
+    table = Table(title=f"SamOut (cummax) vs softmax on {report.machine['label']} ({report.config['dtype']}, {kind} "
+                        "weights); ms: median latency; ratio: cummax/softmax, below 1 = cummax faster; MB: peak "
+                        "memory; weights MiB: as stored")
     for header in rep.HEADERS:
-        table.add_column(header, justify="left" if header in ("backend", "mode") else "right", no_wrap=True)
+        table.add_column(header, justify="left" if header in ("backend", "mode", "weights MiB") else "right",
+                         no_wrap=True)
     for row in rep.pair_rows(report):
         cells = rep.table_cells(row)
         color = "green" if row.latency_ratio < 1 else "red"

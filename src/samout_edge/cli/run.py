@@ -125,6 +125,10 @@ def bench_run(
     min_repeats: int = typer.Option(3, "--min-repeats", min=1, help="Fewest timed calls per series."),
     budget: float = typer.Option(3.0, help="Seconds per series after which timing stops (once --min-repeats are done)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (a child process per scenario)."),
+    spinning: bool = typer.Option(False, "--spinning/--no-spinning",
+                                  help="ONNX Runtime CPU: let threads busy-wait between operators (ORT's own default). "
+                                  "Off by default: with two sessions interleaved, one's spinning threads slow the "
+                                  "other's calls, softmax's more than cummax's."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write one record per measurement to this JSON file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write latency and memory plots to this PNG."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
@@ -157,6 +161,7 @@ def bench_run(
         fast_kernel=fast_kernel,
         budget=Budget(warmup=warmup, min_repeats=min_repeats, max_repeats=repeats, seconds=budget),
         memory=memory,
+        ort_spinning=spinning,
     ).validate()
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise SamoutError("--plot needs matplotlib: pip install 'samout-edge[plot]'")

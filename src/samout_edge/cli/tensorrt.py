@@ -96,19 +96,23 @@ def plan(
     """Memory plan on a device: weights + activations + cummax state vs KV cache, and the longest context."""
     from samout_edge.artifact.config import preset as get_preset
     from samout_edge.profiles import load_profile
-    from samout_edge.profiles.memory import memory_plan
+    from samout_edge.profiles.memory import export_weights, memory_plan
 
     device = load_profile(profile)
+    weights_bytes, weights_kind = None, "fp"
     if target is not None:
         from samout_edge.artifact.manifest import read_manifest
 
         manifest = read_manifest(target)
         config, dtype_name = manifest.config, value(dtype) or manifest.dtype
+        # the export's weights as stored (int8/int4 with their scales), where they hold for this dtype
+        weights_bytes, weights_kind = export_weights(manifest, dtype_name)
     else:
         config, dtype_name = get_preset(preset.value), value(dtype)
     if batch < 1:
         raise SamoutError(f"--batch must be at least 1, got {batch}")
-    result = memory_plan(config, device, dtype_name, batch, parse_int_list(contexts, "--contexts"))
+    result = memory_plan(config, device, dtype_name, batch, parse_int_list(contexts, "--contexts"),
+                         weights_bytes=weights_bytes, weights_kind=weights_kind)
     if json_out:
         print_json(result.to_dict())
         return

@@ -162,7 +162,8 @@ def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None =
         weights_kind=weights_kind,
         weights_bytes=rows[0].cummax.weights if rows else config.parameter_count() * BYTES[dtype],
         assumptions=[
-            (f"weights: {weights_kind} as stored in model.onnx ({weights_bytes / 2**20:.1f} MiB with scales)"
+            (f"weights: {weights_kind} as stored in model.onnx ({weights_bytes / 2**20:.1f} MiB"
+             + (" with scales)" if weights_kind != "fp" else ")")
              if weights_bytes is not None else f"weights: {config.parameter_count():,} parameters x {BYTES[dtype]} bytes"),
             f"chunked prefill of {chunk} tokens (the profile's opt prefill length), then decode",
             f"activations: {ACTIVATION_VALUES} hidden-sized values per token per call, plus last-token logits",
