@@ -7,6 +7,7 @@ reads is drawn here, so app.py stays a list of commands.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
@@ -255,8 +256,20 @@ def bench_op(report, dims: list[int], dtype: str, axis: int) -> None:
     console.print(table)
 
 
+def short_runner(name: str) -> str:
+    """ort:CPUExecutionProvider -> ort:CPU: the table has many columns to fit."""
+    return name.replace("ExecutionProvider", "")
+
+
+def shortest_names(paths: list[str]) -> dict[str, str]:
+    """Each path by its last component, or whole where two share one (the table stays narrow)."""
+    names = [Path(p).name or p for p in paths]
+    return {p: n if names.count(n) == 1 else p for p, n in zip(paths, names)}
+
+
 def evaluation(results, text) -> None:
     """Quality next to cost: one row per target."""
+    short_targets = shortest_names([r.target for r in results])
     table = Table(title=escape(f"eval on {text}: bits per byte (lower is better), top-1 agreement and max logit "
                                "error vs PyTorch fp32 on the same windows"))
     for col in ("target", "arch", "runner", "dtype", "weights", "bits/byte", "perplexity", "top-1 agree",
@@ -266,7 +279,8 @@ def evaluation(results, text) -> None:
         agree = "-" if r.top1_agreement is None else f"{100 * r.top1_agreement:.2f}%"
         err = "-" if r.max_logit_error is None else f"{r.max_logit_error:.2e}"
         weights = "-" if r.weights_bytes is None else f"{r.weights_bytes / 2**20:.1f}"
-        table.add_row(escape(r.target), r.arch, escape(r.runner), r.dtype, r.weights, f"{r.bits_per_byte:.4f}",
+        table.add_row(escape(short_targets[r.target]), r.arch, escape(short_runner(r.runner)), r.dtype, r.weights,
+                      f"{r.bits_per_byte:.4f}",
                       f"{r.perplexity:.3f}", agree, err, weights, human_bytes(r.state_bytes), f"{r.window_ms:.1f}")
     console.print(table)
     first = results[0]
