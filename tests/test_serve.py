@@ -3,6 +3,7 @@ bad requests change nothing, batching, the session policy, and the metrics."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +24,7 @@ from samout_edge.serve import open_server
 from samout_edge.serve.batcher import Batcher, Job
 from samout_edge.serve.process import ServerProcess
 from samout_edge.serve.server import ServeOptions, create_app
-from samout_edge.serve.sessions import SessionPolicy
+from samout_edge.serve.sessions import SessionPolicy, encode_state
 
 PROMPT = [5, 9, 17, 3]
 
@@ -238,6 +240,15 @@ def test_a_store_of_another_model_is_refused_and_corrupt_rows_are_reported(expor
         db.execute("UPDATE sessions SET state = ? WHERE id = ?", (b"[]\n", sid))
     again = client_for(exported().directory, store)
     health = again.http.get("/health").json()
+    assert health["corrupt_sessions"] == 1 and health["sessions"] == 0
+    again.close()
+    # a row with a valid checksum but a state of the wrong shape is refused too, never fed to the graph
+    names = [f"past_max.{i}" for i in range(2)]
+    blob = encode_state({n: np.zeros((1, 4, 1, 7), np.float32) for n in names})
+    with sqlite3.connect(store) as db:
+        db.execute("UPDATE sessions SET state = ?, state_sha256 = ? WHERE id = ?",
+                   (blob, hashlib.sha256(blob).hexdigest(), sid))
+    health = client_for(exported().directory, store).http.get("/health").json()
     assert health["corrupt_sessions"] == 1 and health["sessions"] == 0
 
 

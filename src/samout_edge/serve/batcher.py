@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from samout_edge.errors import SamoutError
 from samout_edge.generate import Sampler
 from samout_edge.runtime.base import Runner
 
@@ -79,7 +80,8 @@ class Batcher:
         self.ready.wait(timeout)
         if self.startup_error is not None:
             raise self.startup_error
-        assert self.runner is not None
+        if self.runner is None:
+            raise SamoutError(f"the runner did not load within {timeout} s")
         return self.runner
 
     def submit(self, job: Job) -> None:

@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,10 +47,9 @@ class ServeOptions:
     store: Path | None = None  # None: sessions live in memory only
     max_batch: int = 32
     max_tokens: int = 4096  # per request
-    policy: SessionPolicy = None  # type: ignore[assignment]
+    policy: SessionPolicy = field(default_factory=SessionPolicy)
 
     def __post_init__(self) -> None:
-        self.policy = self.policy or SessionPolicy()
         if self.max_batch < 1:
             raise SamoutError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.max_tokens < 1:

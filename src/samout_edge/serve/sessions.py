@@ -173,12 +173,23 @@ class SessionTable:
         self.corrupt: list[str] = []
         if store is not None:
             loaded, self.corrupt = store.load_all()
-            names = set(initial_state)
             for s in loaded:
-                if set(s.state) != names:
+                if not self._fits(s.state):
                     self.corrupt.append(s.id)
                     continue
                 self.sessions[s.id] = s
+
+    def _fits(self, state: dict[str, np.ndarray]) -> bool:
+        """A stored state feeds the graph only with its names, dtypes and shapes (the
+        softmax cache may differ only in length): anything else would run wrong or fail."""
+        if set(state) != set(self.initial):
+            return False
+        for name, a in state.items():
+            want = self.initial[name]
+            same = [i for i in range(want.ndim) if not (self.arch == "softmax" and i == 2)]
+            if a.dtype != want.dtype or a.ndim != want.ndim or any(a.shape[i] != want.shape[i] for i in same):
+                return False
+        return True
 
     # -- accounting
 
