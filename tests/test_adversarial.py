@@ -62,6 +62,100 @@ def test_replacing_an_export_keeps_what_its_manifest_does_not_list(run_cli, tmp_
     assert not [e for e in tmp_path.iterdir() if e.name.startswith(".samout")]
 
 
+def test_a_hand_written_manifest_cannot_get_a_file_removed(run_cli, tmp_path):
+    """Issue 15 item 12: a recorded file is ours to remove only while it holds what we recorded."""
+    p = tmp_path / "P"
+    p.mkdir()
+    (p / "notes.txt").write_text("mine")
+    (p / "export.json").write_text(json.dumps({"producer": "samout-edge", "files": {
+        "notes.txt": {"sha256": "0" * 64, "bytes": 4}, "model.onnx": {"sha256": "1" * 64}}}))
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", p, "--max-seq", "8")
+    assert code == 0, err
+    assert (p / "notes.txt").read_text() == "mine" and read_manifest(p).max_seq == 8
+    # an export whose model.onnx a user edited keeps the edit: the replace stops, naming it
+    (p / "model.onnx").write_bytes(b"my edit")
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", p, "--max-seq", "16")
+    assert code == 1 and "model.onnx is in the way" in one_error_line(err)
+    assert (p / "model.onnx").read_bytes() == b"my edit"
+
+
+def test_a_link_to_an_export_is_replaced_behind_the_link(run_cli, tmp_path):
+    """Issue 15 item 13: the export behind the link is replaced in place; the link stays a link."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    assert run_cli("export", "--preset", "tiny", "-o", real, "--max-seq", "8")[0] == 0
+    (real / "notes.txt").write_text("mine")
+    link.symlink_to(real, target_is_directory=True)
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", link, "--max-seq", "16")
+    assert code == 0, err
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert read_manifest(real).max_seq == 16 and (real / "notes.txt").read_text() == "mine"
+    assert sorted(e.name for e in tmp_path.iterdir()) == ["link", "real"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    code, _, err = run_cli("export", "--preset", "tiny", "-o", tmp_path / "dangling", "--max-seq", "8")
+    assert code == 1 and "symbolic link" in one_error_line(err) and not (tmp_path / "nowhere").exists()
+
+
+def test_a_dead_writers_symlink_is_removed_not_followed(tmp_path):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "data").write_text("keep")
+    (tmp_path / ".samout-old-999999999-abcd").symlink_to(keep, target_is_directory=True)
+    export(tmp_path / "e", ExportOptions(max_seq=8), preset_name="tiny", run_verify=False)
+    assert sorted(e.name for e in tmp_path.iterdir()) == ["e", "keep"] and (keep / "data").read_text() == "keep"
+
+
+KILL_AT = {
+    # os.replace calls of a replace, in order: the user's files into the stage, target -> old, stage -> target
+    "while carrying": "if src.name == 'notes.txt': real(src, dst); os.kill(os.getpid(), signal.SIGKILL)",
+    "between the renames": "if src.name.startswith('.samout-stage-') and dst.name == 'P': os.kill(os.getpid(), 9)",
+}
+
+
+@pytest.mark.parametrize("when", list(KILL_AT))
+def test_a_replace_killed_midway_gives_the_users_files_back(tmp_path, when):
+    """Issue 15 item 15: kill -9 mid-replace, then any later write into the parent restores the
+    earlier export with the user's files, instead of leaving them in a dead stage."""
+    p = tmp_path / "P"
+    export(p, ExportOptions(max_seq=8), preset_name="tiny", run_verify=False)
+    before = (p / "model.onnx").read_bytes()
+    (p / "notes.txt").write_text("mine")
+    (p / "sub").mkdir()
+    (p / "sub" / "more.txt").write_text("also mine")
+    script = f"""
+import os, signal
+from pathlib import Path
+real = os.replace
+def replace(src, dst):
+    src, dst = Path(src), Path(dst)
+    {KILL_AT[when]}
+    real(src, dst)
+os.replace = replace
+from samout_edge.exporter.onnx_export import ExportOptions, export
+export({str(p)!r}, ExportOptions(max_seq=16), preset_name="tiny", run_verify=False)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert any(e.name.startswith(".samout-stage-") for e in tmp_path.iterdir())
+    export(tmp_path / "other", ExportOptions(max_seq=8), preset_name="tiny", run_verify=False)
+    assert sorted(e.name for e in tmp_path.iterdir()) == ["P", "other"]
+    assert (p / "notes.txt").read_text() == "mine" and (p / "sub" / "more.txt").read_text() == "also mine"
+    assert (p / "model.onnx").read_bytes() == before and read_manifest(p).max_seq == 8
+
+
+def test_a_checkpoint_replace_removes_only_weights_we_wrote(run_cli, tmp_path):
+    c = tmp_path / "C"
+    c.mkdir()
+    (c / "config.json").write_text(json.dumps({"format": "samout-edge", "vocab_size": 128, "hidden_size": 32,
+                                               "num_heads": 4, "num_layers": 2}))
+    (c / "model.safetensors").write_bytes(b"my own weights")
+    code, _, err = run_cli("init", "--preset", "tiny", "-o", c, "--force")
+    assert code == 1 and "model.safetensors is in the way" in one_error_line(err)
+    assert (c / "model.safetensors").read_bytes() == b"my own weights"
+    d = tmp_path / "D"
+    assert run_cli("init", "--preset", "tiny", "-o", d)[0] == 0
+    assert run_cli("init", "--preset", "tiny", "-o", d, "--force", "--seed", "3")[0] == 0  # ours: replaced
+
+
 def test_bench_work_never_replaces_what_is_not_ours(run_cli, exported, tmp_path):
     work = tmp_path / "WK"
     (work / "cummax").mkdir(parents=True)

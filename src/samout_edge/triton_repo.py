@@ -88,6 +88,7 @@ from samout_edge.artifact.engine import (
 from samout_edge.artifact.files import (
     check_output_dir,
     read_json,
+    safe_relative,
     staging_dir,
     write_bytes_atomic,
     write_json_atomic,
@@ -525,8 +526,9 @@ def _tritonclient_available() -> bool:
 # --------------------------------------------------------------------------- writing
 
 
-def previous_model_files(model_dir: Path) -> list[str] | None:
-    """The files an earlier package of ours wrote into ``model_dir``; None when it is not ours."""
+def previous_model_files(model_dir: Path) -> dict[str, str | None] | None:
+    """The files an earlier package of ours wrote into ``model_dir`` with their sha256
+    (the marker itself: None); None when it is not ours."""
     marker = Path(model_dir) / MARKER_FILE
     if not marker.is_file():
         return None
@@ -537,8 +539,13 @@ def previous_model_files(model_dir: Path) -> list[str] | None:
     if not isinstance(data, dict) or data.get("producer") != "samout-edge" or data.get("kind") != MARKER_KIND \
             or not isinstance(data.get("files"), dict):
         return None
-    names = [n for n in data["files"] if isinstance(n, str) and not Path(n).is_absolute() and ".." not in Path(n).parts]
-    return [*names, MARKER_FILE]
+    files: dict[str, str | None] = {}
+    for name, entry in data["files"].items():
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if isinstance(name, str) and isinstance(digest, str) and safe_relative(name):
+            files[name] = digest
+    files[MARKER_FILE] = None
+    return files
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -8,8 +8,11 @@ never remove what samout-edge did not write.
   ours removes only the files its manifest lists; anything else in it (a user's
   notes, engines built from it) is carried over into the new one.
 - Staging names are short and fixed-length (a 250-character target name still
-  fits the file system's 255), carry the writer's pid, and a later run removes
-  those of processes that died (kill -9) unless they hold carried user files.
+  fits the file system's 255) and carry the writer's pid; a later run removes
+  those of processes that died (kill -9), first putting back any user files a
+  dead replace was carrying.
+- A recorded file is ours to remove only while its sha256 matches the record;
+  a symbolic link to an artifact is followed, and the link stays a link.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def safe_relative(name: str) -> bool:
+    """A path inside its directory: relative, without '..'."""
+    return bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def _umask() -> int:
@@ -115,37 +123,95 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_stages(parent: Path) -> list[Path]:
-    """Remove staging and old directories left by processes that died (kill -9),
-    except stages holding user entries carried from a target: those are reported, not removed."""
-    kept = []
+def _dead_writer(name: str, prefix: str) -> bool:
+    pid = name[len(prefix):].split("-", 1)[0]
+    return pid.isdigit() and not _pid_alive(int(pid))
+
+
+def _remove_entry(entry: Path) -> None:
+    """A file, a symbolic link (never what it points to) or a directory tree."""
+    if entry.is_symlink() or not entry.is_dir():
+        entry.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def remove_stale_stages(parent: Path) -> None:
+    """Clean up after writers that died (kill -9) in ``parent``.
+
+    A stage that was carrying a user's files (it holds CARRIED_MARKER) is undone
+    first: the earlier artifact goes back in place and the user's files back into
+    it, so a killed replace leaves the target as it was. Then the remaining
+    stages, old directories and temporary files of dead writers are removed.
+    """
     if not parent.is_dir():
-        return kept
+        return
+    entries = list(parent.iterdir())
+    for entry in entries:
+        if entry.name.startswith(STAGE_PREFIX) and _dead_writer(entry.name, STAGE_PREFIX) \
+                and not entry.is_symlink() and (entry / CARRIED_MARKER).is_file():
+            _restore_carried(entry)
     for entry in parent.iterdir():
         for prefix in (STAGE_PREFIX, OLD_PREFIX, TMP_PREFIX):
-            if not entry.name.startswith(prefix):
-                continue
-            pid = entry.name[len(prefix):].split("-", 1)[0]
-            if not pid.isdigit() or _pid_alive(int(pid)):
-                continue
-            if (entry / CARRIED_MARKER).exists():
-                kept.append(entry)  # a user's files were moving through it: never remove them
-            elif entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-    return kept
+            if entry.name.startswith(prefix) and _dead_writer(entry.name, prefix):
+                _remove_entry(entry)
+
+
+def _restore_carried(stage: Path) -> None:
+    """Undo a replace whose writer died: see _swap_keeping_unlisted for the steps it may have died between."""
+    try:
+        record = json.loads((stage / CARRIED_MARKER).read_text())
+        target = stage.parent / record["target"]
+        old = stage.parent / record["old"]
+        carried = [Path(rel) for rel in record["carried"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SamoutError(f"{stage} holds files an interrupted samout-edge write carried out of its target, but its "
+                          f"record {CARRIED_MARKER} is unreadable: move your files out of it by hand") from None
+    if not target.exists() and not old.exists():  # the swap itself completed but for the last rename: finish it
+        os.replace(stage, target)
+        (target / CARRIED_MARKER).unlink(missing_ok=True)
+        return
+    if not target.exists():  # died between the two renames: the earlier artifact goes back
+        os.replace(old, target)
+    blocked = [rel for rel in carried if (stage / rel).exists() and (target / rel).exists()]
+    if blocked:
+        raise SamoutError(f"an interrupted samout-edge write left your {blocked[0]} in {stage}, and {target / blocked[0]} "
+                          f"exists again: move yours back by hand, then remove {stage}")
+    for rel in carried:
+        if (stage / rel).exists() or (stage / rel).is_symlink():
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, target / rel)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+# What an earlier artifact of ours at a target holds: relative path -> its recorded
+# sha256, or None for the file that names the artifact ours (export.json, config.json,
+# the Triton marker). None as a whole: what is there is not ours.
+Previous = Callable[[Path], "dict[str, str | None] | None"]
+
+
+def real_target(target: str | Path) -> Path:
+    """The directory a write goes to: a symbolic link to a directory is followed, so
+    the artifact behind it is replaced in place and the link stays a link."""
+    target = Path(target).absolute()
+    if target.is_symlink():
+        resolved = target.resolve()
+        if not resolved.is_dir():
+            what = "a file" if resolved.exists() else "nothing"
+            raise SamoutError(f"{target} is a symbolic link to {resolved}, which is {what}; give a directory")
+        return resolved
+    return target
 
 
 @contextmanager
-def staging_dir(target: str | Path, previous: Callable[[Path], list[str] | None], force: bool = False) -> Iterator[Path]:
+def staging_dir(target: str | Path, previous: Previous, force: bool = False) -> Iterator[Path]:
     """Yield an empty directory beside ``target``; on success it is published there.
 
-    ``previous(target)`` lists the files of an earlier artifact of ours at
-    ``target`` (None: what is there is not ours). On any exception the stage is
-    removed and ``target`` is untouched.
+    ``previous(target)`` names the files of an earlier artifact of ours at
+    ``target`` with their sha256 (None: what is there is not ours). On any
+    exception the stage is removed and ``target`` is untouched.
     """
-    target = Path(target).absolute()
+    target = real_target(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_stages(target.parent)
@@ -165,17 +231,20 @@ def staging_dir(target: str | Path, previous: Callable[[Path], list[str] | None]
 
 
 def _discard(stage: Path) -> None:
-    if not (stage / CARRIED_MARKER).exists():
+    if (stage / CARRIED_MARKER).exists():
+        _restore_carried(stage)  # the failure came mid-swap: the user's files go back
+    else:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def publish(stage: Path, target: Path, previous: list[str] | None, force: bool, last: str = "") -> None:
+def publish(stage: Path, target: Path, previous: dict[str, str | None] | None, force: bool, last: str = "") -> None:
     """Put the staged artifact at ``target``.
 
     - nothing (or an empty directory) there: one rename;
-    - an earlier artifact of ours (``previous`` lists its files): every entry it
-      does not list is carried into the stage, then two renames swap the
-      directories, and only the listed files go;
+    - an earlier artifact of ours (``previous`` names its files and their
+      sha256): every entry that is not one of its files as recorded is carried
+      into the stage, then two renames swap the directories, and only the files
+      that still hold what we wrote go;
     - anything else: refused, unless ``force``, which adds our entries beside
       what is there (``last``, the manifest, goes in last) and removes nothing.
     """
@@ -200,10 +269,32 @@ def publish(stage: Path, target: Path, previous: list[str] | None, force: bool, 
     stage.rmdir()
 
 
-def _swap_keeping_unlisted(stage: Path, target: Path, previous: list[str]) -> None:
-    listed = {Path(name) for name in previous}
+def ours_as_recorded(target: Path, previous: dict[str, str | None]) -> set[Path]:
+    """The recorded files that still hold what we wrote: a regular file whose sha256
+    matches the record (the self-naming manifest: a regular file). Anything a user
+    edited, replaced or put under a recorded name is theirs."""
+    ours = set()
+    for name, digest in previous.items():
+        path = target / name
+        if path.is_symlink() or not path.is_file():
+            continue
+        if digest is None or sha256_file(path) == digest:
+            ours.add(Path(name))
+    return ours
+
+
+def _swap_keeping_unlisted(stage: Path, target: Path, previous: dict[str, str | None]) -> None:
+    """Replace ``target`` by ``stage``, keeping everything in ``target`` that is not ours.
+
+    Steps, each undone by remove_stale_stages if the writer dies after it:
+    1. the record (CARRIED_MARKER: target, old, carried) is written into the stage;
+    2. the user's entries move from the target into the stage;
+    3. target -> old; 4. stage -> target; 5. the record and old go.
+    """
+    (target / CARRIED_MARKER).unlink(missing_ok=True)  # a record a dead writer left behind after step 4
+    listed = ours_as_recorded(target, previous)
     listed_dirs = {parent for name in listed for parent in name.parents if str(parent) != "."}
-    carried = []
+    carried: list[Path] = []
     for path in sorted(target.rglob("*"), key=lambda p: len(p.parts)):
         rel = path.relative_to(target)
         if rel in listed or (rel in listed_dirs and path.is_dir() and not path.is_symlink()):
@@ -211,18 +302,20 @@ def _swap_keeping_unlisted(stage: Path, target: Path, previous: list[str]) -> No
         if any(parent in carried for parent in rel.parents):
             continue  # inside an entry already carried whole
         if (stage / rel).exists():
-            raise SamoutError(f"{path} is not listed in the earlier artifact and the new one writes it too; move it first")
+            why = "it differs from what samout-edge recorded for it" if str(rel) in previous else "it is not ours"
+            raise SamoutError(f"{path} is in the way: the new artifact writes it, and {why}; move it first")
         carried.append(rel)
+    old = target.parent / _unique(OLD_PREFIX)
     if carried:
-        (stage / CARRIED_MARKER).write_text(json.dumps([str(c) for c in carried]))
+        record = {"target": target.name, "old": old.name, "carried": [str(c) for c in carried]}
+        (stage / CARRIED_MARKER).write_text(json.dumps(record))
         for rel in carried:
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(target / rel, stage / rel)
-    old = target.parent / _unique(OLD_PREFIX)
     os.replace(target, old)
     os.replace(stage, target)
     (target / CARRIED_MARKER).unlink(missing_ok=True)
-    shutil.rmtree(old, ignore_errors=True)  # now only the files the earlier manifest listed
+    shutil.rmtree(old, ignore_errors=True)  # now only the files that held what we wrote
 
 
 def read_json(path: str | Path, what: str, max_bytes: int = 64 << 20) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from samout_edge.artifact.config import ARCHS, ModelConfig
-from samout_edge.artifact.files import read_json, sha256_file, write_json_atomic
+from samout_edge.artifact.files import read_json, safe_relative, sha256_file, write_json_atomic
 from samout_edge.artifact.graph import EXPORT_DTYPES, INPUT_IDS, LOGITS, TensorSpec
 from samout_edge.errors import SamoutError
 
@@ -157,14 +157,20 @@ def is_export_dir(path: str | Path) -> bool:
     return isinstance(data, dict) and data.get("producer") == PRODUCER and isinstance(data.get("files"), dict)
 
 
-def previous_export_files(directory: Path) -> list[str] | None:
-    """The files an earlier export at ``directory`` wrote (its manifest's list and
-    the manifest itself); None when what is there is not an export of ours."""
+def previous_export_files(directory: Path) -> dict[str, str | None] | None:
+    """The files an earlier export at ``directory`` wrote, with the sha256 its
+    manifest records (export.json itself: None); None when what is there is not
+    an export of ours. Only files that still match their record are removed."""
     if not is_export_dir(directory):
         return None
     data = json.loads((Path(directory) / MANIFEST_FILE).read_text())
-    names = [str(n) for n in data["files"] if isinstance(n, str) and ".." not in Path(n).parts and not Path(n).is_absolute()]
-    return [*names, MANIFEST_FILE]
+    files: dict[str, str | None] = {}
+    for name, entry in data["files"].items():
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if isinstance(name, str) and isinstance(digest, str) and safe_relative(name):
+            files[name] = digest
+    files[MANIFEST_FILE] = None
+    return files
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -190,7 +196,7 @@ def check_files(directory: str | Path, manifest: Manifest) -> None:
     directory = Path(directory)
     for name, entry in manifest.files.items():
         path = directory / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+        if not safe_relative(name):
             raise SamoutError(f"export.json lists a file outside the export: {name!r}")
         if not path.is_file():
             raise SamoutError(f"{path} is missing (export.json lists it); copy the whole export directory")

@@ -26,6 +26,7 @@ from samout_edge.models.model import SamOut
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_SHA256 = "weights_sha256"  # in config.json: what we wrote, so only that is ever replaced
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
 DEFAULT_HEADS = 8
 
@@ -46,15 +47,18 @@ class Checkpoint:
         return model.to(dtype).eval()
 
 
-def previous_checkpoint_files(directory: Path) -> list[str] | None:
-    """The files an earlier checkpoint of ours at ``directory`` holds; None if it is not ours."""
+def previous_checkpoint_files(directory: Path) -> dict[str, str | None] | None:
+    """The files an earlier checkpoint of ours at ``directory`` holds, with the weights'
+    recorded sha256; None if it is not ours. Weights without a record (checkpoints
+    written before it) are never removed: a replace then stops, naming them."""
     try:
         data = json.loads((directory / CONFIG_FILE).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("format") != "samout-edge":
         return None
-    return [CONFIG_FILE, WEIGHTS_FILE]
+    digest = data.get(WEIGHTS_SHA256)
+    return {CONFIG_FILE: None, **({WEIGHTS_FILE: digest} if isinstance(digest, str) else {})}
 
 
 def save_checkpoint(model: SamOut, directory: str | Path, force: bool = False) -> Path:
@@ -67,7 +71,8 @@ def save_checkpoint(model: SamOut, directory: str | Path, force: bool = False) -
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(stage / WEIGHTS_FILE))
         make_readable(stage / WEIGHTS_FILE)
-        write_json_atomic(stage / CONFIG_FILE, {"format": "samout-edge", **model.config.to_dict()})
+        config = {"format": "samout-edge", **model.config.to_dict(), WEIGHTS_SHA256: sha256_file(stage / WEIGHTS_FILE)}
+        write_json_atomic(stage / CONFIG_FILE, config)
     return directory
 
 
