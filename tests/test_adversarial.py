@@ -156,14 +156,33 @@ def test_a_checkpoint_replace_removes_only_weights_we_wrote(run_cli, tmp_path):
     assert run_cli("init", "--preset", "tiny", "-o", d, "--force", "--seed", "3")[0] == 0  # ours: replaced
 
 
-def test_bench_work_never_replaces_what_is_not_ours(run_cli, exported, tmp_path):
+def test_bench_work_never_replaces_what_is_not_ours(run_cli, tmp_path):
     work = tmp_path / "WK"
     (work / "cummax").mkdir(parents=True)
     (work / "cummax" / "data.bin").write_text("keep")
     code, _, err = run_cli("bench", "--preset", "tiny", "--work", work, "--seq", "8", "--context", "8",
                            "--backend", "ort", "--budget", "0.05", "--no-memory")
-    assert code == 1 and "not a samout-edge export" in one_error_line(err)
+    assert code == 1 and "bench did not make" in one_error_line(err)
     assert (work / "cummax" / "data.bin").read_text() == "keep"
+
+
+def test_bench_work_keeps_a_users_export_of_another_checkpoint(run_cli, tmp_path):
+    """Issue 15 item 14: WK/softmax, the user's export of another checkpoint, is refused, not re-exported."""
+    a, work = tmp_path / "A", tmp_path / "WK"
+    assert run_cli("export", "--preset", "tiny", "-o", a, "--max-seq", "64")[0] == 0
+    assert run_cli("export", "--preset", "tiny", "--seed", "5", "--arch", "softmax", "-o", work / "softmax",
+                   "--max-seq", "64")[0] == 0
+    before = (work / "softmax" / "model.onnx").read_bytes()
+    args = ["bench", a, "--work", work, "--seq", "8", "--context", "8", "--backend", "ort", "--budget", "0.05",
+            "--no-memory", "--repeats", "2", "--min-repeats", "1"]
+    code, _, err = run_cli(*args)
+    assert code == 1 and "bench did not make" in one_error_line(err)
+    assert (work / "softmax" / "model.onnx").read_bytes() == before
+    code, _, err = run_cli(*args[:3], tmp_path / "WK2", *args[4:])  # its own work directory: made, then reused
+    assert code == 0, err
+    made = (tmp_path / "WK2" / "softmax" / "model.onnx").read_bytes()
+    assert run_cli(*args[:3], tmp_path / "WK2", *args[4:])[0] == 0
+    assert (tmp_path / "WK2" / "softmax" / "model.onnx").read_bytes() == made
 
 
 def test_exporting_an_exports_own_checkpoint_into_it_is_refused(run_cli, tmp_path):
@@ -515,3 +534,45 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(run_cli, tmp_path, monkeypat
     code, _, err = run_cli("export", "--preset", "tiny", "-o", tmp_path / "o", "--max-seq", "8")
     assert code == 1 and "No space left on device" in one_error_line(err) and "unexpected" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_of_an_export_whose_checkpoint_moved_names_options_eval_has(run_cli, tmp_path):
+    """Issue 15 item 16: the advice names eval's own options, and --checkpoint takes the copy."""
+    d, text = tmp_path / "d", tmp_path / "t.txt"
+    text.write_text("".join(chr(32 + i % 90) for i in range(200)))
+    assert run_cli("init", "--preset", "tiny", "-o", tmp_path / "ck")[0] == 0
+    assert run_cli("export", tmp_path / "ck", "-o", d, "--max-seq", "32", "--logits", "all")[0] == 0
+    shutil.move(tmp_path / "ck", tmp_path / "moved")
+    vocab = tmp_path / "v.json"
+    vocab.write_text(json.dumps([chr(i) for i in range(128)]))
+    code, _, err = run_cli("eval", d, "--text", text, "--vocab", vocab, "--window", "16")
+    line = one_error_line(err)
+    assert code == 1 and "--checkpoint PATH" in line and "--no-reference" in line
+    code, out, err = run_cli("eval", d, "--text", text, "--vocab", vocab, "--window", "16", "--checkpoint",
+                             tmp_path / "moved", "--json")
+    assert code == 0 and json.loads(out)[0]["top1_agreement"] == 1.0, err
+    code, _, err = run_cli("generate", d, "--ids", "1,2", "--backend", "torch")
+    assert code == 1 and "--checkpoint" not in one_error_line(err)
+
+
+def test_inline_of_an_export_whose_weights_point_outside_it_is_one_line(run_cli, exported, tmp_path):
+    """Issue 15 item 17: refused safely, and said in one line (not 'unexpected ValidationError')."""
+    from samout_edge.artifact.files import sha256_file
+
+    d = tmp_path / "e"
+    shutil.copytree(exported(lowering="custom").directory, d)
+    model = onnx.load(str(d / "model.onnx"))
+    onnx.save_model(model, str(d / "model.onnx"), save_as_external_data=True, location="w.data", size_threshold=0)
+    (d / "w.data").rename(tmp_path / "outside.data")
+    model = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    onnx.save_model(model, str(d / "model.onnx"))
+    data = json.loads((d / "export.json").read_text())
+    data["files"]["model.onnx"] = {"sha256": sha256_file(d / "model.onnx"), "bytes": (d / "model.onnx").stat().st_size}
+    (d / "export.json").write_text(json.dumps(data))
+    code, _, err = run_cli("inline", d, "-o", tmp_path / "i")
+    assert code == 1 and "points outside the directory" in one_error_line(err) and "unexpected" not in err
+    assert not (tmp_path / "i").exists()

@@ -259,8 +259,11 @@ def eval_target(
     arch: str = "cummax",
     heads: int | None = None,
     progress: Progress = no_progress,
+    checkpoint: Path | None = None,
 ) -> EvalResult:
-    """Evaluate an export (any backend), an engine directory, or a checkpoint (torch)."""
+    """Evaluate an export (any backend), an engine directory, or a checkpoint (torch).
+    ``checkpoint``: a copy of an export's source checkpoint, where it has moved (the
+    PyTorch reference and the torch backend run it)."""
     from samout_edge.runtime.ort_runner import load_ort_runner, resolve_provider
     from samout_edge.runtime.registry import LoadOptions, load_runner
 
@@ -279,7 +282,7 @@ def eval_target(
         manifest = read_manifest(target)
         backend = "ort" if backend == "auto" else backend
         if backend == "torch":
-            runner = _torch_runner(target, manifest, None, "all", arch, heads, manifest.dtype, quantized=True)
+            runner = _torch_runner(target, manifest, checkpoint, "all", arch, heads, manifest.dtype, quantized=True)
         elif backend == "ort" and resolve_provider(provider) == "CPUExecutionProvider":
             workers, threads = cpu_workers()
             runner = load_ort_runner(target, provider, intra_op_threads=threads, spinning=False)
@@ -307,7 +310,7 @@ def eval_target(
         reference = None
         if with_reference and (manifest is None or _torch_available()):
             if manifest is not None:
-                reference = _torch_runner(export_dir, manifest, None, "all", manifest.arch, heads, "fp32")
+                reference = _torch_runner(export_dir, manifest, checkpoint, "all", manifest.arch, heads, "fp32")
             elif runner.info.dtype != "fp32":
                 reference = _torch_runner(target, None, target, "all", arch, heads, "fp32")
         scores = evaluate(runner, tokens, token_bytes, window, stride, reference, progress=progress,
@@ -358,11 +361,12 @@ def _torch_runner(directory, manifest, checkpoint, logits, arch, heads, dtype, q
     from samout_edge.errors import require_torch
 
     require_torch("eval on the torch backend, and its PyTorch fp32 reference")
-    from samout_edge.models.checkpoint import load_checkpoint, source_checkpoint
+    from samout_edge.models.checkpoint import COPY_HINT, load_checkpoint, source_checkpoint
     from samout_edge.runtime.torch_runner import load_torch_runner
 
     if manifest is not None:
-        ckpt = source_checkpoint(Path(directory), manifest, None)
+        hint = f"pass --checkpoint PATH to use a copy of it, or {'--backend ort' if quantized else '--no-reference'}"
+        ckpt = source_checkpoint(Path(directory), manifest, checkpoint, COPY_HINT if checkpoint else hint)
         return load_torch_runner(ckpt, manifest.arch, dtype, logits, weights=manifest.weights if quantized else None)
     return load_torch_runner(load_checkpoint(checkpoint, heads), arch, dtype, logits)
 

@@ -43,7 +43,11 @@ def inline_export(source: str | Path, out: str | Path, force: bool = False) -> P
     out = check_output_dir(out)
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
         raise SamoutError("-o must be another directory than the export itself")
-    model = onnx.load(str(source / MODEL_FILE))
+    try:
+        model = onnx.load(str(source / MODEL_FILE))
+    except Exception as e:  # onnx raises ValidationError, DecodeError, OSError for what it cannot load
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SamoutError(f"cannot load {source / MODEL_FILE}: {reason}") from None
     inlined = onnx.inliner.inline_local_functions(model)
     del inlined.functions[:]
     kept = [o for o in inlined.opset_import if o.domain != "samout_edge"]

@@ -163,8 +163,9 @@ def prepare_exports(
         first = work / "cummax"
         options = ExportOptions("cummax", lowering, scan, max_seq=max_seq, dtype=dtype)
         if not _reusable(first, preset, options):
+            check_ours_to_replace(first)
             progress(f"exporting {preset} (cummax) for ONNX Runtime", 0, 2)
-            export(first, options, preset_name=preset)
+            export(first, options, preset_name=preset, made_by=MADE_BY)
         dirs = [first]
 
     manifests = [read_manifest(d) for d in dirs]
@@ -182,6 +183,7 @@ def prepare_exports(
     other = "softmax" if made.arch == "cummax" else "cummax"
     target = work / other
     if not _matches(target, made, other):
+        check_ours_to_replace(target)
         progress(f"exporting the {other} counterpart of {dirs[0]}", 1, 2)
         source = Path(made.source["path"])
         if not source.is_absolute():
@@ -190,9 +192,27 @@ def prepare_exports(
         options = ExportOptions(other, made.lowering, made.scan["scan"], made.max_seq, made.dtype, made.logits, made.opset,
                                 weights=w.get("kind", "fp"), block_size=w.get("block_size"),
                                 weights_format=w.get("format") or "auto")
-        export(target, options, checkpoint=source, heads=None if source.is_dir() else made.config.num_heads)
+        export(target, options, checkpoint=source, heads=None if source.is_dir() else made.config.num_heads,
+               made_by=MADE_BY)
     pair[other] = target
     return pair
+
+
+MADE_BY = "bench"  # export.json extra.made_by of the exports bench makes: the only ones it replaces
+
+
+def check_ours_to_replace(directory: Path) -> None:
+    """bench re-exports into its work directory only where it made what is there: a
+    user's export of another checkpoint under --work is refused, never replaced."""
+    if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
+        return
+    try:
+        made_by = read_manifest(directory).extra.get("made_by")
+    except SamoutError:
+        made_by = None
+    if made_by != MADE_BY:
+        raise SamoutError(f"{directory} holds something bench did not make (an export of another checkpoint or "
+                          "options, or other files); bench replaces only its own exports there: give another --work")
 
 
 def _reusable(directory: Path, preset: str, options) -> bool:

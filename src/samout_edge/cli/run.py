@@ -238,6 +238,8 @@ def eval_command(
                                    help="Also compare with PyTorch fp32 (top-1 agreement, max logit error; needs torch)."),
     arch: Arch = typer.Option("cummax", help="For a checkpoint: cummax or softmax."),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, help="A copy of the exports' source checkpoint, where it has moved (the PyTorch reference runs it)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Quality on the deployed artifact: bits per byte, perplexity, agreement with PyTorch fp32; targets side by side."""
@@ -249,7 +251,7 @@ def eval_command(
     with progress_bar(not json_out) as progress:
         for target in targets:
             results.append(eval_target(target, text, backend.value, provider, window, stride, vocab, reference,
-                                       arch.value, heads, progress))
+                                       arch.value, heads, progress, checkpoint))
     if json_out:
         print_json([r.to_dict() for r in results])
     else:

@@ -303,8 +303,12 @@ def export(
     force: bool = False,
     progress: Progress = no_progress,
     vocab: str | Path | None = None,
+    made_by: str | None = None,
 ) -> ExportResult:
     """Export a checkpoint (or a randomly initialised preset) to an artifact directory.
+
+    ``made_by`` names a tool that made the export for itself (bench), in export.json's
+    ``extra``: that tool replaces only the exports it made.
 
     The directory appears whole or not at all: everything is written to a staging
     directory beside it and renamed into place at the end.
@@ -352,6 +356,8 @@ def export(
                 "sha256": ckpt.sha256,
             }
         manifest = _manifest(ckpt, options, source)
+        if made_by is not None:
+            manifest.extra["made_by"] = made_by
         model = ckpt.model(options.arch, torch_dtype(options.dtype))
         for module in model.modules():
             if isinstance(module, LayerNorm):

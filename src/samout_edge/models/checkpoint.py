@@ -204,16 +204,19 @@ def random_checkpoint(config: ModelConfig, seed: int = 0) -> SamOut:
 
 
 
-def source_checkpoint(directory: Path, manifest: Manifest, override: str | Path | None) -> Checkpoint:
-    """The checkpoint an export came from, checked against the recorded sha256."""
+COPY_HINT = "pass --checkpoint PATH to use a copy of it"
+
+
+def source_checkpoint(directory: Path, manifest: Manifest, override: str | Path | None,
+                      hint: str = COPY_HINT) -> Checkpoint:
+    """The checkpoint an export came from, checked against the recorded sha256.
+    ``hint``: how the command at hand takes a copy of it, for the one-line error."""
     src = manifest.source
     path = Path(override) if override else Path(src["path"])
     if not path.is_absolute() and not override:
         path = directory / path
     if not path.exists():
-        raise SamoutError(
-            f"the source checkpoint {path} is not here; pass --checkpoint PATH to use a copy of it"
-        )
+        raise SamoutError(f"the source checkpoint {path} is not here; {hint}")
     ckpt = load_checkpoint(path, None if path.is_dir() else manifest.config.num_heads)
     if ckpt.sha256 != src.get("sha256"):
         raise SamoutError(f"checkpoint {path} does not match the one exported (sha256 differs)")

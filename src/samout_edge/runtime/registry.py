@@ -57,11 +57,12 @@ def _torch(directory: Path, options: LoadOptions) -> Runner:
     the graph computes."""
     require_torch("the torch backend")
     from samout_edge.artifact.manifest import read_manifest
-    from samout_edge.models.checkpoint import source_checkpoint
+    from samout_edge.models.checkpoint import COPY_HINT, source_checkpoint
     from samout_edge.runtime.torch_runner import load_torch_runner, torch_device
 
     manifest = read_manifest(directory)
-    ckpt = source_checkpoint(directory, manifest, options.checkpoint)
+    hint = "put it back there, or run the export on another backend (ort)"
+    ckpt = source_checkpoint(directory, manifest, options.checkpoint, COPY_HINT if options.checkpoint else hint)
     return load_torch_runner(ckpt, manifest.arch, manifest.dtype, manifest.logits, torch_device(options.device),
                              options.fast_kernel, weights=manifest.weights)
 
