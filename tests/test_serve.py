@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -321,3 +322,165 @@ def test_oversized_bodies_are_refused_before_parsing(exported, client_for):
     r = c.http.post("/v1/completions", content=b"[" + b"1," * (5 * 2**20) + b"1]",
                     headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+# --------------------------------------------------------------------------- issue 15: "saved" only when saved
+
+
+def _row(store: Path, sid: str) -> tuple:
+    with sqlite3.connect(store) as db:
+        return db.execute("SELECT position, pending, state_sha256 FROM sessions WHERE id = ?", (sid,)).fetchone()
+
+
+def test_a_locked_store_answers_json_503_and_moves_no_session(exported, client_for, tmp_path):
+    """Item 5: another process holds an exclusive lock: the continuation fails as JSON, the session stays
+    put in memory and on disk, reads are served, and once the lock goes it continues as if nothing happened."""
+    d, store = exported().directory, tmp_path / "s.sqlite"
+    c = client_for(d, store, store_busy_timeout_s=0.2)
+    sid = c.http.post("/v1/sessions").json()["id"]
+    first = c.tokens([5, 9], 3, session=sid)
+    before, row = c.http.get(f"/v1/sessions/{sid}").json(), _row(store, sid)
+    other = sqlite3.connect(store, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    r = c.complete([17], 4, session=sid)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+    assert c.http.post("/v1/sessions").status_code == 503
+    assert c.http.get(f"/v1/sessions/{sid}").json() == before  # reads still served, nothing moved
+    other.execute("ROLLBACK")
+    other.close()
+    assert _row(store, sid) == row and len(c.server.sessions.sessions) == 1
+    assert c.tokens([17], 4, session=sid) == greedy(d, [5, 9, *first, 17], 4)
+
+
+def test_a_full_store_creates_no_session_it_cannot_keep(exported, client_for, tmp_path):
+    """Item 5, the disk-full half: SQLite's SQLITE_FULL (max_page_count reached) is a 503 and no phantom session."""
+    store = tmp_path / "s.sqlite"
+    c = client_for(exported().directory, store)
+    db = c.server.sessions.store.db
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    statuses = [c.http.post("/v1/sessions").status_code for _ in range(40)]
+    assert 503 in statuses
+    created = statuses.index(503)
+    assert len(c.server.sessions.sessions) == created
+    with sqlite3.connect(store) as other:
+        assert other.execute("SELECT COUNT(*) FROM sessions").fetchone() == (created,)
+
+
+def test_a_store_deleted_while_serving_is_noticed(exported, client_for, tmp_path):
+    """Item 6: the store's directory is removed under the server: requests that would persist fail, /health says so."""
+    (tmp_path / "st").mkdir()
+    c = client_for(exported().directory, tmp_path / "st" / "s.sqlite")
+    sid = c.http.post("/v1/sessions").json()["id"]
+    c.tokens([5, 9], 3, session=sid)
+    before = c.http.get(f"/v1/sessions/{sid}").json()
+    shutil.rmtree(tmp_path / "st")
+    r = c.complete([17], 4, session=sid)
+    assert r.status_code == 503 and "removed while serving" in r.json()["error"]["message"]
+    assert c.http.get(f"/v1/sessions/{sid}").json() == before
+    health = c.http.get("/health")
+    assert health.status_code == 503 and "removed" in health.json()["status"]
+
+
+def test_one_store_one_server(exported, client_for, tmp_path, run_cli):
+    """Item 7: a second server on the same store is refused at start, in one line."""
+    store = tmp_path / "s.sqlite"
+    client_for(exported().directory, store)
+    with pytest.raises(SamoutError, match="in use by another samout-edge serve .pid"):
+        client_for(exported().directory, store)
+    code, _, err = run_cli("serve", exported().directory, "--store", store, "--port", "0")
+    assert code == 1 and "one store, one server" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_foreign_sqlite_file_is_not_taken_over(exported, client_for, tmp_path):
+    store = tmp_path / "app.sqlite"
+    with sqlite3.connect(store) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+    with pytest.raises(SamoutError, match="SQLite file of something else"):
+        client_for(exported().directory, store)
+    with sqlite3.connect(store) as db:
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["users"]
+
+
+def test_the_store_is_private(exported, client_for, tmp_path):
+    """Item 9: session states are user data: 0600, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        c = client_for(exported().directory, tmp_path / "s.sqlite")
+        c.tokens([5, 9], 3, session=c.http.post("/v1/sessions").json()["id"])
+    finally:
+        os.umask(old)
+    for path in tmp_path.glob("s.sqlite*"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+
+
+def test_a_client_gone_before_a_whole_completion_leaves_the_session(exported, tmp_path):
+    """Item 8: a non-streamed request whose client disconnects advances nothing it never received."""
+    d = exported(max_seq=4096).directory
+    with ServerProcess(d, "--store", str(tmp_path / "s.sqlite")) as server:
+        sid = httpx.post(f"{server.url}/v1/sessions").json()["id"]
+        body = {"prompt": [5, 9], "max_tokens": 4000, "temperature": 0, "session": sid}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the server notices, cancels and releases the session
+            r = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 2})
+            if r.status_code != 409:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 200, r.text
+        assert r.json()["session"]["position"] == 2 + 1  # only this request's tokens: 5 9, then one generated
+        assert r.json()["choices"][0]["token_ids"] == greedy(d, [5, 9], 2)
+
+
+def _rss_peak_kib(pid: int) -> int:
+    return int(next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM")))
+
+
+def test_a_chunked_body_is_cut_at_the_limit(exported):
+    """Item 10: 30 MB with Transfer-Encoding: chunked gets 413 without being read or parsed whole."""
+    with ServerProcess(exported().directory, "--memory-only") as server:
+        before = _rss_peak_kib(server.pid)
+
+        def body():
+            for _ in range(300):
+                yield b"[" + b"1, " * 33_000 + b"1]"
+
+        started = time.time()
+        r = httpx.post(f"{server.url}/v1/completions", content=body(), headers={"content-type": "application/json"},
+                       timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        assert time.time() - started < 10
+        assert _rss_peak_kib(server.pid) - before < 40 * 1024  # read at most the 8 MiB limit
+
+
+def test_a_huge_text_prompt_does_not_block_the_server(exported, tmp_path):
+    """Item 11: a 7 MB text prompt is refused on its length before encoding, off the event loop."""
+    import threading
+
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps([chr(i) for i in range(127)] + ["a" * 50]))  # one long token: 50 tries a character
+    with ServerProcess(exported().directory, "--memory-only", "--vocab", str(vocab)) as server:
+        answers = []
+        big = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{server.url}/v1/completions", json={"prompt": "b" * 7_000_000, "max_tokens": 1}, timeout=600)))
+        big.start()
+        slowest = 0.0
+        while big.is_alive():
+            t0 = time.time()
+            assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+            slowest = max(slowest, time.time() - t0)
+            time.sleep(0.02)
+        big.join()
+        assert answers[0].status_code == 400 and answers[0].json()["error"]["code"] == "prompt_too_long"
+        assert slowest < 2.0
+
+
+def test_text_encoding_is_linear_in_the_text(exported):
+    """Item 11: greedy longest match stays linear with a 2000-character token (was quadratic: 40 s)."""
+    from samout_edge.artifact.vocab import Vocab
+
+    vocab = Vocab(["a" * 1999 + "b", "a", "b"])
+    started = time.time()
+    assert vocab.encode("a" * 20_000) == [1] * 20_000
+    assert vocab.encode("a" * 1999 + "b" + "ab") == [0, 1, 2]
+    assert time.time() - started < 5

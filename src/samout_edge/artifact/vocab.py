@@ -17,9 +17,23 @@ VOCAB_FILE = "vocab.json"
 
 @dataclass
 class Vocab:
-    """A JSON list of token strings; id i is tokens[i]."""
+    """A JSON list of token strings; id i is tokens[i].
+
+    Text is matched greedily, longest token first, left to right (the first id of
+    a token listed twice wins), in time linear in the text whatever the tokens'
+    lengths: an Aho-Corasick automaton over the reversed tokens finds, for every
+    position, the longest token starting there.
+    """
 
     tokens: list[str]
+
+    def __post_init__(self) -> None:
+        self.index: dict[str, int] = {}
+        for i, token in enumerate(self.tokens):
+            if token:
+                self.index.setdefault(token, i)
+        self.longest = max((len(t) for t in self.index), default=0)
+        self._automaton: _Automaton | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
@@ -30,27 +44,81 @@ class Vocab:
             raise SamoutError(f"vocab file {path} must be a JSON list of strings, at least one of them non-empty")
         return cls(data)
 
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), known without encoding."""
+        return -(-len(text) // self.longest)
+
     def encode(self, text: str) -> list[int]:
         """Greedy longest match; every character must be covered by some token."""
-        index: dict[str, int] = {}
-        for i, token in enumerate(self.tokens):
-            if token:
-                index.setdefault(token, i)
-        longest = max(len(t) for t in index)
-        ids, pos = [], 0
+        if self.longest == 1:  # one character per token: a lookup each
+            try:
+                return [self.index[c] for c in text]
+            except KeyError:
+                pos = next(i for i, c in enumerate(text) if c not in self.index)
+                raise SamoutError(f"the vocab has no token for {text[pos]!r} (position {pos} of the prompt)") from None
+        if self._automaton is None:
+            self._automaton = _Automaton(self.index)
+        lengths, ids = self._automaton.longest_from_each_position(text)
+        out, pos = [], 0
         while pos < len(text):
-            for size in range(min(longest, len(text) - pos), 0, -1):
-                token_id = index.get(text[pos : pos + size])
-                if token_id is not None:
-                    ids.append(token_id)
-                    pos += size
-                    break
-            else:
+            if not lengths[pos]:
                 raise SamoutError(f"the vocab has no token for {text[pos]!r} (position {pos} of the prompt)")
-        return ids
+            out.append(ids[pos])
+            pos += lengths[pos]
+        return out
 
     def decode(self, token_id: int) -> str:
         return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<{token_id}>"
+
+
+class _Automaton:
+    """Aho-Corasick over the reversed tokens. Reading the text backwards, the state
+    after text[p] is the longest suffix read so far that begins a reversed token, and
+    the longest token ending there (reversed: starting at p) is its longest terminal
+    suffix, precomputed per state."""
+
+    def __init__(self, index: dict[str, int]):
+        goto: list[dict[str, int]] = [{}]
+        depth, terminal = [0], [-1]
+        for token, token_id in index.items():
+            state = 0
+            for c in reversed(token):
+                nxt = goto[state].get(c)
+                if nxt is None:
+                    nxt = len(goto)
+                    goto[state][c] = nxt
+                    goto.append({})
+                    depth.append(depth[state] + 1)
+                    terminal.append(-1)
+                state = nxt
+            terminal[state] = token_id
+        fail = [0] * len(goto)
+        best_len = [depth[s] if terminal[s] >= 0 else 0 for s in range(len(goto))]
+        best_id = list(terminal)
+        queue = list(goto[0].values())
+        for state in queue:  # breadth first: a state's failure link is shallower, so already final
+            for c, nxt in goto[state].items():
+                f = fail[state]
+                while f and c not in goto[f]:
+                    f = fail[f]
+                fail[nxt] = goto[f][c] if c in goto[f] and goto[f][c] != nxt else 0
+                if terminal[nxt] < 0:
+                    best_len[nxt], best_id[nxt] = best_len[fail[nxt]], best_id[fail[nxt]]
+                queue.append(nxt)
+        self.goto, self.fail, self.best_len, self.best_id = goto, fail, best_len, best_id
+
+    def longest_from_each_position(self, text: str) -> tuple[list[int], list[int]]:
+        """(length, id) of the longest token starting at each position (length 0: none)."""
+        goto, fail, best_len, best_id = self.goto, self.fail, self.best_len, self.best_id
+        lengths, ids = [0] * len(text), [0] * len(text)
+        state = 0
+        for pos in range(len(text) - 1, -1, -1):
+            c = text[pos]
+            while state and c not in goto[state]:
+                state = fail[state]
+            state = goto[state].get(c, 0)
+            lengths[pos], ids[pos] = best_len[state], best_id[state]
+        return lengths, ids
 
 
 def export_vocab(target: str | Path) -> Vocab | None:

@@ -12,6 +12,7 @@ only when a request completes, and persisted before the response says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import secrets
@@ -48,6 +49,7 @@ class ServeOptions:
     max_batch: int = 32
     max_tokens: int = 4096  # per request
     policy: SessionPolicy = field(default_factory=SessionPolicy)
+    store_busy_timeout_s: float = 5.0  # how long a write waits for another process's lock on the store
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -95,7 +97,7 @@ class Server:
         store = None
         if options.store is not None:
             try:
-                store = SessionStore(options.store, fingerprint)
+                store = SessionStore(options.store, fingerprint, options.store_busy_timeout_s)
             except BaseException:
                 self.batcher.stop()
                 raise
@@ -135,6 +137,11 @@ class Server:
             if self.vocab is None:
                 raise SessionError("this server has no vocab (serve --vocab FILE): send the prompt as token ids",
                                    400, "no_vocab")
+            limit = self.info.max_seq
+            fewest = self.vocab.fewest_tokens(prompt)  # checked before encoding: a huge text is refused at once
+            if limit is not None and fewest > limit:
+                raise SessionError(f"the prompt is at least {fewest} tokens, above the export's max_seq {limit}",
+                                   400, "prompt_too_long")
             try:
                 return self.vocab.encode(prompt)
             except SamoutError as e:
@@ -161,6 +168,49 @@ class Server:
 
     def text(self, tokens: list[int]) -> str:
         return "".join(self.vocab.decode(t) for t in tokens) if self.vocab else ""
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes as they arrive (chunked ones too): the body is
+    read here, at most ``limit`` bytes of it, and replayed to the app; a longer one
+    gets 413 without the rest being read or parsed."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away mid-body
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: http.disconnect, when the client goes away
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        response = _error(413, f"the body is larger than {self.limit} bytes", "body_too_large")
+        await response(scope, receive, send)
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
@@ -193,14 +243,12 @@ def create_app(server: Server) -> FastAPI:
 
     @app.middleware("http")
     async def count(request: Request, call_next):
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            response = _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "body_too_large")
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         route = request.scope.get("route")
         metrics.inc("samout_requests_total", route=getattr(route, "path", "unmatched"), status=str(response.status_code))
         return response
+
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # outermost of ours: before anything reads the body
 
     @app.exception_handler(SessionError)
     async def session_error(request: Request, exc: SessionError):
@@ -218,11 +266,21 @@ def create_app(server: Server) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), "http_error")
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):  # a bug: still a JSON body, never plain text
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
     @app.get("/health")
     async def health():
         info = server.info
-        alive = server.batcher.thread.is_alive()
-        return JSONResponse(status_code=200 if alive else 503, content={"status": "ok" if alive else "runner stopped", "model": server.model_name, "arch": info.arch, "backend": info.backend,
+        status = "ok" if server.batcher.thread.is_alive() else "runner stopped"
+        if status == "ok" and server.sessions.store is not None:
+            try:
+                server.sessions.store.check()
+            except SessionError as e:
+                status = str(e)
+        return JSONResponse(status_code=200 if status == "ok" else 503, content={
+                "status": status, "model": server.model_name, "arch": info.arch, "backend": info.backend,
                 "device": info.device, "dtype": info.dtype, "max_seq": info.max_seq,
                 "vocab_size": info.config.vocab_size, "max_batch": server.batcher.max_batch,
                 "sessions": len(server.sessions.sessions), "session_state_bytes": server.sessions.state_bytes,
@@ -254,8 +312,8 @@ def create_app(server: Server) -> FastAPI:
         return {"id": session_id, "object": "session", "deleted": True}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        prompt = server.prompt_ids(req.prompt)
+    async def completions(req: CompletionRequest, request: Request):
+        prompt = await asyncio.to_thread(server.prompt_ids, req.prompt)  # text: linear time, off the event loop
         session = server.sessions.acquire(req.session) if req.session is not None else None
         try:
             ids = (session.pending if session else []) + prompt
@@ -275,7 +333,7 @@ def create_app(server: Server) -> FastAPI:
         run.start()
         if req.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream")
-        return await run.whole()
+        return await run.whole(request)
 
     return app
 
@@ -289,6 +347,7 @@ class _Run:
         self.t0 = time.perf_counter()
         self.first_token_s: float | None = None
         self.finished = False
+        self.completing: asyncio.Future | None = None  # the commit of a finished job
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -299,14 +358,21 @@ class _Run:
         self.server.batcher.submit(self.job)
 
     async def _events(self) -> AsyncIterator[tuple[str, Any]]:
+        """The job's events; an error's value is a SessionError (its status and code)."""
         try:
             while True:
                 kind, value = await self.events.get()
                 if kind == "token" and self.first_token_s is None:
                     self.first_token_s = time.perf_counter() - self.t0
                     self.server.metrics.observe("samout_time_to_first_token_seconds", self.first_token_s)
+                if kind == "error":
+                    value = SessionError(value, 500, "runner_error")
                 if kind == "done":
-                    await self._complete(value)
+                    self.completing = asyncio.ensure_future(self._complete(value))
+                    try:
+                        await asyncio.shield(self.completing)  # once done, the commit runs to its end
+                    except SessionError as e:  # the store could not record it: the session did not move
+                        kind, value = "error", e
                 yield kind, value
                 if kind in ("done", "error"):
                     return
@@ -329,7 +395,16 @@ class _Run:
         self.server.active -= 1
         self.server.sessions.unreserve(self.reserved)
         if self.session is not None:
-            self.server.sessions.release(self.session)
+            session, sessions = self.session, self.server.sessions
+            if self.completing is not None and not self.completing.done():  # released once its commit has landed
+                def release(task: asyncio.Future) -> None:
+                    if not task.cancelled():
+                        task.exception()  # retrieved: a failed commit was already answered for
+                    sessions.release(session)
+
+                self.completing.add_done_callback(release)
+            else:
+                sessions.release(session)
 
     def body(self, result: JobResult) -> dict[str, Any]:
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.server.model_name,
@@ -341,13 +416,29 @@ class _Run:
             body["session"] = self.session.to_dict()
         return body
 
-    async def whole(self) -> JSONResponse:
-        async for kind, value in self._events():
-            if kind == "done":
-                return JSONResponse(self.body(value))
-            if kind == "error":
-                return _error(500, value, "runner_error")
-        return _error(500, "the request ended without a result", "internal_error")  # pragma: no cover
+    async def whole(self, request: Request) -> JSONResponse:
+        """The whole completion as one body. A client that goes away before it is done
+        cancels the job: nobody receives those tokens, so the session does not take them."""
+
+        async def result() -> JSONResponse:
+            async for kind, value in self._events():
+                if kind == "done":
+                    return JSONResponse(self.body(value))
+                if kind == "error":
+                    return _error(value.status, str(value), value.code)
+            return _error(500, "the request ended without a result", "internal_error")  # pragma: no cover
+
+        answer, gone = asyncio.ensure_future(result()), asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if answer.done():
+                return answer.result()
+            answer.cancel()  # closes the event stream: the job is cancelled, the session released unchanged
+            with contextlib.suppress(asyncio.CancelledError):
+                await answer
+            return _error(499, "the client closed the request", "client_closed_request")
+        finally:
+            gone.cancel()
 
     async def sse(self) -> AsyncIterator[str]:
         def chunk(payload: dict) -> str:
@@ -366,8 +457,14 @@ class _Run:
                 yield chunk(final)
                 yield "data: [DONE]\n\n"
             else:
-                yield chunk({"error": {"message": value, "type": "server_error", "code": "runner_error"}})
+                yield chunk({"error": {"message": str(value), "type": "server_error", "code": value.code}})
                 yield "data: [DONE]\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _sweep(server: Server) -> None:

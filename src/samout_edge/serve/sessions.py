@@ -21,9 +21,12 @@ Cummax states are constant-size, so cummax sessions are bounded only by
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -77,30 +80,102 @@ def decode_state(blob: bytes) -> dict[str, np.ndarray]:
     return state
 
 
-class SessionStore:
-    """The SQLite file. One connection, used under a lock from any thread."""
+class SessionError(SamoutError):
+    """A request the session table refuses; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, path: str | Path, model_fingerprint: str):
+    def __init__(self, message: str, status: int, code: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class StoreUnavailable(SessionError):
+    """The store could not record a change: the change is not made (in memory either)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 503, "store_unavailable")
+
+
+class SessionStore:
+    """The SQLite file. One connection, used under a lock from any thread.
+
+    One store, one server: the file is locked (flock) while a server holds it, so a
+    second server on it is refused at start instead of forking its sessions. The
+    file's identity (device, inode) is checked on every write: a store deleted or
+    replaced under a running server fails the request that would have written to
+    it, instead of writing into an unlinked file. New stores are 0600: states are
+    user data.
+    """
+
+    def __init__(self, path: str | Path, model_fingerprint: str, busy_timeout_s: float = 5.0):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_file():
             raise SamoutError(f"--store {self.path} exists and is not a file")
         if not self.path.parent.is_dir():
             raise SamoutError(f"--store {self.path}: directory {self.path.parent} does not exist")
         self.lock = threading.Lock()
+        self.lock_fd: int | None = None
+        created = False
         try:
-            self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # before SQLite makes it 0644
+            os.close(fd)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise SamoutError(f"--store {self.path}: cannot create it: {e.strerror or e}") from None
+        try:
+            self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                      timeout=busy_timeout_s)
+            tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not created and tables and not {"meta", "sessions"} <= tables:
+                raise SamoutError(f"--store {self.path} is a SQLite file of something else (tables: "
+                                  f"{', '.join(sorted(tables))}); give a new file")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            self._hold_lock()
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self.db.execute("CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, position INTEGER NOT NULL, "
                             "pending TEXT NOT NULL, state BLOB NOT NULL, state_sha256 TEXT NOT NULL, "
                             "created REAL NOT NULL, last_used REAL NOT NULL)")
+            self._check_meta(model_fingerprint)
         except sqlite3.DatabaseError as e:
+            self.close()
             raise SamoutError(f"--store {self.path} is not a usable SQLite file: {e}") from None
-        self._check_meta(model_fingerprint)
+        except BaseException:
+            self.close()
+            raise
+        for suffix in ("", "-wal", "-shm"):  # ours: states are user data, readable by this user only
+            extra = Path(f"{self.path}{suffix}")
+            if extra.is_file() and extra.stat().st_mode & 0o077:
+                extra.chmod(0o600)
+        stat = self.path.stat()
+        self.identity = (stat.st_dev, stat.st_ino)
+
+    def _hold_lock(self) -> None:
+        """flock the store for this process's lifetime (released by the kernel on any exit, kill -9 too)."""
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: one server per store is then the user's to keep
+            return
+        self.lock_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            try:
+                row = self.db.execute("SELECT value FROM meta WHERE key = 'server'").fetchone()
+                holder = f" ({row[0]})" if row else ""
+            except sqlite3.DatabaseError:
+                pass
+            raise SamoutError(f"--store {self.path} is in use by another samout-edge serve{holder}: one store, one "
+                              "server; give this one another --store") from None
+        with self.lock:
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('server', ?)",
+                            (f"pid {os.getpid()} on {socket.gethostname()}",))
 
     def _check_meta(self, fingerprint: str) -> None:
-        meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        meta = dict(self.db.execute("SELECT key, value FROM meta WHERE key != 'server'").fetchall())
         if not meta:
             with self.lock:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -114,16 +189,33 @@ class SessionStore:
             raise SamoutError(f"--store {self.path} holds sessions of another model ({meta.get('model')}); "
                               f"this one is {fingerprint}: give another --store")
 
+    def check(self) -> None:
+        """The file this server opened is still the one at the store's path."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            raise StoreUnavailable(f"the session store {self.path} was removed while serving; nothing is persisted "
+                                   "any more: restart serve") from None
+        if (stat.st_dev, stat.st_ino) != self.identity:
+            raise StoreUnavailable(f"the session store {self.path} was replaced while serving; restart serve")
+
+    def _write(self, sql: str, params: tuple) -> None:
+        with self.lock:
+            self.check()
+            try:
+                self.db.execute(sql, params)
+            except sqlite3.Error as e:  # locked by another process, disk full, I/O error
+                raise StoreUnavailable(f"the session store {self.path} cannot record it ({e}); nothing was changed"
+                                       ) from None
+
     def save(self, session: Session) -> None:
         blob = encode_state(session.state)
         row = (session.id, session.position, json.dumps(session.pending), blob, hashlib.sha256(blob).hexdigest(),
                session.created, session.last_used)
-        with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        self._write("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", row)
 
     def delete(self, session_id: str) -> None:
-        with self.lock:
-            self.db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        self._write("DELETE FROM sessions WHERE id = ?", (session_id,))
 
     def load_all(self) -> tuple[list[Session], list[str]]:
         """Every session, and the ids of rows that fail their checksum (left in place, reported)."""
@@ -143,15 +235,12 @@ class SessionStore:
 
     def close(self) -> None:
         with self.lock:
-            self.db.close()
-
-
-class SessionError(SamoutError):
-    """A request the session table refuses; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int, code: str):
-        super().__init__(message)
-        self.status, self.code = status, code
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+                self.db = None
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)  # releases the flock
+                self.lock_fd = None
 
 
 @dataclass
@@ -217,15 +306,15 @@ class SessionTable:
         with self.lock:
             self.reserved -= extra_bytes
 
-    # -- lifecycle
+    # -- lifecycle: the store first, memory only once the store has it
 
     def create(self) -> Session:
         with self.lock:
             self._make_room()
             session = Session(secrets.token_hex(12), {k: v.copy() for k, v in self.initial.items()})
+            if self.store is not None:
+                self.store.save(session)
             self.sessions[session.id] = session
-        if self.store is not None:
-            self.store.save(session)
         return session
 
     def _make_room(self) -> None:
@@ -237,9 +326,9 @@ class SessionTable:
             self._evict(min(idle, key=lambda s: s.last_used).id)
 
     def _evict(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
         if self.store is not None:
             self.store.delete(session_id)
+        self.sessions.pop(session_id, None)
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
@@ -260,11 +349,15 @@ class SessionTable:
         session.busy = False
 
     def commit(self, session: Session, state: dict[str, np.ndarray], consumed: int, pending: list[int]) -> None:
-        """The request completed: the new state is persisted before the client hears so."""
-        session.state, session.position, session.pending = state, session.position + consumed, pending
-        session.last_used = time.time()
+        """The request completed: the new state is persisted before the client hears so,
+        and the session changes in memory only once the store has it (StoreUnavailable
+        otherwise: the session stays as it was, in memory and on disk)."""
+        after = dataclasses.replace(session, state=state, position=session.position + consumed, pending=pending,
+                                    last_used=time.time())
         if self.store is not None:
-            self.store.save(session)
+            self.store.save(after)
+        session.state, session.position, session.pending = after.state, after.position, after.pending
+        session.last_used = after.last_used
 
     def delete(self, session_id: str) -> None:
         with self.lock:
@@ -274,10 +367,16 @@ class SessionTable:
             self._evict(session_id)
 
     def sweep(self, now: float | None = None) -> int:
-        """Evict sessions idle past the TTL; returns how many."""
+        """Evict sessions idle past the TTL; returns how many. One the store cannot drop
+        stays (in memory and on disk alike) until a later sweep."""
         now = time.time() if now is None else now
+        evicted = 0
         with self.lock:
             expired = [s.id for s in self.sessions.values() if not s.busy and now - s.last_used > self.policy.ttl_s]
             for sid in expired:
-                self._evict(sid)
-        return len(expired)
+                try:
+                    self._evict(sid)
+                    evicted += 1
+                except StoreUnavailable:
+                    break
+        return evicted
