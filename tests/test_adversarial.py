@@ -16,6 +16,7 @@ import onnx
 import pytest
 
 from samout_edge.artifact.manifest import read_manifest
+from samout_edge.errors import SamoutError
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.runtime.ort_runner import load_ort_runner
 from tests.test_cli import one_error_line
@@ -260,8 +261,49 @@ def test_past_max_seq_the_graph_returns_nan_never_a_finite_wrong_answer(exported
     for seq in (300, 301, 400, 1000):
         logits, state = runner.run(ids[:, :seq], runner.initial_state(1))
         assert np.isnan(logits).all() == (seq > 300) and np.isfinite(logits).all() == (seq <= 300)
-    next_logits, _ = runner.run(ids[:, :1], state)  # the poison stays in the state
-    assert np.isnan(next_logits).all()
+    assert all(np.isnan(v).all() for v in state.values())
+    with pytest.raises(SamoutError, match="poisoned"):  # our runners refuse a poisoned state on the host
+        runner.run(ids[:, :1], state)
+
+
+def _graph_runtimes(path: Path) -> dict:
+    """The export's graph in ONNX Runtime (a bare session), OpenVINO and onnx.reference: feed -> outputs."""
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    evaluator = ReferenceEvaluator(str(path))
+    runtimes = {"onnxruntime": lambda feed: dict(zip(names, session.run(None, feed))),
+                "onnx.reference": lambda feed: dict(zip(names, evaluator.run(None, feed)))}
+    ov = pytest.importorskip("openvino")
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    runtimes["openvino"] = lambda feed: {o.get_any_name(): v for o, v in compiled(feed).items()}
+    return runtimes
+
+
+def test_the_nan_poison_stays_in_every_runtime_whatever_its_max(exported):
+    """Issue 15 item 2: a poisoned state gives NaN on the next call in ONNX Runtime, OpenVINO (whose
+    Max(NaN, x) is x) and onnx.reference, row by row: a batch's healthy rows keep their answers."""
+    d = exported().directory  # max_seq 300
+    rng = np.random.default_rng(3)
+    long_ids, ids = rng.integers(0, 128, (1, 301)), rng.integers(0, 128, (2, 1))
+    names = [f"past_max.{i}" for i in range(2)]
+    for name, run in _graph_runtimes(d / "model.onnx").items():
+        empty = {n: np.full((1, 4, 1, 8), np.finfo(np.float32).min, np.float32) for n in names}
+        poisoned = run({"input_ids": long_ids, **empty})
+        assert np.isnan(poisoned["logits"]).all(), name
+        healthy = run({"input_ids": long_ids[:, :200], **empty})
+        state = {n: np.concatenate([poisoned[n.replace("past_max", "present_max")],
+                                    healthy[n.replace("past_max", "present_max")]]) for n in names}
+        for _ in range(3):  # decode steps keep the poison in row 0 and leave row 1 alone
+            out = run({"input_ids": ids, **state})
+            assert np.isnan(out["logits"][0]).all() and np.isfinite(out["logits"][1]).all(), name
+            state = {n: out[n.replace("past_max", "present_max")] for n in names}
+        inf_state = {n: np.concatenate([v[1:], v[1:]]) for n, v in state.items()}
+        inf_state[names[1]][0, 0, 0, 0] = np.inf  # an infinity is refused the same way
+        out = run({"input_ids": ids, **inf_state})
+        assert np.isnan(out["logits"][0]).all() and np.isfinite(out["logits"][1]).all(), name
 
 
 def test_max_seq_in_the_graph_wins_over_an_edited_manifest(exported, tmp_path):

@@ -360,12 +360,18 @@ def register_placeholder_schema() -> None:
 
 
 def guard_length(model: onnx.ModelProto, input_name: str, axis: int, max_len: int, outputs: list[str],
-                 elem_type: int) -> onnx.ModelProto:
-    """Make ``outputs`` NaN when ``input_name``'s ``axis`` is longer than ``max_len``.
+                 elem_type: int, state_inputs: list[str] = ()) -> onnx.ModelProto:
+    """Make ``outputs`` NaN when ``input_name``'s ``axis`` is longer than ``max_len``,
+    or when a ``state_inputs`` row holds a NaN or an infinity.
 
     An unrolled scan is wrong past the length it was unrolled for, and a wrong
-    finite answer is the worst kind; a NaN is loud in every runtime and stays NaN
-    through the state into every later call. Costs five tiny nodes per graph.
+    finite answer is the worst kind; a NaN is loud in every runtime. It must also
+    stay loud through the state into every later call, and a running max does not
+    carry it everywhere: OpenVINO's (and CUDA's fmax's) Max(NaN, x) is x. So the
+    incoming state is checked here too, with arithmetic that propagates NaN in
+    every runtime: per batch row, ReduceSum(state * 0) is 0 for a finite state
+    and NaN otherwise. Rows are poisoned one by one (a batch of sessions keeps its
+    healthy rows). A few tiny nodes per graph.
     """
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     g = GraphBuilder("length_guard", opset)
@@ -373,7 +379,23 @@ def guard_length(model: onnx.ModelProto, input_name: str, axis: int, max_len: in
     length = g.op("Slice", [shape, g.const([axis]), g.const([axis + 1])])
     too_long = g.op("Greater", [length, g.const([max_len])])
     np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-    poison = g.op("Where", [too_long, g.const([np.nan], np_type), g.const([0.0], np_type)])
+    poison = g.op("Where", [too_long, g.const([np.nan], np_type), g.const([0.0], np_type)])  # [1]
+    if state_inputs:
+        zero = g.const([0.0], np_type)
+        rows = [g.op("ReduceSum", [g.op("Mul", [name, zero]), g.const([1, 2, 3])], keepdims=1) for name in state_inputs]
+        total = rows[0] if len(rows) == 1 else g.op("Sum", rows)  # [batch, 1, 1, 1]: 0, or NaN for a bad row
+        poison = g.op("Add", [total, poison])
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.output}
+    by_rank: dict[int, str] = {}
+
+    def poison_for(rank: int) -> str:
+        """The poison shaped to broadcast over an output of ``rank`` dims, batch first."""
+        if not state_inputs:
+            return poison
+        if rank not in by_rank:
+            by_rank[rank] = poison if rank == 4 else g.op("Reshape", [poison, g.const([-1] + [1] * (rank - 1))])
+        return by_rank[rank]
+
     producers = {out: node for node in model.graph.node for out in node.output}
     for name in outputs:
         unguarded = f"{name}_unguarded"
@@ -383,6 +405,6 @@ def guard_length(model: onnx.ModelProto, input_name: str, axis: int, max_len: in
             for i, inp in enumerate(consumer.input):
                 if inp == name:
                     consumer.input[i] = unguarded
-        g.op("Add", [unguarded, poison], outputs=[name])
+        g.op("Add", [unguarded, poison_for(ranks[name])], outputs=[name])
     model.graph.node.extend(g.nodes)
     return model

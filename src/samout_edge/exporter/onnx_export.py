@@ -204,7 +204,8 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
     elem_type = graph.dtype(manifest.dtype).onnx
     low.lower_cummax(model, manifest.lowering, plan, static_lengths, elem_type)
     if manifest.arch == "cummax":  # the sequence scan is unrolled for max_seq: past it, NaN (softmax has no limit)
-        low.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs], elem_type)
+        low.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs], elem_type,
+                         state_inputs=manifest.state_inputs)
     if manifest.opset < 18:
         downgrade_split(model)
     for value, spec in zip(list(model.graph.input) + list(model.graph.output), manifest.inputs + manifest.outputs):

@@ -18,9 +18,31 @@ from typing import Any
 
 import numpy as np
 
+from samout_edge.artifact import graph
 from samout_edge.artifact.config import ModelConfig
+from samout_edge.errors import SamoutError
 
 State = dict[str, Any]
+
+
+def check_feed(info: RunnerInfo, input_ids: Any, state: State) -> None:
+    shape = getattr(input_ids, "shape", None)
+    if shape is None:
+        shape = np.shape(input_ids)
+    if len(shape) != 2 or not shape[0] or not shape[1]:
+        raise SamoutError(f"input_ids must be [batch, seq] with at least one token, got shape {tuple(shape)}")
+    names = graph.past_names(info.arch, info.config.num_layers)
+    if set(state) != set(names):
+        missing = sorted(set(names) - set(state)) or sorted(set(state) - set(names))
+        raise SamoutError(f"the state does not match the graph's inputs ({', '.join(missing[:3])}); "
+                          "start from initial_state()")
+    if info.arch != "cummax":
+        return  # a KV cache's NaN propagates through every runtime's attention; a running max's may not
+    for name in names:
+        value = state[name]
+        if isinstance(value, np.ndarray) and not np.isfinite(value).all():
+            raise SamoutError(f"the state is not finite ({name} holds NaN or inf): it was poisoned by a call longer "
+                              "than the export's max_seq, or corrupted; start again from initial_state()")
 
 
 @dataclass(frozen=True)
@@ -42,9 +64,20 @@ class Runner(ABC):
     def initial_state(self, batch: int) -> State:
         """The state before any token."""
 
-    @abstractmethod
     def run(self, input_ids: np.ndarray, state: State) -> tuple[Any, State]:
-        """Logits for ``input_ids`` ([batch, seq] int64) after ``state``, and the new state."""
+        """Logits for ``input_ids`` ([batch, seq] int64) after ``state``, and the new state.
+
+        The feed is checked here, once for every backend (Polygraphy's infer ->
+        infer_impl): ids [batch, seq], the state's names, and a running-max state
+        given on the host must be finite. A NaN there is a poisoned state (a call
+        past max_seq) or a corrupted one, and a runtime whose Max(NaN, x) is x would
+        quietly forget it."""
+        check_feed(self.info, input_ids, state)
+        return self.run_impl(input_ids, state)
+
+    @abstractmethod
+    def run_impl(self, input_ids: np.ndarray, state: State) -> tuple[Any, State]:
+        """The backend's call, on a checked feed."""
 
     def to_numpy(self, value: Any) -> np.ndarray:
         return np.asarray(value)

@@ -60,7 +60,7 @@ class OrtRunner(Runner):
     def close(self) -> None:
         self.session = None
 
-    def run(self, input_ids, state: State):
+    def run_impl(self, input_ids, state: State):
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64), **state}
         outputs = self.session.run(self.output_names, feeds)
         results = dict(zip(self.output_names, outputs))

@@ -214,14 +214,9 @@ class TensorRTRunner(Runner):
             array.resize((2 * need,))  # a KV cache grows a token per step: reallocate rarely
         self._runner.output_allocator.buffers[name] = array
 
-    def run(self, input_ids: np.ndarray, state: State) -> tuple[Any, State]:
+    def run_impl(self, input_ids: np.ndarray, state: State) -> tuple[Any, State]:
         self._check_open()
         ids = np.ascontiguousarray(np.asarray(input_ids), dtype=self.numpy_types[graph.INPUT_IDS])
-        if ids.ndim != 2:
-            raise SamoutError(f"input_ids must be [batch, seq], got shape {ids.shape}")
-        missing = [n for n in self.past if n not in state]
-        if missing:
-            raise SamoutError(f"the state lacks {', '.join(missing)}; start from initial_state()")
         batch, seq = ids.shape
         past = int(state[self.past[0]].shape[2]) if self.manifest.arch == "softmax" else 0
         chosen = select_profile(self.ranges, batch, seq, past)

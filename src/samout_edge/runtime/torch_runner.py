@@ -23,7 +23,7 @@ class TorchRunner(Runner):
         return dict(zip(self.names, graph.flatten(self.model.arch, self.model.empty_state(batch))))
 
     @torch.inference_mode()
-    def run(self, input_ids, state: State):
+    def run_impl(self, input_ids, state: State):
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=self.device)
         past = graph.unflatten(self.model.arch, [torch.as_tensor(state[n], device=self.device) for n in self.names])
         logits, present = self.model(ids, past, last_only=self.info.logits == "last")

@@ -278,6 +278,8 @@ class SessionTable:
             same = [i for i in range(want.ndim) if not (self.arch == "softmax" and i == 2)]
             if a.dtype != want.dtype or a.ndim != want.ndim or any(a.shape[i] != want.shape[i] for i in same):
                 return False
+            if not np.isfinite(a).all():  # a poisoned or tampered state is never fed to the graph
+                return False
         return True
 
     # -- accounting
