@@ -80,3 +80,58 @@ def test_polygraphy_reads_and_passes_the_golden_files(exported):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASSED" in proc.stdout + proc.stderr
+
+
+def _ids_outside_every_id(directory) -> set[int]:
+    """Token ids the golden inputs select, the "every id" cases aside."""
+    from samout_edge.artifact.golden import EVERY_ID
+
+    golden = load_golden(directory, GoldenIndex.from_dict(read_manifest(directory).golden))
+    return {int(i) for c, f in zip(golden.index.cases, golden.feeds) if not c.name.startswith(EVERY_ID)
+            for i in f["input_ids"].ravel()}
+
+
+@pytest.mark.parametrize("weights", ["fp", "int4"])
+def test_verify_catches_a_corrupted_row_the_random_ids_never_select(tmp_path, tiny_checkpoint, weights):
+    """Issue 15 item 4: multiply the int4 scale of one embedding row (or the fp32 row itself) that no random
+    golden input selects by 50 and fix the sha256: the "every id" cases still catch it."""
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+
+    d = export(tmp_path / "e", ExportOptions(max_seq=40, weights=weights), checkpoint=tiny_checkpoint).directory
+    unused = sorted(set(range(128)) - _ids_outside_every_id(d))
+    assert unused, "every id is selected by the random cases: pick another seed for this test"
+    row = unused[0]
+    model = onnx.load(str(d / "model.onnx"))
+    rows = {"fp": [128, 32], "int4": [128, 1]}[weights]  # the embedding table, or its int4 scales (block 32)
+    table = next(t for t in model.graph.initializer if list(t.dims) == rows)
+    array = onnx.numpy_helper.to_array(table).copy()
+    array[row] *= 50
+    table.CopyFrom(onnx.numpy_helper.from_array(array, table.name))
+    onnx.save(model, str(d / "model.onnx"))
+    rehash(d)
+    result = verify(d)
+    assert not result.passed
+    failed = {c.check.split(" ")[0] + " " + c.check.split(" ")[1] for c in result.checks if not c.passed}
+    assert failed == {"every id"}
+
+
+def test_every_id_chunks_cover_the_vocabulary_within_the_output_limit():
+    from samout_edge.artifact.golden import MAX_OUTPUT_BYTES, every_id_chunks
+
+    chunks = every_id_chunks(10000, 512)  # the seed preset: 20 calls of 512 one-token rows
+    assert chunks[0] == (0, 512) and chunks[-1] == (9728, 10000) and len(chunks) == 20
+    assert all(b - a <= 512 for a, b in chunks) and 512 * 512 * 4 <= MAX_OUTPUT_BYTES
+    assert every_id_chunks(128, 32) == [(0, 128)]
+
+
+def test_a_case_wider_than_the_runner_runs_in_slices(exported):
+    """An engine takes at most its profiles' batch: verify runs wider cases in slices, with the same result."""
+    from samout_edge.runtime.registry import load_runner
+    from samout_edge.runtime.verify import run_rows
+
+    with load_runner(exported().directory, "ort") as runner:
+        ids = np.random.default_rng(0).integers(0, 128, (7, 5))
+        whole, whole_state = runner.run(ids, runner.initial_state(7))
+        sliced, sliced_state = run_rows(runner, ids, runner.initial_state(7), max_batch=3)
+        assert np.array_equal(whole, sliced)
+        assert all(np.array_equal(whole_state[k], sliced_state[k]) for k in whole_state)

@@ -60,6 +60,19 @@ def golden_lengths(max_seq: int, trace_seq: int) -> list[int]:
     return sorted({1, max_seq} | ({prime} if prime else set()))
 
 
+EVERY_ID = "every id"
+
+
+def every_id_chunks(vocab: int, hidden: int) -> list[tuple[int, int]]:
+    """[start, end) of the "every id" cases: each id once, as a one-token row, so each
+    embedding row shows in the first layer's state (a linear function of it). Random
+    ids miss some rows (18 of 128 in the tiny preset), and a corrupted row the golden
+    inputs never select would pass verify. Rows per case keep that state within
+    MAX_OUTPUT_BYTES (fp32)."""
+    rows = max(1, MAX_OUTPUT_BYTES // (hidden * 4))
+    return [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
+
+
 def golden_ids(rng: np.random.Generator, vocab: int, batch: int, seq: int) -> np.ndarray:
     """Random ids with 0 first in row 0 and vocab-1 last in the last row."""
     ids = rng.integers(0, vocab, (batch, seq))

@@ -3,8 +3,9 @@
 The cases cover what a wrong graph gets wrong: prefill at 1 token, at a prime
 length near 100 and at max_seq (a scan unrolled too short fails there); batch 2
 where it is cheap; ids that include 0 (the padding row of the embedding) and
-vocab-1; and a prefill followed by one-token decode steps, each step's past the
-state the step before returned.
+vocab-1; a prefill followed by one-token decode steps, each step's past the
+state the step before returned; and every id once, so every embedding row a
+token selects is checked (its first layer's state; logits where they are small).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from samout_edge.artifact.golden import (
     BATCH2_UP_TO,
     DECODE_PREFILL,
     DECODE_STEPS,
+    EVERY_ID,
     MAX_OUTPUT_BYTES,
     Golden,
     GoldenCase,
     GoldenIndex,
+    every_id_chunks,
     golden_ids,
     golden_lengths,
 )
@@ -40,7 +43,9 @@ def record_golden(model: SamOut, manifest: Manifest) -> Golden:
     feeds: list[dict[str, np.ndarray]] = []
     outputs: list[dict[str, np.ndarray]] = []
 
-    def run(name: str, ids: np.ndarray, state: list | None, past: int, state_from: int | None) -> list:
+    def run(name: str, ids: np.ndarray, state: list | None, past: int, state_from: int | None,
+            record: set[str] | None = None) -> list:
+        """Record the case; ``record``: only these outputs (None: every one that fits MAX_OUTPUT_BYTES)."""
         batch, seq = ids.shape
         if state is None:
             feed_state = graph.empty_state(cfg, arch, batch, manifest.dtype)
@@ -50,6 +55,8 @@ def record_golden(model: SamOut, manifest: Manifest) -> Golden:
         with torch.inference_mode():
             logits, present = model(torch.from_numpy(ids), state, last_only=manifest.logits == "last")
         result = {graph.LOGITS: logits.numpy(), **{n: t.numpy() for n, t in zip(present_names, graph.flatten(arch, present))}}
+        if record is not None:
+            result = {n: v for n, v in result.items() if n in record}
         skipped = [n for n, v in result.items() if v.nbytes > MAX_OUTPUT_BYTES]
         cases.append(GoldenCase(name, batch, seq, past, state_from, skipped))
         feeds.append({graph.INPUT_IDS: ids.astype(np.int64), **feed_state})
@@ -66,4 +73,9 @@ def record_golden(model: SamOut, manifest: Manifest) -> Golden:
     for k in range(steps):
         pos = prefill + k
         state = run(f"decode 2x{prefill}: step {k + 1}", ids[:, pos : pos + 1], state, pos, len(cases) - 1)
+    first_state = present_names[0]  # a linear function of each row's embedding
+    for start, end in every_id_chunks(cfg.vocab_size, cfg.hidden_size):
+        small = (end - start) * cfg.vocab_size * 4 <= MAX_OUTPUT_BYTES
+        run(f"{EVERY_ID} {start}..{end - 1}", np.arange(start, end)[:, None], None, 0, None,
+            record={first_state, graph.LOGITS} if small else {first_state})
     return Golden(GoldenIndex(cases), feeds, outputs)
