@@ -12,7 +12,13 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from samout_edge.artifact.manifest import MODEL_FILE, is_export_dir, read_manifest
+from samout_edge.artifact.manifest import (
+    MODEL_FILE,
+    is_export_dir,
+    read_manifest,
+    runtime_notes,
+    runtime_settings,
+)
 from samout_edge.errors import SamoutError
 from samout_edge.inlining import RUNS_IN
 from samout_edge.tensorrt.lint import lint_model
@@ -50,6 +56,8 @@ class InspectResult:
     verification: dict[str, Any] | None = None
     lint: list[dict[str, Any]] | None = None  # one VersionLint per TensorRT version
     extra: dict[str, Any] = field(default_factory=dict)
+    runtime_notes: list[str] = field(default_factory=list)  # settings a runtime needs besides the file
+    polygraphy: str | None = None  # the line that checks the export with NVIDIA's Polygraphy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,7 +133,19 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
         verification=_verification_summary(manifest.verification) if manifest else None,
         extra={"config": manifest.config.to_dict() if manifest else json.loads(meta.get("samout_edge.config", "null"))},
         lint=[r.to_dict() for r in lint_model(model)] if lint else None,
+        runtime_notes=runtime_notes(manifest) if manifest else [],
+        polygraphy=polygraphy_line(manifest) if manifest else None,
     )
+
+
+def polygraphy_line(manifest) -> str | None:
+    """The Polygraphy command that checks an export against its golden files (None: it carries none)."""
+    from samout_edge.artifact.golden import GoldenIndex
+
+    if not manifest.golden:
+        return None
+    level = runtime_settings(manifest).get("onnxruntime", {}).get("graph_optimization_level")
+    return GoldenIndex.from_dict(manifest.golden).polygraphy_command(level)
 
 
 def _int_or_none(value: str | None) -> int | None:

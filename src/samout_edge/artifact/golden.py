@@ -97,6 +97,10 @@ class GoldenIndex:
     runner: str = RUNNER_NAME
     inputs: str = INPUTS_FILE
     outputs: str = OUTPUTS_FILE
+    # Polygraphy's absolute tolerance for these files (with --rtol 0): verify's rtol times the
+    # largest output scale, so `polygraphy run` passes where verify does (its default, 1e-5 on
+    # every element, fails correct exports).
+    atol: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,9 +108,23 @@ class GoldenIndex:
     @classmethod
     def from_dict(cls, data: Any) -> GoldenIndex:
         try:
-            return cls([GoldenCase(**c) for c in data["cases"]], data.get("runner", RUNNER_NAME))
-        except (KeyError, TypeError) as e:
+            atol = data.get("atol")
+            return cls([GoldenCase(**c) for c in data["cases"]], data.get("runner", RUNNER_NAME),
+                       atol=float(atol) if isinstance(atol, (int, float)) and not isinstance(atol, bool) else None)
+        except (KeyError, TypeError, AttributeError) as e:
             raise SamoutError(f"export.json: the golden index is malformed ({type(e).__name__}: {e})") from None
+
+    def polygraphy_command(self, ort_level: str | None = None) -> str:
+        """The NVIDIA Polygraphy line that checks this export (run in the export directory)
+        against its golden outputs in ONNX Runtime. ``ort_level``: the graph optimization
+        level the export needs (runtime_settings)."""
+        args = ["polygraphy run model.onnx --onnxrt"]
+        if ort_level:
+            args.append(f"--graph-optimization-level {ort_level}")
+        args.append(f"--load-inputs {self.inputs} --load-outputs {self.outputs}")
+        if self.atol is not None:
+            args.append(f"--rtol 0 --atol {self.atol:.3g}")
+        return " ".join(args)
 
 
 @dataclass

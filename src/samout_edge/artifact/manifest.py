@@ -144,6 +144,48 @@ class Manifest:
         write_json_atomic(Path(directory) / MANIFEST_FILE, self.to_dict())
 
 
+# What a runtime needs besides the file to compute the verified function (our own
+# runners apply it). Where the format allows, the file carries it itself (MatMulNBits'
+# accuracy_level); these are the settings it cannot carry.
+ORT_BASIC = "ORT_ENABLE_BASIC"  # below ORT's QDQ fusions, which compute DequantizeLinear -> MatMul with int8 activations
+
+
+def runtime_settings(manifest: Manifest) -> dict[str, dict[str, str]]:
+    """{runtime: {setting: value}} an application must set to run this export as verified.
+
+    - ONNX Runtime, ``dq`` weights: its default optimizations fuse DequantizeLinear ->
+      MatMul into int8-activation math (about 1% of the logit scale off); the session
+      config entries turn that off, or graph optimization level ORT_ENABLE_BASIC does.
+    - OpenVINO: fp32 inference precision (its CPU default is bf16 where the CPU has it),
+      and for quantized weights no dynamic quantization of activations (its default
+      quantizes them, 1-4% off).
+    """
+    settings: dict[str, dict[str, str]] = {"openvino": {"INFERENCE_PRECISION_HINT": "f32"}}
+    weights = manifest.weights or fp_weights()
+    if weights.get("kind", "fp") != "fp":
+        settings["openvino"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "0"
+    if weights.get("format") == "dq":
+        settings["onnxruntime"] = {**(weights.get("ort_session_config") or {}), "graph_optimization_level": ORT_BASIC}
+    return settings
+
+
+def runtime_notes(manifest: Manifest) -> list[str]:
+    """runtime_settings as lines for people: export and inspect print them, the docs list them."""
+    settings = runtime_settings(manifest)
+    notes = []
+    ort = settings.get("onnxruntime")
+    if ort:
+        config = ", ".join(f"{k}={v}" for k, v in ort.items() if k != "graph_optimization_level")
+        notes.append(f"ONNX Runtime: session config entries {config}, or graph optimization level {ORT_BASIC} "
+                     f"(polygraphy run --graph-optimization-level {ORT_BASIC}); its default optimizations compute "
+                     "DequantizeLinear -> MatMul with int8 activations, which is not the verified function")
+    else:
+        notes.append("ONNX Runtime: no settings needed (the file carries what it needs)")
+    ov = ", ".join(f"{k}: {v}" for k, v in settings["openvino"].items())
+    notes.append(f"OpenVINO: compile_model(model, 'CPU', {{{ov}}})")
+    return notes
+
+
 def is_export_dir(path: str | Path) -> bool:
     """True only for a directory whose export.json samout-edge wrote: a stray
     export.json of someone else's never makes a directory ours to replace."""

@@ -12,7 +12,9 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from samout_edge.artifact.manifest import runtime_notes
 from samout_edge.cli.ui import console, human_bytes, ok
+from samout_edge.inspection import polygraphy_line
 
 
 def verification(result) -> None:
@@ -126,8 +128,18 @@ def export_summary(result) -> None:
     line = export_weights_line(m.weights)
     if line:
         console.print(escape(line), highlight=False)
+    runtimes(runtime_notes(m), polygraphy_line(m))
     if result.verification is not None:
         verification(result.verification)
+
+
+def runtimes(notes: list[str], polygraphy: str | None) -> None:
+    """What other runtimes need besides the file, and the Polygraphy line that checks it."""
+    for note in notes:
+        console.print(escape(f"needs, outside the file: {note}"), highlight=False, soft_wrap=True)
+    if polygraphy:
+        console.print(escape(f"check with Polygraphy (in the export directory): {polygraphy}"), highlight=False,
+                      soft_wrap=True)
 
 
 def export_weights_line(weights: dict | None) -> str | None:
@@ -177,6 +189,7 @@ def inspect(result) -> None:
         v = result.verification
         errs = ", ".join(f"{k} {e:.1e}" for k, e in v["max_abs_err"].items())
         console.print(f"verification: {ok(v['passed'])} (rtol {v['rtol']}; max abs err {errs})")
+    runtimes(result.runtime_notes, result.polygraphy)
     if result.lint:
         lint(result.lint)
 

@@ -31,8 +31,9 @@ from samout_edge.artifact.manifest import Manifest
 from samout_edge.models.model import SamOut
 
 
-def record_golden(model: SamOut, manifest: Manifest) -> Golden:
-    """Run ``model`` (fp32, on the CPU) on every golden case."""
+def record_golden(model: SamOut, manifest: Manifest, rtol: float) -> Golden:
+    """Run ``model`` (fp32, on the CPU) on every golden case; ``rtol`` is verify's
+    tolerance for the export, from which Polygraphy's absolute one is derived."""
     model = model.float().eval()
     cfg, arch = manifest.config, manifest.arch
     past_names = graph.past_names(arch, cfg.num_layers)
@@ -78,4 +79,6 @@ def record_golden(model: SamOut, manifest: Manifest) -> Golden:
         small = (end - start) * cfg.vocab_size * 4 <= MAX_OUTPUT_BYTES
         run(f"{EVERY_ID} {start}..{end - 1}", np.arange(start, end)[:, None], None, 0, None,
             record={first_state, graph.LOGITS} if small else {first_state})
-    return Golden(GoldenIndex(cases), feeds, outputs)
+    scale = max(float(np.abs(v).max(initial=0.0)) for out in outputs for v in out.values())
+    atol = float(f"{rtol * max(1.0, scale) * 1.005:.3g}")  # 3 digits, never below verify's own tolerance
+    return Golden(GoldenIndex(cases, atol=atol), feeds, outputs)

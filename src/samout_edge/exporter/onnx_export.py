@@ -314,7 +314,7 @@ def export(
     The directory appears whole or not at all: everything is written to a staging
     directory beside it and renamed into place at the end.
     """
-    from samout_edge.runtime.verify import verify
+    from samout_edge.runtime.verify import RTOL, verify
 
     options.validate()
     out = Path(out)
@@ -393,7 +393,7 @@ def export(
         reference = ckpt.model(options.arch)
         if quantized is not None:  # the same dequantized weights the graph holds
             apply_weights(reference, quantized)
-        golden = record_golden(reference, manifest)
+        golden = record_golden(reference, manifest, RTOL[manifest.dtype])
         for name in save_golden(stage, golden):
             record_file(stage, manifest, name)
         manifest.golden = golden.index.to_dict()
