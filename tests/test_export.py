@@ -20,7 +20,8 @@ def test_export_verifies(exported, arch, dtype, lowering):
     result = exported(arch=arch, dtype=dtype, lowering=lowering)
     v = result.verification
     assert v.passed and v.op_exact
-    assert {c.check.split()[0] for c in v.checks} == {"prefill", "decode", "every"}
+    # fp16 exports are also computed in fp16 arithmetic (onnx.reference)
+    assert {c.check.split()[0] for c in v.checks} == {"prefill", "decode", "every"} | ({"fp16"} if dtype == "fp16" else set())
     assert v.lengths == [1, 11, 97, 300]  # the golden prefills, and the decode run's
     manifest = read_manifest(result.directory)
     assert manifest.verification["passed"] is True

@@ -28,7 +28,7 @@ import numpy as np
 from samout_edge.artifact import graph
 from samout_edge.artifact.engine import is_engine_dir
 from samout_edge.artifact.manifest import is_export_dir, read_manifest
-from samout_edge.artifact.vocab import Vocab, export_vocab
+from samout_edge.artifact.vocab import Vocab, export_vocab, read_tokens  # noqa: F401 - read_tokens: eval's API
 from samout_edge.errors import SamoutError
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import Runner
@@ -37,7 +37,6 @@ DEFAULT_WINDOW = 512
 # The PyTorch fp32 comparison runs on the first windows only: it costs more than
 # the target itself on a CPU, and agreement settles within a few thousand tokens.
 REFERENCE_WINDOWS = 64
-MAX_TEXT_BYTES = 64 << 20
 
 
 @dataclass
@@ -63,36 +62,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def read_tokens(path: Path, vocab_size: int, vocab: Vocab | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, bytes per token) of a UTF-8 text file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SamoutError(f"text file not found: {path}")
-    if path.stat().st_size > MAX_TEXT_BYTES:
-        raise SamoutError(f"{path} is larger than {MAX_TEXT_BYTES >> 20} MiB; evaluate a part of it")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SamoutError(f"{path} is not UTF-8 text (byte {e.start}); eval reads text files") from None
-    if len(data) < 2:
-        raise SamoutError(f"{path} has {len(data)} bytes; eval needs at least 2 tokens to score")
-    if vocab is not None:
-        ids = np.asarray(vocab.encode(text), dtype=np.int64)
-        sizes = np.asarray([len(vocab.tokens[i].encode()) for i in ids], dtype=np.int64)
-    else:
-        if vocab_size < 256:
-            raise SamoutError(f"the model's vocabulary has {vocab_size} ids, fewer than the 256 byte values; "
-                              "give --vocab FILE")
-        ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-        sizes = np.ones(len(ids), dtype=np.int64)
-    if len(ids) < 2:
-        raise SamoutError(f"{path} encodes to {len(ids)} token; eval needs at least 2")
-    if ids.max() >= vocab_size:
-        raise SamoutError(f"token id {int(ids.max())} is outside the model's vocabulary (0..{vocab_size - 1})")
-    return ids, sizes
 
 
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:

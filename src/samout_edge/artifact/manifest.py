@@ -61,6 +61,9 @@ class Manifest:
     exporter: str = "torch.export"
     extra: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, Any] = field(default_factory=fp_weights)  # see WEIGHT_KINDS above
+    # fp16 exports: the fp32 islands that keep fp16 arithmetic in range, the calibrated
+    # peaks they were chosen from, and the PyTorch fp16 check (exporter/precision.py)
+    precision: dict[str, Any] | None = None
 
     @property
     def state_inputs(self) -> list[str]:

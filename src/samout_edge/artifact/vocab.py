@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from samout_edge.errors import SamoutError
 
 VOCAB_FILE = "vocab.json"
+MAX_TEXT_BYTES = 64 << 20
 
 
 @dataclass
@@ -140,3 +143,35 @@ def export_vocab(target: str | Path) -> Vocab | None:
     if not path.is_file() or sha256_file(path) != entry.get("sha256"):
         raise SamoutError(f"{path} does not match the sha256 export.json records for it (edited or damaged)")
     return Vocab.load(path)
+
+
+def read_tokens(path: Path, vocab_size: int, vocab: Vocab | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, bytes per token) of a UTF-8 text file: the vocab's greedy encoding, or
+    without one the text's UTF-8 bytes (a model with at least 256 ids). eval scores it,
+    an fp16 export calibrates on it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SamoutError(f"text file not found: {path}")
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise SamoutError(f"{path} is larger than {MAX_TEXT_BYTES >> 20} MiB; use a part of it")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SamoutError(f"{path} is not UTF-8 text (byte {e.start}); a text file is expected") from None
+    if len(data) < 2:
+        raise SamoutError(f"{path} has {len(data)} bytes; at least 2 tokens are needed")
+    if vocab is not None:
+        ids = np.asarray(vocab.encode(text), dtype=np.int64)
+        sizes = np.asarray([len(vocab.tokens[i].encode()) for i in ids], dtype=np.int64)
+    else:
+        if vocab_size < 256:
+            raise SamoutError(f"the model's vocabulary has {vocab_size} ids, fewer than the 256 byte values; "
+                              "give --vocab FILE")
+        ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+        sizes = np.ones(len(ids), dtype=np.int64)
+    if len(ids) < 2:
+        raise SamoutError(f"{path} encodes to {len(ids)} token; at least 2 are needed")
+    if ids.max() >= vocab_size:
+        raise SamoutError(f"token id {int(ids.max())} is outside the model's vocabulary (0..{vocab_size - 1})")
+    return ids, sizes

@@ -79,6 +79,9 @@ def export(
     heads: Optional[int] = typer.Option(None, help="Head count for a bare state_dict (default 8)."),
     vocab: Optional[Path] = typer.Option(
         None, help="JSON list of token strings to carry in the export (vocab.json): generate, eval and serve then take text."),
+    calibration_text: Optional[Path] = typer.Option(
+        None, "--calibration-text", help="fp16: a UTF-8 text whose activations the fp32 islands must cover too "
+        "(tokenized with --vocab, else as bytes), on top of the golden inputs."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Random seed for --preset weights."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the export against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Write into OUTPUT even if it is not an earlier export (nothing there is removed)."),
@@ -96,6 +99,7 @@ def export(
         weights=weights.value,
         block_size=block_size,
         weights_format=weights_format.value,
+        calibration_text=calibration_text,
     )
     with progress_bar(not json_out) as progress:
         result = run_export(

@@ -32,6 +32,9 @@ def verification(result) -> None:
     console.print(table)
     for line in result.skipped:
         console.print(f"not checked: {escape(line)}", highlight=False)
+    if result.fp16_arithmetic:
+        console.print(escape(f"fp16 arithmetic: {result.fp16_arithmetic} (ONNX Runtime's CPU provider computes "
+                             "fp16 graphs in fp32)"), highlight=False)
     console.print(f"verification {'[green]passed[/]' if result.passed else '[red]FAILED[/]'} in {result.seconds:.1f} s")
 
 
@@ -125,12 +128,28 @@ def export_summary(result) -> None:
         f"to {escape(str(result.directory))}: model.onnx {human_bytes(result.model_bytes)} in {result.seconds:.1f} s",
         highlight=False,
     )
-    line = export_weights_line(m.weights)
-    if line:
-        console.print(escape(line), highlight=False)
+    for line in (export_weights_line(m.weights), precision_line(m.precision)):
+        if line:
+            console.print(escape(line), highlight=False, soft_wrap=True)
     runtimes(runtime_notes(m), polygraphy_line(m))
     if result.verification is not None:
         verification(result.verification)
+
+
+def precision_line(precision: dict | None) -> str | None:
+    """One line on an fp16 export's range: its fp32 islands and the peaks that chose them."""
+    if not precision:
+        return None
+    islands = precision.get("fp32_islands") or []
+    peaks = precision.get("peaks") or {}
+    top = max(peaks.items(), key=lambda kv: kv[1], default=("-", 0.0))
+    where = ", ".join(islands) if islands else "none needed"
+    check = precision.get("pytorch_fp16") or {}
+    checked = (f"; computed in fp16 (PyTorch) on {check.get('cases')} golden cases: worst "
+               f"{check.get('worst_relative_error', 0):.1e} of the scale") if check else ""
+    return (f"fp16: fp32 islands: {where} (largest value {top[1]:,.0f} in {top[0]}; limit "
+            f"{precision.get('limit', 0):,.0f} = 65,504 / headroom {precision.get('headroom', 0):g}"
+            f"{', widened to every layer' if precision.get('widened') else ''}){checked}")
 
 
 def runtimes(notes: list[str], polygraphy: str | None) -> None:

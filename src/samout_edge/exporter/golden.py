@@ -31,9 +31,11 @@ from samout_edge.artifact.manifest import Manifest
 from samout_edge.models.model import SamOut
 
 
-def record_golden(model: SamOut, manifest: Manifest, rtol: float) -> Golden:
+def record_golden(model: SamOut, manifest: Manifest, rtol: float, text_ids: np.ndarray | None = None) -> Golden:
     """Run ``model`` (fp32, on the CPU) on every golden case; ``rtol`` is verify's
-    tolerance for the export, from which Polygraphy's absolute one is derived."""
+    tolerance for the export, from which Polygraphy's absolute one is derived.
+    ``text_ids`` (the calibration text): one more case on real text, whose activations
+    random ids may never reach (an fp16 overflow shows there on the device)."""
     model = model.float().eval()
     cfg, arch = manifest.config, manifest.arch
     past_names = graph.past_names(arch, cfg.num_layers)
@@ -74,6 +76,9 @@ def record_golden(model: SamOut, manifest: Manifest, rtol: float) -> Golden:
     for k in range(steps):
         pos = prefill + k
         state = run(f"decode 2x{prefill}: step {k + 1}", ids[:, pos : pos + 1], state, pos, len(cases) - 1)
+    if text_ids is not None and len(text_ids):
+        window = np.asarray(text_ids[: manifest.max_seq], dtype=np.int64)[None]
+        run(f"text 1x{window.shape[1]}", window, None, 0, None)
     first_state = present_names[0]  # a linear function of each row's embedding
     for start, end in every_id_chunks(cfg.vocab_size, cfg.hidden_size):
         small = (end - start) * cfg.vocab_size * 4 <= MAX_OUTPUT_BYTES

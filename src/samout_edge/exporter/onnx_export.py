@@ -39,12 +39,14 @@ from samout_edge.artifact.manifest import (
 from samout_edge.artifact.resources import check_memory
 from samout_edge.artifact.vocab import VOCAB_FILE, Vocab
 from samout_edge.errors import SamoutError
+from samout_edge.exporter import precision as fp
 from samout_edge.exporter import quantize as qz
 from samout_edge.exporter.golden import record_golden
 from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
 from samout_edge.models.model import LayerNorm, SamOut, torch_dtype
 from samout_edge.models.quantize import apply_weights, quantize_model
 from samout_edge.progress import Progress, no_progress
+from samout_edge.runtime.verify import RTOL
 
 if TYPE_CHECKING:
     from samout_edge.runtime.verify import VerifyResult
@@ -73,6 +75,7 @@ class ExportOptions:
     weights: str = "fp"  # fp | int8 | int4 (exporter/quantize.py)
     block_size: int | None = None  # int4: inputs per scale (default quantize.DEFAULT_BLOCK_SIZE)
     weights_format: str = "auto"  # auto | dq | matmulnbits
+    calibration_text: Path | None = None  # fp16: text whose activations the fp32 islands must cover
 
     def validate(self) -> ExportOptions:
         check_arch(self.arch)
@@ -97,6 +100,8 @@ class ExportOptions:
             raise SamoutError(f"--opset {self.opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
         if self.block < 2:
             raise SamoutError(f"--block must be at least 2, got {self.block}")
+        if self.calibration_text is not None and self.dtype != "fp16":
+            raise SamoutError("--calibration-text applies to --dtype fp16 (it chooses the fp32 islands)")
         spec = qz.validate(self.weights_spec(), self.opset)
         self.block_size = spec.block_size
         return self
@@ -228,6 +233,8 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
         "samout_edge.logits": manifest.logits,
         "samout_edge.config": json.dumps(manifest.config.to_dict()),
     }
+    if manifest.precision is not None:
+        meta["samout_edge.fp32_islands"] = json.dumps(manifest.precision["fp32_islands"])
     if quantized:
         report = qz.quantize_graph(model, quantized, manifest.weights["format"])
         manifest.weights["bytes"] = report.bytes
@@ -314,7 +321,7 @@ def export(
     The directory appears whole or not at all: everything is written to a staging
     directory beside it and renamed into place at the end.
     """
-    from samout_edge.runtime.verify import RTOL, verify
+    from samout_edge.runtime.verify import verify
 
     options.validate()
     out = Path(out)
@@ -344,6 +351,9 @@ def export(
         words = Vocab.load(vocab)
         if len(words.tokens) > model_config.vocab_size:
             raise SamoutError(f"--vocab has {len(words.tokens)} tokens, the model only {model_config.vocab_size}")
+    text_ids, text = None, None
+    if options.calibration_text is not None:  # before any work too
+        text_ids, text = fp.text_tokens(options.calibration_text, model_config.vocab_size, words)
 
     with staging_dir(out, previous_export_files, force) as stage:
         if ckpt is None:
@@ -367,18 +377,37 @@ def export(
         if options.weights != "fp":  # the traced weights are dequantize(quantize(w)): see exporter/quantize.py
             quantized = quantize_model(model, options.weights_spec().bits, options.block_size)
 
-        progress(f"tracing with torch.export ({options.arch}, {options.dtype})", 1, total)
+        reference = ckpt.model(options.arch)
+        if quantized is not None:  # the same dequantized weights the graph holds
+            apply_weights(reference, quantized)
+        plan = None
+        if options.dtype == "fp16":  # refused here, before any more work, if fp16 cannot hold it
+            progress("fp16: calibrating ranges, choosing fp32 islands", 1, total)
+            t = time.perf_counter()
+            plan = fp.plan_fp16(reference, manifest.max_seq, manifest.trace["seq"], text_ids, text)
+            timings["fp16_s"] = time.perf_counter() - t
+        progress("recording golden outputs (PyTorch fp32)", 1, total)
+        t = time.perf_counter()
+        golden = record_golden(reference, manifest, RTOL[manifest.dtype], text_ids)
+        timings["golden_s"] = time.perf_counter() - t
+        if plan is not None:
+            progress("fp16: computing the golden cases in fp16", 1, total)
+            t = time.perf_counter()
+            manifest.precision = apply_fp16_plan(plan, model, manifest, golden)
+            timings["fp16_s"] += time.perf_counter() - t
+
+        progress(f"tracing with torch.export ({options.arch}, {options.dtype})", 2, total)
         t = time.perf_counter()
         proto = trace_to_onnx(model, options, manifest.trace["batch"], manifest.trace["seq"])
         timings["trace_s"] = time.perf_counter() - t
 
         quantizing = "" if quantized is None else f"; {options.weights} weights ({manifest.weights['format']})"
-        progress(f"lowering cummax ({options.lowering}, {manifest.scan['scan']} scan{quantizing})", 2, total)
+        progress(f"lowering cummax ({options.lowering}, {manifest.scan['scan']} scan{quantizing})", 3, total)
         t = time.perf_counter()
         finalize(proto, manifest, static_lengths={1: ckpt.config.num_heads}, quantized=quantized)
         timings["lower_s"] = time.perf_counter() - t
 
-        progress("writing model.onnx", 3, total)
+        progress("writing model.onnx and the golden files", 4, total)
         for name in save_model(proto, stage):
             record_file(stage, manifest, name)
         if words is not None:
@@ -387,17 +416,9 @@ def export(
         if source["kind"] == "preset":
             for name in sorted(p.name for p in (stage / CHECKPOINT_DIR).iterdir()):
                 record_file(stage, manifest, f"{CHECKPOINT_DIR}/{name}")
-
-        progress("recording golden outputs (PyTorch fp32)", 4, total)
-        t = time.perf_counter()
-        reference = ckpt.model(options.arch)
-        if quantized is not None:  # the same dequantized weights the graph holds
-            apply_weights(reference, quantized)
-        golden = record_golden(reference, manifest, RTOL[manifest.dtype])
         for name in save_golden(stage, golden):
             record_file(stage, manifest, name)
         manifest.golden = golden.index.to_dict()
-        timings["golden_s"] = time.perf_counter() - t
         manifest.save(stage)
 
         result = ExportResult(out, manifest, 0.0, manifest.files[MODEL_FILE]["bytes"], timings=timings)
@@ -411,6 +432,28 @@ def export(
         progress("done", total, total)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def apply_fp16_plan(plan: fp.Precision, model: SamOut, manifest: Manifest, golden) -> dict:
+    """Make the fp16 ``model`` right in fp16 arithmetic (exporter/precision.py): mark the
+    calibrated fp32 islands on it, then compute every golden case with it in fp16. If
+    that fails, every layer's mix and FFN go to fp32; if even that fails, the export is
+    refused in one line. Returns export.json's ``precision``."""
+    fp.set_islands(model, plan.fp32_islands)
+    last_only = manifest.logits == "last"
+    check = fp.check_fp16_arithmetic(model, golden.feeds, golden.outputs, last_only, RTOL["fp16"])
+    everything = fp.all_islands(manifest.config.num_layers)
+    if not check["passed"] and plan.fp32_islands != everything:
+        plan.fp32_islands, plan.widened = everything, True
+        fp.set_islands(model, everything)
+        check = fp.check_fp16_arithmetic(model, golden.feeds, golden.outputs, last_only, RTOL["fp16"])
+    if not check["passed"]:
+        raise SamoutError(f"--dtype fp16 cannot be made safe: computed in fp16 with every layer's mix and FFN in fp32, "
+                          f"the golden cases are {'non-finite' if not check['finite'] else 'off by'} "
+                          f"{check['worst_relative_error']:.2g} of their scale (tolerance {RTOL['fp16']:g}); "
+                          "export --dtype fp32")
+    plan.pytorch_fp16 = check
+    return plan.to_dict()
 
 
 def export_memory(config: ModelConfig, options: ExportOptions) -> int:

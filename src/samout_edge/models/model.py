@@ -44,7 +44,13 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class MaxState(nn.Module):
-    """The seed's token mixer: a running max over the sequence, then over the heads."""
+    """The seed's token mixer: a running max over the sequence, then over the heads.
+
+    ``fp32``: in an fp16 model, mix in fp32 (an fp32 island, set by the exporter where
+    fp16 would overflow: exporter/precision.py); the projections and the state stay fp16.
+    """
+
+    fp32: bool = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -55,6 +61,8 @@ class MaxState(nn.Module):
         out, out1, out2 = (split_heads(t, self.num_heads) for t in self.combined(x).chunk(3, -1))
         out, present = self.mix_sequence(out, out1, out2, past)
         score = cummax(out, dim=1)  # over the heads
+        if self.fp32:
+            score, out1, out2 = score.float(), out1.float(), out2.float()
         y = (score + out1) * out2 + out1
         return merge_heads(y), present
 
@@ -70,6 +78,8 @@ class CausalSelfAttention(MaxState):
     def mix_sequence(self, out, out1, out2, past: KVState) -> tuple[torch.Tensor, KVState]:
         key = torch.cat([past[0], out1], dim=2)
         value = torch.cat([past[1], out2], dim=2)
+        if self.fp32:  # the scores in fp32; the cache stays in the model's dtype
+            return causal_attention(out.float(), key.float(), value.float()), (key, value)
         return causal_attention(out, key, value), (key, value)
 
 
@@ -91,8 +101,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` computed in x's dtype: an fp32 island of an fp16 model casts the weights up."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.weight.to(x.dtype), bias)
+
+
 class FeedForward(nn.Module):
-    """The seed's gated FFN: ffn2(ffn1(x) * relu(gate(x)))."""
+    """The seed's gated FFN: ffn2(ffn1(x) * relu(gate(x))), in the dtype of its input."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -101,7 +117,7 @@ class FeedForward(nn.Module):
         self.gate = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn2(self.ffn1(x) * F.relu(self.gate(x)))
+        return linear(self.ffn2, linear(self.ffn1, x) * F.relu(linear(self.gate, x)))
 
 
 class LayerNorm(nn.LayerNorm):
@@ -116,21 +132,23 @@ class LayerNorm(nn.LayerNorm):
     decompose: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w, b = x.float(), self.weight.float(), self.bias.float()  # no-ops in an fp32 model
         if self.decompose:
             # sum / n rather than mean: ReduceSum takes its axes the same way in opsets 13-18
-            h = x.float()
             n = 1.0 / h.shape[-1]
             mean = h.sum(-1, keepdim=True) * n
             var = (h - mean).pow(2).sum(-1, keepdim=True) * n
-            y = (h - mean) / torch.sqrt(var + self.eps) * self.weight.float() + self.bias.float()
-            return y.to(x.dtype)
-        if x.dtype == torch.float32:
-            return super().forward(x)
-        w, b = self.weight.float(), self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+            return ((h - mean) / torch.sqrt(var + self.eps) * w + b).to(x.dtype)
+        return F.layer_norm(h, self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
+    """``fp32``: in an fp16 model, the FFN, the blend and LayerNorm's input in fp32
+    (an fp32 island, set by the exporter where fp16 would overflow); the output is
+    the model's dtype again."""
+
+    fp32: bool = False
+
     def __init__(self, config: ModelConfig, arch: str):
         super().__init__()
         self.self_attention = MaxState(config) if arch == "cummax" else CausalSelfAttention(config)
@@ -140,7 +158,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, past: LayerState) -> tuple[torch.Tensor, LayerState]:
         x1, present = self.self_attention(x, past)
-        return self.layer_norm(self.alpha * self.ffn(x1) + (1 - self.alpha) * x), present
+        dtype = torch.float32 if self.fp32 else x.dtype
+        alpha, h = self.alpha.to(dtype), x.to(dtype)
+        return self.layer_norm(alpha * self.ffn(x1.to(dtype)) + (1 - alpha) * h).to(x.dtype), present
 
 
 class SamOut(nn.Module):

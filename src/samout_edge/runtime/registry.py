@@ -67,6 +67,14 @@ def _torch(directory: Path, options: LoadOptions) -> Runner:
                              options.fast_kernel, weights=manifest.weights)
 
 
+@register("reference")
+def _reference(directory: Path, options: LoadOptions) -> Runner:
+    """onnx.reference: the graph in its own dtype (fp16 as fp16), slowly; numpy and onnx only."""
+    from samout_edge.runtime.reference_runner import load_reference_runner
+
+    return load_reference_runner(directory)
+
+
 BACKENDS = tuple(RUNNERS)
 
 

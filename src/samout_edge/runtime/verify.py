@@ -62,6 +62,7 @@ class VerifyResult:
     provider: str = "CPUExecutionProvider"
     skipped: list[str] = field(default_factory=list)  # outputs the golden files do not hold
     seconds: float = 0.0
+    fp16_arithmetic: str | None = None  # an fp16 export: how its golden cases ran computed in fp16
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -131,9 +132,12 @@ def verify(
     engine: str | None = None,
     checkpoint: str | Path | None = None,
     progress: Progress = no_progress,
+    fp16_seconds: float = 20.0,
 ) -> VerifyResult:
     """Verify the export in ``directory`` in ONNX Runtime, or a TensorRT engine of it
-    (``directory`` an engine dir, or ``engine`` a profile name)."""
+    (``directory`` an engine dir, or ``engine`` a profile name). An fp16 export is also
+    computed in fp16 (onnx.reference) within ``fp16_seconds`` (0: not), unless the
+    runner computes in fp16 itself (an engine, a GPU provider)."""
     started = time.perf_counter()
     directory = Path(directory)
     if not directory.exists():
@@ -152,8 +156,47 @@ def verify(
             result = _against_pytorch(actual, export_dir, manifest, lengths, checkpoint, rtol, progress)
         else:
             result = _against_golden(actual, export_dir, manifest, rtol, progress)
+        computes_fp16 = actual.info.backend == "tensorrt" or "CPU" not in actual.info.device
+    if manifest.dtype == "fp16" and not computes_fp16 and fp16_seconds > 0 and manifest.golden is not None:
+        _fp16_arithmetic(result, export_dir, manifest, rtol, fp16_seconds, progress)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _fp16_arithmetic(result: VerifyResult, export_dir: Path, manifest: Manifest, rtol: float, seconds: float,
+                     progress: Progress) -> None:
+    """An fp16 export's golden cases once more in onnx.reference, which computes in fp16 as
+    the device does (ONNX Runtime's CPU provider computed in fp32): an overflow shows here.
+    Cases run in order while their estimated time fits ``seconds``; the rest are listed."""
+    from samout_edge.runtime.reference_runner import estimated_seconds, load_reference_runner
+
+    try:
+        runner = load_reference_runner(export_dir)
+    except SamoutError as e:
+        result.fp16_arithmetic = f"not computed: {e}"
+        result.skipped.append(f"fp16 arithmetic: {e}")
+        return
+    golden = load_golden(export_dir, GoldenIndex.from_dict(manifest.golden))
+    left, ran, states = seconds, 0, {}
+    with runner:
+        for i, (case, feed, want) in enumerate(zip(golden.index.cases, golden.feeds, golden.outputs)):
+            cost = estimated_seconds(manifest, case.batch, case.seq)
+            if cost > left or (case.state_from is not None and case.state_from not in states):
+                result.skipped.append(f"fp16 arithmetic: {case.name} (about {cost:.0f} s in onnx.reference, over "
+                                      f"the {seconds:g} s budget)")
+                continue
+            progress(f"fp16 arithmetic (onnx.reference): {case.name}", i, len(golden.index.cases))
+            left -= cost
+            state = states[case.state_from] if case.state_from is not None else \
+                {k: v for k, v in feed.items() if k != graph.INPUT_IDS}
+            logits, new_state = runner.run(feed[graph.INPUT_IDS], state)
+            states[i] = new_state
+            got = {graph.LOGITS: logits, **{name: new_state[past] for name, past in
+                                            graph.present_to_past(manifest.arch, manifest.config.num_layers).items()}}
+            result.checks += compare_arrays(f"fp16 arithmetic: {case.name}", want, got, rtol)
+            ran += 1
+    result.fp16_arithmetic = f"onnx.reference, {ran} of {len(golden.index.cases)} golden cases"
+    result.passed = result.passed and all(c.passed for c in result.checks)
 
 
 def _op_result(manifest: Manifest, lengths: list[int], rtol: float, provider: str, reference: str) -> VerifyResult:
