@@ -37,12 +37,15 @@ PAIR_MAX_SEQ := 1024
 demo: install
 	$(BIN)/samout-edge doctor
 	$(BIN)/python benchmarks/train_pair.py --write-heldout $(OUT)/heldout.txt --max-bytes 65536
+	$(BIN)/python benchmarks/train_pair.py --write-training-sample $(OUT)/calibration.txt --max-bytes 32768
 	for arch in cummax softmax; do \
-	  for w in fp32:--weights=fp fp16:--dtype=fp16 int8:--weights=int8 int4:--weights=int4; do \
+	  for w in fp32:--weights=fp fp16:--dtype=fp16,--calibration-text=$(OUT)/calibration.txt int8:--weights=int8 \
+	           int4:--weights=int4; do \
 	    $(BIN)/samout-edge export $(PAIR)/$$arch --arch $$arch --logits all --max-seq $(PAIR_MAX_SEQ) \
-	      --vocab $(PAIR)/vocab.json $${w#*:} -o $(OUT)/pair-$$arch-$${w%%:*} > /dev/null || exit 1; \
+	      --vocab $(PAIR)/vocab.json $$(echo $${w#*:} | tr , ' ') -o $(OUT)/pair-$$arch-$${w%%:*} > /dev/null || exit 1; \
 	  done; \
 	done
+	$(BIN)/samout-edge inspect $(OUT)/pair-cummax-fp16 | grep -E "^fp16|^needs|^check with" || true
 	$(BIN)/samout-edge eval $(OUT)/pair-cummax-fp32 $(OUT)/pair-softmax-fp32 $(OUT)/pair-cummax-fp16 \
 	  $(OUT)/pair-softmax-fp16 $(OUT)/pair-cummax-int8 $(OUT)/pair-softmax-int8 $(OUT)/pair-cummax-int4 \
 	  $(OUT)/pair-softmax-int4 --text $(OUT)/heldout.txt --window 256

@@ -18,6 +18,7 @@ Files left in --out (default benchmarks/pair/):
 
     .venv/bin/python benchmarks/train_pair.py [--minutes 10] [--steps N] [--out DIR]
     .venv/bin/python benchmarks/train_pair.py --write-heldout FILE [--max-bytes N]
+    .venv/bin/python benchmarks/train_pair.py --write-training-sample FILE [--max-bytes N]
 """
 
 from __future__ import annotations
@@ -99,6 +100,17 @@ def read_heldout_list(out: Path) -> list[str]:
 def write_heldout(target: Path, out: Path, max_bytes: int) -> int:
     """For evaluation elsewhere: the held-out text that heldout.txt names, written to ``target``."""
     data = read_concatenated(stdlib_dir(), read_heldout_list(out), max_bytes)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return len(data)
+
+
+def write_training_sample(target: Path, out: Path, max_bytes: int) -> int:
+    """Text the models trained on (none of it held out): what an fp16 export calibrates on, so
+    its fp32 islands cover real activations without touching the evaluation text."""
+    heldout = set(read_heldout_list(out))
+    files = [f for f in corpus_files(stdlib_dir()) if f not in heldout and not is_heldout(f)]
+    data = read_concatenated(stdlib_dir(), files, max_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     return len(data)
@@ -321,13 +333,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="rounds of the interleaved speed check (default 10)")
     parser.add_argument("--write-heldout", type=Path, metavar="FILE",
                         help="write the held-out files named in OUT/heldout.txt to FILE and exit")
-    parser.add_argument("--max-bytes", type=int, default=1 << 20, help="with --write-heldout (default 1 MiB)")
+    parser.add_argument("--write-training-sample", type=Path, metavar="FILE",
+                        help="write the start of the training text (for fp16 calibration) to FILE and exit")
+    parser.add_argument("--max-bytes", type=int, default=1 << 20,
+                        help="with --write-heldout or --write-training-sample (default 1 MiB)")
     parser.add_argument("--only", choices=ARCHS, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
 
     if args.write_heldout:
         size = write_heldout(args.write_heldout, args.out, args.max_bytes)
         print(f"wrote {size:,} held-out bytes to {args.write_heldout}")
+        return
+    if args.write_training_sample:
+        size = write_training_sample(args.write_training_sample, args.out, args.max_bytes)
+        print(f"wrote {size:,} bytes of training text to {args.write_training_sample}")
         return
     steps = args.steps or max(1, round(args.minutes * STEPS_PER_MINUTE))
     if args.only:

@@ -166,3 +166,19 @@ def test_softmax_attention_scores_are_calibrated():
             layer.self_attention.combined.weight.mul_(300)
     peaks, _ = fp.measure_peaks(model.eval(), iter([(np.arange(1, 20)[None], False)]))
     assert peaks["decoder_layers.0.mix"] > fp.FP16_MAX > 10 * peaks["decoder_layers.0.projection"]
+
+
+def test_an_fp16_int4_export_keeps_its_islands_quantized(tmp_path, heldout):
+    """fp16 activations with int4 weights (how a Jetson runs a quantized model): the island's weights
+    stay int4 (DequantizeLinear, then Cast to fp32), and the export holds in fp16 arithmetic."""
+    options = ExportOptions(dtype="fp16", max_seq=MAX_SEQ, logits="all", calibration_text=heldout, weights="int4",
+                            weights_format="dq")
+    result = export(tmp_path / "e", options, checkpoint=PAIR)
+    assert result.verification.passed and result.verification.fp16_arithmetic.startswith("onnx.reference")
+    islands = result.manifest.precision["fp32_islands"]
+    model = onnx.load(str(result.directory / "model.onnx"))
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    casts = [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in dequantized]
+    assert islands and len(casts) == 3 * len(islands)  # ffn1, ffn2, gate of each FFN island
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and min(t.dims) >= 32
+                   for t in model.graph.initializer)  # no float weight matrix left

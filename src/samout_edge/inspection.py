@@ -57,6 +57,7 @@ class InspectResult:
     lint: list[dict[str, Any]] | None = None  # one VersionLint per TensorRT version
     extra: dict[str, Any] = field(default_factory=dict)
     runtime_notes: list[str] = field(default_factory=list)  # settings a runtime needs besides the file
+    precision: dict[str, Any] | None = None  # fp16 exports: fp32 islands and calibrated peaks
     polygraphy: str | None = None  # the line that checks the export with NVIDIA's Polygraphy
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +135,7 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
         extra={"config": manifest.config.to_dict() if manifest else json.loads(meta.get("samout_edge.config", "null"))},
         lint=[r.to_dict() for r in lint_model(model)] if lint else None,
         runtime_notes=runtime_notes(manifest) if manifest else [],
+        precision=manifest.precision if manifest else None,
         polygraphy=polygraphy_line(manifest) if manifest else None,
     )
 

@@ -208,6 +208,9 @@ def inspect(result) -> None:
         v = result.verification
         errs = ", ".join(f"{k} {e:.1e}" for k, e in v["max_abs_err"].items())
         console.print(f"verification: {ok(v['passed'])} (rtol {v['rtol']}; max abs err {errs})")
+    line = precision_line(result.precision)
+    if line:
+        console.print(escape(line), highlight=False, soft_wrap=True)
     runtimes(result.runtime_notes, result.polygraphy)
     if result.lint:
         lint(result.lint)

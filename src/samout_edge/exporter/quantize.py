@@ -324,23 +324,36 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
     if fmt not in FORMATS:
         raise ValueError(f"unknown weights format {fmt!r}")
     float_bytes = initializer_bytes(model)
-    keys: dict[str, tuple[str, bool]] = {}  # digest of a layout -> (parameter, transposed)
-    digests: dict[str, set[str]] = {}  # parameter -> the digests of its two layouts
+    # digest of a layout -> (parameter, transposed, as fp32): an fp16 model's fp32 islands (exporter/precision.py)
+    # use its weights cast to fp32, which the exporter may fold into fp32 initializers
+    keys: dict[str, tuple[str, bool, bool]] = {}
+    digests: dict[str, set[str]] = {}  # parameter -> the digests of its layouts
     for name, qw in table.items():
         deq = dequantize(qw)
-        digests[name] = {_digest(deq), _digest(deq.T)}
-        keys.setdefault(_digest(deq), (name, False))
-        keys.setdefault(_digest(deq.T), (name, True))
+        forms = [(deq, False, False), (deq.T, True, False)]
+        if deq.dtype == np.float16:
+            forms += [(deq.astype(np.float32), False, True), (deq.astype(np.float32).T, True, True)]
+        digests[name] = set()
+        for array, transposed, widened in forms:
+            digests[name].add(_digest(array))
+            keys.setdefault(_digest(array), (name, transposed, widened))
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
         for i, x in enumerate(node.input):
             consumers.setdefault(x, []).append((node, i))
 
-    def is_weight_use(node: onnx.NodeProto, i: int) -> bool:
-        return (node.op_type, i) in (("MatMul", 1), ("Gather", 0), ("Gemm", 1)) and node.domain in ("", "ai.onnx")
+    def is_weight_use(node: onnx.NodeProto, i: int, depth: int = 0) -> bool:
+        """A MatMul's B, a Gemm's B or a Gather's table, directly or through Cast/Transpose (an fp32 island)."""
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        if (node.op_type, i) in (("MatMul", 1), ("Gather", 0), ("Gemm", 1)):
+            return True
+        return node.op_type in ("Cast", "Transpose") and depth < 3 and \
+            any(is_weight_use(n, j, depth + 1) for n, j in consumers.get(node.output[0], []))
 
     found: dict[str, str] = {}  # initializer -> parameter
     layout: dict[str, bool] = {}
+    widened: dict[str, bool] = {}
     seen: set[str] = set()  # digests of the initializers matched
     for init in model.graph.initializer:
         uses = consumers.get(init.name, [])
@@ -351,7 +364,7 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
         if match is None:
             raise SamoutError(f"the graph's weight {init.name!r} {list(init.dims)} matches no quantized parameter "
                               "(internal error: the export would not be the verified function)")
-        found[init.name], layout[init.name] = match
+        found[init.name], layout[init.name], widened[init.name] = match
         seen.add(digest)
     # equal weights share one initializer (the exporter deduplicates them): each needs a match, not its own
     missing = {name for name, own in digests.items() if not own & seen}
@@ -366,7 +379,7 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
         base = param
         uses = consumers[init_name]
         rest = uses
-        if fmt == "matmulnbits" and nbits_block(qw) is not None:
+        if fmt == "matmulnbits" and nbits_block(qw) is not None and not widened[init_name]:
             rest = []
             for k, (node, i) in enumerate(uses):
                 suffix = "" if len(uses) == 1 else f".{k}"
@@ -379,7 +392,12 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
                     continue
                 new_inits += inits
                 replaced[id(node)] = [new]
-        if rest:  # DequantizeLinear, under the initializer's own name: its consumers are unchanged
+        if rest and widened[init_name]:  # DequantizeLinear in the grid's fp16, then Cast: the same fp32 values
+            inits, node = _dq(qw, transposed, base, f"{init_name}.fp16")
+            new_inits += inits
+            new_nodes += [node, helper.make_node("Cast", [f"{init_name}.fp16"], [init_name], name=f"{base}.to_fp32",
+                                                 to=TensorProto.FLOAT)]
+        elif rest:  # DequantizeLinear, under the initializer's own name: its consumers are unchanged
             inits, node = _dq(qw, transposed, base, init_name)
             new_inits += inits
             new_nodes.append(node)

@@ -61,7 +61,7 @@ def load_reference_runner(directory: str | Path) -> ReferenceRunner:
         evaluator = ReferenceEvaluator(model)
     except Exception as e:  # onnx raises its own types: an unknown domain (MatMulNBits), a bad file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SamoutError(f"onnx.reference cannot run {path}: {reason}") from None
+        raise SamoutError(f"onnx.reference cannot run this export's graph ({reason})") from None
     return ReferenceRunner(evaluator, manifest)
 
 
