@@ -70,3 +70,11 @@ def test_an_export_carries_its_vocab(tmp_path, tiny_checkpoint, run_cli):
     with pytest.raises(SamoutError, match="129 tokens, the model only 128"):
         export(tmp_path / "f", ExportOptions(max_seq=64), checkpoint=tiny_checkpoint, run_verify=False, vocab=big)
     assert not (tmp_path / "f").exists()
+
+
+def test_non_finite_logits_are_an_error_not_a_token(exported):
+    """A NaN row (here: a prompt past max_seq) is refused, never sampled (np.argmax would say 0)."""
+    with load_runner(exported(max_seq=300).directory, "ort") as runner:
+        runner.info = type(runner.info)(**{**runner.info.__dict__, "max_seq": None})  # past the limit on purpose
+        with pytest.raises(SamoutError, match="non-finite logits at new token 1"):
+            generate(runner, [1] * 301, 3)

@@ -92,7 +92,7 @@ def generate(
     ids = np.asarray([prompt_ids], dtype=np.int64)
     t0 = time.perf_counter()
     logits, state = runner.run(ids, runner.initial_state(1))
-    token = sampler(runner.to_numpy(logits)[0, -1])
+    token = sampler(finite_last(runner, logits, 0))
     prefill_s = time.perf_counter() - t0
     new = [token]
     if on_token:
@@ -100,11 +100,20 @@ def generate(
     t0 = time.perf_counter()
     while len(new) < max_new_tokens:
         logits, state = runner.run(np.asarray([[token]], dtype=np.int64), state)
-        token = sampler(runner.to_numpy(logits)[0, -1])
+        token = sampler(finite_last(runner, logits, len(new)))
         new.append(token)
         if on_token:
             on_token(token)
     return GenerateResult(list(prompt_ids), new, prefill_s, time.perf_counter() - t0)
+
+
+def finite_last(runner: Runner, logits, step: int) -> np.ndarray:
+    """The last position's logits; a NaN or an infinity there is an error, never a sampled token."""
+    last = runner.to_numpy(logits)[0, -1]
+    if not np.isfinite(last).all():
+        raise SamoutError(f"the model gave non-finite logits at new token {step + 1} (an fp16 overflow, or a call "
+                          "past the export's max_seq): refusing to sample from them")
+    return last
 
 
 def load_generation_runner(target: Path, backend: str, provider: str, device: str, arch: str, heads: int | None) -> Runner:

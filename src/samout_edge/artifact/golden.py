@@ -3,10 +3,11 @@
 ``export`` runs the PyTorch fp32 model on a fixed set of cases and writes them
 beside model.onnx, so ``verify`` on the device needs only numpy and a runtime:
 no torch, no checkpoint. The files are in Polygraphy's JSON format, so NVIDIA's
-own tool checks an export or engine against them as well:
+own tool checks an export or engine against them as well, with the tolerance the
+index records (``GoldenIndex.polygraphy_command``; `samout-edge inspect` prints it):
 
     polygraphy run model.onnx --onnxrt \
-        --load-inputs golden/inputs.json --load-outputs golden/outputs.json
+        --load-inputs golden/inputs.json --load-outputs golden/outputs.json --rtol 0 --atol ATOL
 
 - ``golden/inputs.json``: a list of feed dicts (``input_ids`` and every past state)
 - ``golden/outputs.json``: Polygraphy ``RunResults``, one iteration per feed
