@@ -8,6 +8,13 @@ backend's own type (numpy for ONNX Runtime, torch tensors for torch, device
 arrays for TensorRT) so a decode loop never copies through the host;
 ``to_numpy`` is for comparing. Every runner is a context manager: leaving the
 ``with`` block frees its session, context, stream and buffers.
+
+Any length is one ``run``: a call longer than the graph takes (a cummax export's
+max_seq, an engine's longest prefill profile) is fed in chunks with the state
+carried, which is exact (SamOut has no positions; a running max over chunks is
+the running max over the whole). How long a context a target holds at all is
+``check_context``'s one rule: a cummax state never grows; a softmax KV cache is
+bounded by an engine's profiles and by memory.
 """
 
 from __future__ import annotations
@@ -47,14 +54,34 @@ def check_feed(info: RunnerInfo, input_ids: Any, state: State) -> None:
 
 @dataclass(frozen=True)
 class RunnerInfo:
-    backend: str  # torch | ort | tensorrt
+    backend: str  # torch | ort | tensorrt | reference
     device: str  # cpu | cuda | the ORT provider | the engine's profile
     arch: str
     dtype: str  # fp32 | fp16
     logits: str  # last | all
-    max_seq: int | None  # None: no limit (eager torch)
+    max_seq: int | None  # the most tokens one graph call takes; run() feeds longer inputs in chunks (None: any)
     config: ModelConfig
     max_batch: int | None = None  # None: no limit (a TensorRT engine has one per profile)
+    max_context: int | None = None  # the most tokens a state may hold (a softmax engine's profiles); None: any
+
+
+def check_context(info: RunnerInfo, tokens: int, batch: int = 1, what: str = "this request") -> None:
+    """The one rule for how much context a target takes, asked by every command.
+
+    cummax: any length (its state does not grow; run() chunks). softmax: what an
+    engine's profiles hold, and what memory holds: the KV cache, plus the
+    attention scores of the largest call (fp32, chunk x context per head).
+    """
+    if info.max_context is not None and tokens > info.max_context:
+        raise SamoutError(f"{what} needs a context of {tokens:,} tokens; this {info.backend} target holds at most "
+                          f"{info.max_context:,} (its optimization profiles): rebuild it with a longer profile")
+    if info.arch == "softmax":
+        from samout_edge.artifact.resources import check_memory, human_bytes
+
+        cache = graph.state_bytes(info.config, info.arch, batch, tokens, info.dtype)
+        scores = batch * info.config.num_heads * min(tokens, info.max_seq or tokens) * tokens * 4
+        check_memory(2 * cache + scores, f"{what} ({tokens:,} tokens of context: a {human_bytes(cache)} KV cache "
+                                         "and the attention scores of one call)")
 
 
 class Runner(ABC):
@@ -73,7 +100,16 @@ class Runner(ABC):
         past max_seq) or a corrupted one, and a runtime whose Max(NaN, x) is x would
         quietly forget it."""
         check_feed(self.info, input_ids, state)
-        return self.run_impl(input_ids, state)
+        limit, seq = self.info.max_seq, np.shape(input_ids)[1]
+        if limit is None or seq <= limit:
+            return self.run_impl(input_ids, state)
+        ids = np.asarray(input_ids)
+        pieces = []
+        for start in range(0, seq, limit):  # chunks of at most max_seq, the state carried: exact
+            logits, state = self.run_impl(ids[:, start : start + limit], state)
+            if self.info.logits == "all":
+                pieces.append(self.to_numpy(logits))
+        return (np.concatenate(pieces, axis=1) if pieces else logits), state
 
     @abstractmethod
     def run_impl(self, input_ids: np.ndarray, state: State) -> tuple[Any, State]:

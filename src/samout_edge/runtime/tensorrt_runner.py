@@ -181,8 +181,10 @@ class TensorRTRunner(Runner):
             raise
         self.active = 0
         longest = max(r.seq[1] for r in self.ranges)
+        context = max(r.past[1] + r.seq[1] for r in self.ranges if r.past) if arch == "softmax" else None
         self.info = RunnerInfo("tensorrt", meta.profile, arch, meta.precision, manifest.logits,
-                               min(manifest.max_seq, longest), cfg, max_batch=min(r.batch[1] for r in self.ranges))
+                               min(manifest.max_seq, longest), cfg, max_batch=min(r.batch[1] for r in self.ranges),
+                               max_context=context)
 
     # -- values
 
