@@ -85,11 +85,16 @@ def test_memory_child_measures_kv_growth(pair):
     assert small is not None and large is not None and large > small
 
 
-def test_max_seq_too_small(pair):
-    config = BenchConfig(seqs=[400], modes=["prefill"], budget=FAST, memory=False)
-    with pytest.raises(SamoutError, match="max_seq 300"):
-        run_bench(pair, config)
-
+def test_lengths_past_max_seq_are_chunked_and_softmax_past_its_budget_is_reported(pair):
+    """One export serves every length (issue 16): 4x max_seq runs, chunked; a softmax context over
+    --kv-budget is a row that says so, not a failure."""
+    config = BenchConfig(seqs=[1200], contexts=[1200], budget=FAST, memory=False, backends=["ort"],
+                         kv_budget_bytes=512 * 1000)  # tiny: 512 bytes of KV per token
+    report = run_bench(pair, config)
+    by = {(r.arch, r.mode): r for r in report.records}
+    assert by[("cummax", "prefill")].latency_ms["median"] > 0 and by[("cummax", "decode")].refused is None
+    assert by[("softmax", "decode")].refused.startswith("KV cache") and by[("softmax", "decode")].latency_ms == {}
+    assert by[("cummax", "decode")].state_bytes == by[("cummax", "prefill")].state_bytes  # constant
 
 @pytest.mark.parametrize(
     "config,match",

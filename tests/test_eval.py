@@ -57,7 +57,7 @@ def test_eval_two_targets_side_by_side(run_cli, exported, text_and_vocab):
     [
         (b"", [], "at least 2 tokens are needed"),
         (b"\xff\xfe abc", [], "is not UTF-8 text"),
-        (b"hello world", ["--window", "301"], "longer than the target's max_seq 300"),
+        (b"hello world", ["--window", "16", "--stride", "17"], "--stride must be 1..window"),
         (b"hello world", ["--no-logits-all"], "export with --logits all"),
     ],
 )

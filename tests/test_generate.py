@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -43,8 +44,11 @@ def test_generation_limits(exported):
     runner = load_runner(exported().directory, "ort")
     with pytest.raises(SamoutError, match="outside the vocabulary"):
         generate(runner, [1, 128], 3)
-    with pytest.raises(SamoutError, match="above the export's max_seq 300"):
-        generate(runner, [1] * 290, 20)
+    generate(runner, [1] * 290, 20)  # past max_seq 300: the prompt is fed in chunks, nothing refused
+    softmax = load_runner(exported(arch="softmax").directory, "ort")
+    softmax.info = dataclasses.replace(softmax.info, max_context=300)  # e.g. an engine's profiles
+    with pytest.raises(SamoutError, match="needs a context of 309 tokens; this ort target holds at most 300"):
+        generate(softmax, [1] * 290, 20)
     with pytest.raises(SamoutError, match="at least 1"):
         generate(runner, [1], 0)
 

@@ -105,7 +105,7 @@ def test_sessions_resume_exactly_after_a_restart(exported, client_for, tmp_path)
 
 def test_bad_requests_get_a_json_4xx_and_change_no_session(exported, client_for):
     d = exported(max_seq=300).directory
-    c = client_for(d)
+    c = client_for(d, max_prompt_tokens=300)
     sid = c.http.post("/v1/sessions").json()["id"]
     c.tokens([5, 9], 3, session=sid)
     before = c.http.get(f"/v1/sessions/{sid}").json()
@@ -113,7 +113,7 @@ def test_bad_requests_get_a_json_4xx_and_change_no_session(exported, client_for)
         "unknown session": {"prompt": [1], "session": "nope"},
         "id outside the vocab": {"prompt": [1, 128], "session": sid},
         "negative id": {"prompt": [-1], "session": sid},
-        "prompt longer than max_seq": {"prompt": [1] * 301, "session": sid},
+        "prompt over --max-prompt-tokens": {"prompt": [1] * 301, "session": sid},
         "negative max_tokens": {"prompt": [1], "max_tokens": -1, "session": sid},
         "max_tokens above the limit": {"prompt": [1], "max_tokens": 10**9, "session": sid},
         "text without a vocab": {"prompt": "hello", "session": sid},

@@ -1,15 +1,26 @@
 """`samout-edge eval`: quality measured on the artifact a user deploys.
 
-Bits per byte and perplexity over a text file, llama-perplexity style: windows
-of ``window`` tokens (no longer than the export's max_seq) every ``stride``
-tokens (default window-1: each token computed once), each token scored once,
-with the context its window gives it.
-No state is carried between windows, so both archs see the same contexts, and
-windows batch together (8 per call) and run concurrently (ONNX Runtime on the
-CPU: two single-threaded calls at once); the result does not depend on either.
-Against the PyTorch fp32 model (where torch and the source checkpoint are
-present) the same windows give top-1 agreement and the largest logit error:
-what fp16 or quantized weights cost, next to what they save.
+Bits per byte and perplexity over a text file, two ways:
+
+- windows (the default), llama-perplexity style: windows of ``window`` tokens
+  every ``stride`` tokens (default window-1: each token computed once), each
+  token scored once with the context its window gives it. No state is carried
+  between windows, so both archs see the same contexts; windows batch together
+  (8 per call) and run concurrently (ONNX Runtime on the CPU: two
+  single-threaded calls at once); the result depends on neither. A window may
+  be longer than an export's max_seq: the runner feeds it in chunks.
+- ``stream``: the whole file as one context, read and scored a piece at a time
+  with the state carried, so memory stays flat whatever the file's size and
+  the last token is scored with everything before it. This is where a model
+  shows whether it uses long context; a softmax target is refused in one line
+  once its KV cache would not fit.
+
+Either way the scores are also reported by position in the context (tokens
+1-255, 256-1k, 1k-4k, 4k-16k, 16k+): the same model with more context should
+predict better, or it does not use it. Against the PyTorch fp32 model (where
+torch and the source checkpoint are present) the first windows (or the first
+tokens of the stream) give top-1 agreement and the largest logit error: what
+fp16 or quantized weights cost, next to what they save.
 
 Tokens are the text's UTF-8 bytes (a model with a vocabulary of at least 256),
 or a vocab file's greedy encoding (``--vocab``).
@@ -19,24 +30,51 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.engine import is_engine_dir
-from samout_edge.artifact.manifest import is_export_dir, read_manifest
-from samout_edge.artifact.vocab import Vocab, export_vocab, read_tokens  # noqa: F401 - read_tokens: eval's API
+from samout_edge.artifact.manifest import read_manifest
+from samout_edge.artifact.vocab import Vocab, export_vocab, iter_tokens, read_tokens  # noqa: F401 - eval's API
 from samout_edge.errors import SamoutError
 from samout_edge.progress import Progress, no_progress
-from samout_edge.runtime.base import Runner
+from samout_edge.runtime.base import Runner, check_context
 
 DEFAULT_WINDOW = 512
 # The PyTorch fp32 comparison runs on the first windows only: it costs more than
 # the target itself on a CPU, and agreement settles within a few thousand tokens.
 REFERENCE_WINDOWS = 64
+REFERENCE_STREAM_TOKENS = 16384
+# Positions in the context a scored token sits at, for the by-position report.
+POSITION_EDGES = (1, 256, 1024, 4096, 16384)
+STREAM_CHUNK = 1024  # tokens per call in a stream where the runner has no limit of its own (torch)
+LOGITS_BUDGET = 256 << 20  # windows per call are capped so one call's logits stay within this
+
+
+@dataclass
+class PositionBucket:
+    start: int  # the first position in the context (0-based index of the predicted token)
+    end: int | None  # one past the last; None: to the end
+    tokens: int = 0
+    bytes: int = 0
+    nll: float = 0.0  # nats, summed in float64
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return self.nll / math.log(2) / self.bytes if self.bytes else None
+
+    def to_dict(self) -> dict:
+        return {"from": self.start, "to": self.end, "tokens": self.tokens, "bytes": self.bytes,
+                "bits_per_byte": self.bits_per_byte}
+
+
+def position_buckets() -> list[PositionBucket]:
+    edges = list(POSITION_EDGES)
+    return [PositionBucket(a, b) for a, b in zip(edges, edges[1:] + [None])]
 
 
 @dataclass
@@ -47,7 +85,8 @@ class EvalResult:
     dtype: str
     weights: str  # fp | int8 | int4
     weights_bytes: int | None
-    window: int
+    mode: str  # windows | stream
+    window: int  # tokens per window; stream: the longest context scored (the file)
     stride: int
     tokens: int  # tokens scored
     bytes: int  # bytes those tokens cover
@@ -56,9 +95,10 @@ class EvalResult:
     top1_agreement: float | None  # vs PyTorch fp32, same windows
     max_logit_error: float | None
     compared_tokens: int  # tokens the PyTorch comparison covered (the first windows)
-    window_ms: float  # median wall time per window: a call's time / its windows / the calls run at once
+    window_ms: float  # median wall time per window (stream: per 1000 tokens)
     state_bytes: int  # decode state after `window` tokens
     seconds: float
+    by_position: list[dict] = field(default_factory=list)  # PositionBucket.to_dict, in order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,14 +133,17 @@ def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     A float32 logsumexp (shifted by the row max, so it cannot overflow) is as exact
     as the logits themselves; float64 over the full vocabulary cost a copy and twice the bandwidth.
     """
-    z = logits[:, :-1]
-    if z.dtype != np.float32:
-        z = z.astype(np.float32)
+    return _nll(logits[:, :-1], ids[:, 1:])
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(targets | logits), [batch, n] from logits [batch, n, vocab]."""
+    z = logits if logits.dtype == np.float32 else logits.astype(np.float32)
     top = z.max(-1, keepdims=True)
     shifted = np.subtract(z, top)
     np.exp(shifted, out=shifted)
     lse = np.log(shifted.sum(-1)) + top[..., 0]
-    picked = np.take_along_axis(z, ids[:, 1:, None], axis=-1)[..., 0]
+    picked = np.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
     return lse - picked
 
 
@@ -112,14 +155,59 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _Scored:
-    nll: float  # summed in float64, in window order
-    tokens: int
-    bytes: int
-    agree: int
-    compared: int
-    max_err: float
-    ms_per_window: float
+class _Tally:
+    """Scores added in a fixed order (the sum is deterministic), overall and by position."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    bytes: int = 0
+    agree: int = 0
+    compared: int = 0
+    max_err: float = 0.0
+    buckets: list[PositionBucket] = field(default_factory=position_buckets)
+
+    def add(self, nll: np.ndarray, sizes: np.ndarray, positions: np.ndarray) -> None:
+        """``nll``, ``sizes`` and ``positions`` (in the context) of consecutive scored tokens."""
+        self.nll += float(nll.sum(dtype=np.float64))
+        self.tokens += len(nll)
+        self.bytes += int(sizes.sum())
+        for b in self.buckets:
+            inside = (positions >= b.start) & (positions < (b.end if b.end is not None else np.iinfo(np.int64).max))
+            if inside.any():
+                b.nll += float(nll[inside].sum(dtype=np.float64))
+                b.tokens += int(inside.sum())
+                b.bytes += int(sizes[inside].sum())
+
+    def compare(self, mine: np.ndarray, theirs: np.ndarray) -> None:
+        self.agree += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
+        self.compared += mine.shape[0]
+        self.max_err = max(self.max_err, float(np.abs(mine.astype(np.float64) - theirs).max()))
+
+    def merge(self, other: _Tally) -> None:
+        self.nll += other.nll
+        self.tokens += other.tokens
+        self.bytes += other.bytes
+        self.agree += other.agree
+        self.compared += other.compared
+        self.max_err = max(self.max_err, other.max_err)
+        for mine, theirs in zip(self.buckets, other.buckets):
+            mine.nll += theirs.nll
+            mine.tokens += theirs.tokens
+            mine.bytes += theirs.bytes
+
+    def scores(self) -> dict:
+        if not math.isfinite(self.nll):
+            raise SamoutError("the model gave non-finite log-probabilities (NaN or inf logits): the export is broken")
+        return {
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "bits_per_byte": self.nll / math.log(2) / self.bytes,
+            "perplexity": math.exp(self.nll / self.tokens),
+            "top1_agreement": self.agree / self.compared if self.compared else None,
+            "max_logit_error": self.max_err if self.compared else None,
+            "compared_tokens": self.compared,
+            "by_position": [b.to_dict() for b in self.buckets if b.tokens],
+        }
 
 
 def evaluate(
@@ -134,15 +222,16 @@ def evaluate(
     progress: Progress = no_progress,
     workers: int = 1,
 ) -> dict:
-    """Score ``tokens`` with ``runner`` (logits for every position), and compare with ``reference``.
+    """Score ``tokens`` in windows with ``runner`` (logits for every position), and compare with ``reference``.
 
     ``workers`` > 1 runs that many runner calls at once (the runner must be
     thread-safe: an ONNX Runtime session is); results do not depend on it.
     """
     if runner.info.logits != "all":
         raise SamoutError("eval needs logits for every position: export with --logits all")
-    if runner.info.max_batch is not None:
-        batch = min(batch, runner.info.max_batch)
+    batch = max(1, min(batch, runner.info.max_batch or batch,
+                       LOGITS_BUDGET // (window * runner.info.config.vocab_size * 4)))
+    check_context(runner.info, window, batch, f"eval's windows of {window}")
     spans = windows(len(tokens), window, stride)
     calls = batches(spans, batch)
     firsts = np.cumsum([0] + [len(c) for c in calls])  # index of each call's first window
@@ -154,7 +243,7 @@ def evaluate(
         ids = _ids(tokens, calls[i])
         ref_logits[i] = reference.to_numpy(reference.run(ids, reference.initial_state(len(ids)))[0])
 
-    def score(i: int) -> _Scored:
+    def score(i: int) -> tuple[_Tally, float]:
         same = calls[i]
         ids = _ids(tokens, same)
         t0 = time.perf_counter()
@@ -164,52 +253,96 @@ def evaluate(
         ms = (time.perf_counter() - t0) * 1e3 / len(same)
         nll_at = token_nll(logits, ids)  # [row, t]: the loss of token t+1 of the row
         ref = ref_logits.pop(i, None)
-        out = _Scored(0.0, 0, 0, 0, 0, 0.0, ms)
+        tally = _Tally()
         for row, (s, e, first) in enumerate(same):
             rows = slice(first - 1 - s, e - 1 - s)  # logits at t-1 predict token t
-            out.nll += float(nll_at[row, rows].sum(dtype=np.float64))
-            out.tokens += e - first
-            out.bytes += int(token_bytes[first:e].sum())
+            tally.add(nll_at[row, rows], token_bytes[first:e], np.arange(first - s, e - s))
             if ref is not None:
-                mine, theirs = logits[row, rows], ref[row, rows]
-                out.agree += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
-                out.compared += e - first
-                out.max_err = max(out.max_err, float(np.abs(mine.astype(np.float64) - theirs).max()))
-        return out
+                tally.compare(logits[row, rows], ref[row, rows])
+        return tally, ms
 
-    nll = 0.0
-    scored = nbytes = agree = compared = 0
-    max_err = 0.0
+    total = _Tally()
     call_ms: list[float] = []
     workers = max(1, min(workers, len(calls)))
     pool = ThreadPoolExecutor(workers, thread_name_prefix="eval") if workers > 1 else None
     try:
         results = pool.map(score, range(len(calls))) if pool else map(score, range(len(calls)))
-        for i, r in enumerate(results):  # in window order whatever finished first: the sum is deterministic
+        for i, (tally, ms) in enumerate(results):  # in window order whatever finished first: the sum is deterministic
             progress(f"eval: window {firsts[i] + 1}/{len(spans)}", i, len(calls))
-            nll += r.nll
-            scored += r.tokens
-            nbytes += r.bytes
-            agree += r.agree
-            compared += r.compared
-            max_err = max(max_err, r.max_err)
-            call_ms.append(r.ms_per_window)
+            total.merge(tally)
+            call_ms.append(ms)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
     progress("eval: done", len(calls), len(calls))
-    if not math.isfinite(nll):
-        raise SamoutError("the model gave non-finite log-probabilities (NaN or inf logits): the export is broken")
-    return {
-        "tokens": scored,
-        "bytes": nbytes,
-        "bits_per_byte": nll / math.log(2) / nbytes,
-        "perplexity": math.exp(nll / scored),
-        "top1_agreement": agree / compared if compared else None,
-        "max_logit_error": max_err if compared else None,
-        "compared_tokens": compared,
-        "window_ms": float(np.median(call_ms)) / workers,  # the rate eval ran at: calls overlap
-    }
+    return {**total.scores(), "window_ms": float(np.median(call_ms)) / workers}  # the rate eval ran at: calls overlap
+
+
+def evaluate_stream(
+    runner: Runner,
+    pieces: Iterator[tuple[np.ndarray, np.ndarray]],
+    reference: Runner | None = None,
+    reference_tokens: int = REFERENCE_STREAM_TOKENS,
+    progress: Progress = no_progress,
+    total_bytes: int | None = None,
+) -> dict:
+    """Score a whole text as one context: ``pieces`` of (ids, bytes per token) go to the
+    runner in chunks with the state carried; the last logits of a chunk predict the
+    first token of the next. Memory is one chunk's, whatever the text's length."""
+    if runner.info.logits != "all":
+        raise SamoutError("eval needs logits for every position: export with --logits all")
+    chunk = runner.info.max_seq or STREAM_CHUNK
+    state = runner.initial_state(1)
+    ref_state = reference.initial_state(1) if reference is not None else None
+    tally, seen, done_bytes = _Tally(), 0, 0
+    previous: np.ndarray | None = None  # the last position's logits: they predict the next chunk's first token
+    ref_previous: np.ndarray | None = None
+    buffer_ids: list[np.ndarray] = []
+    buffer_sizes: list[np.ndarray] = []
+    started, ms = time.perf_counter(), []
+
+    def run_chunk(ids: np.ndarray, sizes: np.ndarray) -> None:
+        nonlocal state, ref_state, previous, ref_previous, seen, done_bytes
+        check_context(runner.info, seen + len(ids), 1, "eval --stream")
+        t0 = time.perf_counter()
+        logits, state = runner.run(ids[None], state)
+        logits = runner.to_numpy(logits)[0]
+        ms.append((time.perf_counter() - t0) * 1e3 / len(ids) * 1000)
+        predictors = logits[:-1] if previous is None else np.concatenate([previous[None], logits[:-1]])
+        targets = ids if previous is not None else ids[1:]
+        first = seen if previous is not None else seen + 1  # the position of the first scored token
+        tally.add(_nll(predictors[None], targets[None])[0], sizes[len(ids) - len(targets):],
+                  np.arange(first, seen + len(ids)))
+        if reference is not None and seen < reference_tokens:
+            ref_logits, ref_state = reference.run(ids[None], ref_state)
+            ref_logits = reference.to_numpy(ref_logits)[0]
+            ref_predictors = ref_logits[:-1] if ref_previous is None else np.concatenate([ref_previous[None],
+                                                                                          ref_logits[:-1]])
+            tally.compare(predictors, ref_predictors)
+            ref_previous = ref_logits[-1]
+        previous = logits[-1]
+        seen += len(ids)
+        done_bytes += int(sizes.sum())
+        progress(f"eval --stream: {seen:,} tokens", done_bytes, total_bytes or done_bytes)
+
+    for ids, sizes in pieces:
+        buffer_ids.append(ids)
+        buffer_sizes.append(sizes)
+        while sum(len(b) for b in buffer_ids) >= chunk:
+            all_ids, all_sizes = np.concatenate(buffer_ids), np.concatenate(buffer_sizes)
+            run_chunk(all_ids[:chunk], all_sizes[:chunk])
+            buffer_ids, buffer_sizes = [all_ids[chunk:]], [all_sizes[chunk:]]
+    rest = np.concatenate(buffer_ids) if buffer_ids else np.zeros(0, np.int64)
+    if len(rest):
+        run_chunk(rest, np.concatenate(buffer_sizes))
+    if seen < 2:
+        raise SamoutError(f"the text encodes to {seen} token{'s' * (seen != 1)}; at least 2 tokens are needed")
+    progress("eval --stream: done", done_bytes, done_bytes)
+    result = tally.scores()
+    result["window_ms"] = float(np.median(ms)) if ms else 0.0  # ms per 1000 tokens
+    result["context"] = seen
+    result["seconds_scoring"] = time.perf_counter() - started
+    return result
 
 
 def _ids(tokens: np.ndarray, same: list[tuple[int, int, int]]) -> np.ndarray:
@@ -229,71 +362,69 @@ def eval_target(
     heads: int | None = None,
     progress: Progress = no_progress,
     checkpoint: Path | None = None,
+    stream: bool = False,
+    engine: str | None = None,
 ) -> EvalResult:
-    """Evaluate an export (any backend), an engine directory, or a checkpoint (torch).
-    ``checkpoint``: a copy of an export's source checkpoint, where it has moved (the
-    PyTorch reference and the torch backend run it)."""
-    from samout_edge.runtime.ort_runner import load_ort_runner, resolve_provider
-    from samout_edge.runtime.registry import LoadOptions, load_runner
+    """Evaluate an export (any backend), an engine directory, or a checkpoint (torch),
+    in windows or (``stream``) as one context. ``checkpoint``: a copy of an export's
+    source checkpoint, where it has moved (the PyTorch reference and the torch backend
+    run it)."""
+    from samout_edge.runtime.ort_runner import resolve_provider
+    from samout_edge.runtime.registry import LoadOptions
+    from samout_edge.runtime.target import open_runner, resolve_target
 
     started = time.perf_counter()
-    workers = 1
-    target = Path(target)
-    if not target.exists():
-        raise SamoutError(f"not found: {target}")
-    manifest = None
-    if is_engine_dir(target):
-        export_dir = target.parent.parent
-        runner = load_runner(export_dir, "tensorrt", LoadOptions(engine=target.name))
-        manifest = read_manifest(export_dir)
-    elif is_export_dir(target):
-        export_dir = target
-        manifest = read_manifest(target)
-        backend = "ort" if backend == "auto" else backend
-        if backend == "torch":
-            runner = _torch_runner(target, manifest, checkpoint, "all", arch, heads, manifest.dtype, quantized=True)
-        elif backend == "ort" and resolve_provider(provider) == "CPUExecutionProvider":
-            workers, threads = cpu_workers()
-            runner = load_ort_runner(target, provider, intra_op_threads=threads, spinning=False)
-        else:
-            runner = load_runner(target, backend, LoadOptions(provider=provider, engine=provider))
+    resolved = resolve_target(target, engine)
+    manifest = read_manifest(resolved.export_dir) if resolved.export_dir is not None else None
+    backend = resolved.default_backend if backend == "auto" else backend
+    workers, options = 1, LoadOptions(provider=provider, checkpoint=checkpoint)
+    if backend == "ort" and resolve_provider(provider) == "CPUExecutionProvider" and not stream:
+        workers, threads = cpu_workers()
+        options = LoadOptions(provider=provider, intra_op_threads=threads, spinning=False)
+    elif backend == "ort":
+        options = LoadOptions(provider=provider, spinning=False)
+    if backend == "torch" and manifest is not None:
+        runner = _torch_runner(resolved.export_dir, manifest, checkpoint, "all", arch, heads, manifest.dtype,
+                               quantized=True)
     else:
-        if backend not in ("auto", "torch"):
-            raise SamoutError(f"the {backend} backend runs an export directory; {target} is a checkpoint")
-        export_dir = None
-        runner = _torch_runner(target, None, target, "all", arch, heads, "fp32")
+        runner = open_runner(resolved, backend, options, arch, heads, logits="all")
     with runner:
         config = runner.info.config
-        limit = runner.info.max_seq
-        window = window or min(DEFAULT_WINDOW, limit or DEFAULT_WINDOW)
+        window = window or DEFAULT_WINDOW
         if window < 2:
             raise SamoutError(f"--window must be at least 2, got {window}")
-        if limit is not None and window > limit:
-            raise SamoutError(f"--window {window} is longer than the target's max_seq {limit}: past it the graph "
-                              "is NaN by design; use a shorter window or re-export with a larger --max-seq")
         stride = stride or max(1, window - 1)  # each token computed once; its context is its place in the window
         if not 1 <= stride <= window:
             raise SamoutError(f"--stride must be 1..window ({window}), got {stride}")
-        vocab_obj = Vocab.load(vocab) if vocab else export_vocab(target)  # else the export's own, if any
-        tokens, token_bytes = read_tokens(text, config.vocab_size, vocab_obj)
+        vocab_obj = Vocab.load(vocab) if vocab else export_vocab(resolved.export_dir or target)
         reference = None
         if with_reference and (manifest is None or _torch_available()):
             if manifest is not None:
-                reference = _torch_runner(export_dir, manifest, checkpoint, "all", manifest.arch, heads, "fp32")
+                reference = _torch_runner(resolved.export_dir, manifest, checkpoint, "all", manifest.arch, heads,
+                                          "fp32")
             elif runner.info.dtype != "fp32":
                 reference = _torch_runner(target, None, target, "all", arch, heads, "fp32")
-        scores = evaluate(runner, tokens, token_bytes, window, stride, reference, progress=progress,
-                          workers=workers)
+        if stream:
+            size = Path(text).stat().st_size if Path(text).is_file() else None
+            scores = evaluate_stream(runner, iter_tokens(text, config.vocab_size, vocab_obj), reference,
+                                     progress=progress, total_bytes=size)
+            window, stride = scores.pop("context"), 1
+            scores.pop("seconds_scoring")
+        else:
+            tokens, token_bytes = read_tokens(text, config.vocab_size, vocab_obj)
+            scores = evaluate(runner, tokens, token_bytes, window, stride, reference, progress=progress,
+                              workers=workers)
         if reference is None and manifest is None and runner.info.dtype == "fp32":  # its own reference
             scores["top1_agreement"], scores["max_logit_error"] = 1.0, 0.0
-        weights = (getattr(manifest, "weights", None) or {}) if manifest is not None else {}
+        weights = (manifest.weights or {}) if manifest is not None else {}
         return EvalResult(
             target=str(target),
             arch=runner.info.arch,
             runner=runner.name,
             dtype=runner.info.dtype,
             weights=weights.get("kind", "fp"),
-            weights_bytes=_weights_bytes(export_dir, manifest, config),
+            weights_bytes=_weights_bytes(manifest, config),
+            mode="stream" if stream else "windows",
             window=window,
             stride=stride,
             state_bytes=graph.state_bytes(config, runner.info.arch, 1, window, runner.info.dtype),
@@ -340,10 +471,10 @@ def _torch_runner(directory, manifest, checkpoint, logits, arch, heads, dtype, q
     return load_torch_runner(load_checkpoint(checkpoint, heads), arch, dtype, logits)
 
 
-def _weights_bytes(export_dir: Path | None, manifest, config) -> int:
+def _weights_bytes(manifest, config) -> int:
     """Bytes of the weights as deployed: the quantized export's record, else parameters x dtype size."""
     if manifest is not None:
-        recorded = (getattr(manifest, "weights", None) or {}).get("bytes")
+        recorded = (manifest.weights or {}).get("bytes")
         if recorded:
             return int(recorded)
         return config.parameter_count() * graph.dtype(manifest.dtype).itemsize

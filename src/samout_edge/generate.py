@@ -1,4 +1,5 @@
-"""Token generation: one prefill call, then one-token decode calls carrying the state.
+"""Token generation: one prefill call (any length: the runner chunks it), then one-token
+decode calls carrying the state.
 
 The same loop runs on every runner, so the greedy tokens of an export in ONNX
 Runtime can be checked against PyTorch on the same checkpoint.
@@ -15,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from samout_edge.artifact.vocab import Vocab, export_vocab
-from samout_edge.errors import SamoutError, require_torch
-from samout_edge.runtime.base import Runner
+from samout_edge.errors import SamoutError
+from samout_edge.runtime.base import Runner, check_context
 
 GREEDY_BELOW = 1e-6
 
@@ -82,12 +83,9 @@ def generate(
     if max_new_tokens < 1:
         raise SamoutError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     check_ids(prompt_ids, runner.info.config.vocab_size)
-    limit = runner.info.max_seq
-    if limit is not None and len(prompt_ids) + max_new_tokens - 1 > limit:
-        raise SamoutError(
-            f"prompt ({len(prompt_ids)}) + {max_new_tokens} new tokens needs {len(prompt_ids) + max_new_tokens - 1} "
-            f"positions, above the export's max_seq {limit}"
-        )
+    # any length for cummax (run() chunks a long prompt); softmax: what its cache and memory hold
+    check_context(runner.info, len(prompt_ids) + max_new_tokens - 1, 1,
+                  f"a prompt of {len(prompt_ids)} tokens and {max_new_tokens} new ones")
     sampler = sampler or Sampler()
     ids = np.asarray([prompt_ids], dtype=np.int64)
     t0 = time.perf_counter()
@@ -116,25 +114,14 @@ def finite_last(runner: Runner, logits, step: int) -> np.ndarray:
     return last
 
 
-def load_generation_runner(target: Path, backend: str, provider: str, device: str, arch: str, heads: int | None) -> Runner:
+def load_generation_runner(target: Path, backend: str, provider: str, device: str, arch: str, heads: int | None,
+                           engine: str | None = None) -> Runner:
     """An export directory on any backend, an engine directory, or a checkpoint on torch."""
-    from samout_edge.artifact.engine import is_engine_dir
-    from samout_edge.artifact.manifest import is_export_dir
-    from samout_edge.runtime.registry import LoadOptions, load_runner
+    from samout_edge.runtime.registry import LoadOptions
+    from samout_edge.runtime.target import open_runner, resolve_target
 
-    if not target.exists():
-        raise SamoutError(f"not found: {target}")
-    if is_engine_dir(target):
-        return load_runner(target.parent.parent, "tensorrt", LoadOptions(engine=target.name))
-    if is_export_dir(target):
-        return load_runner(target, backend, LoadOptions(provider=provider, device=device, engine=provider))
-    if backend != "torch":
-        raise SamoutError(f"the {backend} backend runs an export directory; {target} is a checkpoint (use --backend torch)")
-    require_torch("generate from a checkpoint")
-    from samout_edge.models.checkpoint import load_checkpoint
-    from samout_edge.runtime.torch_runner import load_torch_runner, torch_device
-
-    return load_torch_runner(load_checkpoint(target, heads), arch, "fp32", "last", torch_device(device))
+    resolved = resolve_target(target, engine)
+    return open_runner(resolved, backend, LoadOptions(provider=provider, device=device), arch, heads)
 
 
 def parse_prompt(ids: str | None, prompt: str | None, vocab: Vocab | None) -> list[int]:

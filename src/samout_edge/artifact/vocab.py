@@ -7,6 +7,8 @@ take text without being told where its vocab is.
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,22 +55,29 @@ class Vocab:
 
     def encode(self, text: str) -> list[int]:
         """Greedy longest match; every character must be covered by some token."""
+        return self.encode_prefix(text, final=True)[0]
+
+    def encode_prefix(self, text: str, final: bool) -> tuple[list[int], int]:
+        """(ids, characters used) of ``text``'s greedy encoding, stopping (unless ``final``)
+        before the first token that more text could still lengthen: encoding a stream
+        piece by piece, with the unused rest carried, gives the whole text's tokens."""
         if self.longest == 1:  # one character per token: a lookup each
             try:
-                return [self.index[c] for c in text]
+                return [self.index[c] for c in text], len(text)
             except KeyError:
                 pos = next(i for i, c in enumerate(text) if c not in self.index)
-                raise SamoutError(f"the vocab has no token for {text[pos]!r} (position {pos} of the prompt)") from None
+                raise SamoutError(f"the vocab has no token for {text[pos]!r} (position {pos} of the text)") from None
         if self._automaton is None:
             self._automaton = _Automaton(self.index)
         lengths, ids = self._automaton.longest_from_each_position(text)
         out, pos = [], 0
-        while pos < len(text):
+        safe = len(text) if final else len(text) - self.longest + 1
+        while pos < safe:
             if not lengths[pos]:
-                raise SamoutError(f"the vocab has no token for {text[pos]!r} (position {pos} of the prompt)")
+                raise SamoutError(f"the vocab has no token for {text[pos]!r} (position {pos} of the text)")
             out.append(ids[pos])
             pos += lengths[pos]
-        return out
+        return out, pos
 
     def decode(self, token_id: int) -> str:
         return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<{token_id}>"
@@ -146,32 +155,54 @@ def export_vocab(target: str | Path) -> Vocab | None:
 
 
 def read_tokens(path: Path, vocab_size: int, vocab: Vocab | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, bytes per token) of a UTF-8 text file: the vocab's greedy encoding, or
-    without one the text's UTF-8 bytes (a model with at least 256 ids). eval scores it,
-    an fp16 export calibrates on it."""
+    """(token ids, bytes per token) of a UTF-8 text file, whole (up to MAX_TEXT_BYTES):
+    the vocab's greedy encoding, or without one the text's UTF-8 bytes (a model with at
+    least 256 ids). eval scores it in windows, an fp16 export calibrates on it."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > MAX_TEXT_BYTES:
+        raise SamoutError(f"{path} is larger than {MAX_TEXT_BYTES >> 20} MiB; use a part of it (or eval --stream)")
+    pieces = list(iter_tokens(path, vocab_size, vocab))
+    ids = np.concatenate([i for i, _ in pieces]) if pieces else np.zeros(0, np.int64)
+    sizes = np.concatenate([b for _, b in pieces]) if pieces else np.zeros(0, np.int64)
+    if len(ids) < 2:
+        raise SamoutError(f"{path} encodes to {len(ids)} token{'s' * (len(ids) != 1)}; at least 2 tokens are needed")
+    return ids, sizes
+
+
+def iter_tokens(path: Path, vocab_size: int, vocab: Vocab | None = None,
+                piece_bytes: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, bytes per token) of a UTF-8 text file, a piece at a time, so memory
+    stays flat whatever the file's size; the pieces join to exactly the whole file's
+    tokens (a token is only emitted once no longer one could start where it starts)."""
     path = Path(path)
     if not path.is_file():
         raise SamoutError(f"text file not found: {path}")
-    if path.stat().st_size > MAX_TEXT_BYTES:
-        raise SamoutError(f"{path} is larger than {MAX_TEXT_BYTES >> 20} MiB; use a part of it")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SamoutError(f"{path} is not UTF-8 text (byte {e.start}); a text file is expected") from None
-    if len(data) < 2:
-        raise SamoutError(f"{path} has {len(data)} bytes; at least 2 tokens are needed")
-    if vocab is not None:
-        ids = np.asarray(vocab.encode(text), dtype=np.int64)
-        sizes = np.asarray([len(vocab.tokens[i].encode()) for i in ids], dtype=np.int64)
-    else:
-        if vocab_size < 256:
-            raise SamoutError(f"the model's vocabulary has {vocab_size} ids, fewer than the 256 byte values; "
-                              "give --vocab FILE")
-        ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-        sizes = np.ones(len(ids), dtype=np.int64)
-    if len(ids) < 2:
-        raise SamoutError(f"{path} encodes to {len(ids)} token; at least 2 are needed")
-    if ids.max() >= vocab_size:
-        raise SamoutError(f"token id {int(ids.max())} is outside the model's vocabulary (0..{vocab_size - 1})")
-    return ids, sizes
+    if vocab is None and vocab_size < 256:
+        raise SamoutError(f"the model's vocabulary has {vocab_size} ids, fewer than the 256 byte values; "
+                          "give --vocab FILE")
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    carry, offset = "", 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(piece_bytes)
+            final = not data
+            try:
+                text = decoder.decode(data, final=final)
+            except UnicodeDecodeError as e:
+                raise SamoutError(f"{path} is not UTF-8 text (byte {offset + e.start}); a text file is expected") from None
+            offset += len(data)
+            if vocab is None:
+                if data:
+                    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+                    yield ids, np.ones(len(ids), dtype=np.int64)
+            else:
+                tokens, used = vocab.encode_prefix(carry + text, final)
+                carry = (carry + text)[used:]
+                if tokens:
+                    ids = np.asarray(tokens, dtype=np.int64)
+                    if ids.max() >= vocab_size:
+                        raise SamoutError(f"token id {int(ids.max())} is outside the model's vocabulary "
+                                          f"(0..{vocab_size - 1})")
+                    yield ids, np.asarray([len(vocab.tokens[i].encode()) for i in tokens], dtype=np.int64)
+            if final:
+                return

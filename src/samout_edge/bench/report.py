@@ -22,8 +22,10 @@ class PairRow:
     softmax: Record
 
     @property
-    def latency_ratio(self) -> float:
-        """cummax / softmax median latency: below 1 means SamOut is faster."""
+    def latency_ratio(self) -> float | None:
+        """cummax / softmax median latency: below 1 means SamOut is faster (None: one was not run)."""
+        if self.cummax.refused or self.softmax.refused:
+            return None
         return self.cummax.latency_ms["median"] / self.softmax.latency_ms["median"]
 
     @property
@@ -75,11 +77,20 @@ def fmt_mib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**20:,.1f}"
 
 
+def fmt_ms(record: Record) -> str:
+    """The median, or why the point was not run, short (the JSON has the whole reason)."""
+    if not record.refused:
+        return f"{record.latency_ms['median']:.2f}"
+    return "> kv-budget" if record.refused.startswith("KV cache") else \
+        ("out of memory" if "memory" in record.refused else "refused")
+
+
 def table_cells(row: PairRow) -> list[str]:
     c, s = row.cummax, row.softmax
+    ratio = "-" if row.latency_ratio is None else f"{row.latency_ratio:.2f}x"
     return [
         f"{row.backend}:{short_provider(row.provider)}", row.mode, str(row.batch), str(row.length),
-        f"{c.latency_ms['median']:.2f}", f"{s.latency_ms['median']:.2f}", f"{row.latency_ratio:.2f}x",
+        fmt_ms(c), fmt_ms(s), ratio,
         fmt_mb(c.peak_mem_mb), fmt_mb(s.peak_mem_mb), fmt_bytes(c.state_bytes), fmt_bytes(s.state_bytes),
         fmt_weights(row),
     ]
@@ -136,12 +147,16 @@ def save_plot(report: BenchReport, path: str | Path) -> None:
                          key=lambda r: r.length)
             if not pts:
                 continue
-            xs, color, name = [r.length for r in pts], colors[i % len(colors)], f"{backend}:{provider}"
-            ax_lat.plot(xs, [r.cummax.latency_ms["median"] for r in pts], "o-", color=color, label=f"cummax {name}")
-            ax_lat.plot(xs, [r.softmax.latency_ms["median"] for r in pts], "s--", color=color, label=f"softmax {name}")
-            if all(r.cummax.peak_mem_mb and r.softmax.peak_mem_mb for r in pts):
-                ax_mem.plot(xs, [r.cummax.peak_mem_mb for r in pts], "o-", color=color, label=f"cummax peak {name}")
-                ax_mem.plot(xs, [r.softmax.peak_mem_mb for r in pts], "s--", color=color, label=f"softmax peak {name}")
+            color, name = colors[i % len(colors)], f"{backend}:{provider}"
+            for arch, style in (("cummax", "o-"), ("softmax", "s--")):
+                run = [(r.length, getattr(r, arch)) for r in pts if not getattr(r, arch).refused]
+                if run:
+                    ax_lat.plot([x for x, _ in run], [rec.latency_ms["median"] for _, rec in run], style, color=color,
+                                label=f"{arch} {name}")
+                peaks = [(x, rec.peak_mem_mb) for x, rec in run if rec.peak_mem_mb]
+                if peaks:
+                    ax_mem.plot([x for x, _ in peaks], [m for _, m in peaks], style, color=color,
+                                label=f"{arch} peak {name}")
         if mode == "decode":
             pts = {r.length: r for r in rows if r.mode == "decode"}
             xs = sorted(pts)

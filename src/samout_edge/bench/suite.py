@@ -26,11 +26,12 @@ from samout_edge.bench.memory import MemorySpec, measure_in_child
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
-from samout_edge.runtime.base import Runner
+from samout_edge.runtime.base import Runner, check_context
 from samout_edge.runtime.ort_runner import available_providers, load_ort_runner, resolve_provider
 from samout_edge.runtime.registry import BACKENDS, LoadOptions, load_runner
 
 MODES = ("prefill", "decode")
+EXPORT_MAX_SEQ = 4096  # the exports bench makes take calls up to this; longer ones are chunked
 
 
 @dataclass
@@ -46,6 +47,7 @@ class BenchConfig:
     fast_kernel: bool = True  # torch on CUDA: the Triton cummax instead of torch.cummax
     budget: Budget = field(default_factory=Budget)
     memory: bool = True
+    kv_budget_bytes: int | None = None  # softmax: contexts whose KV cache would pass this are reported, not run
     # ONNX Runtime CPU: whether intra-op threads busy-wait between operators (ORT's own
     # default is on). Off by default here: bench interleaves two sessions (one per arch) in
     # one process, and the threads one session leaves spinning take the cores the other's
@@ -73,11 +75,16 @@ class BenchConfig:
         return self
 
     def max_seq_needed(self) -> int:
-        """Longest sequence a graph sees: the longest prefill, or a context plus every decode step."""
+        """Longest sequence a context reaches: the longest prefill, or a context plus every decode step."""
         longest = max(self.seqs) if "prefill" in self.modes else 1
         if "decode" in self.modes:
             longest = max(longest, max(self.contexts) + self.budget.total_calls() + 1)
         return longest
+
+    def export_max_seq(self) -> int:
+        """max_seq of the exports bench makes: one export serves every length (longer calls are
+        fed in chunks), so it is the longest call, up to EXPORT_MAX_SEQ."""
+        return min(self.max_seq_needed(), EXPORT_MAX_SEQ)
 
 
 @dataclass
@@ -98,6 +105,7 @@ class Record:
     machine: str
     weights: str = "fp"  # fp | int8 | int4 (export.json weights.kind)
     weights_bytes: int | None = None  # the graph's initializers: what the weights take (export.json weights.bytes)
+    refused: str | None = None  # why this point was not run (a softmax cache past memory or --kv-budget)
 
     @property
     def length(self) -> int:
@@ -279,14 +287,6 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     plan = targets(config)
     manifests = {arch: read_manifest(pair[arch]) for arch in ARCHS}
     cm = manifests["cummax"]
-    needed = config.max_seq_needed()
-    for arch, m in manifests.items():
-        if m.max_seq < needed:
-            raise SamoutError(
-                f"the {arch} export has max_seq {m.max_seq}, but this bench needs {needed} tokens "
-                f"(longest --seq, or longest --context + {config.budget.total_calls() + 1} decode steps); "
-                "re-export with a larger --max-seq or bench shorter lengths"
-            )
     stored = {arch: (m.weights.get("kind", "fp"), weights_bytes(pair[arch], m)) for arch, m in manifests.items()}
     points = [(mode, batch, length) for mode in config.modes for batch in config.batches
               for length in (config.seqs if mode == "prefill" else config.contexts)]
@@ -331,37 +331,59 @@ def _measure_point(runners: dict[str, Runner], pair, backend, provider, label, m
     vocab = manifest.config.vocab_size
     steps = config.budget.total_calls() + 1
     ids = np.random.default_rng(length).integers(1, vocab, (batch, length + steps))
-    calls = {}
+    calls, refused = {}, {}
     for arch, runner in runners.items():
+        why = _refusal(runner, config, batch, length + (steps if mode == "decode" else 0))
+        if why:
+            refused[arch] = why
+            continue
         empty = runner.initial_state(batch)
         if mode == "prefill":
             calls[arch] = _prefill_call(runner, ids[:, :length], empty)
         else:
-            _, state = runner.run(ids[:, :length], empty)
+            _, state = runner.run(ids[:, :length], empty)  # any length: run() chunks it
             calls[arch] = _decode_call(runner, ids, length, state)
     sync = next(iter(runners.values())).synchronize
-    timings = interleaved(calls, config.budget, sync)
+    timings = interleaved(calls, config.budget, sync) if calls else {}
     records = []
-    for arch, timing in timings.items():
-        peak = None
-        if config.memory:
+    for arch in runners:
+        timing, peak = timings.get(arch), None
+        if timing is not None and config.memory:
             spec = MemorySpec(str(pair[arch]), backend, provider, mode, batch, length, fast_kernel=config.fast_kernel)
-            peak = measure_in_child(spec)
+            try:
+                peak = measure_in_child(spec)
+            except RuntimeError:  # the child ran out of memory (or was killed): the time stands, the peak is unknown
+                peak = None
         tokens = batch * (length if mode == "prefill" else 1)
         records.append(Record(
             arch=arch, backend=backend, provider=label, mode=mode, batch=batch,
             seq=length if mode == "prefill" else None, context=length if mode == "decode" else None,
             dtype=manifest.dtype,
-            latency_ms={"median": timing.median_ms, "p90": timing.p90_ms},
-            tokens_per_s=tokens / (timing.median_ms / 1e3),
+            latency_ms={} if timing is None else {"median": timing.median_ms, "p90": timing.p90_ms},
+            tokens_per_s=0.0 if timing is None else tokens / (timing.median_ms / 1e3),
             peak_mem_mb=None if peak is None else peak / 2**20,
             state_bytes=graph.state_bytes(manifest.config, arch, batch, length, manifest.dtype),
-            repeats=len(timing.samples_ms),
+            repeats=0 if timing is None else len(timing.samples_ms),
             machine=machine_label,
             weights=(stored or {}).get(arch, ("fp", None))[0],
             weights_bytes=(stored or {}).get(arch, ("fp", None))[1],
+            refused=refused.get(arch),
         ))
     return records
+
+
+def _refusal(runner: Runner, config: BenchConfig, batch: int, tokens: int) -> str | None:
+    """Why a context of ``tokens`` is not run on ``runner`` (None: it is): past --kv-budget, or
+    past what the target or the machine's memory holds (check_context, the rule every command asks)."""
+    info = runner.info
+    state = graph.state_bytes(info.config, info.arch, batch, tokens, info.dtype)
+    if config.kv_budget_bytes is not None and info.arch == "softmax" and state > config.kv_budget_bytes:
+        return f"KV cache {state / 2**20:,.1f} MiB > --kv-budget {config.kv_budget_bytes / 2**20:,.1f} MiB"
+    try:
+        check_context(info, tokens, batch)
+    except SamoutError as e:
+        return f"out of memory at {tokens:,} tokens" if "memory" in str(e) else str(e)
+    return None
 
 
 def _prefill_call(runner: Runner, ids: np.ndarray, state):

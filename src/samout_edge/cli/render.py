@@ -301,9 +301,9 @@ def bench(report) -> None:
         table.add_column(header, justify="left" if header in ("backend", "mode", "weights MiB") else "right",
                          no_wrap=True)
     for row in rep.pair_rows(report):
-        cells = rep.table_cells(row)
-        color = "green" if row.latency_ratio < 1 else "red"
-        cells[6] = f"[{color}]{cells[6]}[/]"
+        cells = [escape(c) for c in rep.table_cells(row)]
+        if row.latency_ratio is not None:
+            cells[6] = f"[{'green' if row.latency_ratio < 1 else 'red'}]{cells[6]}[/]"
         table.add_row(*cells)
     console.print(table)
 
@@ -330,22 +330,72 @@ def shortest_names(paths: list[str]) -> dict[str, str]:
 
 
 def evaluation(results, text) -> None:
-    """Quality next to cost: one row per target."""
+    """Quality next to cost: one row per target; then bits per byte by position in the context."""
     short_targets = shortest_names([r.target for r in results])
     table = Table(title=escape(f"eval on {text}: bits per byte (lower is better), top-1 agreement and max logit "
-                               "error vs PyTorch fp32 on the same windows"))
-    for col in ("target", "arch", "runner", "dtype", "weights", "bits/byte", "perplexity", "top-1 agree",
+                               "error vs PyTorch fp32 on the same contexts"))
+    for col in ("target", "arch", "runner", "dtype", "weights", "context", "bits/byte", "perplexity", "top-1 agree",
                 "max logit err", "weights MiB", "state", "ms/window"):
         table.add_column(col, justify="left" if col in ("target", "arch", "runner", "dtype", "weights") else "right")
     for r in results:
         agree = "-" if r.top1_agreement is None else f"{100 * r.top1_agreement:.2f}%"
         err = "-" if r.max_logit_error is None else f"{r.max_logit_error:.2e}"
         weights = "-" if r.weights_bytes is None else f"{r.weights_bytes / 2**20:.1f}"
+        context = f"stream {r.window:,}" if r.mode == "stream" else f"{r.window:,}"
+        speed = f"{r.window_ms:.1f}" if r.mode == "windows" else f"{r.window_ms:.0f}/1k tok"
         table.add_row(escape(short_targets[r.target]), r.arch, escape(short_runner(r.runner)), r.dtype, r.weights,
-                      f"{r.bits_per_byte:.4f}",
-                      f"{r.perplexity:.3f}", agree, err, weights, human_bytes(r.state_bytes), f"{r.window_ms:.1f}")
+                      context, f"{r.bits_per_byte:.4f}", f"{r.perplexity:.3f}", agree, err, weights,
+                      human_bytes(r.state_bytes), speed)
     console.print(table)
     first = results[0]
-    console.print(f"{first.tokens:,} tokens ({first.bytes:,} bytes) scored; windows of {first.window} every "
-                  f"{first.stride}; agreement over the first {first.compared_tokens:,} tokens; state is the decode "
-                  "state after one window", highlight=False)
+    how = (f"windows of {first.window} every {first.stride}" if first.mode == "windows"
+           else "the whole file as one context")
+    console.print(f"{first.tokens:,} tokens ({first.bytes:,} bytes) scored; {how}; agreement over the first "
+                  f"{first.compared_tokens:,} tokens; state is the decode state after the longest context",
+                  highlight=False)
+    spans = sorted({(b["from"], b["to"]) for r in results for b in r.by_position})
+    if len(spans) > 1:
+        by_pos = Table(title="bits per byte by position in the context (does more context help?)")
+        by_pos.add_column("target")
+        for start, end in spans:
+            by_pos.add_column(f"{_k(start)}-{_k(end) if end else ''}", justify="right")
+        for r in results:
+            cells = {(b["from"], b["to"]): b for b in r.by_position}
+            by_pos.add_row(escape(short_targets[r.target]), *[
+                f"{cells[span]['bits_per_byte']:.4f}" if span in cells else "-" for span in spans])
+        console.print(by_pos)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def save_position_plot(results, path) -> None:
+    """Bits per byte against position in the context, one line per target (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    names = shortest_names([r.target for r in results])
+    for r in results:
+        pts = [b for b in r.by_position if b["bits_per_byte"] is not None]
+        mids = [(b["from"] * (b["to"] or 4 * b["from"])) ** 0.5 for b in pts]  # geometric middle of each span
+        ax.plot(mids, [b["bits_per_byte"] for b in pts], "o-" if r.arch == "cummax" else "s--",
+                label=f"{names[r.target]} ({r.arch}, {'stream' if r.mode == 'stream' else f'windows of {r.window}'})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the context, tokens")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Does more context help? Bits per byte by position")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    from samout_edge.artifact.files import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())

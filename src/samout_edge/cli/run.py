@@ -49,17 +49,10 @@ def generate(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming."),
 ) -> None:
     """Generate tokens: one prefill call, then one-token decode calls carrying the state."""
-    from samout_edge.artifact.config import check_arch
-    from samout_edge.artifact.manifest import is_export_dir
     from samout_edge.generate import Sampler, load_generation_runner, parse_prompt, vocab_for
     from samout_edge.generate import generate as run_generate
 
-    check_arch(arch)
-    if engine:
-        backend, provider = "tensorrt", engine
-    elif backend == "auto":
-        backend = "ort" if is_export_dir(target) else "torch"
-    runner = load_generation_runner(target, backend, provider, device, arch, heads)
+    runner = load_generation_runner(target, value(backend), provider, value(device), value(arch), heads, engine)
     words = vocab_for(vocab, runner.info.config.vocab_size, target)
     prompt_ids = parse_prompt(ids, prompt, words)
     sampler = Sampler(temperature, top_k, seed)
@@ -108,7 +101,8 @@ def bench_run(
     preset: Optional[Preset] = typer.Option(None, "--preset", help="Bench a randomly initialised preset instead (exported first)."),
     mode: str = typer.Option("prefill,decode", help="Scenarios: prefill, decode or both."),
     seq: str = typer.Option("256,1024,4096", help="Prefill sequence lengths."),
-    context: str = typer.Option("256,1024,4096", help="Decode: tokens already in the state."),
+    context: str = typer.Option("256,1024,4096", help="Decode: tokens already in the state (any length: the prefill "
+                                "before it is fed in chunks)."),
     batch: str = typer.Option("1", help="Batch sizes."),
     backend: str = typer.Option("torch,ort", help="Backends: torch (eager) and/or ort (every available provider)."),
     provider: Optional[str] = typer.Option(None, help="ONNX Runtime providers to use (default: all available)."),
@@ -125,6 +119,9 @@ def bench_run(
     min_repeats: int = typer.Option(3, "--min-repeats", min=1, help="Fewest timed calls per series."),
     budget: float = typer.Option(3.0, help="Seconds per series after which timing stops (once --min-repeats are done)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory (a child process per scenario)."),
+    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", min=0,
+                                              help="MiB: softmax contexts whose KV cache would pass this are reported "
+                                              "as such, not run (always: those past the machine's memory)."),
     spinning: bool = typer.Option(False, "--spinning/--no-spinning",
                                   help="ONNX Runtime CPU: let threads busy-wait between operators (ORT's own default). "
                                   "Off by default: with two sessions interleaved, one's spinning threads slow the "
@@ -161,6 +158,7 @@ def bench_run(
         fast_kernel=fast_kernel,
         budget=Budget(warmup=warmup, min_repeats=min_repeats, max_repeats=repeats, seconds=budget),
         memory=memory,
+        kv_budget_bytes=None if kv_budget is None else int(kv_budget * 2**20),
         ort_spinning=spinning,
     ).validate()
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
@@ -172,7 +170,7 @@ def bench_run(
         if path is not None:
             check_writable_file(path, option)
     with progress_bar() as progress, bench_workspace(work) as work_dir:
-        pair = prepare_exports(dirs, value(preset), work_dir, config.max_seq_needed(), dtype.value, lowering.value,
+        pair = prepare_exports(dirs, value(preset), work_dir, config.export_max_seq(), dtype.value, lowering.value,
                                progress, scan.value)
         report = run_bench(pair, config, progress)
     render.bench(report)
@@ -231,7 +229,8 @@ def eval_command(
     text: Path = typer.Option(..., "--text", help="A UTF-8 text file to score."),
     backend: EvalBackend = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch, ort or tensorrt."),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
-    window: Optional[int] = typer.Option(None, min=2, help="Tokens per window (default min(512, max_seq))."),
+    window: Optional[int] = typer.Option(None, min=2, help="Tokens per window (default 512; past an export's max_seq "
+                                          "it is fed in chunks, the state carried)."),
     stride: Optional[int] = typer.Option(None, min=1, help="Tokens between window starts (default window-1: each token computed once)."),
     vocab: Optional[Path] = typer.Option(None, help="Vocab file (JSON list of token strings); default: UTF-8 bytes as ids."),
     reference: bool = typer.Option(True, "--reference/--no-reference",
@@ -240,19 +239,35 @@ def eval_command(
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     checkpoint: Optional[Path] = typer.Option(
         None, help="A copy of the exports' source checkpoint, where it has moved (the PyTorch reference runs it)."),
+    stream: bool = typer.Option(False, "--stream", help="Score the whole file as one context, read a piece at a "
+                                "time with the state carried (memory stays flat; softmax: while its KV cache fits)."),
+    engine: Optional[str] = typer.Option(None, help="Evaluate the TensorRT engine built for this profile."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write bits per byte by position in the context to this PNG."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Quality on the deployed artifact: bits per byte, perplexity, agreement with PyTorch fp32; targets side by side."""
+    """Quality on the deployed artifact: bits per byte (overall and by position in the context), perplexity,
+    agreement with PyTorch fp32; targets side by side."""
+    from samout_edge.artifact.files import check_writable_file
     from samout_edge.evaluate import eval_target
 
     if len(targets) > MAX_EVAL_TARGETS:
         raise SamoutError(f"give at most {MAX_EVAL_TARGETS} targets")
+    if plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise SamoutError("--plot needs matplotlib: pip install 'samout-edge[plot]'")
+        if plot.suffix.lower() != ".png":
+            raise SamoutError(f"{plot} should end in .png")
+        check_writable_file(plot, "--plot")
     results = []
     with progress_bar(not json_out) as progress:
         for target in targets:
             results.append(eval_target(target, text, backend.value, provider, window, stride, vocab, reference,
-                                       arch.value, heads, progress, checkpoint))
+                                       arch.value, heads, progress, checkpoint, stream, engine))
     if json_out:
         print_json([r.to_dict() for r in results])
     else:
         render.evaluation(results, text)
+    if plot is not None:
+        render.save_position_plot(results, plot)
+        if not json_out:
+            console.print(escape(f"wrote {plot}"), highlight=False)

@@ -36,31 +36,27 @@ def serve(
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Requests per runner call (an engine's profiles may cap it)."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
+    max_prompt_tokens: int = typer.Option(131072, "--max-prompt-tokens", min=1,
+                                          help="Most prompt tokens one request may send (a cummax session's context "
+                                          "has no limit: long prompts are fed in chunks)."),
     max_sessions: int = typer.Option(10_000, "--max-sessions", min=1, help="Past this, the least recently used idle session is evicted."),
     session_ttl: float = typer.Option(86_400.0, "--session-ttl", help="Seconds idle before a session is evicted."),
     kv_budget_mib: float = typer.Option(256.0, "--kv-budget-mib", min=0, help="Softmax: all sessions' KV caches together."),
     log_level: str = typer.Option("warning", help="uvicorn's log level (info shows each request)."),
 ) -> None:
     """Serve completions over HTTP with sessions that persist across restarts."""
-    from samout_edge.artifact.manifest import is_export_dir
     from samout_edge.serve import open_server, require_serve, run
 
     require_serve()  # before importing the server, which imports FastAPI
     from samout_edge.serve.server import ServeOptions
     from samout_edge.serve.sessions import SessionPolicy
 
-    backend_name = value(backend)
-    provider_name = provider
-    if engine:
-        backend_name, provider_name = "tensorrt", engine
-    elif backend_name == "auto":
-        backend_name = "ort" if is_export_dir(target) else "torch"
     if memory_only and store is not None:
         raise typer.BadParameter("give --store or --memory-only, not both", param_hint="--store")
     store_path = None if memory_only else (store or (target if target.is_dir() else target.parent) / "sessions.sqlite")
     policy = SessionPolicy(max_sessions, session_ttl, int(kv_budget_mib * 2**20))
-    options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy)
-    server = open_server(target, backend_name, options, provider_name, value(device), value(arch), heads, vocab)
+    options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens)
+    server = open_server(target, value(backend), options, provider, value(device), value(arch), heads, vocab, engine)
     info = server.info
     resumed = len(server.sessions.sessions)
     corrupt = server.sessions.corrupt

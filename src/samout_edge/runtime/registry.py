@@ -22,6 +22,8 @@ class LoadOptions:
     checkpoint: str | Path | None = None  # torch: the source checkpoint, if it has moved
     cpu_arena: bool = True  # ORT: False returns freed memory to the OS (peak-RSS measurements)
     fast_kernel: bool = True  # torch on CUDA: the Triton cummax
+    intra_op_threads: int | None = None  # ORT: threads one call uses (None: ORT's default)
+    spinning: bool | None = None  # ORT: threads busy-wait between operators (None: ORT's default, on)
 
 
 Loader = Callable[[Path, LoadOptions], Runner]
@@ -40,7 +42,8 @@ def register(name: str) -> Callable[[Loader], Loader]:
 def _ort(directory: Path, options: LoadOptions) -> Runner:
     from samout_edge.runtime.ort_runner import load_ort_runner
 
-    return load_ort_runner(directory, options.provider, cpu_arena=options.cpu_arena)
+    return load_ort_runner(directory, options.provider, cpu_arena=options.cpu_arena,
+                           intra_op_threads=options.intra_op_threads, spinning=options.spinning)
 
 
 @register("tensorrt")

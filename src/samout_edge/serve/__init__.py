@@ -29,18 +29,19 @@ def require_serve() -> None:
 
 
 def open_server(target: Path, backend: str, options: ServeOptions, provider: str = "cpu", device: str = "auto",
-                arch: str = "cummax", heads: int | None = None, vocab: Path | None = None) -> Server:
+                arch: str = "cummax", heads: int | None = None, vocab: Path | None = None,
+                engine: str | None = None) -> Server:
     """Load the runner (in the batcher's thread), the vocab and the stored sessions."""
     require_serve()
     from samout_edge.generate import load_generation_runner, vocab_for
+    from samout_edge.runtime.target import resolve_target
     from samout_edge.serve.server import Server, model_identity
 
-    if not target.exists():
-        raise SamoutError(f"not found: {target}")
-    identity = model_identity(target)
+    resolved = resolve_target(target, engine)
+    identity = model_identity(resolved.engine_dir or target)
 
     def load():
-        return load_generation_runner(target, backend, provider, device, arch, heads)
+        return load_generation_runner(target, backend, provider, device, arch, heads, engine)
 
     server = Server(load, options, identity, model_name=target.resolve().name or "samout")
     try:

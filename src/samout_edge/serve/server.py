@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from samout_edge.artifact import graph
 from samout_edge.errors import SamoutError
 from samout_edge.generate import Sampler, Vocab
-from samout_edge.runtime.base import Runner
+from samout_edge.runtime.base import Runner, check_context
 from samout_edge.serve.batcher import Batcher, Job, JobResult
 from samout_edge.serve.metrics import BATCH_BUCKETS, Metrics
 from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore, SessionTable
@@ -49,6 +49,7 @@ class ServeOptions:
     max_batch: int = 32
     max_tokens: int = 4096  # per request
     policy: SessionPolicy = field(default_factory=SessionPolicy)
+    max_prompt_tokens: int = 131072  # tokens a request may send; a session's context grows without limit (cummax)
     store_busy_timeout_s: float = 5.0  # how long a write waits for another process's lock on the store
 
     def __post_init__(self) -> None:
@@ -56,6 +57,8 @@ class ServeOptions:
             raise SamoutError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.max_tokens < 1:
             raise SamoutError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if self.max_prompt_tokens < 1:
+            raise SamoutError(f"--max-prompt-tokens must be at least 1, got {self.max_prompt_tokens}")
         if self.policy.max_sessions < 1:
             raise SamoutError(f"--max-sessions must be at least 1, got {self.policy.max_sessions}")
         if not (self.policy.ttl_s > 0 and math.isfinite(self.policy.ttl_s)):
@@ -137,11 +140,11 @@ class Server:
             if self.vocab is None:
                 raise SessionError("this server has no vocab (serve --vocab FILE): send the prompt as token ids",
                                    400, "no_vocab")
-            limit = self.info.max_seq
+            limit = self.options.max_prompt_tokens
             fewest = self.vocab.fewest_tokens(prompt)  # checked before encoding: a huge text is refused at once
-            if limit is not None and fewest > limit:
-                raise SessionError(f"the prompt is at least {fewest} tokens, above the export's max_seq {limit}",
-                                   400, "prompt_too_long")
+            if fewest > limit:
+                raise SessionError(f"the prompt is at least {fewest:,} tokens, above this server's limit of {limit:,} "
+                                   "(serve --max-prompt-tokens)", 400, "prompt_too_long")
             try:
                 return self.vocab.encode(prompt)
             except SamoutError as e:
@@ -152,19 +155,21 @@ class Server:
             raise SessionError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", 400, "token_out_of_range")
         return list(prompt)
 
-    def check_request(self, req: CompletionRequest, ids: list[int], position: int) -> None:
+    def check_request(self, req: CompletionRequest, prompt: list[int], ids: list[int], position: int) -> None:
+        """``prompt``: what the client sent; ``ids``: that after the session's pending token."""
         if not ids:
             raise SessionError("the prompt is empty (and the session has no pending token)", 400, "empty_prompt")
         if req.max_tokens > self.options.max_tokens:
             raise SessionError(f"max_tokens {req.max_tokens} is above this server's limit {self.options.max_tokens} "
                                "(serve --max-tokens)", 400, "max_tokens_too_large")
-        limit = self.info.max_seq
-        if limit is not None and len(ids) > limit:
-            raise SessionError(f"the prompt is {len(ids)} tokens, above the export's max_seq {limit}", 400,
+        if len(prompt) > self.options.max_prompt_tokens:
+            raise SessionError(f"the prompt is {len(prompt):,} tokens, above this server's limit of "
+                               f"{self.options.max_prompt_tokens:,} (serve --max-prompt-tokens)", 400,
                                "prompt_too_long")
-        if self.info.arch == "softmax" and limit is not None and position + len(ids) + req.max_tokens - 1 > limit:
-            raise SessionError(f"the KV cache would reach {position + len(ids) + req.max_tokens - 1} positions, "
-                               f"above the export's max_seq {limit}", 400, "context_too_long")
+        try:  # the one rule: cummax takes any context, softmax what its cache and memory hold
+            check_context(self.info, position + len(ids) + req.max_tokens - 1, 1, "this request")
+        except SamoutError as e:
+            raise SessionError(str(e), 400, "context_too_long") from None
 
     def text(self, tokens: list[int]) -> str:
         return "".join(self.vocab.decode(t) for t in tokens) if self.vocab else ""
@@ -317,7 +322,7 @@ def create_app(server: Server) -> FastAPI:
         session = server.sessions.acquire(req.session) if req.session is not None else None
         try:
             ids = (session.pending if session else []) + prompt
-            server.check_request(req, ids, session.position if session else 0)
+            server.check_request(req, prompt, ids, session.position if session else 0)
             reserved = 0
             if session is not None:
                 reserved = server.sessions.reserve(graph.state_bytes(
