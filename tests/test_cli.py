@@ -115,9 +115,11 @@ def test_existing_directory_says_how_to_overwrite(run_cli, tmp_path):
     assert code == 0, err
 
 
-def test_verify_lengths_out_of_range(run_cli, exported):
-    code, _, err = run_cli("verify", exported().directory, "--lengths", "1,301")
-    assert code == 1 and "outside 1..300" in one_error_line(err)
+def test_verify_lengths_past_max_seq_are_chunked_and_zero_is_refused(run_cli, exported):
+    code, out, err = run_cli("verify", exported().directory, "--lengths", "1,301,900", "--json")
+    assert code == 0 and json.loads(out)["lengths"] == [1, 301, 900], err  # 3x max_seq, against PyTorch whole
+    code, _, err = run_cli("verify", exported().directory, "--lengths", "0,5")
+    assert code == 1 and "--lengths must be positive" in one_error_line(err)
 
 
 def test_unknown_provider(run_cli, exported):

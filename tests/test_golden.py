@@ -25,8 +25,10 @@ def test_golden_cases_cover_what_breaks_graphs(exported):
     assert names[:3] == ["prefill 2x1", "prefill 2x97", "prefill 1x300"]
     ids = np.concatenate([f["input_ids"].ravel() for f in golden.feeds])
     assert 0 in ids and m.config.vocab_size - 1 in ids
-    steps = [c for c in golden.index.cases if c.state_from is not None]
+    steps = [c for c in golden.index.cases if c.state_from is not None and c.name.startswith("decode")]
     assert len(steps) == 4 and all(c.seq == 1 and c.batch == 2 for c in steps)
+    long = [c for c in golden.index.cases if c.name.startswith("long 1x751")]  # 2.5 x max_seq in calls of 300
+    assert [(c.seq, c.past) for c in long] == [(300, 0), (300, 300), (151, 600), (1, 751), (1, 752)]
     assert golden.feeds[0]["past_max.0"].dtype == np.float32
     assert m.files["golden/inputs.json"]["sha256"] and m.files["golden/outputs.json"]["sha256"]
 

@@ -62,6 +62,9 @@ def golden_lengths(max_seq: int, trace_seq: int) -> list[int]:
 
 
 EVERY_ID = "every id"
+LONG = "long"  # cummax: a prompt past max_seq, fed in calls of max_seq (exporter/golden.py long_case)
+LONG_FACTOR = 2.5
+LONG_STEPS = 2
 
 
 def every_id_chunks(vocab: int, hidden: int) -> list[tuple[int, int]]:

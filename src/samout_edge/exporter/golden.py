@@ -4,8 +4,10 @@ The cases cover what a wrong graph gets wrong: prefill at 1 token, at a prime
 length near 100 and at max_seq (a scan unrolled too short fails there); batch 2
 where it is cheap; ids that include 0 (the padding row of the embedding) and
 vocab-1; a prefill followed by one-token decode steps, each step's past the
-state the step before returned; and every id once, so every embedding row a
-token selects is checked (its first layer's state; logits where they are small).
+state the step before returned; for cummax, a prompt of 2.5 x max_seq in calls
+of max_seq and decode steps after it (against PyTorch on the whole sequence);
+and every id once, so every embedding row a token selects is checked (its first
+layer's state; logits where they are small).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from samout_edge.artifact.golden import (
     DECODE_PREFILL,
     DECODE_STEPS,
     EVERY_ID,
+    LONG,
+    LONG_FACTOR,
+    LONG_STEPS,
     MAX_OUTPUT_BYTES,
     Golden,
     GoldenCase,
@@ -29,6 +34,33 @@ from samout_edge.artifact.golden import (
 )
 from samout_edge.artifact.manifest import Manifest
 from samout_edge.models.model import SamOut
+
+
+def long_case(rng: np.random.Generator, model: SamOut, manifest: Manifest, cases: list[GoldenCase],
+              feeds: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]]) -> None:
+    """A prompt of LONG_FACTOR x max_seq as a chain of calls of at most max_seq, then decode
+    steps: each call's outputs are PyTorch's on the whole sequence so far (no chunks), its
+    past the whole prefix's state. So chunked == whole is checked on the device, and each
+    call is one Polygraphy iteration of at most max_seq tokens."""
+    cfg, arch, max_seq = manifest.config, manifest.arch, manifest.max_seq
+    past_names, present_names = graph.past_names(arch, cfg.num_layers), graph.present_names(arch, cfg.num_layers)
+    total = int(LONG_FACTOR * max_seq) + 1
+    ids = golden_ids(rng, cfg.vocab_size, 1, total + LONG_STEPS)
+    bounds = [(a, min(a + max_seq, total)) for a in range(0, total, max_seq)]
+    bounds += [(total + k, total + k + 1) for k in range(LONG_STEPS)]
+    state = graph.empty_state(cfg, arch, 1, manifest.dtype)
+    for k, (start, end) in enumerate(bounds):
+        with torch.inference_mode():
+            logits, present = model(torch.from_numpy(ids[:, :end]), None, last_only=manifest.logits == "last")
+        logits = logits.numpy() if manifest.logits == "last" else logits[:, start:end].numpy()
+        result = {graph.LOGITS: logits, **{n: t.numpy() for n, t in zip(present_names, graph.flatten(arch, present))}}
+        skipped = [n for n, v in result.items() if v.nbytes > MAX_OUTPUT_BYTES]
+        what = f"call {k + 1}" if end - start > 1 or start < total else f"step {start - total + 1}"
+        cases.append(GoldenCase(f"{LONG} 1x{total}: {what}", 1, end - start, start, len(cases) - 1 if k else None,
+                                skipped))
+        feeds.append({graph.INPUT_IDS: ids[:, start:end].astype(np.int64), **state})
+        outputs.append({n: v.copy() for n, v in result.items() if n not in skipped})
+        state = {p: result[n].astype(graph.numpy_dtype(manifest.dtype)) for p, n in zip(past_names, present_names)}
 
 
 def record_golden(model: SamOut, manifest: Manifest, rtol: float, text_ids: np.ndarray | None = None) -> Golden:
@@ -79,6 +111,8 @@ def record_golden(model: SamOut, manifest: Manifest, rtol: float, text_ids: np.n
     if text_ids is not None and len(text_ids):
         window = np.asarray(text_ids[: manifest.max_seq], dtype=np.int64)[None]
         run(f"text 1x{window.shape[1]}", window, None, 0, None)
+    if arch == "cummax":  # past max_seq: chunks of max_seq with the state carried, as every runner feeds them
+        long_case(rng, model, manifest, cases, feeds, outputs)
     first_state = present_names[0]  # a linear function of each row's embedding
     for start, end in every_id_chunks(cfg.vocab_size, cfg.hidden_size):
         small = (end - start) * cfg.vocab_size * 4 <= MAX_OUTPUT_BYTES
