@@ -231,7 +231,14 @@ def evaluate(
         raise SamoutError("eval needs logits for every position: export with --logits all")
     batch = max(1, min(batch, runner.info.max_batch or batch,
                        LOGITS_BUDGET // (window * runner.info.config.vocab_size * 4)))
-    check_context(runner.info, window, batch, f"eval's windows of {window}")
+    while True:  # fewer windows per call where memory holds fewer (a softmax cache); one that does not fit: refused
+        try:
+            check_context(runner.info, window, batch, f"eval's windows of {window}")
+            break
+        except SamoutError:
+            if batch == 1:
+                raise
+            batch //= 2
     spans = windows(len(tokens), window, stride)
     calls = batches(spans, batch)
     firsts = np.cumsum([0] + [len(c) for c in calls])  # index of each call's first window
@@ -382,7 +389,10 @@ def eval_target(
         workers, threads = cpu_workers()
         options = LoadOptions(provider=provider, intra_op_threads=threads, spinning=False)
     elif backend == "ort":
-        options = LoadOptions(provider=provider, spinning=False)
+        # a softmax stream calls the graph with a longer cache each time: ONNX Runtime's arena would keep
+        # every size it ever saw (23 GB at 62k tokens of the pair), so it returns memory instead
+        grows = manifest is not None and manifest.arch == "softmax"
+        options = LoadOptions(provider=provider, spinning=False, cpu_arena=not grows)
     if backend == "torch" and manifest is not None:
         runner = _torch_runner(resolved.export_dir, manifest, checkpoint, "all", arch, heads, manifest.dtype,
                                quantized=True)

@@ -65,12 +65,19 @@ class RunnerInfo:
     max_context: int | None = None  # the most tokens a state may hold (a softmax engine's profiles); None: any
 
 
+# An unfused attention call holds about this many score-sized fp32 buffers at once (scores,
+# scaled, masked, softmax, the product's input): ONNX Runtime 1.32 CPU, the trained pair's
+# softmax export, 1024 queries over 24k keys: 3.4 GB above the model for 0.8 GB of scores.
+SCORE_BUFFERS = 5
+MIN_CALL = 64  # a softmax prompt is fed in calls of at least this many tokens
+
+
 def check_context(info: RunnerInfo, tokens: int, batch: int = 1, what: str = "this request") -> None:
     """The one rule for how much context a target takes, asked by every command.
 
     cummax: any length (its state does not grow; run() chunks). softmax: what an
-    engine's profiles hold, and what memory holds: the KV cache, plus the
-    attention scores of the largest call (fp32, chunk x context per head).
+    engine's profiles hold, and what memory holds: the KV cache (and its copy as
+    the next call's input), plus the attention scores of at least one short call.
     """
     if info.max_context is not None and tokens > info.max_context:
         raise SamoutError(f"{what} needs a context of {tokens:,} tokens; this {info.backend} target holds at most "
@@ -79,9 +86,27 @@ def check_context(info: RunnerInfo, tokens: int, batch: int = 1, what: str = "th
         from samout_edge.artifact.resources import check_memory, human_bytes
 
         cache = graph.state_bytes(info.config, info.arch, batch, tokens, info.dtype)
-        scores = batch * info.config.num_heads * min(tokens, info.max_seq or tokens) * tokens * 4
-        check_memory(2 * cache + scores, f"{what} ({tokens:,} tokens of context: a {human_bytes(cache)} KV cache "
-                                         "and the attention scores of one call)")
+        shortest = min(tokens, MIN_CALL)
+        check_memory(2 * cache + _scores_bytes(info, batch, shortest, tokens),
+                     f"{what} ({tokens:,} tokens of context: a {human_bytes(cache)} KV cache and the attention "
+                     f"scores of a call of {shortest} tokens)")
+
+
+def call_tokens(info: RunnerInfo, batch: int, context: int) -> int | None:
+    """The most tokens one call takes when the state will hold ``context`` tokens: the
+    graph's limit, and for a softmax cache what its attention scores leave memory for
+    (so a long prompt is fed in shorter calls rather than not at all)."""
+    if info.arch != "softmax":
+        return info.max_seq
+    from samout_edge.artifact.resources import available_memory
+
+    free = available_memory() - 2 * graph.state_bytes(info.config, info.arch, batch, context, info.dtype)
+    fit = max(MIN_CALL, free // max(1, _scores_bytes(info, batch, 1, context)))
+    return min(info.max_seq or fit, fit)
+
+
+def _scores_bytes(info: RunnerInfo, batch: int, queries: int, keys: int) -> int:
+    return SCORE_BUFFERS * batch * info.config.num_heads * queries * keys * 4
 
 
 class Runner(ABC):
@@ -100,7 +125,9 @@ class Runner(ABC):
         past max_seq) or a corrupted one, and a runtime whose Max(NaN, x) is x would
         quietly forget it."""
         check_feed(self.info, input_ids, state)
-        limit, seq = self.info.max_seq, np.shape(input_ids)[1]
+        batch, seq = np.shape(input_ids)
+        past = int(np.shape(next(iter(state.values())))[2]) if self.info.arch == "softmax" else 0
+        limit = call_tokens(self.info, batch, past + seq)
         if limit is None or seq <= limit:
             return self.run_impl(input_ids, state)
         ids = np.asarray(input_ids)
