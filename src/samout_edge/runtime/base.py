@@ -70,6 +70,7 @@ class RunnerInfo:
 # softmax export, 1024 queries over 24k keys: 3.4 GB above the model for 0.8 GB of scores.
 SCORE_BUFFERS = 5
 MIN_CALL = 64  # a softmax prompt is fed in calls of at least this many tokens
+CALL_SCORES_MAX = 2 << 30  # ... and of at most as many as keep one call's score buffers within this
 
 
 def check_context(info: RunnerInfo, tokens: int, batch: int = 1, what: str = "this request") -> None:
@@ -101,7 +102,8 @@ def call_tokens(info: RunnerInfo, batch: int, context: int) -> int | None:
     from samout_edge.artifact.resources import available_memory
 
     free = available_memory() - 2 * graph.state_bytes(info.config, info.arch, batch, context, info.dtype)
-    fit = max(MIN_CALL, free // max(1, _scores_bytes(info, batch, 1, context)))
+    room = min(free // 4, CALL_SCORES_MAX)  # a runtime's allocator keeps more than one call's peak
+    fit = max(MIN_CALL, room // max(1, _scores_bytes(info, batch, 1, context)))
     return min(info.max_seq or fit, fit)
 
 
