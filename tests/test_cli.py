@@ -202,3 +202,16 @@ def test_version(run_cli):
 
     code, out, _ = run_cli("--version")
     assert code == 0 and out.strip() == f"samout-edge {__version__}"
+
+
+def test_generate_from_a_checkpoint_names_its_arch_plainly(run_cli, tiny_checkpoint):
+    """Issue 16: an Enum leaked into the output ("Arch.cummax")."""
+    code, _, err = run_cli("generate", tiny_checkpoint, "--ids", "1,2,3", "--max-new-tokens", "2")
+    assert code == 0 and "torch:cpu cummax:" in err and "Arch." not in err
+
+
+def test_tensorrt_without_an_engine_does_not_take_the_provider_for_one(run_cli, exported):
+    """Issue 16: --backend tensorrt without --engine used the ORT provider name ("cpu") as the profile."""
+    code, _, err = run_cli("generate", exported().directory, "--ids", "1", "--backend", "tensorrt")
+    line = one_error_line(err)
+    assert code == 1 and "no TensorRT engine" in line and "'cpu'" not in line

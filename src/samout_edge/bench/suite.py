@@ -8,6 +8,7 @@ them into cummax/softmax ratios.
 from __future__ import annotations
 
 import math
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -352,8 +353,8 @@ def _measure_point(runners: dict[str, Runner], pair, backend, provider, label, m
             spec = MemorySpec(str(pair[arch]), backend, provider, mode, batch, length, fast_kernel=config.fast_kernel)
             try:
                 peak = measure_in_child(spec)
-            except RuntimeError:  # the child ran out of memory (or was killed): the time stands, the peak is unknown
-                peak = None
+            except (RuntimeError, subprocess.TimeoutExpired):  # out of memory, killed or too slow: the time
+                peak = None  # stands, the peak is unknown
         tokens = batch * (length if mode == "prefill" else 1)
         records.append(Record(
             arch=arch, backend=backend, provider=label, mode=mode, batch=batch,

@@ -26,7 +26,6 @@ import onnx.inliner
 
 from samout_edge import lowering as low
 from samout_edge.artifact import graph
-from samout_edge.artifact.engine import is_engine_dir, resolve_engine
 from samout_edge.artifact.golden import (
     DECODE_PREFILL,
     DECODE_STEPS,
@@ -42,7 +41,8 @@ from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import check_context
 from samout_edge.runtime.compare import OutputError, compare_arrays, compare_decode, compare_prefill
-from samout_edge.runtime.registry import LoadOptions, load_runner
+from samout_edge.runtime.registry import LoadOptions
+from samout_edge.runtime.target import open_runner, resolve_target
 
 # Tolerance, relative to each output's scale: max|err| <= RTOL * max(1, max|reference|).
 # fp32: only accumulation order differs between runtimes (seed preset: ~8e-7 seen).
@@ -119,14 +119,6 @@ def check_op(manifest: Manifest, lengths: list[int]) -> tuple[bool, list[dict]]:
     return all(r["exact"] for r in rows), rows
 
 
-def open_target(path: Path, provider: str, engine: str | None):
-    """(export dir, runner): an export on ONNX Runtime, or an engine (DIR/engines/PROFILE, or --engine)."""
-    if engine or is_engine_dir(path):
-        export_dir, engine_dir = resolve_engine(path, engine)
-        return export_dir, load_runner(export_dir, "tensorrt", LoadOptions(engine=engine_dir.name))
-    return path, load_runner(path, "ort", LoadOptions(provider=provider))
-
-
 def verify(
     directory: str | Path,
     provider: str = "cpu",
@@ -141,17 +133,17 @@ def verify(
     computed in fp16 (onnx.reference) within ``fp16_seconds`` (0: not), unless the
     runner computes in fp16 itself (an engine, a GPU provider)."""
     started = time.perf_counter()
-    directory = Path(directory)
-    if not directory.exists():
-        raise SamoutError(f"export directory not found: {directory}")
-    export_dir = resolve_engine(directory, engine)[0] if (engine or is_engine_dir(directory)) else directory
+    target = resolve_target(directory, engine)
+    if target.kind == "checkpoint":
+        raise SamoutError(f"{directory} is a checkpoint; verify checks an export (or an engine built from one)")
+    export_dir = target.export_dir
     manifest = read_manifest(export_dir)
     progress("checking file hashes", 0, 1)
     check_files(export_dir, manifest)
     recompute = bool(lengths) or checkpoint is not None
     if not recompute and manifest.golden is None:
         raise SamoutError(f"{export_dir} carries no golden outputs; verify with --checkpoint (needs torch)")
-    _, actual = open_target(directory, provider, engine)
+    actual = open_runner(target, "auto", LoadOptions(provider=provider))  # an engine on TensorRT, else ONNX Runtime
     with actual:
         rtol = RTOL[manifest.dtype]
         if recompute:
