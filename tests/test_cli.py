@@ -61,8 +61,8 @@ def test_doctor_json(run_cli):
         (["export", "--preset", "tiny", "-o", "{tmp}/o", "--max-seq", "0"], "--max-seq must be at least 1"),
         (["export", "--preset", "tiny", "-o", "{tmp}/o", "--heads", "3"], "--heads 3 contradicts"),
         (["export", "-o", "{tmp}/o"], "give either a CHECKPOINT or --preset"),
-        (["verify", "{tmp}"], "is not a samout-edge export"),
-        (["verify", "{tmp}/nowhere"], "export directory not found"),
+        (["verify", "{tmp}"], "is not an export directory"),
+        (["verify", "{tmp}/nowhere"], "not found"),
         (["inspect", "{tmp}/nowhere"], "not found"),
     ],
 )
@@ -148,7 +148,7 @@ def test_debug_shows_traceback(run_cli, tmp_path):
     [
         (["bench", "{tmp}"], "is not a samout-edge export"),
         (["bench", "{exp}", "--backend", "ort", "--provider", "cuda"], "not available here"),
-        (["bench", "{exp}", "--seq", "5000", "--mode", "prefill"], "max_seq 300"),
+        (["bench", "{exp}", "--seq", "5000", "--batch", "0"], "--batch needs positive integers"),
         (["bench", "{exp}", "--plot", "{tmp}/p.jpg"], "should end in .png"),
         (["bench", "op", "--shape", "1,8,x"], "--shape takes comma-separated integers"),
         (["generate", "{exp}", "--ids", "1,2,999"], "outside the vocabulary"),
