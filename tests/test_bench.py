@@ -3,11 +3,12 @@ import json
 import pytest
 
 from samout_edge.bench import report as rep
-from samout_edge.bench.memory import MemorySpec, measure_in_child, rss_supported
+from samout_edge.bench.peak_memory import MemorySpec, measure_in_child, rss_supported
 from samout_edge.bench.op import bench_op
-from samout_edge.bench.suite import BenchConfig, prepare_exports, run_bench
+from samout_edge.bench.suite import BenchConfig, run_bench
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError
+from samout_edge.exporter.counterparts import prepare_exports
 
 FAST = Budget(warmup=1, min_repeats=2, max_repeats=2, seconds=0.01)
 
@@ -59,7 +60,7 @@ def test_bench_shows_the_weights_kind_and_mib(pair, capsys):
 
     config = BenchConfig(modes=["decode"], contexts=[4], backends=["ort"], budget=FAST, memory=False)
     report = run_bench(pair, config)
-    stored = {arch: read_manifest(pair[arch]).weights["bytes"] for arch in ("cummax", "softmax")}
+    stored = {arch: read_manifest(pair[arch]).weights.bytes for arch in ("cummax", "softmax")}
     data = report.to_dict()
     assert data["config"]["weights"]["kind"] == "fp" and data["config"]["weights"]["bytes"] == stored
     assert {(r["arch"], r["weights"], r["weights_bytes"]) for r in data["records"]} == {
@@ -114,10 +115,16 @@ def test_unknown_provider(pair):
         run_bench(pair, BenchConfig(backends=["ort"], providers=["cuda"], budget=FAST, memory=False))
 
 
-def test_prepare_exports_refuses_two_of_one_arch(exported):
+def test_bench_refuses_two_of_one_arch_and_unlike_exports(exported):
+    from samout_edge.artifact.manifest import check_exports
+
     d = exported().directory
-    with pytest.raises(SamoutError, match="both directories are cummax"):
+    with pytest.raises(SamoutError, match="two directories are exports of the same arch"):
         prepare_exports([d, d], None, None, 300, "fp32", "native")
+    with pytest.raises(SamoutError, match="differ in checkpoint, dtype"):
+        check_exports([d, exported(arch="softmax", dtype="fp16").directory])
+    with pytest.raises(SamoutError, match="no softmax export given"):
+        check_exports([d])
 
 
 def test_interleaved_alternates_and_respects_counts():

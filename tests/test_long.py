@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from samout_edge.artifact.manifest import read_manifest
+from samout_edge.artifact.quantization import RTOL
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.generate import generate
 from samout_edge.models.checkpoint import load_checkpoint
 from samout_edge.runtime.registry import load_runner
 from samout_edge.runtime.torch_runner import load_torch_runner
-from samout_edge.runtime.verify import RTOL
 
 MAX_SEQ = 128
 PAIR = Path(__file__).parents[1] / "benchmarks" / "pair" / "cummax"

@@ -26,7 +26,7 @@ def test_plan_counts_an_int4_exports_weights_as_stored(run_cli, exported, int4_e
     fp = plan_json(run_cli, exported().directory)
     q = plan_json(run_cli, int4_export.directory)
     assert (fp["weights_kind"], q["weights_kind"]) == ("fp", "int4")
-    assert q["weights_bytes"] == int4_export.manifest.weights["bytes"]
+    assert q["weights_bytes"] == int4_export.manifest.weights.bytes
     assert q["rows"][0]["cummax"]["weights"] == q["weights_bytes"] < 0.5 * fp["weights_bytes"]
     assert q["rows"][0]["cummax"]["total"] < fp["rows"][0]["cummax"]["total"]
     # quantized weights keep their integers whatever the activations' dtype
@@ -49,7 +49,7 @@ def test_export_summary_shows_quantized_weights(capsys, exported, int4_export):
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("weights:"))
     w = int4_export.manifest.weights
-    assert f"int4, block {w['block_size']}, format dq" in line and "stored" in line and "x of" in line
-    assert w["reason"].split(":")[0] in out
+    assert f"int4, block {w.block_size}, format dq" in line and "stored" in line and "x of" in line
+    assert w.reason.split(":")[0] in out
     render.export_summary(exported())
     assert "weights:" not in capsys.readouterr().out  # float weights: nothing to add

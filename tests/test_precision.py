@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from samout_edge.artifact.manifest import read_manifest
+from samout_edge.artifact.quantization import RTOL
 from samout_edge.errors import SamoutError
 from samout_edge.exporter import precision as fp
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.models.checkpoint import load_checkpoint, random_checkpoint, save_checkpoint
 from samout_edge.runtime.registry import load_runner
-from samout_edge.runtime.verify import RTOL, verify
+from samout_edge.runtime.verify import verify
 from tests.test_cli import one_error_line
 
 ROOT = Path(__file__).parents[1]

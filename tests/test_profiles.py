@@ -4,7 +4,7 @@ import tomllib
 from samout_edge.artifact.config import PRESETS
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import list_profiles, load_profile, parse_profile
-from samout_edge.profiles.memory import estimate, longest_context, memory_plan
+from samout_edge.profiles.memory_plan import estimate, longest_context, memory_plan
 
 REQUIRED = {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "jetson-thor", "rtx-desktop", "datacenter"}
 

@@ -12,12 +12,13 @@ import torch
 
 from samout_edge.artifact.golden import GoldenIndex, load_golden
 from samout_edge.artifact.manifest import Manifest, read_manifest
+from samout_edge.artifact.quantization import RTOL
 from samout_edge.errors import SamoutError
 from samout_edge.exporter import quantize as qz
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.models import quantize as grid
 from samout_edge.models.checkpoint import load_checkpoint
-from samout_edge.runtime.verify import RTOL, verify
+from samout_edge.runtime.verify import verify
 from samout_edge.tensorrt.lint import lint_model
 
 # (arch, weights, --weights-format, the form it gets): both archs, both kinds, both forms
@@ -45,7 +46,7 @@ def ort_errors(directory, manifest: Manifest) -> float:
     """Worst error over every golden case, relative to each output's scale, in an
     ONNX Runtime session set up as export.json's weights.ort_session_config says."""
     options = ort.SessionOptions()
-    for key, value in manifest.weights.get("ort_session_config", {}).items():
+    for key, value in manifest.weights.ort_session_config.items():
         options.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
@@ -102,8 +103,8 @@ def test_quantized_export_is_exact_against_dequantized_pytorch(quantized, tiny_c
     result = quantized(arch, weights, asked)
     manifest = read_manifest(result.directory)
     w = manifest.weights
-    assert (w["kind"], w["format"]) == (weights, fmt) and w["block_size"] == (32 if weights == "int4" else None)
-    assert w["reason"].startswith("auto" if asked == "auto" else "asked")
+    assert (w.kind, w.format) == (weights, fmt) and w.block_size == (32 if weights == "int4" else None)
+    assert w.reason.startswith("auto" if asked == "auto" else "asked")
     assert ort_errors(result.directory, manifest) <= RTOL["fp32"] / 10
     model = onnx.load(str(result.directory / "model.onnx"))
     ops = {n.op_type for n in model.graph.node}
@@ -152,22 +153,22 @@ def test_verify_recomputing_with_pytorch_uses_the_dequantized_weights(quantized)
 def test_auto_format_and_reason():
     for weights, fmt in (("int8", "dq"), ("int4", "matmulnbits")):
         w = qz.weights_entry(qz.validate(qz.WeightsSpec(weights), 21))
-        assert w["format"] == fmt and w["reason"].startswith("auto") and " ms" in w["reason"]
-        assert w["ort_session_config"] == qz.ORT_SESSION_CONFIG[fmt]
+        assert w.format == fmt and w.reason.startswith("auto") and " ms" in w.reason
+        assert w.ort_session_config == qz.ORT_SESSION_CONFIG[fmt]
     w = qz.weights_entry(qz.WeightsSpec("int4", 32, "matmulnbits"))
-    assert w["format"] == "matmulnbits" and w["reason"].startswith("asked")
+    assert w.format == "matmulnbits" and w.reason.startswith("asked")
 
 
 def test_weights_bytes(quantized, exported):
     fp = read_manifest(exported().directory).weights
-    assert fp["kind"] == "fp" and fp["format"] is None and fp["bytes"] > 0
+    assert fp.kind == "fp" and fp.format is None and fp.bytes > 0
     int8 = quantized("cummax", "int8", "auto").manifest.weights
     int4 = quantized("cummax", "int4", "auto").manifest.weights
-    assert int8["float_bytes"] == int4["float_bytes"] == fp["bytes"]
+    assert int8.float_bytes == int4.float_bytes == fp.bytes
     # tiny (vocab 128, hidden 32): every weight matrix quantized, biases/LayerNorm/scan constants float
-    assert int8["bytes"] <= 0.30 * fp["bytes"] and int4["bytes"] <= 0.18 * fp["bytes"]
+    assert int8.bytes <= 0.30 * fp.bytes and int4.bytes <= 0.18 * fp.bytes
     model = onnx.load(str(quantized("cummax", "int4", "auto").directory / "model.onnx"))
-    assert qz.initializer_bytes(model) == int4["bytes"]
+    assert qz.initializer_bytes(model) == int4.bytes
 
 
 def test_block_size_and_opset_rules(tiny_checkpoint, tmp_path):
@@ -194,7 +195,7 @@ def test_manifest_checks_the_weights_entry(quantized):
         with pytest.raises(SamoutError, match="export.json: weights"):
             Manifest.from_dict(data | {"weights": bad})
     old = {k: v for k, v in data.items() if k != "weights"}
-    assert Manifest.from_dict(old).weights["kind"] == "fp"  # manifests older than the field
+    assert Manifest.from_dict(old).weights.kind == "fp"  # manifests older than the field
 
 
 # --------------------------------------------------------------------------- CLI and lint

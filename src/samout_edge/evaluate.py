@@ -32,17 +32,19 @@ import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.artifact.vocab import Vocab, export_vocab, iter_tokens, read_tokens  # noqa: F401 - eval's API
 from samout_edge.errors import SamoutError
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import Runner, check_context
+from samout_edge.runtime.registry import Settings
 
 DEFAULT_WINDOW = 512
 # The PyTorch fp32 comparison runs on the first windows only: it costs more than
@@ -371,33 +373,30 @@ def eval_target(
     checkpoint: Path | None = None,
     stream: bool = False,
     engine: str | None = None,
+    settings: Settings | None = None,
 ) -> EvalResult:
     """Evaluate an export (any backend), an engine directory, or a checkpoint (torch),
     in windows or (``stream``) as one context. ``checkpoint``: a copy of an export's
     source checkpoint, where it has moved (the PyTorch reference and the torch backend
     run it)."""
     from samout_edge.runtime.ort_runner import resolve_provider
-    from samout_edge.runtime.registry import LoadOptions
     from samout_edge.runtime.target import open_runner, resolve_target
 
     started = time.perf_counter()
     resolved = resolve_target(target, engine)
     manifest = read_manifest(resolved.export_dir) if resolved.export_dir is not None else None
     backend = resolved.default_backend if backend == "auto" else backend
-    workers, options = 1, LoadOptions(provider=provider, checkpoint=checkpoint)
-    if backend == "ort" and resolve_provider(provider) == "CPUExecutionProvider" and not stream:
+    options = replace(settings or Settings(provider=provider), checkpoint=checkpoint, engine=engine)
+    workers = 1
+    if backend == "ort" and resolve_provider(options.provider) == "CPUExecutionProvider" and not stream:
         workers, threads = cpu_workers()
-        options = LoadOptions(provider=provider, intra_op_threads=threads, spinning=False)
+        options = replace(options, intra_op_threads=threads, spinning=False)
     elif backend == "ort":
         # a softmax stream calls the graph with a longer cache each time: ONNX Runtime's arena would keep
         # every size it ever saw (23 GB at 62k tokens of the pair), so it returns memory instead
-        grows = manifest is not None and manifest.arch == "softmax"
-        options = LoadOptions(provider=provider, spinning=False, cpu_arena=not grows)
-    if backend == "torch" and manifest is not None:
-        runner = _torch_runner(resolved.export_dir, manifest, checkpoint, "all", arch, heads, manifest.dtype,
-                               quantized=True)
-    else:
-        runner = open_runner(resolved, backend, options, arch, heads, logits="all")
+        grows = manifest is not None and arch_spec(manifest.arch).grows
+        options = replace(options, spinning=False, cpu_arena=not grows)
+    runner = open_runner(resolved, backend, options, arch, heads, logits="all")
     with runner:
         config = runner.info.config
         window = window or DEFAULT_WINDOW
@@ -426,13 +425,13 @@ def eval_target(
                               workers=workers)
         if reference is None and manifest is None and runner.info.dtype == "fp32":  # its own reference
             scores["top1_agreement"], scores["max_logit_error"] = 1.0, 0.0
-        weights = (manifest.weights or {}) if manifest is not None else {}
+
         return EvalResult(
             target=str(target),
             arch=runner.info.arch,
             runner=runner.name,
             dtype=runner.info.dtype,
-            weights=weights.get("kind", "fp"),
+            weights=manifest.weights.kind if manifest is not None else "fp",
             weights_bytes=_weights_bytes(manifest, config),
             mode="stream" if stream else "windows",
             window=window,
@@ -465,9 +464,9 @@ def _torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def _torch_runner(directory, manifest, checkpoint, logits, arch, heads, dtype, quantized: bool = False):
-    """``quantized``: the export's own function (its dequantized weights), as a target;
-    else the float checkpoint, the fp32 reference every target is scored against."""
+def _torch_runner(directory, manifest, checkpoint, logits, arch, heads, dtype):
+    """The PyTorch fp32 reference every target is scored against: the float checkpoint
+    (a quantized export's torch backend, its own function, is the registry's torch runner)."""
     from samout_edge.errors import require_torch
 
     require_torch("eval on the torch backend, and its PyTorch fp32 reference")
@@ -475,16 +474,16 @@ def _torch_runner(directory, manifest, checkpoint, logits, arch, heads, dtype, q
     from samout_edge.runtime.torch_runner import load_torch_runner
 
     if manifest is not None:
-        hint = f"pass --checkpoint PATH to use a copy of it, or {'--backend ort' if quantized else '--no-reference'}"
+        hint = "pass --checkpoint PATH to use a copy of it, or --no-reference"
         ckpt = source_checkpoint(Path(directory), manifest, checkpoint, COPY_HINT if checkpoint else hint)
-        return load_torch_runner(ckpt, manifest.arch, dtype, logits, weights=manifest.weights if quantized else None)
+        return load_torch_runner(ckpt, manifest.arch, dtype, logits)
     return load_torch_runner(load_checkpoint(checkpoint, heads), arch, dtype, logits)
 
 
 def _weights_bytes(manifest, config) -> int:
     """Bytes of the weights as deployed: the quantized export's record, else parameters x dtype size."""
     if manifest is not None:
-        recorded = (manifest.weights or {}).get("bytes")
+        recorded = manifest.weights.bytes
         if recorded:
             return int(recorded)
         return config.parameter_count() * graph.dtype(manifest.dtype).itemsize

@@ -18,6 +18,7 @@ import numpy as np
 from samout_edge.artifact.vocab import Vocab, export_vocab
 from samout_edge.errors import SamoutError
 from samout_edge.runtime.base import Runner, check_context
+from samout_edge.runtime.registry import Settings
 
 GREEDY_BELOW = 1e-6
 
@@ -114,14 +115,12 @@ def finite_last(runner: Runner, logits, step: int) -> np.ndarray:
     return last
 
 
-def load_generation_runner(target: Path, backend: str, provider: str, device: str, arch: str, heads: int | None,
-                           engine: str | None = None) -> Runner:
-    """An export directory on any backend, an engine directory, or a checkpoint on torch."""
-    from samout_edge.runtime.registry import LoadOptions
+def load_generation_runner(target: Path, backend: str, settings: Settings, arch: str = "cummax",
+                           heads: int | None = None) -> Runner:
+    """An export directory on any backend, an engine directory (or ``settings.engine``), or a checkpoint on torch."""
     from samout_edge.runtime.target import open_runner, resolve_target
 
-    resolved = resolve_target(target, engine)
-    return open_runner(resolved, backend, LoadOptions(provider=provider, device=device), arch, heads)
+    return open_runner(resolve_target(target, settings.engine), backend, settings, arch, heads)
 
 
 def parse_prompt(ids: str | None, prompt: str | None, vocab: Vocab | None) -> list[int]:

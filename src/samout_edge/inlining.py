@@ -17,6 +17,7 @@ import onnx.inliner
 
 from samout_edge.artifact.files import check_output_dir, staging_dir
 from samout_edge.artifact.manifest import (
+    META_LOWERING,
     MODEL_FILE,
     check_files,
     previous_export_files,
@@ -54,7 +55,7 @@ def inline_export(source: str | Path, out: str | Path, force: bool = False) -> P
     del inlined.opset_import[:]
     inlined.opset_import.extend(kept)
     for prop in inlined.metadata_props:
-        if prop.key == "samout_edge.lowering":
+        if prop.key == META_LOWERING:
             prop.value = "inlined"
     onnx.checker.check_model(inlined)
     manifest.lowering = "inlined"

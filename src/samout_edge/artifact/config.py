@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from samout_edge.artifact.arch import ARCHS as ARCH_SPECS
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.errors import SamoutError
 
-ARCHS = ("cummax", "softmax")
+ARCHS = tuple(ARCH_SPECS)  # the arch names, in order (artifact/arch.py holds what each one is)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,4 @@ def preset(name: str) -> ModelConfig:
 
 
 def check_arch(arch: str) -> str:
-    if arch not in ARCHS:
-        raise SamoutError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-    return arch
+    return arch_spec(arch).name

@@ -6,10 +6,10 @@ the next call takes as its past. Every runner passes state as a dict keyed by
 the graph's *input* names, so the state one call returns feeds the next call
 unchanged, whatever the backend.
 
-- cummax: ``past_max.{i}`` / ``present_max.{i}``, ``[batch, heads, 1, head_dim]``,
-  the running max so far; the empty past is the dtype's lowest finite value.
-- softmax: ``past_key_values.{i}.key|value`` / ``present.{i}.key|value``,
-  ``[batch, heads, past_seq, head_dim]`` as Optimum names them; past_seq may be 0.
+The state's names and shapes come from the arch's spec (artifact/arch.py): a
+running max ``past_max.{i}`` ``[batch, heads, 1, head_dim]`` whose empty value is
+the dtype's lowest finite value, or a KV cache ``past_key_values.{i}.key|value``
+``[batch, heads, past_seq, head_dim]`` as Optimum names them (past_seq may be 0).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import ModelConfig
 
 INPUT_IDS = "input_ids"
@@ -72,15 +73,11 @@ class TensorSpec:
 
 
 def past_names(arch: str, num_layers: int) -> list[str]:
-    if arch == "cummax":
-        return [f"past_max.{i}" for i in range(num_layers)]
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return arch_spec(arch).past_names(num_layers)
 
 
 def present_names(arch: str, num_layers: int) -> list[str]:
-    if arch == "cummax":
-        return [f"present_max.{i}" for i in range(num_layers)]
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return arch_spec(arch).present_names(num_layers)
 
 
 def present_to_past(arch: str, num_layers: int) -> dict[str, str]:
@@ -89,49 +86,43 @@ def present_to_past(arch: str, num_layers: int) -> dict[str, str]:
 
 def graph_io(config: ModelConfig, arch: str, dtype_name: str, logits: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Names, dtypes and shapes of the graph's inputs and outputs (strings name dynamic dims)."""
-    h, d, layers = config.num_heads, config.head_dim, config.num_layers
+    spec, h, d = arch_spec(arch), config.num_heads, config.head_dim
     float_type = dtype(dtype_name).numpy
-    past_dim, present_dim = (1, 1) if arch == "cummax" else ("past_seq", "total_seq")
+    states = spec.states(config.num_layers)
     inputs = [TensorSpec(INPUT_IDS, "int64", ["batch", "seq"])]
-    inputs += [TensorSpec(n, float_type, ["batch", h, past_dim, d]) for n in past_names(arch, layers)]
+    inputs += [TensorSpec(t.past, float_type, spec.state_shape(t, "batch", h, d, "past_seq")) for t in states]
     outputs = [TensorSpec(LOGITS, float_type, ["batch", "seq" if logits == "all" else 1, config.vocab_size])]
-    outputs += [TensorSpec(n, float_type, ["batch", h, present_dim, d]) for n in present_names(arch, layers)]
+    outputs += [TensorSpec(t.present, float_type, spec.state_shape(t, "batch", h, d, "total_seq")) for t in states]
     return inputs, outputs
 
 
 def empty_value(dtype_name: str) -> float:
-    """The cummax state before any token: the lowest finite value (not -inf, which
+    """The running max before any token: the lowest finite value (not -inf, which
     some runtimes refuse as an input and which fp16 kernels may mishandle)."""
     return float(np.finfo(numpy_dtype(dtype_name)).min)
 
 
 def empty_state(config: ModelConfig, arch: str, batch: int, dtype_name: str) -> dict[str, np.ndarray]:
-    """The state before any token, as numpy arrays keyed by graph input name."""
-    np_dtype = numpy_dtype(dtype_name)
-    names = past_names(arch, config.num_layers)
-    if arch == "cummax":
-        shape = (batch, config.num_heads, 1, config.head_dim)
-        return {n: np.full(shape, empty_value(dtype_name), dtype=np_dtype) for n in names}
-    shape = (batch, config.num_heads, 0, config.head_dim)
-    return {n: np.zeros(shape, dtype=np_dtype) for n in names}
+    """The state before any token, as numpy arrays keyed by graph input name: a running
+    max at the dtype's lowest value, a KV cache of no tokens."""
+    spec, np_dtype = arch_spec(arch), numpy_dtype(dtype_name)
+    state = {}
+    for t in spec.states(config.num_layers):
+        shape = spec.state_shape(t, batch, config.num_heads, config.head_dim, 0)
+        state[t.past] = np.zeros(shape, np_dtype) if t.grows else np.full(shape, empty_value(dtype_name), np_dtype)
+    return state
 
 
 def state_bytes(config: ModelConfig, arch: str, batch: int, context: int, dtype_name: str) -> int:
-    """Bytes of the decode state after ``context`` tokens: constant for cummax, linear for softmax."""
-    per_layer = batch * config.num_heads * config.head_dim * dtype(dtype_name).itemsize
-    if arch == "cummax":
-        return config.num_layers * per_layer
-    return config.num_layers * 2 * per_layer * context
+    """Bytes of the decode state after ``context`` tokens: constant for a running max, linear for a KV cache."""
+    return arch_spec(arch).state_bytes(config.num_layers, config.num_heads, config.head_dim, batch, context,
+                                       dtype(dtype_name).itemsize)
 
 
 def flatten(arch: str, layer_states: list) -> list:
-    """Per-layer states (tensor, or (key, value)) -> the flat list in graph order."""
-    if arch == "cummax":
-        return list(layer_states)
-    return [t for kv in layer_states for t in kv]
+    """Per-layer states (a tensor, or a tuple of them) -> the flat list in graph order."""
+    return arch_spec(arch).flatten(layer_states)
 
 
 def unflatten(arch: str, flat: list) -> list:
-    if arch == "cummax":
-        return list(flat)
-    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+    return arch_spec(arch).unflatten(flat)

@@ -14,6 +14,7 @@ from typing import Any
 from samout_edge.artifact.config import ARCHS, ModelConfig
 from samout_edge.artifact.files import read_json, safe_relative, sha256_file, write_json_atomic
 from samout_edge.artifact.graph import EXPORT_DTYPES, INPUT_IDS, LOGITS, TensorSpec
+from samout_edge.artifact.quantization import Weights
 from samout_edge.errors import SamoutError
 
 SCHEMA_VERSION = 2
@@ -23,21 +24,6 @@ MODEL_FILE = "model.onnx"
 CHECKPOINT_DIR = "checkpoint"
 GOLDEN_DIR = "golden"
 MAX_MANIFEST_BYTES = 16 << 20
-# export.json's ``weights``: how the weights are stored. kind fp (float, the export's
-# dtype), int8 (one scale per output channel) or int4 (one scale per block_size
-# inputs); format dq (DequantizeLinear, standard ONNX) or matmulnbits (ONNX Runtime's
-# com.microsoft MatMulNBits/GatherBlockQuantized), None for fp; bytes: the graph's
-# initializers (what the weights take on the device); reason: why this format;
-# ort_session_config: ONNX Runtime session config entries the runner sets for it.
-WEIGHT_KINDS = ("fp", "int8", "int4")
-WEIGHT_FORMATS = ("dq", "matmulnbits")
-
-
-def fp_weights() -> dict[str, Any]:
-    """The ``weights`` entry of a float export, and of manifests older than the field."""
-    return {"kind": "fp", "block_size": None, "format": None, "bytes": None, "reason": None}
-
-
 @dataclass
 class Manifest:
     arch: str
@@ -60,7 +46,7 @@ class Manifest:
     producer: str = PRODUCER
     exporter: str = "torch.export"
     extra: dict[str, Any] = field(default_factory=dict)
-    weights: dict[str, Any] = field(default_factory=fp_weights)  # see WEIGHT_KINDS above
+    weights: Weights = field(default_factory=Weights)  # how they are stored (artifact/quantization.py)
     # fp16 exports: the fp32 islands that keep fp16 arithmetic in range, the calibrated
     # peaks they were chosen from, and the PyTorch fp16 check (exporter/precision.py)
     precision: dict[str, Any] | None = None
@@ -93,6 +79,7 @@ class Manifest:
             data["config"] = ModelConfig.from_dict(data["config"])
             data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
             data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+            data["weights"] = Weights.from_dict(data.get("weights"))
             known = set(cls.__dataclass_fields__)
             manifest = cls(**{k: v for k, v in data.items() if k in known})
         except (KeyError, TypeError, AttributeError) as e:
@@ -117,31 +104,7 @@ class Manifest:
                 raise SamoutError(f"export.json: {name} must be a positive integer, got {value!r}")
         if not isinstance(self.files, dict) or MODEL_FILE not in self.files:
             raise SamoutError(f"export.json lists no {MODEL_FILE} in its files")
-        self._check_weights()
-
-    def _check_weights(self) -> None:
-        w = self.weights
-        if w is None:  # written as null: a float export
-            self.weights = w = fp_weights()
-        kind = w.get("kind") if isinstance(w, dict) else None
-        if kind not in WEIGHT_KINDS:
-            raise SamoutError(f"export.json: weights {w!r} has no kind of {', '.join(WEIGHT_KINDS)}")
-        block, fmt, size = w.get("block_size"), w.get("format"), w.get("bytes")
-        if kind == "int4":
-            good_block = isinstance(block, int) and not isinstance(block, bool) and block >= 2 and not block & (block - 1)
-        else:
-            good_block = block is None
-        if not good_block:
-            raise SamoutError(f"export.json: weights block_size {block!r} does not fit kind {kind} "
-                              "(int4: a power of two; otherwise null)")
-        if (fmt is None) != (kind == "fp") or (fmt is not None and fmt not in WEIGHT_FORMATS):
-            raise SamoutError(f"export.json: weights format {fmt!r} does not fit kind {kind} "
-                              f"({' or '.join(WEIGHT_FORMATS)} for int8/int4, null for fp)")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-            raise SamoutError(f"export.json: weights bytes must be a positive integer or null, got {size!r}")
-        config = w.get("ort_session_config", {})
-        if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
-            raise SamoutError(f"export.json: weights ort_session_config must map strings to strings, got {config!r}")
+        self.weights.check()
 
     def save(self, directory: str | Path) -> None:
         write_json_atomic(Path(directory) / MANIFEST_FILE, self.to_dict())
@@ -164,11 +127,11 @@ def runtime_settings(manifest: Manifest) -> dict[str, dict[str, str]]:
       quantizes them, 1-4% off).
     """
     settings: dict[str, dict[str, str]] = {"openvino": {"INFERENCE_PRECISION_HINT": "f32"}}
-    weights = manifest.weights or fp_weights()
-    if weights.get("kind", "fp") != "fp":
+    weights = manifest.weights
+    if weights.quantized:
         settings["openvino"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "0"
-    if weights.get("format") == "dq":
-        settings["onnxruntime"] = {**(weights.get("ort_session_config") or {}), "graph_optimization_level": ORT_BASIC}
+    if weights.format == "dq":
+        settings["onnxruntime"] = {**weights.ort_session_config, "graph_optimization_level": ORT_BASIC}
     return settings
 
 
@@ -187,6 +150,48 @@ def runtime_notes(manifest: Manifest) -> list[str]:
     ov = ", ".join(f"{k}: {v}" for k, v in settings["openvino"].items())
     notes.append(f"OpenVINO: compile_model(model, 'CPU', {{{ov}}})")
     return notes
+
+
+# The graph's own metadata (model.onnx's metadata_props): the file says what it is, and it
+# wins over export.json, which no hash covers. Written by the exporter, checked by every runner.
+META_ARCH = "samout_edge.arch"
+META_LOWERING = "samout_edge.lowering"
+META_SCAN = "samout_edge.scan"
+META_MAX_SEQ = "samout_edge.max_seq"
+META_DTYPE = "samout_edge.dtype"
+META_LOGITS = "samout_edge.logits"
+META_CONFIG = "samout_edge.config"
+META_WEIGHTS = "samout_edge.weights"
+META_ISLANDS = "samout_edge.fp32_islands"
+
+
+def graph_metadata(manifest: Manifest) -> dict[str, str]:
+    """What model.onnx records about itself."""
+    meta = {
+        META_ARCH: manifest.arch,
+        META_LOWERING: manifest.lowering,
+        META_SCAN: json.dumps(manifest.scan),
+        META_MAX_SEQ: str(manifest.max_seq),
+        META_DTYPE: manifest.dtype,
+        META_LOGITS: manifest.logits,
+        META_CONFIG: json.dumps(manifest.config.to_dict()),
+    }
+    if manifest.precision is not None:
+        meta[META_ISLANDS] = json.dumps(manifest.precision["fp32_islands"])
+    if manifest.weights.quantized:
+        w = manifest.weights
+        meta[META_WEIGHTS] = json.dumps({"kind": w.kind, "block_size": w.block_size, "format": w.format})
+    return meta
+
+
+def check_graph_metadata(meta: dict[str, str], manifest: Manifest) -> None:
+    """The graph's own metadata wins over export.json: an edited max_seq, config or arch
+    must fail when a runner loads the graph, not return wrong tokens later."""
+    for key, label in ((META_MAX_SEQ, "max_seq"), (META_CONFIG, "config"), (META_ARCH, "arch")):
+        expected = graph_metadata(manifest)[key]
+        if meta.get(key) != expected:
+            raise SamoutError(f"{MODEL_FILE} says {label} {meta.get(key)}, export.json says {expected}: "
+                              "one of them was edited; re-export")
 
 
 def is_export_dir(path: str | Path) -> bool:
@@ -249,6 +254,28 @@ def check_files(directory: str | Path, manifest: Manifest) -> None:
             raise SamoutError(f"export.json has no sha256 for {name}")
         if path.stat().st_size != entry.get("bytes", path.stat().st_size) or sha256_file(path) != entry["sha256"]:
             raise SamoutError(f"{path} does not match the sha256 in export.json: it changed after export; re-export it")
+
+
+def check_exports(dirs: list[Path], complete: bool = True) -> dict[str, Path]:
+    """One export per arch (``complete``: of every arch), alike in checkpoint, dtype,
+    config and weights: what bench compares, like with like. Needs no torch."""
+    if not dirs:
+        raise SamoutError("give export directories (one per arch), or --preset NAME")
+    manifests = [read_manifest(d) for d in dirs]
+    pair = {m.arch: Path(d) for m, d in zip(manifests, dirs)}
+    if len(pair) < len(dirs):
+        raise SamoutError(f"two directories are exports of the same arch; give one export per arch ({', '.join(ARCHS)})")
+    first = manifests[0]
+    for other in manifests[1:]:
+        if (first.source["sha256"], first.dtype, first.config, first.weights.key) != (
+                other.source["sha256"], other.dtype, other.config, other.weights.key):
+            raise SamoutError("the exports differ in checkpoint, dtype, config or weights (kind, block size, format); "
+                              "bench compares like with like")
+    missing = [a for a in ARCHS if a not in pair]
+    if complete and missing:
+        raise SamoutError(f"no {' or '.join(missing)} export given: give one per arch, or one and --work to derive "
+                          "the others (needs torch)")
+    return {arch: pair[arch] for arch in ARCHS if arch in pair}
 
 
 def record_file(directory: str | Path, manifest: Manifest, name: str) -> None:

@@ -12,24 +12,25 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import ARCHS
 from samout_edge.artifact.files import check_output_dir
-from samout_edge.artifact.manifest import Manifest, read_manifest
+from samout_edge.artifact.manifest import Manifest, check_exports, read_manifest  # noqa: F401 - bench's API
 from samout_edge.bench import machine
-from samout_edge.bench.memory import MemorySpec, measure_in_child
+from samout_edge.bench.peak_memory import MemorySpec, measure_in_child
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import Runner, check_context
-from samout_edge.runtime.ort_runner import available_providers, load_ort_runner, resolve_provider
-from samout_edge.runtime.registry import BACKENDS, LoadOptions, load_runner
+from samout_edge.runtime.ort_runner import available_providers, resolve_provider
+from samout_edge.runtime.registry import BACKENDS, Settings, load_runner
 
 MODES = ("prefill", "decode")
 EXPORT_MAX_SEQ = 4096  # the exports bench makes take calls up to this; longer ones are chunked
@@ -48,6 +49,8 @@ class BenchConfig:
     fast_kernel: bool = True  # torch on CUDA: the Triton cummax instead of torch.cummax
     budget: Budget = field(default_factory=Budget)
     memory: bool = True
+    openvino_device: str = "CPU"
+    openvino_precision: str = "f32"
     kv_budget_bytes: int | None = None  # softmax: contexts whose KV cache would pass this are reported, not run
     # ONNX Runtime CPU: whether intra-op threads busy-wait between operators (ORT's own
     # default is on). Off by default here: bench interleaves two sessions (one per arch) in
@@ -143,122 +146,16 @@ def bench_workspace(work: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def prepare_exports(
-    dirs: list[Path],
-    preset: str | None,
-    work_dir: Path | None,
-    max_seq: int,
-    dtype: str,
-    lowering: str,
-    progress: Progress = no_progress,
-    scan: str = "auto",
-) -> dict[str, Path]:
-    """One export per arch from the same checkpoint: given, derived, or made from a preset."""
-    if preset and dirs:
-        raise SamoutError("give export directories or --preset, not both")
-    if not preset and not dirs:
-        raise SamoutError("give one or two export directories, or --preset NAME")
-    if len(dirs) > 2:
-        raise SamoutError("give at most two export directories (one per arch)")
-    if preset or len(dirs) == 1:
-        require_torch("bench with --preset or one export (it exports the other arch); give one export per arch")
-        from samout_edge.exporter.onnx_export import ExportOptions, export
-
-        if work_dir is None:
-            raise SamoutError("bench needs a work directory for the exports it makes (see bench_workspace)")
-        work = Path(work_dir)
-
-    if preset:
-        first = work / "cummax"
-        options = ExportOptions("cummax", lowering, scan, max_seq=max_seq, dtype=dtype)
-        if not _reusable(first, preset, options):
-            check_ours_to_replace(first)
-            progress(f"exporting {preset} (cummax) for ONNX Runtime", 0, 2)
-            export(first, options, preset_name=preset, made_by=MADE_BY)
-        dirs = [first]
-
-    manifests = [read_manifest(d) for d in dirs]
-    pair = {m.arch: d for m, d in zip(manifests, dirs)}
-    if len(dirs) == 2:
-        a, b = manifests
-        if a.arch == b.arch:
-            raise SamoutError(f"both directories are {a.arch} exports; give one cummax and one softmax")
-        if (a.source["sha256"], a.dtype, a.config, _weights_key(a)) != (b.source["sha256"], b.dtype, b.config,
-                                                                          _weights_key(b)):
-            raise SamoutError("the two exports differ in checkpoint, dtype, config or weights (kind, block size, "
-                              "format); bench compares like with like")
-        return pair
-    (made,) = manifests
-    other = "softmax" if made.arch == "cummax" else "cummax"
-    target = work / other
-    if not _matches(target, made, other):
-        check_ours_to_replace(target)
-        progress(f"exporting the {other} counterpart of {dirs[0]}", 1, 2)
-        source = Path(made.source["path"])
-        if not source.is_absolute():
-            source = dirs[0] / source
-        w = made.weights or {}
-        options = ExportOptions(other, made.lowering, made.scan["scan"], made.max_seq, made.dtype, made.logits, made.opset,
-                                weights=w.get("kind", "fp"), block_size=w.get("block_size"),
-                                weights_format=w.get("format") or "auto")
-        export(target, options, checkpoint=source, heads=None if source.is_dir() else made.config.num_heads,
-               made_by=MADE_BY)
-    pair[other] = target
-    return pair
-
-
-MADE_BY = "bench"  # export.json extra.made_by of the exports bench makes: the only ones it replaces
-
-
-def check_ours_to_replace(directory: Path) -> None:
-    """bench re-exports into its work directory only where it made what is there: a
-    user's export of another checkpoint under --work is refused, never replaced."""
-    if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
-        return
-    try:
-        made_by = read_manifest(directory).extra.get("made_by")
-    except SamoutError:
-        made_by = None
-    if made_by != MADE_BY:
-        raise SamoutError(f"{directory} holds something bench did not make (an export of another checkpoint or "
-                          "options, or other files); bench replaces only its own exports there: give another --work")
-
-
-def _reusable(directory: Path, preset: str, options) -> bool:
-    try:
-        m = read_manifest(directory)
-    except SamoutError:
-        return False
-    plan = options.scan_plan(m.config)
-    return (m.source.get("preset"), m.max_seq, m.dtype, m.lowering, m.arch, m.scan["scan"], _weights_key(m)[0]) == (
-        preset, options.max_seq, options.dtype, options.lowering, options.arch, plan.scan, options.weights)
-
-
-def _matches(directory: Path, made: Manifest, arch: str) -> bool:
-    try:
-        m = read_manifest(directory)
-    except SamoutError:
-        return False
-    same = (m.source.get("sha256"), m.dtype, m.max_seq, m.lowering, m.logits, m.scan, _weights_key(m))
-    return m.arch == arch and same == (made.source.get("sha256"), made.dtype, made.max_seq, made.lowering, made.logits,
-                                       made.scan, _weights_key(made))
-
-
-def _weights_key(m: Manifest) -> tuple:
-    w = m.weights or {}
-    return w.get("kind", "fp"), w.get("block_size"), w.get("format")
-
-
 def weights_bytes(directory: Path, manifest: Manifest) -> int:
     """What the export's weights take: export.json's record, else measured from
     model.onnx's initializers (exports older than the record)."""
-    recorded = (manifest.weights or {}).get("bytes")
+    recorded = manifest.weights.bytes
     if recorded:
         return int(recorded)
     import onnx
 
+    from samout_edge.artifact.initializers import initializer_bytes
     from samout_edge.artifact.manifest import MODEL_FILE
-    from samout_edge.exporter.quantize import initializer_bytes  # numpy and onnx only
 
     return initializer_bytes(onnx.load(str(Path(directory) / MODEL_FILE), load_external_data=False))
 
@@ -266,20 +163,23 @@ def weights_bytes(directory: Path, manifest: Manifest) -> int:
 # --------------------------------------------------------------------------- running
 
 
-def targets(config: BenchConfig) -> list[tuple[str, str]]:
-    """(backend, provider-or-device) pairs to run."""
+def targets(config: BenchConfig) -> list[tuple[str, Settings]]:
+    """(backend, its settings) to run: every ONNX Runtime provider asked for (default: every
+    one available), and each other backend once with the options the bench was given."""
     out = []
+    base = Settings(engine=config.engine, fast_kernel=config.fast_kernel, spinning=config.ort_spinning,
+                    openvino_device=config.openvino_device, openvino_precision=config.openvino_precision)
     for backend in config.backends:
         if backend == "torch":
             require_torch("bench --backend torch")
             from samout_edge.runtime.torch_runner import torch_device
 
-            out.append(("torch", torch_device(config.device)))
+            out.append(("torch", replace(base, device=torch_device(config.device))))
         elif backend == "ort":
             providers = config.providers or available_providers()
-            out += [("ort", resolve_provider(p)) for p in providers]
+            out += [("ort", replace(base, provider=resolve_provider(p))) for p in providers]
         else:
-            out.append(("tensorrt", config.engine or ""))
+            out.append((backend, base))
     return out
 
 
@@ -288,29 +188,21 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     plan = targets(config)
     manifests = {arch: read_manifest(pair[arch]) for arch in ARCHS}
     cm = manifests["cummax"]
-    stored = {arch: (m.weights.get("kind", "fp"), weights_bytes(pair[arch], m)) for arch, m in manifests.items()}
+    stored = {arch: (m.weights.kind, weights_bytes(pair[arch], m)) for arch, m in manifests.items()}
     points = [(mode, batch, length) for mode in config.modes for batch in config.batches
               for length in (config.seqs if mode == "prefill" else config.contexts)]
     total = len(plan) * len(points)
-    device = next((p for b, p in plan if b == "torch"), "cpu")
+    device = next((s.device for b, s in plan if b == "torch"), "cpu")
     info = machine.describe(device)
     records: list[Record] = []
     done = 0
-    for backend, provider in plan:
-        options = LoadOptions(provider=provider, device=provider if backend == "torch" else None,
-                              engine=provider if backend == "tensorrt" else None, fast_kernel=config.fast_kernel)
-        if backend == "ort":
-            runners = {arch: load_ort_runner(pair[arch], provider, spinning=config.ort_spinning) for arch in ARCHS}
-        else:
-            runners = {arch: load_runner(pair[arch], backend, options) for arch in ARCHS}
-        if backend in ("tensorrt", "torch"):
-            label = runners["cummax"].info.device  # the engine profile loaded; cuda+triton
-        else:
-            label = provider
+    for backend, settings in plan:
+        runners = {arch: load_runner(pair[arch], backend, settings) for arch in pair}
+        label = runners["cummax"].info.device  # the provider, the engine profile, cuda+triton, CPU:f32
         shown = label.replace("ExecutionProvider", "")
         for mode, batch, length in points:
             progress(f"{backend}:{shown} {mode} batch {batch} {'seq' if mode == 'prefill' else 'context'} {length}", done, total)
-            records += _measure_point(runners, pair, backend, provider, label, mode, batch, length, config, cm,
+            records += _measure_point(runners, pair, backend, settings, label, mode, batch, length, config, cm,
                                       info["label"], stored)
             done += 1
     progress("done", total, total)
@@ -319,14 +211,14 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
         config={**cm.config.to_dict(), "dtype": cm.dtype, "lowering": cm.lowering, "scan": cm.scan["scan"],
                 "max_seq": cm.max_seq, "budget": asdict(config.budget), "memory": config.memory,
                 "ort_spinning": config.ort_spinning,
-                "weights": {**{k: cm.weights.get(k) for k in ("kind", "block_size", "format")},
+                "weights": {"kind": cm.weights.kind, "block_size": cm.weights.block_size, "format": cm.weights.format,
                             "bytes": {arch: stored[arch][1] for arch in ARCHS}}},
         exports={arch: str(Path(p).absolute()) for arch, p in pair.items()},
         records=records,
     )
 
 
-def _measure_point(runners: dict[str, Runner], pair, backend, provider, label, mode, batch, length,
+def _measure_point(runners: dict[str, Runner], pair, backend, settings: Settings, label, mode, batch, length,
                    config: BenchConfig, manifest: Manifest, machine_label: str,
                    stored: dict[str, tuple[str, int]] | None = None) -> list[Record]:
     vocab = manifest.config.vocab_size
@@ -350,7 +242,8 @@ def _measure_point(runners: dict[str, Runner], pair, backend, provider, label, m
     for arch in runners:
         timing, peak = timings.get(arch), None
         if timing is not None and config.memory:
-            spec = MemorySpec(str(pair[arch]), backend, provider, mode, batch, length, fast_kernel=config.fast_kernel)
+            spec = MemorySpec(str(pair[arch]), backend, label, mode, batch, length, fast_kernel=config.fast_kernel,
+                              settings=asdict(settings))
             try:
                 peak = measure_in_child(spec)
             except (RuntimeError, subprocess.TimeoutExpired):  # out of memory, killed or too slow: the time
@@ -378,7 +271,7 @@ def _refusal(runner: Runner, config: BenchConfig, batch: int, tokens: int) -> st
     past what the target or the machine's memory holds (check_context, the rule every command asks)."""
     info = runner.info
     state = graph.state_bytes(info.config, info.arch, batch, tokens, info.dtype)
-    if config.kv_budget_bytes is not None and info.arch == "softmax" and state > config.kv_budget_bytes:
+    if config.kv_budget_bytes is not None and arch_spec(info.arch).grows and state > config.kv_budget_bytes:
         return f"KV cache {state / 2**20:,.1f} MiB > --kv-budget {config.kv_budget_bytes / 2**20:,.1f} MiB"
     try:
         check_context(info, tokens, batch)

@@ -2,7 +2,9 @@
 
 Every command is one library call; errors the user can fix are SamoutError and
 print as one line with a non-zero exit. ``--debug`` shows tracebacks. Commands
-live by group in model.py, inspect_doctor.py, tensorrt.py and run.py.
+live by group: artifacts.py (init, export, verify, inline), device.py (profiles,
+plan), tensorrt.py (build), run.py (generate, bench, eval), serve.py, package.py,
+inspect_doctor.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from samout_edge.cli.ui import err_console
 from samout_edge.errors import SamoutError
 
 # Importing a command module registers its commands; --help lists them in this order (the workflow first).
-for _module in ("model", "tensorrt", "run", "serve", "package", "inspect_doctor"):
+for _module in ("artifacts", "device", "tensorrt", "run", "serve", "package", "inspect_doctor"):
     importlib.import_module(f"samout_edge.cli.{_module}")
 
 

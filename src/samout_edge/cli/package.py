@@ -46,7 +46,7 @@ def package(
     if not triton:
         raise SamoutError("package needs a format: pass --triton (a Triton Inference Server model repository, "
                           "the only format so far)")
-    from samout_edge.triton_repo import package_triton
+    from samout_edge.triton_server import package_triton
 
     result = package_triton(target, output, name, engine, max_batch_size, max_sequences, idle_seconds, queue_delay_us,
                             kind.value, force)

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from samout_edge.artifact.config import ARCHS
 from samout_edge.artifact.manifest import runtime_notes
 from samout_edge.cli.ui import console, human_bytes, ok
 from samout_edge.inspection import polygraphy_line
@@ -164,17 +165,17 @@ def runtimes(notes: list[str], polygraphy: str | None) -> None:
 def export_weights_line(weights: dict | None) -> str | None:
     """One line on an export's quantized weights (None for float weights): kind, block size, format,
     bytes as stored against the same weights in float, and why this format."""
-    w = weights or {}
-    kind = w.get("kind") or "fp"
+    w = weights
+    kind = w.kind
     if kind == "fp":
         return None
-    block = f", block {w['block_size']}" if w.get("block_size") else ""
-    stored, as_float = w.get("bytes"), w.get("float_bytes")
+    block = f", block {w.block_size}" if w.block_size else ""
+    stored, as_float = w.bytes, w.float_bytes
     size = "size not recorded" if not stored else f"{human_bytes(stored)} stored"
     if stored and as_float:
         size += f" ({stored / as_float:.2f}x of {human_bytes(as_float)} in float)"
-    reason = f"; {w['reason']}" if w.get("reason") else ""
-    return f"weights: {kind}{block}, format {w.get('format') or '?'}, {size}{reason}"
+    reason = f"; {w.reason}" if w.reason else ""
+    return f"weights: {kind}{block}, format {w.format or '?'}, {size}{reason}"
 
 
 def inspect(result) -> None:
@@ -370,6 +371,9 @@ def _k(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
+STYLES = ("o-", "s--", "^-.", "d:")  # one line style per arch, in ARCHS order
+
+
 def save_position_plot(results, path) -> None:
     """Bits per byte against position in the context, one line per target (log x)."""
     import matplotlib
@@ -382,7 +386,7 @@ def save_position_plot(results, path) -> None:
     for r in results:
         pts = [b for b in r.by_position if b["bits_per_byte"] is not None]
         mids = [(b["from"] * (b["to"] or 4 * b["from"])) ** 0.5 for b in pts]  # geometric middle of each span
-        ax.plot(mids, [b["bits_per_byte"] for b in pts], "o-" if r.arch == "cummax" else "s--",
+        ax.plot(mids, [b["bits_per_byte"] for b in pts], STYLES[ARCHS.index(r.arch) % len(STYLES)],
                 label=f"{names[r.target]} ({r.arch}, {'stream' if r.mode == 'stream' else f'windows of {r.window}'})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in the context, tokens")

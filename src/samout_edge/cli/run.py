@@ -1,4 +1,4 @@
-"""Commands that run a model: generate, bench and bench op."""
+"""Commands that run a model: generate, bench (and bench op) and eval."""
 
 from __future__ import annotations
 
@@ -13,17 +13,21 @@ from typer.core import TyperGroup
 
 from samout_edge.cli import render
 from samout_edge.cli.common import (
+    BACKEND_HELP,
+    OPENVINO_DEVICE_HELP,
+    OPENVINO_PRECISION_HELP,
     Arch,
+    Backend,
     DType,
-    GenerateBackend,
     Lowering,
+    OpenVINOPrecision,
     Preset,
     Scan,
     TorchDevice,
     app,
-    choices,
     parse_choice_list,
     parse_int_list,
+    settings,
     value,
 )
 from samout_edge.cli.ui import console, err_console, print_json, progress_bar
@@ -37,10 +41,12 @@ def generate(
     prompt: Optional[str] = typer.Option(None, help="Prompt text (needs --vocab)."),
     vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings: id i is the i-th string [default: the export's]."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
-    backend: GenerateBackend = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch, ort or tensorrt."),
-    provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
-    device: TorchDevice = typer.Option("auto", help="torch device."),
+    backend: Backend = typer.Option("auto", help=BACKEND_HELP),
+    provider: str = typer.Option("cpu", help="ONNX Runtime provider (the ort backend)."),
+    device: TorchDevice = typer.Option("auto", help="torch device (the torch backend)."),
     engine: Optional[str] = typer.Option(None, help="Run the TensorRT engine built for this profile."),
+    openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
+    openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
     arch: Arch = typer.Option("cummax", help="For a checkpoint: cummax or softmax."),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
@@ -52,7 +58,8 @@ def generate(
     from samout_edge.generate import Sampler, load_generation_runner, parse_prompt, vocab_for
     from samout_edge.generate import generate as run_generate
 
-    runner = load_generation_runner(target, value(backend), provider, value(device), value(arch), heads, engine)
+    runner = load_generation_runner(target, value(backend), settings(provider, device, engine, openvino_device,
+                                                                    openvino_precision), value(arch), heads)
     words = vocab_for(vocab, runner.info.config.vocab_size, target)
     prompt_ids = parse_prompt(ids, prompt, words)
     sampler = Sampler(temperature, top_k, seed)
@@ -104,7 +111,8 @@ def bench_run(
     context: str = typer.Option("256,1024,4096", help="Decode: tokens already in the state (any length: the prefill "
                                 "before it is fed in chunks)."),
     batch: str = typer.Option("1", help="Batch sizes."),
-    backend: str = typer.Option("torch,ort", help="Backends: torch (eager) and/or ort (every available provider)."),
+    backend: str = typer.Option("torch,ort", help="Backends, comma-separated: torch (eager), ort (every available "
+                                "provider), openvino, tensorrt (with --engine), reference."),
     provider: Optional[str] = typer.Option(None, help="ONNX Runtime providers to use (default: all available)."),
     device: TorchDevice = typer.Option("auto", help="torch device: auto (cuda when present), cpu or cuda."),
     engine: Optional[str] = typer.Option(None, help="Also bench the TensorRT engines built for this profile."),
@@ -113,6 +121,8 @@ def bench_run(
     scan: Scan = typer.Option("auto", help="With --preset: the lowering's scan (auto, blocked, doubling)."),
     fast_kernel: bool = typer.Option(True, "--fast-kernel/--no-fast-kernel",
                                      help="torch on CUDA: the Triton cummax (default) or torch.cummax."),
+    openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
+    openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
     work: Optional[Path] = typer.Option(None, help="Where to keep exports made for the bench (default: a temporary directory)."),
     warmup: int = typer.Option(2, min=0, help="Untimed calls per series."),
     repeats: int = typer.Option(20, min=1, help="Most timed calls per series."),
@@ -131,10 +141,11 @@ def bench_run(
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
 ) -> None:
     """Latency and memory of SamOut vs the softmax baseline: prefill and decode, side by side."""
+    from samout_edge.artifact.config import ARCHS
     from samout_edge.artifact.engine import is_engine_dir
     from samout_edge.artifact.files import check_writable_file
     from samout_edge.bench import report as rep
-    from samout_edge.bench.suite import MODES, BenchConfig, bench_workspace, prepare_exports, run_bench
+    from samout_edge.bench.suite import MODES, BenchConfig, bench_workspace, check_exports, run_bench
     from samout_edge.bench.timing import Budget
     from samout_edge.runtime.registry import BACKENDS
 
@@ -158,6 +169,8 @@ def bench_run(
         fast_kernel=fast_kernel,
         budget=Budget(warmup=warmup, min_repeats=min_repeats, max_repeats=repeats, seconds=budget),
         memory=memory,
+        openvino_device=openvino_device,
+        openvino_precision=value(openvino_precision),
         kv_budget_bytes=None if kv_budget is None else int(kv_budget * 2**20),
         ort_spinning=spinning,
     ).validate()
@@ -170,8 +183,14 @@ def bench_run(
         if path is not None:
             check_writable_file(path, option)
     with progress_bar() as progress, bench_workspace(work) as work_dir:
-        pair = prepare_exports(dirs, value(preset), work_dir, config.export_max_seq(), dtype.value, lowering.value,
-                               progress, scan.value)
+        if preset or len(dirs) < len(ARCHS):  # the other archs are exported from the same checkpoint
+            require_torch("bench with --preset or one export (it exports the other archs); give one export per arch")
+            from samout_edge.exporter.counterparts import prepare_exports
+
+            pair = prepare_exports(dirs, value(preset), work_dir, config.export_max_seq(), dtype.value,
+                                   lowering.value, progress, scan.value)
+        else:
+            pair = check_exports(dirs)
         report = run_bench(pair, config, progress)
     render.bench(report)
     if json_file:
@@ -219,7 +238,6 @@ def bench_op_command(
         console.print(escape(f"wrote {markdown}"), highlight=False)
 
 
-EvalBackend = choices("EvalBackend", ("auto", "torch", "ort", "tensorrt"))
 MAX_EVAL_TARGETS = 16
 
 
@@ -227,8 +245,8 @@ MAX_EVAL_TARGETS = 16
 def eval_command(
     targets: list[Path] = typer.Argument(..., help="Exports (--logits all), engine dirs or checkpoints: one row each."),
     text: Path = typer.Option(..., "--text", help="A UTF-8 text file to score."),
-    backend: EvalBackend = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch, ort or tensorrt."),
-    provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
+    backend: Backend = typer.Option("auto", help=BACKEND_HELP),
+    provider: str = typer.Option("cpu", help="ONNX Runtime provider (the ort backend)."),
     window: Optional[int] = typer.Option(None, min=2, help="Tokens per window (default 512; past an export's max_seq "
                                           "it is fed in chunks, the state carried)."),
     stride: Optional[int] = typer.Option(None, min=1, help="Tokens between window starts (default window-1: each token computed once)."),
@@ -242,6 +260,8 @@ def eval_command(
     stream: bool = typer.Option(False, "--stream", help="Score the whole file as one context, read a piece at a "
                                 "time with the state carried (memory stays flat; softmax: while its KV cache fits)."),
     engine: Optional[str] = typer.Option(None, help="Evaluate the TensorRT engine built for this profile."),
+    openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
+    openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write bits per byte by position in the context to this PNG."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
@@ -262,7 +282,8 @@ def eval_command(
     with progress_bar(not json_out) as progress:
         for target in targets:
             results.append(eval_target(target, text, backend.value, provider, window, stride, vocab, reference,
-                                       arch.value, heads, progress, checkpoint, stream, engine))
+                                       arch.value, heads, progress, checkpoint, stream, engine,
+                                       settings(provider, None, engine, openvino_device, openvino_precision)))
     if json_out:
         print_json([r.to_dict() for r in results])
     else:

@@ -9,7 +9,18 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from samout_edge.cli.common import Arch, GenerateBackend, TorchDevice, app, value
+from samout_edge.cli.common import (
+    BACKEND_HELP,
+    OPENVINO_DEVICE_HELP,
+    OPENVINO_PRECISION_HELP,
+    Arch,
+    Backend,
+    OpenVINOPrecision,
+    TorchDevice,
+    app,
+    settings,
+    value,
+)
 from samout_edge.cli.ui import err_console
 
 
@@ -28,10 +39,12 @@ def serve(
     store: Optional[Path] = typer.Option(None, help="SQLite file the sessions persist in [default: TARGET/sessions.sqlite]."),
     memory_only: bool = typer.Option(False, "--memory-only", help="Keep sessions in memory only (lost on restart)."),
     vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings, for text prompts and text output [default: the export's]."),
-    backend: GenerateBackend = typer.Option("auto", help="auto (ort for an export, torch for a checkpoint), torch, ort or tensorrt."),
-    provider: str = typer.Option("cpu", help="ONNX Runtime provider."),
-    device: TorchDevice = typer.Option("auto", help="torch device."),
+    backend: Backend = typer.Option("auto", help=BACKEND_HELP),
+    provider: str = typer.Option("cpu", help="ONNX Runtime provider (the ort backend)."),
+    device: TorchDevice = typer.Option("auto", help="torch device (the torch backend)."),
     engine: Optional[str] = typer.Option(None, help="Serve the TensorRT engine built for this profile."),
+    openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
+    openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
     arch: Arch = typer.Option("cummax", help="For a checkpoint: cummax or softmax."),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Requests per runner call (an engine's profiles may cap it)."),
@@ -56,7 +69,9 @@ def serve(
     store_path = None if memory_only else (store or (target if target.is_dir() else target.parent) / "sessions.sqlite")
     policy = SessionPolicy(max_sessions, session_ttl, int(kv_budget_mib * 2**20))
     options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens)
-    server = open_server(target, value(backend), options, provider, value(device), value(arch), heads, vocab, engine)
+    server = open_server(target, value(backend), options,
+                         settings(provider, device, engine, openvino_device, openvino_precision), value(arch), heads,
+                         vocab)
     info = server.info
     resumed = len(server.sessions.sessions)
     corrupt = server.sessions.corrupt

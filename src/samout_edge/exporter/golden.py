@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.golden import (
     BATCH2_UP_TO,
     DECODE_PREFILL,
@@ -111,7 +112,7 @@ def record_golden(model: SamOut, manifest: Manifest, rtol: float, text_ids: np.n
     if text_ids is not None and len(text_ids):
         window = np.asarray(text_ids[: manifest.max_seq], dtype=np.int64)[None]
         run(f"text 1x{window.shape[1]}", window, None, 0, None)
-    if arch == "cummax":  # past max_seq: chunks of max_seq with the state carried, as every runner feeds them
+    if not arch_spec(arch).grows:  # past max_seq: chunks of max_seq with the state carried, as every runner feeds them
         long_case(rng, model, manifest, cases, feeds, outputs)
     first_state = present_names[0]  # a linear function of each row's embedding
     for start, end in every_id_chunks(cfg.vocab_size, cfg.hidden_size):

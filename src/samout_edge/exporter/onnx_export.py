@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import platform
 import re
@@ -26,6 +25,7 @@ from torch import nn
 
 from samout_edge import lowering as low
 from samout_edge.artifact import graph
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import ModelConfig, check_arch, preset
 from samout_edge.artifact.files import check_output_dir, staging_dir, write_json_atomic
 from samout_edge.artifact.golden import save_golden
@@ -33,9 +33,11 @@ from samout_edge.artifact.manifest import (
     CHECKPOINT_DIR,
     MODEL_FILE,
     Manifest,
+    graph_metadata,
     previous_export_files,
     record_file,
 )
+from samout_edge.artifact.quantization import RTOL
 from samout_edge.artifact.resources import check_memory
 from samout_edge.artifact.vocab import VOCAB_FILE, Vocab
 from samout_edge.errors import SamoutError
@@ -46,7 +48,6 @@ from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_ch
 from samout_edge.models.model import LayerNorm, SamOut, torch_dtype
 from samout_edge.models.quantize import apply_weights, quantize_model
 from samout_edge.progress import Progress, no_progress
-from samout_edge.runtime.verify import RTOL
 
 if TYPE_CHECKING:
     from samout_edge.runtime.verify import VerifyResult
@@ -155,14 +156,15 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=max(options.max_seq, trace_seq))
     ids = torch.randint(1, config.vocab_size, (trace_batch, trace_seq))
-    if arch == "cummax":
-        past = graph.flatten(arch, model.empty_state(trace_batch))
-        past_shapes = [{0: batch} for _ in past]
-    else:
-        past_seq = torch.export.Dim("past_seq", min=0)  # softmax attention has no length limit
-        shape = (trace_batch, config.num_heads, 3, config.head_dim)
-        past = [torch.randn(shape, dtype=dtype) for _ in range(2 * config.num_layers)]
-        past_shapes = [{0: batch, 2: past_seq} for _ in past]
+    past_seq = torch.export.Dim("past_seq", min=0)  # a KV cache has no length limit
+    past, past_shapes = [], []
+    for tensor, empty in zip(arch_spec(arch).states(config.num_layers), graph.flatten(arch, model.empty_state(trace_batch))):
+        if tensor.grows:  # traced with a few tokens in it (0 and 1 would be specialized)
+            past.append(torch.randn((trace_batch, config.num_heads, 3, config.head_dim), dtype=dtype))
+            past_shapes.append({0: batch, 2: past_seq})
+        else:
+            past.append(empty)
+            past_shapes.append({0: batch})
     inputs, outputs = graph.graph_io(config, arch, options.dtype, options.logits)
     quiet = io.StringIO()
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
@@ -208,9 +210,11 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
     plan = low.ScanPlan(**manifest.scan)
     elem_type = graph.dtype(manifest.dtype).onnx
     low.lower_cummax(model, manifest.lowering, plan, static_lengths, elem_type)
-    if manifest.arch == "cummax":  # the sequence scan is unrolled for max_seq: past it, NaN (softmax has no limit)
+    spec = arch_spec(manifest.arch)
+    if spec.guarded:  # the sequence scan is unrolled for max_seq: past it, NaN (attention has no limit)
+        running = [t.past for t in spec.states(manifest.config.num_layers) if t.running_max]
         low.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs], elem_type,
-                         state_inputs=manifest.state_inputs)
+                         state_inputs=running)
     if manifest.opset < 18:
         downgrade_split(model)
     for value, spec in zip(list(model.graph.input) + list(model.graph.output), manifest.inputs + manifest.outputs):
@@ -224,30 +228,17 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
             else:
                 dim.dim_param = want
     model.producer_name = "samout-edge"
-    meta = {
-        "samout_edge.arch": manifest.arch,
-        "samout_edge.lowering": manifest.lowering,
-        "samout_edge.scan": json.dumps(manifest.scan),
-        "samout_edge.max_seq": str(manifest.max_seq),
-        "samout_edge.dtype": manifest.dtype,
-        "samout_edge.logits": manifest.logits,
-        "samout_edge.config": json.dumps(manifest.config.to_dict()),
-    }
-    if manifest.precision is not None:
-        meta["samout_edge.fp32_islands"] = json.dumps(manifest.precision["fp32_islands"])
     if quantized:
-        report = qz.quantize_graph(model, quantized, manifest.weights["format"])
-        manifest.weights["bytes"] = report.bytes
-        manifest.weights["float_bytes"] = report.float_bytes
-        meta["samout_edge.weights"] = json.dumps({k: manifest.weights[k] for k in ("kind", "block_size", "format")})
+        report = qz.quantize_graph(model, quantized, manifest.weights.format)
+        manifest.weights.bytes, manifest.weights.float_bytes = report.bytes, report.float_bytes
         # the oldest IR the opset allows (INT4 needs IR 10, opset 21's minimum): runtimes
         # older than this onnx (ONNX Runtime 1.23 on JetPack's Python 3.10) load it
         default_domain = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
         model.ir_version = max(onnx.helper.find_min_ir_version_for(default_domain), 10 if qz.has_int4(model) else 3)
     else:
-        manifest.weights["bytes"] = qz.initializer_bytes(model)
+        manifest.weights.bytes = qz.initializer_bytes(model)
     del model.metadata_props[:]
-    onnx.helper.set_model_props(model, meta)
+    onnx.helper.set_model_props(model, graph_metadata(manifest))
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
@@ -401,7 +392,7 @@ def export(
         proto = trace_to_onnx(model, options, manifest.trace["batch"], manifest.trace["seq"])
         timings["trace_s"] = time.perf_counter() - t
 
-        quantizing = "" if quantized is None else f"; {options.weights} weights ({manifest.weights['format']})"
+        quantizing = "" if quantized is None else f"; {options.weights} weights ({manifest.weights.format})"
         progress(f"lowering cummax ({options.lowering}, {manifest.scan['scan']} scan{quantizing})", 3, total)
         t = time.perf_counter()
         finalize(proto, manifest, static_lengths={1: ckpt.config.num_heads}, quantized=quantized)
@@ -463,7 +454,7 @@ def export_memory(config: ModelConfig, options: ExportOptions) -> int:
     seq, h = options.max_seq, config.hidden_size
     weights = 4 * config.parameter_count()
     activations = 2 * seq * h * 4 * 24
-    scores = 2 * config.num_heads * seq * seq * 4 * 3 if options.arch == "softmax" else 0
+    scores = 2 * config.num_heads * seq * seq * 4 * 3 if arch_spec(options.arch).grows else 0
     return 5 * weights + activations + scores
 
 

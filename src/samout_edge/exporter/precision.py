@@ -39,6 +39,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.golden import (
     BATCH2_UP_TO,
     DECODE_PREFILL,
@@ -136,7 +137,7 @@ def calibration_batches(model: SamOut, max_seq: int, trace_seq: int,
         yield np.arange(start, end)[:, None], False
     if text_ids is not None:
         for start in range(0, len(text_ids), max_seq):
-            yield text_ids[None, start : start + max_seq], start > 0 and model.arch == "cummax"
+            yield text_ids[None, start : start + max_seq], start > 0 and not arch_spec(model.arch).grows
 
 
 def measure_peaks(model: SamOut, batches: Iterator[tuple[np.ndarray, bool]]) -> tuple[dict[str, float], int]:

@@ -52,15 +52,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from samout_edge.artifact.manifest import WEIGHT_FORMATS, WEIGHT_KINDS
+from samout_edge.artifact.initializers import FOUR_BIT, initializer_bytes
+from samout_edge.artifact.quantization import BITS, FORMATS, KINDS, MIN_BLOCK_SIZE, Weights, block_size_ok
 from samout_edge.errors import SamoutError
-from samout_edge.models.quantize import BITS, QuantizedWeight, dequantize  # the grid: below the runtime
+from samout_edge.models.quantize import QuantizedWeight, dequantize  # the grid: below the runtime
 
-KINDS = WEIGHT_KINDS  # fp | int8 | int4
-FORMATS = WEIGHT_FORMATS  # dq | matmulnbits
 FORMAT_CHOICES = ("auto", *FORMATS)
 DEFAULT_BLOCK_SIZE = 32
-MIN_BLOCK_SIZE = 16  # MatMulNBits and GatherBlockQuantized take powers of two from 16
 # ... up to 256 here: ONNX Runtime 1.23 (the device side's, Python 3.10) returns garbage from
 # MatMulNBits with block_size 512 (8 and 4 bits; measured; 1.32 is right).
 MAX_NBITS_BLOCK = 256
@@ -122,8 +120,7 @@ class WeightsSpec:
 
 
 def check_block_size(block_size: int) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < MIN_BLOCK_SIZE \
-            or block_size & (block_size - 1):
+    if not block_size_ok(block_size):
         raise SamoutError(f"--block-size must be a power of two, {MIN_BLOCK_SIZE} or more; got {block_size}")
     return block_size
 
@@ -177,14 +174,13 @@ def resolve_format(spec: WeightsSpec) -> tuple[str, str]:
     return AUTO_FORMAT[spec.kind], REASONS["auto"][spec.kind]
 
 
-def weights_entry(spec: WeightsSpec) -> dict:
+def weights_entry(spec: WeightsSpec) -> Weights:
     """export.json's ``weights`` before the graph is written (``bytes`` comes with it)."""
     if spec.kind == "fp":
-        return {"kind": "fp", "block_size": None, "format": None, "bytes": None, "reason": None}
+        return Weights()
     fmt, reason = resolve_format(spec)
-    return {"kind": spec.kind, "block_size": spec.block_size if spec.kind == "int4" else None, "format": fmt,
-            "bytes": None, "reason": reason, "scheme": SCHEME,
-            "ort_session_config": dict(ORT_SESSION_CONFIG[fmt])}
+    return Weights(spec.kind, spec.block_size if spec.kind == "int4" else None, fmt, reason=reason, scheme=SCHEME,
+                   ort_session_config=dict(ORT_SESSION_CONFIG[fmt]))
 
 
 # --------------------------------------------------------------------------- the graph
@@ -202,26 +198,6 @@ class GraphReport:
 
 def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() + str(a.shape) + str(a.dtype)
-
-
-FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
-
-
-def tensor_bytes(t: onnx.TensorProto) -> int:
-    """Bytes of one initializer's values as stored (4-bit types packed two a byte)."""
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
-    if t.data_location == TensorProto.EXTERNAL:
-        return int(next((e.value for e in t.external_data if e.key == "length"), 0))
-    count = int(np.prod(t.dims, dtype=np.int64))
-    if t.data_type in FOUR_BIT:
-        return -(-count // 2)
-    return count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-
-
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the graph's initializers: what the weights take in model.onnx."""
-    return sum(tensor_bytes(t) for t in model.graph.initializer)
 
 
 def _int_tensor(name: str, values: np.ndarray, bits: int) -> onnx.TensorProto:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import ModelConfig, check_arch
 from samout_edge.artifact.graph import dtype as graph_dtype
 from samout_edge.models.ops import cummax
@@ -142,6 +143,9 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(h, self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
+MIXERS = {"cummax": MaxState, "softmax": CausalSelfAttention}  # artifact/arch.py's mixer kinds
+
+
 class DecoderLayer(nn.Module):
     """``fp32``: in an fp16 model, the FFN, the blend and LayerNorm's input in fp32
     (an fp32 island, set by the exporter where fp16 would overflow); the output is
@@ -151,7 +155,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, arch: str):
         super().__init__()
-        self.self_attention = MaxState(config) if arch == "cummax" else CausalSelfAttention(config)
+        self.self_attention = MIXERS[arch_spec(arch).mixer](config)  # the arch's token mixer
         self.ffn = FeedForward(config.hidden_size)
         self.layer_norm = LayerNorm(config.hidden_size)
         self.alpha = nn.Parameter(torch.tensor(0.5))
@@ -175,13 +179,12 @@ class SamOut(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def empty_state(self, batch: int) -> list[LayerState]:
-        """The state before any token: lowest-value running max, or an empty KV cache."""
-        c, p = self.config, self.head.weight
-        if self.arch == "cummax":
-            low = torch.finfo(p.dtype).min
-            return [p.new_full((batch, c.num_heads, 1, c.head_dim), low) for _ in range(c.num_layers)]
-        empty = p.new_zeros((batch, c.num_heads, 0, c.head_dim))
-        return [(empty, empty) for _ in range(c.num_layers)]
+        """The state before any token: lowest-value running max, or an empty KV cache (artifact/arch.py)."""
+        c, p, spec = self.config, self.head.weight, arch_spec(self.arch)
+        flat = [p.new_zeros((batch, c.num_heads, 0, c.head_dim)) if t.grows
+                else p.new_full((batch, c.num_heads, 1, c.head_dim), torch.finfo(p.dtype).min)
+                for t in spec.states(c.num_layers)]
+        return spec.unflatten(flat)
 
     def forward(
         self,

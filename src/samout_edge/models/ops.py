@@ -2,7 +2,7 @@
 
 ``torch.cummax`` has no ONNX translation, so while ``torch.export`` traces the model
 each cummax becomes one ``samout_edge::cummax`` custom op; the exporter turns that
-node into standard ONNX ops or a ``CumMax`` custom node (exporter/lowering.py).
+node into standard ONNX ops or a ``CumMax`` custom node (lowering.py).
 In eager mode the call goes straight to ``torch.cummax`` (or a faster kernel where
 one is registered for the device), so the custom op costs nothing at run time.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-# device type -> kernel(x, dim) returning the running max values; filled by runtime/kernels.
+# device type -> kernel(x, dim) returning the running max values; filled by kernels.enable_fast_cummax.
 FAST_KERNELS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {}
 
 

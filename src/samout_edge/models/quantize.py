@@ -9,16 +9,16 @@ described in exporter/quantize.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from samout_edge.artifact.quantization import Weights
 from samout_edge.errors import SamoutError
 
 if TYPE_CHECKING:
     from torch import nn
 
-BITS = {"int8": 8, "int4": 4}
 
 
 @dataclass(frozen=True)
@@ -117,17 +117,14 @@ def apply_weights(model: nn.Module, table: dict[str, QuantizedWeight]) -> None:
             weight.copy_(torch.from_numpy(dequantize(qw)).to(weight.dtype))
 
 
-def grid_of(weights: dict[str, Any] | None) -> tuple[int, int | None] | None:
-    """(bits, block) of export.json's ``weights`` entry; None for float weights."""
-    kind = (weights or {}).get("kind", "fp")
-    if kind == "fp":
+def grid_of(weights: Weights | None) -> tuple[int, int | None] | None:
+    """(bits, block) of an export's quantized weights; None for float weights."""
+    if weights is None or not weights.quantized:
         return None
-    if kind not in BITS:
-        raise SamoutError(f"export.json: weights kind {kind!r} is not one of fp, {', '.join(BITS)}")
-    return BITS[kind], (weights or {}).get("block_size") if kind == "int4" else None
+    return weights.bits, weights.block_size
 
 
-def quantize_like_export(model: nn.Module, source: nn.Module, weights: dict[str, Any] | None) -> None:
+def quantize_like_export(model: nn.Module, source: nn.Module, weights: Weights | None) -> None:
     """Give ``model`` the dequantized weights an export holds. ``source`` is the
     checkpoint's model in the export's dtype (the grid is computed in that dtype,
     as the export did); ``model`` may have any dtype. No-op for float weights."""

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import ModelConfig
 from samout_edge.errors import SamoutError
 
@@ -38,17 +39,16 @@ def check_feed(info: RunnerInfo, input_ids: Any, state: State) -> None:
         shape = np.shape(input_ids)
     if len(shape) != 2 or not shape[0] or not shape[1]:
         raise SamoutError(f"input_ids must be [batch, seq] with at least one token, got shape {tuple(shape)}")
-    names = graph.past_names(info.arch, info.config.num_layers)
+    states = arch_spec(info.arch).states(info.config.num_layers)
+    names = [t.past for t in states]
     if set(state) != set(names):
         missing = sorted(set(names) - set(state)) or sorted(set(state) - set(names))
         raise SamoutError(f"the state does not match the graph's inputs ({', '.join(missing[:3])}); "
                           "start from initial_state()")
-    if info.arch != "cummax":
-        return  # a KV cache's NaN propagates through every runtime's attention; a running max's may not
-    for name in names:
-        value = state[name]
-        if isinstance(value, np.ndarray) and not np.isfinite(value).all():
-            raise SamoutError(f"the state is not finite ({name} holds NaN or inf): it was poisoned by a call longer "
+    for t in states:  # a KV cache's NaN propagates through every runtime's attention; a running max's may not
+        value = state[t.past]
+        if t.running_max and isinstance(value, np.ndarray) and not np.isfinite(value).all():
+            raise SamoutError(f"the state is not finite ({t.past} holds NaN or inf): it was poisoned by a call longer "
                               "than the export's max_seq, or corrupted; start again from initial_state()")
 
 
@@ -63,6 +63,7 @@ class RunnerInfo:
     config: ModelConfig
     max_batch: int | None = None  # None: no limit (a TensorRT engine has one per profile)
     max_context: int | None = None  # the most tokens a state may hold (a softmax engine's profiles); None: any
+    rtol: float | None = None  # a runner computing coarser than the graph's dtype (OpenVINO bf16): verify's tolerance
 
 
 # An unfused attention call holds about this many score-sized fp32 buffers at once (scores,
@@ -83,7 +84,7 @@ def check_context(info: RunnerInfo, tokens: int, batch: int = 1, what: str = "th
     if info.max_context is not None and tokens > info.max_context:
         raise SamoutError(f"{what} needs a context of {tokens:,} tokens; this {info.backend} target holds at most "
                           f"{info.max_context:,} (its optimization profiles): rebuild it with a longer profile")
-    if info.arch == "softmax":
+    if arch_spec(info.arch).grows:
         from samout_edge.artifact.resources import check_memory, human_bytes
 
         cache = graph.state_bytes(info.config, info.arch, batch, tokens, info.dtype)
@@ -97,7 +98,7 @@ def call_tokens(info: RunnerInfo, batch: int, context: int) -> int | None:
     """The most tokens one call takes when the state will hold ``context`` tokens: the
     graph's limit, and for a softmax cache what its attention scores leave memory for
     (so a long prompt is fed in shorter calls rather than not at all)."""
-    if info.arch != "softmax":
+    if not arch_spec(info.arch).grows:
         return info.max_seq
     from samout_edge.artifact.resources import available_memory
 
@@ -105,6 +106,12 @@ def call_tokens(info: RunnerInfo, batch: int, context: int) -> int | None:
     room = min(free // 4, CALL_SCORES_MAX)  # a runtime's allocator keeps more than one call's peak
     fit = max(MIN_CALL, room // max(1, _scores_bytes(info, batch, 1, context)))
     return min(info.max_seq or fit, fit)
+
+
+def past_length(info: RunnerInfo, state: State) -> int:
+    """Tokens a growing state holds (0 for one that does not grow)."""
+    grown = [t.past for t in arch_spec(info.arch).states(info.config.num_layers) if t.grows]
+    return int(np.shape(state[grown[0]])[2]) if grown else 0
 
 
 def _scores_bytes(info: RunnerInfo, batch: int, queries: int, keys: int) -> int:
@@ -128,7 +135,7 @@ class Runner(ABC):
         quietly forget it."""
         check_feed(self.info, input_ids, state)
         batch, seq = np.shape(input_ids)
-        past = int(np.shape(next(iter(state.values())))[2]) if self.info.arch == "softmax" else 0
+        past = past_length(self.info, state)
         limit = call_tokens(self.info, batch, past + seq)
         if limit is None or seq <= limit:
             return self.run_impl(input_ids, state)

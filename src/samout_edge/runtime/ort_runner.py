@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.manifest import MODEL_FILE, Manifest, read_manifest
+from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_graph_metadata, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.runtime.base import Runner, RunnerInfo, State
 
@@ -67,18 +66,6 @@ class OrtRunner(Runner):
         return results["logits"], {self.to_past[k]: v for k, v in results.items() if k in self.to_past}
 
 
-def check_graph_metadata(meta: dict[str, str], manifest: Manifest) -> None:
-    """The graph's own metadata wins over export.json (which no hash covers): an
-    edited max_seq or config must fail here, not return wrong tokens later."""
-    recorded = {"max_seq": meta.get("samout_edge.max_seq"), "config": meta.get("samout_edge.config"),
-                "arch": meta.get("samout_edge.arch")}
-    expected = {"max_seq": str(manifest.max_seq), "config": json.dumps(manifest.config.to_dict()), "arch": manifest.arch}
-    for key, value in recorded.items():
-        if value != expected[key]:
-            raise SamoutError(f"{MODEL_FILE} says {key} {value}, export.json says {expected[key]}: "
-                              "one of them was edited; re-export")
-
-
 def load_ort_runner(
     directory: str | Path,
     provider: str = "cpu",
@@ -106,7 +93,7 @@ def load_ort_runner(
         options.intra_op_num_threads = intra_op_threads
     if spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    for key, value in ((manifest.weights or {}).get("ort_session_config") or {}).items():
+    for key, value in manifest.weights.ort_session_config.items():
         options.add_session_config_entry(key, value)  # a quantized export's settings: compute the verified function
     try:
         session = ort.InferenceSession(str(Path(directory) / MODEL_FILE), options, providers=[provider])

@@ -19,7 +19,7 @@ import onnx
 import onnx.inliner
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.manifest import MODEL_FILE, Manifest, read_manifest
+from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_graph_metadata, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.runtime.base import Runner, RunnerInfo, State
 
@@ -58,7 +58,10 @@ def load_reference_runner(directory: str | Path) -> ReferenceRunner:
         model = onnx.load(str(path))
         if model.functions:
             model = onnx.inliner.inline_local_functions(model)
+        check_graph_metadata({p.key: p.value for p in model.metadata_props}, manifest)
         evaluator = ReferenceEvaluator(model)
+    except SamoutError:
+        raise
     except Exception as e:  # onnx raises its own types: an unknown domain (MatMulNBits), a bad file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SamoutError(f"onnx.reference cannot run this export's graph ({reason})") from None

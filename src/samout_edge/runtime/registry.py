@@ -1,60 +1,114 @@
-"""Runners registered by name: the one place a backend name becomes a runner.
+"""Backends registered by name: the only list of them, and where a name becomes a runner.
 
-Each loader takes the export directory and the options every backend shares;
-an unknown name, or a backend this install lacks, is one clear error.
+Each backend owns its options, as Polygraphy's loaders own their arguments: a
+frozen dataclass of the settings it reads (ONNX Runtime's provider and threads,
+torch's device, TensorRT's engine profile, OpenVINO's device and precision).
+Callers hand ``load_runner`` one ``Settings`` (what a command line was given);
+the backend takes the fields it declares and ignores the rest. A new backend is
+one runner file and one ``register`` call here; the CLI's choices come from
+``BACKENDS``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.runtime.base import Runner
 
 
 @dataclass(frozen=True)
-class LoadOptions:
-    provider: str = "cpu"  # ORT provider
-    device: str | None = None  # torch device: auto | cpu | cuda
-    engine: str | None = None  # TensorRT engine profile ("" or None: the only one)
+class Settings:
+    """Every backend option a command may be given; each backend reads its own (its options type)."""
+
+    provider: str = "cpu"  # ort: the execution provider
+    device: str | None = None  # torch: auto | cpu | cuda
+    engine: str | None = None  # tensorrt: the engine's profile ("" or None: the only one)
     checkpoint: str | Path | None = None  # torch: the source checkpoint, if it has moved
-    cpu_arena: bool = True  # ORT: False returns freed memory to the OS (peak-RSS measurements)
+    cpu_arena: bool = True  # ort: False returns freed memory to the OS (peak-RSS measurements)
     fast_kernel: bool = True  # torch on CUDA: the Triton cummax
-    intra_op_threads: int | None = None  # ORT: threads one call uses (None: ORT's default)
-    spinning: bool | None = None  # ORT: threads busy-wait between operators (None: ORT's default, on)
+    intra_op_threads: int | None = None  # ort: threads one call uses (None: ORT's default)
+    spinning: bool | None = None  # ort: threads busy-wait between operators (None: ORT's default, on)
+    openvino_device: str = "CPU"  # openvino: CPU | GPU | NPU ...
+    openvino_precision: str = "f32"  # openvino: f32 (verify's tolerance) | bf16 | f16 (faster, looser)
 
 
-Loader = Callable[[Path, LoadOptions], Runner]
-RUNNERS: dict[str, Loader] = {}
+LoadOptions = Settings  # the name callers used before backends owned their options
 
 
-def register(name: str) -> Callable[[Loader], Loader]:
-    def add(loader: Loader) -> Loader:
-        RUNNERS[name] = loader
-        return loader
+@dataclass(frozen=True)
+class OrtOptions:
+    provider: str = "cpu"
+    cpu_arena: bool = True
+    intra_op_threads: int | None = None
+    spinning: bool | None = None
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    device: str | None = None
+    checkpoint: str | Path | None = None
+    fast_kernel: bool = True
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    engine: str | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    pass
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions:
+    openvino_device: str = "CPU"
+    openvino_precision: str = "f32"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    options: type  # the frozen dataclass of what it reads
+    load: Callable[[Path, Any], Runner]  # (export directory, its options) -> runner
+    summary: str
+
+    def options_from(self, settings: Settings) -> Any:
+        return self.options(**{f.name: getattr(settings, f.name) for f in fields(self.options)})
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register(name: str, options: type, summary: str) -> Callable:
+    def add(load: Callable[[Path, Any], Runner]) -> Callable[[Path, Any], Runner]:
+        BACKENDS[name] = Backend(name, options, load, summary)
+        return load
 
     return add
 
 
-@register("ort")
-def _ort(directory: Path, options: LoadOptions) -> Runner:
+@register("ort", OrtOptions, "ONNX Runtime, on any of its execution providers (--provider)")
+def _ort(directory: Path, options: OrtOptions) -> Runner:
     from samout_edge.runtime.ort_runner import load_ort_runner
 
     return load_ort_runner(directory, options.provider, cpu_arena=options.cpu_arena,
                            intra_op_threads=options.intra_op_threads, spinning=options.spinning)
 
 
-@register("tensorrt")
-def _tensorrt(directory: Path, options: LoadOptions) -> Runner:
+@register("tensorrt", TensorRTOptions, "a TensorRT engine built from the export (--engine PROFILE)")
+def _tensorrt(directory: Path, options: TensorRTOptions) -> Runner:
     from samout_edge.runtime.tensorrt_runner import load_trt_runner
 
     return load_trt_runner(directory, profile=options.engine or None)
 
 
-@register("torch")
-def _torch(directory: Path, options: LoadOptions) -> Runner:
+@register("torch", TorchOptions, "PyTorch eager on the export's source checkpoint (--device; needs torch)")
+def _torch(directory: Path, options: TorchOptions) -> Runner:
     """The export's source checkpoint, eagerly, with the export's arch, dtype,
     logits mode and (quantized exports) dequantized weights, so it computes what
     the graph computes."""
@@ -70,20 +124,27 @@ def _torch(directory: Path, options: LoadOptions) -> Runner:
                              options.fast_kernel, weights=manifest.weights)
 
 
-@register("reference")
-def _reference(directory: Path, options: LoadOptions) -> Runner:
+@register("reference", ReferenceOptions, "onnx.reference: the graph computed in its own dtype (slow)")
+def _reference(directory: Path, options: ReferenceOptions) -> Runner:
     """onnx.reference: the graph in its own dtype (fp16 as fp16), slowly; numpy and onnx only."""
     from samout_edge.runtime.reference_runner import load_reference_runner
 
     return load_reference_runner(directory)
 
 
-BACKENDS = tuple(RUNNERS)
+@register("openvino", OpenVINOOptions, "OpenVINO (--openvino-device, --openvino-precision; pip install openvino)")
+def _openvino(directory: Path, options: OpenVINOOptions) -> Runner:
+    from samout_edge.runtime.openvino_runner import load_openvino_runner
+
+    return load_openvino_runner(directory, options.openvino_device, options.openvino_precision)
 
 
-def load_runner(directory: str | Path, backend: str, options: LoadOptions | None = None) -> Runner:
-    """The export in ``directory`` on ``backend``."""
-    loader = RUNNERS.get(backend)
-    if loader is None:
-        raise SamoutError(f"unknown backend {backend!r}; choose one of: {', '.join(RUNNERS)}")
-    return loader(Path(directory), options or LoadOptions())
+RUNNERS = BACKENDS  # the registry under its earlier name
+
+
+def load_runner(directory: str | Path, backend: str, settings: Settings | None = None) -> Runner:
+    """The export in ``directory`` on ``backend``, given what a command was told."""
+    found = BACKENDS.get(backend)
+    if found is None:
+        raise SamoutError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    return found.load(Path(directory), found.options_from(settings or Settings()))

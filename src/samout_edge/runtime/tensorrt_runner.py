@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.engine import (
     ENGINE_FILE,
     EngineMeta,
@@ -41,7 +42,7 @@ from samout_edge.artifact.engine import (
 from samout_edge.artifact.files import sha256_file
 from samout_edge.artifact.manifest import MODEL_FILE, Manifest, read_manifest
 from samout_edge.errors import SamoutError
-from samout_edge.runtime.base import Runner, RunnerInfo, State
+from samout_edge.runtime.base import Runner, RunnerInfo, State, past_length
 from samout_edge.tensorrt import versions
 
 if TYPE_CHECKING:
@@ -69,8 +70,9 @@ def profile_ranges(meta: EngineMeta, arch: str) -> list[ProfileRanges]:
     for index, prof in enumerate(meta.optimization_profiles):
         ids = prof.shape(graph.INPUT_IDS)
         past = None
-        if arch == "softmax":
-            first = next(s for s in prof.shapes if s.name != graph.INPUT_IDS)
+        grown = [t.past for t in arch_spec(arch).layer_states(0) if t.grows]
+        if grown:
+            first = prof.shape(grown[0])
             past = (first.min[2], first.max[2])
         out.append(ProfileRanges(prof.name, index, (ids.min[0], ids.max[0]), (ids.min[1], ids.max[1]), past))
     return out
@@ -181,7 +183,7 @@ class TensorRTRunner(Runner):
             raise
         self.active = 0
         longest = max(r.seq[1] for r in self.ranges)
-        context = max(r.past[1] + r.seq[1] for r in self.ranges if r.past) if arch == "softmax" else None
+        context = max(r.past[1] + r.seq[1] for r in self.ranges if r.past) if arch_spec(arch).grows else None
         self.info = RunnerInfo("tensorrt", meta.profile, arch, meta.precision, manifest.logits,
                                min(manifest.max_seq, longest), cfg, max_batch=min(r.batch[1] for r in self.ranges),
                                max_context=context)
@@ -194,11 +196,11 @@ class TensorRTRunner(Runner):
 
     def initial_state(self, batch: int) -> State:
         self._check_open()
-        if self.manifest.arch == "softmax":  # zero-length pasts, pointing at a real (unused) buffer
-            shape = (batch, self.manifest.config.num_heads, 0, self.manifest.config.head_dim)
-            return {n: self._hold(self.empty, shape, self.numpy_types[n], None) for n in self.past}
         state = {}
-        for name, host in graph.empty_state(self.manifest.config, "cummax", batch, self.state_dtype).items():
+        for name, host in graph.empty_state(self.manifest.config, self.manifest.arch, batch, self.state_dtype).items():
+            if host.size == 0:  # a cache of no tokens: a zero-length tensor pointing at a real (unused) buffer
+                state[name] = self._hold(self.empty, host.shape, self.numpy_types[name], None)
+                continue
             host = np.ascontiguousarray(host)
             array = self.pool.take(name) or self.cuda.DeviceArray.raw((host.nbytes,))
             array.resize((host.nbytes,))
@@ -220,7 +222,7 @@ class TensorRTRunner(Runner):
         self._check_open()
         ids = np.ascontiguousarray(np.asarray(input_ids), dtype=self.numpy_types[graph.INPUT_IDS])
         batch, seq = ids.shape
-        past = int(state[self.past[0]].shape[2]) if self.manifest.arch == "softmax" else 0
+        past = past_length(self.info, state)
         chosen = select_profile(self.ranges, batch, seq, past)
         feeds: dict[str, Any] = {graph.INPUT_IDS: ids, **{n: state[n] for n in self.past}}
         if chosen.index != self.active:

@@ -41,14 +41,10 @@ from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import check_context
 from samout_edge.runtime.compare import OutputError, compare_arrays, compare_decode, compare_prefill
-from samout_edge.runtime.registry import LoadOptions
+from samout_edge.runtime.registry import Settings
 from samout_edge.runtime.target import open_runner, resolve_target
 
-# Tolerance, relative to each output's scale: max|err| <= RTOL * max(1, max|reference|).
-# fp32: only accumulation order differs between runtimes (seed preset: ~8e-7 seen).
-# fp16 is compared with the fp32 model, so its own rounding counts (fp16 eps is 9.8e-4;
-# seed preset: ~1e-3 of the scale seen, so 5e-3 leaves a 5x margin).
-RTOL = {"fp32": 1e-4, "fp16": 5e-3}
+# The tolerance, relative to each output's scale, lives with the weights' type (artifact/quantization.py).
 
 
 @dataclass
@@ -127,11 +123,13 @@ def verify(
     checkpoint: str | Path | None = None,
     progress: Progress = no_progress,
     fp16_seconds: float = 20.0,
+    backend: str = "auto",
+    settings: Settings | None = None,
 ) -> VerifyResult:
-    """Verify the export in ``directory`` in ONNX Runtime, or a TensorRT engine of it
-    (``directory`` an engine dir, or ``engine`` a profile name). An fp16 export is also
-    computed in fp16 (onnx.reference) within ``fp16_seconds`` (0: not), unless the
-    runner computes in fp16 itself (an engine, a GPU provider)."""
+    """Verify the export in ``directory`` on ``backend`` (auto: ONNX Runtime, or a TensorRT
+    engine of it: ``directory`` an engine dir, or ``engine`` a profile name). An fp16
+    export is also computed in fp16 (onnx.reference) within ``fp16_seconds`` (0: not),
+    unless the runner computes in fp16 itself (an engine, a GPU provider)."""
     started = time.perf_counter()
     target = resolve_target(directory, engine)
     if target.kind == "checkpoint":
@@ -143,9 +141,9 @@ def verify(
     recompute = bool(lengths) or checkpoint is not None
     if not recompute and manifest.golden is None:
         raise SamoutError(f"{export_dir} carries no golden outputs; verify with --checkpoint (needs torch)")
-    actual = open_runner(target, "auto", LoadOptions(provider=provider))  # an engine on TensorRT, else ONNX Runtime
+    actual = open_runner(target, backend, settings or Settings(provider=provider))
     with actual:
-        rtol = RTOL[manifest.dtype]
+        rtol = max(manifest.weights.rtol(manifest.dtype), actual.info.rtol or 0.0)  # a coarser runner says so
         if recompute:
             result = _against_pytorch(actual, export_dir, manifest, lengths, checkpoint, rtol, progress)
         else:

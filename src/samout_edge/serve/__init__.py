@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from samout_edge.errors import SamoutError
 
 if TYPE_CHECKING:
+    from samout_edge.runtime.registry import Settings
     from samout_edge.serve.server import ServeOptions, Server
 
 SERVE_INSTALL = "pip install 'samout-edge[serve]'"
@@ -28,20 +29,21 @@ def require_serve() -> None:
         raise SamoutError(f"serve needs {' and '.join(missing)}, which this install does not have: {SERVE_INSTALL}")
 
 
-def open_server(target: Path, backend: str, options: ServeOptions, provider: str = "cpu", device: str = "auto",
-                arch: str = "cummax", heads: int | None = None, vocab: Path | None = None,
-                engine: str | None = None) -> Server:
+def open_server(target: Path, backend: str, options: ServeOptions, settings: Settings | None = None,
+                arch: str = "cummax", heads: int | None = None, vocab: Path | None = None) -> Server:
     """Load the runner (in the batcher's thread), the vocab and the stored sessions."""
     require_serve()
     from samout_edge.generate import load_generation_runner, vocab_for
+    from samout_edge.runtime.registry import Settings
     from samout_edge.runtime.target import resolve_target
     from samout_edge.serve.server import Server, model_identity
 
-    resolved = resolve_target(target, engine)
+    settings = settings or Settings()
+    resolved = resolve_target(target, settings.engine)
     identity = model_identity(resolved.engine_dir or target)
 
     def load():
-        return load_generation_runner(target, backend, provider, device, arch, heads, engine)
+        return load_generation_runner(target, backend, settings, arch, heads)
 
     server = Server(load, options, identity, model_name=target.resolve().name or "samout")
     try:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.errors import SamoutError
 
 SCHEMA_VERSION = 1
@@ -273,9 +274,10 @@ class SessionTable:
         softmax cache may differ only in length): anything else would run wrong or fail."""
         if set(state) != set(self.initial):
             return False
+        grows = {t.past for t in arch_spec(self.arch).states(len(state)) if t.grows}
         for name, a in state.items():
             want = self.initial[name]
-            same = [i for i in range(want.ndim) if not (self.arch == "softmax" and i == 2)]
+            same = [i for i in range(want.ndim) if not (name in grows and i == 2)]
             if a.dtype != want.dtype or a.ndim != want.ndim or any(a.shape[i] != want.shape[i] for i in same):
                 return False
             if not np.isfinite(a).all():  # a poisoned or tampered state is never fed to the graph
@@ -293,7 +295,7 @@ class SessionTable:
         budget; running requests' reservations count, so two cannot both squeeze in.
         Returns the bytes reserved (give them back with ``unreserve``)."""
         budget = self.policy.kv_budget_bytes
-        if self.arch != "softmax" or budget is None:
+        if not arch_spec(self.arch).grows or budget is None:
             return 0
         with self.lock:
             held = self.state_bytes + self.reserved

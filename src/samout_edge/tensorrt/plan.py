@@ -17,6 +17,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.engine import (
     ENGINE_FILE,
     ENGINE_JSON,
@@ -85,7 +86,8 @@ def optimization_profiles(manifest: Manifest, profile: DeviceProfile) -> tuple[l
     if seq.max < profile.prefill.seq.max:
         notes.append(f"prefill seq capped at {seq.max} (the export's max_seq; the profile asks {profile.prefill.seq.max})")
     context = _clamp(profile.decode.context, manifest.max_seq - 1, lower=0)
-    if manifest.arch == "softmax" and context.max < profile.decode.context.max:
+    grows = {t.past for t in arch_spec(manifest.arch).states(cfg.num_layers) if t.grows}
+    if grows and context.max < profile.decode.context.max:
         notes.append(f"decode context capped at {context.max} (max_seq - 1; the profile asks {profile.decode.context.max})")
     result = []
     for name, batch, tokens, past in (
@@ -94,12 +96,12 @@ def optimization_profiles(manifest: Manifest, profile: DeviceProfile) -> tuple[l
     ):
         shapes = [ShapeRange("input_ids", [batch.min, tokens.min], [batch.opt, tokens.opt], [batch.max, tokens.max])]
         for spec in manifest.inputs[1:]:
-            if manifest.arch == "cummax":
-                dims = lambda b: [b, h, 1, d]  # noqa: E731
-                shapes.append(ShapeRange(spec.name, dims(batch.min), dims(batch.opt), dims(batch.max)))
-            else:
+            if spec.name in grows:
                 shapes.append(ShapeRange(spec.name, [batch.min, h, past.min, d], [batch.opt, h, past.opt, d],
                                          [batch.max, h, past.max, d]))
+            else:
+                dims = lambda b: [b, h, 1, d]  # noqa: E731
+                shapes.append(ShapeRange(spec.name, dims(batch.min), dims(batch.opt), dims(batch.max)))
         result.append(OptimizationProfile(name, shapes))
     return result, notes
 

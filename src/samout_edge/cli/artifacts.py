@@ -1,4 +1,5 @@
-"""Commands on the workstation side: init and export (need torch), and verify (needs none)."""
+"""Commands that make and check artifacts: init and export (the workstation side: torch),
+verify and inline (either side: no torch)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,22 @@ from rich.markup import escape
 from samout_edge.artifact.files import check_output_dir
 from samout_edge.cli import render
 from samout_edge.cli.common import (
+    BACKEND_HELP,
+    OPENVINO_DEVICE_HELP,
+    OPENVINO_PRECISION_HELP,
     Arch,
+    Backend,
     DType,
     Logits,
     Lowering,
+    OpenVINOPrecision,
     Preset,
     Scan,
     Weights,
     WeightsFormat,
     app,
     parse_int_list,
+    settings,
     value,
 )
 from samout_edge.cli.ui import console, print_json, progress_bar
@@ -121,8 +128,11 @@ def verify(
     directory: Path = typer.Argument(..., help="Export directory."),
     checkpoint: Optional[Path] = typer.Option(None, help="Recompute with PyTorch from this source checkpoint (needs torch)."),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda, tensorrt or a full name."),
-    lengths: Optional[str] = typer.Option(None, help="Recompute with PyTorch at these lengths, e.g. 1,1000,4096 (needs torch)."),
+    lengths: Optional[str] = typer.Option(None, help="Recompute with PyTorch at these lengths, e.g. 1,1000,9000 (needs torch)."),
     engine: Optional[str] = typer.Option(None, help="Verify the TensorRT engine built for this profile instead."),
+    backend: Backend = typer.Option("auto", help=BACKEND_HELP),
+    openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
+    openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Check an export (or its engine: DIR/engines/PROFILE) against its golden PyTorch outputs; exits 1 on failure.
@@ -131,16 +141,15 @@ def verify(
     from samout_edge.runtime.verify import verify as run_verify
 
     with progress_bar(not json_out) as progress:
-        result = run_verify(directory, provider, parse_int_list(lengths, "--lengths"), engine, checkpoint, progress=progress)
+        result = run_verify(directory, provider, parse_int_list(lengths, "--lengths"), engine, checkpoint, progress=progress,
+                            backend=value(backend),
+                            settings=settings(provider, None, engine, openvino_device, openvino_precision))
     if json_out:
         print_json(result.to_dict())
     else:
         render.verification(result)
     if not result.passed:
         raise SamoutError("verification failed")
-
-
-# --------------------------------------------------------------------------- inspect / doctor
 
 
 @app.command()

@@ -1,76 +1,11 @@
-"""A Triton Inference Server model repository from an export (ONNX Runtime backend)
-or an engine directory (TensorRT backend), so many clients share one GPU.
-
-Triton keeps each sequence's cummax state itself (implicit state management), so a
-client sends only ``input_ids`` with a sequence id and the start/end flags, and the
-server batches the steps of different sequences together (the sequence batcher's
-``oldest`` strategy runs a dynamic batcher over the candidate sequences). Written:
-
-    REPO/NAME/config.pbtxt
-    REPO/NAME/1/model.onnx (+ external data)   or   REPO/NAME/1/model.plan
-    REPO/NAME/initial_state/empty_max.<dtype>  the empty running max, raw little-endian
-    REPO/NAME/samout-edge.json                 what we wrote (so a rerun replaces only that)
-
-What the layout and the config rest on (Triton's docs and sources, read for this
-module; nothing here ran on a real Triton server):
-
-- Implicit state, ``initial_state { data_file }``:
-  https://github.com/triton-inference-server/server/blob/main/docs/user_guide/implicit_state_management.md
-  The data file lives in ``initial_state/`` under the *model* directory, not the
-  version directory: core's SequenceBatchScheduler::GenerateInitialStateData reads
-  ``JoinPath({model->LocalizedModelPath(), "initial_state", data_file})`` and
-  LocalizedModelPath() is the model directory (the version path is that plus the
-  version number); model_config.proto says the same, and Triton's own QA
-  (qa/L0_sequence_batcher/test.sh) puts it at ``<model>/initial_state/``.
-  https://github.com/triton-inference-server/core/blob/main/src/sequence_batch_scheduler/sequence_batch_scheduler.cc
-  The file must hold at least prod(dims) * itemsize bytes (dims without the batch
-  dim); a START request gets a fresh copy (the scheduler re-initialises the state
-  when TRITONSERVER_REQUEST_FLAG_SEQUENCE_START is set), so the model needs no START
-  input of its own.
-- No control inputs: both backends count every control_input as a real model input
-  (onnxruntime_backend's ModelInstanceState constructor adds one expected input per
-  START/END/READY/CORRID control; tensorrt_backend binds each as an engine input),
-  and our graphs have none. The initial state does the START control's job.
-  https://github.com/triton-inference-server/onnxruntime_backend/blob/main/src/onnxruntime.cc
-  https://github.com/triton-inference-server/tensorrt_backend/blob/main/src/instance_state.cc
-- State inputs are not listed under ``input`` (the backends add the state count
-  themselves), and state outputs are not listed under ``output`` (that is only for
-  clients that want the state back: implicit_state_management.md).
-- Pairing: core's SequenceStates::OutputState pairs the i-th output state with the
-  i-th input state in name order (both are std::maps), so the sorted input names
-  must pair with the sorted output names exactly as the graph does; checked here
-  (``check_state_pairing``). past_max.{i}/present_max.{i} always pair.
-  https://github.com/triton-inference-server/core/blob/main/src/sequence_state.cc
-- Softmax KV caches are refused: a variable state dim starts at 1 on the first
-  request (SequenceStates::Initialize turns every -1 into 1), and an initial_state
-  must not contain variable dims, so a cache that starts empty (past_seq 0) cannot
-  be expressed; the first step would attend to one garbage key. A fixed 0 would
-  never grow. ``use_growable_memory`` changes where the buffer lives, not the
-  shape the first request sees.
-- Sequence batcher, ``oldest`` strategy, max_candidate_sequences,
-  max_sequence_idle_microseconds (default 1 s, too short for a chat client):
-  https://github.com/triton-inference-server/common/blob/main/protobuf/model_config.proto
-  The dynamic batcher only batches requests whose inputs have the same shape, so
-  one-token decode steps of many sequences batch together; prefills of different
-  lengths run apart.
-  https://github.com/triton-inference-server/server/blob/main/docs/user_guide/batcher.md
-- ONNX Runtime backend session settings: it passes ``session.use_device_allocator_for_initializers``
-  to ONNX Runtime as a session config entry and no other (src/onnxruntime.cc), so
-  an export whose ``weights.ort_session_config`` needs another entry (the ``dq``
-  int8/int4 format: session.disable_quant_qdq) is refused rather than served as a
-  different function.
-- TensorRT engines with several optimization profiles: the instance group must list
-  them (``profile: ["0", "1"]``), else only profile 0 is used; Triton picks the
-  profile per batch from the input shapes (model_config.proto, instance_group.profile).
-  DLA engines run with ``secondary_devices { kind: KIND_NVDLA }``.
-"""
+"""What a Triton model repository holds, decided before anything is written: the model's
+tensors and implicit state, the backend (ONNX Runtime or TensorRT), batching, and what
+Triton cannot serve as the verified function (refused in one line)."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.engine import (
     ENGINE_FILE,
     EngineMeta,
@@ -85,15 +21,14 @@ from samout_edge.artifact.engine import (
     read_engine_meta,
     resolve_engine,
 )
-from samout_edge.artifact.files import (
-    check_output_dir,
-    read_json,
-    safe_relative,
-    staging_dir,
-    write_bytes_atomic,
-    write_json_atomic,
+from samout_edge.artifact.manifest import (
+    MODEL_FILE,
+    Manifest,
+    check_files,
+    check_graph_metadata,
+    is_export_dir,
+    read_manifest,
 )
-from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_files, is_export_dir, read_manifest
 from samout_edge.errors import SamoutError
 
 MARKER_FILE = "samout-edge.json"  # in the model directory: what we wrote there
@@ -214,17 +149,17 @@ def resolve_target(target: str | Path, engine: str | None = None) -> tuple[Path,
 
 def refuse_unsupported(manifest: Manifest, backend: str) -> None:
     """What Triton cannot serve as the verified function, refused in one line before any work."""
-    if manifest.arch != "cummax":
+    if arch_spec(manifest.arch).grows:
         raise SamoutError(
             f"a {manifest.arch} export cannot be served with Triton implicit state: Triton starts every variable state "
             "dim at 1 on a sequence's first request and initial_state allows no variable dims, so a KV cache that "
             "starts empty (past_seq 0) cannot be expressed; package a cummax export (its state has a fixed shape)")
     if backend == "onnxruntime":
-        config = (manifest.weights or {}).get("ort_session_config") or {}
+        config = manifest.weights.ort_session_config
         unsupported = [k for k in config if k not in ORT_BACKEND_SESSION_KEYS]
         if unsupported:
             raise SamoutError(
-                f"this {manifest.weights.get('kind')} export ({manifest.weights.get('format')} format) needs the ONNX Runtime "
+                f"this {manifest.weights.kind} export ({manifest.weights.format} format) needs the ONNX Runtime "
                 f"session config entry {unsupported[0]}={config[unsupported[0]]}, and Triton's onnxruntime backend passes "
                 f"only {', '.join(ORT_BACKEND_SESSION_KEYS)}; re-export with --weights-format matmulnbits, "
                 "or build a TensorRT engine from it")
@@ -287,7 +222,6 @@ def check_graph(export_dir: Path, manifest: Manifest) -> list[str]:
     covered by no hash; the config is written from it). Returns the external data files."""
     import onnx
 
-    from samout_edge.runtime.ort_runner import check_graph_metadata
 
     model = onnx.load(str(export_dir / MODEL_FILE), load_external_data=False)
     check_graph_metadata({p.key: p.value for p in model.metadata_props}, manifest)
@@ -336,7 +270,7 @@ def plan_repo(
     inputs, outputs, states, initial = model_io(manifest)
     source: dict[str, Any] = {"export": str(export_dir.absolute()), "arch": manifest.arch, "dtype": manifest.dtype,
                               "logits": manifest.logits, "max_seq": manifest.max_seq, "lowering": manifest.lowering,
-                              "weights": manifest.weights.get("kind"),
+                              "weights": manifest.weights.kind,
                               "onnx_sha256": manifest.files[MODEL_FILE]["sha256"]}
     notes = [f"prefill is correct up to max_seq {manifest.max_seq} tokens per request (longer returns NaN logits and "
              "poisons the sequence's state); decode steps are unlimited"]
@@ -373,12 +307,12 @@ def _plan_onnxruntime(export_dir: Path, manifest: Manifest, external: list[str],
     batch = DEFAULT_ORT_MAX_BATCH if max_batch_size is None else max_batch_size
     if batch < 1:
         raise SamoutError(f"--max-batch-size must be at least 1, got {batch}")
-    session = (manifest.weights or {}).get("ort_session_config") or {}
+    session = manifest.weights.ort_session_config
     onnxruntime_version = manifest.tools.get("onnxruntime", "unknown")
     notes.append(f"verified with ONNX Runtime {onnxruntime_version} (opset {manifest.opset}): use a Triton release "
                  "whose onnxruntime backend ships that ONNX Runtime or newer (its release notes list the version)")
-    if manifest.weights.get("format") == "matmulnbits":
-        notes.append(f"{manifest.weights.get('kind')} weights in ONNX Runtime's com.microsoft MatMulNBits/GatherBlockQuantized "
+    if manifest.weights.format == "matmulnbits":
+        notes.append(f"{manifest.weights.kind} weights in ONNX Runtime's com.microsoft MatMulNBits/GatherBlockQuantized "
                      "ops: older ONNX Runtime releases lack them (or their 8-bit form) and fail to load the model")
     return RepoPlan(backend="onnxruntime", platform=ONNX_PLATFORM, model_file=MODEL_FILE, max_batch_size=batch,
                     copies=copies, max_sequences=0, instance_kind=f"KIND_{kind.upper()}", parameters=dict(session),
@@ -427,221 +361,3 @@ def _plan_tensorrt(export_dir: Path, engine_dir: Path, manifest: Manifest, max_b
                     copies={f"{VERSION}/{PLAN_FILE}": (engine_dir / ENGINE_FILE, None)}, max_sequences=0,
                     instance_kind="KIND_GPU", profiles=[str(i) for i in range(len(meta.optimization_profiles))],
                     dla_core=meta.dla_core, notes=notes, **common)
-
-
-# --------------------------------------------------------------------------- config.pbtxt
-
-
-def _quote(text: str) -> str:
-    """A protobuf text-format string literal."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-def _comment(text: str) -> str:
-    return "# " + "".join(c if c.isprintable() else "?" for c in text)
-
-
-def _dims_text(dims: list[int]) -> str:
-    return "[ " + ", ".join(str(d) for d in dims) + " ]"
-
-
-def _tensors(key: str, tensors: list[TritonTensor]) -> list[str]:
-    lines = [f"{key} ["]
-    for i, t in enumerate(tensors):
-        lines += ["  {", f"    name: {_quote(t.name)}", f"    data_type: {t.data_type}", f"    dims: {_dims_text(t.dims)}",
-                  "  }" + ("," if i < len(tensors) - 1 else "")]
-    return [*lines, "]"]
-
-
-def config_pbtxt(plan: RepoPlan) -> str:
-    """config.pbtxt's text, built without tritonclient (the core install has none)."""
-    src = plan.source
-    lines = [
-        _comment(f"Written by samout-edge from {src.get('engine') or src.get('export')}"),
-        _comment(f"{src.get('arch')} {src.get('dtype')}, logits {src.get('logits')}, max_seq {src.get('max_seq')}. "
-                 "Triton keeps each sequence's running max (implicit state);"),
-        _comment("clients send input_ids with a sequence id and the start/end flags. Edit the copy, not this file."),
-        f"name: {_quote(plan.name)}",
-        f"platform: {_quote(plan.platform)}",
-        f"max_batch_size: {plan.max_batch_size}",
-        *_tensors("input", plan.inputs),
-        *_tensors("output", plan.outputs),
-        "sequence_batching {",
-        f"  max_sequence_idle_microseconds: {plan.idle_microseconds}",
-        "  oldest {",
-        f"    max_candidate_sequences: {plan.max_sequences}",
-        f"    max_queue_delay_microseconds: {plan.queue_delay_microseconds}",
-        "  }",
-        "  state [",
-    ]
-    for i, s in enumerate(plan.states):
-        lines += [
-            "    {",
-            f"      input_name: {_quote(s.input_name)}",
-            f"      output_name: {_quote(s.output_name)}",
-            f"      data_type: {s.data_type}",
-            f"      dims: {_dims_text(s.dims)}",
-            "      initial_state {",
-            f"        data_type: {s.data_type}",
-            f"        dims: {_dims_text(s.dims)}",
-            f"        data_file: {_quote(s.data_file)}",
-            f"        name: {_quote('empty running max')}",
-            "      }",
-            "    }" + ("," if i < len(plan.states) - 1 else ""),
-        ]
-    lines += ["  ]", "}", "instance_group [", "  {", "    count: 1", f"    kind: {plan.instance_kind}"]
-    if plan.profiles:
-        lines.append(f"    profile: [ {', '.join(_quote(p) for p in plan.profiles)} ]")
-    if plan.dla_core is not None:
-        lines.append(f"    secondary_devices [ {{ kind: KIND_NVDLA, device_id: {plan.dla_core} }} ]")
-    lines += ["  }", "]"]
-    for key, value in plan.parameters.items():
-        lines.append(f"parameters {{ key: {_quote(key)} value: {{ string_value: {_quote(value)} }} }}")
-    return "\n".join(lines) + "\n"
-
-
-def parse_config(text: str) -> Any:
-    """config.pbtxt parsed as Triton's own ModelConfig message (needs tritonclient[grpc])."""
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        raise SamoutError("checking a config.pbtxt needs tritonclient: pip install 'tritonclient[grpc]'") from None
-    config = model_config_pb2.ModelConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as e:
-        raise SamoutError(f"config.pbtxt does not parse as Triton's ModelConfig: {e}") from None
-    return config
-
-
-def _tritonclient_available() -> bool:
-    try:
-        import tritonclient.grpc.model_config_pb2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def previous_model_files(model_dir: Path) -> dict[str, str | None] | None:
-    """The files an earlier package of ours wrote into ``model_dir`` with their sha256
-    (the marker itself: None); None when it is not ours."""
-    marker = Path(model_dir) / MARKER_FILE
-    if not marker.is_file():
-        return None
-    try:
-        data = read_json(marker, "model marker", max_bytes=1 << 20)
-    except SamoutError:
-        return None
-    if not isinstance(data, dict) or data.get("producer") != "samout-edge" or data.get("kind") != MARKER_KIND \
-            or not isinstance(data.get("files"), dict):
-        return None
-    files: dict[str, str | None] = {}
-    for name, entry in data["files"].items():
-        digest = entry.get("sha256") if isinstance(entry, dict) else None
-        if isinstance(name, str) and isinstance(digest, str) and safe_relative(name):
-            files[name] = digest
-    files[MARKER_FILE] = None
-    return files
-
-
-def _is_model_dir(path: Path) -> bool:
-    try:
-        if path.is_symlink() or not path.is_dir():
-            return False
-        return (path / CONFIG_FILE).is_file() or (path / MARKER_FILE).is_file() or \
-            any(c.name.isdigit() and c.is_dir() for c in path.iterdir())
-    except OSError:
-        return False
-
-
-def check_repository(repo: Path, force: bool) -> None:
-    """An existing -o must already look like a model repository (every entry a model
-    directory), or --force; a user's directory of other things is never written into by default."""
-    if repo.exists() and not repo.is_dir():
-        raise SamoutError(f"{repo} exists and is a file; choose another -o")
-    if not repo.exists() or force:
-        return
-    foreign = sorted(p.name for p in repo.iterdir() if not p.name.startswith(".") and not _is_model_dir(p))
-    if foreign:
-        raise SamoutError(f"{repo} exists and is not a Triton model repository ({foreign[0]!r} is not a model "
-                          "directory); choose another -o, or pass --force to add the model beside what is there "
-                          "(nothing of it is removed)")
-
-
-def _copy_verified(source: Path, dest: Path, sha256: str | None) -> tuple[str, int]:
-    """Copy, hashing what was read: a file that changed since check_files fails here."""
-    digest, size = hashlib.sha256(), 0
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(source, "rb") as src, open(dest, "wb") as out:
-        for block in iter(lambda: src.read(1 << 20), b""):
-            digest.update(block)
-            out.write(block)
-            size += len(block)
-    shutil.copymode(source, dest)
-    if sha256 is not None and digest.hexdigest() != sha256:
-        raise SamoutError(f"{source} changed while it was copied (its sha256 no longer matches export.json); re-export")
-    return digest.hexdigest(), size
-
-
-def write_repo(plan: RepoPlan, repo: str | Path, force: bool = False) -> PackageResult:
-    """Write REPO/NAME/ atomically: built in a stage beside it and renamed into place.
-    An earlier package of ours there is replaced (a user's extra files in it are kept);
-    anything else is refused, or with --force added to without removing anything."""
-    repo = check_output_dir(repo, "-o")
-    check_repository(repo, force)
-    model_dir = repo / plan.name
-    for src in (plan.source.get("export"), plan.source.get("engine")):
-        if src and (Path(src).resolve() == model_dir.resolve() or model_dir.resolve() in Path(src).resolve().parents):
-            raise SamoutError(f"the model directory {model_dir} would hold the source {src}; choose another -o or --name")
-    text = config_pbtxt(plan)
-    validated = False
-    if _tritonclient_available():  # the core install may have none: the text never needs it
-        parse_config(text)
-        validated = True
-    files: dict[str, dict[str, Any]] = {}
-    with staging_dir(model_dir, previous_model_files, force) as stage:
-        for rel, (source, sha256) in plan.copies.items():
-            digest, size = _copy_verified(source, stage / rel, sha256)
-            files[rel] = {"sha256": digest, "bytes": size}
-        for file_name, data in plan.initial_states.items():
-            rel = f"{INITIAL_STATE_DIR}/{file_name}"
-            write_bytes_atomic(stage / rel, data)
-            files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        write_bytes_atomic(stage / CONFIG_FILE, text.encode())
-        files[CONFIG_FILE] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "bytes": len(text.encode())}
-        write_json_atomic(stage / MARKER_FILE, {"producer": "samout-edge", "kind": MARKER_KIND,
-                                                "schema_version": MARKER_SCHEMA, "backend": plan.backend,
-                                                "source": plan.source, "files": files})
-        written = {rel: entry["bytes"] for rel, entry in sorted(files.items())}
-        written[MARKER_FILE] = (stage / MARKER_FILE).stat().st_size
-    return PackageResult(repo, model_dir, plan.name, plan.backend, plan.platform, plan.max_batch_size, written,
-                         validated, plan.notes, text)
-
-
-def package_triton(
-    target: str | Path,
-    repo: str | Path,
-    name: str | None = None,
-    engine: str | None = None,
-    max_batch_size: int | None = None,
-    max_sequences: int | None = None,
-    idle_seconds: float = DEFAULT_IDLE_SECONDS,
-    queue_delay_us: int = 0,
-    kind: str = "gpu",
-    force: bool = False,
-) -> PackageResult:
-    """`samout-edge package TARGET --triton -o REPO`: plan (checking every file), then write."""
-    check_output_dir(repo, "-o")  # before hashing gigabytes
-    plan = plan_repo(target, name, engine, max_batch_size, max_sequences, idle_seconds, queue_delay_us, kind)
-    return write_repo(plan, repo, force)
-
-
-__all__ = [
-    "PackageResult", "RepoPlan", "TritonState", "TritonTensor", "check_model_name", "check_repository",
-    "check_state_pairing", "config_pbtxt", "default_model_name", "initial_state_bytes", "model_io",
-    "package_triton", "parse_config", "plan_repo", "previous_model_files", "refuse_unsupported", "write_repo",
-]

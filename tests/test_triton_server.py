@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from samout_edge import triton_repo as tr
+from samout_edge import triton_server as tr
 from samout_edge.artifact import graph
 from samout_edge.artifact.engine import ENGINE_FILE, ENGINE_JSON, EngineMeta, OptimizationProfile, ShapeRange
 from samout_edge.artifact.manifest import MANIFEST_FILE, read_manifest
@@ -149,13 +149,14 @@ def test_ort_session_config_entries(export_dir, own_export, tmp_path):
     """Quantized exports need ONNX Runtime session settings; Triton's onnxruntime backend
     passes only one. The graph here is the float one relabelled: this tests the config logic."""
     manifest = read_manifest(export_dir)
-    dq = dict(manifest.weights, kind="int8", format="dq",
-              ort_session_config={"session.qdq_matmulnbits_accuracy_level": "1", "session.disable_quant_qdq": "1"})
+    dq = dataclasses.replace(manifest.weights, kind="int8", format="dq",
+                             ort_session_config={"session.qdq_matmulnbits_accuracy_level": "1",
+                                                 "session.disable_quant_qdq": "1"})
     with pytest.raises(SamoutError, match="session config entry session.qdq_matmulnbits_accuracy_level=1.*matmulnbits"):
         tr.refuse_unsupported(dataclasses.replace(manifest, weights=dq), "onnxruntime")
     tr.refuse_unsupported(dataclasses.replace(manifest, weights=dq), "tensorrt")  # TensorRT takes dq graphs itself
 
-    edit_manifest(own_export, weights=dict(manifest.weights, kind="int4", block_size=32, format="matmulnbits",
+    edit_manifest(own_export, weights=dict(manifest.weights.to_dict(), kind="int4", block_size=32, format="matmulnbits",
                                            ort_session_config={"session.use_device_allocator_for_initializers": "1"}))
     result = tr.package_triton(own_export, tmp_path / "repo")
     assert 'parameters { key: "session.use_device_allocator_for_initializers" value: { string_value: "1" } }' in result.config
@@ -248,7 +249,8 @@ def test_no_tritonclient_still_packages(export_dir, tmp_path, monkeypatch):
         tr.parse_config(result.config)
     from tests.test_layers import PACKAGE, imports
 
-    assert not {n for n in imports(PACKAGE / "triton_repo.py", module_level_only=True) if n.startswith("tritonclient")}
+    for path in (PACKAGE / "triton_server").glob("*.py"):
+        assert not {n for n in imports(path, module_level_only=True) if n.startswith("tritonclient")}, path
 
 
 # --------------------------------------------------------------------------- TensorRT (fake engine dirs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import ARCHS, ModelConfig
 from samout_edge.artifact.manifest import Manifest
 from samout_edge.errors import SamoutError
@@ -84,8 +85,7 @@ def export_weights(manifest: Manifest, dtype: str | None = None) -> tuple[int | 
     """(bytes, kind) of an export's weights for the plan: the recorded bytes where
     they hold for ``dtype`` (quantized weights keep their integers whatever the
     activations' dtype; float weights only in the export's own dtype), else None."""
-    weights = manifest.weights or {}
-    kind, recorded = weights.get("kind", "fp"), weights.get("bytes")
+    kind, recorded = manifest.weights.kind, manifest.weights.bytes
     if recorded and (kind != "fp" or dtype in (None, manifest.dtype)):
         return int(recorded), kind
     return None, kind
@@ -97,15 +97,13 @@ def estimate(config: ModelConfig, arch: str, dtype: str, batch: int, context: in
     h, heads, d, layers = config.hidden_size, config.num_heads, config.head_dim, config.num_layers
     weights = config.parameter_count() * e if weights_bytes is None else weights_bytes
     runtime = (profile.runtime_overhead_mib + profile.workspace_mib) * 2**20
-    if arch == "cummax":
-        state = 2 * layers * batch * heads * d * e
-    else:
-        state = 2 * (2 * layers * batch * heads * context * d * e)
+    spec = arch_spec(arch)
+    state = 2 * spec.state_bytes(layers, heads, d, batch, context, e)  # the state, and its copy as the next input
     logits = batch * config.vocab_size * e
 
     def call(tokens: int) -> int:
         acts = ACTIVATION_VALUES * batch * tokens * h * e + logits
-        if arch == "softmax":
+        if spec.grows:  # attention over the cache: the scores
             acts += 2 * batch * heads * tokens * max(context, tokens) * e
         return acts
 

@@ -34,6 +34,7 @@ class MemorySpec:
     length: int  # prefill seq, or decode context
     steps: int = 4  # decode steps measured
     fast_kernel: bool = True
+    settings: dict | None = None  # the runner's Settings (runtime/registry.py), as a dict
 
 
 def _status_kib(field: str) -> int:
@@ -69,16 +70,20 @@ def _return_freed_memory() -> None:
 
 def measure(spec: MemorySpec) -> int | None:
     """Run in the child: the scenario's peak bytes above the loaded model."""
-    from samout_edge.runtime.registry import LoadOptions, load_runner
+    from samout_edge.runtime.registry import Settings, load_runner
 
     cuda = spec.backend == "torch" and spec.provider.startswith("cuda")
-    if spec.backend == "tensorrt" or (spec.backend == "ort" and spec.provider != "CPUExecutionProvider"):
-        return None  # TensorRT's and ONNX Runtime's GPU allocators expose no peak we can read
+    gpu = spec.backend == "tensorrt" or (spec.backend == "ort" and spec.provider != "CPUExecutionProvider") or \
+        (spec.backend == "openvino" and not spec.provider.startswith("CPU"))
+    if gpu:
+        return None  # TensorRT's and the GPU providers' allocators expose no peak we can read
     if not cuda and not rss_supported():
         return None
-    options = LoadOptions(provider=spec.provider, device=spec.provider if spec.backend == "torch" else None,
-                          engine=spec.provider if spec.backend == "tensorrt" else None, cpu_arena=False,
-                          fast_kernel=spec.fast_kernel)
+    if spec.settings is not None:
+        options = Settings(**{**spec.settings, "cpu_arena": False})
+    else:
+        options = Settings(provider=spec.provider, device=spec.provider if spec.backend == "torch" else None,
+                           cpu_arena=False, fast_kernel=spec.fast_kernel)
     runner = load_runner(spec.directory, spec.backend, options)
     vocab = runner.info.config.vocab_size
     ids = np.random.default_rng(0).integers(1, vocab, (spec.batch, spec.length + spec.steps))
@@ -119,7 +124,7 @@ def measure(spec: MemorySpec) -> int | None:
 def measure_in_child(spec: MemorySpec, timeout: float = 900.0) -> int | None:
     """Peak bytes of one scenario in a fresh Python process (None if not measurable)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "samout_edge.bench.memory", json.dumps(asdict(spec))],
+        [sys.executable, "-m", "samout_edge.bench.peak_memory", json.dumps(asdict(spec))],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,0 +1,106 @@
+"""How an export's weights are stored: export.json's ``weights``, as one type with one check.
+
+kind fp (float, the export's dtype), int8 (one scale per output channel) or int4
+(one scale per ``block_size`` inputs, a power of two from 16); format dq
+(DequantizeLinear, standard ONNX) or matmulnbits (ONNX Runtime's com.microsoft
+MatMulNBits/GatherBlockQuantized), None for fp; bytes: the graph's initializers
+(what the weights take on the device) and float_bytes, the same in float; reason:
+why this format; ort_session_config: ONNX Runtime session config entries the
+runner sets for it; activations: how activations are computed (fp: as the
+dtype; room for quantized activations). Every consumer reads this type; the
+exporter writes it (exporter/quantize.py has the grid and the graph forms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from samout_edge.errors import SamoutError
+
+KINDS = ("fp", "int8", "int4")
+FORMATS = ("dq", "matmulnbits")
+BITS = {"int8": 8, "int4": 4}
+MIN_BLOCK_SIZE = 16  # MatMulNBits and GatherBlockQuantized take powers of two from 16; one rule for every check
+# verify's tolerance by the dtype the graph computes in, relative to each output's scale:
+# max|err| <= rtol * max(1, max|reference|). fp32: only accumulation order differs between
+# runtimes (seed preset: ~8e-7 seen). fp16 is compared with the fp32 model, so its own rounding
+# counts (fp16 eps is 9.8e-4; seed preset: ~1e-3 of the scale seen: a 5x margin).
+RTOL = {"fp32": 1e-4, "fp16": 5e-3}
+
+
+def block_size_ok(block: Any) -> bool:
+    return isinstance(block, int) and not isinstance(block, bool) and block >= MIN_BLOCK_SIZE and not block & (block - 1)
+
+
+@dataclass
+class Weights:
+    kind: str = "fp"
+    block_size: int | None = None
+    format: str | None = None
+    bytes: int | None = None
+    float_bytes: int | None = None
+    reason: str | None = None
+    scheme: str | None = None
+    ort_session_config: dict[str, str] = field(default_factory=dict)
+    activations: str = "fp"
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind != "fp"
+
+    @property
+    def bits(self) -> int | None:
+        return BITS.get(self.kind)
+
+    @property
+    def key(self) -> tuple:
+        """What makes two exports' weights the same function: kind, block, format."""
+        return self.kind, self.block_size, self.format
+
+    def rtol(self, dtype: str) -> float:
+        """verify's tolerance for an export with these weights in ``dtype``: the PyTorch reference
+        applies the same dequantized weights, so quantized weights cost no tolerance."""
+        return RTOL[dtype]
+
+    def check(self) -> Weights:
+        """One validation, one rule per field; SamoutError names the field."""
+        if self.kind not in KINDS:
+            raise SamoutError(f"export.json: weights kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if (self.kind == "int4") != (self.block_size is not None) or \
+                (self.block_size is not None and not block_size_ok(self.block_size)):
+            raise SamoutError(f"export.json: weights block_size {self.block_size!r} does not fit kind {self.kind} "
+                              f"(int4: a power of two from {MIN_BLOCK_SIZE}; otherwise null)")
+        if (self.format is None) != (self.kind == "fp") or (self.format is not None and self.format not in FORMATS):
+            raise SamoutError(f"export.json: weights format {self.format!r} does not fit kind {self.kind} "
+                              f"({' or '.join(FORMATS)} for int8/int4, null for fp)")
+        for name in ("bytes", "float_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SamoutError(f"export.json: weights {name} must be a positive integer or null, got {value!r}")
+        config = self.ort_session_config
+        if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+            raise SamoutError(f"export.json: weights ort_session_config must map strings to strings, got {config!r}")
+        if self.activations != "fp":
+            raise SamoutError(f"export.json: weights activations {self.activations!r}: this samout-edge computes "
+                              "activations as the export's dtype only (fp)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Weights:
+        """export.json's ``weights`` (null or absent in exports older than the field: float weights)."""
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise SamoutError(f"export.json: weights must be an object, got {data!r}")
+        known = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("ort_session_config") is None:
+            values.pop("ort_session_config", None)
+        try:
+            return cls(**values).check()
+        except TypeError as e:
+            raise SamoutError(f"export.json: weights is malformed ({e})") from None

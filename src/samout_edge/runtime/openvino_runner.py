@@ -1,0 +1,85 @@
+"""OpenVINO behind the Runner interface: Intel CPUs, integrated GPUs and NPUs.
+
+Needs ``openvino`` (the ``[openvino]`` extra); no torch. The export runs with the
+settings that keep it the verified function (manifest.runtime_settings): f32
+inference precision (OpenVINO's CPU default is bf16 where the CPU has it: offered
+as ``precision="bf16"``, with its own looser tolerance), and for quantized weights
+no dynamic quantization of the activations (OpenVINO's default quantizes them,
+1-4% of the logit scale off on our exports). Model-local functions (a custom
+export's CumMax) are not run by OpenVINO: such an export is refused with the
+``inline`` hint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from samout_edge.artifact import graph
+from samout_edge.artifact.manifest import (
+    MODEL_FILE,
+    Manifest,
+    check_graph_metadata,
+    read_manifest,
+    runtime_settings,
+)
+from samout_edge.errors import SamoutError
+from samout_edge.runtime.base import Runner, RunnerInfo, State
+
+INSTALL = "pip install 'samout-edge[openvino]'"
+# What each inference precision costs, relative to an output's scale (verify's rule); f32 is the
+# export's own tolerance. bf16 keeps 8 bits of mantissa (eps 7.8e-3): the seed preset's logits
+# measured about 1e-2 of the scale off through six layers.
+PRECISIONS = {"f32": None, "bf16": 5e-2, "f16": 2e-2}
+
+
+class OpenVINORunner(Runner):
+    def __init__(self, compiled, manifest: Manifest, device: str, precision: str):
+        self.compiled, self.manifest = compiled, manifest
+        self.request = compiled.create_infer_request()
+        self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
+        self.outputs = [o.get_any_name() for o in compiled.outputs]
+        self.info = RunnerInfo("openvino", f"{device}:{precision}", manifest.arch, manifest.dtype, manifest.logits,
+                               manifest.max_seq, manifest.config, rtol=PRECISIONS[precision])
+
+    def initial_state(self, batch: int) -> State:
+        return graph.empty_state(self.manifest.config, self.manifest.arch, batch, self.manifest.dtype)
+
+    def run_impl(self, input_ids, state: State):
+        feeds = {graph.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64), **state}
+        results = self.request.infer(feeds)
+        values = {name: np.array(results[i]) for i, name in enumerate(self.outputs)}  # copies: the request reuses them
+        return values[graph.LOGITS], {self.to_past[k]: v for k, v in values.items() if k in self.to_past}
+
+    def close(self) -> None:
+        self.request = self.compiled = None
+
+
+def load_openvino_runner(directory: str | Path, device: str = "CPU", precision: str = "f32") -> OpenVINORunner:
+    import onnx
+
+    try:
+        import openvino as ov
+    except ImportError:
+        raise SamoutError(f"the openvino backend needs OpenVINO, which this install does not have: {INSTALL}") from None
+    if precision not in PRECISIONS:
+        raise SamoutError(f"--openvino-precision {precision!r} is not one of: {', '.join(PRECISIONS)}")
+    manifest = read_manifest(directory)
+    path = Path(directory) / MODEL_FILE
+    if manifest.lowering == "custom":
+        raise SamoutError(f"OpenVINO does not run model-local functions (this export's CumMax nodes): make a copy "
+                          f"that it runs with `samout-edge inline {directory} -o OUT`")
+    model = onnx.load(str(path), load_external_data=False)
+    check_graph_metadata({p.key: p.value for p in model.metadata_props}, manifest)
+    core = ov.Core()
+    if device not in core.available_devices:
+        raise SamoutError(f"OpenVINO device {device!r} is not available here; available: "
+                          f"{', '.join(core.available_devices)}")
+    config = {**runtime_settings(manifest)["openvino"], "INFERENCE_PRECISION_HINT": precision}
+    try:
+        compiled = core.compile_model(str(path), device, config)
+    except Exception as e:  # OpenVINO raises RuntimeError with multi-line text
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SamoutError(f"OpenVINO cannot compile {path} for {device}: {reason}") from None
+    return OpenVINORunner(compiled, manifest, device, precision)
