@@ -3,8 +3,8 @@ import json
 import pytest
 
 from samout_edge.bench import report as rep
-from samout_edge.bench.peak_memory import MemorySpec, measure_in_child, rss_supported
 from samout_edge.bench.op import bench_op
+from samout_edge.bench.peak_memory import MemorySpec, measure_in_child, rss_supported
 from samout_edge.bench.suite import BenchConfig, run_bench
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError
