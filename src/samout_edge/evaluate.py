@@ -54,6 +54,7 @@ REFERENCE_STREAM_TOKENS = 16384
 # Positions in the context a scored token sits at, for the by-position report.
 POSITION_EDGES = (1, 256, 1024, 4096, 16384)
 STREAM_CHUNK = 1024  # tokens per call in a stream where the runner has no limit of its own (torch)
+STREAM_PIECE_BYTES = 64 << 10  # a stream reads its text this much at a time: memory flat whatever the file's size
 LOGITS_BUDGET = 256 << 20  # windows per call are capped so one call's logits stay within this
 
 
@@ -306,8 +307,6 @@ def evaluate_stream(
     tally, seen, done_bytes = _Tally(), 0, 0
     previous: np.ndarray | None = None  # the last position's logits: they predict the next chunk's first token
     ref_previous: np.ndarray | None = None
-    buffer_ids: list[np.ndarray] = []
-    buffer_sizes: list[np.ndarray] = []
     started, ms = time.perf_counter(), []
 
     def run_chunk(ids: np.ndarray, sizes: np.ndarray) -> None:
@@ -334,16 +333,16 @@ def evaluate_stream(
         done_bytes += int(sizes.sum())
         progress(f"eval --stream: {seen:,} tokens", done_bytes, total_bytes or done_bytes)
 
-    for ids, sizes in pieces:
-        buffer_ids.append(ids)
-        buffer_sizes.append(sizes)
-        while sum(len(b) for b in buffer_ids) >= chunk:
-            all_ids, all_sizes = np.concatenate(buffer_ids), np.concatenate(buffer_sizes)
-            run_chunk(all_ids[:chunk], all_sizes[:chunk])
-            buffer_ids, buffer_sizes = [all_ids[chunk:]], [all_sizes[chunk:]]
-    rest = np.concatenate(buffer_ids) if buffer_ids else np.zeros(0, np.int64)
-    if len(rest):
-        run_chunk(rest, np.concatenate(buffer_sizes))
+    pending_ids, pending_sizes = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for ids, sizes in pieces:  # what is left of the last piece, then this one: one copy per piece
+        pending_ids, pending_sizes = np.concatenate([pending_ids, ids]), np.concatenate([pending_sizes, sizes])
+        start = 0
+        while len(pending_ids) - start >= chunk:
+            run_chunk(pending_ids[start : start + chunk], pending_sizes[start : start + chunk])
+            start += chunk
+        pending_ids, pending_sizes = pending_ids[start:], pending_sizes[start:]
+    if len(pending_ids):
+        run_chunk(pending_ids, pending_sizes)
     if seen < 2:
         raise SamoutError(f"the text encodes to {seen} token{'s' * (seen != 1)}; at least 2 tokens are needed")
     progress("eval --stream: done", done_bytes, done_bytes)
@@ -415,8 +414,8 @@ def eval_target(
                 reference = _torch_runner(target, None, target, "all", arch, heads, "fp32")
         if stream:
             size = Path(text).stat().st_size if Path(text).is_file() else None
-            scores = evaluate_stream(runner, iter_tokens(text, config.vocab_size, vocab_obj), reference,
-                                     progress=progress, total_bytes=size)
+            scores = evaluate_stream(runner, iter_tokens(text, config.vocab_size, vocab_obj, piece_bytes=STREAM_PIECE_BYTES),
+                                     reference, progress=progress, total_bytes=size)
             window, stride = scores.pop("context"), 1
             scores.pop("seconds_scoring")
         else:
