@@ -333,7 +333,7 @@ def test_cli_package_json(run_cli, export_dir, tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["package", "{export}", "-o", "{tmp}/repo"], "pass --triton"),
-    (["package", "{tmp}", "--triton", "-o", "{tmp}/repo"], "neither a samout-edge export"),
+    (["package", "{tmp}", "--triton", "-o", "{tmp}/repo"], "is not an export directory"),
     (["package", "{tmp}/nowhere", "--triton", "-o", "{tmp}/repo"], "not found"),
     (["package", "{export}", "--triton", "-o", "{tmp}/foreign"], "not a Triton model repository"),
     (["package", "{export}", "--triton", "-o", "{tmp}/repo", "--name", "[red]x[/red]"], "not a usable Triton model name"),

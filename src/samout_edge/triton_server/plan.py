@@ -17,19 +17,17 @@ from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.engine import (
     ENGINE_FILE,
     EngineMeta,
-    is_engine_dir,
     read_engine_meta,
-    resolve_engine,
 )
 from samout_edge.artifact.manifest import (
     MODEL_FILE,
     Manifest,
     check_files,
     check_graph_metadata,
-    is_export_dir,
     read_manifest,
 )
 from samout_edge.errors import SamoutError
+from samout_edge.runtime.target import resolve_target
 
 MARKER_FILE = "samout-edge.json"  # in the model directory: what we wrote there
 MARKER_KIND = "triton-model"
@@ -133,18 +131,6 @@ def default_model_name(export_dir: Path, engine_dir: Path | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- planning (no writes)
-
-
-def resolve_target(target: str | Path, engine: str | None = None) -> tuple[Path, Path | None]:
-    """(export dir, engine dir or None): an engine dir packages its engine, an export its model.onnx."""
-    target = Path(target)
-    if not target.exists():
-        raise SamoutError(f"{target} not found; give an export directory or an engine directory (EXPORT/engines/PROFILE)")
-    if engine is not None or is_engine_dir(target):
-        return resolve_engine(target, engine)
-    if not is_export_dir(target):
-        raise SamoutError(f"{target} is neither a samout-edge export nor an engine directory (EXPORT/engines/PROFILE)")
-    return target, None
 
 
 def refuse_unsupported(manifest: Manifest, backend: str) -> None:
@@ -254,7 +240,11 @@ def plan_repo(
 ) -> RepoPlan:
     """Decide the model directory for TARGET (an export: ONNX Runtime; an engine dir:
     TensorRT) after checking every file it copies against export.json's sha256."""
-    export_dir, engine_dir = resolve_target(target, engine)
+    resolved = resolve_target(target, engine)
+    if resolved.kind == "checkpoint":
+        raise SamoutError(f"{target} is a checkpoint; package takes an export directory or an engine directory "
+                          "(EXPORT/engines/PROFILE): export it first")
+    export_dir, engine_dir = resolved.export_dir, resolved.engine_dir
     backend = "onnxruntime" if engine_dir is None else "tensorrt"
     manifest = read_manifest(export_dir)
     refuse_unsupported(manifest, backend)
