@@ -146,7 +146,7 @@ def test_debug_shows_traceback(run_cli, tmp_path):
 @pytest.mark.parametrize(
     "args,match",
     [
-        (["bench", "{tmp}"], "is not a samout-edge export"),
+        (["bench", "{tmp}"], "is not an export directory"),
         (["bench", "{exp}", "--backend", "ort", "--provider", "cuda"], "not available here"),
         (["bench", "{exp}", "--seq", "5000", "--batch", "0"], "--batch needs positive integers"),
         (["bench", "{exp}", "--plot", "{tmp}/p.jpg"], "should end in .png"),

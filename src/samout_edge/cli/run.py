@@ -148,13 +148,11 @@ def bench_run(
     from samout_edge.bench.suite import MODES, BenchConfig, bench_workspace, check_exports, run_bench
     from samout_edge.bench.timing import Budget
     from samout_edge.runtime.registry import BACKENDS
+    from samout_edge.runtime.target import resolve_target
 
-    dirs = list(dirs or [])
-    engine_dirs = [d for d in dirs if is_engine_dir(d)]
+    engine_dirs = [d for d in dirs or [] if is_engine_dir(d)]
     if engine_dirs:  # DIR/engines/PROFILE: bench that engine, on the tensorrt backend
-        engine = engine or engine_dirs[0].name
-        dirs = [d.parent.parent if is_engine_dir(d) else d for d in dirs]
-        backend = "tensorrt"
+        engine, backend = engine or engine_dirs[0].name, "tensorrt"
     if engine and "tensorrt" not in backend:
         backend += ",tensorrt"
     config = BenchConfig(
@@ -174,6 +172,10 @@ def bench_run(
         kv_budget_bytes=None if kv_budget is None else int(kv_budget * 2**20),
         ort_spinning=spinning,
     ).validate()
+    resolved = [resolve_target(d) for d in dirs or []]  # after the options: a bad choice is a usage error first
+    if any(t.kind == "checkpoint" for t in resolved):
+        raise SamoutError("bench takes exports (or engine directories), or --preset; export the checkpoint first")
+    dirs = [t.export_dir for t in resolved]
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise SamoutError("--plot needs matplotlib: pip install 'samout-edge[plot]'")
     for path, suffix in ((json_file, ".json"), (plot, ".png"), (markdown, ".md")):

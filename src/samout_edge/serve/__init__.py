@@ -40,7 +40,7 @@ def open_server(target: Path, backend: str, options: ServeOptions, settings: Set
 
     settings = settings or Settings()
     resolved = resolve_target(target, settings.engine)
-    identity = model_identity(resolved.engine_dir or target)
+    identity = model_identity(resolved)
 
     def load():
         return load_generation_runner(target, backend, settings, arch, heads)

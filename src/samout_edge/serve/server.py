@@ -33,6 +33,7 @@ from samout_edge.artifact import graph
 from samout_edge.errors import SamoutError
 from samout_edge.generate import Sampler, Vocab
 from samout_edge.runtime.base import Runner, check_context
+from samout_edge.runtime.target import Target
 from samout_edge.serve.batcher import Batcher, Job, JobResult
 from samout_edge.serve.metrics import BATCH_BUCKETS, Metrics
 from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore, SessionTable
@@ -479,21 +480,15 @@ async def _sweep(server: Server) -> None:
         await asyncio.to_thread(server.sessions.sweep)
 
 
-def model_identity(target: Path) -> str:
+def model_identity(target: Target) -> str:
     """The weights a session's state belongs to (a store written for others is refused)."""
-    from samout_edge.artifact.engine import ENGINE_JSON, is_engine_dir
+    from samout_edge.artifact.engine import read_engine_meta
     from samout_edge.artifact.files import sha256_file
-    from samout_edge.artifact.manifest import is_export_dir, read_manifest
+    from samout_edge.artifact.manifest import MODEL_FILE, read_manifest
 
-    if is_engine_dir(target):
-        meta = json.loads((target / ENGINE_JSON).read_text())
-        digest = f"onnx:{meta.get('onnx_sha256')}"
-    elif is_export_dir(target):
-        manifest = read_manifest(target)
-        digest = f"onnx:{manifest.files.get('model.onnx', {}).get('sha256')}"
-    elif target.is_file():
-        digest = f"checkpoint:{sha256_file(target)}"
-    else:
-        weights = target / "model.safetensors"
-        digest = f"checkpoint:{sha256_file(weights) if weights.is_file() else target.name}"
-    return digest
+    if target.kind == "engine":
+        return f"onnx:{read_engine_meta(target.engine_dir).onnx_sha256}"
+    if target.kind == "export":
+        return f"onnx:{read_manifest(target.export_dir).files.get(MODEL_FILE, {}).get('sha256')}"
+    weights = target.path if target.path.is_file() else target.path / "model.safetensors"
+    return f"checkpoint:{sha256_file(weights) if weights.is_file() else target.path.name}"
