@@ -48,6 +48,18 @@ def safe_relative(name: str) -> bool:
     return bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
+def recorded_files(entries: dict, record_file: str) -> dict[str, str | None]:
+    """The files a record of ours lists, each with its sha256 (the record itself:
+    None), keeping only safe relative names: what a rewrite may remove."""
+    files: dict[str, str | None] = {}
+    for name, entry in entries.items():
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if isinstance(name, str) and isinstance(digest, str) and safe_relative(name):
+            files[name] = digest
+    files[record_file] = None
+    return files
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

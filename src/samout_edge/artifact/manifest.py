@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from samout_edge.artifact.config import ARCHS, ModelConfig
-from samout_edge.artifact.files import read_json, safe_relative, sha256_file, write_json_atomic
+from samout_edge.artifact.files import (
+    read_json,
+    recorded_files,
+    safe_relative,
+    sha256_file,
+    write_json_atomic,
+)
 from samout_edge.artifact.graph import EXPORT_DTYPES, INPUT_IDS, LOGITS, TensorSpec
 from samout_edge.artifact.quantization import Weights
 from samout_edge.errors import SamoutError
@@ -214,13 +220,7 @@ def previous_export_files(directory: Path) -> dict[str, str | None] | None:
     if not is_export_dir(directory):
         return None
     data = json.loads((Path(directory) / MANIFEST_FILE).read_text())
-    files: dict[str, str | None] = {}
-    for name, entry in data["files"].items():
-        digest = entry.get("sha256") if isinstance(entry, dict) else None
-        if isinstance(name, str) and isinstance(digest, str) and safe_relative(name):
-            files[name] = digest
-    files[MANIFEST_FILE] = None
-    return files
+    return recorded_files(data["files"], MANIFEST_FILE)
 
 
 def read_manifest(directory: str | Path) -> Manifest:

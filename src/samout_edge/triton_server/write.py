@@ -10,7 +10,7 @@ from typing import Any
 from samout_edge.artifact.files import (
     check_output_dir,
     read_json,
-    safe_relative,
+    recorded_files,
     staging_dir,
     write_bytes_atomic,
     write_json_atomic,
@@ -45,13 +45,7 @@ def previous_model_files(model_dir: Path) -> dict[str, str | None] | None:
     if not isinstance(data, dict) or data.get("producer") != "samout-edge" or data.get("kind") != MARKER_KIND \
             or not isinstance(data.get("files"), dict):
         return None
-    files: dict[str, str | None] = {}
-    for name, entry in data["files"].items():
-        digest = entry.get("sha256") if isinstance(entry, dict) else None
-        if isinstance(name, str) and isinstance(digest, str) and safe_relative(name):
-            files[name] = digest
-    files[MARKER_FILE] = None
-    return files
+    return recorded_files(data["files"], MARKER_FILE)
 
 
 def _is_model_dir(path: Path) -> bool:
