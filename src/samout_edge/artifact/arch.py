@@ -1,15 +1,23 @@
 """What an arch is: one spec every consumer asks, instead of checking names.
 
-An arch is a mixer per layer (the token mixer: a running max, or causal softmax
-attention), and each mixer says what state its layer carries from call to call:
+An arch is a token mixer per layer, and each mixer says what state its layer
+carries from call to call:
 
-- ``cummax``: ``past_max.{i}`` -> ``present_max.{i}``, ``[batch, heads, 1, head_dim]``,
-  the running max so far; it never grows, and its values pass through Max, so a
-  NaN in it must be caught on the host (a runtime's Max may drop it) and a graph
-  unrolled for max_seq needs the length guard;
-- ``softmax``: ``past_key_values.{i}.key|value`` -> ``present.{i}.key|value``,
-  ``[batch, heads, past_seq, head_dim]`` as Optimum names them: the KV cache, which
-  grows a token per token.
+- ``cummax`` (SamOut): ``past_max.{i}`` -> ``present_max.{i}``, ``[batch, heads, 1, head_dim]``,
+  the running max so far; its values pass through Max, so a NaN in it must be
+  caught on the host (a runtime's Max may drop it) and a graph unrolled for
+  max_seq needs the length guard;
+- ``softmax`` (the baseline): ``past_key_values.{i}.key|value`` -> ``present.{i}.key|value``
+  as Optimum names them, ``[batch, heads, past_seq, head_dim]``: the KV cache,
+  which grows a token per token;
+- ``hybrid`` (the seed article's next step): both, blended
+  ``alpha * cummax + (1 - alpha) * softmax`` with a learned alpha per layer;
+  its state is the running max and the KV cache.
+
+A softmax window W (``softmax-w64``, ``hybrid-w64``) makes the attention see the
+last W positions only; its cache is then W slots, a fixed ``[batch, heads, W, head_dim]``
+that starts as zeros (positions before the first token are zero keys and values),
+so the state is bounded and fixed in shape from the first token on.
 
 From that the spec answers: state names and shapes, the empty state, state bytes
 at a context, whether any state grows (then memory bounds the context, and a
@@ -19,6 +27,7 @@ guard. A new arch is a new mixer here and in the model's layer factory.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from samout_edge.errors import SamoutError
@@ -30,33 +39,43 @@ class StateTensor:
 
     past: str  # the graph input
     present: str  # the graph output, the next call's past
-    grows: bool  # its seq axis (2) holds every token so far (a KV cache); else it is 1
-    running_max: bool  # its values pass through Max
+    slots: int | None  # the length of its seq axis (2): fixed, or None for every token so far (a KV cache)
+    running_max: bool  # its values pass through Max; empty, it holds the dtype's lowest value (else zeros)
+
+    @property
+    def grows(self) -> bool:
+        return self.slots is None
 
 
-def _cummax(i: int) -> list[StateTensor]:
-    return [StateTensor(f"past_max.{i}", f"present_max.{i}", grows=False, running_max=True)]
+def _running_max(i: int) -> list[StateTensor]:
+    return [StateTensor(f"past_max.{i}", f"present_max.{i}", slots=1, running_max=True)]
 
 
-def _softmax(i: int) -> list[StateTensor]:
-    return [StateTensor(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}", grows=True, running_max=False)
+def _kv_cache(i: int, window: int) -> list[StateTensor]:
+    return [StateTensor(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}", slots=window or None, running_max=False)
             for kv in ("key", "value")]
 
 
-MIXERS = {"cummax": _cummax, "softmax": _softmax}
+MIXERS = ("cummax", "softmax", "hybrid")  # models/model.py has a class for each
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
     mixer: str  # every layer's token mixer (MIXERS)
+    window: int = 0  # softmax attends to the last `window` positions; 0: to every position
+
+    def layer_states(self, i: int) -> list[StateTensor]:
+        states = []
+        if self.mixer in ("cummax", "hybrid"):
+            states += _running_max(i)
+        if self.mixer in ("softmax", "hybrid"):
+            states += _kv_cache(i, self.window)
+        return states
 
     def states(self, num_layers: int) -> list[StateTensor]:
         """Every state tensor in graph order: layer by layer."""
-        return [t for i in range(num_layers) for t in MIXERS[self.mixer](i)]
-
-    def layer_states(self, i: int) -> list[StateTensor]:
-        return MIXERS[self.mixer](i)
+        return [t for i in range(num_layers) for t in self.layer_states(i)]
 
     def past_names(self, num_layers: int) -> list[str]:
         return [t.past for t in self.states(num_layers)]
@@ -65,41 +84,66 @@ class ArchSpec:
         return [t.present for t in self.states(num_layers)]
 
     @property
+    def attends(self) -> bool:
+        """Whether a layer runs softmax attention (a score per query and key: memory per call)."""
+        return self.mixer in ("softmax", "hybrid")
+
+    @property
     def grows(self) -> bool:
         """Whether the state grows with the context: memory bounds it, a fixed-shape state cannot hold it."""
-        return any(t.grows for t in MIXERS[self.mixer](0))
+        return any(t.grows for t in self.layer_states(0))
 
     @property
     def guarded(self) -> bool:
         """Whether the graph scans the sequence with a scan unrolled for max_seq (the length guard, the NaN poison)."""
-        return any(t.running_max for t in MIXERS[self.mixer](0))
+        return any(t.running_max for t in self.layer_states(0))
 
     def state_shape(self, tensor: StateTensor, batch: int, heads: int, head_dim: int, past: int | str) -> list:
         """A state tensor's shape after ``past`` tokens (a name: a dynamic dimension)."""
-        return [batch, heads, past if tensor.grows else 1, head_dim]
+        return [batch, heads, past if tensor.grows else tensor.slots, head_dim]
 
     def state_bytes(self, num_layers: int, heads: int, head_dim: int, batch: int, context: int, itemsize: int) -> int:
         per = batch * heads * head_dim * itemsize
-        return sum(per * (context if t.grows else 1) for t in self.states(num_layers))
+        return sum(per * (context if t.grows else t.slots) for t in self.states(num_layers))
 
     def flatten(self, layer_states: list) -> list:
         """Per-layer states (a tensor, or a tuple of them) -> the flat list in graph order."""
-        per_layer = len(MIXERS[self.mixer](0))
-        return list(layer_states) if per_layer == 1 else [t for layer in layer_states for t in layer]
+        return [t for layer in layer_states for t in (layer if isinstance(layer, tuple) else (layer,))]
 
     def unflatten(self, flat: list) -> list:
-        per_layer = len(MIXERS[self.mixer](0))
+        per_layer = len(self.layer_states(0))
         return list(flat) if per_layer == 1 else [tuple(flat[i : i + per_layer]) for i in range(0, len(flat), per_layer)]
 
 
 ARCHS: dict[str, ArchSpec] = {
     "cummax": ArchSpec("cummax", "cummax"),  # SamOut
     "softmax": ArchSpec("softmax", "softmax"),  # the baseline: the same weights, causal softmax attention
+    "hybrid": ArchSpec("hybrid", "hybrid"),  # alpha * cummax + (1 - alpha) * softmax, alpha learned per layer
 }
+MAX_WINDOW = 1 << 20
+_WINDOWED = re.compile(r"(?P<base>[a-z]+)-w(?P<window>[0-9]+)")
+
+
+def arch_name(base: str, window: int = 0) -> str:
+    """The arch's full name: ``hybrid`` with a softmax window of 64 is ``hybrid-w64``."""
+    spec = arch_spec(base)
+    if window < 0 or window > MAX_WINDOW:
+        raise SamoutError(f"--softmax-window must be between 0 (full attention) and {MAX_WINDOW:,}, got {window}")
+    if window and not spec.attends:
+        raise SamoutError(f"--softmax-window applies to archs with softmax attention (softmax, hybrid), not {base}")
+    if spec.window and window and spec.window != window:
+        raise SamoutError(f"{base} already has a softmax window of {spec.window}; --softmax-window says {window}")
+    return f"{spec.name.split('-w')[0]}-w{window}" if window else spec.name
 
 
 def arch_spec(name: str) -> ArchSpec:
-    try:
+    """The spec of ``cummax``, ``softmax``, ``hybrid``, or a windowed ``softmax-wN`` / ``hybrid-wN``."""
+    if name in ARCHS:
         return ARCHS[name]
-    except KeyError:
-        raise SamoutError(f"unknown arch {name!r}; choose one of: {', '.join(ARCHS)}") from None
+    match = _WINDOWED.fullmatch(name) if isinstance(name, str) else None
+    if match and match["base"] in ARCHS and ARCHS[match["base"]].attends:
+        window = int(match["window"])
+        if 0 < window <= MAX_WINDOW and str(window) == match["window"]:
+            return ArchSpec(name, ARCHS[match["base"]].mixer, window)
+    raise SamoutError(f"unknown arch {name!r}; choose one of: {', '.join(ARCHS)} "
+                      "(softmax and hybrid take a window: softmax-w64, hybrid-w64)")

@@ -104,12 +104,12 @@ def empty_value(dtype_name: str) -> float:
 
 def empty_state(config: ModelConfig, arch: str, batch: int, dtype_name: str) -> dict[str, np.ndarray]:
     """The state before any token, as numpy arrays keyed by graph input name: a running
-    max at the dtype's lowest value, a KV cache of no tokens."""
+    max at the dtype's lowest value, a KV cache of no tokens, a window of zeros."""
     spec, np_dtype = arch_spec(arch), numpy_dtype(dtype_name)
     state = {}
     for t in spec.states(config.num_layers):
         shape = spec.state_shape(t, batch, config.num_heads, config.head_dim, 0)
-        state[t.past] = np.zeros(shape, np_dtype) if t.grows else np.full(shape, empty_value(dtype_name), np_dtype)
+        state[t.past] = np.full(shape, empty_value(dtype_name), np_dtype) if t.running_max else np.zeros(shape, np_dtype)
     return state
 
 

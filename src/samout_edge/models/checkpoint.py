@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import ModelConfig
 from samout_edge.artifact.files import make_readable, read_json, sha256_file, staging_dir, write_json_atomic
 from samout_edge.artifact.manifest import Manifest
@@ -28,6 +29,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_SHA256 = "weights_sha256"  # in config.json: what we wrote, so only that is ever replaced
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
+ALPHA_LOGIT = "alpha_logit"  # a hybrid's blend, per layer: decoder_layers.N.self_attention.alpha_logit
 DEFAULT_HEADS = 8
 
 StateDict = dict[str, torch.Tensor]
@@ -41,9 +43,31 @@ class Checkpoint:
     weights_path: Path  # the file holding the tensors
     sha256: str  # of weights_path
 
-    def model(self, arch: str = "cummax", dtype: torch.dtype = torch.float32) -> SamOut:
+    @property
+    def alphas(self) -> list[float] | None:
+        """A hybrid's learned blend per layer, ``sigmoid(alpha_logit)``; None for SamOut's weights."""
+        keys = [f"decoder_layers.{i}.self_attention.{ALPHA_LOGIT}" for i in range(self.config.num_layers)]
+        return [torch.sigmoid(self.state_dict[k]).item() for k in keys] if keys[0] in self.state_dict else None
+
+    def model(self, arch: str = "cummax", dtype: torch.dtype = torch.float32, alpha: float | None = None) -> SamOut:
+        """The checkpoint as ``arch``. SamOut's weights load into a hybrid with the blend
+        ``alpha`` in every layer (0.5 unless given); a hybrid's weights need a hybrid."""
+        hybrid, learned = arch_spec(arch).mixer == "hybrid", self.alphas is not None
+        if learned and not hybrid:
+            raise SamoutError(f"{self.path} is a hybrid's checkpoint (it has a learned alpha per layer): "
+                              "use --arch hybrid")
+        if alpha is not None and not (hybrid and not learned):
+            raise SamoutError("--hybrid-alpha sets the blend of SamOut weights loaded into a hybrid; "
+                              + ("this checkpoint has its own, learned" if learned else f"--arch is {arch}"))
+        state = dict(self.state_dict)
+        if hybrid and not learned:
+            start = 0.5 if alpha is None else alpha
+            if not 0.0 < start < 1.0:
+                raise SamoutError(f"--hybrid-alpha must be between 0 and 1 (exclusive), got {start}")
+            for i in range(self.config.num_layers):
+                state[f"decoder_layers.{i}.self_attention.{ALPHA_LOGIT}"] = torch.logit(torch.tensor(start))
         model = SamOut(self.config, arch)
-        model.load_state_dict(self.state_dict, strict=True)
+        model.load_state_dict(state, strict=True)
         return model.to(dtype).eval()
 
 
@@ -164,8 +188,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
 
 
 def check_state_dict(state: StateDict, config: ModelConfig) -> StateDict:
-    """Check names and shapes against SamOut; name the first differences."""
+    """Check names and shapes against SamOut (a hybrid's: plus every layer's blend);
+    name the first differences."""
     expected = expected_shapes(config)
+    blends = {f"decoder_layers.{i}.self_attention.{ALPHA_LOGIT}": torch.Size([]) for i in range(config.num_layers)}
+    if any(k in state for k in blends):
+        expected |= blends
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

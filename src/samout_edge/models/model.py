@@ -1,13 +1,16 @@
-"""SamOut as the seed article defines it, and its softmax-attention baseline.
+"""SamOut as the seed article defines it, its softmax-attention baseline, and their hybrid.
 
 Parameter names follow the seed code, so a state_dict saved from it loads with
-``strict=True``. Both archs share every parameter; they differ only in how the
-sequence is mixed: a running maximum (cummax) or causal softmax attention.
+``strict=True``. Every arch shares every parameter (the hybrid adds one per layer,
+its blend); they differ only in how the sequence is mixed: a running maximum
+(cummax), causal softmax attention, or ``alpha * cummax + (1 - alpha) * softmax``.
 
 State makes prefill, chunked prefill and decode one computation:
 - cummax: per layer the running max so far, ``[batch, heads, 1, head_dim]``;
   an empty past is the lowest finite value of the dtype.
-- softmax: per layer the ``(key, value)`` cache, ``[batch, heads, past_seq, head_dim]``.
+- softmax: per layer the ``(key, value)`` cache, ``[batch, heads, past_seq, head_dim]``;
+  with a window W, the last W keys and values, zeros before the first token.
+- hybrid: ``(running max, key, value)``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 CummaxState = torch.Tensor
 KVState = tuple[torch.Tensor, torch.Tensor]
-LayerState = CummaxState | KVState
+HybridState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+LayerState = CummaxState | KVState | HybridState
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -53,9 +57,10 @@ class MaxState(nn.Module):
 
     fp32: bool = False
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, window: int = 0):
         super().__init__()
         self.num_heads = config.num_heads
+        self.window = window  # softmax attends to the last `window` positions (0: all); unused by cummax
         self.combined = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, past: LayerState) -> tuple[torch.Tensor, LayerState]:
@@ -79,26 +84,60 @@ class CausalSelfAttention(MaxState):
     def mix_sequence(self, out, out1, out2, past: KVState) -> tuple[torch.Tensor, KVState]:
         key = torch.cat([past[0], out1], dim=2)
         value = torch.cat([past[1], out2], dim=2)
+        if self.window:  # the cache keeps the last `window` positions: a fixed shape
+            present = (key[:, :, -self.window :], value[:, :, -self.window :])
+        else:
+            present = (key, value)
         if self.fp32:  # the scores in fp32; the cache stays in the model's dtype
-            return causal_attention(out.float(), key.float(), value.float()), (key, value)
-        return causal_attention(out, key, value), (key, value)
+            out, key, value = out.float(), key.float(), value.float()
+        return causal_attention(out, key, value, self.window), present
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention where query i sits at position past_seq + i.
+class HybridMixer(CausalSelfAttention):
+    """The seed article's next step: ``alpha * cummax + (1 - alpha) * softmax`` of the same
+    projections, then the heads' running max as in SamOut. ``alpha = sigmoid(alpha_logit)``
+    is learned per layer (0.5 at initialisation)."""
+
+    def __init__(self, config: ModelConfig, window: int = 0):
+        super().__init__(config, window)
+        self.alpha_logit = nn.Parameter(torch.zeros(()))
+
+    def mix_sequence(self, out, out1, out2, past: HybridState) -> tuple[torch.Tensor, HybridState]:
+        running, present_max = MaxState.mix_sequence(self, out, out1, out2, past[0])
+        attended, present_kv = CausalSelfAttention.mix_sequence(self, out, out1, out2, past[1:])
+        alpha = torch.sigmoid(self.alpha_logit).to(attended.dtype)
+        return alpha * running + (1 - alpha) * attended, (present_max, *present_kv)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Scaled dot-product attention where query i sits at position past_seq + i and sees
+    the keys at or before it: all of them, or the last ``window`` positions.
 
     Eager calls take the fused kernels' fast paths (no past: is_causal; one query:
-    no mask). An exported graph must serve every shape, so it always builds the mask.
+    no mask) and split a long windowed call into blocks of queries, each with only
+    the keys its window reaches. An exported graph must serve every shape, so it
+    always builds the mask.
     """
     seq, total = q.shape[2], k.shape[2]
     if not torch.compiler.is_exporting():
-        if seq == total:
+        if not window and seq == total:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if seq == 1:
-            return F.scaled_dot_product_attention(q, k, v)
+        if seq == 1:  # the newest query sees the last `window` keys, or all of them
+            return F.scaled_dot_product_attention(q, k[:, :, -window:], v[:, :, -window:])
+        if window and seq > 2 * window:  # block by block: memory linear in seq, not quadratic
+            past, block = total - seq, window
+            outs = []
+            for start in range(0, seq, block):
+                stop = min(seq, start + block)
+                first = max(0, past + start - window + 1)  # the oldest key the block's first query sees
+                outs.append(causal_attention(q[:, :, start:stop], k[:, :, first : past + stop],
+                                             v[:, :, first : past + stop], window))
+            return torch.cat(outs, dim=2)
     key_pos = torch.arange(total, device=q.device)
     query_pos = torch.arange(seq, device=q.device) + (total - seq)
     mask = key_pos[None, :] <= query_pos[:, None]
+    if window:
+        mask = mask & (key_pos[None, :] > query_pos[:, None] - window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -143,7 +182,7 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(h, self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
-MIXERS = {"cummax": MaxState, "softmax": CausalSelfAttention}  # artifact/arch.py's mixer kinds
+MIXERS = {"cummax": MaxState, "softmax": CausalSelfAttention, "hybrid": HybridMixer}  # artifact/arch.py's mixers
 
 
 class DecoderLayer(nn.Module):
@@ -155,7 +194,8 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, arch: str):
         super().__init__()
-        self.self_attention = MIXERS[arch_spec(arch).mixer](config)  # the arch's token mixer
+        spec = arch_spec(arch)
+        self.self_attention = MIXERS[spec.mixer](config, spec.window)  # the arch's token mixer
         self.ffn = FeedForward(config.hidden_size)
         self.layer_norm = LayerNorm(config.hidden_size)
         self.alpha = nn.Parameter(torch.tensor(0.5))
@@ -168,7 +208,8 @@ class DecoderLayer(nn.Module):
 
 
 class SamOut(nn.Module):
-    """The language model; ``arch="softmax"`` gives the baseline with the same weights."""
+    """The language model; ``arch="softmax"`` gives the baseline with the same weights,
+    ``"hybrid"`` the blend of both, ``"hybrid-w64"`` with a softmax window of 64 (artifact/arch.py)."""
 
     def __init__(self, config: ModelConfig, arch: str = "cummax"):
         super().__init__()
@@ -179,10 +220,11 @@ class SamOut(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def empty_state(self, batch: int) -> list[LayerState]:
-        """The state before any token: lowest-value running max, or an empty KV cache (artifact/arch.py)."""
+        """The state before any token: lowest-value running max, an empty KV cache, a window
+        of zeros (artifact/arch.py)."""
         c, p, spec = self.config, self.head.weight, arch_spec(self.arch)
-        flat = [p.new_zeros((batch, c.num_heads, 0, c.head_dim)) if t.grows
-                else p.new_full((batch, c.num_heads, 1, c.head_dim), torch.finfo(p.dtype).min)
+        flat = [p.new_full(spec.state_shape(t, batch, c.num_heads, c.head_dim, 0),
+                           torch.finfo(p.dtype).min if t.running_max else 0.0)
                 for t in spec.states(c.num_layers)]
         return spec.unflatten(flat)
 
