@@ -64,6 +64,7 @@ class InspectResult:
     runtime_notes: list[str] = field(default_factory=list)  # settings a runtime needs besides the file
     precision: dict[str, Any] | None = None  # fp16 exports: fp32 islands and calibrated peaks
     polygraphy: str | None = None  # the line that checks the export with NVIDIA's Polygraphy
+    arch_notes: list[str] = field(default_factory=list)  # the mixer, its window, a hybrid's alpha, the state
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,7 +143,31 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
         runtime_notes=runtime_notes(manifest) if manifest else [],
         precision=manifest.precision if manifest else None,
         polygraphy=polygraphy_line(manifest) if manifest else None,
+        arch_notes=arch_notes(manifest) if manifest else [],
     )
+
+
+MIXES = {"cummax": "a running max over the sequence (SamOut)", "softmax": "causal softmax attention",
+         "hybrid": "alpha * running max + (1 - alpha) * causal softmax attention"}
+
+
+def arch_notes(manifest) -> list[str]:
+    """What the arch computes and carries, in words: inspect's answer to 'what is this export'."""
+    from samout_edge.artifact import graph
+    from samout_edge.artifact.arch import arch_spec
+    from samout_edge.artifact.resources import human_bytes
+
+    spec, cfg = arch_spec(manifest.arch), manifest.config
+    window = f", softmax over the last {spec.window} positions" if spec.window else ""
+    notes = [f"mixer: {MIXES[spec.mixer]}{window}"]
+    alpha = manifest.extra.get("alpha")
+    if alpha:
+        notes.append(f"alpha per layer ({manifest.extra.get('alpha_from', '?')}; the weight of cummax): "
+                     + ", ".join(f"{a:.3f}" for a in alpha))
+    at = lambda n: human_bytes(graph.state_bytes(cfg, manifest.arch, 1, n, manifest.dtype))  # noqa: E731
+    growth = "grows with the context" if spec.grows else "constant whatever the context"
+    notes.append(f"decode state at batch 1: {at(1024)} at 1k tokens, {at(32768)} at 32k ({growth})")
+    return notes
 
 
 def polygraphy_line(manifest) -> str | None:

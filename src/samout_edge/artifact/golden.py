@@ -65,6 +65,7 @@ EVERY_ID = "every id"
 LONG = "long"  # cummax: a prompt past max_seq, fed in calls of max_seq (exporter/golden.py long_case)
 LONG_FACTOR = 2.5
 LONG_STEPS = 2
+LONG_WINDOW_FACTOR = 8  # a softmax window up to this x max_seq: the long case runs past it
 
 
 def every_id_chunks(vocab: int, hidden: int) -> list[tuple[int, int]]:

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from samout_edge.artifact.config import ARCHS, ModelConfig
+from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.config import ModelConfig
 from samout_edge.artifact.files import (
     read_json,
     recorded_files,
@@ -95,7 +96,11 @@ class Manifest:
 
     def check(self) -> None:
         """Every field a later step relies on has a value it can use."""
-        choices = {"arch": ARCHS, "dtype": EXPORT_DTYPES, "logits": ("last", "all"), "lowering": ("native", "custom", "inlined")}
+        try:
+            arch_spec(self.arch)
+        except SamoutError as e:
+            raise SamoutError(f"export.json: {e}") from None
+        choices = {"dtype": EXPORT_DTYPES, "logits": ("last", "all"), "lowering": ("native", "custom", "inlined")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise SamoutError(f"export.json: {name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -256,26 +261,31 @@ def check_files(directory: str | Path, manifest: Manifest) -> None:
             raise SamoutError(f"{path} does not match the sha256 in export.json: it changed after export; re-export it")
 
 
-def check_exports(dirs: list[Path], complete: bool = True) -> dict[str, Path]:
-    """One export per arch (``complete``: of every arch), alike in checkpoint, dtype,
-    config and weights: what bench compares, like with like. Needs no torch."""
+BENCH_ARCHS = ("cummax", "softmax")  # what bench compares unless told: SamOut and its baseline
+
+
+def check_exports(dirs: list[Path], archs: list[str] | tuple[str, ...] | None = BENCH_ARCHS) -> dict[str, Path]:
+    """One export per arch, alike in dtype, config and weights: what bench compares,
+    like with like (their checkpoints may differ: each arch trained on its own, as
+    benchmarks/trained/ holds them). ``archs``: the ones that must be there (None: any).
+    Needs no torch."""
     if not dirs:
         raise SamoutError("give export directories (one per arch), or --preset NAME")
     manifests = [read_manifest(d) for d in dirs]
     pair = {m.arch: Path(d) for m, d in zip(manifests, dirs)}
     if len(pair) < len(dirs):
-        raise SamoutError(f"two directories are exports of the same arch; give one export per arch ({', '.join(ARCHS)})")
+        raise SamoutError("two directories are exports of the same arch; give one export per arch")
     first = manifests[0]
     for other in manifests[1:]:
-        if (first.source["sha256"], first.dtype, first.config, first.weights.key) != (
-                other.source["sha256"], other.dtype, other.config, other.weights.key):
-            raise SamoutError("the exports differ in checkpoint, dtype, config or weights (kind, block size, format); "
+        if (first.dtype, first.config, first.weights.key) != (other.dtype, other.config, other.weights.key):
+            raise SamoutError("the exports differ in dtype, config or weights (kind, block size, format); "
                               "bench compares like with like")
-    missing = [a for a in ARCHS if a not in pair]
-    if complete and missing:
+    missing = [a for a in archs or () if a not in pair]
+    if missing:
         raise SamoutError(f"no {' or '.join(missing)} export given: give one per arch, or one and --work to derive "
                           "the others (needs torch)")
-    return {arch: pair[arch] for arch in ARCHS if arch in pair}
+    order = list(archs or ()) + [a for a in pair if a not in (archs or ())]
+    return {arch: pair[arch] for arch in order}
 
 
 def record_file(directory: str | Path, manifest: Manifest, name: str) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from samout_edge.artifact.config import ARCHS
-from samout_edge.artifact.manifest import Manifest, check_exports, read_manifest
+from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.manifest import BENCH_ARCHS, Manifest, check_exports, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.progress import Progress, no_progress
@@ -25,33 +25,40 @@ def prepare_exports(
     lowering: str,
     progress: Progress = no_progress,
     scan: str = "auto",
+    archs: list[str] | None = None,
 ) -> dict[str, Path]:
-    """One export per arch from the same checkpoint: given, derived, or made from a preset."""
+    """One export per arch from the same checkpoint: given, derived, or made from a preset.
+    ``archs``: the ones to compare (default: those of two or more exports given, else
+    cummax and softmax), in order."""
     if preset and dirs:
         raise SamoutError("give export directories or --preset, not both")
     if not preset and not dirs:
-        raise SamoutError("give one or two export directories, or --preset NAME")
-    if len(dirs) > len(ARCHS):
-        raise SamoutError(f"give at most {len(ARCHS)} export directories (one per arch)")
-    if preset or len(dirs) < len(ARCHS):
+        raise SamoutError("give one or more export directories, or --preset NAME")
+    if archs is None:
+        archs = list(check_exports(dirs, None)) if len(dirs) > 1 else list(BENCH_ARCHS)
+    archs = [arch_spec(a).name for a in archs]
+    given = check_exports(dirs, None) if dirs else {}
+    if any(a not in archs for a in given):
+        raise SamoutError(f"an export given is of {', '.join(a for a in given if a not in archs)}, not one of "
+                          f"--archs {','.join(archs)}")
+    work = None
+    if preset or any(a not in given for a in archs):
         if work_dir is None:
             raise SamoutError("bench needs a work directory for the exports it makes (see bench_workspace)")
         work = Path(work_dir)
 
     if preset:
-        first = work / "cummax"
-        options = ExportOptions("cummax", lowering, scan, max_seq=max_seq, dtype=dtype)
+        first = work / archs[0]
+        options = ExportOptions(archs[0], lowering, scan, max_seq=max_seq, dtype=dtype)
         if not _reusable(first, preset, options):
             check_ours_to_replace(first)
-            progress(f"exporting {preset} (cummax) for ONNX Runtime", 0, 2)
+            progress(f"exporting {preset} ({archs[0]}) for ONNX Runtime", 0, 2)
             export(first, options, preset_name=preset, made_by=MADE_BY)
         dirs = [first]
 
     first = read_manifest(dirs[0])
-    pair = check_exports(dirs, complete=False)
-    for arch in [a for a in ARCHS if a not in pair]:  # the others, from the same checkpoint and options
-        if len(dirs) > 1:
-            raise SamoutError(f"give an export of every arch ({', '.join(ARCHS)}), or one to derive the others from")
+    pair = check_exports(dirs, None)
+    for arch in [a for a in archs if a not in pair]:  # the others, from the same checkpoint and options
         target = work / arch
         if not _matches(target, first, arch):
             check_ours_to_replace(target)
@@ -66,7 +73,7 @@ def prepare_exports(
             export(target, options, checkpoint=source, heads=None if source.is_dir() else first.config.num_heads,
                    made_by=MADE_BY)
         pair[arch] = target
-    return check_exports([pair[arch] for arch in ARCHS])
+    return check_exports([pair[arch] for arch in archs], archs)
 
 
 MADE_BY = "bench"  # export.json extra.made_by of the exports bench makes: the only ones it replaces

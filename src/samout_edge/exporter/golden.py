@@ -4,8 +4,9 @@ The cases cover what a wrong graph gets wrong: prefill at 1 token, at a prime
 length near 100 and at max_seq (a scan unrolled too short fails there); batch 2
 where it is cheap; ids that include 0 (the padding row of the embedding) and
 vocab-1; a prefill followed by one-token decode steps, each step's past the
-state the step before returned; for cummax, a prompt of 2.5 x max_seq in calls
-of max_seq and decode steps after it (against PyTorch on the whole sequence);
+state the step before returned; for a state that does not grow (cummax, a softmax
+window), a prompt of 2.5 x max_seq (or past the window) in calls of max_seq and
+decode steps after it (against PyTorch on the whole sequence);
 and every id once, so every embedding row a token selects is checked (its first
 layer's state; logits where they are small).
 """
@@ -25,6 +26,7 @@ from samout_edge.artifact.golden import (
     LONG,
     LONG_FACTOR,
     LONG_STEPS,
+    LONG_WINDOW_FACTOR,
     MAX_OUTPUT_BYTES,
     Golden,
     GoldenCase,
@@ -46,6 +48,9 @@ def long_case(rng: np.random.Generator, model: SamOut, manifest: Manifest, cases
     cfg, arch, max_seq = manifest.config, manifest.arch, manifest.max_seq
     past_names, present_names = graph.past_names(arch, cfg.num_layers), graph.present_names(arch, cfg.num_layers)
     total = int(LONG_FACTOR * max_seq) + 1
+    window = arch_spec(arch).window
+    if window < LONG_WINDOW_FACTOR * max_seq:  # the decode steps after it run with the window full of real tokens
+        total = max(total, window + 1)
     ids = golden_ids(rng, cfg.vocab_size, 1, total + LONG_STEPS)
     bounds = [(a, min(a + max_seq, total)) for a in range(0, total, max_seq)]
     bounds += [(total + k, total + k + 1) for k in range(LONG_STEPS)]

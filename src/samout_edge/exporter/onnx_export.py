@@ -77,6 +77,7 @@ class ExportOptions:
     block_size: int | None = None  # int4: inputs per scale (default quantize.DEFAULT_BLOCK_SIZE)
     weights_format: str = "auto"  # auto | dq | matmulnbits
     calibration_text: Path | None = None  # fp16: text whose activations the fp32 islands must cover
+    hybrid_alpha: float | None = None  # SamOut weights exported as a hybrid: the blend in every layer (0.5)
 
     def validate(self) -> ExportOptions:
         check_arch(self.arch)
@@ -360,7 +361,10 @@ def export(
         manifest = _manifest(ckpt, options, source)
         if made_by is not None:
             manifest.extra["made_by"] = made_by
-        model = ckpt.model(options.arch, torch_dtype(options.dtype))
+        model = ckpt.model(options.arch, torch_dtype(options.dtype), options.hybrid_alpha)
+        if arch_spec(options.arch).mixer == "hybrid":  # what inspect shows: where the model chose cummax
+            manifest.extra["alpha"] = [round(a, 6) for a in blends(model)]
+            manifest.extra["alpha_from"] = "learned" if ckpt.alphas is not None else "stated"
         for module in model.modules():
             if isinstance(module, LayerNorm):
                 module.decompose = options.decompose_layernorm
@@ -368,7 +372,7 @@ def export(
         if options.weights != "fp":  # the traced weights are dequantize(quantize(w)): see exporter/quantize.py
             quantized = quantize_model(model, options.weights_spec().bits, options.block_size)
 
-        reference = ckpt.model(options.arch)
+        reference = ckpt.model(options.arch, alpha=options.hybrid_alpha)
         if quantized is not None:  # the same dequantized weights the graph holds
             apply_weights(reference, quantized)
         plan = None
@@ -454,8 +458,14 @@ def export_memory(config: ModelConfig, options: ExportOptions) -> int:
     seq, h = options.max_seq, config.hidden_size
     weights = 4 * config.parameter_count()
     activations = 2 * seq * h * 4 * 24
-    scores = 2 * config.num_heads * seq * seq * 4 * 3 if arch_spec(options.arch).grows else 0
+    spec = arch_spec(options.arch)
+    scores = 2 * config.num_heads * seq * (seq + spec.window) * 4 * 3 if spec.attends else 0
     return 5 * weights + activations + scores
+
+
+def blends(model: SamOut) -> list[float]:
+    """A hybrid's alpha per layer: the weight of cummax in its mix (1 - alpha: softmax)."""
+    return [torch.sigmoid(layer.self_attention.alpha_logit.float()).item() for layer in model.decoder_layers]
 
 
 def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifest:
