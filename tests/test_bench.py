@@ -35,11 +35,11 @@ def test_bench_records_both_archs_per_point(pair):
     for key in ("arch", "backend", "provider", "mode", "batch", "seq", "context", "dtype", "latency_ms",
                 "tokens_per_s", "peak_mem_mb", "state_bytes", "machine"):
         assert hasattr(r, key)
-    rows = rep.pair_rows(report)
-    assert len(rows) == 8 and all(row.latency_ratio > 0 for row in rows)
-    decode = {row.length: row for row in rows if row.mode == "decode" and row.backend == "ort"}
-    assert decode[8].cummax.state_bytes == decode[32].cummax.state_bytes  # constant state
-    assert decode[32].softmax.state_bytes == 4 * decode[8].softmax.state_bytes  # KV cache grows linearly
+    rows = rep.point_rows(report)
+    assert len(rows) == 8 and all(row.ratio("softmax") > 0 and row.ratio("cummax") == 1 for row in rows)
+    decode = {row.length: row.records for row in rows if row.mode == "decode" and row.backend == "ort"}
+    assert decode[8]["cummax"].state_bytes == decode[32]["cummax"].state_bytes  # constant state
+    assert decode[32]["softmax"].state_bytes == 4 * decode[8]["softmax"].state_bytes  # KV cache grows linearly
 
 
 def test_bench_outputs(pair, tmp_path):
@@ -51,7 +51,7 @@ def test_bench_outputs(pair, tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["machine"]["label"] and len(data["records"]) == 4
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| ort:cpu | decode |" in (tmp_path / "r.md").read_text()
+    assert "| ort:cpu | decode | 1 | 4 | cummax |" in (tmp_path / "r.md").read_text()
 
 
 def test_bench_shows_the_weights_kind_and_mib(pair, capsys):
@@ -65,18 +65,17 @@ def test_bench_shows_the_weights_kind_and_mib(pair, capsys):
     assert data["config"]["weights"]["kind"] == "fp" and data["config"]["weights"]["bytes"] == stored
     assert {(r["arch"], r["weights"], r["weights_bytes"]) for r in data["records"]} == {
         (arch, "fp", n) for arch, n in stored.items()}
-    row = rep.pair_rows(report)[0]
-    cell = rep.table_cells(row)[rep.HEADERS.index("weights MiB")]
-    mib = sorted({f"{n / 2**20:,.1f}" for n in stored.values()})
-    assert cell == f"fp {mib[0]}" if len(mib) == 1 else cell == f"fp {'/'.join(mib)}"
-    assert len(rep.table_cells(row)) == len(rep.HEADERS)
+    row = rep.point_rows(report)[0]
+    column = rep.headers(report).index("weights MiB")
+    cells = [line[column] for line in rep.table_rows(row)]
+    assert cells == [f"fp {stored[arch] / 2**20:,.1f}" for arch in row.records]
+    assert all(len(line) == len(rep.headers(report)) for line in rep.table_rows(row))
     render.bench(report)
     out = capsys.readouterr().out
-    assert "weights MiB" in out and cell in out and "fp weights" in out
+    assert "weights MiB" in out and cells[0] in out and "fp weights" in out
     # a quantized record shows its own kind and size
-    row.cummax.weights = row.softmax.weights = "int4"
-    row.cummax.weights_bytes, row.softmax.weights_bytes = 3 * 2**20, int(3.5 * 2**20)
-    assert rep.fmt_weights(row) == "int4 3.0/3.5"
+    row.records["cummax"].weights, row.records["cummax"].weights_bytes = "int4", 3 * 2**20
+    assert rep.table_rows(row)[0][column] == "int4 3.0"
 
 
 @pytest.mark.skipif(not rss_supported(), reason="peak RSS needs Linux /proc/self/clear_refs")
@@ -121,10 +120,11 @@ def test_bench_refuses_two_of_one_arch_and_unlike_exports(exported):
     d = exported().directory
     with pytest.raises(SamoutError, match="two directories are exports of the same arch"):
         prepare_exports([d, d], None, None, 300, "fp32", "native")
-    with pytest.raises(SamoutError, match="differ in checkpoint, dtype"):
+    with pytest.raises(SamoutError, match="differ in dtype, config or weights"):
         check_exports([d, exported(arch="softmax", dtype="fp16").directory])
     with pytest.raises(SamoutError, match="no softmax export given"):
         check_exports([d])
+    assert list(check_exports([d], None)) == ["cummax"]
 
 
 def test_interleaved_alternates_and_respects_counts():

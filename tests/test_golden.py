@@ -80,7 +80,7 @@ def polygraphy(directory: Path, command: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(arch="softmax"), dict(lowering="custom"), dict(dtype="fp16"),
-                                     dict(arch="softmax", dtype="fp16")])
+                                     dict(arch="softmax", dtype="fp16"), dict(arch="hybrid-w8", dtype="fp16")])
 def test_the_documented_polygraphy_line_passes(exported, variant):
     """NVIDIA's Polygraphy, given our files and the line inspect prints, runs the graph in ONNX Runtime
     and agrees (issue 15 item 3: its default 1e-5 on every element fails correct softmax exports)."""

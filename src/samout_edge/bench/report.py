@@ -1,4 +1,4 @@
-"""Bench results as rows (cummax beside softmax), Markdown, JSON and a plot."""
+"""Bench results as rows (every arch at each point, beside the first), Markdown, JSON and a plot."""
 
 from __future__ import annotations
 
@@ -12,38 +12,35 @@ from samout_edge.bench.suite import BenchReport, Record
 
 
 @dataclass
-class PairRow:
+class PointRow:
+    """One point of the bench (backend, mode, batch, length) with every arch's record,
+    in the bench's order; the first arch is the one the others are measured against."""
+
     backend: str
     provider: str
     mode: str
     batch: int
     length: int  # prefill seq or decode context
-    cummax: Record
-    softmax: Record
+    records: dict[str, Record]
 
     @property
-    def latency_ratio(self) -> float | None:
-        """cummax / softmax median latency: below 1 means SamOut is faster (None: one was not run)."""
-        if self.cummax.refused or self.softmax.refused:
+    def base(self) -> Record:
+        return next(iter(self.records.values()))
+
+    def ratio(self, arch: str) -> float | None:
+        """arch / first arch median latency: above 1 means the first arch is faster (None: one was not run)."""
+        r, b = self.records[arch], self.base
+        if r.refused or b.refused:
             return None
-        return self.cummax.latency_ms["median"] / self.softmax.latency_ms["median"]
-
-    @property
-    def memory_ratio(self) -> float | None:
-        a, b = self.cummax.peak_mem_mb, self.softmax.peak_mem_mb
-        return a / b if a is not None and b else None
-
-    @property
-    def state_ratio(self) -> float:
-        return self.cummax.state_bytes / self.softmax.state_bytes if self.softmax.state_bytes else float("nan")
+        return r.latency_ms["median"] / b.latency_ms["median"]
 
 
-def pair_rows(report: BenchReport) -> list[PairRow]:
+def point_rows(report: BenchReport) -> list[PointRow]:
+    order = list(report.exports) or list(dict.fromkeys(r.arch for r in report.records))
     by_key: dict[tuple, dict[str, Record]] = {}
     for r in report.records:
         by_key.setdefault((r.backend, r.provider, r.mode, r.batch, r.length), {})[r.arch] = r
-    return [PairRow(*key, pair["cummax"], pair["softmax"]) for key, pair in by_key.items()
-            if "cummax" in pair and "softmax" in pair]
+    return [PointRow(*key, {a: recs[a] for a in order if a in recs}) for key, recs in by_key.items()]
 
 
 def short_provider(provider: str) -> str:
@@ -61,16 +58,9 @@ def fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-HEADERS = ["backend", "mode", "batch", "tokens", "cummax ms", "softmax ms", "ratio",
-           "cummax MB", "softmax MB", "cummax state", "KV cache", "weights MiB"]
-
-
-def fmt_weights(row: PairRow) -> str:
-    """Kind and MiB of the weights as stored: ``int4 0.9``, or ``int4 0.9/1.0`` (cummax/softmax) where they differ."""
-    c, s = row.cummax, row.softmax
-    sizes = [fmt_mib(r.weights_bytes) for r in (c, s)]
-    kinds = c.weights if c.weights == s.weights else f"{c.weights}/{s.weights}"
-    return f"{kinds} {sizes[0] if sizes[0] == sizes[1] else '/'.join(sizes)}"
+def headers(report: BenchReport) -> list[str]:
+    base = next(iter(report.exports), "first")
+    return ["backend", "mode", "batch", "tokens", "arch", "ms", f"x {base}", "peak MB", "state", "weights MiB"]
 
 
 def fmt_mib(n: int | None) -> str:
@@ -85,35 +75,38 @@ def fmt_ms(record: Record) -> str:
         ("out of memory" if "memory" in record.refused else "refused")
 
 
-def table_cells(row: PairRow) -> list[str]:
-    c, s = row.cummax, row.softmax
-    ratio = "-" if row.latency_ratio is None else f"{row.latency_ratio:.2f}x"
-    return [
-        f"{row.backend}:{short_provider(row.provider)}", row.mode, str(row.batch), str(row.length),
-        fmt_ms(c), fmt_ms(s), ratio,
-        fmt_mb(c.peak_mem_mb), fmt_mb(s.peak_mem_mb), fmt_bytes(c.state_bytes), fmt_bytes(s.state_bytes),
-        fmt_weights(row),
-    ]
+def table_rows(row: PointRow) -> list[list[str]]:
+    """The point's cells, one line per arch: the first line names the point."""
+    lines = []
+    for i, (arch, r) in enumerate(row.records.items()):
+        ratio = row.ratio(arch)
+        point = [f"{row.backend}:{short_provider(row.provider)}", row.mode, str(row.batch), str(row.length)]
+        lines.append([*(point if i == 0 else ["", "", "", ""]), arch, fmt_ms(r),
+                      "-" if ratio is None else f"{ratio:.2f}x", fmt_mb(r.peak_mem_mb), fmt_bytes(r.state_bytes),
+                      f"{r.weights} {fmt_mib(r.weights_bytes)}"])
+    return lines
 
 
 def to_markdown(report: BenchReport) -> str:
     cfg = report.config
+    names = list(report.exports)
+    head = headers(report)
     lines = [
-        "# samout-edge bench: SamOut (cummax) vs softmax attention",
+        f"# samout-edge bench: {', '.join(names)}",
         "",
         f"Machine: {report.machine['label']} ({report.machine['memory_gib']} GiB, torch {report.machine['torch']}, "
         f"onnxruntime {report.machine['onnxruntime']}). Model: hidden {cfg['hidden_size']}, {cfg['num_heads']} heads, "
         f"{cfg['num_layers']} layers, vocab {cfg['vocab_size']}, {cfg['dtype']}, lowering {cfg['lowering']}/{cfg['scan']}"
         f"; ONNX Runtime intra-op spinning {'on' if cfg.get('ort_spinning', True) else 'off'}.",
-        "Latency: median ms of interleaved runs (prefill: one call over `tokens`; decode: one token after `tokens` of "
-        "context). ratio = cummax / softmax latency: below 1 means SamOut is faster. MB: measured peak above the "
-        "loaded model. state and KV cache: analytic bytes after `tokens`. weights MiB: the weights' kind and the bytes "
-        "model.onnx stores them in (cummax/softmax where they differ).",
+        f"Latency: median ms of interleaved runs (prefill: one call over `tokens`; decode: one token after `tokens` of "
+        f"context). {head[6]}: the arch's latency over {names[0] if names else 'the first'}'s at the same point. "
+        "peak MB: measured peak above the loaded model. state: analytic bytes after `tokens` (a running max, a KV "
+        "cache, a window). weights MiB: the weights' kind and the bytes model.onnx stores them in.",
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join("---" for _ in HEADERS) + "|",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
     ]
-    lines += ["| " + " | ".join(table_cells(row)) + " |" for row in pair_rows(report)]
+    lines += ["| " + " | ".join(cells) + " |" for row in point_rows(report) for cells in table_rows(row)]
     return "\n".join(lines) + "\n"
 
 
@@ -126,16 +119,18 @@ def save_markdown(report: BenchReport, path: str | Path) -> None:
 
 
 def save_plot(report: BenchReport, path: str | Path) -> None:
-    """Latency (top) and memory (bottom) against length for prefill and decode, both archs,
-    log axes, titled with the machine. Solid: cummax; dashed: softmax."""
+    """Latency (top) and memory (bottom) against length for prefill and decode, every arch
+    (one line style each), log axes, titled with the machine."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = pair_rows(report)
+    rows = point_rows(report)
     batch = min(r.batch for r in rows)
     rows = [r for r in rows if r.batch == batch]
+    archs = list(report.exports) or list(rows[0].records)
+    styles = dict(zip(archs, ("o-", "s--", "^-.", "v:", "D-", "x--", "*-.")))
     modes = [m for m in ("prefill", "decode") if any(r.mode == m for r in rows)]
     fig, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 9), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -148,20 +143,21 @@ def save_plot(report: BenchReport, path: str | Path) -> None:
             if not pts:
                 continue
             color, name = colors[i % len(colors)], f"{backend}:{provider}"
-            for arch, style in (("cummax", "o-"), ("softmax", "s--")):
-                run = [(r.length, getattr(r, arch)) for r in pts if not getattr(r, arch).refused]
+            for arch in archs:
+                run = [(r.length, r.records[arch]) for r in pts if arch in r.records and not r.records[arch].refused]
                 if run:
-                    ax_lat.plot([x for x, _ in run], [rec.latency_ms["median"] for _, rec in run], style, color=color,
-                                label=f"{arch} {name}")
+                    ax_lat.plot([x for x, _ in run], [rec.latency_ms["median"] for _, rec in run], styles.get(arch, "o-"),
+                                color=color, label=f"{arch} {name}")
                 peaks = [(x, rec.peak_mem_mb) for x, rec in run if rec.peak_mem_mb]
                 if peaks:
-                    ax_mem.plot([x for x, _ in peaks], [m for _, m in peaks], style, color=color,
+                    ax_mem.plot([x for x, _ in peaks], [m for _, m in peaks], styles.get(arch, "o-"), color=color,
                                 label=f"{arch} peak {name}")
         if mode == "decode":
             pts = {r.length: r for r in rows if r.mode == "decode"}
             xs = sorted(pts)
-            ax_mem.plot(xs, [pts[x].cummax.state_bytes / 2**20 for x in xs], "k:", marker="o", label="cummax state (analytic)")
-            ax_mem.plot(xs, [pts[x].softmax.state_bytes / 2**20 for x in xs], "k-.", marker="s", label="KV cache (analytic)")
+            for arch in archs:
+                ax_mem.plot(xs, [pts[x].records[arch].state_bytes / 2**20 if arch in pts[x].records else float("nan")
+                                 for x in xs], styles.get(arch, "o-"), color="k", alpha=0.5, label=f"{arch} state (analytic)")
         what = "sequence length" if mode == "prefill" else "context before the step"
         ax_lat.set_title(f"{mode}: latency per call" if mode == "prefill" else "decode: latency per token")
         ax_mem.set_title(f"{mode}: peak memory above the model" + (", and state" if mode == "decode" else ""))
@@ -173,7 +169,7 @@ def save_plot(report: BenchReport, path: str | Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     cfg = report.config
-    fig.suptitle(f"SamOut (cummax, solid) vs softmax (dashed): hidden {cfg['hidden_size']}, {cfg['num_layers']} layers, "
+    fig.suptitle(f"{', '.join(archs)}: hidden {cfg['hidden_size']}, {cfg['num_layers']} layers, "
                  f"{cfg['dtype']}, batch {batch}, on {report.machine['label']}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -20,7 +20,6 @@ import numpy as np
 
 from samout_edge.artifact import graph
 from samout_edge.artifact.arch import arch_spec
-from samout_edge.artifact.config import ARCHS
 from samout_edge.artifact.files import check_output_dir
 from samout_edge.artifact.manifest import Manifest, check_exports, read_manifest  # noqa: F401 - bench's API
 from samout_edge.bench import machine
@@ -186,8 +185,8 @@ def targets(config: BenchConfig) -> list[tuple[str, Settings]]:
 def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = no_progress) -> BenchReport:
     config.validate()
     plan = targets(config)
-    manifests = {arch: read_manifest(pair[arch]) for arch in ARCHS}
-    cm = manifests["cummax"]
+    manifests = {arch: read_manifest(path) for arch, path in pair.items()}
+    cm = next(iter(manifests.values()))  # the first arch's: what the report's config describes
     stored = {arch: (m.weights.kind, weights_bytes(pair[arch], m)) for arch, m in manifests.items()}
     points = [(mode, batch, length) for mode in config.modes for batch in config.batches
               for length in (config.seqs if mode == "prefill" else config.contexts)]
@@ -198,7 +197,7 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     done = 0
     for backend, settings in plan:
         runners = {arch: load_runner(pair[arch], backend, settings) for arch in pair}
-        label = runners["cummax"].info.device  # the provider, the engine profile, cuda+triton, CPU:f32
+        label = next(iter(runners.values())).info.device  # the provider, the engine profile, cuda+triton, CPU:f32
         shown = label.replace("ExecutionProvider", "")
         for mode, batch, length in points:
             progress(f"{backend}:{shown} {mode} batch {batch} {'seq' if mode == 'prefill' else 'context'} {length}", done, total)
@@ -212,7 +211,7 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
                 "max_seq": cm.max_seq, "budget": asdict(config.budget), "memory": config.memory,
                 "ort_spinning": config.ort_spinning,
                 "weights": {"kind": cm.weights.kind, "block_size": cm.weights.block_size, "format": cm.weights.format,
-                            "bytes": {arch: stored[arch][1] for arch in ARCHS}}},
+                            "bytes": {arch: stored[arch][1] for arch in pair}}},
         exports={arch: str(Path(p).absolute()) for arch, p in pair.items()},
         records=records,
     )

@@ -12,9 +12,11 @@ from rich.markup import escape
 from samout_edge.artifact.files import check_output_dir
 from samout_edge.cli import render
 from samout_edge.cli.common import (
+    ARCH_HELP,
     BACKEND_HELP,
     OPENVINO_DEVICE_HELP,
     OPENVINO_PRECISION_HELP,
+    WINDOW_HELP,
     Arch,
     Backend,
     DType,
@@ -26,6 +28,7 @@ from samout_edge.cli.common import (
     Weights,
     WeightsFormat,
     app,
+    arch_of,
     parse_int_list,
     settings,
     value,
@@ -62,7 +65,11 @@ def export(
     ),
     preset: Optional[Preset] = typer.Option(None, "--preset", help="Export a randomly initialised preset instead."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
-    arch: Arch = typer.Option("cummax", help="cummax (SamOut) or softmax (the baseline)."),
+    arch: Arch = typer.Option("cummax", help=ARCH_HELP),
+    softmax_window: int = typer.Option(0, "--softmax-window", min=0, help=WINDOW_HELP),
+    hybrid_alpha: Optional[float] = typer.Option(
+        None, "--hybrid-alpha", help="--arch hybrid from SamOut weights (no learned blend): alpha in every layer "
+        "(default 0.5)."),
     lowering: Lowering = typer.Option("native", help="native (standard ONNX ops) or custom (CumMax node + fallback body)."),
     scan: Scan = typer.Option("auto", help="Scan the lowering uses: auto, blocked or doubling."),
     max_seq: int = typer.Option(2048, "--max-seq", help="Longest sequence the graph must be correct for."),
@@ -100,13 +107,14 @@ def export(
     from samout_edge.exporter.onnx_export import export as run_export
 
     options = ExportOptions(
-        arch=arch.value, lowering=lowering.value, scan=scan.value, max_seq=max_seq, dtype=dtype.value, logits=logits.value,
+        arch=arch_of(arch, softmax_window), lowering=lowering.value, scan=scan.value, max_seq=max_seq, dtype=dtype.value, logits=logits.value,
         opset=opset,
         decompose_layernorm=decompose_layernorm,
         weights=weights.value,
         block_size=block_size,
         weights_format=weights_format.value,
         calibration_text=calibration_text,
+        hybrid_alpha=hybrid_alpha,
     )
     with progress_bar(not json_out) as progress:
         result = run_export(

@@ -57,6 +57,18 @@ def settings(provider: str = "cpu", device: Enum | str | None = None, engine: st
                     else openvino_precision)
 
 
+ARCH_HELP = "cummax (SamOut), softmax (the baseline) or hybrid (alpha * cummax + (1 - alpha) * softmax, alpha learned per layer)."
+WINDOW_HELP = ("softmax and hybrid: attend to the last W positions only, so the state is bounded (W keys and values "
+               "per layer); 0: every position.")
+
+
+def arch_of(arch: Enum, window: int) -> str:
+    """--arch and --softmax-window as one arch name: hybrid, 64 -> hybrid-w64 (artifact/arch.py)."""
+    from samout_edge.artifact.arch import arch_name
+
+    return arch_name(str(arch.value), window)
+
+
 BACKEND_HELP = "auto (an export: ort; an engine: tensorrt; a checkpoint: torch), or a registered backend: " + ", ".join(BACKENDS) + "."
 OPENVINO_DEVICE_HELP = "OpenVINO device: CPU, GPU, NPU (the openvino backend)."
 OPENVINO_PRECISION_HELP = ("OpenVINO inference precision: f32 keeps verify's tolerance; bf16/f16 are faster where the "

@@ -56,15 +56,21 @@ def plan(
     dtype: Optional[DType] = typer.Option(None, help="fp16 or fp32 (default: the export's, else the profile's)."),
     batch: int = typer.Option(1, help="Batch size."),
     contexts: Optional[str] = typer.Option(None, help="Context lengths to tabulate (default 1k..1M)."),
+    archs: Optional[str] = typer.Option(None, "--archs", help="Archs side by side: cummax, softmax, hybrid, and "
+                                        "softmax-wN / hybrid-wN for a softmax window of N (default: cummax,softmax, "
+                                        "and an export's own)."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    """Memory plan on a device: weights + activations + cummax state vs KV cache, and the longest context."""
+    """Memory plan on a device: weights + activations + each arch's state (running max, KV cache, window), and the longest context."""
     from samout_edge.artifact.config import preset as get_preset
     from samout_edge.profiles import load_profile
     from samout_edge.profiles.memory_plan import export_weights, memory_plan
 
     device = load_profile(profile)
+    from samout_edge.artifact.manifest import BENCH_ARCHS
+
     weights_bytes, weights_kind = None, "fp"
+    wanted = [a.strip() for a in archs.split(",") if a.strip()] if archs else list(BENCH_ARCHS)
     if target is not None:
         from samout_edge.artifact.manifest import read_manifest
 
@@ -72,12 +78,14 @@ def plan(
         config, dtype_name = manifest.config, value(dtype) or manifest.dtype
         # the export's weights as stored (int8/int4 with their scales), where they hold for this dtype
         weights_bytes, weights_kind = export_weights(manifest, dtype_name)
+        if not archs and manifest.arch not in wanted:
+            wanted.append(manifest.arch)
     else:
         config, dtype_name = get_preset(preset.value), value(dtype)
     if batch < 1:
         raise SamoutError(f"--batch must be at least 1, got {batch}")
     result = memory_plan(config, device, dtype_name, batch, parse_int_list(contexts, "--contexts"),
-                         weights_bytes=weights_bytes, weights_kind=weights_kind)
+                         weights_bytes=weights_bytes, weights_kind=weights_kind, archs=wanted)
     if json_out:
         print_json(result.to_dict())
         return

@@ -187,6 +187,8 @@ def inspect(result) -> None:
                   f"nodes: {result.node_count}, opsets: {result.opsets}")
     if result.runs_in:
         console.print(f"runs in: {escape(result.runs_in)}", highlight=False)
+    for note in result.arch_notes:
+        console.print(escape(note), highlight=False)
     io_table = Table(title="inputs and outputs")
     for col in ("", "name", "dtype", "shape"):
         io_table.add_column(col)
@@ -267,22 +269,21 @@ def profile(profile, data: dict) -> None:
 def memory_plan(result, device, config, batch: int) -> None:
     mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
     kind = getattr(result, "weights_kind", "fp") or "fp"
+    archs = list(result.longest)
     table = Table(title=f"memory plan on {escape(device.name)}: budget {device.memory_budget_gib:g} GiB of {device.memory_gib:g}, "
                         f"{result.dtype}, {kind} weights, batch {batch}, hidden {config.hidden_size} x "
-                        f"{config.num_layers} layers (MiB)")
-    for col in ("context", f"weights ({kind})", "runtime", "cummax state x2", "cummax act.", "cummax total",
-                "KV cache x2", "softmax act.", "softmax total"):
+                        f"{config.num_layers} layers (MiB; state x2: the state and its copy as the next input)")
+    for col in ("context", f"weights ({kind})", "runtime", *(f"{a} {what}" for a in archs for what in ("state x2", "total"))):
         table.add_column(col, justify="right")
     for row in result.rows:
-        c, s_ = row.cummax, row.softmax
-
-        def fit(arch: str, total: int, row=row) -> str:
-            return f"[green]{mib(total)}[/]" if row.fits(arch) else f"[red]{mib(total)}[/]"
-
-        table.add_row(f"{row.context:,}", f"{c.weights / 2**20:,.1f}", mib(c.runtime), f"{c.state / 2**10:,.0f} KiB", mib(c.activations),
-                      fit("cummax", c.total), mib(s_.state), mib(s_.activations), fit("softmax", s_.total))
+        first = next(iter(row.archs.values()))
+        cells = [f"{row.context:,}", f"{first.weights / 2**20:,.1f}", mib(first.runtime)]
+        for arch, b in row.archs.items():
+            state = f"{b.state / 2**10:,.0f} KiB" if b.state < 2**20 else mib(b.state)
+            cells += [state, f"[{'green' if row.fits(arch) else 'red'}]{mib(b.total)}[/]"]
+        table.add_row(*cells)
     console.print(table)
-    for arch in ("cummax", "softmax"):
+    for arch in archs:
         n = result.longest[arch]
         text = ("not bounded by memory (the state does not grow)" if n is None
                 else "does not fit at all" if n == 0 else f"{n:,} tokens")
@@ -295,17 +296,21 @@ def bench(report) -> None:
     from samout_edge.bench import report as rep
 
     kind = (report.config.get("weights") or {}).get("kind") or "fp"
-    table = Table(title=f"SamOut (cummax) vs softmax on {report.machine['label']} ({report.config['dtype']}, {kind} "
-                        "weights); ms: median latency; ratio: cummax/softmax, below 1 = cummax faster; MB: peak "
-                        "memory; weights MiB: as stored")
-    for header in rep.HEADERS:
-        table.add_column(header, justify="left" if header in ("backend", "mode", "weights MiB") else "right",
+    head = rep.headers(report)
+    table = Table(title=f"{', '.join(report.exports)} on {report.machine['label']} ({report.config['dtype']}, {kind} "
+                        f"weights); ms: median latency; {head[6]}: against the first arch, above 1 = it is faster; "
+                        "peak MB: memory; weights MiB: as stored")
+    for header in head:
+        table.add_column(header, justify="left" if header in ("backend", "mode", "arch", "weights MiB") else "right",
                          no_wrap=True)
-    for row in rep.pair_rows(report):
-        cells = [escape(c) for c in rep.table_cells(row)]
-        if row.latency_ratio is not None:
-            cells[6] = f"[{'green' if row.latency_ratio < 1 else 'red'}]{cells[6]}[/]"
-        table.add_row(*cells)
+    for row in rep.point_rows(report):
+        lines = rep.table_rows(row)
+        for i, (arch, cells) in enumerate(zip(row.records, lines)):
+            cells = [escape(c) for c in cells]
+            ratio = row.ratio(arch)
+            if ratio is not None and i:
+                cells[6] = f"[{'green' if ratio > 1 else 'red'}]{cells[6]}[/]"
+            table.add_row(*cells, end_section=i == len(lines) - 1)
     console.print(table)
 
 

@@ -13,9 +13,11 @@ from typer.core import TyperGroup
 
 from samout_edge.cli import render
 from samout_edge.cli.common import (
+    ARCH_HELP,
     BACKEND_HELP,
     OPENVINO_DEVICE_HELP,
     OPENVINO_PRECISION_HELP,
+    WINDOW_HELP,
     Arch,
     Backend,
     DType,
@@ -25,6 +27,7 @@ from samout_edge.cli.common import (
     Scan,
     TorchDevice,
     app,
+    arch_of,
     parse_choice_list,
     parse_int_list,
     settings,
@@ -47,7 +50,8 @@ def generate(
     engine: Optional[str] = typer.Option(None, help="Run the TensorRT engine built for this profile."),
     openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
     openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
-    arch: Arch = typer.Option("cummax", help="For a checkpoint: cummax or softmax."),
+    arch: Arch = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
+    softmax_window: int = typer.Option(0, "--softmax-window", min=0, help="For a checkpoint: " + WINDOW_HELP),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k most likely tokens (0: all)."),
@@ -59,7 +63,7 @@ def generate(
     from samout_edge.generate import generate as run_generate
 
     runner = load_generation_runner(target, value(backend), settings(provider, device, engine, openvino_device,
-                                                                    openvino_precision), value(arch), heads)
+                                                                    openvino_precision), arch_of(arch, softmax_window), heads)
     words = vocab_for(vocab, runner.info.config.vocab_size, target)
     prompt_ids = parse_prompt(ids, prompt, words)
     sampler = Sampler(temperature, top_k, seed)
@@ -104,8 +108,13 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("run")
 def bench_run(
-    dirs: Optional[list[Path]] = typer.Argument(None, help="Export directories: one (its counterpart is exported) or one per arch."),
+    dirs: Optional[list[Path]] = typer.Argument(None, help="Export directories: one per arch, or one (the other archs "
+                                                "are exported from its checkpoint)."),
     preset: Optional[Preset] = typer.Option(None, "--preset", help="Bench a randomly initialised preset instead (exported first)."),
+    archs: Optional[str] = typer.Option(None, "--archs", help="Archs side by side, the first the one the others are "
+                                        "measured against: cummax, softmax, hybrid, and softmax-wN / hybrid-wN for a "
+                                        "softmax window of N (default: the exports given, two or more; else "
+                                        "cummax,softmax)."),
     mode: str = typer.Option("prefill,decode", help="Scenarios: prefill, decode or both."),
     seq: str = typer.Option("256,1024,4096", help="Prefill sequence lengths."),
     context: str = typer.Option("256,1024,4096", help="Decode: tokens already in the state (any length: the prefill "
@@ -140,10 +149,11 @@ def bench_run(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write latency and memory plots to this PNG."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
 ) -> None:
-    """Latency and memory of SamOut vs the softmax baseline: prefill and decode, side by side."""
-    from samout_edge.artifact.config import ARCHS
+    """Latency and memory of SamOut vs the softmax baseline (or any set of archs): prefill and decode, side by side."""
+    from samout_edge.artifact.arch import arch_spec
     from samout_edge.artifact.engine import is_engine_dir
     from samout_edge.artifact.files import check_writable_file
+    from samout_edge.artifact.manifest import BENCH_ARCHS
     from samout_edge.bench import report as rep
     from samout_edge.bench.suite import MODES, BenchConfig, bench_workspace, check_exports, run_bench
     from samout_edge.bench.timing import Budget
@@ -184,15 +194,21 @@ def bench_run(
     for path, option in ((json_file, "--json"), (plot, "--plot"), (markdown, "--markdown")):
         if path is not None:
             check_writable_file(path, option)
+    wanted = [arch_spec(a.strip()).name for a in archs.split(",") if a.strip()] if archs else None
+    if wanted is not None and len(set(wanted)) < len(wanted):
+        raise SamoutError(f"--archs names an arch twice: {archs}")
+    given = check_exports(dirs, None) if dirs else {}
+    if wanted is None:
+        wanted = list(given) if len(given) > 1 else list(BENCH_ARCHS)
     with progress_bar() as progress, bench_workspace(work) as work_dir:
-        if preset or len(dirs) < len(ARCHS):  # the other archs are exported from the same checkpoint
+        if preset or any(a not in given for a in wanted):  # the other archs are exported from the same checkpoint
             require_torch("bench with --preset or one export (it exports the other archs); give one export per arch")
             from samout_edge.exporter.counterparts import prepare_exports
 
             pair = prepare_exports(dirs, value(preset), work_dir, config.export_max_seq(), dtype.value,
-                                   lowering.value, progress, scan.value)
+                                   lowering.value, progress, scan.value, wanted)
         else:
-            pair = check_exports(dirs)
+            pair = check_exports([given[a] for a in wanted], wanted)
         report = run_bench(pair, config, progress)
     render.bench(report)
     if json_file:
@@ -255,7 +271,8 @@ def eval_command(
     vocab: Optional[Path] = typer.Option(None, help="Vocab file (JSON list of token strings); default: UTF-8 bytes as ids."),
     reference: bool = typer.Option(True, "--reference/--no-reference",
                                    help="Also compare with PyTorch fp32 (top-1 agreement, max logit error; needs torch)."),
-    arch: Arch = typer.Option("cummax", help="For a checkpoint: cummax or softmax."),
+    arch: Arch = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
+    softmax_window: int = typer.Option(0, "--softmax-window", min=0, help="For a checkpoint: " + WINDOW_HELP),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     checkpoint: Optional[Path] = typer.Option(
         None, help="A copy of the exports' source checkpoint, where it has moved (the PyTorch reference runs it)."),
@@ -284,7 +301,7 @@ def eval_command(
     with progress_bar(not json_out) as progress:
         for target in targets:
             results.append(eval_target(target, text, backend.value, provider, window, stride, vocab, reference,
-                                       arch.value, heads, progress, checkpoint, stream, engine,
+                                       arch_of(arch, softmax_window), heads, progress, checkpoint, stream, engine,
                                        settings(provider, None, engine, openvino_device, openvino_precision)))
     if json_out:
         print_json([r.to_dict() for r in results])

@@ -10,14 +10,17 @@ import typer
 from rich.markup import escape
 
 from samout_edge.cli.common import (
+    ARCH_HELP,
     BACKEND_HELP,
     OPENVINO_DEVICE_HELP,
     OPENVINO_PRECISION_HELP,
+    WINDOW_HELP,
     Arch,
     Backend,
     OpenVINOPrecision,
     TorchDevice,
     app,
+    arch_of,
     settings,
     value,
 )
@@ -45,7 +48,8 @@ def serve(
     engine: Optional[str] = typer.Option(None, help="Serve the TensorRT engine built for this profile."),
     openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
     openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
-    arch: Arch = typer.Option("cummax", help="For a checkpoint: cummax or softmax."),
+    arch: Arch = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
+    softmax_window: int = typer.Option(0, "--softmax-window", min=0, help="For a checkpoint: " + WINDOW_HELP),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Requests per runner call (an engine's profiles may cap it)."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
@@ -70,7 +74,7 @@ def serve(
     policy = SessionPolicy(max_sessions, session_ttl, int(kv_budget_mib * 2**20))
     options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens)
     server = open_server(target, value(backend), options,
-                         settings(provider, device, engine, openvino_device, openvino_precision), value(arch), heads,
+                         settings(provider, device, engine, openvino_device, openvino_precision), arch_of(arch, softmax_window), heads,
                          vocab)
     info = server.info
     resumed = len(server.sessions.sessions)

@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from samout_edge.artifact.arch import arch_spec
-from samout_edge.artifact.config import ARCHS, ModelConfig
-from samout_edge.artifact.manifest import Manifest
+from samout_edge.artifact.config import ModelConfig
+from samout_edge.artifact.manifest import BENCH_ARCHS, Manifest
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import DeviceProfile
 
@@ -49,12 +49,11 @@ class Breakdown:
 @dataclass
 class PlanRow:
     context: int
-    cummax: Breakdown
-    softmax: Breakdown
+    archs: dict[str, Breakdown]  # every planned arch at this context
     budget: int
 
     def fits(self, arch: str) -> bool:
-        return getattr(self, arch).total <= self.budget
+        return self.archs[arch].total <= self.budget
 
 
 @dataclass
@@ -75,9 +74,8 @@ class MemoryPlan:
         data = asdict(self)
         data["config"] = self.config.to_dict()
         for row, raw in zip(self.rows, data["rows"]):
-            for arch in ARCHS:
-                raw[arch]["total"] = getattr(row, arch).total
-                raw[arch]["fits"] = row.fits(arch)
+            for arch, breakdown in raw.pop("archs").items():  # flat: rows[i][arch]
+                raw[arch] = {**breakdown, "total": row.archs[arch].total, "fits": row.fits(arch)}
         return data
 
 
@@ -103,8 +101,9 @@ def estimate(config: ModelConfig, arch: str, dtype: str, batch: int, context: in
 
     def call(tokens: int) -> int:
         acts = ACTIVATION_VALUES * batch * tokens * h * e + logits
-        if spec.grows:  # attention over the cache: the scores
-            acts += 2 * batch * heads * tokens * max(context, tokens) * e
+        if spec.attends:  # attention over the cache (or the window): the scores
+            keys = tokens + spec.window if spec.window else max(context, tokens)
+            acts += 2 * batch * heads * tokens * keys * e
         return acts
 
     return Breakdown(weights, runtime, state, max(call(min(chunk, max(context, 1))), call(1)))
@@ -131,9 +130,10 @@ def longest_context(config: ModelConfig, arch: str, dtype: str, batch: int, chun
 
 def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None = None, batch: int = 1,
                 contexts: list[int] | None = None, weights_bytes: int | None = None,
-                weights_kind: str = "fp") -> MemoryPlan:
+                weights_kind: str = "fp", archs: list[str] | None = None) -> MemoryPlan:
     """``weights_bytes``/``weights_kind``: an export's stored weights (``export_weights``);
-    None counts parameters x the dtype's size."""
+    None counts parameters x the dtype's size. ``archs``: side by side (default: cummax, softmax)."""
+    archs = [arch_spec(a).name for a in archs or BENCH_ARCHS]
     dtype = dtype or profile.precision
     if weights_bytes is not None and weights_bytes < 1:
         raise SamoutError(f"weights bytes must be positive, got {weights_bytes}")
@@ -144,7 +144,7 @@ def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None =
     chunk = profile.prefill.seq.opt
     contexts = contexts or DEFAULT_CONTEXTS
     rows = [
-        PlanRow(n, *(estimate(config, arch, dtype, batch, n, chunk, profile, weights_bytes) for arch in ARCHS),
+        PlanRow(n, {arch: estimate(config, arch, dtype, batch, n, chunk, profile, weights_bytes) for arch in archs},
                 profile.memory_budget_bytes)
         for n in contexts
     ]
@@ -156,16 +156,17 @@ def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None =
         chunk=chunk,
         budget=profile.memory_budget_bytes,
         rows=rows,
-        longest={arch: longest_context(config, arch, dtype, batch, chunk, profile, weights_bytes) for arch in ARCHS},
+        longest={arch: longest_context(config, arch, dtype, batch, chunk, profile, weights_bytes) for arch in archs},
         weights_kind=weights_kind,
-        weights_bytes=rows[0].cummax.weights if rows else config.parameter_count() * BYTES[dtype],
+        weights_bytes=next(iter(rows[0].archs.values())).weights if rows else config.parameter_count() * BYTES[dtype],
         assumptions=[
             (f"weights: {weights_kind} as stored in model.onnx ({weights_bytes / 2**20:.1f} MiB"
              + (" with scales)" if weights_kind != "fp" else ")")
              if weights_bytes is not None else f"weights: {config.parameter_count():,} parameters x {BYTES[dtype]} bytes"),
             f"chunked prefill of {chunk} tokens (the profile's opt prefill length), then decode",
             f"activations: {ACTIVATION_VALUES} hidden-sized values per token per call, plus last-token logits",
-            "softmax scores as if unfused (upper bound); state double-buffered (past in, present out)",
+            "softmax scores as if unfused (upper bound), over the window where there is one; state "
+            "double-buffered (past in, present out)",
             f"runtime: {profile.runtime_overhead_mib} MiB resident overhead + {profile.workspace_mib} MiB workspace",
         ],
     )

@@ -3,10 +3,10 @@
 Each loop iteration first prefills the requests that arrived (those with the
 same prompt length and state shape in one call), then runs one decode step for
 every active request: their states stacked along the batch axis, one runner
-call per group of at most ``max_batch``. Cummax states all have one shape, so
-all cummax requests decode together; softmax KV caches batch only when their
-lengths are equal (the graph has no attention mask to pad with), otherwise
-they run in separate calls.
+call per group of at most ``max_batch``. States that do not grow (a running max,
+a softmax window) all have one shape, so all such requests decode together; KV
+caches batch only when their lengths are equal (the graph has no attention mask
+to pad with), otherwise they run in separate calls.
 
 The runner is created in the worker thread and used only there (a TensorRT
 execution context and its CUDA context belong to one thread).

@@ -86,7 +86,8 @@ def optimization_profiles(manifest: Manifest, profile: DeviceProfile) -> tuple[l
     if seq.max < profile.prefill.seq.max:
         notes.append(f"prefill seq capped at {seq.max} (the export's max_seq; the profile asks {profile.prefill.seq.max})")
     context = _clamp(profile.decode.context, manifest.max_seq - 1, lower=0)
-    grows = {t.past for t in arch_spec(manifest.arch).states(cfg.num_layers) if t.grows}
+    states = {t.past: t for t in arch_spec(manifest.arch).states(cfg.num_layers)}
+    grows = {name for name, t in states.items() if t.grows}
     if grows and context.max < profile.decode.context.max:
         notes.append(f"decode context capped at {context.max} (max_seq - 1; the profile asks {profile.decode.context.max})")
     result = []
@@ -99,9 +100,10 @@ def optimization_profiles(manifest: Manifest, profile: DeviceProfile) -> tuple[l
             if spec.name in grows:
                 shapes.append(ShapeRange(spec.name, [batch.min, h, past.min, d], [batch.opt, h, past.opt, d],
                                          [batch.max, h, past.max, d]))
-            else:
-                dims = lambda b: [b, h, 1, d]  # noqa: E731
-                shapes.append(ShapeRange(spec.name, dims(batch.min), dims(batch.opt), dims(batch.max)))
+            else:  # a fixed number of slots: 1 for a running max, W for a softmax window
+                slots = states[spec.name].slots
+                shapes.append(ShapeRange(spec.name, [batch.min, h, slots, d], [batch.opt, h, slots, d],
+                                         [batch.max, h, slots, d]))
         result.append(OptimizationProfile(name, shapes))
     return result, notes
 

@@ -37,7 +37,7 @@ def config_pbtxt(plan: RepoPlan) -> str:
     lines = [
         _comment(f"Written by samout-edge from {src.get('engine') or src.get('export')}"),
         _comment(f"{src.get('arch')} {src.get('dtype')}, logits {src.get('logits')}, max_seq {src.get('max_seq')}. "
-                 "Triton keeps each sequence's running max (implicit state);"),
+                 "Triton keeps each sequence's state (implicit state);"),
         _comment("clients send input_ids with a sequence id and the start/end flags. Edit the copy, not this file."),
         f"name: {_quote(plan.name)}",
         f"platform: {_quote(plan.platform)}",
@@ -63,7 +63,7 @@ def config_pbtxt(plan: RepoPlan) -> str:
             f"        data_type: {s.data_type}",
             f"        dims: {_dims_text(s.dims)}",
             f"        data_file: {_quote(s.data_file)}",
-            f"        name: {_quote('empty running max')}",
+            f"        name: {_quote(s.initial)}",
             "      }",
             "    }" + ("," if i < len(plan.states) - 1 else ""),
         ]

@@ -65,6 +65,7 @@ class TritonState:
     data_type: str
     dims: list[int]
     data_file: str  # under <model>/initial_state/
+    initial: str = "empty running max"  # initial_state's name: what the file holds
 
 
 @dataclass
@@ -139,7 +140,8 @@ def refuse_unsupported(manifest: Manifest, backend: str) -> None:
         raise SamoutError(
             f"a {manifest.arch} export cannot be served with Triton implicit state: Triton starts every variable state "
             "dim at 1 on a sequence's first request and initial_state allows no variable dims, so a KV cache that "
-            "starts empty (past_seq 0) cannot be expressed; package a cummax export (its state has a fixed shape)")
+            "starts empty (past_seq 0) cannot be expressed; package a cummax export, or one with a softmax window "
+            "(--softmax-window W: a fixed-shape state)")
     if backend == "onnxruntime":
         config = manifest.weights.ort_session_config
         unsupported = [k for k in config if k not in ORT_BACKEND_SESSION_KEYS]
@@ -161,11 +163,13 @@ def check_state_pairing(mapping: dict[str, str]) -> None:
                               f"but the graph feeds it into {mapping[out]!r}")
 
 
-def initial_state_bytes(dtype_name: str, dims: list[int]) -> bytes:
+def initial_state_bytes(dtype_name: str, dims: list[int], running_max: bool = True) -> bytes:
     """The empty running max (the dtype's lowest finite value, not zeros: a zero
-    past would clip every negative activation) as raw little-endian row-major bytes."""
+    past would clip every negative activation), or an empty softmax window (zeros),
+    as raw little-endian row-major bytes."""
     np_dtype = graph.numpy_dtype(dtype_name).newbyteorder("<")
-    return np.full(math.prod(dims), graph.empty_value(dtype_name), dtype=np_dtype).tobytes()
+    fill = graph.empty_value(dtype_name) if running_max else 0.0
+    return np.full(math.prod(dims), fill, dtype=np_dtype).tobytes()
 
 
 def _triton_type(numpy_name: str) -> str:
@@ -186,7 +190,7 @@ def model_io(manifest: Manifest) -> tuple[list[TritonTensor], list[TritonTensor]
     by_name = {t.name: t for t in inputs}
     mapping = graph.present_to_past(manifest.arch, manifest.config.num_layers)
     check_state_pairing(mapping)
-    data_file = f"empty_max.{manifest.dtype}"
+    kinds = {t.past: t for t in arch_spec(manifest.arch).states(manifest.config.num_layers)}
     states, files = [], {}
     for spec in outputs:
         if spec.name == graph.LOGITS:
@@ -195,8 +199,11 @@ def model_io(manifest: Manifest) -> tuple[list[TritonTensor], list[TritonTensor]
         dims = _dims(past.shape)
         if -1 in dims:  # refuse_unsupported catches softmax first; this guards the contract itself
             raise SamoutError(f"state {past.name} has a variable dim {past.shape}; Triton cannot start it empty")
-        states.append(TritonState(past.name, spec.name, _triton_type(past.dtype), dims, data_file))
-        files[data_file] = initial_state_bytes(manifest.dtype, dims)
+        running_max = kinds[past.name].running_max
+        data_file = f"{'empty_max' if running_max else 'empty_window'}.{manifest.dtype}"
+        states.append(TritonState(past.name, spec.name, _triton_type(past.dtype), dims, data_file,
+                                  "empty running max" if running_max else "empty softmax window (zeros)"))
+        files[data_file] = initial_state_bytes(manifest.dtype, dims, running_max)
     ids = by_name[graph.INPUT_IDS]
     logits = next(t for t in outputs if t.name == graph.LOGITS)
     return ([TritonTensor(ids.name, _triton_type(ids.dtype), _dims(ids.shape))],
