@@ -72,13 +72,13 @@ def client_for(tmp_path):
         c.close()
 
 
-@pytest.mark.parametrize("arch", ["cummax", "softmax"])
+@pytest.mark.parametrize("arch", ["cummax", "softmax", "hybrid", "hybrid-w8"])
 def test_a_completion_is_generates_greedy_tokens(exported, client_for, arch):
     d = exported(arch=arch).directory
     assert client_for(d).tokens(PROMPT, 12) == greedy(d, PROMPT, 12)
 
 
-@pytest.mark.parametrize("arch", ["cummax", "softmax"])
+@pytest.mark.parametrize("arch", ["cummax", "softmax", "hybrid", "hybrid-w8"])
 def test_a_session_continues_as_one_long_generation(exported, client_for, arch):
     d = exported(arch=arch).directory
     c = client_for(d)
