@@ -158,3 +158,41 @@ def test_bench_records_ort_spinning(pair, tmp_path, spinning):
     assert report.config["ort_spinning"] is bool(spinning) and len(report.records) == 2
     rep.save_markdown(report, tmp_path / "r.md")
     assert f"intra-op spinning {'on' if spinning else 'off'}" in (tmp_path / "r.md").read_text()
+
+
+def test_decode_rows_carry_their_bytes_and_roofline_fraction(pair):
+    """Issue 19: bench measures the bandwidth once and gives each decode step its floor."""
+    from samout_edge.artifact.manifest import read_manifest
+    from samout_edge.bench.bandwidth import decode_step_bytes
+
+    config = BenchConfig(modes=["prefill", "decode"], seqs=[8], contexts=[4, 16], backends=["ort"], budget=FAST,
+                         memory=False)
+    report = run_bench(pair, config)
+    bandwidth = report.machine["memory_bandwidth"]
+    assert bandwidth["gb_per_s"] > 0.1 and bandwidth["threads"] >= 1
+    for r in report.records:
+        if r.mode == "prefill":
+            assert r.step_bytes is None and r.roofline is None
+            continue
+        m = read_manifest(pair[r.arch])
+        cfg = m.config
+        assert r.step_bytes == decode_step_bytes(m.weights.bytes, cfg.parameter_count(),
+                                                 cfg.vocab_size * cfg.hidden_size, r.state_bytes)
+        assert r.step_bytes > 2 * r.state_bytes
+        floor_ms = r.step_bytes / (bandwidth["gb_per_s"] * 1e9) * 1e3
+        assert r.roofline == pytest.approx(floor_ms / r.latency_ms["median"])
+    md = rep.to_markdown(report)
+    assert "| roofline |" in md and "GB/s" in md
+    off = run_bench(pair, BenchConfig(modes=["decode"], contexts=[4], backends=["ort"], budget=FAST, memory=False,
+                                      roofline=False))
+    assert "memory_bandwidth" not in off.machine and all(r.roofline is None for r in off.records)
+
+
+def test_the_bandwidth_is_a_copy_of_read_plus_write_bytes(monkeypatch):
+    from samout_edge.bench import bandwidth as bw
+
+    ticks = iter([0.0, 1.0] * 10)  # every timed copy "takes" one second
+    monkeypatch.setattr(bw.time, "perf_counter", lambda: next(ticks))
+    got = bw.measure_bandwidth(buffer_bytes=8 << 20, runs=2, threads=2)
+    assert got.gb_per_s == round(2 * (8 << 20) / 1e9, 2) and got.buffer_bytes == 8 << 20
+    assert bw.decode_step_bytes(1000, 100, 25, 7) == 750 + 14

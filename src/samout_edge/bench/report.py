@@ -60,7 +60,8 @@ def fmt_bytes(n: int) -> str:
 
 def headers(report: BenchReport) -> list[str]:
     base = next(iter(report.exports), "first")
-    return ["backend", "mode", "batch", "tokens", "arch", "ms", f"x {base}", "peak MB", "state", "weights MiB"]
+    return ["backend", "mode", "batch", "tokens", "arch", "ms", f"x {base}", "roofline", "peak MB", "state",
+            "weights MiB"]
 
 
 def fmt_mib(n: int | None) -> str:
@@ -82,7 +83,8 @@ def table_rows(row: PointRow) -> list[list[str]]:
         ratio = row.ratio(arch)
         point = [f"{row.backend}:{short_provider(row.provider)}", row.mode, str(row.batch), str(row.length)]
         lines.append([*(point if i == 0 else ["", "", "", ""]), arch, fmt_ms(r),
-                      "-" if ratio is None else f"{ratio:.2f}x", fmt_mb(r.peak_mem_mb), fmt_bytes(r.state_bytes),
+                      "-" if ratio is None else f"{ratio:.2f}x", "-" if r.roofline is None else f"{r.roofline:.0%}",
+                      fmt_mb(r.peak_mem_mb), fmt_bytes(r.state_bytes),
                       f"{r.weights} {fmt_mib(r.weights_bytes)}"])
     return lines
 
@@ -91,6 +93,7 @@ def to_markdown(report: BenchReport) -> str:
     cfg = report.config
     names = list(report.exports)
     head = headers(report)
+    bandwidth = report.machine.get("memory_bandwidth")
     lines = [
         f"# samout-edge bench: {', '.join(names)}",
         "",
@@ -100,6 +103,10 @@ def to_markdown(report: BenchReport) -> str:
         f"; ONNX Runtime intra-op spinning {'on' if cfg.get('ort_spinning', True) else 'off'}.",
         f"Latency: median ms of interleaved runs (prefill: one call over `tokens`; decode: one token after `tokens` of "
         f"context). {head[6]}: the arch's latency over {names[0] if names else 'the first'}'s at the same point. "
+        "roofline (decode): the time the step's bytes (weights as stored but the embedding table, the state read "
+        "and written) take at the machine's memory bandwidth, over the measured time: 100% is the bandwidth limit"
+        + (f" ({bandwidth['gb_per_s']:.1f} GB/s: {bandwidth['method']}, {bandwidth['threads']} threads)"
+           if bandwidth else "") + ". "
         "peak MB: measured peak above the loaded model. state: analytic bytes after `tokens` (a running max, a KV "
         "cache, a window). weights MiB: the weights' kind and the bytes model.onnx stores them in.",
         "",

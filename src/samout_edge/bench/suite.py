@@ -23,6 +23,7 @@ from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.files import check_output_dir
 from samout_edge.artifact.manifest import Manifest, check_exports, read_manifest  # noqa: F401 - bench's API
 from samout_edge.bench import machine
+from samout_edge.bench.bandwidth import decode_step_bytes, measure_bandwidth
 from samout_edge.bench.peak_memory import MemorySpec, measure_in_child
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError, require_torch
@@ -59,6 +60,7 @@ class BenchConfig:
     # job on the box, context 256: on 22.8-24.4 / 24.2-31.8, off 7.9-8.6 / 10.5-11.3. A lone
     # session on an idle box is the one case on wins (cummax 6.1 vs 7.4 ms, softmax even).
     ort_spinning: bool = False
+    roofline: bool = True  # measure the memory bandwidth once; decode rows get their fraction of it
 
     def validate(self) -> BenchConfig:
         for mode in self.modes:
@@ -109,6 +111,8 @@ class Record:
     weights: str = "fp"  # fp | int8 | int4 (export.json weights.kind)
     weights_bytes: int | None = None  # the graph's initializers: what the weights take (export.json weights.bytes)
     refused: str | None = None  # why this point was not run (a softmax cache past memory or --kv-budget)
+    step_bytes: int | None = None  # decode: what one step must move (weights as stored but the embedding, state in and out)
+    roofline: float | None = None  # decode: the bandwidth floor of step_bytes over the measured latency (1.0: at the limit)
 
     @property
     def length(self) -> int:
@@ -193,6 +197,9 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     total = len(plan) * len(points)
     device = next((s.device for b, s in plan if b == "torch"), "cpu")
     info = machine.describe(device)
+    if config.roofline and "decode" in config.modes:
+        progress("measuring the memory bandwidth (a parallel copy of 256 MiB)", 0, total)
+        info["memory_bandwidth"] = measure_bandwidth().to_dict()
     records: list[Record] = []
     done = 0
     for backend, settings in plan:
@@ -202,7 +209,7 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
         for mode, batch, length in points:
             progress(f"{backend}:{shown} {mode} batch {batch} {'seq' if mode == 'prefill' else 'context'} {length}", done, total)
             records += _measure_point(runners, pair, backend, settings, label, mode, batch, length, config, cm,
-                                      info["label"], stored)
+                                      info["label"], stored, (info.get("memory_bandwidth") or {}).get("gb_per_s"))
             done += 1
     progress("done", total, total)
     return BenchReport(
@@ -219,7 +226,7 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
 
 def _measure_point(runners: dict[str, Runner], pair, backend, settings: Settings, label, mode, batch, length,
                    config: BenchConfig, manifest: Manifest, machine_label: str,
-                   stored: dict[str, tuple[str, int]] | None = None) -> list[Record]:
+                   stored: dict[str, tuple[str, int]] | None = None, gb_per_s: float | None = None) -> list[Record]:
     vocab = manifest.config.vocab_size
     steps = config.budget.total_calls() + 1
     ids = np.random.default_rng(length).integers(1, vocab, (batch, length + steps))
@@ -248,6 +255,14 @@ def _measure_point(runners: dict[str, Runner], pair, backend, settings: Settings
             except (RuntimeError, subprocess.TimeoutExpired):  # out of memory, killed or too slow: the time
                 peak = None  # stands, the peak is unknown
         tokens = batch * (length if mode == "prefill" else 1)
+        state = graph.state_bytes(manifest.config, arch, batch, length, manifest.dtype)
+        weights = (stored or {}).get(arch, ("fp", None))[1]
+        step = roof = None
+        if mode == "decode" and weights:
+            cfg = manifest.config
+            step = decode_step_bytes(weights, cfg.parameter_count(), cfg.vocab_size * cfg.hidden_size, state)
+            if gb_per_s and timing is not None:
+                roof = step / (gb_per_s * 1e9) / (timing.median_ms / 1e3)
         records.append(Record(
             arch=arch, backend=backend, provider=label, mode=mode, batch=batch,
             seq=length if mode == "prefill" else None, context=length if mode == "decode" else None,
@@ -255,12 +270,14 @@ def _measure_point(runners: dict[str, Runner], pair, backend, settings: Settings
             latency_ms={} if timing is None else {"median": timing.median_ms, "p90": timing.p90_ms},
             tokens_per_s=0.0 if timing is None else tokens / (timing.median_ms / 1e3),
             peak_mem_mb=None if peak is None else peak / 2**20,
-            state_bytes=graph.state_bytes(manifest.config, arch, batch, length, manifest.dtype),
+            state_bytes=state,
             repeats=0 if timing is None else len(timing.samples_ms),
             machine=machine_label,
             weights=(stored or {}).get(arch, ("fp", None))[0],
             weights_bytes=(stored or {}).get(arch, ("fp", None))[1],
             refused=refused.get(arch),
+            step_bytes=step,
+            roofline=roof,
         ))
     return records
 

@@ -303,6 +303,7 @@ def bench(report) -> None:
     for header in head:
         table.add_column(header, justify="left" if header in ("backend", "mode", "arch", "weights MiB") else "right",
                          no_wrap=True)
+    bandwidth = report.machine.get("memory_bandwidth")
     for row in rep.point_rows(report):
         lines = rep.table_rows(row)
         for i, (arch, cells) in enumerate(zip(row.records, lines)):
@@ -312,6 +313,9 @@ def bench(report) -> None:
                 cells[6] = f"[{'green' if ratio > 1 else 'red'}]{cells[6]}[/]"
             table.add_row(*cells, end_section=i == len(lines) - 1)
     console.print(table)
+    if bandwidth:
+        console.print(f"roofline: a decode step's bytes at {bandwidth['gb_per_s']:.1f} GB/s (the memory bandwidth: "
+                      f"{bandwidth['method']}, {bandwidth['threads']} threads) over its measured time", highlight=False)
 
 
 def bench_op(report, dims: list[int], dtype: str, axis: int) -> None:

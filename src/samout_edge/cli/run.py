@@ -145,6 +145,9 @@ def bench_run(
                                   help="ONNX Runtime CPU: let threads busy-wait between operators (ORT's own default). "
                                   "Off by default: with two sessions interleaved, one's spinning threads slow the "
                                   "other's calls, softmax's more than cummax's."),
+    roofline: bool = typer.Option(True, "--roofline/--no-roofline",
+                                  help="Measure the memory bandwidth (about a second) and give each decode row the "
+                                  "fraction of it the step reaches."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write one record per measurement to this JSON file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write latency and memory plots to this PNG."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
@@ -181,6 +184,7 @@ def bench_run(
         openvino_precision=value(openvino_precision),
         kv_budget_bytes=None if kv_budget is None else int(kv_budget * 2**20),
         ort_spinning=spinning,
+        roofline=roofline,
     ).validate()
     resolved = [resolve_target(d) for d in dirs or []]  # after the options: a bad choice is a usage error first
     if any(t.kind == "checkpoint" for t in resolved):
