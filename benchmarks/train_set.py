@@ -1,29 +1,36 @@
-"""Train SamOut and its softmax baseline of identical size on the Python standard library.
+"""Train SamOut, its softmax baseline and their hybrids, of identical size, on the Python standard library.
 
-A trained pair that anyone can reproduce offline: the corpus is the running
+A trained set that anyone can reproduce offline: the corpus is the running
 Python's own standard library (``*.py`` files, test directories left out), read
 at run time and never copied into the repository; tokens are bytes (vocab 256),
-so ``samout-edge generate --prompt`` prints readable text. Both archs get the
-same config, initial weights (one seed), batches (one seeded generator), step
-count, optimizer and schedule; they train one after the other, each in its own
-child process, so each one's peak RSS is its own.
+so ``samout-edge generate --prompt`` prints readable text. Every arch gets the
+same config, initial weights (one seed; a hybrid's blend starts at 0.5), batches
+(one seeded generator), step count, optimizer and schedule.
 
-Files left in --out (default benchmarks/pair/):
-  cummax/, softmax/   checkpoints (config.json + model.safetensors, fp16 weights);
-                      softmax/ must be exported with --arch softmax
+The archs train in turns of --block steps, each turn in its own child process
+that resumes from OUT/resume/<arch>.pt (model, optimizer, batch generator; not in
+git): stop it any time, and a later run with the same --steps continues where it
+stopped. After every turn the arch's checkpoint and train.json are rewritten, so
+the set on disk is always at equal steps, with its training curve.
+
+Files left in --out (default benchmarks/trained/):
+  <arch>/             checkpoints (config.json + model.safetensors, fp16 weights), one per arch:
+                      cummax, softmax, hybrid, hybrid-w64, softmax-w64; export or run each
+                      with its own --arch (hybrid-w64: --arch hybrid --softmax-window 64)
   vocab.json          256 strings, id i = chr(i): byte i read as latin-1
   heldout.txt         the held-out files (relative to the stdlib directory)
-  train.json          config, steps, throughput, peak RSS, losses, bits per byte
+  train.json          config, steps, curve, learned alpha, throughput, bits per byte
   train.log           this script's output
 
-    .venv/bin/python benchmarks/train_pair.py [--minutes 10] [--steps N] [--out DIR]
-    .venv/bin/python benchmarks/train_pair.py --write-heldout FILE [--max-bytes N]
-    .venv/bin/python benchmarks/train_pair.py --write-training-sample FILE [--max-bytes N]
+    .venv/bin/python benchmarks/train_set.py [--steps 1200] [--block 200] [--threads 1] [--out DIR]
+    .venv/bin/python benchmarks/train_set.py --write-heldout FILE [--max-bytes N]
+    .venv/bin/python benchmarks/train_set.py --write-training-sample FILE [--max-bytes N]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -37,19 +44,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("cummax", "softmax")
+ARCHS = ("cummax", "softmax", "hybrid", "hybrid-w64", "softmax-w64")
 HIDDEN, HEADS, LAYERS, VOCAB = 256, 8, 4, 256
 BATCH, SEQ = 16, 256
-# Calibrated on 2 idle cores (AMD EPYC, torch 2.13 CPU, fp32, batch 16 x 256 bytes): one
-# step takes about 0.8 s for cummax and 0.9-1.1 s for softmax, so 62 steps per minute
-# makes --minutes roughly the mean wall time of the two runs. Both archs always do the
-# same steps, so a busy machine makes the runs longer, never shorter.
-STEPS_PER_MINUTE = 62
+# On one idle AMD EPYC core (torch 2.13 CPU, fp32, batch 16 x 256 bytes) a step takes
+# 0.53 s (cummax) to 0.69 s (hybrid): 1200 steps of the five archs take about 65 minutes.
+# Every arch always does the same steps, so a busy machine makes the run longer, never shorter.
+STEPS = 1200
+BLOCK = 200
+CURVE_BYTES = 64 << 10  # held-out bytes scored after every turn: the training curve
 LR, MIN_LR_FRACTION, WARMUP_FRACTION, WEIGHT_DECAY, CLIP = 2e-3, 0.1, 0.05, 0.1, 1.0
 HELDOUT_PERCENT = 5
 EVAL_BYTES = 256 << 10
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
-DEFAULT_OUT = Path(__file__).resolve().parent / "pair"
+DEFAULT_OUT = Path(__file__).resolve().parent / "trained"
 
 
 def stdlib_dir() -> Path:
@@ -169,8 +177,24 @@ def bits_per_byte(model, data, seq: int, batch: int) -> float:
     return total / count / math.log(2)
 
 
-def train_one(arch: str, steps: int, seed: int, out: Path, threads: int, lr: float) -> dict[str, Any]:
-    """Train one arch from the shared seed; save the checkpoint; return its measurements."""
+def shared_init_sha256(model) -> str:
+    """The initial weights every arch shares (a hybrid's blend, its own, left out)."""
+    return hashlib.sha256(b"".join(v.numpy().tobytes() for k, v in model.state_dict().items()
+                                   if not k.endswith("alpha_logit"))).hexdigest()
+
+
+def learned_alpha(model) -> list[float] | None:
+    """A hybrid's blend per layer: the weight of cummax (1 - alpha goes to softmax)."""
+    import torch
+
+    logits = [layer.self_attention.alpha_logit for layer in model.decoder_layers
+              if hasattr(layer.self_attention, "alpha_logit")]
+    return [round(torch.sigmoid(x).item(), 4) for x in logits] or None
+
+
+def train_turn(arch: str, steps: int, block: int, seed: int, out: Path, threads: int, lr: float) -> dict[str, Any]:
+    """Train ``arch`` for one turn of ``block`` steps (at most up to ``steps``), resuming
+    from its saved state; save the state, the fp16 checkpoint and a point of the curve."""
     import torch
     import torch.nn.functional as F
 
@@ -181,33 +205,43 @@ def train_one(arch: str, steps: int, seed: int, out: Path, threads: int, lr: flo
     torch.set_num_threads(threads)
     root = stdlib_dir()
     files = corpus_files(root)
-    train_bytes = read_concatenated(root, [f for f in files if not is_heldout(f)])
-    data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8)
+    data = torch.frombuffer(bytearray(read_concatenated(root, [f for f in files if not is_heldout(f)])),
+                            dtype=torch.uint8)
     heldout = torch.frombuffer(bytearray(read_concatenated(root, read_heldout_list(out), EVAL_BYTES)),
                                dtype=torch.uint8)
-    rss_before_model = peak_rss_bytes()
 
     config = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_heads=HEADS, num_layers=LAYERS)
     torch.manual_seed(seed)
     model = SamOut(config, arch)
-    init_hash = hashlib.sha256(b"".join(v.numpy().tobytes() for v in model.state_dict().values())).hexdigest()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("em.")]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("em."))]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-    batches = torch.Generator().manual_seed(seed)  # the same windows, in the same order, for both archs
-    batch_hash = hashlib.sha256()
+    batches = torch.Generator().manual_seed(seed)  # the same windows, in the same order, for every arch
+    resume = out / "resume" / f"{arch}.pt"
+    if resume.exists():
+        saved = torch.load(resume, weights_only=False)  # our own file, written below
+        if saved["steps"] != steps or saved["seed"] != seed:
+            sys.exit(f"{resume} is a run of {saved['steps']} steps, seed {saved['seed']}: remove it to start over")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        batches.set_state(saved["batches"])
+        record = saved["record"]
+    else:
+        record = {"step": 0, "losses": [], "seconds": 0.0, "cpu_seconds": 0.0, "other_cpu_seconds": 0.0,
+                  "init_sha256": shared_init_sha256(model), "batches_sha256": hashlib.sha256().hexdigest(),
+                  "curve": []}
+    chain = bytes.fromhex(record["batches_sha256"])  # sha256 over every batch so far, chained step by step
     offsets_span = torch.arange(SEQ + 1)
-    losses: list[float] = []
-    load_start = os.getloadavg()
-    print(f"[{arch}] {config.parameter_count():,} parameters, {len(data):,} training bytes, "
-          f"{steps} steps of {BATCH}x{SEQ}, {threads} threads, load {load_start[0]:.2f}", flush=True)
+    first, last = record["step"], min(steps, record["step"] + block)
+    print(f"[{arch}] steps {first + 1}-{last} of {steps} ({config.parameter_count():,} parameters, "
+          f"{threads} threads, load {os.getloadavg()[0]:.2f})", flush=True)
     model.train()
     own0, busy0 = cpu_seconds()
     t0 = time.perf_counter()
-    for step in range(steps):
+    for step in range(first, last):
         starts = torch.randint(0, len(data) - SEQ - 1, (BATCH,), generator=batches)
-        batch_hash.update(starts.numpy().tobytes())
+        chain = hashlib.sha256(chain + starts.numpy().tobytes()).digest()
         ids = data[starts[:, None] + offsets_span].long()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr)
@@ -217,50 +251,59 @@ def train_one(arch: str, steps: int, seed: int, out: Path, threads: int, lr: flo
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
-        losses.append(loss.item())
-        if step % 25 == 0 or step == steps - 1:
-            elapsed = time.perf_counter() - t0
-            print(f"[{arch}] step {step + 1:5d}/{steps}  loss {loss.item():.3f}  lr {lr_at(step, steps, lr):.2e}  "
-                  f"{elapsed:6.0f} s  {(step + 1) * BATCH * SEQ / elapsed:7.0f} tokens/s", flush=True)
-    seconds = time.perf_counter() - t0
+        record["losses"].append(round(loss.item(), 4))
+        if step % 50 == 0 or step == last - 1:
+            print(f"[{arch}] step {step + 1:5d}/{steps}  loss {loss.item():.3f}  lr {lr_at(step, steps, lr):.2e}",
+                  flush=True)
     own1, busy1 = cpu_seconds()
-    load_end = os.getloadavg()
-    peak = peak_rss_bytes()
+    record["seconds"] += time.perf_counter() - t0
+    record["cpu_seconds"] += own1 - own0
+    record["other_cpu_seconds"] += max(0.0, (busy1 - busy0) - (own1 - own0))
+    record["step"] = last
+    record["batches_sha256"] = chain.hex()
+    resume.parent.mkdir(parents=True, exist_ok=True)
+    tmp = resume.with_suffix(".tmp")
 
     # Ship fp16 weights (half the size; the loader reads them back as fp32) and
     # measure the checkpoint as shipped, so train.json describes the files.
     target = out / arch
-    save_checkpoint(model.half(), target)
+    save_checkpoint(copy.deepcopy(model).half(), target)  # the fp32 model trains on next turn
     shipped = load_checkpoint(target).model(arch)
-    bpb = bits_per_byte(shipped, heldout, SEQ, BATCH)
-    tail = losses[-max(1, steps // 20):]
+    final = last == steps
+    bpb = bits_per_byte(shipped, heldout if final else heldout[:CURVE_BYTES], SEQ, BATCH)
+    if last > first:
+        record["curve"].append({"step": last, "train_loss_mean": round(sum(record["losses"][first:last]) / (last - first), 4),
+                                "heldout_bits_per_byte": round(bpb, 4),
+                                "heldout_bytes": len(heldout) if final else CURVE_BYTES, "alpha": learned_alpha(shipped)})
+        torch.save({"steps": steps, "seed": seed, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "batches": batches.get_state(), "record": record}, tmp)  # with this curve point
+        os.replace(tmp, resume)  # the turn counts once the checkpoint it describes is on disk
+    tail = record["losses"][-max(1, last // 20):]
     result = {
-        "tokens_seen": steps * BATCH * SEQ,
-        "train_seconds": round(seconds, 1),
-        "tokens_per_s": round(steps * BATCH * SEQ / seconds, 1),
-        "seconds_per_step": round(seconds / steps, 4),
-        "peak_rss_mib": round(peak / 2**20, 1),
-        "rss_before_model_mib": round(rss_before_model / 2**20, 1),
-        "loadavg_start": [round(x, 2) for x in load_start],
-        "loadavg_end": [round(x, 2) for x in load_end],
-        "cpu_seconds": round(own1 - own0, 1),
-        "other_processes_cpu_seconds": round(max(0.0, (busy1 - busy0) - (own1 - own0)), 1),
-        "first_loss": round(losses[0], 4),
-        "final_loss": round(losses[-1], 4),
+        "steps_done": last,
+        "tokens_seen": last * BATCH * SEQ,
+        "train_seconds": round(record["seconds"], 1),
+        "tokens_per_s": round(last * BATCH * SEQ / record["seconds"], 1),
+        "cpu_seconds": round(record["cpu_seconds"], 1),
+        "other_processes_cpu_seconds": round(record["other_cpu_seconds"], 1),
+        "peak_rss_mib_last_turn": round(peak_rss_bytes() / 2**20, 1),
+        "first_loss": record["losses"][0],
         "final_loss_mean_last_5pct": round(sum(tail) / len(tail), 4),
-        "heldout_bits_per_byte": round(bpb, 4),
+        "heldout_bits_per_byte": round(bpb, 4) if final else None,
         "heldout_eval_bytes": len(heldout),
-        "init_sha256": init_hash,
-        "batches_sha256": batch_hash.hexdigest(),
+        "alpha": learned_alpha(shipped),
+        "curve": record["curve"],
+        "init_sha256": record["init_sha256"],
+        "batches_sha256": record["batches_sha256"],
         "checkpoint_bytes": (target / "model.safetensors").stat().st_size,
     }
-    print(f"[{arch}] done: {result['tokens_per_s']:.0f} tokens/s, peak RSS {result['peak_rss_mib']:.0f} MiB, "
-          f"final loss {result['final_loss_mean_last_5pct']:.3f}, held-out {bpb:.3f} bits/byte", flush=True)
+    print(f"[{arch}] {last}/{steps} steps: held-out {bpb:.3f} bits/byte"
+          + (f", alpha {result['alpha']}" if result["alpha"] else ""), flush=True)
     return result
 
 
 def interleaved_throughput(out: Path, threads: int, rounds: int, steps_per_round: int) -> dict[str, Any]:
-    """Training-step speed of the two shipped models, measured alternately in one process.
+    """Training-step speed of the shipped models, measured alternately in one process.
 
     Others share this machine, so a long run's tokens/s depends on what else ran
     meanwhile; short alternating blocks see the same load, and the median and best
@@ -277,7 +320,7 @@ def interleaved_throughput(out: Path, threads: int, rounds: int, steps_per_round
     ids = torch.randint(1, VOCAB, (BATCH, SEQ + 1), generator=generator)
     models, optimizers = {}, {}
     for arch in ARCHS:
-        models[arch] = load_checkpoint(out / arch).model(arch).train()
+        models[arch] = load_checkpoint(out / arch).model(arch).train()  # the same weights' own arch
         optimizers[arch] = torch.optim.AdamW(models[arch].parameters(), lr=1e-5)
 
     def step(arch: str) -> float:
@@ -302,10 +345,11 @@ def interleaved_throughput(out: Path, threads: int, rounds: int, steps_per_round
                    "tokens_per_s_best": round(tokens / min(t), 1)} for arch, t in times.items()}
 
 
-def run_child(arch: str, args: argparse.Namespace, steps: int, log) -> dict[str, Any]:
-    """Train ``arch`` in a fresh process (its own peak RSS), echoing its output to stdout and the log."""
-    cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--only", arch, "--steps", str(steps),
-           "--seed", str(args.seed), "--lr", str(args.lr), "--out", str(args.out), "--threads", str(args.threads)]
+def run_child(arch: str, args: argparse.Namespace, log) -> dict[str, Any]:
+    """One turn of ``arch`` in a fresh process, echoing its output to stdout and the log."""
+    cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--only", arch, "--steps", str(args.steps),
+           "--block", str(args.block), "--seed", str(args.seed), "--lr", str(args.lr), "--out", str(args.out),
+           "--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = None
     assert proc.stdout is not None
@@ -321,16 +365,67 @@ def run_child(arch: str, args: argparse.Namespace, steps: int, log) -> dict[str,
     return result
 
 
+def write_report(args: argparse.Namespace, results: dict[str, Any], speed: dict[str, Any] | None,
+                 started: float) -> dict[str, Any]:
+    from samout_edge.artifact.config import ModelConfig
+    from samout_edge.bench.machine import describe
+
+    root = stdlib_dir()
+    files = corpus_files(root)
+    heldout = [f for f in files if is_heldout(f)]
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_heads=HEADS, num_layers=LAYERS)
+    done = {r["steps_done"] for r in results.values()}
+    report = {
+        "config": config.to_dict(),
+        "parameters": config.parameter_count(),
+        "parameters_hybrid": config.parameter_count() + LAYERS,
+        "steps": args.steps,
+        "steps_done": min(done) if done else 0,
+        "batch": BATCH,
+        "seq": SEQ,
+        "tokens_seen": (min(done) if done else 0) * BATCH * SEQ,
+        "seed": args.seed,
+        "same_initial_weights": len({r["init_sha256"] for r in results.values()}) == 1,
+        "same_batches": len({r["batches_sha256"] for r in results.values()}) == 1,
+        "optimizer": {"name": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "weight_decay": WEIGHT_DECAY,
+                      "schedule": f"linear warm-up {WARMUP_FRACTION:.0%}, cosine to {MIN_LR_FRACTION:.0%} "
+                                  f"over {args.steps} steps", "grad_clip": CLIP},
+        "corpus": {"source": "the running Python's standard library, *.py, no test directories",
+                   "python": platform.python_version(), "files": len(files), "heldout_files": len(heldout),
+                   "train_bytes": sum((root / f).stat().st_size for f in files if not is_heldout(f)),
+                   "heldout_bytes": sum((root / f).stat().st_size for f in heldout),
+                   "heldout_rule": f"sha256(relative path) % 100 < {HELDOUT_PERCENT}"},
+        "eval": f"held-out bits per byte: first {EVAL_BYTES // 1024} KiB of the held-out files (the curve: "
+                f"first {CURVE_BYTES // 1024} KiB), non-overlapping windows of {SEQ} + 1 bytes, fp16 checkpoint "
+                "read back as fp32",
+        "checkpoint_dtype": "fp16",
+        "machine": {**describe("cpu"), "threads": args.threads},
+        "measurement": f"archs trained in turns of {args.block} steps, each turn in its own process; the "
+                       "machine is shared, so other work may have run meanwhile: see each arch's "
+                       "other_processes_cpu_seconds, and interleaved_throughput",
+        "interleaved_throughput": speed and {
+            "rounds": args.rounds, "steps_per_round": 3,
+            "what": "training steps of the shipped models, alternating arch every 3 steps in one process, "
+                    "after training; fairer than the runs' own tokens/s when others load the machine",
+            "archs": speed},
+        "wall_seconds_this_run": round(time.time() - started, 1),
+        "archs": results,
+    }
+    tmp = args.out / "train.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, args.out / "train.json")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10.0,
-                        help="mean wall time per arch on 2 cores; sets the step count (default 10)")
-    parser.add_argument("--steps", type=int, help=f"exact step count (default: {STEPS_PER_MINUTE} per minute)")
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"steps per arch (default {STEPS})")
+    parser.add_argument("--block", type=int, default=BLOCK, help=f"steps per turn (default {BLOCK})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (default {LR})")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--rounds", type=int, default=10, help="rounds of the interleaved speed check (default 10)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of the interleaved speed check (default 6)")
     parser.add_argument("--write-heldout", type=Path, metavar="FILE",
                         help="write the held-out files named in OUT/heldout.txt to FILE and exit")
     parser.add_argument("--write-training-sample", type=Path, metavar="FILE",
@@ -348,15 +443,12 @@ def main() -> None:
         size = write_training_sample(args.write_training_sample, args.out, args.max_bytes)
         print(f"wrote {size:,} bytes of training text to {args.write_training_sample}")
         return
-    steps = args.steps or max(1, round(args.minutes * STEPS_PER_MINUTE))
     if args.only:
-        print("RESULT " + json.dumps(train_one(args.only, steps, args.seed, args.out, args.threads, args.lr)), flush=True)
+        result = train_turn(args.only, args.steps, args.block, args.seed, args.out, args.threads, args.lr)
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
     import torch
-
-    from samout_edge.artifact.config import ModelConfig
-    from samout_edge.bench.machine import describe
 
     args.out.mkdir(parents=True, exist_ok=True)
     root = stdlib_dir()
@@ -364,68 +456,32 @@ def main() -> None:
     heldout = [f for f in files if is_heldout(f)]
     (args.out / "heldout.txt").write_text("".join(f + "\n" for f in heldout))
     (args.out / "vocab.json").write_text(json.dumps([chr(i) for i in range(256)]) + "\n")
-    train_size = sum((root / f).stat().st_size for f in files if not is_heldout(f))
-    heldout_size = sum((root / f).stat().st_size for f in heldout)
     started = time.time()
-    with open(args.out / "train.log", "w") as log:
-        header = (f"python {platform.python_version()} stdlib {root}: {len(files)} files, "
-                  f"{len(heldout)} held out ({heldout_size:,} bytes), {train_size:,} training bytes\n"
-                  f"torch {torch.__version__}, {args.threads} threads, {steps} steps, batch {BATCH}, seq {SEQ}, "
-                  f"seed {args.seed}, load average {os.getloadavg()[0]:.2f}\n")
+    results: dict[str, Any] = {}
+    with open(args.out / "train.log", "a") as log:
+        header = (f"python {platform.python_version()} stdlib {root}: {len(files)} files, {len(heldout)} held out\n"
+                  f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps in turns of {args.block}, "
+                  f"batch {BATCH}, seq {SEQ}, seed {args.seed}, load average {os.getloadavg()[0]:.2f}\n")
         print(header, end="", flush=True)
         log.write(header)
-        results = {arch: run_child(arch, args, steps, log) for arch in ARCHS}
-        load = os.getloadavg()[0]
+        while not results or any(r["steps_done"] < args.steps for r in results.values()):
+            for arch in ARCHS:  # in turns, so the set on disk is always at equal steps
+                results[arch] = run_child(arch, args, log)
+            write_report(args, results, None, started)
         speed = interleaved_throughput(args.out, args.threads, args.rounds, 3)
-        lines = f"interleaved training steps ({args.rounds} rounds of 3 steps per arch, load {load:.2f}):\n"
+        lines = f"interleaved training steps ({args.rounds} rounds of 3 steps per arch):\n"
         lines += "".join(f"  {a}: median {s['tokens_per_s_median']:.0f} tokens/s, best {s['tokens_per_s_best']:.0f}\n"
                          for a, s in speed.items())
         print(lines, end="", flush=True)
         log.write(lines)
-    same_init = results["cummax"]["init_sha256"] == results["softmax"]["init_sha256"]
-    same_batches = results["cummax"]["batches_sha256"] == results["softmax"]["batches_sha256"]
-    config = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_heads=HEADS, num_layers=LAYERS)
-    report = {
-        "config": config.to_dict(),
-        "parameters": config.parameter_count(),
-        "steps": steps,
-        "batch": BATCH,
-        "seq": SEQ,
-        "tokens_seen": steps * BATCH * SEQ,
-        "seed": args.seed,
-        "same_initial_weights": same_init,
-        "same_batches": same_batches,
-        "optimizer": {"name": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "weight_decay": WEIGHT_DECAY,
-                      "schedule": f"linear warm-up {WARMUP_FRACTION:.0%}, cosine to {MIN_LR_FRACTION:.0%}",
-                      "grad_clip": CLIP},
-        "corpus": {"source": "the running Python's standard library, *.py, no test directories",
-                   "python": platform.python_version(), "files": len(files), "heldout_files": len(heldout),
-                   "train_bytes": train_size, "heldout_bytes": heldout_size,
-                   "heldout_rule": f"sha256(relative path) % 100 < {HELDOUT_PERCENT}"},
-        "eval": f"held-out bits per byte: first {EVAL_BYTES // 1024} KiB of the held-out files, "
-                f"non-overlapping windows of {SEQ} + 1 bytes, fp16 checkpoint read back as fp32",
-        "checkpoint_dtype": "fp16",
-        "machine": {**describe("cpu"), "threads": args.threads},
-        "measurement": "archs trained one after the other, each in its own process; peak RSS is that "
-                       "process's VmHWM (Python, torch, corpus and training); the machine is shared, so "
-                       "other work may have run meanwhile: see each arch's load averages and "
-                       "other_processes_cpu_seconds (CPU time the rest of the machine used during the run), "
-                       "and interleaved_throughput",
-        "interleaved_throughput": {"rounds": args.rounds, "steps_per_round": 3,
-                                   "what": "training steps of the shipped models, alternating arch every 3 steps "
-                                           "in one process, after training; fairer than the runs' own "
-                                           "tokens/s when others load the machine", "archs": speed},
-        "wall_seconds": round(time.time() - started, 1),
-        "archs": results,
-    }
-    (args.out / "train.json").write_text(json.dumps(report, indent=2) + "\n")
-    summary = "".join(f"{a}: {r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
-                      f"held-out {r['heldout_bits_per_byte']:.3f} bits/byte\n" for a, r in results.items())
+    report = write_report(args, results, speed, started)
+    summary = "".join(f"{a}: held-out {r['heldout_bits_per_byte']:.3f} bits/byte"
+                      + (f", alpha {r['alpha']}" if r["alpha"] else "") + "\n" for a, r in results.items())
     print(summary, end="")
     with open(args.out / "train.log", "a") as log:
         log.write(summary)
-    if not (same_init and same_batches):
-        sys.exit("the two archs did not start from the same weights or see the same batches")
+    if not (report["same_initial_weights"] and report["same_batches"]):
+        sys.exit("the archs did not start from the same weights or see the same batches")
 
 
 if __name__ == "__main__":
