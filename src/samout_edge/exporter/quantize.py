@@ -4,12 +4,16 @@ What is quantized: every Linear weight (the MatMuls: ``combined``, ``ffn1``,
 ``ffn2``, ``gate``, ``head``) and the embedding table (its Gather). LayerNorm,
 biases and ``alpha`` stay float.
 
-The grid: per row of a weight in torch's layout (a Linear's output channel, an
-embedding's token) and per block of ``block`` consecutive inputs,
-``s = max|w| / qmax`` (in the export's float dtype; an all-zero block gets 1) and
-``q = clip(rint(w / s), -qmax, qmax)``, qmax 127 (int8) or 7 (int4). INT8 has
-one scale per row (per output channel); INT4 one per block of ``block_size``
-inputs (default 32). Symmetric because TensorRT's DequantizeLinear takes only a
+The grid (models/quantize.py): per row of a weight in torch's layout (a Linear's
+output channel, an embedding's token) and per block of ``block`` consecutive
+inputs, ``q = clip(rint(w / s), -qmax - 1, qmax)``, qmax 127 (int8) or 7 (int4):
+the full two's-complement range (int4: 16 levels), with ``s = max|w| / d`` for
+the d in [qmax, qmax + 1] (9 steps) whose squared rounding error over the block
+is least (in the export's float dtype; an all-zero block gets 1). d = qmax is
+the classic 15-level grid, so the search is never worse; on the trained SamOut
+it cuts the int4 weights' relative RMS error from 0.089 to 0.080. INT8 has one
+scale per row (per output channel); INT4 one per block of ``block_size`` inputs
+(default 32). Symmetric because TensorRT's DequantizeLinear takes only a
 zero zero-point (onnx-tensorrt's importer, every release), and because one grid
 then serves both graph forms, which so compute the same function. Asymmetric
 would fit the seed preset's (random) weights a little better: relative RMS error
@@ -68,7 +72,8 @@ INT4_OPSET = 21
 INT8_OPSET = 13
 QUANT_OPSET = 21  # the default opset of a quantized export
 ORT_DOMAIN = "com.microsoft"
-SCHEME = "round-to-nearest, symmetric (zero-point 0), scale = max|w| / qmax per output channel (int8) or block (int4)"
+SCHEME = ("round-to-nearest, symmetric (zero-point 0), full range [-qmax - 1, qmax], scale = max|w| / d per output "
+          "channel (int8) or block (int4), d in [qmax, qmax + 1] with the least squared error")
 # What --weights-format auto gives, and why. Measured on seed-preset exports (seed 0),
 # ONNX Runtime 1.32 CPU on a 2-core AVX2 EPYC shared with other jobs, so all forms were
 # timed interleaved in one process (same load for each; intra-op spinning off): median

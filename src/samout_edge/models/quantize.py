@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class QuantizedWeight:
     """A weight in torch's layout ``[rows, cols]`` on its grid."""
 
-    q: np.ndarray  # int8 container, integers in [-qmax, qmax], [rows, cols]
+    q: np.ndarray  # int8 container, integers in [-qmax - 1, qmax] (the full two's-complement range), [rows, cols]
     scale: np.ndarray  # [rows, blocks], the weight's float dtype, every one > 0
     bits: int
     block: int  # cols per scale (cols itself: one scale per row)
@@ -47,10 +47,18 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+SEARCH_STEPS = 9  # candidate scales per block: max|w| / d for d from qmax to qmax + 1
+
+
 def quantize(w: np.ndarray, bits: int, block: int | None = None) -> QuantizedWeight:
-    """Round-to-nearest, symmetric: one scale per row (``block`` None) or per
-    ``block`` consecutive columns. The scale has ``w``'s dtype; an all-zero block
-    gets scale 1 (TensorRT needs every scale positive)."""
+    """Round-to-nearest on a symmetric grid (zero-point 0) over the full range
+    ``[-qmax - 1, qmax]`` (int4: 16 levels, not 15): one scale per row (``block``
+    None) or per ``block`` consecutive columns, each the one of ``max|w| / d``,
+    d from qmax to qmax + 1 in SEARCH_STEPS steps, whose rounding error (squared,
+    over the block) is least. d = qmax is the classic ``max|w| / qmax`` grid, so the
+    search is never worse than it; larger d uses the extra negative level. The
+    scale has ``w``'s dtype; an all-zero block gets scale 1 (TensorRT needs every
+    scale positive)."""
     if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
         raise ValueError(f"quantize takes a 2-D float32/float16 array, got {w.dtype} {w.shape}")
     if not np.isfinite(w).all():
@@ -63,10 +71,19 @@ def quantize(w: np.ndarray, bits: int, block: int | None = None) -> QuantizedWei
     wide[:, :cols] = w
     grouped = wide.reshape(rows, blocks, block)
     amax = np.abs(grouped).max(axis=2)
-    scale = (amax / np.float32(top)).astype(w.dtype)
-    scale[~(scale > 0)] = 1
-    q = np.clip(np.rint(grouped / scale.astype(np.float32)[:, :, None]), -top, top).astype(np.int8)
-    return QuantizedWeight(q.reshape(rows, -1)[:, :cols].copy(), scale, bits, block)
+    best_scale, best_err = None, None
+    for d in np.linspace(top, top + 1, SEARCH_STEPS, dtype=np.float32):
+        scale = (amax / d).astype(w.dtype)
+        scale[~(scale > 0)] = 1
+        s32 = scale.astype(np.float32)[:, :, None]
+        err = np.square(np.clip(np.rint(grouped / s32), -top - 1, top) * s32 - grouped).sum(axis=2)
+        if best_scale is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale, best_err = np.where(better, scale, best_scale), np.where(better, err, best_err)
+    q = np.clip(np.rint(grouped / best_scale.astype(np.float32)[:, :, None]), -top - 1, top).astype(np.int8)
+    return QuantizedWeight(q.reshape(rows, -1)[:, :cols].copy(), best_scale, bits, block)
 
 
 def expand_scale(qw: QuantizedWeight) -> np.ndarray:
