@@ -32,8 +32,29 @@ def test_eval_of_an_fp32_export_matches_pytorch(exported, text_and_vocab, arch):
     text, vocab = text_and_vocab
     result = eval_target(exported(arch=arch, logits="all").directory, text, window=64, vocab=vocab)
     assert result.tokens == 2999 and result.bytes == 2999
-    assert result.top1_agreement == 1.0 and result.max_logit_error < 1e-4
+    assert result.top1_agreement == 1.0 and result.max_logit_error < 1e-4 and 0 <= result.kl_from_fp32 < 1e-9
     assert 0 < result.bits_per_byte < 20 and math.isclose(result.perplexity, 2 ** result.bits_per_byte, rel_tol=1e-9)
+
+
+def test_eval_reports_the_mean_kl_of_a_quantized_export_from_fp32(tmp_path, tiny_checkpoint, text_and_vocab):
+    """Issue 19: fidelity next to agreement; KL(fp32 || int4) per token, computed here from the logits."""
+    from samout_edge.artifact.vocab import Vocab
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+    from samout_edge.models.checkpoint import load_checkpoint
+    from samout_edge.runtime.torch_runner import load_torch_runner
+
+    text, vocab = text_and_vocab
+    d = export(tmp_path / "q", ExportOptions(weights="int4", block_size=16, max_seq=64, logits="all"),
+               checkpoint=tiny_checkpoint, run_verify=False).directory
+    result = eval_target(d, text, window=64, vocab=vocab)
+    ids, _ = read_tokens(text, 128, Vocab.load(vocab))
+    window = np.asarray(ids[:64])[None]
+    with load_ort_runner(d) as runner, load_torch_runner(load_checkpoint(tiny_checkpoint), "cummax") as ref:
+        q = log_softmax(runner.run(window, runner.initial_state(1))[0][0, :-1])
+        p = log_softmax(ref.to_numpy(ref.run(window, ref.initial_state(1))[0])[0, :-1])
+    first_window_kl = float((np.exp(p) * (p - q)).sum(-1).mean())
+    assert result.kl_from_fp32 > 1e-4 and result.top1_agreement < 1
+    assert result.kl_from_fp32 == pytest.approx(first_window_kl, rel=0.5)  # the mean over every compared window
 
 
 def test_eval_of_the_checkpoint_on_torch_gives_the_same_number(exported, tiny_checkpoint, text_and_vocab):

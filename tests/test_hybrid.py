@@ -308,3 +308,19 @@ def test_the_tensorrt_plan_gives_a_window_its_fixed_shape(made):
         key = shapes["past_key_values.1.key"]
         assert key.min[1:] == key.opt[1:] == key.max[1:] == [4, W, 8]
         assert shapes["past_max.1"].max[1:] == [4, 1, 8]
+
+
+def test_a_stated_alpha_follows_the_export_into_every_pytorch_reference(tmp_path, tiny_checkpoint):
+    """SamOut weights exported as a hybrid at alpha 0.2: verify --lengths, the torch backend and
+    eval's reference compute at 0.2 too, not at the 0.5 a bare load would give."""
+    from samout_edge.runtime.verify import verify
+
+    d = export(tmp_path / "h", ExportOptions(arch=f"hybrid-w{W}", max_seq=MAX_SEQ, logits="all", hybrid_alpha=0.2),
+               checkpoint=tiny_checkpoint).directory
+    assert read_manifest(d).extra["hybrid_alpha"] == 0.2
+    assert verify(d, lengths=[5, 40]).passed  # against PyTorch recomputed from the checkpoint
+    ids = np.random.default_rng(0).integers(1, 128, (1, 30))
+    with load_runner(d, "ort") as ort, load_runner(d, "torch") as torch_runner:
+        a, _ = ort.run(ids, ort.initial_state(1))
+        b, _ = torch_runner.run(ids, torch_runner.initial_state(1))
+        assert close(a, torch_runner.to_numpy(b), RTOL["fp32"])

@@ -39,7 +39,7 @@ import numpy as np
 
 from samout_edge.artifact import graph
 from samout_edge.artifact.arch import arch_spec
-from samout_edge.artifact.manifest import read_manifest
+from samout_edge.artifact.manifest import read_manifest, stated_alpha
 from samout_edge.artifact.vocab import Vocab, export_vocab, iter_tokens, read_tokens  # noqa: F401 - eval's API
 from samout_edge.errors import SamoutError
 from samout_edge.progress import Progress, no_progress
@@ -96,6 +96,7 @@ class EvalResult:
     bits_per_byte: float
     perplexity: float  # per token
     top1_agreement: float | None  # vs PyTorch fp32, same windows
+    kl_from_fp32: float | None  # mean KL(PyTorch fp32 || target) per token, nats, same tokens: fidelity, not quality
     max_logit_error: float | None
     compared_tokens: int  # tokens the PyTorch comparison covered (the first windows)
     window_ms: float  # median wall time per window (stream: per 1000 tokens)
@@ -167,6 +168,7 @@ class _Tally:
     agree: int = 0
     compared: int = 0
     max_err: float = 0.0
+    kl: float = 0.0
     buckets: list[PositionBucket] = field(default_factory=position_buckets)
 
     def add(self, nll: np.ndarray, sizes: np.ndarray, positions: np.ndarray) -> None:
@@ -182,9 +184,12 @@ class _Tally:
                 b.bytes += int(sizes[inside].sum())
 
     def compare(self, mine: np.ndarray, theirs: np.ndarray) -> None:
+        """``mine``: the target's logits, ``theirs``: PyTorch fp32's, [tokens, vocab]."""
         self.agree += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
         self.compared += mine.shape[0]
         self.max_err = max(self.max_err, float(np.abs(mine.astype(np.float64) - theirs).max()))
+        p_log, q_log = log_softmax(theirs), log_softmax(mine)
+        self.kl += float((np.exp(p_log) * (p_log - q_log)).sum())
 
     def merge(self, other: _Tally) -> None:
         self.nll += other.nll
@@ -193,6 +198,7 @@ class _Tally:
         self.agree += other.agree
         self.compared += other.compared
         self.max_err = max(self.max_err, other.max_err)
+        self.kl += other.kl
         for mine, theirs in zip(self.buckets, other.buckets):
             mine.nll += theirs.nll
             mine.tokens += theirs.tokens
@@ -208,6 +214,7 @@ class _Tally:
             "perplexity": math.exp(self.nll / self.tokens),
             "top1_agreement": self.agree / self.compared if self.compared else None,
             "max_logit_error": self.max_err if self.compared else None,
+            "kl_from_fp32": self.kl / self.compared if self.compared else None,
             "compared_tokens": self.compared,
             "by_position": [b.to_dict() for b in self.buckets if b.tokens],
         }
@@ -423,7 +430,7 @@ def eval_target(
             scores = evaluate(runner, tokens, token_bytes, window, stride, reference, progress=progress,
                               workers=workers)
         if reference is None and manifest is None and runner.info.dtype == "fp32":  # its own reference
-            scores["top1_agreement"], scores["max_logit_error"] = 1.0, 0.0
+            scores["top1_agreement"], scores["max_logit_error"], scores["kl_from_fp32"] = 1.0, 0.0, 0.0
 
         return EvalResult(
             target=str(target),
@@ -475,7 +482,7 @@ def _torch_runner(directory, manifest, checkpoint, logits, arch, heads, dtype):
     if manifest is not None:
         hint = "pass --checkpoint PATH to use a copy of it, or --no-reference"
         ckpt = source_checkpoint(Path(directory), manifest, checkpoint, COPY_HINT if checkpoint else hint)
-        return load_torch_runner(ckpt, manifest.arch, dtype, logits)
+        return load_torch_runner(ckpt, manifest.arch, dtype, logits, alpha=stated_alpha(manifest))
     return load_torch_runner(load_checkpoint(checkpoint, heads), arch, dtype, logits)
 
 

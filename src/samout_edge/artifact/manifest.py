@@ -261,6 +261,14 @@ def check_files(directory: str | Path, manifest: Manifest) -> None:
             raise SamoutError(f"{path} does not match the sha256 in export.json: it changed after export; re-export it")
 
 
+def stated_alpha(manifest: Manifest) -> float | None:
+    """The blend a hybrid export was made with from SamOut weights (``export --hybrid-alpha``),
+    which every PyTorch reference of it must use; None where the checkpoint has its own."""
+    if manifest.extra.get("alpha_from") != "stated":
+        return None
+    return float(manifest.extra["hybrid_alpha"])
+
+
 BENCH_ARCHS = ("cummax", "softmax")  # what bench compares unless told: SamOut and its baseline
 
 

@@ -342,19 +342,20 @@ def shortest_names(paths: list[str]) -> dict[str, str]:
 def evaluation(results, text) -> None:
     """Quality next to cost: one row per target; then bits per byte by position in the context."""
     short_targets = shortest_names([r.target for r in results])
-    table = Table(title=escape(f"eval on {text}: bits per byte (lower is better), top-1 agreement and max logit "
-                               "error vs PyTorch fp32 on the same contexts"))
+    table = Table(title=escape(f"eval on {text}: bits per byte (lower is better); top-1 agreement, mean KL (nats "
+                               "per token) and max logit error vs PyTorch fp32 on the same contexts"))
     for col in ("target", "arch", "runner", "dtype", "weights", "context", "bits/byte", "perplexity", "top-1 agree",
-                "max logit err", "weights MiB", "state", "ms/window"):
+                "KL vs fp32", "max logit err", "weights MiB", "state", "ms/window"):
         table.add_column(col, justify="left" if col in ("target", "arch", "runner", "dtype", "weights") else "right")
     for r in results:
         agree = "-" if r.top1_agreement is None else f"{100 * r.top1_agreement:.2f}%"
         err = "-" if r.max_logit_error is None else f"{r.max_logit_error:.2e}"
+        kl = "-" if r.kl_from_fp32 is None else f"{r.kl_from_fp32:.4f}"
         weights = "-" if r.weights_bytes is None else f"{r.weights_bytes / 2**20:.1f}"
         context = f"stream {r.window:,}" if r.mode == "stream" else f"{r.window:,}"
         speed = f"{r.window_ms:.1f}" if r.mode == "windows" else f"{r.window_ms:.0f}/1k tok"
         table.add_row(escape(short_targets[r.target]), r.arch, escape(short_runner(r.runner)), r.dtype, r.weights,
-                      context, f"{r.bits_per_byte:.4f}", f"{r.perplexity:.3f}", agree, err, weights,
+                      context, f"{r.bits_per_byte:.4f}", f"{r.perplexity:.3f}", agree, kl, err, weights,
                       human_bytes(r.state_bytes), speed)
     console.print(table)
     first = results[0]

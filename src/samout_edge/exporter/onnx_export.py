@@ -365,6 +365,8 @@ def export(
         if arch_spec(options.arch).mixer == "hybrid":  # what inspect shows: where the model chose cummax
             manifest.extra["alpha"] = [round(a, 6) for a in blends(model)]
             manifest.extra["alpha_from"] = "learned" if ckpt.alphas is not None else "stated"
+            if ckpt.alphas is None:
+                manifest.extra["hybrid_alpha"] = 0.5 if options.hybrid_alpha is None else options.hybrid_alpha
         for module in model.modules():
             if isinstance(module, LayerNorm):
                 module.decompose = options.decompose_layernorm

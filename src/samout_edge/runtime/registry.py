@@ -113,7 +113,7 @@ def _torch(directory: Path, options: TorchOptions) -> Runner:
     logits mode and (quantized exports) dequantized weights, so it computes what
     the graph computes."""
     require_torch("the torch backend")
-    from samout_edge.artifact.manifest import read_manifest
+    from samout_edge.artifact.manifest import read_manifest, stated_alpha
     from samout_edge.models.checkpoint import COPY_HINT, source_checkpoint
     from samout_edge.runtime.torch_runner import load_torch_runner, torch_device
 
@@ -121,7 +121,7 @@ def _torch(directory: Path, options: TorchOptions) -> Runner:
     hint = "put it back there, or run the export on another backend (ort)"
     ckpt = source_checkpoint(directory, manifest, options.checkpoint, COPY_HINT if options.checkpoint else hint)
     return load_torch_runner(ckpt, manifest.arch, manifest.dtype, manifest.logits, torch_device(options.device),
-                             options.fast_kernel, weights=manifest.weights)
+                             options.fast_kernel, weights=manifest.weights, alpha=stated_alpha(manifest))
 
 
 @register("reference", ReferenceOptions, "onnx.reference: the graph computed in its own dtype (slow)")

@@ -36,7 +36,7 @@ from samout_edge.artifact.golden import (
     golden_lengths,
     load_golden,
 )
-from samout_edge.artifact.manifest import Manifest, check_files, read_manifest
+from samout_edge.artifact.manifest import Manifest, check_files, read_manifest, stated_alpha
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import check_context
@@ -272,7 +272,7 @@ def _against_pytorch(actual, export_dir: Path, manifest: Manifest, lengths: list
     result = _op_result(manifest, lengths, rtol, actual.info.device, "pytorch")
     ckpt = source_checkpoint(export_dir, manifest, checkpoint)
     reference = load_torch_runner(ckpt, manifest.arch, "fp32", manifest.logits, weights=manifest.weights,
-                                  weights_dtype=manifest.dtype)
+                                  weights_dtype=manifest.dtype, alpha=stated_alpha(manifest))
     rng = np.random.default_rng(0)
     vocab = manifest.config.vocab_size
     small_batch = min(2, actual.info.max_batch or 2)
