@@ -310,3 +310,125 @@ def test_every_quantized_export_holds_in_polygraphy_and_openvino_as_documented(q
         evaluator = ReferenceEvaluator(str(d / "model.onnx"))
         names = [o.name for o in evaluator.proto_.graph.output]
         assert _worst(lambda feed: dict(zip(names, evaluator.run(None, feed))), d) <= RTOL["fp32"]
+
+
+# --------------------------------------------------------------------------- int8 activations (issue 19)
+
+
+def _one_matmulnbits(q: np.ndarray, scale: np.ndarray, block: int, level: int):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = q.shape
+    u = (q.astype(np.int16) + 8).astype(np.uint8)
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8).reshape(n, k // block, block // 2)
+    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block, accuracy_level=level)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+                          [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scale.reshape(-1), "S")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_the_emulation_is_the_kernel_on_one_matmul_ties_included():
+    """MatMulNBits at accuracy level 4 on x86 quantizes its input per block as quantize_activations
+    does, ties on .5 included (inputs on a grid, as dequantized embeddings are)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    k, n, block = 256, 24, 32
+    q = rng.integers(-8, 8, (n, k)).astype(np.int8)
+    scale = (rng.random((n, k // block)) * 0.1 + 0.01).astype(np.float32)
+    w = q.astype(np.float32) * np.repeat(scale, block, axis=1)
+    a = np.concatenate([rng.standard_normal((3, k)), rng.integers(-8, 8, (3, k)) * 0.25]).astype(np.float32)
+    got = _one_matmulnbits(q, scale, block, 4).run(None, {"A": a})[0]
+    emulated = grid.quantize_activations(torch.from_numpy(a), block).numpy() @ w.T
+    assert np.abs(got - emulated).max() <= 1e-5 * np.abs(got).max()
+    plain = a @ w.T  # what accuracy level 1 computes: far further off
+    assert np.abs(got - plain).max() > 100 * np.abs(got - emulated).max()
+    tie = torch.zeros(1, 16)
+    tie[0, :2] = torch.tensor([127.0, 2.5])  # 2.5 * (127 / 127): a tie
+    assert grid.quantize_activations(tie, 16)[0, 1] == 2.0  # x86: to even
+    with grid.activation_rounding("arm"):
+        assert grid.quantize_activations(tie, 16)[0, 1] == 3.0  # ARM: away from zero
+
+
+@pytest.fixture(scope="module")
+def int8_activations(tmp_path_factory, tiny_checkpoint):
+    made = {}
+    for kind in ("int4", "int8"):
+        out = tmp_path_factory.mktemp("a8") / kind
+        result = export(out, ExportOptions(weights=kind, activations="int8", max_seq=64), checkpoint=tiny_checkpoint)
+        made[kind] = result
+    return made
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_int8_activations_verify_at_their_measured_tolerance(int8_activations, kind):
+    import onnx
+
+    result = int8_activations[kind]
+    w = result.manifest.weights
+    assert w.activations == "int8" and w.format == "matmulnbits" and result.verification.passed
+    check = w.activation_check
+    assert w.activation_rtol >= RTOL["fp32"] and w.activation_rtol >= 2 * check["worst_onnxruntime"] * 0.99
+    assert check["top1_onnxruntime"] >= 0.99 and result.verification.rtol == w.rtol("fp32")
+    model = onnx.load(str(result.directory / "model.onnx"))
+    levels = {a.i for node in model.graph.node if node.op_type == "MatMulNBits" for a in node.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {4}
+
+
+def test_the_torch_backend_of_an_int8_activation_export_emulates_it(int8_activations):
+    """ONNX Runtime and PyTorch with the emulation agree well inside the stated tolerance; the
+    same PyTorch weights without it (the dequantized model) are further off."""
+    from samout_edge.runtime.registry import load_runner
+
+    d = int8_activations["int4"].directory
+    ids = np.random.default_rng(1).integers(1, 128, (2, 40))
+    with load_runner(d, "ort") as ort_runner, load_runner(d, "torch") as torch_runner:
+        a, _ = ort_runner.run(ids, ort_runner.initial_state(2))
+        b, _ = torch_runner.run(ids, torch_runner.initial_state(2))
+        emulated = float(np.abs(a - torch_runner.to_numpy(b)).max())
+        for layer in torch_runner.model.modules():
+            layer.__dict__.pop("int8_block", None)
+        c, _ = torch_runner.run(ids, torch_runner.initial_state(2))
+        plain = float(np.abs(a - torch_runner.to_numpy(c)).max())
+    assert emulated < plain and emulated <= read_manifest(d).weights.rtol("fp32") * max(1.0, float(np.abs(a).max()))
+
+
+def test_backends_that_cannot_compute_int8_activations_refuse_in_one_line(int8_activations, run_cli):
+    d = int8_activations["int4"].directory
+    for backend in ("reference", "openvino"):
+        code, out, err = run_cli("verify", d, "--backend", backend)
+        assert code == 1 and "int8 activations" in err and "run it on ort, torch" in err, err
+        assert len(err.strip().splitlines()) == 1
+    code, out, err = run_cli("inspect", d)
+    assert code == 0 and "activations: int8" in out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--activations", "int8"], "takes --weights int8 or int4"),
+    (["--weights", "int4", "--weights-format", "dq", "--activations", "int8"], "takes --weights int8 or int4"),
+    (["--weights", "int4", "--dtype", "fp16", "--activations", "int8"], "at --dtype fp32"),
+])
+def test_int8_activations_are_refused_where_they_do_not_apply(run_cli, tiny_checkpoint, tmp_path, args, match):
+    code, out, err = run_cli("export", tiny_checkpoint, "-o", tmp_path / "x", "--max-seq", "16", *args)
+    assert code == 1 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_edited_activation_tolerance_is_refused(int8_activations, tmp_path):
+    import json
+    import shutil
+
+    from samout_edge.errors import SamoutError
+
+    d = tmp_path / "edited"
+    shutil.copytree(int8_activations["int8"].directory, d)
+    data = json.loads((d / "export.json").read_text())
+    data["weights"]["activation_rtol"] = None
+    (d / "export.json").write_text(json.dumps(data))
+    with pytest.raises(SamoutError, match="activation_rtol"):
+        read_manifest(d)

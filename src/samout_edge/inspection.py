@@ -167,6 +167,10 @@ def arch_notes(manifest) -> list[str]:
     at = lambda n: human_bytes(graph.state_bytes(cfg, manifest.arch, 1, n, manifest.dtype))  # noqa: E731
     growth = "grows with the context" if spec.grows else "constant whatever the context"
     notes.append(f"decode state at batch 1: {at(1024)} at 1k tokens, {at(32768)} at 32k ({growth})")
+    w = manifest.weights
+    if w.activations == "int8":
+        notes.append(f"activations: int8 in the {w.kind} MatMuls (MatMulNBits accuracy level 4); verify's tolerance "
+                     f"{w.activation_rtol:g} x max|ref| (measured at export: {w.activation_check})")
     return notes
 
 

@@ -158,6 +158,10 @@ def runtime_notes(manifest: Manifest) -> list[str]:
                      "DequantizeLinear -> MatMul with int8 activations, which is not the verified function")
     else:
         notes.append("ONNX Runtime: no settings needed (the file carries what it needs)")
+    if manifest.weights.activations == "int8":
+        notes.append("OpenVINO, TensorRT, onnx.reference: cannot run it (int8 activations are ONNX Runtime's "
+                     "MatMulNBits at accuracy level 4)")
+        return notes
     ov = ", ".join(f"{k}: {v}" for k, v in settings["openvino"].items())
     notes.append(f"OpenVINO: compile_model(model, 'CPU', {{{ov}}})")
     return notes

@@ -27,6 +27,7 @@ MIN_BLOCK_SIZE = 16  # MatMulNBits and GatherBlockQuantized take powers of two f
 # runtimes (seed preset: ~8e-7 seen). fp16 is compared with the fp32 model, so its own rounding
 # counts (fp16 eps is 9.8e-4; seed preset: ~1e-3 of the scale seen: a 5x margin).
 RTOL = {"fp32": 1e-4, "fp16": 5e-3}
+ACTIVATIONS = ("fp", "int8")  # what a quantized export's MatMuls compute with
 
 
 def block_size_ok(block: Any) -> bool:
@@ -43,7 +44,9 @@ class Weights:
     reason: str | None = None
     scheme: str | None = None
     ort_session_config: dict[str, str] = field(default_factory=dict)
-    activations: str = "fp"
+    activations: str = "fp"  # fp | int8: MatMulNBits quantizes its input to int8 too (accuracy level 4)
+    activation_rtol: float | None = None  # int8 activations: verify's tolerance, derived at export (see rtol)
+    activation_check: dict[str, Any] | None = None  # int8 activations: what the tolerance was derived from
 
     @property
     def quantized(self) -> bool:
@@ -55,12 +58,17 @@ class Weights:
 
     @property
     def key(self) -> tuple:
-        """What makes two exports' weights the same function: kind, block, format."""
-        return self.kind, self.block_size, self.format
+        """What makes two exports' weights the same function: kind, block, format, activations."""
+        return self.kind, self.block_size, self.format, self.activations
 
     def rtol(self, dtype: str) -> float:
         """verify's tolerance for an export with these weights in ``dtype``: the PyTorch reference
-        applies the same dequantized weights, so quantized weights cost no tolerance."""
+        applies the same dequantized weights, so quantized weights cost no tolerance. With int8
+        activations it emulates the kernel's quantization too, but an ulp's difference upstream
+        flips a rounding now and then, and ARM rounds ties apart: the tolerance is measured at
+        export (``activation_rtol``, never below the dtype's)."""
+        if self.activations == "int8":
+            return max(RTOL[dtype], float(self.activation_rtol))
         return RTOL[dtype]
 
     def check(self) -> Weights:
@@ -81,9 +89,14 @@ class Weights:
         config = self.ort_session_config
         if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
             raise SamoutError(f"export.json: weights ort_session_config must map strings to strings, got {config!r}")
-        if self.activations != "fp":
-            raise SamoutError(f"export.json: weights activations {self.activations!r}: this samout-edge computes "
-                              "activations as the export's dtype only (fp)")
+        if self.activations not in ACTIVATIONS:
+            raise SamoutError(f"export.json: weights activations {self.activations!r} is not one of "
+                              f"{', '.join(ACTIVATIONS)}")
+        if self.activations == "int8":
+            rtol = self.activation_rtol
+            if self.format != "matmulnbits" or not isinstance(rtol, float) or not 0 < rtol < 1:
+                raise SamoutError("export.json: int8 activations need matmulnbits weights and an activation_rtol "
+                                  f"between 0 and 1, got format {self.format!r}, activation_rtol {rtol!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

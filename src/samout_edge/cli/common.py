@@ -14,6 +14,7 @@ import typer
 
 from samout_edge.artifact.config import ARCHS, PRESETS
 from samout_edge.artifact.graph import EXPORT_DTYPES
+from samout_edge.artifact.quantization import ACTIVATIONS as ACTIVATION_KINDS
 from samout_edge.artifact.quantization import FORMATS as WEIGHT_FORMATS
 from samout_edge.artifact.quantization import KINDS as WEIGHT_KINDS
 from samout_edge.errors import SamoutError
@@ -74,6 +75,7 @@ OPENVINO_DEVICE_HELP = "OpenVINO device: CPU, GPU, NPU (the openvino backend)."
 OPENVINO_PRECISION_HELP = ("OpenVINO inference precision: f32 keeps verify's tolerance; bf16/f16 are faster where the "
                            "hardware has them, with a looser tolerance (the openvino backend).")
 Weights, WeightsFormat = choices("Weights", WEIGHT_KINDS), choices("WeightsFormat", ("auto", *WEIGHT_FORMATS))
+Activations = choices("Activations", ACTIVATION_KINDS)
 
 
 def value(choice: Enum | None) -> str | None:

@@ -175,7 +175,14 @@ def export_weights_line(weights: dict | None) -> str | None:
     if stored and as_float:
         size += f" ({stored / as_float:.2f}x of {human_bytes(as_float)} in float)"
     reason = f"; {w.reason}" if w.reason else ""
-    return f"weights: {kind}{block}, format {w.format or '?'}, {size}{reason}"
+    line = f"weights: {kind}{block}, format {w.format or '?'}, {size}{reason}"
+    if w.activations == "int8":
+        c = w.activation_check or {}
+        line += (f"\nactivations: int8 (MatMulNBits accuracy level 4); verify's tolerance {w.activation_rtol:g} x max|ref|, "
+                 f"measured at export: ONNX Runtime {c.get('worst_onnxruntime', float('nan')):.2g} and ARM's rounding "
+                 f"{c.get('worst_arm_rounding', float('nan')):.2g} from the emulated reference, top-1 agreement "
+                 f"{100 * (c.get('top1_onnxruntime') or 0):.2f}%")
+    return line
 
 
 def inspect(result) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -43,10 +44,10 @@ from samout_edge.artifact.vocab import VOCAB_FILE, Vocab
 from samout_edge.errors import SamoutError
 from samout_edge.exporter import precision as fp
 from samout_edge.exporter import quantize as qz
-from samout_edge.exporter.golden import record_golden
+from samout_edge.exporter.golden import polygraphy_atol, record_golden
 from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
 from samout_edge.models.model import LayerNorm, SamOut, torch_dtype
-from samout_edge.models.quantize import apply_weights, quantize_model
+from samout_edge.models.quantize import apply_weights, quantize_model, set_int8_activations
 from samout_edge.progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class ExportOptions:
     weights_format: str = "auto"  # auto | dq | matmulnbits
     calibration_text: Path | None = None  # fp16: text whose activations the fp32 islands must cover
     hybrid_alpha: float | None = None  # SamOut weights exported as a hybrid: the blend in every layer (0.5)
+    activations: str = "fp"  # fp | int8: quantized MatMuls with int8 inputs (MatMulNBits accuracy level 4)
 
     def validate(self) -> ExportOptions:
         check_arch(self.arch)
@@ -104,12 +106,15 @@ class ExportOptions:
             raise SamoutError(f"--block must be at least 2, got {self.block}")
         if self.calibration_text is not None and self.dtype != "fp16":
             raise SamoutError("--calibration-text applies to --dtype fp16 (it chooses the fp32 islands)")
+        if self.activations == "int8" and self.dtype != "fp32":
+            raise SamoutError("--activations int8 is exported and verified at --dtype fp32 (its inputs are quantized "
+                              "from fp32 activations)")
         spec = qz.validate(self.weights_spec(), self.opset)
         self.block_size = spec.block_size
         return self
 
     def weights_spec(self) -> qz.WeightsSpec:
-        return qz.WeightsSpec(self.weights, self.block_size, self.weights_format)
+        return qz.WeightsSpec(self.weights, self.block_size, self.weights_format, self.activations)
 
     def scan_plan(self, config: ModelConfig) -> low.ScanPlan:
         # One plan serves the sequence axis and (in custom exports) the head axis.
@@ -230,7 +235,7 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
                 dim.dim_param = want
     model.producer_name = "samout-edge"
     if quantized:
-        report = qz.quantize_graph(model, quantized, manifest.weights.format)
+        report = qz.quantize_graph(model, quantized, manifest.weights.format, manifest.weights.activations)
         manifest.weights.bytes, manifest.weights.float_bytes = report.bytes, report.float_bytes
         # the oldest IR the opset allows (INT4 needs IR 10, opset 21's minimum): runtimes
         # older than this onnx (ONNX Runtime 1.23 on JetPack's Python 3.10) load it
@@ -377,6 +382,8 @@ def export(
         reference = ckpt.model(options.arch, alpha=options.hybrid_alpha)
         if quantized is not None:  # the same dequantized weights the graph holds
             apply_weights(reference, quantized)
+            if options.activations == "int8":  # ... and its MatMuls' int8 inputs, as the kernel quantizes them
+                set_int8_activations(reference, quantized)
         plan = None
         if options.dtype == "fp16":  # refused here, before any more work, if fp16 cannot hold it
             progress("fp16: calibrating ranges, choosing fp32 islands", 1, total)
@@ -407,6 +414,11 @@ def export(
         progress("writing model.onnx and the golden files", 4, total)
         for name in save_model(proto, stage):
             record_file(stage, manifest, name)
+        if options.activations == "int8":
+            progress("int8 activations: measuring the kernel against its emulation", 4, total)
+            manifest.weights.activation_rtol, manifest.weights.activation_check = int8_tolerance(
+                stage, manifest, reference, golden)
+            golden.index.atol = polygraphy_atol(manifest.weights.rtol(manifest.dtype), golden.outputs)
         if words is not None:
             write_json_atomic(stage / VOCAB_FILE, words.tokens)
             record_file(stage, manifest, VOCAB_FILE)
@@ -451,6 +463,42 @@ def apply_fp16_plan(plan: fp.Precision, model: SamOut, manifest: Manifest, golde
                           "export --dtype fp32")
     plan.pytorch_fp16 = check
     return plan.to_dict()
+
+
+def int8_tolerance(stage: Path, manifest: Manifest, reference: SamOut, golden) -> tuple[float, dict]:
+    """verify's tolerance for an export with int8 activations, from what the kernel measurably
+    does: ONNX Runtime on every golden case against the emulated reference (an ulp upstream
+    flips a rounding now and then), and the emulation with ARM's rounding (ties half away from
+    zero) against the x86 one the golden outputs follow. Twice the larger, never below the
+    dtype's tolerance; top-1 agreement of the logits is recorded too."""
+    import onnxruntime
+
+    from samout_edge.models.quantize import activation_rounding
+
+    session = onnxruntime.InferenceSession(str(stage / MODEL_FILE), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    worst_ort, agree, total = 0.0, 0, 0
+    for feed, want in zip(golden.feeds, golden.outputs):
+        got = dict(zip(names, session.run(None, feed)))
+        for name, ref in want.items():
+            worst_ort = max(worst_ort, float(np.abs(got[name] - ref).max()) / max(1.0, float(np.abs(ref).max())))
+        if graph.LOGITS in want:
+            agree += int((got[graph.LOGITS].argmax(-1) == want[graph.LOGITS].argmax(-1)).sum())
+            total += want[graph.LOGITS][..., 0].size
+    worst_arm = 0.0
+    with activation_rounding("arm"), torch.inference_mode():
+        for feed, want in zip(golden.feeds, golden.outputs):
+            past = [torch.from_numpy(feed[n]) for n in graph.past_names(manifest.arch, manifest.config.num_layers)]
+            logits, _ = reference(torch.from_numpy(feed[graph.INPUT_IDS]), graph.unflatten(manifest.arch, past),
+                                  last_only=manifest.logits == "last")
+            ref = want.get(graph.LOGITS)
+            if ref is not None:
+                worst_arm = max(worst_arm, float(np.abs(logits.numpy() - ref).max()) / max(1.0, float(np.abs(ref).max())))
+    rtol = max(RTOL[manifest.dtype], float(f"{2 * max(worst_ort, worst_arm):.2g}"))
+    return rtol, {"worst_onnxruntime": worst_ort, "worst_arm_rounding": worst_arm,
+                  "top1_onnxruntime": agree / total if total else None,
+                  "rule": "2 x the larger relative error (onnxruntime vs the emulated reference; the emulation with "
+                          "ARM's rounding of ties vs x86's), at least the dtype's tolerance"}
 
 
 def export_memory(config: ModelConfig, options: ExportOptions) -> int:

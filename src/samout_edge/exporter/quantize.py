@@ -57,16 +57,29 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from samout_edge.artifact.initializers import FOUR_BIT, initializer_bytes
-from samout_edge.artifact.quantization import BITS, FORMATS, KINDS, MIN_BLOCK_SIZE, Weights, block_size_ok
+from samout_edge.artifact.quantization import (
+    ACTIVATIONS,
+    BITS,
+    FORMATS,
+    KINDS,
+    MIN_BLOCK_SIZE,
+    Weights,
+    block_size_ok,
+)
 from samout_edge.errors import SamoutError
-from samout_edge.models.quantize import QuantizedWeight, dequantize  # the grid: below the runtime
+from samout_edge.models.quantize import (  # the grid: below the runtime
+    NBITS_BLOCKS,
+    QuantizedWeight,
+    dequantize,
+    nbits_block,
+)
 
 FORMAT_CHOICES = ("auto", *FORMATS)
 DEFAULT_BLOCK_SIZE = 32
 # ... up to 256 here: ONNX Runtime 1.23 (the device side's, Python 3.10) returns garbage from
-# MatMulNBits with block_size 512 (8 and 4 bits; measured; 1.32 is right).
+# MatMulNBits with block_size 512 (8 and 4 bits; measured; 1.32 is right). models/quantize.py:
+# NBITS_BLOCKS, largest first: one scale per row takes the largest dividing it.
 MAX_NBITS_BLOCK = 256
-NBITS_BLOCKS = (256, 128, 64, 32, 16)  # largest first: one scale per row takes the largest dividing it
 # DequantizeLinear takes INT4 and block_size from opset 21; INT8 per-axis from 13.
 INT4_OPSET = 21
 INT8_OPSET = 13
@@ -87,6 +100,8 @@ REASONS = {
           "TensorRT both take",
     "matmulnbits": "asked for (--weights-format matmulnbits): ONNX Runtime's MatMulNBits/GatherBlockQuantized, "
                    "ONNX Runtime only (TensorRT: --weights-format dq)",
+    "int8 activations": "--activations int8: ONNX Runtime's MatMulNBits at accuracy level 4 (the inputs quantized "
+                        "to int8 per block, integer dot products); ONNX Runtime only",
     "auto": {
         "int8": "auto: dq. On ONNX Runtime 1.32 CPU (seed decode, fp32 9.4 ms) dq measured 8.8 ms (it folds the "
                 "dequantized weights to float at load) and matmulnbits 58.7 ms (8-bit MatMulNBits has no fast "
@@ -106,9 +121,9 @@ ORT_SESSION_CONFIG = {
     "dq": {"session.qdq_matmulnbits_accuracy_level": "1", "session.disable_quant_qdq": "1"},
     "matmulnbits": {},
 }
-# accuracy_level of MatMulNBits: 1 computes in fp32 (4 would quantize the activations
-# to int8 too: faster, but no longer the dequantized model's function).
-ACCURACY_LEVEL = 1
+# accuracy_level of MatMulNBits: 1 computes in fp32, the dequantized model's function; 4
+# quantizes the activations to int8 too (``--activations int8``: faster, a stated tolerance).
+ACCURACY_LEVEL = {"fp": 1, "int8": 4}
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,7 @@ class WeightsSpec:
     kind: str = "fp"  # fp | int8 | int4
     block_size: int | None = None  # int4 only: inputs per scale
     format: str = "auto"  # auto | dq | matmulnbits
+    activations: str = "fp"  # fp | int8 (MatMulNBits at accuracy level 4)
 
     @property
     def bits(self) -> int:
@@ -136,6 +152,11 @@ def validate(spec: WeightsSpec, opset: int, hidden_size: int | None = None) -> W
         raise SamoutError(f"--weights {spec.kind!r} is not one of: {', '.join(KINDS)}")
     if spec.format not in FORMAT_CHOICES:
         raise SamoutError(f"--weights-format {spec.format!r} is not one of: {', '.join(FORMAT_CHOICES)}")
+    if spec.activations not in ACTIVATIONS:
+        raise SamoutError(f"--activations {spec.activations!r} is not one of: {', '.join(ACTIVATIONS)}")
+    if spec.activations == "int8" and (spec.kind == "fp" or spec.format == "dq"):
+        raise SamoutError("--activations int8 computes the MatMuls with int8 inputs in ONNX Runtime's MatMulNBits: "
+                          "it takes --weights int8 or int4 with --weights-format matmulnbits (or auto)")
     if spec.kind == "fp":
         if spec.block_size is not None:
             raise SamoutError("--block-size applies to --weights int4 only")
@@ -153,7 +174,7 @@ def validate(spec: WeightsSpec, opset: int, hidden_size: int | None = None) -> W
     if hidden_size is not None and hidden_size % block:
         raise SamoutError(f"--block-size {block} does not divide the hidden size {hidden_size} (TensorRT takes only "
                           "whole blocks); choose a power of two that divides it")
-    return WeightsSpec(spec.kind, block, spec.format)
+    return WeightsSpec(spec.kind, block, spec.format, spec.activations)
 
 
 def check_nbits(spec: WeightsSpec, hidden_size: int) -> None:
@@ -172,6 +193,8 @@ def check_nbits(spec: WeightsSpec, hidden_size: int) -> None:
 
 def resolve_format(spec: WeightsSpec) -> tuple[str, str]:
     """(format, reason) for export.json."""
+    if spec.activations == "int8":
+        return "matmulnbits", REASONS["int8 activations"]
     if spec.format == "dq":
         return "dq", REASONS["dq"]
     if spec.format == "matmulnbits":
@@ -185,7 +208,7 @@ def weights_entry(spec: WeightsSpec) -> Weights:
         return Weights()
     fmt, reason = resolve_format(spec)
     return Weights(spec.kind, spec.block_size if spec.kind == "int4" else None, fmt, reason=reason, scheme=SCHEME,
-                   ort_session_config=dict(ORT_SESSION_CONFIG[fmt]))
+                   ort_session_config=dict(ORT_SESSION_CONFIG[fmt]), activations=spec.activations)
 
 
 # --------------------------------------------------------------------------- the graph
@@ -252,22 +275,11 @@ def _nbits_scales(qw: QuantizedWeight, block: int) -> np.ndarray:
     return qw.scale
 
 
-def nbits_block(qw: QuantizedWeight) -> int | None:
-    """The MatMulNBits/GatherBlockQuantized block size for ``qw``, or None where
-    there is none: a power of two from 16 to MAX_NBITS_BLOCK (ONNX Runtime 1.23
-    computes blocks of 512 wrong) dividing the row; one scale per row repeats over
-    several such blocks, which is the same function."""
-    if not qw.per_row:
-        return qw.block if nbits_block_ok(qw.block) else None
-    cols = qw.q.shape[1]
-    return next((b for b in NBITS_BLOCKS if cols % b == 0), None)
-
-
 def nbits_block_ok(block: int) -> bool:
     return block in NBITS_BLOCKS
 
 
-def _matmulnbits(qw: QuantizedWeight, base: str, a: str, output: str, node_name: str):
+def _matmulnbits(qw: QuantizedWeight, base: str, a: str, output: str, node_name: str, accuracy_level: int):
     rows, cols = qw.q.shape  # N, K
     block = nbits_block(qw)
     inits = [
@@ -275,7 +287,7 @@ def _matmulnbits(qw: QuantizedWeight, base: str, a: str, output: str, node_name:
         numpy_helper.from_array(np.ascontiguousarray(_nbits_scales(qw, block).reshape(-1)), f"{base}.scales"),
     ]
     node = helper.make_node("MatMulNBits", [a, *(t.name for t in inits)], [output], name=node_name, domain=ORT_DOMAIN,
-                            K=cols, N=rows, bits=qw.bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
+                            K=cols, N=rows, bits=qw.bits, block_size=block, accuracy_level=accuracy_level)
     return inits, node
 
 
@@ -297,7 +309,8 @@ def _gather_quantized(qw: QuantizedWeight, base: str, indices: str, output: str,
     return inits, node
 
 
-def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fmt: str) -> GraphReport:
+def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fmt: str,
+                   activations: str = "fp") -> GraphReport:
     """Replace every float initializer that is a quantized weight (matched bit for
     bit with ``dequantize`` of the grid, in either layout) by its integer form:
     DequantizeLinear (``dq``), or MatMulNBits / GatherBlockQuantized where the
@@ -365,7 +378,8 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
             for k, (node, i) in enumerate(uses):
                 suffix = "" if len(uses) == 1 else f".{k}"
                 if node.op_type == "MatMul" and i == 1 and transposed:
-                    inits, new = _matmulnbits(qw, base + suffix, node.input[0], node.output[0], node.name)
+                    inits, new = _matmulnbits(qw, base + suffix, node.input[0], node.output[0], node.name,
+                                              ACCURACY_LEVEL[activations])
                 elif node.op_type == "Gather" and i == 0 and not transposed and _axis(node) == 0:
                     inits, new = _gather_quantized(qw, base + suffix, node.input[1], node.output[0], node.name)
                 else:

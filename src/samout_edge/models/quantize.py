@@ -8,6 +8,8 @@ described in exporter/quantize.py.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -134,6 +136,68 @@ def apply_weights(model: nn.Module, table: dict[str, QuantizedWeight]) -> None:
             weight.copy_(torch.from_numpy(dequantize(qw)).to(weight.dtype))
 
 
+# --------------------------------------------------------------------------- int8 activations
+
+# ONNX Runtime's MatMulNBits blocks: a power of two from 16 to 256 (ONNX Runtime 1.23 computes
+# blocks of 512 wrong); one scale per row repeats over several such blocks, the same function.
+NBITS_BLOCKS = (256, 128, 64, 32, 16)  # largest first
+
+
+def nbits_block(qw: QuantizedWeight) -> int | None:
+    """The MatMulNBits block size for ``qw`` (its weights' and, at int8 activations, its
+    input's quantization block), or None where there is none."""
+    if not qw.per_row:
+        return qw.block if qw.block in NBITS_BLOCKS else None
+    return next((b for b in NBITS_BLOCKS if qw.q.shape[1] % b == 0), None)
+
+
+_ROUNDING = ["x86"]  # the kernel quantize_activations follows: x86 (the golden outputs) or arm
+
+
+@contextmanager
+def activation_rounding(kernel: str) -> Iterator[None]:
+    """Emulate another CPU's kernel within the block: ``arm`` (NEON: ``x * (1 / s)``, ties
+    half away from zero) instead of ``x86`` (AVX2/AVX-512: ``x * (127 / max|x|)``, ties to even)."""
+    _ROUNDING.append(kernel)
+    try:
+        yield
+    finally:
+        _ROUNDING.pop()
+
+
+def quantize_activations(x, block: int):
+    """What ONNX Runtime's MatMulNBits at accuracy level 4 does to its input (MLAS
+    QuantizeARow_CompInt8): per block of ``block`` inputs, ``s = max|x| / 127`` and, on x86,
+    ``q = round_half_even(x * (127 / max|x|))``; returns ``q * s`` in x's dtype. The true
+    division matters: torch's ``127 / t`` is ``reciprocal(t) * 127``, an ulp off, and
+    dequantized weights put many inputs exactly on .5."""
+    import torch
+
+    shape, dtype = x.shape, x.dtype
+    blocks = x.float().reshape(*shape[:-1], shape[-1] // block, block)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    scale = amax / 127.0
+    if _ROUNDING[-1] == "arm":
+        inverse = torch.where(amax > 0, torch.ones_like(scale) / scale, torch.zeros_like(amax))
+        v = blocks * inverse
+        q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    else:
+        inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+        q = torch.round(blocks * inverse)
+    return (q * scale).reshape(shape).to(dtype)
+
+
+def set_int8_activations(model: nn.Module, table: dict[str, QuantizedWeight]) -> None:
+    """Mark every quantized Linear of ``model`` to quantize its input as MatMulNBits at
+    accuracy level 4 does (models/model.py ``linear`` applies it): the PyTorch reference
+    of an export computing with int8 activations (``export --activations int8``)."""
+    from torch import nn
+
+    for name, module in quantized_modules(model):
+        if isinstance(module, nn.Linear):
+            module.int8_block = nbits_block(table[name])
+
+
 def grid_of(weights: Weights | None) -> tuple[int, int | None] | None:
     """(bits, block) of an export's quantized weights; None for float weights."""
     if weights is None or not weights.quantized:
@@ -142,9 +206,13 @@ def grid_of(weights: Weights | None) -> tuple[int, int | None] | None:
 
 
 def quantize_like_export(model: nn.Module, source: nn.Module, weights: Weights | None) -> None:
-    """Give ``model`` the dequantized weights an export holds. ``source`` is the
-    checkpoint's model in the export's dtype (the grid is computed in that dtype,
-    as the export did); ``model`` may have any dtype. No-op for float weights."""
+    """Give ``model`` the dequantized weights an export holds (and its int8 activations,
+    where it computes with them). ``source`` is the checkpoint's model in the export's
+    dtype (the grid is computed in that dtype, as the export did); ``model`` may have any
+    dtype. No-op for float weights."""
     grid = grid_of(weights)
     if grid is not None:
-        apply_weights(model, quantize_model(source, *grid))
+        table = quantize_model(source, *grid)
+        apply_weights(model, table)
+        if weights.activations == "int8":
+            set_int8_activations(model, table)

@@ -76,6 +76,7 @@ class Backend:
     options: type  # the frozen dataclass of what it reads
     load: Callable[[Path, Any], Runner]  # (export directory, its options) -> runner
     summary: str
+    activations: tuple[str, ...] = ("fp",)  # what its quantized MatMuls can compute with (export.json weights)
 
     def options_from(self, settings: Settings) -> Any:
         return self.options(**{f.name: getattr(settings, f.name) for f in fields(self.options)})
@@ -84,15 +85,15 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 
 
-def register(name: str, options: type, summary: str) -> Callable:
+def register(name: str, options: type, summary: str, activations: tuple[str, ...] = ("fp",)) -> Callable:
     def add(load: Callable[[Path, Any], Runner]) -> Callable[[Path, Any], Runner]:
-        BACKENDS[name] = Backend(name, options, load, summary)
+        BACKENDS[name] = Backend(name, options, load, summary, activations)
         return load
 
     return add
 
 
-@register("ort", OrtOptions, "ONNX Runtime, on any of its execution providers (--provider)")
+@register("ort", OrtOptions, "ONNX Runtime, on any of its execution providers (--provider)", ("fp", "int8"))
 def _ort(directory: Path, options: OrtOptions) -> Runner:
     from samout_edge.runtime.ort_runner import load_ort_runner
 
@@ -107,7 +108,8 @@ def _tensorrt(directory: Path, options: TensorRTOptions) -> Runner:
     return load_trt_runner(directory, profile=options.engine or None)
 
 
-@register("torch", TorchOptions, "PyTorch eager on the export's source checkpoint (--device; needs torch)")
+@register("torch", TorchOptions, "PyTorch eager on the export's source checkpoint (--device; needs torch)",
+          ("fp", "int8"))  # int8: it emulates the kernel's quantization (models/quantize.py)
 def _torch(directory: Path, options: TorchOptions) -> Runner:
     """The export's source checkpoint, eagerly, with the export's arch, dtype,
     logits mode and (quantized exports) dequantized weights, so it computes what
@@ -147,4 +149,21 @@ def load_runner(directory: str | Path, backend: str, settings: Settings | None =
     found = BACKENDS.get(backend)
     if found is None:
         raise SamoutError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_activations(Path(directory), found)
     return found.load(Path(directory), found.options_from(settings or Settings()))
+
+
+def check_activations(directory: Path, backend: Backend) -> None:
+    """An export whose MatMuls compute with int8 activations is a different function from its
+    dequantized weights in fp32: a backend that would run the latter is refused in one line."""
+    from samout_edge.artifact.engine import is_engine_dir
+    from samout_edge.artifact.manifest import read_manifest
+
+    if is_engine_dir(directory) or not (directory / "export.json").is_file():
+        return  # an engine, or not an export at all: the backend's own loader says what is wrong
+    activations = read_manifest(directory).weights.activations
+    if activations not in backend.activations:
+        able = ", ".join(b.name for b in BACKENDS.values() if activations in b.activations)
+        raise SamoutError(f"this export computes its MatMuls with {activations} activations (export --activations "
+                          f"{activations}: ONNX Runtime's MatMulNBits at accuracy level 4), which the {backend.name} "
+                          f"backend does not: run it on {able}")
