@@ -130,3 +130,27 @@ def test_batched_and_concurrent_eval_equals_one_window_at_a_time(exported, text_
             spans = windows(len(tokens), window, stride)
             assert fast["compared_tokens"] == sum(e - first for _, e, first in spans[:16])
             assert fast["top1_agreement"] == 1.0 and fast["max_logit_error"] < 1e-4
+
+
+def test_eval_record_keeps_the_cost_in_the_export(run_cli, tmp_path, tiny_checkpoint, text_and_vocab):
+    """Issue 19: what a precision costs on held-out text travels with the export (export.json quality)."""
+    from samout_edge.artifact.manifest import read_manifest
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+
+    text, vocab = text_and_vocab
+    d = export(tmp_path / "q", ExportOptions(weights="int4", block_size=16, max_seq=64, logits="all"),
+               checkpoint=tiny_checkpoint, run_verify=False).directory
+    for _ in range(2):  # the same text, mode and window: replaced, not appended
+        code, out, err = run_cli("eval", d, "--text", text, "--vocab", vocab, "--window", "64", "--record", "--json")
+        assert code == 0, err
+    result = json.loads(out)[0]
+    quality = read_manifest(d).quality
+    assert len(quality) == 1 and quality[0]["bits_per_byte"] == result["bits_per_byte"]
+    # every window was compared (47 < 64): the cost is the whole difference from PyTorch fp32
+    assert result["compared_tokens"] == result["tokens"]
+    assert result["cost_bits_per_byte"] == pytest.approx(result["bits_per_byte"] - result["fp32_bits_per_byte"], abs=1e-9)
+    assert quality[0]["cost_bits_per_byte"] == result["cost_bits_per_byte"] and quality[0]["kl_from_fp32"] > 0
+    code, out, _ = run_cli("inspect", d)
+    assert "quality (eval --record" in out and "vs PyTorch fp32" in out
+    code, out, err = run_cli("eval", tiny_checkpoint, "--text", text, "--vocab", vocab, "--record")
+    assert code == 1 and "is a checkpoint" in err

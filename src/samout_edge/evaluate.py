@@ -97,6 +97,8 @@ class EvalResult:
     perplexity: float  # per token
     top1_agreement: float | None  # vs PyTorch fp32, same windows
     kl_from_fp32: float | None  # mean KL(PyTorch fp32 || target) per token, nats, same tokens: fidelity, not quality
+    fp32_bits_per_byte: float | None  # PyTorch fp32 on the compared tokens
+    cost_bits_per_byte: float | None  # the target minus PyTorch fp32, on the compared tokens: what the precision costs
     max_logit_error: float | None
     compared_tokens: int  # tokens the PyTorch comparison covered (the first windows)
     window_ms: float  # median wall time per window (stream: per 1000 tokens)
@@ -169,6 +171,9 @@ class _Tally:
     compared: int = 0
     max_err: float = 0.0
     kl: float = 0.0
+    compared_nll: float = 0.0  # the target's, on the compared tokens
+    reference_nll: float = 0.0  # PyTorch fp32's, on the same tokens
+    compared_bytes: int = 0
     buckets: list[PositionBucket] = field(default_factory=position_buckets)
 
     def add(self, nll: np.ndarray, sizes: np.ndarray, positions: np.ndarray) -> None:
@@ -183,8 +188,12 @@ class _Tally:
                 b.tokens += int(inside.sum())
                 b.bytes += int(sizes[inside].sum())
 
-    def compare(self, mine: np.ndarray, theirs: np.ndarray) -> None:
-        """``mine``: the target's logits, ``theirs``: PyTorch fp32's, [tokens, vocab]."""
+    def compare(self, mine: np.ndarray, theirs: np.ndarray, targets: np.ndarray, sizes: np.ndarray) -> None:
+        """``mine``: the target's logits, ``theirs``: PyTorch fp32's, [tokens, vocab], predicting ``targets``
+        (of ``sizes`` bytes)."""
+        self.compared_nll += float(_nll(mine[None], targets[None]).sum(dtype=np.float64))
+        self.reference_nll += float(_nll(theirs[None], targets[None]).sum(dtype=np.float64))
+        self.compared_bytes += int(sizes.sum())
         self.agree += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
         self.compared += mine.shape[0]
         self.max_err = max(self.max_err, float(np.abs(mine.astype(np.float64) - theirs).max()))
@@ -199,6 +208,9 @@ class _Tally:
         self.compared += other.compared
         self.max_err = max(self.max_err, other.max_err)
         self.kl += other.kl
+        self.compared_nll += other.compared_nll
+        self.reference_nll += other.reference_nll
+        self.compared_bytes += other.compared_bytes
         for mine, theirs in zip(self.buckets, other.buckets):
             mine.nll += theirs.nll
             mine.tokens += theirs.tokens
@@ -215,6 +227,9 @@ class _Tally:
             "top1_agreement": self.agree / self.compared if self.compared else None,
             "max_logit_error": self.max_err if self.compared else None,
             "kl_from_fp32": self.kl / self.compared if self.compared else None,
+            "fp32_bits_per_byte": self.reference_nll / math.log(2) / self.compared_bytes if self.compared_bytes else None,
+            "cost_bits_per_byte": (self.compared_nll - self.reference_nll) / math.log(2) / self.compared_bytes
+            if self.compared_bytes else None,
             "compared_tokens": self.compared,
             "by_position": [b.to_dict() for b in self.buckets if b.tokens],
         }
@@ -275,7 +290,7 @@ def evaluate(
             rows = slice(first - 1 - s, e - 1 - s)  # logits at t-1 predict token t
             tally.add(nll_at[row, rows], token_bytes[first:e], np.arange(first - s, e - s))
             if ref is not None:
-                tally.compare(logits[row, rows], ref[row, rows])
+                tally.compare(logits[row, rows], ref[row, rows], ids[row, first - s : e - s], token_bytes[first:e])
         return tally, ms
 
     total = _Tally()
@@ -333,7 +348,7 @@ def evaluate_stream(
             ref_logits = reference.to_numpy(ref_logits)[0]
             ref_predictors = ref_logits[:-1] if ref_previous is None else np.concatenate([ref_previous[None],
                                                                                           ref_logits[:-1]])
-            tally.compare(predictors, ref_predictors)
+            tally.compare(predictors, ref_predictors, targets, sizes[len(ids) - len(targets):])
             ref_previous = ref_logits[-1]
         previous = logits[-1]
         seen += len(ids)
@@ -431,6 +446,7 @@ def eval_target(
                               workers=workers)
         if reference is None and manifest is None and runner.info.dtype == "fp32":  # its own reference
             scores["top1_agreement"], scores["max_logit_error"], scores["kl_from_fp32"] = 1.0, 0.0, 0.0
+            scores["fp32_bits_per_byte"], scores["cost_bits_per_byte"] = scores["bits_per_byte"], 0.0
 
         return EvalResult(
             target=str(target),
@@ -468,6 +484,26 @@ def _torch_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("torch") is not None
+
+
+def record_quality(directory: Path, result: EvalResult, text: Path) -> dict:
+    """Keep ``result`` in the export's export.json (``quality``), so what its precision costs on
+    held-out text travels with it; an entry for the same text, mode, window and runner is replaced."""
+    from samout_edge.artifact.files import sha256_file
+
+    manifest = read_manifest(directory)
+    entry = {"text": Path(text).name, "text_sha256": sha256_file(Path(text)), "text_bytes": result.bytes,
+             "mode": result.mode, "window": result.window, "stride": result.stride, "runner": result.runner,
+             "tokens": result.tokens, "bits_per_byte": result.bits_per_byte,
+             "fp32_bits_per_byte": result.fp32_bits_per_byte, "cost_bits_per_byte": result.cost_bits_per_byte,
+             "kl_from_fp32": result.kl_from_fp32, "top1_agreement": result.top1_agreement,
+             "compared_tokens": result.compared_tokens,
+             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    same = ("text_sha256", "mode", "window", "stride", "runner")
+    manifest.quality = [q for q in manifest.quality if tuple(q.get(k) for k in same) != tuple(entry[k] for k in same)]
+    manifest.quality.append(entry)
+    manifest.save(directory)
+    return entry
 
 
 def _torch_runner(directory, manifest, checkpoint, logits, arch, heads, dtype):

@@ -167,6 +167,11 @@ def arch_notes(manifest) -> list[str]:
     at = lambda n: human_bytes(graph.state_bytes(cfg, manifest.arch, 1, n, manifest.dtype))  # noqa: E731
     growth = "grows with the context" if spec.grows else "constant whatever the context"
     notes.append(f"decode state at batch 1: {at(1024)} at 1k tokens, {at(32768)} at 32k ({growth})")
+    for q in manifest.quality:
+        cost = "" if q.get("cost_bits_per_byte") is None else f", {q['cost_bits_per_byte']:+.4f} vs PyTorch fp32"
+        kl = "" if q.get("kl_from_fp32") is None else f", KL {q['kl_from_fp32']:.4f}"
+        notes.append(f"quality (eval --record, {q['measured'][:10]}): {q['bits_per_byte']:.4f} bits per byte on "
+                     f"{q['text']} ({q['mode']} of {q['window']}, {q['runner']}){cost}{kl}")
     w = manifest.weights
     if w.activations == "int8":
         notes.append(f"activations: int8 in the {w.kind} MatMuls (MatMulNBits accuracy level 4); verify's tolerance "

@@ -57,6 +57,8 @@ class Manifest:
     # fp16 exports: the fp32 islands that keep fp16 arithmetic in range, the calibrated
     # peaks they were chosen from, and the PyTorch fp16 check (exporter/precision.py)
     precision: dict[str, Any] | None = None
+    # what `eval --record` measured on held-out text: one entry per text, mode and window
+    quality: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def state_inputs(self) -> list[str]:

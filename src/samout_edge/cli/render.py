@@ -351,25 +351,26 @@ def evaluation(results, text) -> None:
     short_targets = shortest_names([r.target for r in results])
     table = Table(title=escape(f"eval on {text}: bits per byte (lower is better); top-1 agreement, mean KL (nats "
                                "per token) and max logit error vs PyTorch fp32 on the same contexts"))
-    for col in ("target", "arch", "runner", "dtype", "weights", "context", "bits/byte", "perplexity", "top-1 agree",
+    for col in ("target", "arch", "runner", "dtype", "weights", "context", "bits/byte", "cost vs fp32", "top-1 agree",
                 "KL vs fp32", "max logit err", "weights MiB", "state", "ms/window"):
         table.add_column(col, justify="left" if col in ("target", "arch", "runner", "dtype", "weights") else "right")
     for r in results:
         agree = "-" if r.top1_agreement is None else f"{100 * r.top1_agreement:.2f}%"
         err = "-" if r.max_logit_error is None else f"{r.max_logit_error:.2e}"
         kl = "-" if r.kl_from_fp32 is None else f"{r.kl_from_fp32:.4f}"
+        cost = "-" if r.cost_bits_per_byte is None else f"{r.cost_bits_per_byte:+.4f}"
         weights = "-" if r.weights_bytes is None else f"{r.weights_bytes / 2**20:.1f}"
         context = f"stream {r.window:,}" if r.mode == "stream" else f"{r.window:,}"
         speed = f"{r.window_ms:.1f}" if r.mode == "windows" else f"{r.window_ms:.0f}/1k tok"
         table.add_row(escape(short_targets[r.target]), r.arch, escape(short_runner(r.runner)), r.dtype, r.weights,
-                      context, f"{r.bits_per_byte:.4f}", f"{r.perplexity:.3f}", agree, kl, err, weights,
+                      context, f"{r.bits_per_byte:.4f}", cost, agree, kl, err, weights,
                       human_bytes(r.state_bytes), speed)
     console.print(table)
     first = results[0]
     how = (f"windows of {first.window} every {first.stride}" if first.mode == "windows"
            else "the whole file as one context")
-    console.print(f"{first.tokens:,} tokens ({first.bytes:,} bytes) scored; {how}; agreement over the first "
-                  f"{first.compared_tokens:,} tokens; state is the decode state after the longest context",
+    console.print(f"{first.tokens:,} tokens ({first.bytes:,} bytes) scored; {how}; cost, agreement and KL over the "
+                  f"first {first.compared_tokens:,} tokens; state is the decode state after the longest context",
                   highlight=False)
     spans = sorted({(b["from"], b["to"]) for r in results for b in r.by_position})
     if len(spans) > 1:

@@ -286,15 +286,22 @@ def eval_command(
     openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
     openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write bits per byte by position in the context to this PNG."),
+    record: bool = typer.Option(False, "--record", help="Keep each export's result in its export.json (quality): "
+                                "what its precision costs on this text travels with it; inspect shows it."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Quality on the deployed artifact: bits per byte (overall and by position in the context), perplexity,
     agreement with PyTorch fp32; targets side by side."""
     from samout_edge.artifact.files import check_writable_file
-    from samout_edge.evaluate import eval_target
+    from samout_edge.evaluate import eval_target, record_quality
+    from samout_edge.runtime.target import resolve_target
 
     if len(targets) > MAX_EVAL_TARGETS:
         raise SamoutError(f"give at most {MAX_EVAL_TARGETS} targets")
+    for target in targets if record else []:  # before minutes of scoring
+        kind = resolve_target(target, engine).kind
+        if kind != "export":
+            raise SamoutError(f"--record keeps a result in an export's export.json; {target} is a {kind}")
     if plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             raise SamoutError("--plot needs matplotlib: pip install 'samout-edge[plot]'")
@@ -307,6 +314,9 @@ def eval_command(
             results.append(eval_target(target, text, backend.value, provider, window, stride, vocab, reference,
                                        arch_of(arch, softmax_window), heads, progress, checkpoint, stream, engine,
                                        settings(provider, None, engine, openvino_device, openvino_precision)))
+    if record:
+        for target, result in zip(targets, results):
+            record_quality(resolve_target(target, engine).export_dir, result, text)
     if json_out:
         print_json([r.to_dict() for r in results])
     else:
