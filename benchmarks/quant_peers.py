@@ -1,0 +1,138 @@
+"""Our int4 grid against ONNX Runtime's own quantizers, on the same fp32 export and the same text (issue 19).
+
+For each fp32 export given (``--logits all``, a checkpoint of ours beside it), this
+quantizes its model.onnx with ONNX Runtime's MatMulNBitsQuantizer (RTN symmetric and
+asymmetric, HQQ; block --block, its MatMuls only: the embedding stays float there),
+exports the same checkpoint with ``export --weights int4`` (our grid: MatMuls and the
+embedding), and scores every model on the held-out text with samout-edge's eval:
+bits per byte, mean KL from PyTorch fp32 and top-1 agreement over the same windows, and
+the weights' bytes. One table, Markdown and JSON.
+
+    .venv/bin/python benchmarks/quant_peers.py out/archs/cummax-fp32 out/archs/softmax-fp32 \\
+        --text out/archs/heldout.txt [--block 32] [--window 256] [--markdown M.md] [--json J.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from samout_edge.artifact.initializers import initializer_bytes
+from samout_edge.artifact.manifest import MODEL_FILE, read_manifest
+from samout_edge.bench.machine import describe
+from samout_edge.evaluate import evaluate, read_tokens
+from samout_edge.exporter.onnx_export import ExportOptions, export
+from samout_edge.models.checkpoint import source_checkpoint
+from samout_edge.runtime.ort_runner import OrtRunner
+from samout_edge.runtime.registry import load_runner
+from samout_edge.runtime.torch_runner import load_torch_runner
+
+
+def peer_models(model_path: Path, block: int) -> dict[str, onnx.ModelProto]:
+    """ONNX Runtime's quantizers on our fp32 graph (its MatMuls; accuracy level 1: fp32 compute)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    made = {}
+    for name, config in (
+        ("ort rtn symmetric", DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=1)),
+        ("ort rtn asymmetric", DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, accuracy_level=1)),
+        ("ort hqq", HQQWeightOnlyQuantConfig(block_size=block, bits=4)),
+    ):
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), algo_config=config)
+        quantizer.process()
+        made[name] = quantizer.model.model
+    return made
+
+
+def session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def score(runner, reference, tokens, token_bytes, window: int) -> dict:
+    scores = evaluate(runner, tokens, token_bytes, window, window - 1, reference, reference_windows=10**9)
+    return {k: scores[k] for k in ("bits_per_byte", "cost_bits_per_byte", "kl_from_fp32", "top1_agreement",
+                                   "compared_tokens")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("exports", nargs="+", type=Path, help="fp32 exports with --logits all")
+    parser.add_argument("--text", type=Path, required=True)
+    parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--work", type=Path, default=Path("out") / "quant-peers")
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    rows = []
+    for directory in args.exports:
+        m = read_manifest(directory)
+        if m.weights.quantized or m.logits != "all" or m.dtype != "fp32":
+            raise SystemExit(f"{directory}: give an fp32 export with --logits all")
+        from samout_edge.artifact.vocab import Vocab, export_vocab
+
+        vocab = export_vocab(directory)
+        tokens, token_bytes = read_tokens(args.text, m.config.vocab_size, vocab if isinstance(vocab, Vocab) else None)
+        ckpt = source_checkpoint(directory, m, None)
+        reference = load_torch_runner(ckpt, m.arch, "fp32", "all")
+        models = {"fp32": onnx.load(str(directory / MODEL_FILE))}
+        t = time.perf_counter()
+        models.update(peer_models(directory / MODEL_FILE, args.block))
+        print(f"{m.arch}: ONNX Runtime's quantizers in {time.perf_counter() - t:.0f} s", flush=True)
+        ours = args.work / f"{m.arch}-int4-b{args.block}"
+        if not ours.exists():
+            export(ours, ExportOptions(arch=m.arch, max_seq=m.max_seq, logits="all", weights="int4",
+                                       block_size=args.block), checkpoint=ckpt.path, run_verify=False)
+        for name, model in models.items():
+            t = time.perf_counter()
+            runner = OrtRunner(session(model), m, "CPUExecutionProvider")
+            result = score(runner, reference, tokens, token_bytes, args.window)
+            rows.append({"arch": m.arch, "quantizer": name, "weights_bytes": initializer_bytes(model), **result})
+            print(f"{m.arch} {name}: {result['bits_per_byte']:.4f} bits/byte, KL {result['kl_from_fp32']:.5f} "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+        with load_runner(ours, "ort") as runner:
+            result = score(runner, reference, tokens, token_bytes, args.window)
+        rows.append({"arch": m.arch, "quantizer": f"samout-edge int4 (block {args.block})",
+                     "weights_bytes": read_manifest(ours).weights.bytes, **result})
+        print(f"{m.arch} ours: {result['bits_per_byte']:.4f} bits/byte, KL {result['kl_from_fp32']:.5f}", flush=True)
+
+    report = {"machine": describe("cpu"), "text": str(args.text), "text_bytes": args.text.stat().st_size,
+              "block": args.block, "window": args.window, "rows": rows,
+              "what": "every model scored by samout-edge eval on the same windows against PyTorch fp32 on the "
+                      "export's checkpoint: bits per byte, its cost against fp32, mean KL(fp32 || model) per token, "
+                      "top-1 agreement; weights: the bytes of every initializer"}
+    lines = [f"Held-out text {report['text_bytes']:,} bytes, windows of {args.window}, int4 blocks of {args.block}; "
+             f"{report['machine']['label']}.", "",
+             "| arch | quantizer | weights MiB | bits/byte | cost vs fp32 | mean KL from fp32 | top-1 agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['quantizer']} | {r['weights_bytes'] / 2**20:.2f} | {r['bits_per_byte']:.4f} | "
+                     f"{r['cost_bits_per_byte']:+.4f} | {r['kl_from_fp32']:.5f} | {100 * r['top1_agreement']:.2f}% |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    for path, text in ((args.markdown, md), (args.json, json.dumps(report, indent=2) + "\n")):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
