@@ -181,10 +181,32 @@ def test_weights_bytes(quantized, exported):
     int8 = quantized("cummax", "int8", "auto").manifest.weights
     int4 = quantized("cummax", "int4", "auto").manifest.weights
     assert int8.float_bytes == int4.float_bytes == fp.bytes
-    # tiny (vocab 128, hidden 32): every weight matrix quantized, biases/LayerNorm/scan constants float
-    assert int8.bytes <= 0.30 * fp.bytes and int4.bytes <= 0.18 * fp.bytes
+    # tiny (vocab 128, hidden 32): every weight matrix quantized (int4's embedding table at int8),
+    # biases/LayerNorm/scan constants float
+    assert int4.embedding == "int8" and int8.embedding is None
+    assert int8.bytes <= 0.30 * fp.bytes and int4.bytes <= 0.24 * fp.bytes
     model = onnx.load(str(quantized("cummax", "int4", "auto").directory / "model.onnx"))
     assert qz.initializer_bytes(model) == int4.bytes
+
+
+@pytest.mark.parametrize("fmt", ["dq", "matmulnbits"])
+def test_int4_keeps_the_embedding_table_at_int8_unless_told(tiny_checkpoint, tmp_path, fmt):
+    """Issue 19: a Gather reads one row per token, so the table's bits cost file size only; at int4
+    it carried most of the quality cost. Both tables verify; the int4 one is smaller."""
+    made = {}
+    for table in ("auto", "int4"):
+        result = export(tmp_path / table, ExportOptions(weights="int4", block_size=16, weights_format=fmt, max_seq=40,
+                                                        embedding_weights=table), checkpoint=tiny_checkpoint)
+        assert result.verification.passed
+        made[table] = result.manifest.weights
+    assert made["auto"].embedding == "int8" and made["int4"].embedding == "int4"
+    # vocab 128 x hidden 32: int8 4096 bytes + 128 row scales (+ GatherBlockQuantized's 128 zero points),
+    # int4 2048 + 256 block scales (fp32)
+    zero_points = 128 if fmt == "matmulnbits" else 0
+    assert made["auto"].bytes - made["int4"].bytes == (4096 + 128 * 4 + zero_points) - (2048 + 256 * 4)
+    with pytest.raises(SamoutError, match="applies to --weights int4"):
+        export(tmp_path / "x", ExportOptions(weights="int8", embedding_weights="int4", max_seq=40),
+               checkpoint=tiny_checkpoint, run_verify=False)
 
 
 def test_block_size_and_opset_rules(tiny_checkpoint, tmp_path):
@@ -238,7 +260,8 @@ def test_lint_names_the_tensorrt_versions_that_parse_each_form(quantized):
     reports = {r.version: r for r in lint_model(onnx.load(str(quantized("softmax", "int4", "dq").directory / "model.onnx")))}
     messages = " ".join(i.message for i in reports["8.6"].issues)
     assert "INT4" in messages and "blocked scales" in messages and "10.0" in messages
-    assert any(i.severity == "warning" and "Gather" in i.message for i in reports["10.3"].issues)
+    # the embedding table is int8 (its Gather's DequantizeLinear per axis): no INT4 outside GEMM weights
+    assert not any("Gather" in i.message for i in reports["10.3"].issues)
 
 
 def test_equal_weights_sharing_one_initializer(tmp_path):

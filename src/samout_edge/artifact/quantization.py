@@ -44,6 +44,7 @@ class Weights:
     reason: str | None = None
     scheme: str | None = None
     ort_session_config: dict[str, str] = field(default_factory=dict)
+    embedding: str | None = None  # the embedding table's kind where it differs (int4 exports keep it int8)
     activations: str = "fp"  # fp | int8: MatMulNBits quantizes its input to int8 too (accuracy level 4)
     activation_rtol: float | None = None  # int8 activations: verify's tolerance, derived at export (see rtol)
     activation_check: dict[str, Any] | None = None  # int8 activations: what the tolerance was derived from
@@ -57,9 +58,16 @@ class Weights:
         return BITS.get(self.kind)
 
     @property
+    def embedding_bits(self) -> int | None:
+        """The embedding table's bits: a Gather reads one row per token, so its bits cost file size,
+        not decode time, and int4 exports keep it at int8 unless told (exports older than the
+        field: the kind's own)."""
+        return BITS.get(self.embedding or self.kind)
+
+    @property
     def key(self) -> tuple:
         """What makes two exports' weights the same function: kind, block, format, activations."""
-        return self.kind, self.block_size, self.format, self.activations
+        return self.kind, self.block_size, self.format, self.embedding, self.activations
 
     def rtol(self, dtype: str) -> float:
         """verify's tolerance for an export with these weights in ``dtype``: the PyTorch reference
@@ -89,6 +97,8 @@ class Weights:
         config = self.ort_session_config
         if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
             raise SamoutError(f"export.json: weights ort_session_config must map strings to strings, got {config!r}")
+        if self.embedding is not None and (self.kind != "int4" or self.embedding not in ("int8", "int4")):
+            raise SamoutError(f"export.json: weights embedding {self.embedding!r}: int4 exports only, int8 or int4")
         if self.activations not in ACTIVATIONS:
             raise SamoutError(f"export.json: weights activations {self.activations!r} is not one of "
                               f"{', '.join(ACTIVATIONS)}")

@@ -21,6 +21,7 @@ from samout_edge.cli.common import (
     Arch,
     Backend,
     DType,
+    EmbeddingWeights,
     Logits,
     Lowering,
     OpenVINOPrecision,
@@ -91,6 +92,9 @@ def export(
     weights_format: WeightsFormat = typer.Option(
         "auto", "--weights-format", help="dq (DequantizeLinear: ONNX Runtime and TensorRT 10+, int8 also 8.x), "
         "matmulnbits (ONNX Runtime's MatMulNBits: ONNX Runtime only) or auto (export.json says which, and why)."),
+    embedding_weights: EmbeddingWeights = typer.Option(
+        "auto", "--embedding-weights", help="--weights int4: the embedding table at int8 (auto: one row is read per "
+        "token, so its bits cost file size, not decode time) or int4 (the smallest file)."),
     activations: Activations = typer.Option(
         "fp", "--activations", help="int8 (with --weights int8/int4): the MatMuls quantize their inputs to int8 too "
         "(ONNX Runtime's MatMulNBits at accuracy level 4): faster decode on CPUs, verified at a tolerance measured "
@@ -121,6 +125,7 @@ def export(
         calibration_text=calibration_text,
         hybrid_alpha=hybrid_alpha,
         activations=activations.value,
+        embedding_weights=embedding_weights.value,
     )
     with progress_bar(not json_out) as progress:
         result = run_export(

@@ -76,6 +76,7 @@ OPENVINO_PRECISION_HELP = ("OpenVINO inference precision: f32 keeps verify's tol
                            "hardware has them, with a looser tolerance (the openvino backend).")
 Weights, WeightsFormat = choices("Weights", WEIGHT_KINDS), choices("WeightsFormat", ("auto", *WEIGHT_FORMATS))
 Activations = choices("Activations", ACTIVATION_KINDS)
+EmbeddingWeights = choices("EmbeddingWeights", ("auto", "int8", "int4"))
 
 
 def value(choice: Enum | None) -> str | None:

@@ -80,6 +80,7 @@ class ExportOptions:
     calibration_text: Path | None = None  # fp16: text whose activations the fp32 islands must cover
     hybrid_alpha: float | None = None  # SamOut weights exported as a hybrid: the blend in every layer (0.5)
     activations: str = "fp"  # fp | int8: quantized MatMuls with int8 inputs (MatMulNBits accuracy level 4)
+    embedding_weights: str = "auto"  # int4 exports: the embedding table at int8 (auto) or int4
 
     def validate(self) -> ExportOptions:
         check_arch(self.arch)
@@ -114,7 +115,8 @@ class ExportOptions:
         return self
 
     def weights_spec(self) -> qz.WeightsSpec:
-        return qz.WeightsSpec(self.weights, self.block_size, self.weights_format, self.activations)
+        return qz.WeightsSpec(self.weights, self.block_size, self.weights_format, self.activations,
+                              self.embedding_weights)
 
     def scan_plan(self, config: ModelConfig) -> low.ScanPlan:
         # One plan serves the sequence axis and (in custom exports) the head axis.
@@ -377,7 +379,8 @@ def export(
                 module.decompose = options.decompose_layernorm
         quantized = None
         if options.weights != "fp":  # the traced weights are dequantize(quantize(w)): see exporter/quantize.py
-            quantized = quantize_model(model, options.weights_spec().bits, options.block_size)
+            quantized = quantize_model(model, options.weights_spec().bits, options.block_size,
+                                       manifest.weights.embedding_bits)
 
         reference = ckpt.model(options.arch, alpha=options.hybrid_alpha)
         if quantized is not None:  # the same dequantized weights the graph holds

@@ -75,6 +75,11 @@ from samout_edge.models.quantize import (  # the grid: below the runtime
 )
 
 FORMAT_CHOICES = ("auto", *FORMATS)
+# int4 exports keep the embedding table at int8 unless told: a Gather reads one row per token, so
+# the table's bits cost file size, not decode time, and at int4 it carried most of the quality
+# cost (trained pair's SamOut, 32 KiB of held-out text: mean KL from fp32 0.0048 with an int4
+# table, 0.0027 with int8, for 1.04 vs 1.07 MiB).
+EMBEDDING_CHOICES = ("auto", "int8", "int4")
 DEFAULT_BLOCK_SIZE = 32
 # ... up to 256 here: ONNX Runtime 1.23 (the device side's, Python 3.10) returns garbage from
 # MatMulNBits with block_size 512 (8 and 4 bits; measured; 1.32 is right). models/quantize.py:
@@ -134,6 +139,7 @@ class WeightsSpec:
     block_size: int | None = None  # int4 only: inputs per scale
     format: str = "auto"  # auto | dq | matmulnbits
     activations: str = "fp"  # fp | int8 (MatMulNBits at accuracy level 4)
+    embedding: str = "auto"  # int4: the embedding table at int8 (auto) or int4
 
     @property
     def bits(self) -> int:
@@ -157,6 +163,10 @@ def validate(spec: WeightsSpec, opset: int, hidden_size: int | None = None) -> W
     if spec.activations == "int8" and (spec.kind == "fp" or spec.format == "dq"):
         raise SamoutError("--activations int8 computes the MatMuls with int8 inputs in ONNX Runtime's MatMulNBits: "
                           "it takes --weights int8 or int4 with --weights-format matmulnbits (or auto)")
+    if spec.embedding not in EMBEDDING_CHOICES:
+        raise SamoutError(f"--embedding-weights {spec.embedding!r} is not one of: {', '.join(EMBEDDING_CHOICES)}")
+    if spec.embedding != "auto" and spec.kind != "int4":
+        raise SamoutError("--embedding-weights applies to --weights int4 (int8 exports keep the table at int8)")
     if spec.kind == "fp":
         if spec.block_size is not None:
             raise SamoutError("--block-size applies to --weights int4 only")
@@ -174,7 +184,7 @@ def validate(spec: WeightsSpec, opset: int, hidden_size: int | None = None) -> W
     if hidden_size is not None and hidden_size % block:
         raise SamoutError(f"--block-size {block} does not divide the hidden size {hidden_size} (TensorRT takes only "
                           "whole blocks); choose a power of two that divides it")
-    return WeightsSpec(spec.kind, block, spec.format, spec.activations)
+    return WeightsSpec(spec.kind, block, spec.format, spec.activations, spec.embedding)
 
 
 def check_nbits(spec: WeightsSpec, hidden_size: int) -> None:
@@ -186,6 +196,9 @@ def check_nbits(spec: WeightsSpec, hidden_size: int) -> None:
         raise SamoutError(f"--weights-format matmulnbits takes --block-size {MIN_BLOCK_SIZE} to {MAX_NBITS_BLOCK} "
                           f"(ONNX Runtime 1.23 computes larger MatMulNBits blocks wrong); got {spec.block_size}: "
                           "choose a smaller one, or --weights-format dq")
+    if spec.kind == "int4" and spec.embedding != "int4" and not any(hidden_size % b == 0 for b in NBITS_BLOCKS):
+        raise SamoutError(f"the int8 embedding table of an int4 matmulnbits export needs a hidden size divisible by "
+                          f"{MIN_BLOCK_SIZE}; this model's is {hidden_size}: use --embedding-weights int4")
     if spec.kind == "int8" and not any(hidden_size % b == 0 for b in NBITS_BLOCKS):
         raise SamoutError(f"--weights-format matmulnbits with int8 needs a hidden size divisible by "
                           f"{MIN_BLOCK_SIZE} (MatMulNBits' blocks); this model's is {hidden_size}: use --weights-format dq")
@@ -207,8 +220,10 @@ def weights_entry(spec: WeightsSpec) -> Weights:
     if spec.kind == "fp":
         return Weights()
     fmt, reason = resolve_format(spec)
+    embedding = None if spec.kind != "int4" else ("int8" if spec.embedding == "auto" else spec.embedding)
     return Weights(spec.kind, spec.block_size if spec.kind == "int4" else None, fmt, reason=reason, scheme=SCHEME,
-                   ort_session_config=dict(ORT_SESSION_CONFIG[fmt]), activations=spec.activations)
+                   ort_session_config=dict(ORT_SESSION_CONFIG[fmt]), activations=spec.activations,
+                   embedding=embedding)
 
 
 # --------------------------------------------------------------------------- the graph

@@ -108,17 +108,23 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{name}.weight", m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
 
 
-def quantize_model(model: nn.Module, bits: int, block: int | None) -> dict[str, QuantizedWeight]:
+def quantize_model(model: nn.Module, bits: int, block: int | None,
+                   embedding_bits: int | None = None) -> dict[str, QuantizedWeight]:
     """Quantize every Linear and Embedding weight on the grid, in the model's own
     dtype, and replace it in place by its dequantized value; returns the grid by
-    parameter name (apply it to other copies of the model with ``apply_weights``)."""
+    parameter name (apply it to other copies of the model with ``apply_weights``).
+    ``embedding_bits`` 8: the embedding table on the int8 grid (one scale per row)."""
     import torch
+    from torch import nn
 
     table = {}
     with torch.no_grad():
         for name, module in quantized_modules(model):
             w = module.weight.detach().cpu().numpy()
-            table[name] = quantize(w, bits, block)
+            if isinstance(module, nn.Embedding) and embedding_bits == 8 and bits != 8:
+                table[name] = quantize(w, 8, None)
+            else:
+                table[name] = quantize(w, bits, block)
     apply_weights(model, table)
     return table
 
@@ -198,11 +204,11 @@ def set_int8_activations(model: nn.Module, table: dict[str, QuantizedWeight]) ->
             module.int8_block = nbits_block(table[name])
 
 
-def grid_of(weights: Weights | None) -> tuple[int, int | None] | None:
-    """(bits, block) of an export's quantized weights; None for float weights."""
+def grid_of(weights: Weights | None) -> tuple[int, int | None, int | None] | None:
+    """(bits, block, embedding bits) of an export's quantized weights; None for float weights."""
     if weights is None or not weights.quantized:
         return None
-    return weights.bits, weights.block_size
+    return weights.bits, weights.block_size, weights.embedding_bits
 
 
 def quantize_like_export(model: nn.Module, source: nn.Module, weights: Weights | None) -> None:
