@@ -1,14 +1,20 @@
-"""One-token decode latency of quantized exports against their fp32 export, on ONNX Runtime CPU.
+"""Decode at the memory-bandwidth limit (issue 19): every precision and compute mode, both archs.
 
-All exports are loaded in one process and timed interleaved (the order
-alternates every round), so load on a shared machine hits each the same; ORT's
-intra-op spinning is off (see bench/suite.py). Each is first given a state of
---context tokens by one prefill call; then one decode call is timed repeatedly
-from that same state.
+Speed, on the seed preset (hidden 512, 8 heads, 6 layers, vocab 10000; random
+weights: speed does not depend on them): for cummax and softmax, exports at fp32,
+fp16, int8, int4, and int8/int4 with int8 activations (``--activations int8``), all
+loaded in one process; one-token decode after each --contexts is timed interleaved
+(the order alternates every round, so load on a shared machine hits each alike),
+ONNX Runtime CPU, intra-op spinning off. Each row gets the bytes its step must move
+(weights as stored but the embedding table, the state in and out) and the fraction
+of the machine's memory bandwidth that is (bench/bandwidth.py), as bench reports it.
 
-    samout-edge export --preset seed --arch cummax --max-seq 1024 -o out/q/fp32
-    samout-edge export --preset seed --arch cummax --max-seq 1024 --weights int4 -o out/q/int4
-    python benchmarks/quant_decode.py out/q/fp32 out/q/int4 --json benchmarks/results/cpu-quant-decode.json
+Quality, on the trained set (benchmarks/trained/: cummax and softmax): the same
+precisions exported from the trained checkpoints and scored by eval on held-out text
+against PyTorch fp32: the cost in bits per byte and the mean KL.
+
+    .venv/bin/python benchmarks/quant_decode.py [--contexts 256,4096] [--seconds 6] \\
+        [--json benchmarks/results/cpu-quant-decode.json] [--markdown benchmarks/results/cpu-quant-decode.md]
 """
 
 from __future__ import annotations
@@ -16,52 +22,152 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
+from samout_edge.artifact import graph
 from samout_edge.artifact.manifest import read_manifest
+from samout_edge.bench.bandwidth import decode_step_bytes, measure_bandwidth
+from samout_edge.bench.machine import describe
 from samout_edge.bench.timing import Budget, interleaved
+from samout_edge.evaluate import eval_target
+from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.runtime.ort_runner import load_ort_runner
 
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ("cummax", "softmax")
+VARIANTS = {  # name -> ExportOptions fields
+    "fp32": dict(),
+    "fp16": dict(dtype="fp16"),
+    "int8": dict(weights="int8"),
+    "int4": dict(weights="int4"),
+    "int8, int8 compute": dict(weights="int8", activations="int8"),
+    "int4, int8 compute": dict(weights="int4", activations="int8"),
+}
 TOKEN = np.asarray([[1]], dtype=np.int64)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("exports", nargs="+", type=Path, help="the fp32 export first, then the quantized ones")
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=10.0, help="timing budget per export")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    calls, labels, runners = {}, {}, []
-    for directory in args.exports:
-        m = read_manifest(directory)
-        w = m.weights
-        label = f"{m.arch} {w['kind']}" + (f" {w['format']}" if w.get("format") else "")
-        runner = load_ort_runner(directory, "cpu", spinning=False)
-        runners.append(runner)
-        ids = rng.integers(0, m.config.vocab_size, (1, args.context))
-        _, state = runner.run(ids, runner.initial_state(1))
-        calls[str(directory)] = (lambda r=runner, s=state: r.run(TOKEN, s))
-        labels[str(directory)] = (label, w.get("bytes") or os.path.getsize(directory / "model.onnx"))
-    timings = interleaved(calls, Budget(warmup=5, min_repeats=30, max_repeats=100_000, seconds=args.seconds))
-    base = timings[str(args.exports[0])].median_ms
+def made(target: Path, options: ExportOptions, **source) -> Path:
+    """An export, made once: kept in --work and reused while its options and source are the same."""
+    stamp = target / ".options.json"
+    want = json.dumps({**options.__dict__, **{k: str(v) for k, v in source.items()}}, sort_keys=True, default=str)
+    if stamp.is_file() and stamp.read_text() == want:
+        return target
+    t = time.perf_counter()
+    export(target, options, force=True, **source)
+    stamp.write_text(want)
+    print(f"exported {target.name} in {time.perf_counter() - t:.0f} s", flush=True)
+    return target
+
+
+def speed(work: Path, contexts: list[int], seconds: float, preset: str = "seed") -> tuple[list[dict], dict]:
+    bandwidth = measure_bandwidth()
+    print(f"memory bandwidth: {bandwidth.gb_per_s:.1f} GB/s ({bandwidth.threads} threads)", flush=True)
+    dirs = {(arch, name): made(work / preset / f"{arch}-{name.replace(', ', '-').replace(' ', '')}",
+                               ExportOptions(arch=arch, max_seq=max(contexts) + 1, **options), preset_name=preset)
+            for arch in ARCHS for name, options in VARIANTS.items()}
     rows = []
-    for key, t in timings.items():
-        label, size = labels[key]
-        rows.append({"export": key, "weights": label, "weights_mib": round(size / 2**20, 2),
-                     "decode_ms_median": round(t.median_ms, 3), "ratio": round(t.median_ms / base, 3),
-                     "repeats": len(t.samples_ms)})
-        print(f"{label:28} {size / 2**20:7.2f} MiB  decode {t.median_ms:7.3f} ms  x{t.median_ms / base:.2f}  ({len(t.samples_ms)} runs)")
-    if args.json:
-        report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                  "context": args.context, "rows": rows}
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.json)
+    rng = np.random.default_rng(0)
+    for context in contexts:
+        calls, runners = {}, {}
+        for key, d in dirs.items():
+            runner = load_ort_runner(d, "cpu", spinning=False)
+            runners[key] = runner
+            m = read_manifest(d)
+            _, state = runner.run(rng.integers(1, m.config.vocab_size, (1, context)), runner.initial_state(1))
+            calls[key] = lambda r=runner, s=state: r.run(TOKEN, s)
+        timings = interleaved(calls, Budget(warmup=3, min_repeats=20, max_repeats=100_000, seconds=seconds))
+        for (arch, name), t in timings.items():
+            m = read_manifest(dirs[(arch, name)])
+            cfg = m.config
+            state = graph.state_bytes(cfg, arch, 1, context, m.dtype)
+            step = decode_step_bytes(m.weights.bytes, cfg.parameter_count(), cfg.vocab_size * cfg.hidden_size, state)
+            fp32 = timings[(arch, "fp32")].median_ms
+            rows.append({"arch": arch, "variant": name, "context": context, "decode_ms": round(t.median_ms, 3),
+                         "x_fp32": round(t.median_ms / fp32, 3), "weights_mib": round(m.weights.bytes / 2**20, 2),
+                         "step_bytes": step, "roofline": round(step / (bandwidth.gb_per_s * 1e9) / (t.median_ms / 1e3), 3),
+                         "repeats": len(t.samples_ms)})
+            print(f"{arch:7} {name:20} context {context:5}: {t.median_ms:7.3f} ms  x{t.median_ms / fp32:.2f}  "
+                  f"roofline {rows[-1]['roofline']:.0%}", flush=True)
+        for runner in runners.values():
+            runner.close()
+    return rows, bandwidth.to_dict()
+
+
+def quality(work: Path, set_dir: Path, text: Path) -> list[dict]:
+    rows = []
+    for arch in ARCHS:
+        for name, options in VARIANTS.items():
+            d = made(work / "trained" / f"{arch}-{name.replace(', ', '-').replace(' ', '')}",
+                     ExportOptions(arch=arch, max_seq=256, logits="all", **options), checkpoint=set_dir / arch,
+                     vocab=set_dir / "vocab.json")
+            r = eval_target(d, text, window=256)
+            rows.append({"arch": arch, "variant": name, "bits_per_byte": r.bits_per_byte,
+                         "cost_bits_per_byte": r.cost_bits_per_byte, "kl_from_fp32": r.kl_from_fp32,
+                         "top1_agreement": r.top1_agreement, "compared_tokens": r.compared_tokens})
+            print(f"{arch:7} {name:20} {r.bits_per_byte:.4f} bits/byte, cost {r.cost_bits_per_byte:+.4f}, "
+                  f"KL {r.kl_from_fp32:.5f}", flush=True)
+    return rows
+
+
+def to_markdown(report: dict) -> str:
+    contexts = report["contexts"]
+    cost = {(q["arch"], q["variant"]): q for q in report["quality"]}
+    speed = {(r["arch"], r["variant"], r["context"]): r for r in report["speed"]}
+    head = (["arch", "weights, compute", "weights MiB"]
+            + [f"decode ms @{c} (x fp32, roofline)" for c in contexts] + ["cost bits/byte", "mean KL"])
+    lines = [f"Machine: {report['machine']['label']}; memory bandwidth {report['bandwidth']['gb_per_s']:.1f} GB/s "
+             f"({report['bandwidth']['method']}). Decode: {report['preset']} preset, ONNX Runtime CPU, batch 1, one token after the "
+             f"context, interleaved medians. Cost: the trained set, eval over {report['text_bytes']:,} bytes of "
+             "held-out text in windows of 256, against PyTorch fp32.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for arch in ARCHS:
+        for name in VARIANTS:
+            first = speed[(arch, name, contexts[0])]
+            cells = [arch, name, f"{first['weights_mib']:.1f}"]
+            for c in contexts:
+                r = speed[(arch, name, c)]
+                cells.append(f"{r['decode_ms']:.2f} ({r['x_fp32']:.2f}x, {r['roofline']:.0%})")
+            q = cost.get((arch, name))
+            cells += ["-", "-"] if q is None else [f"{q['cost_bits_per_byte']:+.4f}", f"{q['kl_from_fp32']:.4f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="256,4096")
+    parser.add_argument("--seconds", type=float, default=6.0, help="timing budget per export and context")
+    parser.add_argument("--set", type=Path, default=ROOT / "benchmarks" / "trained")
+    parser.add_argument("--text", type=Path, help="held-out text (default: 64 KiB from the set's heldout.txt)")
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "quant-decode")
+    parser.add_argument("--preset", default="seed", help="the model timed (default seed)")
+    parser.add_argument("--no-quality", action="store_true", help="time only")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    text = args.text or args.work / "heldout.txt"
+    if args.text is None:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_set.py"), "--out", str(args.set),
+                        "--write-heldout", str(text), "--max-bytes", str(64 << 10)], check=True)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rows, bandwidth = speed(args.work, contexts, args.seconds, args.preset)
+    report = {"machine": describe("cpu"), "preset": args.preset, "bandwidth": bandwidth, "contexts": contexts,
+              "speed": rows, "quality": [] if args.no_quality else quality(args.work, args.set, text),
+              "text_bytes": text.stat().st_size}
+    md = to_markdown(report)
+    print(md)
+    for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, md)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(content)
+            os.replace(tmp, path)
 
 
 if __name__ == "__main__":
