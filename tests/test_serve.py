@@ -38,9 +38,9 @@ def greedy(directory: Path, prompt: list[int], n: int) -> list[int]:
 class Client:
     """A server on a TestClient, closed with the test."""
 
-    def __init__(self, directory: Path, store: Path | None, **options):
+    def __init__(self, directory: Path, store: Path | None, vocab: Path | None = None, **options):
         policy = options.pop("policy", SessionPolicy())
-        self.server = open_server(directory, "ort", ServeOptions(store=store, policy=policy, **options))
+        self.server = open_server(directory, "ort", ServeOptions(store=store, policy=policy, **options), vocab=vocab)
         self.http = TestClient(create_app(self.server))
         self.http.__enter__()
 
@@ -484,3 +484,91 @@ def test_text_encoding_is_linear_in_the_text(exported):
     assert vocab.encode("a" * 20_000) == [1] * 20_000
     assert vocab.encode("a" * 1999 + "b" + "ab") == [0, 1, 2]
     assert time.time() - started < 5
+
+
+# --------------------------------------------------------------------------- OpenAI completions, complete (issue 20)
+
+
+@pytest.fixture
+def text_client(exported, client_for, tmp_path):
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps([chr(i) for i in range(128)]))
+    d = exported().directory
+    return client_for(d, vocab=vocab), d
+
+
+def test_stop_sequences_end_the_text_where_one_begins(text_client):
+    c, d = text_client
+    full = c.complete("hi", 40).json()["choices"][0]["text"]
+    stop = full[11:14]  # three characters: three tokens, so the match crosses token boundaries
+    cut = full.index(stop)
+    r = c.complete("hi", 40, stop=[stop, "\x7f\x7f\x7f"]).json()
+    choice = r["choices"][0]
+    assert choice["text"] == full[:cut] and choice["finish_reason"] == "stop"
+    assert len(choice["token_ids"]) == full.index(stop) + len(stop)  # it stopped at the token completing it
+    assert c.complete("hi", 40).json()["choices"][0]["finish_reason"] == "length"
+    with c.http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 40, "temperature": 0,
+                                                         "stop": stop, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert "".join(ch["choices"][0]["text"] for ch in chunks) == full[:cut]  # no held-back text leaked
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("field,value", [("n", 2), ("best_of", 3), ("echo", True), ("logprobs", 2),
+                                         ("logit_bias", {"5": 10}), ("suffix", "x"), ("functions", [])])
+def test_an_unsupported_parameter_is_refused_by_name(text_client, field, value):
+    c, _ = text_client
+    r = c.complete("hi", 4, **{field: value})
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+    assert c.complete("hi", 4, n=1, echo=False, logprobs=None, best_of=1, logit_bias={}, user="u1").status_code == 200
+
+
+def test_top_p_and_penalties_change_the_pick_as_the_sampler_does(text_client):
+    from samout_edge.generate import Sampler
+
+    c, d = text_client
+    assert c.tokens("hi", 12, temperature=1.0, top_p=1e-9, seed=3) == greedy(d, [ord("h"), ord("i")], 12)
+    with load_runner(d, "ort") as runner:
+        want = generate(runner, [ord("h"), ord("i")], 100, Sampler(0.0, frequency_penalty=2.0, presence_penalty=1.0)).new_ids
+    got = c.tokens("hi", 100, frequency_penalty=2.0, presence_penalty=1.0)
+    plain = greedy(d, [ord("h"), ord("i")], 100)
+    assert got == want and got != plain and len(set(got)) > len(set(plain))  # the penalties spread the picks
+    assert c.complete("hi", 4, top_p=0).status_code == 400 and c.complete("hi", 4, presence_penalty=3).status_code == 400
+
+
+def test_stream_options_include_usage_sends_a_last_usage_chunk(text_client):
+    c, _ = text_client
+    with c.http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 5, "temperature": 0, "stream": True,
+                                                         "stream_options": {"include_usage": True}}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 5,
+                                                                   "total_tokens": 7}
+
+
+def test_the_official_openai_sdk_completes_streams_and_stops(exported, tmp_path):
+    """The openai package against a real serve process: completions, streaming, stop, sessions
+    through extra_body, and our errors as openai.APIStatusError with our message."""
+    openai = pytest.importorskip("openai")
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps([chr(i) for i in range(128)]))
+    proc = ServerProcess(exported().directory, "--vocab", str(vocab))
+    try:
+        client = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        full = client.completions.create(model=model, prompt="hi", max_tokens=30, temperature=0)
+        text = full.choices[0].text
+        stopped = client.completions.create(model=model, prompt="hi", max_tokens=30, temperature=0, stop=[text[8:10]])
+        assert stopped.choices[0].text == text[: text.index(text[8:10])]
+        assert stopped.choices[0].finish_reason == "stop" and stopped.usage.prompt_tokens == 2
+        streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+            model=model, prompt="hi", max_tokens=30, temperature=0, stream=True) if ch.choices)
+        assert streamed == text
+        session = client.post("/sessions", cast_to=object, body={})
+        first = client.completions.create(model=model, prompt="hi", max_tokens=3, temperature=0,
+                                          extra_body={"session": session["id"]})
+        assert first.model_extra["session"]["position"] == 2 + 2
+        with pytest.raises(openai.APIStatusError) as error:
+            client.completions.create(model=model, prompt="hi", max_tokens=3, n=2)
+        assert error.value.status_code == 400 and "n is not supported" in str(error.value)
+    finally:
+        proc.kill()

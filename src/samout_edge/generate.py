@@ -25,20 +25,42 @@ GREEDY_BELOW = 1e-6
 
 @dataclass
 class Sampler:
+    """Picks each next token. OpenAI's penalties count the tokens this sampler has picked
+    (as vLLM does): ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``;
+    then temperature, top-k and top-p (the smallest set of tokens whose probability
+    reaches top_p) cut the distribution; temperature 0 takes the argmax."""
+
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: no cut
     seed: int = 0
+    top_p: float = 1.0  # 1: no cut
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     rng: np.random.Generator = field(init=False)
+    counts: dict[int, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise SamoutError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise SamoutError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise SamoutError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SamoutError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
         self.rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
-        logits = logits.astype(np.float64)
+        token = self._pick(logits.astype(np.float64))
+        self.counts[token] = self.counts.get(token, 0) + 1
+        return token
+
+    def _pick(self, logits: np.ndarray) -> int:
+        if self.counts and (self.presence_penalty or self.frequency_penalty):
+            seen = np.fromiter(self.counts, np.int64)
+            times = np.fromiter(self.counts.values(), np.float64)
+            logits[seen] -= self.frequency_penalty * times + self.presence_penalty
         if self.temperature < GREEDY_BELOW:  # below this, exp overflows and the softmax is argmax anyway
             return int(np.argmax(logits))
         if self.top_k:
@@ -46,7 +68,14 @@ class Sampler:
             logits = np.where(logits < cut, -np.inf, logits)
         z = (logits - logits.max()) / self.temperature
         p = np.exp(z)
-        return int(self.rng.choice(logits.size, p=p / p.sum()))
+        p /= p.sum()
+        if self.top_p < 1:
+            order = np.argsort(-p, kind="stable")
+            keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]  # reaches top_p
+            nucleus = np.zeros_like(p)
+            nucleus[keep] = p[keep]
+            p = nucleus / nucleus.sum()
+        return int(self.rng.choice(logits.size, p=p))
 
 
 @dataclass

@@ -37,6 +37,30 @@ class JobResult:
     new: list[int]
     prefill_s: float
     seconds: float
+    stopped: bool = False  # a stop sequence ended it (else max_tokens did)
+
+
+class StopMatcher:
+    """Whether the text generated so far contains one of ``stops``, fed a token at a time:
+    each token's text is checked with the end of the text before it, so a stop sequence
+    split across tokens is found, in time linear in the text."""
+
+    def __init__(self, stops: list[str], decode: Callable[[int], str]):
+        self.stops, self.decode = stops, decode
+        self.longest = max(len(s) for s in stops)
+        self.text = ""
+
+    def __call__(self, token: int) -> bool:
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += self.decode(token)
+        window = self.text[start:]
+        return any(s in window for s in self.stops)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop sequence in it (OpenAI leaves the sequence out), and whether one was."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(found)], True) if found else (text, False)
 
 
 @dataclass
@@ -47,6 +71,7 @@ class Job:
     sampler: Sampler
     emit: Callable[[Event], None]  # called from the worker thread; must not block
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stop: Callable[[int], bool] | None = None  # True once the text generated so far holds a stop sequence
     new: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     prefill_s: float = 0.0
@@ -179,10 +204,11 @@ class Batcher:
             token = job.sampler(last[i])
             job.new.append(token)
             job.emit(("token", token))
-            if len(job.new) >= job.max_tokens:
+            stopped = job.stop is not None and job.stop(token)
+            if stopped or len(job.new) >= job.max_tokens:
                 consumed = len(job.ids) + len(job.new) - 1
                 job.emit(("done", JobResult(job.state, consumed, list(job.new), job.prefill_s,
-                                            time.perf_counter() - job.started)))
+                                            time.perf_counter() - job.started, stopped)))
             else:
                 still.append(job)
         return still

@@ -34,7 +34,7 @@ from samout_edge.errors import SamoutError
 from samout_edge.generate import Sampler, Vocab
 from samout_edge.runtime.base import Runner, check_context
 from samout_edge.runtime.target import Target
-from samout_edge.serve.batcher import Batcher, Job, JobResult
+from samout_edge.serve.batcher import Batcher, Job, JobResult, StopMatcher, cut_at_stop
 from samout_edge.serve.metrics import BATCH_BUCKETS, Metrics
 from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore, SessionTable
 
@@ -70,19 +70,53 @@ class ServeOptions:
             raise SamoutError(f"--port must be 0..65535, got {self.port}")
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's completion request, the fields we honour; others are ignored."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
 
-    model_config = ConfigDict(extra="ignore")
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completion request. Every field is honoured; OpenAI's fields this server does
+    not implement are accepted only at the value that asks for nothing (``unsupported``
+    names any other), and a field OpenAI does not have is refused: never silence."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | list[StrictInt] = ""
     max_tokens: StrictInt = Field(DEFAULT_MAX_TOKENS, ge=1)
     temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: StrictInt = Field(0, ge=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
-    n: Annotated[int, Field(ge=1, le=1)] = 1
-    session: str | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # the end user, for the operator's records: it changes no output
+    session: str | None = None  # ours: continue a server-side session
+    # OpenAI's, not implemented: refused unless at the value that asks for nothing
+    n: StrictInt | None = None
+    best_of: StrictInt | None = None
+    echo: bool | None = None
+    logprobs: StrictInt | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> str | None:
+        """The first parameter set to something this server does not do."""
+        for name, idle in (("n", 1), ("best_of", 1), ("echo", False), ("logprobs", None), ("logit_bias", {}),
+                           ("suffix", None)):
+            value = getattr(self, name)
+            if value is not None and value != idle:
+                return name
+        return None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stops):
+            raise SessionError("stop: a stop sequence must not be empty", 400, "invalid_request")
+        return stops
 
 
 class Server:
@@ -232,6 +266,8 @@ def _validation_message(exc: RequestValidationError) -> str:
     if first.get("type") == "json_invalid":
         return "the body is not valid JSON"
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    if first.get("type") == "extra_forbidden":
+        return f"unsupported parameter: {where} (not an OpenAI completions field this server knows)"
     return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
 
 
@@ -319,6 +355,14 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        refused = req.unsupported()
+        if refused is not None:
+            raise SessionError(f"{refused} is not supported by this server (leave it out, or at its default)", 400,
+                               "unsupported_parameter")
+        stops = req.stops()
+        if stops and server.vocab is None:
+            raise SessionError("stop sequences are matched on the text: this server has no vocab (serve --vocab FILE)",
+                               400, "no_vocab")
         prompt = await asyncio.to_thread(server.prompt_ids, req.prompt)  # text: linear time, off the event loop
         session = server.sessions.acquire(req.session) if req.session is not None else None
         try:
@@ -330,8 +374,10 @@ def create_app(server: Server) -> FastAPI:
                     server.info.config, server.info.arch, 1, len(ids) + req.max_tokens - 1, server.info.dtype))
             state = session.state if session else server.initial
             seed = req.seed if req.seed is not None else secrets.randbits(63)
-            run = _Run(server, session, prompt, Job(ids, state, req.max_tokens, Sampler(req.temperature, req.top_k, seed),
-                                                    emit=lambda e: None), reserved)
+            sampler = Sampler(req.temperature, req.top_k, seed, req.top_p, req.presence_penalty, req.frequency_penalty)
+            stop = StopMatcher(stops, server.vocab.decode) if stops else None
+            run = _Run(server, session, prompt, Job(ids, state, req.max_tokens, sampler, emit=lambda e: None, stop=stop),
+                       reserved, stops, bool(req.stream_options and req.stream_options.include_usage))
         except BaseException:
             if session is not None:
                 server.sessions.release(session)
@@ -347,8 +393,10 @@ def create_app(server: Server) -> FastAPI:
 class _Run:
     """One completion in flight: bridges the batcher thread's events into asyncio."""
 
-    def __init__(self, server: Server, session, prompt: list[int], job: Job, reserved: int = 0):
+    def __init__(self, server: Server, session, prompt: list[int], job: Job, reserved: int = 0,
+                 stops: list[str] | None = None, include_usage: bool = False):
         self.server, self.session, self.prompt, self.job, self.reserved = server, session, prompt, job, reserved
+        self.stops, self.include_usage = stops or [], include_usage
         self.id, self.created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         self.t0 = time.perf_counter()
         self.first_token_s: float | None = None
@@ -412,12 +460,16 @@ class _Run:
             else:
                 sessions.release(session)
 
+    def usage(self, result: JobResult) -> dict[str, int]:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(result.new),
+                "total_tokens": len(self.prompt) + len(result.new)}
+
     def body(self, result: JobResult) -> dict[str, Any]:
+        text, stopped = cut_at_stop(self.server.text(result.new), self.stops)
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.server.model_name,
-                "choices": [{"index": 0, "text": self.server.text(result.new), "token_ids": result.new,
-                             "logprobs": None, "finish_reason": "length"}],
-                "usage": {"prompt_tokens": len(self.prompt), "completion_tokens": len(result.new),
-                          "total_tokens": len(self.prompt) + len(result.new)}}
+                "choices": [{"index": 0, "text": text, "token_ids": result.new,
+                             "logprobs": None, "finish_reason": "stop" if stopped else "length"}],
+                "usage": self.usage(result)}
         if self.session is not None:
             body["session"] = self.session.to_dict()
         return body
@@ -447,20 +499,32 @@ class _Run:
             gone.cancel()
 
     async def sse(self) -> AsyncIterator[str]:
-        def chunk(payload: dict) -> str:
-            return f"data: {json.dumps(payload)}\n\n"
+        """A chunk per token. With stop sequences the text is held back while it could still be
+        the start of one, so no chunk ever carries text the whole completion leaves out."""
 
+        def chunk(text: str, ids: list[int], finish: str | None = None, **extra) -> str:
+            return "data: " + json.dumps({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.server.model_name,
+                "choices": [{"index": 0, "text": text, "token_ids": ids, "logprobs": None, "finish_reason": finish}],
+                **extra}) + "\n\n"
+
+        generated, sent = "", 0
+        hold = max((len(s) for s in self.stops), default=1) - 1
         async for kind, value in self._events():
             if kind == "token":
-                yield chunk({"id": self.id, "object": "text_completion", "created": self.created,
-                             "model": self.server.model_name,
-                             "choices": [{"index": 0, "text": self.server.text([value]), "token_ids": [value],
-                                          "logprobs": None, "finish_reason": None}]})
+                generated += self.server.text([value])
+                visible, stopped = cut_at_stop(generated, self.stops)
+                safe = len(visible) if stopped else max(sent, len(generated) - hold)
+                yield chunk(generated[sent:safe], [value])
+                sent = safe
             elif kind == "done":
-                final = self.body(value)
-                final["choices"][0]["text"] = ""
-                final["choices"][0]["token_ids"] = []
-                yield chunk(final)
+                final, stopped = cut_at_stop(generated, self.stops)
+                extra = {"session": self.session.to_dict()} if self.session is not None else {}
+                yield chunk(final[sent:], [], "stop" if stopped else "length", usage=self.usage(value), **extra)
+                if self.include_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
+                    yield "data: " + json.dumps({"id": self.id, "object": "text_completion", "created": self.created,
+                                                 "model": self.server.model_name, "choices": [],
+                                                 "usage": self.usage(value)}) + "\n\n"
                 yield "data: [DONE]\n\n"
             else:
                 yield chunk({"error": {"message": str(value), "type": "server_error", "code": value.code}})
