@@ -572,3 +572,72 @@ def test_the_official_openai_sdk_completes_streams_and_stops(exported, tmp_path)
         assert error.value.status_code == 400 and "n is not supported" in str(error.value)
     finally:
         proc.kill()
+
+
+# --------------------------------------------------------------------------- API keys (issue 20)
+
+KEY_A, KEY_B = "a" * 8 + "-key-0123456789", "b" * 8 + "-key-9876543210"
+
+
+def test_every_route_but_health_needs_a_key_and_sessions_belong_to_theirs(exported, client_for, tmp_path):
+    d = exported().directory
+    c = client_for(d, api_keys=[KEY_A, KEY_B])
+    auth = lambda key: {"Authorization": f"Bearer {key}"}  # noqa: E731
+    assert c.http.get("/health").status_code == 200
+    for headers in ({}, auth("wrong-key-wrong-key"), {"Authorization": f"Basic {KEY_A}"}):
+        r = c.http.get("/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert c.http.post("/v1/completions", json={"prompt": [5, 9], "max_tokens": 2}).status_code == 401
+    sid = c.http.post("/v1/sessions", headers=auth(KEY_A)).json()["id"]
+    body = {"prompt": [5, 9], "max_tokens": 3, "temperature": 0, "session": sid}
+    assert c.http.post("/v1/completions", json=body, headers=auth(KEY_A)).status_code == 200
+    for call in (lambda h: c.http.get(f"/v1/sessions/{sid}", headers=h),
+                 lambda h: c.http.post("/v1/completions", json=body, headers=h),
+                 lambda h: c.http.delete(f"/v1/sessions/{sid}", headers=h)):
+        r = call(auth(KEY_B))  # another key: as if it did not exist
+        assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+    assert c.http.get(f"/v1/sessions/{sid}", headers=auth(KEY_A)).json()["position"] == 2 + 2
+    c.close()
+    again = client_for(d, api_keys=[KEY_A, KEY_B])  # the owner persists with the session
+    assert again.http.get(f"/v1/sessions/{sid}", headers=auth(KEY_B)).status_code == 404
+    assert again.http.get(f"/v1/sessions/{sid}", headers=auth(KEY_A)).status_code == 200
+
+
+def test_a_store_from_before_api_keys_opens_and_its_sessions_belong_to_no_key(exported, client_for, tmp_path):
+    d = exported().directory
+    store = tmp_path / "old.sqlite"
+    c = client_for(d, store)
+    sid = c.http.post("/v1/sessions").json()["id"]
+    c.close()
+    with sqlite3.connect(store) as db:  # the schema as it was: no owner column
+        db.execute("ALTER TABLE sessions DROP COLUMN owner")
+    c = client_for(d, store, api_keys=[KEY_A])
+    assert c.http.get(f"/v1/sessions/{sid}", headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 200
+
+
+def test_serve_refuses_an_open_network_server_and_short_keys(run_cli, exported, tmp_path, monkeypatch):
+    monkeypatch.delenv("SAMOUT_EDGE_API_KEY", raising=False)
+    d = exported().directory
+    code, _, err = run_cli("serve", d, "--host", "0.0.0.0", "--memory-only")
+    assert code == 1 and "reachable from the network" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("serve", d, "--api-key", "short", "--memory-only")
+    assert code == 1 and "at least 16" in err and "short" not in err  # a key is never echoed
+
+
+def test_the_openai_sdk_with_an_api_key(exported, tmp_path):
+    openai = pytest.importorskip("openai")
+    proc = ServerProcess(exported().directory, "--memory-only", "--api-key-file", str(_key_file(tmp_path)))
+    try:
+        good = openai.OpenAI(base_url=f"{proc.url}/v1", api_key=KEY_A)
+        assert good.completions.create(model="m", prompt=[5, 9], max_tokens=2).usage.completion_tokens == 2
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{proc.url}/v1", api_key="not-the-key-at-all").models.list()
+    finally:
+        proc.kill()
+
+
+def _key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.txt"
+    path.write_text(f"{KEY_A}\n\n{KEY_B}\n")
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,22 @@ from samout_edge.cli.common import (
     value,
 )
 from samout_edge.cli.ui import err_console
+from samout_edge.errors import SamoutError
+
+API_KEY_ENV = "SAMOUT_EDGE_API_KEY"
+
+
+def api_keys(given: list[str] | None, key_file: Path | None) -> list[str]:
+    """--api-key, the lines of --api-key-file and $SAMOUT_EDGE_API_KEY, in that order, each once."""
+    keys = list(given or [])
+    if key_file is not None:
+        try:
+            keys += [line.strip() for line in key_file.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SamoutError(f"--api-key-file {key_file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if os.environ.get(API_KEY_ENV, "").strip():
+        keys.append(os.environ[API_KEY_ENV].strip())
+    return list(dict.fromkeys(keys))
 
 
 def _loopback(host: str) -> bool:
@@ -59,6 +76,14 @@ def serve(
     max_sessions: int = typer.Option(10_000, "--max-sessions", min=1, help="Past this, the least recently used idle session is evicted."),
     session_ttl: float = typer.Option(86_400.0, "--session-ttl", help="Seconds idle before a session is evicted."),
     kv_budget_mib: float = typer.Option(256.0, "--kv-budget-mib", min=0, help="Softmax: all sessions' KV caches together."),
+    api_key: Optional[list[str]] = typer.Option(
+        None, "--api-key", help="A key clients send as 'Authorization: Bearer KEY' (repeatable; every route but "
+        "/health needs one; a key's sessions are its own). Better: the SAMOUT_EDGE_API_KEY environment variable or "
+        "--api-key-file, which other users of the machine cannot read in the process list."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="A file of API keys, one per line."),
+    allow_no_api_key: bool = typer.Option(False, "--allow-no-api-key",
+                                          help="Listen on a non-loopback address without an API key (anyone who "
+                                          "reaches the port can generate and use any session)."),
     log_level: str = typer.Option("warning", help="uvicorn's log level (info shows each request)."),
 ) -> None:
     """Serve completions over HTTP with sessions that persist across restarts."""
@@ -71,22 +96,29 @@ def serve(
     if memory_only and store is not None:
         raise typer.BadParameter("give --store or --memory-only, not both", param_hint="--store")
     store_path = None if memory_only else (store or (target if target.is_dir() else target.parent) / "sessions.sqlite")
+    keys = api_keys(api_key, api_key_file)
+    if not keys and not _loopback(host) and not allow_no_api_key:
+        raise SamoutError(f"--host {host} is reachable from the network: give an API key (--api-key-file, "
+                          "SAMOUT_EDGE_API_KEY or --api-key), or pass --allow-no-api-key to serve it open")
     policy = SessionPolicy(max_sessions, session_ttl, int(kv_budget_mib * 2**20))
-    options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens)
+    options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens,
+                           api_keys=keys)
     server = open_server(target, value(backend), options,
                          settings(provider, device, engine, openvino_device, openvino_precision), arch_of(arch, softmax_window), heads,
                          vocab)
     info = server.info
     resumed = len(server.sessions.sessions)
     corrupt = server.sessions.corrupt
-    if not _loopback(host):
-        err_console.print(f"[yellow]warning:[/] listening on {escape(host)}: reachable from the network, no authentication")
+    if not _loopback(host) and not keys:
+        err_console.print(f"[yellow]warning:[/] listening on {escape(host)}: reachable from the network, no API key "
+                          "(--allow-no-api-key)")
     if corrupt:
         err_console.print(f"[yellow]warning:[/] {len(corrupt)} stored session(s) failed their checksum and were not loaded")
 
     def ready(url: str) -> None:
         where = "memory only" if store_path is None else escape(str(store_path))
         err_console.print(f"serving {escape(str(target))} ({info.arch}, {info.backend}:{escape(info.device)}, {info.dtype}) "
-                          f"on {url}; sessions: {resumed} resumed from {where}", highlight=False, soft_wrap=True)
+                          f"on {url}; sessions: {resumed} resumed from {where}; "
+                          f"{f'{len(keys)} API key(s)' if keys else 'no API key'}", highlight=False, soft_wrap=True)
 
     run(server, ready, log_level)

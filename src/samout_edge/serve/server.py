@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import math
 import secrets
@@ -52,6 +54,7 @@ class ServeOptions:
     policy: SessionPolicy = field(default_factory=SessionPolicy)
     max_prompt_tokens: int = 131072  # tokens a request may send; a session's context grows without limit (cummax)
     store_busy_timeout_s: float = 5.0  # how long a write waits for another process's lock on the store
+    api_keys: list[str] = field(default_factory=list)  # any of them opens every route but /health; none: open
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -68,6 +71,31 @@ class ServeOptions:
             raise SamoutError("--kv-budget-mib must be >= 0")
         if not 0 <= self.port <= 65535:
             raise SamoutError(f"--port must be 0..65535, got {self.port}")
+        for key in self.api_keys:
+            if len(key) < MIN_KEY_LENGTH or not key.isprintable() or any(c.isspace() for c in key):
+                raise SamoutError(f"an API key must be at least {MIN_KEY_LENGTH} printable characters without spaces")
+
+
+MIN_KEY_LENGTH = 16
+
+
+def key_owner(key: str) -> str:
+    """What a session records of the key that created it: a digest, never the key."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def authorize(keys: list[str], header: str | None) -> str | None:
+    """The owner of a valid ``Authorization: Bearer KEY``, else None. Every key is compared,
+    each in constant time, so the time taken says nothing about which key or how much matched."""
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return None
+    given_bytes = given.strip().encode()
+    match = None
+    for key in keys:
+        if hmac.compare_digest(key.encode(), given_bytes):
+            match = key
+    return None if match is None else key_owner(match)
 
 
 class StreamOptions(BaseModel):
@@ -290,6 +318,20 @@ def create_app(server: Server) -> FastAPI:
         metrics.inc("samout_requests_total", route=getattr(route, "path", "unmatched"), status=str(response.status_code))
         return response
 
+    @app.middleware("http")
+    async def api_key(request: Request, call_next):
+        """Every route but /health needs one of the server's keys (when it has any); the key
+        a request came with owns the sessions it creates."""
+        request.state.owner = None
+        if server.options.api_keys and request.url.path != "/health":
+            owner = authorize(server.options.api_keys, request.headers.get("authorization"))
+            if owner is None:
+                response = _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+            request.state.owner = owner
+        return await call_next(request)
+
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # outermost of ours: before anything reads the body
 
     @app.exception_handler(SessionError)
@@ -339,18 +381,18 @@ def create_app(server: Server) -> FastAPI:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/sessions")
-    async def create_session() -> dict[str, Any]:
+    async def create_session(request: Request) -> dict[str, Any]:
         server.sessions.unreserve(server.sessions.reserve(0))  # a full softmax budget takes no new sessions
-        session = await asyncio.to_thread(server.sessions.create)
+        session = await asyncio.to_thread(server.sessions.create, request.state.owner)
         return session.to_dict()
 
     @app.get("/v1/sessions/{session_id}")
-    async def get_session(session_id: str) -> dict[str, Any]:
-        return server.sessions.get(session_id).to_dict()
+    async def get_session(session_id: str, request: Request) -> dict[str, Any]:
+        return server.sessions.get(session_id, request.state.owner).to_dict()
 
     @app.delete("/v1/sessions/{session_id}")
-    async def delete_session(session_id: str) -> dict[str, Any]:
-        await asyncio.to_thread(server.sessions.delete, session_id)
+    async def delete_session(session_id: str, request: Request) -> dict[str, Any]:
+        await asyncio.to_thread(server.sessions.delete, session_id, request.state.owner)
         return {"id": session_id, "object": "session", "deleted": True}
 
     @app.post("/v1/completions")
@@ -364,7 +406,7 @@ def create_app(server: Server) -> FastAPI:
             raise SessionError("stop sequences are matched on the text: this server has no vocab (serve --vocab FILE)",
                                400, "no_vocab")
         prompt = await asyncio.to_thread(server.prompt_ids, req.prompt)  # text: linear time, off the event loop
-        session = server.sessions.acquire(req.session) if req.session is not None else None
+        session = server.sessions.acquire(req.session, request.state.owner) if req.session is not None else None
         try:
             ids = (session.pending if session else []) + prompt
             server.check_request(req, prompt, ids, session.position if session else 0)

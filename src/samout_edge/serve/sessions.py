@@ -50,6 +50,7 @@ class Session:
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     busy: bool = False  # a request is running on it
+    owner: str | None = None  # the API key that created it, as a digest (serve/server.py: key_owner); None: anyone
 
     @property
     def state_bytes(self) -> int:
@@ -137,7 +138,10 @@ class SessionStore:
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self.db.execute("CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, position INTEGER NOT NULL, "
                             "pending TEXT NOT NULL, state BLOB NOT NULL, state_sha256 TEXT NOT NULL, "
-                            "created REAL NOT NULL, last_used REAL NOT NULL)")
+                            "created REAL NOT NULL, last_used REAL NOT NULL, owner TEXT)")
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(sessions)")}
+            if "owner" not in columns:  # a store written before API keys: its sessions belong to no key
+                self.db.execute("ALTER TABLE sessions ADD COLUMN owner TEXT")
             self._check_meta(model_fingerprint)
         except sqlite3.DatabaseError as e:
             self.close()
@@ -212,8 +216,9 @@ class SessionStore:
     def save(self, session: Session) -> None:
         blob = encode_state(session.state)
         row = (session.id, session.position, json.dumps(session.pending), blob, hashlib.sha256(blob).hexdigest(),
-               session.created, session.last_used)
-        self._write("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+               session.created, session.last_used, session.owner)
+        self._write("INSERT OR REPLACE INTO sessions (id, position, pending, state, state_sha256, created, last_used, "
+                    "owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
 
     def delete(self, session_id: str) -> None:
         self._write("DELETE FROM sessions WHERE id = ?", (session_id,))
@@ -222,14 +227,14 @@ class SessionStore:
         """Every session, and the ids of rows that fail their checksum (left in place, reported)."""
         sessions, corrupt = [], []
         with self.lock:
-            rows = self.db.execute("SELECT id, position, pending, state, state_sha256, created, last_used "
+            rows = self.db.execute("SELECT id, position, pending, state, state_sha256, created, last_used, owner "
                                    "FROM sessions").fetchall()
-        for sid, position, pending, blob, digest, created, last_used in rows:
+        for sid, position, pending, blob, digest, created, last_used, owner in rows:
             try:
                 if hashlib.sha256(blob).hexdigest() != digest:
                     raise ValueError("checksum mismatch")
                 sessions.append(Session(sid, decode_state(blob), int(position), [int(t) for t in json.loads(pending)],
-                                        float(created), float(last_used)))
+                                        float(created), float(last_used), owner=owner))
             except (ValueError, TypeError):
                 corrupt.append(sid)
         return sessions, corrupt
@@ -312,10 +317,10 @@ class SessionTable:
 
     # -- lifecycle: the store first, memory only once the store has it
 
-    def create(self) -> Session:
+    def create(self, owner: str | None = None) -> Session:
         with self.lock:
             self._make_room()
-            session = Session(secrets.token_hex(12), {k: v.copy() for k, v in self.initial.items()})
+            session = Session(secrets.token_hex(12), {k: v.copy() for k, v in self.initial.items()}, owner=owner)
             if self.store is not None:
                 self.store.save(session)
             self.sessions[session.id] = session
@@ -334,16 +339,18 @@ class SessionTable:
             self.store.delete(session_id)
         self.sessions.pop(session_id, None)
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str | None = None) -> Session:
+        """The session, if ``owner`` (the caller's key) may see it: another key's session is
+        answered exactly as an unknown one, so its id tells nothing."""
         session = self.sessions.get(session_id)
-        if session is None:
+        if session is None or (session.owner is not None and session.owner != owner):
             raise SessionError(f"no session {session_id!r} (unknown, deleted or expired)", 404, "session_not_found")
         return session
 
-    def acquire(self, session_id: str) -> Session:
+    def acquire(self, session_id: str, owner: str | None = None) -> Session:
         """Mark a session busy for one request; a second concurrent request on it is refused."""
         with self.lock:
-            session = self.get(session_id)
+            session = self.get(session_id, owner)
             if session.busy:
                 raise SessionError(f"session {session_id} is running another request", 409, "session_busy")
             session.busy = True
@@ -363,9 +370,9 @@ class SessionTable:
         session.state, session.position, session.pending = after.state, after.position, after.pending
         session.last_used = after.last_used
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str, owner: str | None = None) -> None:
         with self.lock:
-            session = self.get(session_id)
+            session = self.get(session_id, owner)
             if session.busy:
                 raise SessionError(f"session {session_id} is running a request", 409, "session_busy")
             self._evict(session_id)
