@@ -154,3 +154,46 @@ def test_eval_record_keeps_the_cost_in_the_export(run_cli, tmp_path, tiny_checkp
     assert "quality (eval --record" in out and "vs PyTorch fp32" in out
     code, out, err = run_cli("eval", tiny_checkpoint, "--text", text, "--vocab", vocab, "--record")
     assert code == 1 and "is a checkpoint" in err
+
+
+NON_ASCII = "café naïve — 5€, 中文, \ufeffBOM and ASCII"
+
+
+def test_the_byte_vocab_round_trips_non_ascii_text_as_training_saw_it(tmp_path):
+    """Issue 20: "é" is the UTF-8 bytes C3 A9 (what a byte-level model trained on), not the id 233
+    a latin-1 string list gives it; streamed decoding never splits a character."""
+    from samout_edge.artifact.vocab import ByteVocab, Vocab
+
+    v = Vocab.load("bytes")
+    assert isinstance(v, ByteVocab) and v.encode("é") == [0xC3, 0xA9]
+    ids = v.encode(NON_ASCII)
+    assert ids == list(NON_ASCII.encode()) and v.decode_ids(ids) == NON_ASCII
+    piece = v.stream()
+    pieces = [piece(i) for i in ids]
+    assert "".join(pieces) == NON_ASCII and all(p in NON_ASCII for p in pieces if p)
+    assert pieces[ids.index(0xA9) - 1] == ""  # the first byte of "é" alone is no text yet
+    assert v.decode_ids([0x63, 0xC3, 0x28]) == "c\ufffd("  # an invalid sequence shows as U+FFFD
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps(v.to_json()))
+    assert isinstance(Vocab.load(path), ByteVocab)
+    latin1 = Vocab([chr(i) for i in range(256)])  # the old trained pair's vocab.json: a character per id
+    assert latin1.encode("é") == [233]  # its rule, stated: one id per character, not per byte
+
+
+def test_eval_of_non_ascii_text_scores_the_bytes_training_saw(tmp_path):
+    """With the byte vocab the export's eval equals its checkpoint's (bytes in both), where the
+    latin-1 string list scored other ids and fewer tokens."""
+    from samout_edge.artifact.config import ModelConfig
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+    from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(random_checkpoint(ModelConfig(256, 32, 4, 2)), ckpt)
+    text = tmp_path / "t.txt"
+    text.write_text(NON_ASCII * 20)
+    d = export(tmp_path / "e", ExportOptions(max_seq=64, logits="all"), checkpoint=ckpt, vocab="bytes",
+               run_verify=False).directory
+    exported = eval_target(d, text, window=64)
+    checkpoint = eval_target(ckpt, text, window=64)
+    assert exported.tokens == checkpoint.tokens == len((NON_ASCII * 20).encode()) - 1
+    assert exported.bits_per_byte == pytest.approx(checkpoint.bits_per_byte, rel=1e-5)

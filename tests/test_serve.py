@@ -641,3 +641,27 @@ def _key_file(tmp_path: Path) -> Path:
     path = tmp_path / "keys.txt"
     path.write_text(f"{KEY_A}\n\n{KEY_B}\n")
     return path
+
+
+def test_a_byte_vocab_server_takes_and_streams_non_ascii_text(client_for, tmp_path):
+    """Issue 20: "café", "€", "中" and a BOM go in as their UTF-8 bytes; streamed text is whole
+    characters, and joined it is the completion's text."""
+    from samout_edge.artifact.config import ModelConfig
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+    from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
+
+    save_checkpoint(random_checkpoint(ModelConfig(256, 32, 4, 2), seed=3), tmp_path / "ckpt")
+    d = export(tmp_path / "e", ExportOptions(max_seq=64), checkpoint=tmp_path / "ckpt", vocab="bytes").directory
+    c = client_for(d)
+    prompt = "\ufeffcafé 5€ 中"
+    r = c.complete(prompt, 40, temperature=1.0, seed=7).json()
+    assert r["usage"]["prompt_tokens"] == len(prompt.encode())
+    with load_runner(d, "ort") as runner:
+        want = generate(runner, list(prompt.encode()), 40, Sampler(1.0, seed=7)).new_ids
+    assert r["choices"][0]["token_ids"] == want
+    assert r["choices"][0]["text"] == bytes(want).decode("utf-8", errors="replace")
+    with c.http.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 40, "temperature": 1.0,
+                                                         "seed": 7, "stream": True}) as response:
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in response.iter_lines()
+                 if line.startswith("data: {")]
+    assert "".join(texts) == r["choices"][0]["text"]

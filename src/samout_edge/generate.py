@@ -170,6 +170,6 @@ def vocab_for(path: Path | None, vocab_size: int, target: Path | None = None) ->
     if path is None:
         return export_vocab(target) if target is not None else None
     vocab = Vocab.load(path)
-    if len(vocab.tokens) > vocab_size:
-        raise SamoutError(f"vocab file has {len(vocab.tokens)} tokens, the model only {vocab_size}")
+    if vocab.size > vocab_size:
+        raise SamoutError(f"vocab file has {vocab.size} tokens, the model only {vocab_size}")
     return vocab

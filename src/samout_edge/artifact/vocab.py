@@ -1,14 +1,22 @@
-"""The token vocabulary: a JSON list of strings, id i is the i-th.
+"""The token vocabulary: UTF-8 bytes, or a JSON list of strings (id i is the i-th).
 
-An export may carry one (``export --vocab FILE`` copies it in as ``vocab.json``,
-hashed in export.json like every file), so ``generate``, ``eval`` and ``serve``
-take text without being told where its vocab is.
+- ``bytes`` (``ByteVocab``): id b is the byte b of the text's UTF-8 encoding, as a
+  byte-level model was trained ("é" is the two ids 0xC3 0xA9); decoding is incremental,
+  so a streamed character is never split, and an invalid sequence shows as U+FFFD.
+- a list of strings (``Vocab``, seed-code vocabularies): text is matched greedily,
+  longest token first, character by character; a character no token covers is an
+  error, never a guess.
+
+An export may carry one (``export --vocab FILE|bytes`` writes ``vocab.json``, hashed
+in export.json like every file: the list, or ``{"kind": "utf-8 bytes"}``), so
+``generate``, ``eval`` and ``serve`` take text without being told where its vocab is.
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +39,24 @@ class Vocab:
     """
 
     tokens: list[str]
+    kind = "strings"
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    def to_json(self) -> list[str]:
+        return self.tokens
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return "".join(self.decode(i) for i in ids)
+
+    def stream(self) -> Callable[[int], str]:
+        """A token at a time -> the text it completes (every token is whole text here)."""
+        return self.decode
+
+    def token_bytes(self, ids: list[int]) -> np.ndarray:
+        return np.asarray([len(self.tokens[i].encode()) for i in ids], dtype=np.int64)
 
     def __post_init__(self) -> None:
         self.index: dict[str, int] = {}
@@ -41,12 +67,18 @@ class Vocab:
         self._automaton: _Automaton | None = None
 
     @classmethod
-    def load(cls, path: str | Path) -> Vocab:
+    def load(cls, path: str | Path) -> Vocab | ByteVocab:
+        """A vocab file (``bytes`` names the UTF-8 byte vocab without one)."""
         from samout_edge.artifact.files import read_json
 
+        if str(path) == BYTES:
+            return ByteVocab()
         data = read_json(path, "vocab file")
+        if data == ByteVocab().to_json():
+            return ByteVocab()
         if not isinstance(data, list) or not any(data) or not all(isinstance(t, str) for t in data):
-            raise SamoutError(f"vocab file {path} must be a JSON list of strings, at least one of them non-empty")
+            raise SamoutError(f"vocab file {path} must be a JSON list of strings, at least one of them non-empty "
+                              f"(or {json.dumps(ByteVocab().to_json())})")
         return cls(data)
 
     def fewest_tokens(self, text: str) -> int:
@@ -81,6 +113,45 @@ class Vocab:
 
     def decode(self, token_id: int) -> str:
         return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else f"<{token_id}>"
+
+
+BYTES = "bytes"  # --vocab bytes: the UTF-8 byte vocab
+
+
+class ByteVocab:
+    """UTF-8 bytes: id b is byte b. What a byte-level model (benchmarks/trained/) was trained on."""
+
+    kind = "utf-8 bytes"
+    size = 256
+    longest = 1
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind}
+
+    def fewest_tokens(self, text: str) -> int:
+        return len(text)  # a character is one to four bytes
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8", errors="surrogatepass"))
+
+    def encode_prefix(self, text: str, final: bool) -> tuple[list[int], int]:
+        return self.encode(text), len(text)
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def stream(self) -> Callable[[int], str]:
+        """A token at a time -> the text it completes: a character's bytes yield it once all
+        have come; an invalid sequence yields U+FFFD."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        return lambda token_id: decoder.decode(bytes([token_id]))
+
+    def decode(self, token_id: int) -> str:
+        """One byte alone: itself if ASCII, else U+FFFD (decode_ids or stream read whole characters)."""
+        return chr(token_id) if token_id < 128 else "\ufffd"
+
+    def token_bytes(self, ids: list[int]) -> np.ndarray:
+        return np.ones(len(ids), dtype=np.int64)
 
 
 class _Automaton:
@@ -133,7 +204,7 @@ class _Automaton:
         return lengths, ids
 
 
-def export_vocab(target: str | Path) -> Vocab | None:
+def export_vocab(target: str | Path) -> Vocab | ByteVocab | None:
     """The vocab an export directory carries (an engine directory: its export's), checked
     against the hash export.json records; None when it carries none."""
     from samout_edge.artifact.engine import is_engine_dir
@@ -203,6 +274,6 @@ def iter_tokens(path: Path, vocab_size: int, vocab: Vocab | None = None,
                     if ids.max() >= vocab_size:
                         raise SamoutError(f"token id {int(ids.max())} is outside the model's vocabulary "
                                           f"(0..{vocab_size - 1})")
-                    yield ids, np.asarray([len(vocab.tokens[i].encode()) for i in tokens], dtype=np.int64)
+                    yield ids, vocab.token_bytes(tokens)
             if final:
                 return

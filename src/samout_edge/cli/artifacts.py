@@ -101,7 +101,9 @@ def export(
         "at export; fp: the dequantized weights' exact function."),
     heads: Optional[int] = typer.Option(None, help="Head count for a bare state_dict (default 8)."),
     vocab: Optional[Path] = typer.Option(
-        None, help="JSON list of token strings to carry in the export (vocab.json): generate, eval and serve then take text."),
+        None, help="The vocabulary to carry in the export (vocab.json): 'bytes' (UTF-8 bytes, id b is byte b: a "
+        "byte-level model's), or a JSON list of token strings (id i is the i-th, matched longest first); generate, "
+        "eval and serve then take text."),
     calibration_text: Optional[Path] = typer.Option(
         None, "--calibration-text", help="fp16: a UTF-8 text whose activations the fp32 islands must cover too "
         "(tokenized with --vocab, else as bytes), on top of the golden inputs."),

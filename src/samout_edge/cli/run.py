@@ -42,7 +42,7 @@ def generate(
     target: Path = typer.Argument(..., help="Export directory, or a checkpoint (torch backend)."),
     ids: Optional[str] = typer.Option(None, help="Prompt token ids, e.g. 1,2,3."),
     prompt: Optional[str] = typer.Option(None, help="Prompt text (needs --vocab)."),
-    vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings: id i is the i-th string [default: the export's]."),
+    vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings (id i is the i-th), or 'bytes' (UTF-8 bytes: id b is byte b) [default: the export's]."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
     backend: Backend = typer.Option("auto", help=BACKEND_HELP),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider (the ort backend)."),
@@ -67,9 +67,10 @@ def generate(
     words = vocab_for(vocab, runner.info.config.vocab_size, target)
     prompt_ids = parse_prompt(ids, prompt, words)
     sampler = Sampler(temperature, top_k, seed)
+    piece = words.stream() if words else None  # whole characters only: a UTF-8 byte vocab's are incremental
 
     def show(token: int) -> None:
-        sys.stdout.write(words.decode(token) if words else f"{token} ")
+        sys.stdout.write(piece(token) if words else f"{token} ")
         sys.stdout.flush()
 
     result = run_generate(runner, prompt_ids, max_new_tokens, sampler, None if json_out else show)
@@ -77,7 +78,7 @@ def generate(
              f"({result.prefill_tokens_per_s:,.0f} tok/s), decode {result.decode_tokens_per_s:,.1f} tok/s")
     if json_out:
         print_json({"prompt_ids": result.prompt_ids, "new_ids": result.new_ids,
-                    "text": "".join(words.decode(t) for t in result.new_ids) if words else None,
+                    "text": words.decode_ids(result.new_ids) if words else None,
                     "prefill_ms": result.prefill_s * 1e3, "prefill_tokens_per_s": result.prefill_tokens_per_s,
                     "decode_tokens_per_s": result.decode_tokens_per_s, "runner": runner.name, "arch": runner.info.arch})
     else:
@@ -272,7 +273,7 @@ def eval_command(
     window: Optional[int] = typer.Option(None, min=2, help="Tokens per window (default 512; past an export's max_seq "
                                           "it is fed in chunks, the state carried)."),
     stride: Optional[int] = typer.Option(None, min=1, help="Tokens between window starts (default window-1: each token computed once)."),
-    vocab: Optional[Path] = typer.Option(None, help="Vocab file (JSON list of token strings); default: UTF-8 bytes as ids."),
+    vocab: Optional[Path] = typer.Option(None, help="Vocab file (JSON list of token strings), or 'bytes' [default: the export's, else UTF-8 bytes as ids]."),
     reference: bool = typer.Option(True, "--reference/--no-reference",
                                    help="Also compare with PyTorch fp32 (top-1 agreement, max logit error; needs torch)."),
     arch: Arch = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),

@@ -58,7 +58,7 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free one; the URL is printed)."),
     store: Optional[Path] = typer.Option(None, help="SQLite file the sessions persist in [default: TARGET/sessions.sqlite]."),
     memory_only: bool = typer.Option(False, "--memory-only", help="Keep sessions in memory only (lost on restart)."),
-    vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings, for text prompts and text output [default: the export's]."),
+    vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings, or 'bytes' (UTF-8 bytes), for text prompts and output [default: the export's]."),
     backend: Backend = typer.Option("auto", help=BACKEND_HELP),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider (the ort backend)."),
     device: TorchDevice = typer.Option("auto", help="torch device (the torch backend)."),

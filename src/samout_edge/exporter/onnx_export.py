@@ -348,8 +348,8 @@ def export(
     words = None
     if vocab is not None:  # before any work: a bad vocab file fails the export up front
         words = Vocab.load(vocab)
-        if len(words.tokens) > model_config.vocab_size:
-            raise SamoutError(f"--vocab has {len(words.tokens)} tokens, the model only {model_config.vocab_size}")
+        if words.size > model_config.vocab_size:
+            raise SamoutError(f"--vocab has {words.size} tokens, the model only {model_config.vocab_size}")
     text_ids, text = None, None
     if options.calibration_text is not None:  # before any work too
         text_ids, text = fp.text_tokens(options.calibration_text, model_config.vocab_size, words)
@@ -423,7 +423,7 @@ def export(
                 stage, manifest, reference, golden)
             golden.index.atol = polygraphy_atol(manifest.weights.rtol(manifest.dtype), golden.outputs)
         if words is not None:
-            write_json_atomic(stage / VOCAB_FILE, words.tokens)
+            write_json_atomic(stage / VOCAB_FILE, words.to_json())
             record_file(stage, manifest, VOCAB_FILE)
         if source["kind"] == "preset":
             for name in sorted(p.name for p in (stage / CHECKPOINT_DIR).iterdir()):

@@ -235,7 +235,7 @@ class Server:
             raise SessionError(str(e), 400, "context_too_long") from None
 
     def text(self, tokens: list[int]) -> str:
-        return "".join(self.vocab.decode(t) for t in tokens) if self.vocab else ""
+        return self.vocab.decode_ids(tokens) if self.vocab else ""
 
 
 class BodyLimit:
@@ -417,7 +417,7 @@ def create_app(server: Server) -> FastAPI:
             state = session.state if session else server.initial
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             sampler = Sampler(req.temperature, req.top_k, seed, req.top_p, req.presence_penalty, req.frequency_penalty)
-            stop = StopMatcher(stops, server.vocab.decode) if stops else None
+            stop = StopMatcher(stops, server.vocab.stream()) if stops else None
             run = _Run(server, session, prompt, Job(ids, state, req.max_tokens, sampler, emit=lambda e: None, stop=stop),
                        reserved, stops, bool(req.stream_options and req.stream_options.include_usage))
         except BaseException:
@@ -552,9 +552,10 @@ class _Run:
 
         generated, sent = "", 0
         hold = max((len(s) for s in self.stops), default=1) - 1
+        piece = self.server.vocab.stream() if self.server.vocab else (lambda token: "")  # whole characters only
         async for kind, value in self._events():
             if kind == "token":
-                generated += self.server.text([value])
+                generated += piece(value)
                 visible, stopped = cut_at_stop(generated, self.stops)
                 safe = len(visible) if stopped else max(sent, len(generated) - hold)
                 yield chunk(generated[sent:safe], [value])
