@@ -665,3 +665,81 @@ def test_a_byte_vocab_server_takes_and_streams_non_ascii_text(client_for, tmp_pa
         texts = [json.loads(line[6:])["choices"][0]["text"] for line in response.iter_lines()
                  if line.startswith("data: {")]
     assert "".join(texts) == r["choices"][0]["text"]
+
+
+def test_a_runner_failure_mid_stream_is_a_json_error_chunk(exported, client_for, monkeypatch):
+    c = client_for(exported().directory)
+    runner = c.server.batcher.runner
+
+    def broken(ids, state):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(runner, "run", broken)
+    with c.http.stream("POST", "/v1/completions", json={"prompt": [5, 9], "max_tokens": 4, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    error = json.loads(lines[-2][6:])["error"]
+    assert "device lost" in error["message"] and error["code"] == "runner_error" and lines[-1] == "data: [DONE]"
+
+
+# --------------------------------------------------------------------------- chat completions (issue 20)
+
+
+def test_chat_completions_apply_the_template_and_answer_as_openai_does(text_client):
+    c, d = text_client
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    r = c.http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    prompt = "system: be brief\nuser: hi\nassistant:"  # the default template, stated in docs/serving.md
+    assert body["object"] == "chat.completion" and body["usage"]["prompt_tokens"] == len(prompt)
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["token_ids"] == greedy(d, [ord(ch) for ch in prompt], 12)
+    with c.http.stream("POST", "/v1/chat/completions", json={"messages": messages, "max_tokens": 12, "temperature": 0,
+                                                              "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == \
+        body["choices"][0]["message"]["content"]
+    assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
+    for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}]}, {"tool_choice": "auto"},
+                  {"n": 3}, {"logprobs": True}, {"response_format": {"type": "json_object"}}):
+        r = c.http.post("/v1/chat/completions", json={"messages": messages, **extra})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", (extra, r.text)
+    r = c.http.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})
+    assert r.status_code == 400
+
+
+def test_the_openai_sdk_chats_streamed_and_not(exported, tmp_path):
+    openai = pytest.importorskip("openai")
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps([chr(i) for i in range(128)]))
+    proc = ServerProcess(exported().directory, "--vocab", str(vocab), "--memory-only")
+    try:
+        client = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused")
+        messages = [{"role": "user", "content": "hello"}]
+        whole = client.chat.completions.create(model="m", messages=messages, max_tokens=10, temperature=0)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+            model="m", messages=messages, max_tokens=10, temperature=0, stream=True) if ch.choices)
+        assert whole.choices[0].message.content == streamed and whole.usage.completion_tokens == 10
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model="m", messages=messages, tools=[
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+        assert "tools is not supported" in str(error.value)
+    finally:
+        proc.kill()
+
+
+def test_a_chat_template_of_ones_own_and_a_broken_one(exported, client_for, tmp_path, run_cli):
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps([chr(i) for i in range(128)]))
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    c = client_for(exported().directory, vocab=vocab, chat_template=template)
+    r = c.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.json()["usage"]["prompt_tokens"] == len("<user>hi>")
+    escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}"  # the sandbox: a template cannot reach Python
+    c2 = client_for(exported().directory, tmp_path / "s2.sqlite", vocab=vocab, chat_template=escape)
+    r = c2.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template"
+    (tmp_path / "bad.jinja").write_text("{% for %}")
+    code, _, err = run_cli("serve", exported().directory, "--memory-only", "--chat-template", tmp_path / "bad.jinja")
+    assert code == 1 and "does not parse" in err

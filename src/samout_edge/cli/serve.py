@@ -84,6 +84,9 @@ def serve(
     allow_no_api_key: bool = typer.Option(False, "--allow-no-api-key",
                                           help="Listen on a non-loopback address without an API key (anyone who "
                                           "reaches the port can generate and use any session)."),
+    chat_template: Optional[Path] = typer.Option(
+        None, "--chat-template", help="A Jinja chat template (Hugging Face's chat_template: messages, "
+        "add_generation_prompt) for /v1/chat/completions [default: 'role: content' lines, then 'assistant:']."),
     log_level: str = typer.Option("warning", help="uvicorn's log level (info shows each request)."),
 ) -> None:
     """Serve completions over HTTP with sessions that persist across restarts."""
@@ -101,8 +104,14 @@ def serve(
         raise SamoutError(f"--host {host} is reachable from the network: give an API key (--api-key-file, "
                           "SAMOUT_EDGE_API_KEY or --api-key), or pass --allow-no-api-key to serve it open")
     policy = SessionPolicy(max_sessions, session_ttl, int(kv_budget_mib * 2**20))
+    template = None
+    if chat_template is not None:
+        try:
+            template = chat_template.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SamoutError(f"--chat-template {chat_template}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens,
-                           api_keys=keys)
+                           api_keys=keys, chat_template=template)
     server = open_server(target, value(backend), options,
                          settings(provider, device, engine, openvino_device, openvino_precision), arch_of(arch, softmax_window), heads,
                          vocab)

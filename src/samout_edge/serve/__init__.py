@@ -24,7 +24,7 @@ SERVE_INSTALL = "pip install 'samout-edge[serve]'"
 
 
 def require_serve() -> None:
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "jinja2") if importlib.util.find_spec(m) is None]
     if missing:
         raise SamoutError(f"serve needs {' and '.join(missing)}, which this install does not have: {SERVE_INSTALL}")
 

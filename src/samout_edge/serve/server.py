@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,6 +55,7 @@ class ServeOptions:
     max_prompt_tokens: int = 131072  # tokens a request may send; a session's context grows without limit (cummax)
     store_busy_timeout_s: float = 5.0  # how long a write waits for another process's lock on the store
     api_keys: list[str] = field(default_factory=list)  # any of them opens every route but /health; none: open
+    chat_template: str | None = None  # Jinja source for /v1/chat/completions; None: DEFAULT_CHAT_TEMPLATE
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -147,12 +148,92 @@ class CompletionRequest(BaseModel):
         return stops
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion request: the messages go through the chat template into a
+    completion's prompt; tools and every other unimplemented field are refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: StrictInt = Field(0, ge=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    session: str | None = None
+    n: StrictInt | None = None
+    logprobs: bool | None = None
+    top_logprobs: StrictInt | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> str | None:
+        if self.tools or self.functions or self.tool_choice not in (None, "none") or \
+                self.function_call not in (None, "none"):
+            return "tools"  # tool calls: the model has no tool-call format
+        for name, idle in (("n", 1), ("logprobs", False), ("top_logprobs", 0), ("logit_bias", {}),
+                           ("parallel_tool_calls", None)):
+            value = getattr(self, name)
+            if value is not None and value != idle:
+                return name
+        if self.response_format not in (None, {"type": "text"}):
+            return "response_format"
+        return None
+
+    def completion(self, prompt: str) -> CompletionRequest:
+        limit = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+        return CompletionRequest(prompt=prompt, max_tokens=limit, temperature=self.temperature, top_p=self.top_p,
+                                 top_k=self.top_k, presence_penalty=self.presence_penalty,
+                                 frequency_penalty=self.frequency_penalty, stop=self.stop, seed=self.seed,
+                                 stream=self.stream, stream_options=self.stream_options, user=self.user,
+                                 session=self.session)
+
+
+# The chat template of a base model (no chat_template of its own), stated in docs/serving.md:
+# one "role: content" line per message, then "assistant:" for the model to continue.
+DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def chat_template(source: str | None = None):
+    """A Jinja chat template (Hugging Face's ``chat_template`` form: ``messages``,
+    ``add_generation_prompt``), in Jinja's sandbox: a template cannot reach Python."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    try:
+        return env.from_string(source or DEFAULT_CHAT_TEMPLATE)
+    except TemplateError as e:
+        raise SamoutError(f"the chat template does not parse: {e}") from None
+
+
 class Server:
     """What the routes share: the runner's description, the batcher, sessions, metrics."""
 
     def __init__(self, load_runner, options: ServeOptions, identity: str, vocab: Vocab | None = None,
                  model_name: str = "samout"):
         self.options, self.vocab, self.model_name = options, vocab, model_name
+        self.chat_template = chat_template(options.chat_template)
         self.metrics = Metrics()
         self.batcher = Batcher(load_runner, options.max_batch, self._on_step)
         runner: Runner = self.batcher.start()
@@ -395,8 +476,7 @@ def create_app(server: Server) -> FastAPI:
         await asyncio.to_thread(server.sessions.delete, session_id, request.state.owner)
         return {"id": session_id, "object": "session", "deleted": True}
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
+    async def start(req: CompletionRequest, request: Request, chat: bool = False):
         refused = req.unsupported()
         if refused is not None:
             raise SessionError(f"{refused} is not supported by this server (leave it out, or at its default)", 400,
@@ -419,7 +499,7 @@ def create_app(server: Server) -> FastAPI:
             sampler = Sampler(req.temperature, req.top_k, seed, req.top_p, req.presence_penalty, req.frequency_penalty)
             stop = StopMatcher(stops, server.vocab.stream()) if stops else None
             run = _Run(server, session, prompt, Job(ids, state, req.max_tokens, sampler, emit=lambda e: None, stop=stop),
-                       reserved, stops, bool(req.stream_options and req.stream_options.include_usage))
+                       reserved, stops, bool(req.stream_options and req.stream_options.include_usage), chat)
         except BaseException:
             if session is not None:
                 server.sessions.release(session)
@@ -429,6 +509,27 @@ def create_app(server: Server) -> FastAPI:
             return StreamingResponse(run.sse(), media_type="text/event-stream")
         return await run.whole(request)
 
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await start(req, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        refused = req.unsupported()
+        if refused is not None:
+            raise SessionError(f"{refused} is not supported by this server (leave it out, or at its default)", 400,
+                               "unsupported_parameter")
+        if server.vocab is None:
+            raise SessionError("chat needs text: this server has no vocab (serve --vocab FILE)", 400, "no_vocab")
+        from jinja2 import TemplateError
+
+        try:
+            prompt = server.chat_template.render(messages=[m.model_dump() for m in req.messages],
+                                                 add_generation_prompt=True)
+        except TemplateError as e:
+            raise SessionError(f"the chat template failed on these messages: {e}", 400, "chat_template") from None
+        return await start(req.completion(prompt), request, chat=True)
+
     return app
 
 
@@ -436,10 +537,11 @@ class _Run:
     """One completion in flight: bridges the batcher thread's events into asyncio."""
 
     def __init__(self, server: Server, session, prompt: list[int], job: Job, reserved: int = 0,
-                 stops: list[str] | None = None, include_usage: bool = False):
+                 stops: list[str] | None = None, include_usage: bool = False, chat: bool = False):
         self.server, self.session, self.prompt, self.job, self.reserved = server, session, prompt, job, reserved
-        self.stops, self.include_usage = stops or [], include_usage
-        self.id, self.created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        self.stops, self.include_usage, self.chat = stops or [], include_usage, chat
+        self.id, self.created = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
         self.t0 = time.perf_counter()
         self.first_token_s: float | None = None
         self.finished = False
@@ -508,9 +610,11 @@ class _Run:
 
     def body(self, result: JobResult) -> dict[str, Any]:
         text, stopped = cut_at_stop(self.server.text(result.new), self.stops)
-        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.server.model_name,
-                "choices": [{"index": 0, "text": text, "token_ids": result.new,
-                             "logprobs": None, "finish_reason": "stop" if stopped else "length"}],
+        choice = {"index": 0, "text": text} if not self.chat else {"index": 0, "message": {"role": "assistant",
+                                                                                          "content": text}}
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.server.model_name,
+                "choices": [{**choice, "token_ids": result.new, "logprobs": None,
+                             "finish_reason": "stop" if stopped else "length"}],
                 "usage": self.usage(result)}
         if self.session is not None:
             body["session"] = self.session.to_dict()
@@ -544,12 +648,20 @@ class _Run:
         """A chunk per token. With stop sequences the text is held back while it could still be
         the start of one, so no chunk ever carries text the whole completion leaves out."""
 
+        chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
+
         def chunk(text: str, ids: list[int], finish: str | None = None, **extra) -> str:
+            content = {"delta": {"content": text} if text or finish is None else {}} if self.chat else {"text": text}
             return "data: " + json.dumps({
-                "id": self.id, "object": "text_completion", "created": self.created, "model": self.server.model_name,
-                "choices": [{"index": 0, "text": text, "token_ids": ids, "logprobs": None, "finish_reason": finish}],
+                "id": self.id, "object": chunk_object, "created": self.created, "model": self.server.model_name,
+                "choices": [{"index": 0, **content, "token_ids": ids, "logprobs": None, "finish_reason": finish}],
                 **extra}) + "\n\n"
 
+        if self.chat:  # OpenAI's first chat chunk names the role
+            yield "data: " + json.dumps({"id": self.id, "object": chunk_object, "created": self.created,
+                                         "model": self.server.model_name,
+                                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]}) + "\n\n"
         generated, sent = "", 0
         hold = max((len(s) for s in self.stops), default=1) - 1
         piece = self.server.vocab.stream() if self.server.vocab else (lambda token: "")  # whole characters only
@@ -565,12 +677,13 @@ class _Run:
                 extra = {"session": self.session.to_dict()} if self.session is not None else {}
                 yield chunk(final[sent:], [], "stop" if stopped else "length", usage=self.usage(value), **extra)
                 if self.include_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
-                    yield "data: " + json.dumps({"id": self.id, "object": "text_completion", "created": self.created,
+                    yield "data: " + json.dumps({"id": self.id, "object": chunk_object, "created": self.created,
                                                  "model": self.server.model_name, "choices": [],
                                                  "usage": self.usage(value)}) + "\n\n"
                 yield "data: [DONE]\n\n"
             else:
-                yield chunk({"error": {"message": str(value), "type": "server_error", "code": value.code}})
+                yield "data: " + json.dumps({"error": {"message": str(value), "type": "server_error",
+                                                       "code": value.code}}) + "\n\n"
                 yield "data: [DONE]\n\n"
 
 
