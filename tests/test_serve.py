@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -514,13 +515,50 @@ def test_stop_sequences_end_the_text_where_one_begins(text_client):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize("field,value", [("n", 2), ("best_of", 3), ("echo", True), ("logprobs", 2),
-                                         ("logit_bias", {"5": 10}), ("suffix", "x"), ("functions", [])])
-def test_an_unsupported_parameter_is_refused_by_name(text_client, field, value):
+@pytest.mark.parametrize("fields,name", [({"best_of": 3}, "best_of"), ({"logit_bias": {"5": 10}}, "logit_bias"),
+                                         ({"suffix": "x"}, "suffix"), ({"functions": []}, "functions"),
+                                         ({"echo": True, "logprobs": 1}, "echo with logprobs"),
+                                         ({"n": 9, "prompt": ["a", "b"]}, "more than 16 choices")])
+def test_an_unsupported_parameter_is_refused_by_name(text_client, fields, name):
     c, _ = text_client
-    r = c.complete("hi", 4, **{field: value})
-    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+    r = c.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, **fields})
+    assert r.status_code == 400 and name in r.json()["error"]["message"], r.text
     assert c.complete("hi", 4, n=1, echo=False, logprobs=None, best_of=1, logit_bias={}, user="u1").status_code == 200
+
+
+def test_n_and_a_list_of_prompts_are_batched_choices(text_client):
+    c, d = text_client
+    body = c.complete(["hi", "yo"], 6, n=2, seed=11, temperature=1.0).json()
+    choices = body["choices"]
+    assert [ch["index"] for ch in choices] == [0, 1, 2, 3]
+    for ch in choices:  # choice i*n+j: prompt i, sampled with seed + index
+        prompt = ["hi", "yo"][ch["index"] // 2]
+        with load_runner(d, "ort") as runner:
+            want = generate(runner, [ord(x) for x in prompt], 6, Sampler(1.0, seed=11 + ch["index"])).new_ids
+        assert ch["token_ids"] == want
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 24, "total_tokens": 28}
+    greedy_pair = c.complete([[5, 9], [17, 3]], 5).json()["choices"]
+    assert [ch["token_ids"] for ch in greedy_pair] == [greedy(d, [5, 9], 5), greedy(d, [17, 3], 5)]
+    sid = c.http.post("/v1/sessions").json()["id"]
+    assert c.complete("hi", 4, n=2, session=sid).status_code == 400
+
+
+def test_echo_and_logprobs(text_client):
+    c, d = text_client
+    r = c.complete("hi", 5, echo=True).json()["choices"][0]
+    assert r["text"].startswith("hi") and r["text"][2:] == "".join(chr(t) for t in r["token_ids"])
+    r = c.complete("hi", 5, logprobs=3).json()["choices"][0]
+    lp = r["logprobs"]
+    assert lp["tokens"] == [chr(t) for t in r["token_ids"]] and len(lp["token_logprobs"]) == 5
+    assert all(len(top) == 3 and max(top.values()) >= chosen - 1e-9 for top, chosen in
+               zip(lp["top_logprobs"], lp["token_logprobs"]))  # greedy: the chosen token is the most likely
+    assert all(math.isclose(max(top.values()), chosen, abs_tol=1e-9) for top, chosen in
+               zip(lp["top_logprobs"], lp["token_logprobs"]))
+    with load_runner(d, "ort") as runner:  # the first token's log-probability, from the prefill's logits
+        logits, _ = runner.run(np.asarray([[ord("h"), ord("i")]]), runner.initial_state(1))
+        z = logits[0, -1].astype(np.float64)
+        want = z[r["token_ids"][0]] - z.max() - np.log(np.exp(z - z.max()).sum())
+    assert math.isclose(lp["token_logprobs"][0], want, abs_tol=1e-6)
 
 
 def test_top_p_and_penalties_change_the_pick_as_the_sampler_does(text_client):
@@ -567,9 +605,11 @@ def test_the_official_openai_sdk_completes_streams_and_stops(exported, tmp_path)
         first = client.completions.create(model=model, prompt="hi", max_tokens=3, temperature=0,
                                           extra_body={"session": session["id"]})
         assert first.model_extra["session"]["position"] == 2 + 2
+        two = client.completions.create(model=model, prompt="hi", max_tokens=3, n=2, logprobs=2, seed=5)
+        assert [ch.index for ch in two.choices] == [0, 1] and len(two.choices[1].logprobs.token_logprobs) == 3
         with pytest.raises(openai.APIStatusError) as error:
-            client.completions.create(model=model, prompt="hi", max_tokens=3, n=2)
-        assert error.value.status_code == 400 and "n is not supported" in str(error.value)
+            client.completions.create(model=model, prompt="hi", max_tokens=3, logit_bias={"5": 1.0})
+        assert error.value.status_code == 400 and "logit_bias is not supported" in str(error.value)
     finally:
         proc.kill()
 
@@ -702,7 +742,7 @@ def test_chat_completions_apply_the_template_and_answer_as_openai_does(text_clie
         body["choices"][0]["message"]["content"]
     assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
     for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}]}, {"tool_choice": "auto"},
-                  {"n": 3}, {"logprobs": True}, {"response_format": {"type": "json_object"}}):
+                  {"logprobs": True}, {"response_format": {"type": "json_object"}}):
         r = c.http.post("/v1/chat/completions", json={"messages": messages, **extra})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", (extra, r.text)
     r = c.http.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})

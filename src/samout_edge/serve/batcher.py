@@ -57,6 +57,16 @@ class StopMatcher:
         return any(s in window for s in self.stops)
 
 
+def logprob_step(logits: np.ndarray, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token, its log-probability, the ``top`` most likely (id, log-probability)) under the model's
+    distribution, before sampling's temperature, cuts and penalties (as OpenAI reports them)."""
+    z = logits.astype(np.float64)
+    z = z - z.max()
+    logp = z - np.log(np.exp(z).sum())
+    best = np.argsort(-logp, kind="stable")[:top]
+    return token, float(logp[token]), [(int(t), float(logp[t])) for t in best]
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """``text`` up to the first stop sequence in it (OpenAI leaves the sequence out), and whether one was."""
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -72,6 +82,8 @@ class Job:
     emit: Callable[[Event], None]  # called from the worker thread; must not block
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop: Callable[[int], bool] | None = None  # True once the text generated so far holds a stop sequence
+    logprobs: int | None = None  # record each token's log-probability and this many top ones
+    logprob_trace: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     new: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     prefill_s: float = 0.0
@@ -202,6 +214,8 @@ class Batcher:
                 continue
             job.state = {name: a[i : i + 1] for name, a in host.items()}
             token = job.sampler(last[i])
+            if job.logprobs is not None:  # recorded before the token is announced: the reader finds it there
+                job.logprob_trace.append(logprob_step(last[i], token, job.logprobs))
             job.new.append(token)
             job.emit(("token", token))
             stopped = job.stop is not None and job.stop(token)

@@ -41,6 +41,7 @@ from samout_edge.serve.metrics import BATCH_BUCKETS, Metrics
 from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore, SessionTable
 
 DEFAULT_MAX_TOKENS = 16
+MAX_CHOICES = 16  # prompts x n in one request: its sequences decode as one batch
 MAX_BODY_BYTES = 8 * 2**20  # a request is a prompt; 8 MiB holds a million token ids
 
 
@@ -111,7 +112,9 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    prompt: str | list[StrictInt] = ""
+    # one prompt (text or token ids), or a list of them: choice i * n + j is prompt i's j-th
+    prompt: str | list[StrictInt] | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] \
+        | Annotated[list[list[StrictInt]], Field(min_length=1, max_length=MAX_CHOICES)] = ""
     max_tokens: StrictInt = Field(DEFAULT_MAX_TOKENS, ge=1)
     temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
@@ -120,25 +123,35 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
+    best_of: StrictInt | None = None  # only = n: we return every sequence we make
+    echo: bool = False  # the prompt's text before the completion's
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)  # each token's log-probability and the top ones
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # the end user, for the operator's records: it changes no output
     session: str | None = None  # ours: continue a server-side session
     # OpenAI's, not implemented: refused unless at the value that asks for nothing
-    n: StrictInt | None = None
-    best_of: StrictInt | None = None
-    echo: bool | None = None
-    logprobs: StrictInt | None = None
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
 
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
+            return list(self.prompt)
+        return [self.prompt]
+
     def unsupported(self) -> str | None:
         """The first parameter set to something this server does not do."""
-        for name, idle in (("n", 1), ("best_of", 1), ("echo", False), ("logprobs", None), ("logit_bias", {}),
-                           ("suffix", None)):
+        for name, idle in (("logit_bias", {}), ("suffix", None)):
             value = getattr(self, name)
             if value is not None and value != idle:
                 return name
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of"  # best_of > n: sequences made and thrown away; we return all we make
+        if self.echo and self.logprobs is not None:
+            return "echo with logprobs"  # the prompt's log-probabilities: logits at every prompt position
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            return f"more than {MAX_CHOICES} choices (prompts x n)"
         return None
 
     def stops(self) -> list[str]:
@@ -175,7 +188,7 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     session: str | None = None
-    n: StrictInt | None = None
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
     logprobs: bool | None = None
     top_logprobs: StrictInt | None = None
     logit_bias: dict[str, float] | None = None
@@ -190,8 +203,7 @@ class ChatRequest(BaseModel):
         if self.tools or self.functions or self.tool_choice not in (None, "none") or \
                 self.function_call not in (None, "none"):
             return "tools"  # tool calls: the model has no tool-call format
-        for name, idle in (("n", 1), ("logprobs", False), ("top_logprobs", 0), ("logit_bias", {}),
-                           ("parallel_tool_calls", None)):
+        for name, idle in (("logprobs", False), ("top_logprobs", 0), ("logit_bias", {}), ("parallel_tool_calls", None)):
             value = getattr(self, name)
             if value is not None and value != idle:
                 return name
@@ -205,7 +217,7 @@ class ChatRequest(BaseModel):
                                  top_k=self.top_k, presence_penalty=self.presence_penalty,
                                  frequency_penalty=self.frequency_penalty, stop=self.stop, seed=self.seed,
                                  stream=self.stream, stream_options=self.stream_options, user=self.user,
-                                 session=self.session)
+                                 session=self.session, n=self.n)
 
 
 # The chat template of a base model (no chat_template of its own), stated in docs/serving.md:
@@ -485,21 +497,34 @@ def create_app(server: Server) -> FastAPI:
         if stops and server.vocab is None:
             raise SessionError("stop sequences are matched on the text: this server has no vocab (serve --vocab FILE)",
                                400, "no_vocab")
-        prompt = await asyncio.to_thread(server.prompt_ids, req.prompt)  # text: linear time, off the event loop
+        texts = req.prompts()
+        if req.session is not None and len(texts) * req.n > 1:
+            raise SessionError("a session continues one sequence: a list of prompts or n > 1 takes no session", 400,
+                               "invalid_request")
+        prompts = [await asyncio.to_thread(server.prompt_ids, t) for t in texts]  # linear time, off the event loop
         session = server.sessions.acquire(req.session, request.state.owner) if req.session is not None else None
         try:
-            ids = (session.pending if session else []) + prompt
-            server.check_request(req, prompt, ids, session.position if session else 0)
-            reserved = 0
-            if session is not None:
-                reserved = server.sessions.reserve(graph.state_bytes(
-                    server.info.config, server.info.arch, 1, len(ids) + req.max_tokens - 1, server.info.dtype))
-            state = session.state if session else server.initial
+            reserved, choices = 0, []
             seed = req.seed if req.seed is not None else secrets.randbits(63)
-            sampler = Sampler(req.temperature, req.top_k, seed, req.top_p, req.presence_penalty, req.frequency_penalty)
-            stop = StopMatcher(stops, server.vocab.stream()) if stops else None
-            run = _Run(server, session, prompt, Job(ids, state, req.max_tokens, sampler, emit=lambda e: None, stop=stop),
-                       reserved, stops, bool(req.stream_options and req.stream_options.include_usage), chat)
+            for p, (text, prompt) in enumerate(zip(texts, prompts)):
+                ids = (session.pending if session else []) + prompt
+                server.check_request(req, prompt, ids, session.position if session else 0)
+                if session is not None:
+                    reserved = server.sessions.reserve(graph.state_bytes(
+                        server.info.config, server.info.arch, 1, len(ids) + req.max_tokens - 1, server.info.dtype))
+                state = session.state if session else server.initial
+                for j in range(req.n):
+                    index = p * req.n + j
+                    sampler = Sampler(req.temperature, req.top_k, (seed + index) % 2**63, req.top_p,
+                                      req.presence_penalty, req.frequency_penalty)
+                    stop = StopMatcher(stops, server.vocab.stream()) if stops else None
+                    job = Job(ids, state, req.max_tokens, sampler, emit=lambda e: None, stop=stop,
+                              logprobs=req.logprobs)
+                    echo = text if isinstance(text, str) else server.text(prompt)
+                    choices.append(_Choice(index, prompt, echo if req.echo else "", job))
+            run = _Run(server, session, choices, reserved, stops,
+                       bool(req.stream_options and req.stream_options.include_usage), chat, req.echo, req.logprobs,
+                       req.n)
         except BaseException:
             if session is not None:
                 server.sessions.release(session)
@@ -533,46 +558,68 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-class _Run:
-    """One completion in flight: bridges the batcher thread's events into asyncio."""
+@dataclass
+class _Choice:
+    """One sequence of a request: its prompt (as the client sent it) and its job."""
 
-    def __init__(self, server: Server, session, prompt: list[int], job: Job, reserved: int = 0,
-                 stops: list[str] | None = None, include_usage: bool = False, chat: bool = False):
-        self.server, self.session, self.prompt, self.job, self.reserved = server, session, prompt, job, reserved
+    index: int
+    prompt: list[int]
+    prompt_text: str
+    job: Job
+    result: JobResult | None = None
+
+
+class _Run:
+    """One request in flight (one choice per prompt and per ``n``): bridges the batcher
+    thread's events into asyncio. Its choices' jobs go in together, so they decode in
+    one batch; a session takes exactly one choice."""
+
+    def __init__(self, server: Server, session, choices: list[_Choice], reserved: int = 0,
+                 stops: list[str] | None = None, include_usage: bool = False, chat: bool = False,
+                 echo: bool = False, logprobs: int | None = None, n: int = 1):
+        self.server, self.session, self.choices, self.reserved = server, session, choices, reserved
+        self.n = n  # choices per prompt: choice index = prompt index * n + j
         self.stops, self.include_usage, self.chat = stops or [], include_usage, chat
+        self.echo, self.logprobs = echo, logprobs
         self.id, self.created = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.t0 = time.perf_counter()
         self.first_token_s: float | None = None
         self.finished = False
-        self.completing: asyncio.Future | None = None  # the commit of a finished job
+        self.completing: asyncio.Future | None = None  # the session's commit of a finished job
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
-        self.job.emit = lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event)
+        for c in self.choices:
+            c.job.emit = lambda event, i=c.index: loop.call_soon_threadsafe(self.events.put_nowait, (i, *event))
         self.server.active += 1
-        self.server.metrics.inc("samout_prompt_tokens_total", len(self.job.ids))
-        self.server.batcher.submit(self.job)
+        self.server.metrics.inc("samout_prompt_tokens_total", sum(len(c.job.ids) for c in self.choices))
+        for c in self.choices:
+            self.server.batcher.submit(c.job)
 
-    async def _events(self) -> AsyncIterator[tuple[str, Any]]:
-        """The job's events; an error's value is a SessionError (its status and code)."""
+    async def _events(self) -> AsyncIterator[tuple[int, str, Any]]:
+        """(choice, kind, value) until every choice is done, or the first error (its value a
+        SessionError: status and code); the others are then cancelled."""
+        waiting = len(self.choices)
         try:
-            while True:
-                kind, value = await self.events.get()
+            while waiting:
+                index, kind, value = await self.events.get()
                 if kind == "token" and self.first_token_s is None:
                     self.first_token_s = time.perf_counter() - self.t0
                     self.server.metrics.observe("samout_time_to_first_token_seconds", self.first_token_s)
                 if kind == "error":
                     value = SessionError(value, 500, "runner_error")
                 if kind == "done":
+                    self.choices[index].result = value
+                    waiting -= 1
                     self.completing = asyncio.ensure_future(self._complete(value))
                     try:
                         await asyncio.shield(self.completing)  # once done, the commit runs to its end
                     except SessionError as e:  # the store could not record it: the session did not move
                         kind, value = "error", e
-                yield kind, value
-                if kind in ("done", "error"):
+                yield index, kind, value
+                if kind == "error":
                     return
         finally:
             self._finish()
@@ -589,7 +636,8 @@ class _Run:
         if self.finished:
             return
         self.finished = True
-        self.job.cancelled.set()  # a no-op once done; stops the work of a client that went away
+        for c in self.choices:
+            c.job.cancelled.set()  # a no-op once done; stops the work of a client that went away
         self.server.active -= 1
         self.server.sessions.unreserve(self.reserved)
         if self.session is not None:
@@ -604,40 +652,52 @@ class _Run:
             else:
                 sessions.release(session)
 
-    def usage(self, result: JobResult) -> dict[str, int]:
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(result.new),
-                "total_tokens": len(self.prompt) + len(result.new)}
+    def usage(self) -> dict[str, int]:
+        """Each distinct prompt counted once (as OpenAI does with n), every choice's tokens."""
+        prompts = sum(len(c.prompt) for c in self.choices if c.index % self.n == 0)
+        completion = sum(len(c.result.new) for c in self.choices if c.result is not None)
+        return {"prompt_tokens": prompts, "completion_tokens": completion, "total_tokens": prompts + completion}
 
-    def body(self, result: JobResult) -> dict[str, Any]:
-        text, stopped = cut_at_stop(self.server.text(result.new), self.stops)
-        choice = {"index": 0, "text": text} if not self.chat else {"index": 0, "message": {"role": "assistant",
-                                                                                          "content": text}}
+    def logprob_entry(self, job: Job, start: int, stop: int | None = None) -> dict[str, Any]:
+        """OpenAI's completions logprobs for the job's tokens [start:stop]: each token's text, its
+        log-probability under the model (before sampling's cuts and penalties), the top ones."""
+        steps = job.logprob_trace[start:stop]
+        name = self.server.vocab.decode if self.server.vocab else str
+        return {"tokens": [name(t) for t, _, _ in steps], "token_logprobs": [lp for _, lp, _ in steps],
+                "top_logprobs": [{name(t): lp for t, lp in top} for _, _, top in steps], "text_offset": []}
+
+    def choice_body(self, c: _Choice) -> dict[str, Any]:
+        text, stopped = cut_at_stop(self.server.text(c.result.new), self.stops)
+        if self.echo:
+            text = c.prompt_text + text
+        content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+        return {"index": c.index, **content, "token_ids": c.result.new,
+                "logprobs": self.logprob_entry(c.job, 0) if self.logprobs is not None else None,
+                "finish_reason": "stop" if stopped else "length"}
+
+    def body(self) -> dict[str, Any]:
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.server.model_name,
-                "choices": [{**choice, "token_ids": result.new, "logprobs": None,
-                             "finish_reason": "stop" if stopped else "length"}],
-                "usage": self.usage(result)}
+                "choices": [self.choice_body(c) for c in self.choices], "usage": self.usage()}
         if self.session is not None:
             body["session"] = self.session.to_dict()
         return body
 
     async def whole(self, request: Request) -> JSONResponse:
         """The whole completion as one body. A client that goes away before it is done
-        cancels the job: nobody receives those tokens, so the session does not take them."""
+        cancels the jobs: nobody receives those tokens, so the session does not take them."""
 
         async def result() -> JSONResponse:
-            async for kind, value in self._events():
-                if kind == "done":
-                    return JSONResponse(self.body(value))
+            async for _, kind, value in self._events():
                 if kind == "error":
                     return _error(value.status, str(value), value.code)
-            return _error(500, "the request ended without a result", "internal_error")  # pragma: no cover
+            return JSONResponse(self.body())
 
         answer, gone = asyncio.ensure_future(result()), asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
             if answer.done():
                 return answer.result()
-            answer.cancel()  # closes the event stream: the job is cancelled, the session released unchanged
+            answer.cancel()  # closes the event stream: the jobs are cancelled, the session released unchanged
             with contextlib.suppress(asyncio.CancelledError):
                 await answer
             return _error(499, "the client closed the request", "client_closed_request")
@@ -645,46 +705,54 @@ class _Run:
             gone.cancel()
 
     async def sse(self) -> AsyncIterator[str]:
-        """A chunk per token. With stop sequences the text is held back while it could still be
-        the start of one, so no chunk ever carries text the whole completion leaves out."""
-
+        """A chunk per token (each naming its choice). With stop sequences the text is held
+        back while it could still be the start of one, so no chunk ever carries text the
+        whole completion leaves out."""
         chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
 
-        def chunk(text: str, ids: list[int], finish: str | None = None, **extra) -> str:
-            content = {"delta": {"content": text} if text or finish is None else {}} if self.chat else {"text": text}
-            return "data: " + json.dumps({
-                "id": self.id, "object": chunk_object, "created": self.created, "model": self.server.model_name,
-                "choices": [{"index": 0, **content, "token_ids": ids, "logprobs": None, "finish_reason": finish}],
-                **extra}) + "\n\n"
+        def data(payload: dict) -> str:
+            return "data: " + json.dumps({"id": self.id, "object": chunk_object, "created": self.created,
+                                          "model": self.server.model_name, **payload}) + "\n\n"
 
-        if self.chat:  # OpenAI's first chat chunk names the role
-            yield "data: " + json.dumps({"id": self.id, "object": chunk_object, "created": self.created,
-                                         "model": self.server.model_name,
-                                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                      "logprobs": None, "finish_reason": None}]}) + "\n\n"
-        generated, sent = "", 0
+        def chunk(index: int, text: str, ids: list[int], finish: str | None = None, logprobs=None, **extra) -> str:
+            content = {"delta": {"content": text} if text or finish is None else {}} if self.chat else {"text": text}
+            return data({"choices": [{"index": index, **content, "token_ids": ids, "logprobs": logprobs,
+                                      "finish_reason": finish}], **extra})
+
         hold = max((len(s) for s in self.stops), default=1) - 1
-        piece = self.server.vocab.stream() if self.server.vocab else (lambda token: "")  # whole characters only
-        async for kind, value in self._events():
+        generated = {c.index: "" for c in self.choices}
+        sent = {c.index: 0 for c in self.choices}
+        pieces = {c.index: self.server.vocab.stream() if self.server.vocab else (lambda token: "")
+                  for c in self.choices}  # whole characters only
+        for c in self.choices:
+            if self.chat:  # OpenAI's first chat chunk names the role
+                yield data({"choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})
+            elif self.echo and c.prompt_text:
+                yield chunk(c.index, c.prompt_text, [])
+        async for index, kind, value in self._events():
+            c = self.choices[index]
             if kind == "token":
-                generated += piece(value)
-                visible, stopped = cut_at_stop(generated, self.stops)
-                safe = len(visible) if stopped else max(sent, len(generated) - hold)
-                yield chunk(generated[sent:safe], [value])
-                sent = safe
+                generated[index] += pieces[index](value)
+                visible, stopped = cut_at_stop(generated[index], self.stops)
+                safe = len(visible) if stopped else max(sent[index], len(generated[index]) - hold)
+                step = len(c.job.new) - 1
+                logprobs = self.logprob_entry(c.job, step, step + 1) if self.logprobs is not None else None
+                yield chunk(index, generated[index][sent[index]:safe], [value], logprobs=logprobs)
+                sent[index] = safe
             elif kind == "done":
-                final, stopped = cut_at_stop(generated, self.stops)
-                extra = {"session": self.session.to_dict()} if self.session is not None else {}
-                yield chunk(final[sent:], [], "stop" if stopped else "length", usage=self.usage(value), **extra)
-                if self.include_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
-                    yield "data: " + json.dumps({"id": self.id, "object": chunk_object, "created": self.created,
-                                                 "model": self.server.model_name, "choices": [],
-                                                 "usage": self.usage(value)}) + "\n\n"
-                yield "data: [DONE]\n\n"
+                final, stopped = cut_at_stop(generated[index], self.stops)
+                last = all(x.result is not None for x in self.choices)
+                extra = {"usage": self.usage()} if last else {}
+                if last and self.session is not None:
+                    extra["session"] = self.session.to_dict()
+                yield chunk(index, final[sent[index]:], [], "stop" if stopped else "length", **extra)
+                if last and self.include_usage:  # OpenAI's stream_options.include_usage: a last chunk, no choices
+                    yield data({"choices": [], "usage": self.usage()})
             else:
                 yield "data: " + json.dumps({"error": {"message": str(value), "type": "server_error",
                                                        "code": value.code}}) + "\n\n"
-                yield "data: [DONE]\n\n"
+        yield "data: [DONE]\n\n"
 
 
 async def _disconnected(request: Request) -> None:
