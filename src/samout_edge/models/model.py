@@ -64,7 +64,7 @@ class MaxState(nn.Module):
         self.combined = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, past: LayerState) -> tuple[torch.Tensor, LayerState]:
-        out, out1, out2 = (split_heads(t, self.num_heads) for t in linear(self.combined, x).chunk(3, -1))
+        out, out1, out2 = (split_heads(t, self.num_heads) for t in self.combined(x).chunk(3, -1))
         out, present = self.mix_sequence(out, out1, out2, past)
         score = cummax(out, dim=1)  # over the heads
         if self.fp32:
@@ -144,7 +144,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` computed in x's dtype: an fp32 island of an fp16 model casts the weights up.
     A reference of an export with int8 activations first quantizes x as its kernel does
-    (``layer.int8_block``, set by models/quantize.py; never on a model being exported)."""
+    (``layer.int8_block``, set by models/quantize.py, which hooks the layers called as
+    modules the same way; never on a model being exported)."""
     block = getattr(layer, "int8_block", None)
     if block is not None:
         from samout_edge.models.quantize import quantize_activations
@@ -251,4 +252,4 @@ class SamOut(nn.Module):
             present.append(layer_present)
         if last_only:
             x = x[:, -1:]
-        return linear(self.head, x), present
+        return self.head(x), present

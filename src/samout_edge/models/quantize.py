@@ -194,14 +194,18 @@ def quantize_activations(x, block: int):
 
 
 def set_int8_activations(model: nn.Module, table: dict[str, QuantizedWeight]) -> None:
-    """Mark every quantized Linear of ``model`` to quantize its input as MatMulNBits at
-    accuracy level 4 does (models/model.py ``linear`` applies it): the PyTorch reference
-    of an export computing with int8 activations (``export --activations int8``)."""
+    """Make every quantized Linear of ``model`` quantize its input as MatMulNBits at accuracy
+    level 4 does: the PyTorch reference of an export computing with int8 activations
+    (``export --activations int8``). A Linear the model calls as a module (``combined``,
+    ``head``: their calls stay modules so fp16 calibration sees them) gets a forward
+    pre-hook; one it calls through models/model.py ``linear`` (the FFN's) reads
+    ``int8_block`` there. Each input is quantized once either way."""
     from torch import nn
 
     for name, module in quantized_modules(model):
         if isinstance(module, nn.Linear):
-            module.int8_block = nbits_block(table[name])
+            module.int8_block = block = nbits_block(table[name])
+            module.register_forward_pre_hook(lambda mod, args, b=block: (quantize_activations(args[0], b), *args[1:]))
 
 
 def grid_of(weights: Weights | None) -> tuple[int, int | None, int | None] | None:
