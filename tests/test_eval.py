@@ -197,3 +197,57 @@ def test_eval_of_non_ascii_text_scores_the_bytes_training_saw(tmp_path):
     checkpoint = eval_target(ckpt, text, window=64)
     assert exported.tokens == checkpoint.tokens == len((NON_ASCII * 20).encode()) - 1
     assert exported.bits_per_byte == pytest.approx(checkpoint.bits_per_byte, rel=1e-5)
+
+
+def _hf_tokenizer(tmp_path, vocab_size: int = 120) -> "Path":
+    """A byte-level BPE tokenizer.json trained here with Hugging Face's tokenizers library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [NON_ASCII, "def main():\n    return 0\n", "the cat sat on the mat " * 4] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_a_hugging_face_tokenizer_json_round_trips_and_streams_whole_characters(tmp_path):
+    from samout_edge.artifact.vocab import HFTokenizer, Vocab, iter_tokens
+
+    v = Vocab.load(_hf_tokenizer(tmp_path, 300))
+    assert isinstance(v, HFTokenizer) and v.size <= 300
+    ids = v.encode(NON_ASCII)
+    assert v.decode_ids(ids) == NON_ASCII and len(ids) < len(NON_ASCII.encode())  # merges happened
+    piece = v.stream()
+    pieces = [piece(i) for i in ids]
+    assert "".join(pieces) == NON_ASCII and not any("\ufffd" in p for p in pieces)
+    text = tmp_path / "t.txt"
+    text.write_text((NON_ASCII + " the cat\n") * 40)
+    parts = list(iter_tokens(text, 300, v, piece_bytes=37))  # small pieces: tokens never split at a boundary
+    streamed = np.concatenate([i for i, _ in parts])
+    assert streamed.tolist() == v.encode(text.read_text())
+    assert int(np.concatenate([b for _, b in parts]).sum()) == text.stat().st_size  # every byte counted once
+
+
+def test_eval_with_a_tokenizer_json_equals_its_checkpoint(tmp_path):
+    from samout_edge.artifact.config import ModelConfig
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+    from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
+
+    tokenizer = _hf_tokenizer(tmp_path, 300)
+    save_checkpoint(random_checkpoint(ModelConfig(320, 32, 4, 2)), tmp_path / "ckpt")
+    text = tmp_path / "t.txt"
+    text.write_text(NON_ASCII * 10)
+    d = export(tmp_path / "e", ExportOptions(max_seq=64, logits="all"), checkpoint=tmp_path / "ckpt",
+               vocab=tokenizer, run_verify=False).directory
+    exported = eval_target(d, text, window=64)
+    checkpoint = eval_target(tmp_path / "ckpt", text, window=64, vocab=tokenizer)
+    from samout_edge.artifact.vocab import Vocab
+
+    _, sizes, _ = Vocab.load(tokenizer).encode_sized(text.read_text(), final=True)
+    assert exported.tokens == checkpoint.tokens == len(sizes) - 1  # every token but the first is predicted
+    assert exported.bytes == checkpoint.bytes == len(text.read_bytes()) - sizes[0]  # bits per UTF-8 byte
+    assert exported.bits_per_byte == pytest.approx(checkpoint.bits_per_byte, rel=1e-5)

@@ -32,7 +32,7 @@ MAX_SEQ = 512
 def heldout(tmp_path_factory) -> Path:
     """The start of the pair's held-out text (the running Python's standard library)."""
     path = tmp_path_factory.mktemp("text") / "heldout.txt"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_pair.py"), "--write-heldout", str(path),
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_set.py"), "--write-heldout", str(path),
                     "--max-bytes", "8192"], check=True, capture_output=True)
     return path
 

@@ -783,3 +783,29 @@ def test_a_chat_template_of_ones_own_and_a_broken_one(exported, client_for, tmp_
     (tmp_path / "bad.jinja").write_text("{% for %}")
     code, _, err = run_cli("serve", exported().directory, "--memory-only", "--chat-template", tmp_path / "bad.jinja")
     assert code == 1 and "does not parse" in err
+
+
+def test_chat_with_a_hugging_face_tokenizer_and_its_template(tmp_path, client_for, run_cli):
+    """A tokenizer.json carried in the export and a tokenizer_config.json's chat_template: the
+    prompt is the template's text in the tokenizer's ids; streamed deltas are whole characters."""
+    from samout_edge.artifact.config import ModelConfig
+    from samout_edge.artifact.vocab import Vocab
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+    from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
+    from tests.test_eval import _hf_tokenizer
+
+    tokenizer = _hf_tokenizer(tmp_path, 300)
+    save_checkpoint(random_checkpoint(ModelConfig(320, 32, 4, 2), seed=2), tmp_path / "ckpt")
+    d = export(tmp_path / "e", ExportOptions(max_seq=64), checkpoint=tmp_path / "ckpt", vocab=tokenizer).directory
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n"
+                                                   "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"}))
+    c = client_for(d, chat_template=json.loads(config.read_text())["chat_template"])
+    messages = [{"role": "user", "content": "café 中?"}]
+    body = c.http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "seed": 1}).json()
+    prompt = "[user] café 中?\n[assistant]"
+    v = Vocab.load(tokenizer)
+    assert body["usage"]["prompt_tokens"] == len(v.encode(prompt))
+    assert body["choices"][0]["message"]["content"] == v.decode_ids(body["choices"][0]["token_ids"])
+    code, _, err = run_cli("serve", d, "--memory-only", "--chat-template", tmp_path / "ckpt" / "config.json")
+    assert code == 1 and "tokenizer_config.json" in err

@@ -1,8 +1,9 @@
-"""The trained pair shipped in benchmarks/pair/ (made by benchmarks/train_pair.py).
+"""The trained set shipped in benchmarks/trained/ (made by benchmarks/train_set.py).
 
 Checks that what the script wrote belongs together and that the models learned
-something: same config and size, a byte vocab, throughput for both archs,
-held-out bits per byte well below the 8 of a uniform guess, and a greedy
+something: same config and size (a hybrid: plus its alpha per layer), a byte
+vocab, the same initial weights, batches and steps for every arch, a training
+curve, held-out bits per byte well below the 8 of a uniform guess, and a greedy
 continuation that reads as text.
 """
 
@@ -20,13 +21,22 @@ from samout_edge.models.checkpoint import load_checkpoint
 from samout_edge.runtime.torch_runner import load_torch_runner
 
 ROOT = Path(__file__).resolve().parent.parent
-PAIR = ROOT / "benchmarks" / "pair"
-ARCHS = ("cummax", "softmax")
+PAIR = ROOT / "benchmarks" / "trained"
+ARCHS = ("cummax", "softmax", "hybrid", "hybrid-w64", "softmax-w64")
 
 
 @pytest.fixture(scope="module")
 def checkpoints():
     return {arch: load_checkpoint(PAIR / arch) for arch in ARCHS}
+
+
+def test_every_checkpoint_loads_as_its_own_arch_only(checkpoints):
+    for arch, ckpt in checkpoints.items():
+        ckpt.model(arch)
+        hybrid = arch.startswith("hybrid")
+        assert (ckpt.alphas is not None) == hybrid
+        if hybrid:
+            assert all(0 < a < 1 for a in ckpt.alphas)
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +45,12 @@ def report() -> dict:
 
 
 def test_checkpoints_have_the_same_config_and_size(checkpoints):
-    cummax, softmax = checkpoints["cummax"], checkpoints["softmax"]
-    assert cummax.config == softmax.config
-    assert cummax.config.vocab_size == 256
+    config = checkpoints["cummax"].config
+    assert all(c.config == config for c in checkpoints.values())
+    assert config.vocab_size == 256
     counts = {arch: sum(t.numel() for t in c.state_dict.values()) for arch, c in checkpoints.items()}
-    assert counts["cummax"] == counts["softmax"] == cummax.config.parameter_count()
+    for arch, count in counts.items():  # a hybrid adds one parameter per layer: its blend
+        assert count == config.parameter_count() + (config.num_layers if arch.startswith("hybrid") else 0)
     for arch in ARCHS:
         assert (PAIR / arch / "model.safetensors").stat().st_size < 8 << 20  # a few MB each
 
@@ -55,17 +66,22 @@ def test_heldout_list_names_stdlib_files():
     assert all(f.endswith(".py") and not f.startswith("/") for f in files)
 
 
-def test_report_has_both_archs_trained_alike(report, checkpoints):
+def test_report_has_every_arch_trained_alike(report, checkpoints):
     assert report["config"] == checkpoints["cummax"].config.to_dict()
     assert report["same_initial_weights"] and report["same_batches"]
-    assert report["steps"] > 0 and report["tokens_seen"] == report["steps"] * report["batch"] * report["seq"]
+    assert report["steps_done"] == report["steps"] > 0
+    assert report["tokens_seen"] == report["steps"] * report["batch"] * report["seq"]
     for arch in ARCHS:
         result = report["archs"][arch]
-        assert result["tokens_per_s"] > 0
-        assert result["peak_rss_mib"] > 0
+        assert result["steps_done"] == report["steps"] and result["tokens_per_s"] > 0
         assert report["interleaved_throughput"]["archs"][arch]["tokens_per_s_median"] > 0
         # a uniform guess over bytes is 8 bits; the models must have learned a lot more than that
         assert 0 < result["heldout_bits_per_byte"] < 4
+        curve = result["curve"]
+        assert [p["step"] for p in curve] == sorted(p["step"] for p in curve) and curve[-1]["step"] == report["steps"]
+        assert curve[-1]["heldout_bits_per_byte"] < curve[0]["heldout_bits_per_byte"] + 0.5
+        assert result["alpha"] == (pytest.approx(checkpoints[arch].alphas, abs=1e-3) if checkpoints[arch].alphas
+                                   else None)
 
 
 def test_cummax_continues_a_prompt_with_printable_text(checkpoints):
@@ -80,7 +96,7 @@ def test_cummax_continues_a_prompt_with_printable_text(checkpoints):
 
 
 def test_write_heldout_concatenates_the_listed_files(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_pair", ROOT / "benchmarks" / "train_pair.py")
+    spec = importlib.util.spec_from_file_location("train_set", ROOT / "benchmarks" / "train_set.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     target = tmp_path / "heldout.py.txt"

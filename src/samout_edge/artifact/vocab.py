@@ -7,9 +7,13 @@
   longest token first, character by character; a character no token covers is an
   error, never a guess.
 
+- a Hugging Face ``tokenizer.json`` (``HFTokenizer``, the ``tokenizers`` library: the
+  general case, real models' tokenizers), its decoding incremental too.
+
 An export may carry one (``export --vocab FILE|bytes`` writes ``vocab.json``, hashed
-in export.json like every file: the list, or ``{"kind": "utf-8 bytes"}``), so
-``generate``, ``eval`` and ``serve`` take text without being told where its vocab is.
+in export.json like every file: the list, ``{"kind": "utf-8 bytes"}``, or a Hugging
+Face tokenizer.json as it is), so ``generate``, ``eval`` and ``serve`` take text without
+being told where its vocab is.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ class Vocab:
         data = read_json(path, "vocab file")
         if data == ByteVocab().to_json():
             return ByteVocab()
+        if isinstance(data, dict) and "model" in data:  # a Hugging Face tokenizer.json
+            return HFTokenizer.load(path)
         if not isinstance(data, list) or not any(data) or not all(isinstance(t, str) for t in data):
             raise SamoutError(f"vocab file {path} must be a JSON list of strings, at least one of them non-empty "
                               f"(or {json.dumps(ByteVocab().to_json())})")
@@ -154,6 +160,89 @@ class ByteVocab:
         return np.ones(len(ids), dtype=np.int64)
 
 
+class HFTokenizer:
+    """A Hugging Face tokenizer.json, through the ``tokenizers`` library: encoding without
+    special tokens (a prompt is text), decoding incremental, so a streamed character is
+    never split."""
+
+    kind = "huggingface"
+    LOOKBACK = 64  # characters at a piece's end whose tokens a stream re-encodes with what follows
+
+    def __init__(self, tokenizer, source: dict):
+        self.tokenizer, self.source = tokenizer, source
+        self.size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+    @classmethod
+    def load(cls, path: str | Path) -> HFTokenizer:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise SamoutError("a tokenizer.json needs the tokenizers library: pip install tokenizers") from None
+        text = Path(path).read_text()
+        try:
+            return cls(Tokenizer.from_str(text), json.loads(text))
+        except Exception as e:  # the library raises its own types
+            raise SamoutError(f"{path} is not a tokenizer.json the tokenizers library reads: {str(e)[:200]}") from None
+
+    def to_json(self) -> dict:
+        return self.source
+
+    def fewest_tokens(self, text: str) -> int:
+        return -(-len(text) // max(1, self.longest))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_prefix(self, text: str, final: bool) -> tuple[list[int], int]:
+        ids, _, used = self.encode_sized(text, final)
+        return ids, used
+
+    def encode_sized(self, text: str, final: bool) -> tuple[list[int], np.ndarray, int]:
+        """(ids, UTF-8 bytes of the text each covers, characters used): unless ``final``, only
+        the tokens before the last pre-token boundary at least LOOKBACK characters from the
+        end (BPE never merges across pre-tokens, so what follows cannot change them; the rest
+        is carried into the next piece). Tokens sharing a character (byte-level pieces of
+        "中") count its bytes once, with the first of them."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        limit = len(text)
+        if not final:
+            pre = self.tokenizer.pre_tokenizer
+            starts = [span[0] for _, span in pre.pre_tokenize_str(text)] if pre is not None else [0]
+            limit = max([b for b in starts if b <= len(text) - self.LOOKBACK], default=0)
+        ids, sizes, cursor = [], [], 0
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+            if end > limit and not final:
+                break
+            ids.append(token_id)
+            sizes.append(len(text[max(start, cursor):end].encode()))
+            cursor = max(cursor, end)
+        return ids, np.asarray(sizes, dtype=np.int64), (len(text) if final else cursor)
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def decode(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def stream(self) -> Callable[[int], str]:
+        """A token at a time -> the text it completes: the whole sequence decoded again,
+        less what was already given, held while it ends in an unfinished character."""
+        ids: list[int] = []
+        given = [0]
+
+        def piece(token_id: int) -> str:
+            ids.append(token_id)
+            text = self.decode_ids(ids)
+            if text.endswith("\ufffd"):
+                return ""
+            new, given[0] = text[given[0]:], len(text)
+            return new
+
+        return piece
+
+
+
 class _Automaton:
     """Aho-Corasick over the reversed tokens. Reading the text backwards, the state
     after text[p] is the longest suffix read so far that begins a reversed token, and
@@ -204,7 +293,7 @@ class _Automaton:
         return lengths, ids
 
 
-def export_vocab(target: str | Path) -> Vocab | ByteVocab | None:
+def export_vocab(target: str | Path) -> Vocab | ByteVocab | HFTokenizer | None:
     """The vocab an export directory carries (an engine directory: its export's), checked
     against the hash export.json records; None when it carries none."""
     from samout_edge.artifact.engine import is_engine_dir
@@ -267,13 +356,17 @@ def iter_tokens(path: Path, vocab_size: int, vocab: Vocab | None = None,
                     ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
                     yield ids, np.ones(len(ids), dtype=np.int64)
             else:
-                tokens, used = vocab.encode_prefix(carry + text, final)
+                if isinstance(vocab, HFTokenizer):
+                    tokens, sizes, used = vocab.encode_sized(carry + text, final)
+                else:
+                    tokens, used = vocab.encode_prefix(carry + text, final)
+                    sizes = vocab.token_bytes(tokens)
                 carry = (carry + text)[used:]
                 if tokens:
                     ids = np.asarray(tokens, dtype=np.int64)
                     if ids.max() >= vocab_size:
                         raise SamoutError(f"token id {int(ids.max())} is outside the model's vocabulary "
                                           f"(0..{vocab_size - 1})")
-                    yield ids, vocab.token_bytes(tokens)
+                    yield ids, sizes
             if final:
                 return

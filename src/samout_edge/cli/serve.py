@@ -86,7 +86,8 @@ def serve(
                                           "reaches the port can generate and use any session)."),
     chat_template: Optional[Path] = typer.Option(
         None, "--chat-template", help="A Jinja chat template (Hugging Face's chat_template: messages, "
-        "add_generation_prompt) for /v1/chat/completions [default: 'role: content' lines, then 'assistant:']."),
+        "add_generation_prompt), or a tokenizer_config.json holding one, for /v1/chat/completions "
+        "[default: 'role: content' lines, then 'assistant:']."),
     log_level: str = typer.Option("warning", help="uvicorn's log level (info shows each request)."),
 ) -> None:
     """Serve completions over HTTP with sessions that persist across restarts."""
@@ -110,6 +111,16 @@ def serve(
             template = chat_template.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise SamoutError(f"--chat-template {chat_template}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        if chat_template.suffix == ".json":  # a Hugging Face tokenizer_config.json: its chat_template
+            import json
+
+            try:
+                template = json.loads(template)["chat_template"]
+            except (ValueError, KeyError, TypeError):
+                raise SamoutError(f"--chat-template {chat_template}: a JSON file must be a tokenizer_config.json "
+                                  "with a chat_template string") from None
+            if not isinstance(template, str):
+                raise SamoutError(f"--chat-template {chat_template}: its chat_template is not one template string")
     options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens,
                            api_keys=keys, chat_template=template)
     server = open_server(target, value(backend), options,
