@@ -199,7 +199,7 @@ def test_eval_of_non_ascii_text_scores_the_bytes_training_saw(tmp_path):
     assert exported.bits_per_byte == pytest.approx(checkpoint.bits_per_byte, rel=1e-5)
 
 
-def _hf_tokenizer(tmp_path, vocab_size: int = 120) -> "Path":
+def _hf_tokenizer(tmp_path, vocab_size: int = 120):
     """A byte-level BPE tokenizer.json trained here with Hugging Face's tokenizers library."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
