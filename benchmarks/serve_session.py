@@ -59,6 +59,11 @@ def main() -> None:
                 want = generate(runner, history, args.tokens, Sampler(**SAMPLING)).new_ids
             same = second["choices"][0]["token_ids"] == want
             print(f"turn 2 equals one uninterrupted generation over the whole conversation: {same}")
+            chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": "write a Python function, café-safe"}],
+                "max_tokens": args.tokens, "stop": ["\n\n"], **SAMPLING}).json()
+            print(f"a chat turn (the default template; stop at a blank line) -> "
+                  f"{chat['choices'][0]['message']['content']!r} ({chat['choices'][0]['finish_reason']})")
             server.stop()
     if not same:
         sys.exit("error: the session did not resume exactly")
