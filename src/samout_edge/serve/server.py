@@ -105,17 +105,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's completion request. Every field is honoured; OpenAI's fields this server does
-    not implement are accepted only at the value that asks for nothing (``unsupported``
-    names any other), and a field OpenAI does not have is refused: never silence."""
+class Sampling(BaseModel):
+    """The fields completions and chat completions share: how to sample, when to stop, how
+    to answer. Every field is honoured; OpenAI's fields this server does not implement are
+    accepted only at the value that asks for nothing (``unsupported`` names any other), and
+    a field OpenAI does not have is refused: never silence."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    # one prompt (text or token ids), or a list of them: choice i * n + j is prompt i's j-th
-    prompt: str | list[StrictInt] | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] \
-        | Annotated[list[list[StrictInt]], Field(min_length=1, max_length=MAX_CHOICES)] = ""
-    max_tokens: StrictInt = Field(DEFAULT_MAX_TOKENS, ge=1)
     temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: StrictInt = Field(0, ge=0)
@@ -124,13 +121,22 @@ class CompletionRequest(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
     n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
-    best_of: StrictInt | None = None  # only = n: we return every sequence we make
-    echo: bool = False  # the prompt's text before the completion's
-    logprobs: StrictInt | None = Field(None, ge=0, le=5)  # each token's log-probability and the top ones
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # the end user, for the operator's records: it changes no output
     session: str | None = None  # ours: continue a server-side session
+
+
+class CompletionRequest(Sampling):
+    """OpenAI's completion request."""
+
+    # one prompt (text or token ids), or a list of them: choice i * n + j is prompt i's j-th
+    prompt: str | list[StrictInt] | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] \
+        | Annotated[list[list[StrictInt]], Field(min_length=1, max_length=MAX_CHOICES)] = ""
+    max_tokens: StrictInt = Field(DEFAULT_MAX_TOKENS, ge=1)
+    best_of: StrictInt | None = None  # only = n: we return every sequence we make
+    echo: bool = False  # the prompt's text before the completion's
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)  # each token's log-probability and the top ones
     # OpenAI's, not implemented: refused unless at the value that asks for nothing
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
@@ -168,27 +174,13 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(Sampling):
     """OpenAI's chat completion request: the messages go through the chat template into a
     completion's prompt; tools and every other unimplemented field are refused by name."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: StrictInt = Field(0, ge=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    session: str | None = None
-    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
     logprobs: bool | None = None
     top_logprobs: StrictInt | None = None
     logit_bias: dict[str, float] | None = None
@@ -212,12 +204,9 @@ class ChatRequest(BaseModel):
         return None
 
     def completion(self, prompt: str) -> CompletionRequest:
+        """The completion this chat turn is: the shared fields, the rendered prompt."""
         limit = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
-        return CompletionRequest(prompt=prompt, max_tokens=limit, temperature=self.temperature, top_p=self.top_p,
-                                 top_k=self.top_k, presence_penalty=self.presence_penalty,
-                                 frequency_penalty=self.frequency_penalty, stop=self.stop, seed=self.seed,
-                                 stream=self.stream, stream_options=self.stream_options, user=self.user,
-                                 session=self.session, n=self.n)
+        return CompletionRequest(prompt=prompt, max_tokens=limit, **{k: getattr(self, k) for k in Sampling.model_fields})
 
 
 # The chat template of a base model (no chat_template of its own), stated in docs/serving.md:
@@ -388,7 +377,7 @@ def _validation_message(exc: RequestValidationError) -> str:
         return "the body is not valid JSON"
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     if first.get("type") == "extra_forbidden":
-        return f"unsupported parameter: {where} (not an OpenAI completions field this server knows)"
+        return f"unsupported parameter: {where} (not a field of this OpenAI request that this server knows)"
     return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
 
 
