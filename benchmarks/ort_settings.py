@@ -1,0 +1,125 @@
+"""Which ONNX Runtime session settings matter for batch-1 decode on a CPU (issue 19), and OpenVINO beside it.
+
+For the seed preset's cummax exports at fp32, int4 and int4 with int8 compute, one-token
+decode after --context tokens is timed interleaved (the order alternates every round)
+under each setting: intra-op threads, intra-op spinning, the CPU memory arena, the
+graph optimization level and weight pre-packing; then OpenVINO's CPU runtime on the
+exports it can run (fp32: it has no MatMulNBits). One JSON and one Markdown table.
+
+    .venv/bin/python benchmarks/ort_settings.py [--context 256] [--seconds 4] \\
+        [--json benchmarks/results/cpu-ort-settings.json] [--markdown benchmarks/results/cpu-ort-settings.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from samout_edge.artifact.manifest import read_manifest
+from samout_edge.bench.machine import describe
+from samout_edge.bench.timing import Budget, interleaved
+from samout_edge.exporter.onnx_export import ExportOptions, export
+from samout_edge.runtime.ort_runner import OrtRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORTS = {"fp32": dict(), "int4": dict(weights="int4"), "int4, int8 compute": dict(weights="int4", activations="int8")}
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+# name -> (intra-op threads, spinning, arena, optimization level, pre-packing); the first is what bench uses
+SETTINGS = {
+    "bench default (all cores, no spinning)": (None, False, True, "all", True),
+    "spinning on (ORT's default)": (None, True, True, "all", True),
+    "1 thread": (1, False, True, "all", True),
+    "arena off": (None, False, False, "all", True),
+    "optimization basic": (None, False, True, "basic", True),
+    "optimization extended": (None, False, True, "extended", True),
+    "pre-packing off": (None, False, True, "all", False),
+}
+TOKEN = np.asarray([[1]], dtype=np.int64)
+
+
+def session(directory: Path, threads, spinning, arena, level, prepack):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.enable_cpu_mem_arena = arena
+    options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    m = read_manifest(directory)
+    for key, value in m.weights.ort_session_config.items():
+        options.add_session_config_entry(key, value)
+    return OrtRunner(ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"]),
+                     m, "CPUExecutionProvider")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "ort-settings")
+    parser.add_argument("--preset", default="seed")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    dirs = {}
+    for name, options in EXPORTS.items():
+        target = args.work / name.replace(", ", "-").replace(" ", "")
+        if not (target / "export.json").is_file():
+            t = time.perf_counter()
+            export(target, ExportOptions(max_seq=args.context + 1, **options), preset_name=args.preset,
+                   run_verify=False, force=True)
+            print(f"exported {name} in {time.perf_counter() - t:.0f} s", flush=True)
+        dirs[name] = target
+    rng = np.random.default_rng(0)
+    calls, runners = {}, []
+    for export_name, d in dirs.items():
+        for setting, values in SETTINGS.items():
+            runner = session(d, *values)
+            runners.append(runner)
+            vocab = runner.info.config.vocab_size
+            _, state = runner.run(rng.integers(1, vocab, (1, args.context)), runner.initial_state(1))
+            calls[(export_name, setting)] = lambda r=runner, s=state: r.run(TOKEN, s)
+    try:
+        from samout_edge.runtime.openvino_runner import load_openvino_runner
+
+        ov = load_openvino_runner(dirs["fp32"], "CPU", "f32")
+        _, state = ov.run(rng.integers(1, ov.info.config.vocab_size, (1, args.context)), ov.initial_state(1))
+        calls[("fp32", "OpenVINO CPU f32")] = lambda r=ov, s=state: r.run(TOKEN, s)
+    except Exception as e:  # not installed, or it cannot run it: said in the table
+        print(f"OpenVINO: {e}", flush=True)
+    timings = interleaved(calls, Budget(warmup=3, min_repeats=20, max_repeats=100_000, seconds=args.seconds))
+    rows = []
+    for (export_name, setting), t in timings.items():
+        base = timings[(export_name, next(iter(SETTINGS)))].median_ms
+        rows.append({"export": export_name, "setting": setting, "decode_ms": round(t.median_ms, 3),
+                     "x_bench_default": round(t.median_ms / base, 3), "repeats": len(t.samples_ms)})
+        print(f"{export_name:20} {setting:40} {t.median_ms:7.3f} ms  x{t.median_ms / base:.2f}", flush=True)
+    report = {"machine": describe("cpu"), "cores": CORES, "context": args.context, "preset": args.preset, "rows": rows,
+              "what": f"{args.preset} preset cummax, one-token decode after the context, ONNX Runtime CPU, interleaved medians"}
+    lines = [f"{report['machine']['label']}; {args.preset} preset cummax, decode after {args.context} tokens, batch 1; "
+             "medians of interleaved runs; x: against bench's default settings on the same export.", "",
+             "| export | setting | decode ms | x default |", "|---|---|---|---|"]
+    lines += [f"| {r['export']} | {r['setting']} | {r['decode_ms']:.2f} | {r['x_bench_default']:.2f} |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    print(md)
+    for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, md)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(content)
+            os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
