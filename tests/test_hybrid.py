@@ -302,6 +302,13 @@ def test_the_tensorrt_plan_gives_a_window_its_fixed_shape(made):
     from samout_edge.profiles import load_profile
     from samout_edge.tensorrt.plan import make_plan
 
+    import onnx
+
+    from samout_edge.tensorrt.lint import lint_model
+
+    for arch in (f"hybrid-w{W}", "hybrid"):  # standard ops only: every TensorRT from 8.6 parses them
+        lint = {r.version: r.compatible for r in lint_model(onnx.load(str(made(arch) / "model.onnx")))}
+        assert lint["8.6"] and lint["10.3"] and lint["11.1"]
     plan = make_plan(made(f"hybrid-w{W}"), load_profile("jetson-orin-nano-8gb"), tensorrt="10.3")
     for profile in plan.optimization_profiles:
         shapes = {s.name: s for s in profile.shapes}
