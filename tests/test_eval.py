@@ -251,3 +251,19 @@ def test_eval_with_a_tokenizer_json_equals_its_checkpoint(tmp_path):
     assert exported.tokens == checkpoint.tokens == len(sizes) - 1  # every token but the first is predicted
     assert exported.bytes == checkpoint.bytes == len(text.read_bytes()) - sizes[0]  # bits per UTF-8 byte
     assert exported.bits_per_byte == pytest.approx(checkpoint.bits_per_byte, rel=1e-5)
+
+
+def test_generate_takes_non_ascii_prompts_as_utf8_bytes(tmp_path, run_cli):
+    from samout_edge.artifact.config import ModelConfig
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+    from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint
+
+    save_checkpoint(random_checkpoint(ModelConfig(256, 32, 4, 2)), tmp_path / "ckpt")
+    d = export(tmp_path / "e", ExportOptions(max_seq=64), checkpoint=tmp_path / "ckpt", vocab="bytes",
+               run_verify=False).directory
+    for target, extra in ((d, []), (tmp_path / "ckpt", ["--vocab", "bytes"])):
+        code, out, err = run_cli("generate", target, "--prompt", NON_ASCII, "--max-new-tokens", "8", "--json", *extra)
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["prompt_ids"] == list(NON_ASCII.encode())  # the ids training saw
+        assert result["text"] == bytes(result["new_ids"]).decode("utf-8", errors="replace")
