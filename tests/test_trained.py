@@ -102,3 +102,51 @@ def test_write_heldout_concatenates_the_listed_files(tmp_path):
     target = tmp_path / "heldout.py.txt"
     size = module.write_heldout(target, PAIR, 4096)
     assert size == len(target.read_bytes()) == 4096  # the held-out files hold far more than 4 KiB
+
+
+@pytest.fixture(scope="module")
+def int4_export(tmp_path_factory):
+    """The trained SamOut as a user deploys it on a CPU: int4 weights, the byte vocab."""
+    from samout_edge.exporter.onnx_export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("trained") / "cummax-int4"
+    return export(out, ExportOptions(weights="int4", max_seq=256), checkpoint=PAIR / "cummax", vocab="bytes").directory
+
+
+def test_the_openai_sdk_against_the_trained_int4_export(int4_export):
+    """Issue 20, as a user's application would run it: every completions parameter, chat
+    streamed and not, a session through extra_body, non-ASCII text, and our errors."""
+    openai = pytest.importorskip("openai")
+    from samout_edge.serve.process import ServerProcess
+
+    proc = ServerProcess(int4_export, "--memory-only", "--api-key", "k" * 24)
+    try:
+        client = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="k" * 24)
+        model = client.models.list().data[0].id
+        r = client.completions.create(model=model, prompt=["def café(x):\n", "class Foo:\n"], n=2, max_tokens=24,
+                                      temperature=0.8, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
+                                      stop=["\n\n"], logprobs=2, seed=7, user="test", echo=True)
+        assert [c.index for c in r.choices] == [0, 1, 2, 3]
+        assert r.choices[0].text.startswith("def café(x):\n") and "\n\n" not in r.choices[0].text[13:]
+        assert all(len(c.logprobs.token_logprobs) == len(c.model_extra["token_ids"]) for c in r.choices)
+        assert r.usage.prompt_tokens == len("def café(x):\n".encode()) + len("class Foo:\n".encode())
+        streamed = [ch for ch in client.completions.create(model=model, prompt="import os\n", max_tokens=16,
+                                                           temperature=0, stream=True,
+                                                           stream_options={"include_usage": True})]
+        assert streamed[-1].usage.completion_tokens == 16 and not streamed[-1].choices
+        messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list: 中"}]
+        whole = client.chat.completions.create(model=model, messages=messages, max_tokens=20, temperature=0)
+        text = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+            model=model, messages=messages, max_tokens=20, temperature=0, stream=True) if ch.choices)
+        assert whole.choices[0].message.content == text
+        session = client.post("/sessions", cast_to=object, body={})
+        client.completions.create(model=model, prompt="x = ", max_tokens=4, temperature=0,
+                                  extra_body={"session": session["id"]})
+        after = client.get(f"/sessions/{session['id']}", cast_to=object)
+        assert after["position"] == len("x = ") + 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{proc.url}/v1", api_key="wrong-key-wrong-key").models.list()
+        with pytest.raises(openai.BadRequestError, match="suffix is not supported"):
+            client.completions.create(model=model, prompt="x", suffix="y")
+    finally:
+        proc.kill()
