@@ -299,12 +299,11 @@ def test_triton_packages_a_window_and_refuses_a_growing_hybrid(made, tmp_path):
 
 
 def test_the_tensorrt_plan_gives_a_window_its_fixed_shape(made):
-    from samout_edge.profiles import load_profile
-    from samout_edge.tensorrt.plan import make_plan
-
     import onnx
 
+    from samout_edge.profiles import load_profile
     from samout_edge.tensorrt.lint import lint_model
+    from samout_edge.tensorrt.plan import make_plan
 
     for arch in (f"hybrid-w{W}", "hybrid"):  # standard ops only: every TensorRT from 8.6 parses them
         lint = {r.version: r.compatible for r in lint_model(onnx.load(str(made(arch) / "model.onnx")))}

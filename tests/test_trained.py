@@ -129,7 +129,7 @@ def test_the_openai_sdk_against_the_trained_int4_export(int4_export):
         assert [c.index for c in r.choices] == [0, 1, 2, 3]
         assert r.choices[0].text.startswith("def café(x):\n") and "\n\n" not in r.choices[0].text[13:]
         assert all(len(c.logprobs.token_logprobs) == len(c.model_extra["token_ids"]) for c in r.choices)
-        assert r.usage.prompt_tokens == len("def café(x):\n".encode()) + len("class Foo:\n".encode())
+        assert r.usage.prompt_tokens == len("def café(x):\n".encode()) + len(b"class Foo:\n")
         streamed = [ch for ch in client.completions.create(model=model, prompt="import os\n", max_tokens=16,
                                                            temperature=0, stream=True,
                                                            stream_options={"include_usage": True})]
