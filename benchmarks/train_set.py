@@ -17,7 +17,7 @@ Files left in --out (default benchmarks/trained/):
   <arch>/             checkpoints (config.json + model.safetensors, fp16 weights), one per arch:
                       cummax, softmax, hybrid, hybrid-w64, softmax-w64; export or run each
                       with its own --arch (hybrid-w64: --arch hybrid --softmax-window 64)
-  vocab.json          256 strings, id i = chr(i): byte i read as latin-1
+  vocab.json          {"kind": "utf-8 bytes"}: id b is byte b of the text's UTF-8 (export --vocab bytes)
   heldout.txt         the held-out files (relative to the stdlib directory)
   train.json          config, steps, curve, learned alpha, throughput, bits per byte
   train.log           this script's output
@@ -455,7 +455,7 @@ def main() -> None:
     files = corpus_files(root)
     heldout = [f for f in files if is_heldout(f)]
     (args.out / "heldout.txt").write_text("".join(f + "\n" for f in heldout))
-    (args.out / "vocab.json").write_text(json.dumps([chr(i) for i in range(256)]) + "\n")
+    (args.out / "vocab.json").write_text(json.dumps({"kind": "utf-8 bytes"}) + "\n")  # samout-edge's byte vocab
     started = time.time()
     results: dict[str, Any] = {}
     with open(args.out / "train.log", "a") as log:

@@ -17,7 +17,7 @@ from samout_edge.runtime.registry import load_runner
 from samout_edge.runtime.torch_runner import load_torch_runner
 
 MAX_SEQ = 128
-PAIR = Path(__file__).parents[1] / "benchmarks" / "pair" / "cummax"
+PAIR = Path(__file__).parents[1] / "benchmarks" / "trained" / "cummax"
 VARIANTS = {
     "native-fp32": dict(),
     "custom-fp32": dict(lowering="custom"),

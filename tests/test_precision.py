@@ -24,7 +24,7 @@ from samout_edge.runtime.verify import verify
 from tests.test_cli import one_error_line
 
 ROOT = Path(__file__).parents[1]
-PAIR = ROOT / "benchmarks" / "pair" / "cummax"
+PAIR = ROOT / "benchmarks" / "trained" / "cummax"
 MAX_SEQ = 512
 
 

@@ -55,9 +55,11 @@ def test_checkpoints_have_the_same_config_and_size(checkpoints):
         assert (PAIR / arch / "model.safetensors").stat().st_size < 8 << 20  # a few MB each
 
 
-def test_vocab_is_bytes_as_latin1():
-    tokens = json.loads((PAIR / "vocab.json").read_text())
-    assert tokens == [chr(i) for i in range(256)]
+def test_vocab_is_utf8_bytes():
+    from samout_edge.artifact.vocab import ByteVocab, Vocab
+
+    assert json.loads((PAIR / "vocab.json").read_text()) == {"kind": "utf-8 bytes"}
+    assert isinstance(Vocab.load(PAIR / "vocab.json"), ByteVocab)
 
 
 def test_heldout_list_names_stdlib_files():
@@ -90,7 +92,7 @@ def test_cummax_continues_a_prompt_with_printable_text(checkpoints):
     prompt = vocab.encode("class Foo:\n    def __init__(self")
     runner = load_torch_runner(checkpoints["cummax"], "cummax", "fp32", "last")
     result = generate(runner, prompt, 40)
-    text = "".join(vocab.decode(i) for i in result.new_ids)
+    text = vocab.decode_ids(result.new_ids)
     assert text.strip()
     assert all(c in string.printable for c in text), repr(text)
 
