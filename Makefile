@@ -24,32 +24,38 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-PAIR := benchmarks/pair
+TRAINED := benchmarks/trained
 PAIR_MAX_SEQ := 1024
 
-# 1. The trained pair (benchmarks/pair: SamOut and softmax, byte-level, trained on the
-#    standard library): exported at fp32, fp16, INT8 and INT4, each verified, then one
-#    table of quality (held-out bits per byte, agreement with PyTorch fp32), weights and
-#    state, readable text from the INT4 SamOut export, and a served session that
-#    survives a kill -9 of the server (samout-edge serve).
+# 1. The trained set (benchmarks/trained: cummax, softmax, hybrid, hybrid-w64 and
+#    softmax-w64 of one size, byte-level, trained alike on the standard library):
+#    SamOut and softmax exported at fp32, fp16, INT8 and INT4, each verified, one
+#    table of quality (held-out bits per byte, its cost and KL against PyTorch fp32,
+#    agreement), kept in each export (eval --record); then the five archs side by
+#    side (benchmarks/arch_table.py: quality by position, decode and prefill time,
+#    state, weights, the hybrids' learned alpha); readable text from the INT4
+#    windowed hybrid; a served session that survives a kill -9 of the server.
 # 2. The seed-size model (hidden 512, 8 heads, 6 layers, vocab 10000) as SamOut and as
 #    the softmax baseline, verified against PyTorch, summarised, then a short bench.
 demo: install
 	$(BIN)/samout-edge doctor
-	$(BIN)/python benchmarks/train_pair.py --write-heldout $(OUT)/heldout.txt --max-bytes 65536
-	$(BIN)/python benchmarks/train_pair.py --write-training-sample $(OUT)/calibration.txt --max-bytes 32768
+	$(BIN)/python benchmarks/train_set.py --write-heldout $(OUT)/heldout.txt --max-bytes 65536
+	$(BIN)/python benchmarks/train_set.py --write-training-sample $(OUT)/calibration.txt --max-bytes 32768
 	for arch in cummax softmax; do \
 	  for w in fp32:--weights=fp fp16:--dtype=fp16,--calibration-text=$(OUT)/calibration.txt int8:--weights=int8 \
 	           int4:--weights=int4; do \
-	    $(BIN)/samout-edge export $(PAIR)/$$arch --arch $$arch --logits all --max-seq $(PAIR_MAX_SEQ) \
-	      --vocab $(PAIR)/vocab.json $$(echo $${w#*:} | tr , ' ') -o $(OUT)/pair-$$arch-$${w%%:*} > /dev/null || exit 1; \
+	    $(BIN)/samout-edge export $(TRAINED)/$$arch --arch $$arch --logits all --max-seq $(PAIR_MAX_SEQ) \
+	      --vocab bytes $$(echo $${w#*:} | tr , ' ') -o $(OUT)/pair-$$arch-$${w%%:*} > /dev/null || exit 1; \
 	  done; \
 	done
 	$(BIN)/samout-edge inspect $(OUT)/pair-cummax-fp16 | grep -E "^fp16|^needs|^check with" || true
 	$(BIN)/samout-edge eval $(OUT)/pair-cummax-fp32 $(OUT)/pair-softmax-fp32 $(OUT)/pair-cummax-fp16 \
 	  $(OUT)/pair-softmax-fp16 $(OUT)/pair-cummax-int8 $(OUT)/pair-softmax-int8 $(OUT)/pair-cummax-int4 \
-	  $(OUT)/pair-softmax-int4 --text $(OUT)/heldout.txt --window 256
-	$(BIN)/samout-edge generate $(OUT)/pair-cummax-int4 --prompt 'class Foo:\n    def __init__(self' --max-new-tokens 160 --temperature 0.7 --top-k 20
+	  $(OUT)/pair-softmax-int4 --text $(OUT)/heldout.txt --window 256 --record
+	$(BIN)/python benchmarks/arch_table.py --text $(OUT)/heldout.txt --work $(OUT)/archs --contexts 1024,8192 \
+	  --prefill 4096 --markdown $(OUT)/archs.md --json $(OUT)/archs.json
+	$(BIN)/samout-edge generate $(OUT)/archs/hybrid-w64-int4 --prompt 'class Foo:\n    def __init__(self' \
+	  --max-new-tokens 160 --temperature 0.7 --top-k 20
 	$(BIN)/python benchmarks/serve_session.py $(OUT)/pair-cummax-int4
 	$(BIN)/samout-edge init --preset seed -o $(OUT)/seed-checkpoint --force
 	$(BIN)/samout-edge export $(OUT)/seed-checkpoint -o $(OUT)/seed-cummax --arch cummax --max-seq 4096

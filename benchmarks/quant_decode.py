@@ -104,7 +104,7 @@ def quality(work: Path, set_dir: Path, text: Path) -> list[dict]:
         for name, options in VARIANTS.items():
             d = made(work / "trained" / f"{arch}-{name.replace(', ', '-').replace(' ', '')}",
                      ExportOptions(arch=arch, max_seq=256, logits="all", **options), checkpoint=set_dir / arch,
-                     vocab=set_dir / "vocab.json")
+                     vocab="bytes")
             r = eval_target(d, text, window=256)
             rows.append({"arch": arch, "variant": name, "bits_per_byte": r.bits_per_byte,
                          "cost_bits_per_byte": r.cost_bits_per_byte, "kl_from_fp32": r.kl_from_fp32,
