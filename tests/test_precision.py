@@ -24,7 +24,24 @@ from samout_edge.runtime.verify import verify
 from tests.test_cli import one_error_line
 
 ROOT = Path(__file__).parents[1]
-PAIR = ROOT / "benchmarks" / "trained" / "cummax"
+TRAINED = ROOT / "benchmarks" / "trained" / "cummax"
+SCALE = 4.0
+
+
+@pytest.fixture(scope="module")
+def overflowing(tmp_path_factory) -> Path:
+    """The trained SamOut with each FFN's inner product scaled up 4x and ffn2 scaled down 4x:
+    the same function in fp32, but its FFN products (about 43,000 on held-out text) pass fp16's
+    65,504, as the earlier pair's did on their own (98,900), and as real models' can."""
+    model = load_checkpoint(TRAINED).model("cummax")
+    with torch.no_grad():
+        for layer in model.decoder_layers:
+            layer.ffn.ffn1.weight.mul_(SCALE)
+            layer.ffn.ffn1.bias.mul_(SCALE)
+            layer.ffn.ffn2.weight.div_(SCALE)
+    path = tmp_path_factory.mktemp("overflowing") / "cummax"
+    save_checkpoint(model, path)
+    return path
 MAX_SEQ = 512
 
 
@@ -38,25 +55,30 @@ def heldout(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair_fp16(tmp_path_factory, heldout):
+def pair_fp16(tmp_path_factory, heldout, overflowing):
     out = tmp_path_factory.mktemp("pair") / "fp16"
     options = ExportOptions(dtype="fp16", max_seq=MAX_SEQ, logits="all", calibration_text=heldout)
-    return export(out, options, checkpoint=PAIR)
+    return export(out, options, checkpoint=overflowing)
 
 
 def first_window(heldout: Path) -> np.ndarray:
     return np.frombuffer(heldout.read_bytes()[:256], np.uint8).astype(np.int64)[None]
 
 
-def test_the_unprotected_fp16_model_overflows_on_real_text(heldout):
-    """The bug as found: the pair in plain fp16 (PyTorch) gives non-finite logits on held-out text."""
-    model = load_checkpoint(PAIR).model("cummax", torch.float16)
+def test_the_unprotected_fp16_model_overflows_on_real_text(heldout, overflowing):
+    """The bug as found: the model in plain fp16 (PyTorch) gives non-finite logits on held-out text,
+    while in fp32 it is the trained model exactly."""
+    with torch.inference_mode():
+        scaled, _ = load_checkpoint(overflowing).model("cummax")(torch.from_numpy(first_window(heldout)))
+        trained, _ = load_checkpoint(TRAINED).model("cummax")(torch.from_numpy(first_window(heldout)))
+    assert torch.allclose(scaled, trained, rtol=1e-4, atol=1e-4)
+    model = load_checkpoint(overflowing).model("cummax", torch.float16)
     with torch.inference_mode():
         logits, _ = model(torch.from_numpy(first_window(heldout)))
     assert not torch.isfinite(logits).all()
 
 
-def test_the_fp16_export_is_right_in_fp16_arithmetic(pair_fp16, heldout):
+def test_the_fp16_export_is_right_in_fp16_arithmetic(pair_fp16, heldout, overflowing):
     """onnx.reference computes the graph in fp16 as a Jetson does: finite, and within verify's fp16
     tolerance of PyTorch fp32, where the unprotected graph was NaN; OpenVINO (f32) and ONNX Runtime agree."""
     d = pair_fp16.directory
@@ -66,7 +88,7 @@ def test_the_fp16_export_is_right_in_fp16_arithmetic(pair_fp16, heldout):
     meta = {p.key: p.value for p in onnx.load(str(d / "model.onnx"), load_external_data=False).metadata_props}
     assert json.loads(meta["samout_edge.fp32_islands"]) == precision["fp32_islands"]
     ids = first_window(heldout)
-    reference = load_checkpoint(PAIR).model("cummax")
+    reference = load_checkpoint(overflowing).model("cummax")
     with torch.inference_mode():
         want = reference(torch.from_numpy(ids))[0].numpy()
     tolerance = RTOL["fp16"] * max(1.0, float(np.abs(want).max()))
@@ -82,7 +104,7 @@ def test_the_fp16_export_is_right_in_fp16_arithmetic(pair_fp16, heldout):
     got = {o.get_any_name(): v for o, v in compiled(feed).items()}["logits"]
     assert np.abs(got.astype(np.float64) - want).max() <= tolerance
     # PyTorch fp16 with the export's islands: the exporter's own fp16 check, on the text
-    model = load_checkpoint(PAIR).model("cummax", torch.float16)
+    model = load_checkpoint(overflowing).model("cummax", torch.float16)
     fp.set_islands(model, precision["fp32_islands"])
     with torch.inference_mode():
         logits = model(torch.from_numpy(ids))[0].float().numpy()
@@ -100,7 +122,7 @@ def test_verify_computes_an_fp16_export_in_fp16_too(pair_fp16):
     assert f"text 1x{MAX_SEQ}" in names  # the calibration text is a golden case: real activations on the device
 
 
-def test_verify_catches_an_fp16_graph_that_overflows(pair_fp16, tmp_path):
+def test_verify_catches_an_fp16_graph_that_overflows(pair_fp16, tmp_path, overflowing):
     """The pair's graph traced without its islands (what export wrote before) fails verify in fp16
     arithmetic, where ONNX Runtime's CPU provider alone passes it."""
     import shutil
@@ -113,7 +135,7 @@ def test_verify_catches_an_fp16_graph_that_overflows(pair_fp16, tmp_path):
     manifest = read_manifest(d)
     manifest.precision = None
     options = ExportOptions(dtype="fp16", max_seq=MAX_SEQ, logits="all").validate()
-    proto = trace_to_onnx(load_checkpoint(PAIR).model("cummax", torch.float16), options, manifest.trace["batch"],
+    proto = trace_to_onnx(load_checkpoint(overflowing).model("cummax", torch.float16), options, manifest.trace["batch"],
                           manifest.trace["seq"])
     finalize(proto, manifest, static_lengths={1: manifest.config.num_heads})
     onnx.save(proto, str(d / "model.onnx"))
@@ -169,12 +191,12 @@ def test_softmax_attention_scores_are_calibrated():
     assert peaks["decoder_layers.0.mix"] > fp.FP16_MAX > 10 * peaks["decoder_layers.0.projection"]
 
 
-def test_an_fp16_int4_export_keeps_its_islands_quantized(tmp_path, heldout):
+def test_an_fp16_int4_export_keeps_its_islands_quantized(tmp_path, heldout, overflowing):
     """fp16 activations with int4 weights (how a Jetson runs a quantized model): the island's weights
     stay int4 (DequantizeLinear, then Cast to fp32), and the export holds in fp16 arithmetic."""
     options = ExportOptions(dtype="fp16", max_seq=MAX_SEQ, logits="all", calibration_text=heldout, weights="int4",
                             weights_format="dq")
-    result = export(tmp_path / "e", options, checkpoint=PAIR)
+    result = export(tmp_path / "e", options, checkpoint=overflowing)
     assert result.verification.passed and result.verification.fp16_arithmetic.startswith("onnx.reference")
     islands = result.manifest.precision["fp32_islands"]
     model = onnx.load(str(result.directory / "model.onnx"))

@@ -127,11 +127,12 @@ def test_the_openai_sdk_against_the_trained_int4_export(int4_export):
         model = client.models.list().data[0].id
         r = client.completions.create(model=model, prompt=["def café(x):\n", "class Foo:\n"], n=2, max_tokens=24,
                                       temperature=0.8, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
-                                      stop=["\n\n"], logprobs=2, seed=7, user="test", echo=True)
-        assert [c.index for c in r.choices] == [0, 1, 2, 3]
-        assert r.choices[0].text.startswith("def café(x):\n") and "\n\n" not in r.choices[0].text[13:]
+                                      stop=["\n\n"], logprobs=2, seed=7, user="test")
+        assert [c.index for c in r.choices] == [0, 1, 2, 3] and all("\n\n" not in c.text for c in r.choices)
         assert all(len(c.logprobs.token_logprobs) == len(c.model_extra["token_ids"]) for c in r.choices)
         assert r.usage.prompt_tokens == len("def café(x):\n".encode()) + len(b"class Foo:\n")
+        echoed = client.completions.create(model=model, prompt="def café(x):\n", max_tokens=8, echo=True, seed=1)
+        assert echoed.choices[0].text.startswith("def café(x):\n")
         streamed = [ch for ch in client.completions.create(model=model, prompt="import os\n", max_tokens=16,
                                                            temperature=0, stream=True,
                                                            stream_options={"include_usage": True})]
