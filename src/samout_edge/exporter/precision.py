@@ -3,7 +3,7 @@
 An fp16 graph computes in fp16 on a Jetson (TensorRT strongly typed, the CUDA
 provider, onnx.reference); only ONNX Runtime's CPU provider quietly computes in
 fp32. Trained SamOut models leave fp16's range inside the gated FFN (the product
-ffn1(x) * relu(gate(x)) of the trained pair reaches 94,000; fp16 ends at 65,504),
+ffn1(x) * relu(gate(x)) of the trained SamOut reaches 108,000; fp16 ends at 65,504),
 so an fp16 export that verifies on a CPU can give NaN on the device.
 
 So before tracing, the fp32 model (with the export's weights) runs on calibration

@@ -67,7 +67,7 @@ class RunnerInfo:
 
 
 # An unfused attention call holds about this many score-sized fp32 buffers at once (scores,
-# scaled, masked, softmax, the product's input): ONNX Runtime 1.32 CPU, the trained pair's
+# scaled, masked, softmax, the product's input): ONNX Runtime 1.32 CPU, the trained set's
 # softmax export, 1024 queries over 24k keys: 3.4 GB above the model for 0.8 GB of scores.
 SCORE_BUFFERS = 5
 MIN_CALL = 64  # a softmax prompt is fed in calls of at least this many tokens
