@@ -77,7 +77,7 @@ from samout_edge.models.quantize import (  # the grid: below the runtime
 FORMAT_CHOICES = ("auto", *FORMATS)
 # int4 exports keep the embedding table at int8 unless told: a Gather reads one row per token, so
 # the table's bits cost file size, not decode time, and at int4 it carried most of the quality
-# cost (trained pair's SamOut, 32 KiB of held-out text: mean KL from fp32 0.0048 with an int4
+# cost (the earlier trained pair's SamOut, 32 KiB of held-out text: mean KL from fp32 0.0048 with an int4
 # table, 0.0027 with int8, for 1.04 vs 1.07 MiB).
 EMBEDDING_CHOICES = ("auto", "int8", "int4")
 DEFAULT_BLOCK_SIZE = 32
