@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from samout_edge.artifact.files import write_bytes_atomic
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.bench.machine import describe
 from samout_edge.bench.timing import Budget, interleaved
@@ -115,10 +116,7 @@ def main() -> None:
     print(md)
     for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, md)):
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(content)
-            os.replace(tmp, path)
+            write_bytes_atomic(path, content.encode())  # beside it, then renamed into place
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.files import write_bytes_atomic
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.bench.bandwidth import decode_step_bytes, measure_bandwidth
 from samout_edge.bench.machine import describe
@@ -164,10 +164,7 @@ def main() -> None:
     print(md)
     for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, md)):
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(content)
-            os.replace(tmp, path)
+            write_bytes_atomic(path, content.encode())  # beside it, then renamed into place
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from samout_edge.artifact.files import write_bytes_atomic
 from samout_edge.artifact.initializers import initializer_bytes
 from samout_edge.artifact.manifest import MODEL_FILE, read_manifest
 from samout_edge.bench.machine import describe
@@ -125,12 +125,9 @@ def main() -> None:
                      f"{r['cost_bits_per_byte']:+.4f} | {r['kl_from_fp32']:.5f} | {100 * r['top1_agreement']:.2f}% |")
     md = "\n".join(lines) + "\n"
     print(md)
-    for path, text in ((args.markdown, md), (args.json, json.dumps(report, indent=2) + "\n")):
+    for path, content in ((args.markdown, md), (args.json, json.dumps(report, indent=2) + "\n")):
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_bytes_atomic(path, content.encode())  # beside it, then renamed into place
 
 
 if __name__ == "__main__":
