@@ -330,3 +330,18 @@ def test_a_stated_alpha_follows_the_export_into_every_pytorch_reference(tmp_path
         a, _ = ort.run(ids, ort.initial_state(1))
         b, _ = torch_runner.run(ids, torch_runner.initial_state(1))
         assert close(a, torch_runner.to_numpy(b), RTOL["fp32"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "openvino"])
+def test_the_new_archs_hold_in_other_runtimes(made, backend):
+    """onnx.reference (the graph in its own dtype: fp16 as fp16) and OpenVINO agree with the golden outputs."""
+    from samout_edge.runtime.verify import verify
+
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    for arch in NEW_ARCHS:
+        for variant in ("native-fp32", "native-fp16"):
+            if arch == f"softmax-w{W}" and variant == "native-fp16":
+                continue
+            result = verify(made(arch, **VARIANTS[variant]), backend=backend)
+            assert result.passed, (arch, variant, backend)
