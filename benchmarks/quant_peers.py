@@ -4,12 +4,14 @@ For each fp32 export given (``--logits all``, a checkpoint of ours beside it), t
 quantizes its model.onnx with ONNX Runtime's MatMulNBitsQuantizer (RTN symmetric and
 asymmetric, HQQ; block --block, its MatMuls only: the embedding stays float there),
 exports the same checkpoint with ``export --weights int4`` (our grid: MatMuls and the
-embedding), and scores every model on the held-out text with samout-edge's eval:
+embedding; rounded to nearest, and with ``--calibration-text``, also with GPTQ on that
+text: text the model was trained on, never the held-out text), and scores every model on the held-out text with samout-edge's eval:
 bits per byte, mean KL from PyTorch fp32 and top-1 agreement over the same windows, and
 the weights' bytes. One table, Markdown and JSON.
 
     .venv/bin/python benchmarks/quant_peers.py out/archs/cummax-fp32 out/archs/softmax-fp32 \\
-        --text out/archs/heldout.txt [--block 32] [--window 256] [--markdown M.md] [--json J.json]
+        --text out/archs/heldout.txt [--calibration-text out/calibration.txt] [--block 32] [--window 256] \\
+        [--markdown M.md] [--json J.json]
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("exports", nargs="+", type=Path, help="fp32 exports with --logits all")
     parser.add_argument("--text", type=Path, required=True)
+    parser.add_argument("--calibration-text", type=Path, help="training text for our GPTQ row")
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path("out") / "quant-peers")
@@ -94,10 +97,15 @@ def main() -> None:
         t = time.perf_counter()
         models.update(peer_models(directory / MODEL_FILE, args.block))
         print(f"{m.arch}: ONNX Runtime's quantizers in {time.perf_counter() - t:.0f} s", flush=True)
-        ours = args.work / f"{m.arch}-int4-b{args.block}"
-        if not ours.exists():
-            export(ours, ExportOptions(arch=m.arch, max_seq=m.max_seq, logits="all", weights="int4",
-                                       block_size=args.block), checkpoint=ckpt.path, run_verify=False)
+        ours = {"rtn": args.work / f"{m.arch}-int4-b{args.block}"}
+        if args.calibration_text:
+            ours["gptq"] = args.work / f"{m.arch}-int4-b{args.block}-gptq"
+        for quantizer, path in ours.items():
+            if not path.exists():
+                export(path, ExportOptions(arch=m.arch, max_seq=m.max_seq, logits="all", weights="int4",
+                                           block_size=args.block, quantizer=quantizer,
+                                           calibration_text=args.calibration_text if quantizer == "gptq" else None),
+                       checkpoint=ckpt.path, run_verify=False)
         for name, model in models.items():
             t = time.perf_counter()
             runner = OrtRunner(session(model), m, "CPUExecutionProvider")
@@ -105,19 +113,25 @@ def main() -> None:
             rows.append({"arch": m.arch, "quantizer": name, "weights_bytes": initializer_bytes(model), **result})
             print(f"{m.arch} {name}: {result['bits_per_byte']:.4f} bits/byte, KL {result['kl_from_fp32']:.5f} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
-        with load_runner(ours, "ort") as runner:
-            result = score(runner, reference, tokens, token_bytes, args.window)
-        rows.append({"arch": m.arch, "quantizer": f"samout-edge int4 (block {args.block})",
-                     "weights_bytes": read_manifest(ours).weights.bytes, **result})
-        print(f"{m.arch} ours: {result['bits_per_byte']:.4f} bits/byte, KL {result['kl_from_fp32']:.5f}", flush=True)
+        for quantizer, path in ours.items():
+            with load_runner(path, "ort") as runner:
+                result = score(runner, reference, tokens, token_bytes, args.window)
+            name = f"samout-edge int4 {quantizer} (block {args.block})"
+            rows.append({"arch": m.arch, "quantizer": name, "weights_bytes": read_manifest(path).weights.bytes, **result})
+            print(f"{m.arch} {name}: {result['bits_per_byte']:.4f} bits/byte, KL {result['kl_from_fp32']:.5f}",
+                  flush=True)
 
     report = {"machine": describe("cpu"), "text": str(args.text), "text_bytes": args.text.stat().st_size,
+              "calibration_text": str(args.calibration_text) if args.calibration_text else None,
+              "calibration_bytes": args.calibration_text.stat().st_size if args.calibration_text else None,
               "block": args.block, "window": args.window, "rows": rows,
               "what": "every model scored by samout-edge eval on the same windows against PyTorch fp32 on the "
                       "export's checkpoint: bits per byte, its cost against fp32, mean KL(fp32 || model) per token, "
                       "top-1 agreement; weights: the bytes of every initializer"}
-    lines = [f"Held-out text {report['text_bytes']:,} bytes, windows of {args.window}, int4 blocks of {args.block}; "
-             f"{report['machine']['label']}.", "",
+    calibrated = (f"; GPTQ calibrated on {report['calibration_bytes']:,} bytes of training text"
+                  if args.calibration_text else "")
+    lines = [f"Held-out text {report['text_bytes']:,} bytes, windows of {args.window}, int4 blocks of {args.block}"
+             f"{calibrated}; {report['machine']['label']}.", "",
              "| arch | quantizer | weights MiB | bits/byte | cost vs fp32 | mean KL from fp32 | top-1 agreement |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

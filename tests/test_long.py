@@ -43,8 +43,7 @@ def short(tmp_path_factory, tiny_checkpoint):
 def pytorch(directory: Path, checkpoint: Path, logits: str = "all"):
     """PyTorch fp32 on the export's checkpoint with the export's (dequantized) weights: no length limit."""
     m = read_manifest(directory)
-    return load_torch_runner(load_checkpoint(checkpoint), m.arch, "fp32", logits, weights=m.weights,
-                             weights_dtype=m.dtype)
+    return load_torch_runner(load_checkpoint(checkpoint), m.arch, "fp32", logits, export_dir=directory)
 
 
 def close(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:

@@ -415,7 +415,7 @@ def test_the_torch_backend_of_an_int8_activation_export_emulates_it(int8_activat
         b, _ = torch_runner.run(ids, torch_runner.initial_state(2))
         emulated = float(np.abs(a - torch_runner.to_numpy(b)).max())
         for layer in torch_runner.model.modules():  # the dequantized model: no input quantization
-            layer.__dict__.pop("int8_block", None)
+            layer.__dict__.pop("input_hook", None)
             layer._forward_pre_hooks.clear()
         c, _ = torch_runner.run(ids, torch_runner.initial_state(2))
         plain = float(np.abs(a - torch_runner.to_numpy(c)).max())

@@ -173,6 +173,11 @@ def arch_notes(manifest) -> list[str]:
         notes.append(f"quality (eval --record, {q['measured'][:10]}): {q['bits_per_byte']:.4f} bits per byte on "
                      f"{q['text']} ({q['mode']} of {q['window']}, {q['runner']}){cost}{kl}")
     w = manifest.weights
+    if w.quantizer == "gptq":
+        c = w.calibration or {}
+        notes.append(f"weights rounded with GPTQ (each rounding error spread onto the weights not yet rounded, weighed "
+                     f"by the activations of {c.get('tokens', 0):,} calibration tokens, sha256 "
+                     f"{str(c.get('sha256', '?'))[:12]})")
     if w.activations == "int8":
         notes.append(f"activations: int8 in the {w.kind} MatMuls (MatMulNBits accuracy level 4); verify's tolerance "
                      f"{w.activation_rtol:g} x max|ref| (measured at export: {w.activation_check})")

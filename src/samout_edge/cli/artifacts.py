@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from samout_edge.artifact.files import check_output_dir
+from samout_edge.artifact.quantization import CALIBRATION_TOKENS
 from samout_edge.cli import render
 from samout_edge.cli.common import (
     ARCH_HELP,
@@ -26,6 +27,7 @@ from samout_edge.cli.common import (
     Lowering,
     OpenVINOPrecision,
     Preset,
+    Quantizer,
     Scan,
     Weights,
     WeightsFormat,
@@ -104,9 +106,14 @@ def export(
         None, help="The vocabulary to carry in the export (vocab.json): 'bytes' (UTF-8 bytes, id b is byte b: a "
         "byte-level model's), or a JSON list of token strings (id i is the i-th, matched longest first); generate, "
         "eval and serve then take text."),
+    quantizer: Quantizer = typer.Option(
+        "auto", "--quantizer", help="--weights int8/int4: how weights are put on the grid: rtn (round to nearest) or "
+        "gptq (each rounding error weighed by the activations of --calibration-text and spread onto the weights not "
+        "yet rounded: the same file format, a model closer to fp32). auto: gptq when --calibration-text is given."),
     calibration_text: Optional[Path] = typer.Option(
-        None, "--calibration-text", help="fp16: a UTF-8 text whose activations the fp32 islands must cover too "
-        "(tokenized with --vocab, else as bytes), on top of the golden inputs."),
+        None, "--calibration-text", help="A UTF-8 text like what the model will read (tokenized with --vocab, else as "
+        "bytes): fp16: its activations the fp32 islands must cover too, on top of the golden inputs; int8/int4: "
+        f"what GPTQ calibrates on (its first {CALIBRATION_TOKENS:,} tokens)."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Random seed for --preset weights."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the export against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Write into OUTPUT even if it is not an earlier export (nothing there is removed)."),
@@ -128,6 +135,7 @@ def export(
         hybrid_alpha=hybrid_alpha,
         activations=activations.value,
         embedding_weights=embedding_weights.value,
+        quantizer=quantizer.value,
     )
     with progress_bar(not json_out) as progress:
         result = run_export(

@@ -77,6 +77,7 @@ OPENVINO_PRECISION_HELP = ("OpenVINO inference precision: f32 keeps verify's tol
 Weights, WeightsFormat = choices("Weights", WEIGHT_KINDS), choices("WeightsFormat", ("auto", *WEIGHT_FORMATS))
 Activations = choices("Activations", ACTIVATION_KINDS)
 EmbeddingWeights = choices("EmbeddingWeights", ("auto", "int8", "int4"))
+Quantizer = choices("Quantizer", ("auto", "rtn", "gptq"))
 
 
 def value(choice: Enum | None) -> str | None:

@@ -176,6 +176,10 @@ def export_weights_line(weights: dict | None) -> str | None:
         size += f" ({stored / as_float:.2f}x of {human_bytes(as_float)} in float)"
     reason = f"; {w.reason}" if w.reason else ""
     line = f"weights: {kind}{block}, format {w.format or '?'}, {size}{reason}"
+    if w.quantizer == "gptq":
+        c = w.calibration or {}
+        line += (f"\nrounded with GPTQ on {c.get('tokens', 0):,} tokens of the calibration text "
+                 f"(sha256 {str(c.get('sha256', '?'))[:12]}): the same grid and verified exactly")
     if w.activations == "int8":
         c = w.activation_check or {}
         line += (f"\nactivations: int8 (MatMulNBits accuracy level 4); verify's tolerance {w.activation_rtol:g} x max|ref|, "

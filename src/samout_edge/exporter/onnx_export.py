@@ -38,7 +38,7 @@ from samout_edge.artifact.manifest import (
     previous_export_files,
     record_file,
 )
-from samout_edge.artifact.quantization import RTOL
+from samout_edge.artifact.quantization import CALIBRATION_TOKENS, CALIBRATION_WINDOW, QUANTIZERS, RTOL
 from samout_edge.artifact.resources import check_memory
 from samout_edge.artifact.vocab import VOCAB_FILE, Vocab
 from samout_edge.errors import SamoutError
@@ -47,7 +47,12 @@ from samout_edge.exporter import quantize as qz
 from samout_edge.exporter.golden import polygraphy_atol, record_golden
 from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
 from samout_edge.models.model import LayerNorm, SamOut, torch_dtype
-from samout_edge.models.quantize import apply_weights, quantize_model, set_int8_activations
+from samout_edge.models.quantize import (
+    apply_weights,
+    input_grams,
+    quantize_model,
+    set_int8_activations,
+)
 from samout_edge.progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -77,10 +82,11 @@ class ExportOptions:
     weights: str = "fp"  # fp | int8 | int4 (exporter/quantize.py)
     block_size: int | None = None  # int4: inputs per scale (default quantize.DEFAULT_BLOCK_SIZE)
     weights_format: str = "auto"  # auto | dq | matmulnbits
-    calibration_text: Path | None = None  # fp16: text whose activations the fp32 islands must cover
+    calibration_text: Path | None = None  # fp16: what the fp32 islands must cover; int8/int4: what GPTQ weighs
     hybrid_alpha: float | None = None  # SamOut weights exported as a hybrid: the blend in every layer (0.5)
     activations: str = "fp"  # fp | int8: quantized MatMuls with int8 inputs (MatMulNBits accuracy level 4)
     embedding_weights: str = "auto"  # int4 exports: the embedding table at int8 (auto) or int4
+    quantizer: str = "auto"  # rtn | gptq | auto: gptq where --calibration-text is given
 
     def validate(self) -> ExportOptions:
         check_arch(self.arch)
@@ -105,8 +111,18 @@ class ExportOptions:
             raise SamoutError(f"--opset {self.opset} is newer than this onnx supports ({onnx.defs.onnx_opset_version()})")
         if self.block < 2:
             raise SamoutError(f"--block must be at least 2, got {self.block}")
-        if self.calibration_text is not None and self.dtype != "fp16":
-            raise SamoutError("--calibration-text applies to --dtype fp16 (it chooses the fp32 islands)")
+        if self.calibration_text is not None and self.dtype != "fp16" and self.weights == "fp":
+            raise SamoutError("--calibration-text applies to --dtype fp16 (it chooses the fp32 islands) and to "
+                              "--weights int8/int4 (GPTQ rounds the weights knowing its activations)")
+        if self.quantizer not in ("auto", *QUANTIZERS):
+            raise SamoutError(f"--quantizer {self.quantizer!r} is not one of: auto, {', '.join(QUANTIZERS)}")
+        if self.quantizer != "auto" and self.weights == "fp":
+            raise SamoutError(f"--quantizer {self.quantizer} applies to --weights int8/int4")
+        if self.quantizer == "gptq" and self.calibration_text is None:
+            raise SamoutError("--quantizer gptq needs --calibration-text FILE: text like what the model will read "
+                              "(GPTQ weighs each rounding error by the activations it meets)")
+        if self.quantizer == "auto":
+            self.quantizer = "gptq" if self.calibration_text is not None and self.weights != "fp" else "rtn"
         if self.activations == "int8" and self.dtype != "fp32":
             raise SamoutError("--activations int8 is exported and verified at --dtype fp32 (its inputs are quantized "
                               "from fp32 activations)")
@@ -116,7 +132,7 @@ class ExportOptions:
 
     def weights_spec(self) -> qz.WeightsSpec:
         return qz.WeightsSpec(self.weights, self.block_size, self.weights_format, self.activations,
-                              self.embedding_weights)
+                              self.embedding_weights, self.quantizer)
 
     def scan_plan(self, config: ModelConfig) -> low.ScanPlan:
         # One plan serves the sequence axis and (in custom exports) the head axis.
@@ -379,8 +395,17 @@ def export(
                 module.decompose = options.decompose_layernorm
         quantized = None
         if options.weights != "fp":  # the traced weights are dequantize(quantize(w)): see exporter/quantize.py
+            grams = None
+            if manifest.weights.quantizer == "gptq":
+                progress("GPTQ: the Linears' inputs on the calibration text", 1, total)
+                t = time.perf_counter()
+                grams = input_grams(ckpt.model(options.arch, alpha=options.hybrid_alpha), text_ids)
+                manifest.weights.calibration = {"sha256": text["sha256"], "tokens": min(len(text_ids), CALIBRATION_TOKENS),
+                                                "window": CALIBRATION_WINDOW}
             quantized = quantize_model(model, options.weights_spec().bits, options.block_size,
-                                       manifest.weights.embedding_bits)
+                                       manifest.weights.embedding_bits, grams)
+            if grams is not None:
+                timings["gptq_s"] = time.perf_counter() - t
 
         reference = ckpt.model(options.arch, alpha=options.hybrid_alpha)
         if quantized is not None:  # the same dequantized weights the graph holds

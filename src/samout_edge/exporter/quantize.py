@@ -140,6 +140,7 @@ class WeightsSpec:
     format: str = "auto"  # auto | dq | matmulnbits
     activations: str = "fp"  # fp | int8 (MatMulNBits at accuracy level 4)
     embedding: str = "auto"  # int4: the embedding table at int8 (auto) or int4
+    quantizer: str = "rtn"  # rtn | gptq (ExportOptions resolves auto)
 
     @property
     def bits(self) -> int:
@@ -184,7 +185,7 @@ def validate(spec: WeightsSpec, opset: int, hidden_size: int | None = None) -> W
     if hidden_size is not None and hidden_size % block:
         raise SamoutError(f"--block-size {block} does not divide the hidden size {hidden_size} (TensorRT takes only "
                           "whole blocks); choose a power of two that divides it")
-    return WeightsSpec(spec.kind, block, spec.format, spec.activations, spec.embedding)
+    return WeightsSpec(spec.kind, block, spec.format, spec.activations, spec.embedding, spec.quantizer)
 
 
 def check_nbits(spec: WeightsSpec, hidden_size: int) -> None:
@@ -223,7 +224,7 @@ def weights_entry(spec: WeightsSpec) -> Weights:
     embedding = None if spec.kind != "int4" else ("int8" if spec.embedding == "auto" else spec.embedding)
     return Weights(spec.kind, spec.block_size if spec.kind == "int4" else None, fmt, reason=reason, scheme=SCHEME,
                    ort_session_config=dict(ORT_SESSION_CONFIG[fmt]), activations=spec.activations,
-                   embedding=embedding)
+                   embedding=embedding, quantizer=spec.quantizer)
 
 
 # --------------------------------------------------------------------------- the graph
@@ -430,3 +431,52 @@ def has_int4(model: onnx.ModelProto) -> bool:
 
 def _axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
+# --------------------------------------------------------------------------- reading the grid back
+
+
+def read_grid(model: onnx.ModelProto, params: dict[str, tuple[int, int]], bits: dict[str, int]) -> dict[
+        str, QuantizedWeight]:
+    """The grid each quantized parameter has in the graph (``params``: name -> torch-layout
+    shape; ``bits``: name -> its bits), read from what ``quantize_graph`` wrote: the
+    artifact, not a recomputation, is what a PyTorch reference of the export computes
+    with (a GPTQ grid cannot be recomputed without its calibration text). A parameter
+    the graph does not hold as written here is an error."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {x: node for node in model.graph.node for x in node.input[:1]}  # a weight's first consumer
+    table = {}
+    for param, (rows, cols) in params.items():
+        b = bits[param]
+        base = next((f"{param}{s}" for s in ("", ".0") if f"{param}{s}.q" in inits or f"{param}{s}.nbits" in inits),
+                    None)
+        if base is None:
+            raise SamoutError(f"the graph holds no quantized form of {param!r}: it is not an export of this tool's, "
+                              "or it was edited")
+        if f"{base}.nbits" in inits:  # MatMulNBits: [rows, blocks, bytes] uint8, offset 2^(bits-1); never transposed
+            packed = numpy_helper.to_array(inits[f"{base}.nbits"]).reshape(rows, -1)
+            if b == 4:
+                packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)
+            q = (packed[:, :cols].astype(np.int16) - (1 << (b - 1))).astype(np.int8)
+            scale = numpy_helper.to_array(inits[f"{base}.scales"]).reshape(rows, -1)
+        else:
+            q = numpy_helper.to_array(inits[f"{base}.q"])
+            scale = numpy_helper.to_array(inits[f"{base}.scale"])
+            node = nodes.get(f"{base}.q")
+            if node is not None and node.op_type == "DequantizeLinear":
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                transposed = axis == (1 if b == 8 else 0)
+                if transposed:
+                    q, scale = q.T, (scale if scale.ndim == 1 else scale.T)
+                q = q.astype(np.int8)
+            elif q.dtype == np.uint8:  # GatherBlockQuantized's int8 table: uint8 with zero-point 128
+                q = (q.astype(np.int16) - 128).astype(np.int8)
+            else:  # GatherBlockQuantized's int4 table
+                q = q.astype(np.int8)
+            scale = scale.reshape(rows, -1)
+        if q.shape != (rows, cols):
+            raise SamoutError(f"the graph's {param!r} has shape {list(q.shape)}, the model's is {[rows, cols]}")
+        if b == 8:  # one scale per row (spread over MatMulNBits' blocks there)
+            scale = scale[:, :1]
+        table[param] = QuantizedWeight(np.ascontiguousarray(q), np.ascontiguousarray(scale), b, cols // scale.shape[1])
+    return table

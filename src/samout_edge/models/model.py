@@ -143,14 +143,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` computed in x's dtype: an fp32 island of an fp16 model casts the weights up.
-    A reference of an export with int8 activations first quantizes x as its kernel does
-    (``layer.int8_block``, set by models/quantize.py, which hooks the layers called as
-    modules the same way; never on a model being exported)."""
-    block = getattr(layer, "int8_block", None)
-    if block is not None:
-        from samout_edge.models.quantize import quantize_activations
-
-        x = quantize_activations(x, block)
+    ``layer.input_hook`` (set by models/quantize.py, which hooks the layers called as
+    modules the same way; never on a model being exported) sees x first: it quantizes x
+    as an int8-activation kernel does, or records it to calibrate GPTQ."""
+    hook = getattr(layer, "input_hook", None)
+    if hook is not None:
+        x = hook(x)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(x, layer.weight.to(x.dtype), bias)
 

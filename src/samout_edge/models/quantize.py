@@ -8,14 +8,15 @@ described in exporter/quantize.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from samout_edge.artifact.quantization import Weights
+from samout_edge.artifact.quantization import CALIBRATION_TOKENS, CALIBRATION_WINDOW, Weights
 from samout_edge.errors import SamoutError
 
 if TYPE_CHECKING:
@@ -72,10 +73,19 @@ def quantize(w: np.ndarray, bits: int, block: int | None = None) -> QuantizedWei
     wide = np.zeros((rows, blocks * block), np.float32)
     wide[:, :cols] = w
     grouped = wide.reshape(rows, blocks, block)
+    scale = best_scales(grouped, top, w.dtype)
+    q = np.clip(np.rint(grouped / scale.astype(np.float32)[:, :, None]), -top - 1, top).astype(np.int8)
+    return QuantizedWeight(q.reshape(rows, -1)[:, :cols].copy(), scale, bits, block)
+
+
+def best_scales(grouped: np.ndarray, top: int, dtype) -> np.ndarray:
+    """``[rows, blocks]`` scales in ``dtype`` for fp32 ``grouped`` ``[rows, blocks, block]``:
+    per block the ``max|w| / d``, d from ``top`` to ``top + 1``, with the least squared
+    rounding error on the grid ``[-top - 1, top]`` (see ``quantize``)."""
     amax = np.abs(grouped).max(axis=2)
     best_scale, best_err = None, None
     for d in np.linspace(top, top + 1, SEARCH_STEPS, dtype=np.float32):
-        scale = (amax / d).astype(w.dtype)
+        scale = (amax / d).astype(dtype)
         scale[~(scale > 0)] = 1
         s32 = scale.astype(np.float32)[:, :, None]
         err = np.square(np.clip(np.rint(grouped / s32), -top - 1, top) * s32 - grouped).sum(axis=2)
@@ -84,8 +94,70 @@ def quantize(w: np.ndarray, bits: int, block: int | None = None) -> QuantizedWei
         else:
             better = err < best_err
             best_scale, best_err = np.where(better, scale, best_scale), np.where(better, err, best_err)
-    q = np.clip(np.rint(grouped / best_scale.astype(np.float32)[:, :, None]), -top - 1, top).astype(np.int8)
-    return QuantizedWeight(q.reshape(rows, -1)[:, :cols].copy(), best_scale, bits, block)
+    return best_scale
+
+
+GPTQ_DAMP = 0.01  # of the Gram matrix's mean diagonal, added to it: GPTQ's usual damping
+GPTQ_BATCH = 128  # columns per lazy update where one scale spans the row (int8)
+
+
+def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int | None = None) -> QuantizedWeight:
+    """The same grid as ``quantize`` (symmetric, the same scale search, the same graph
+    forms), but each column is rounded knowing the inputs it will meet (GPTQ: Frantar
+    et al., 2022): the rounding error of column i, weighted by the inverse of the inputs'
+    Gram matrix ``gram = E[x x^T]``, is pushed onto the columns not yet rounded, so the
+    layer's output on such inputs moves least. A block's scale is searched on its columns
+    as updated when the block's turn comes; one scale per row (``block`` None) is chosen
+    from the row as given. On the trained SamOut at int4 (64 KiB held-out text) it cuts
+    the mean KL from fp32 from 0.0080 to 0.0024 at the same size."""
+    if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
+        raise ValueError(f"gptq takes a 2-D float32/float16 array, got {w.dtype} {w.shape}")
+    if not np.isfinite(w).all():
+        raise SamoutError("the checkpoint has non-finite weights (inf or NaN); they cannot be quantized")
+    rows, cols = w.shape
+    if gram.shape != (cols, cols):
+        raise ValueError(f"gram {gram.shape} does not fit a weight with {cols} inputs")
+    top = qmax(bits)
+    per_row = block is None
+    block = cols if per_row else block
+    if cols % block:
+        raise ValueError(f"gptq takes whole blocks: {block} does not divide {cols}")
+    h = np.array(gram, np.float64)
+    dead = np.diag(h) <= 0  # an input the calibration never moved: plain rounding (no error to spread)
+    h[dead, dead] = 1.0
+    upper = _inverse_cholesky(h).astype(np.float32)
+    work = w.astype(np.float32)
+    scale = best_scales(work.reshape(rows, 1, cols), top, w.dtype) if per_row else np.empty((rows, cols // block),
+                                                                                            w.dtype)
+    q = np.empty((rows, cols), np.int8)
+    batch = GPTQ_BATCH if per_row else block
+    for start in range(0, cols, batch):
+        end = min(start + batch, cols)
+        part = work[:, start:end].copy()
+        if not per_row:
+            scale[:, start // block] = best_scales(part.reshape(rows, 1, -1), top, w.dtype)[:, 0]
+        s32 = scale[:, 0 if per_row else start // block].astype(np.float32)
+        errors = np.empty_like(part)
+        for j in range(end - start):
+            i = start + j
+            q[:, i] = np.clip(np.rint(part[:, j] / s32), -top - 1, top)
+            errors[:, j] = (part[:, j] - q[:, i] * s32) / upper[i, i]
+            part[:, j + 1:] -= np.outer(errors[:, j], upper[i, i + 1:end])
+        work[:, end:] -= errors @ upper[start:end, end:]
+    return QuantizedWeight(q, scale, bits, cols if per_row else block)
+
+
+def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor of ``(h + damp)^-1``; more damping where ``h`` is too close
+    to singular (inputs that always move together)."""
+    damp = GPTQ_DAMP * float(np.diag(h).mean())
+    for _ in range(4):
+        try:
+            return np.linalg.cholesky(np.linalg.inv(h + damp * np.eye(len(h)))).T
+        except np.linalg.LinAlgError:
+            damp *= 10
+    raise SamoutError("GPTQ: the calibration inputs' Gram matrix is singular even damped; give a longer, more "
+                      "varied --calibration-text")
 
 
 def expand_scale(qw: QuantizedWeight) -> np.ndarray:
@@ -109,11 +181,14 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def quantize_model(model: nn.Module, bits: int, block: int | None,
-                   embedding_bits: int | None = None) -> dict[str, QuantizedWeight]:
+                   embedding_bits: int | None = None,
+                   grams: dict[str, np.ndarray] | None = None) -> dict[str, QuantizedWeight]:
     """Quantize every Linear and Embedding weight on the grid, in the model's own
     dtype, and replace it in place by its dequantized value; returns the grid by
     parameter name (apply it to other copies of the model with ``apply_weights``).
-    ``embedding_bits`` 8: the embedding table on the int8 grid (one scale per row)."""
+    ``embedding_bits`` 8: the embedding table on the int8 grid (one scale per row).
+    ``grams`` (``input_grams``): round the Linears with GPTQ (the embedding, which
+    has no inputs to weigh, to nearest)."""
     import torch
     from torch import nn
 
@@ -123,10 +198,69 @@ def quantize_model(model: nn.Module, bits: int, block: int | None,
             w = module.weight.detach().cpu().numpy()
             if isinstance(module, nn.Embedding) and embedding_bits == 8 and bits != 8:
                 table[name] = quantize(w, 8, None)
+            elif isinstance(module, nn.Linear) and grams is not None:
+                table[name] = gptq(w, grams[name], bits, block)
             else:
                 table[name] = quantize(w, bits, block)
     apply_weights(model, table)
     return table
+
+
+def input_grams(model: nn.Module, ids: np.ndarray, window: int = CALIBRATION_WINDOW,
+                limit: int = CALIBRATION_TOKENS) -> dict[str, np.ndarray]:
+    """``E[x x^T]`` of every Linear's input (float64, ``[in, in]``) while ``model`` reads
+    ``ids`` (1-D token ids, at most ``limit``) in windows of ``window``: what GPTQ weighs
+    rounding errors with. The model should be the fp32 one the export starts from."""
+    import torch
+    from torch import nn
+
+    ids = np.asarray(ids, np.int64)[:limit]
+    if len(ids) < 2:
+        raise SamoutError("the calibration text has fewer than 2 tokens")
+    sums: dict[str, list] = {}
+
+    def recorder(name: str):
+        def record(x):
+            flat = x.detach().reshape(-1, x.shape[-1]).double()
+            entry = sums.setdefault(name, [0.0, 0])
+            entry[0] = entry[0] + flat.T @ flat
+            entry[1] += flat.shape[0]
+            return x
+        return record
+
+    linears = {name: m for name, m in quantized_modules(model) if isinstance(m, nn.Linear)}
+    with input_hooks(linears, recorder), torch.no_grad():
+        for start in range(0, len(ids), window):
+            chunk = ids[start:start + window]
+            model(torch.from_numpy(chunk[None]))
+    return {name: (total / count).numpy() for name, (total, count) in sums.items()}
+
+
+def add_input_hooks(linears: dict[str, nn.Module], make) -> Callable[[], None]:
+    """Every Linear in ``linears`` passes its input through ``make(name)`` first, whether
+    the model calls it as a module (a forward pre-hook) or through models/model.py
+    ``linear`` (its ``input_hook``). Returns what removes them."""
+    handles = []
+    for name, module in linears.items():
+        hook = make(name)
+        module.input_hook = hook
+        handles.append(module.register_forward_pre_hook(lambda mod, args, h=hook: (h(args[0]), *args[1:])))
+
+    def remove() -> None:
+        for module in linears.values():
+            module.__dict__.pop("input_hook", None)
+        for handle in handles:
+            handle.remove()
+    return remove
+
+
+@contextmanager
+def input_hooks(linears: dict[str, nn.Module], make) -> Iterator[None]:
+    remove = add_input_hooks(linears, make)
+    try:
+        yield
+    finally:
+        remove()
 
 
 def apply_weights(model: nn.Module, table: dict[str, QuantizedWeight]) -> None:
@@ -196,16 +330,11 @@ def quantize_activations(x, block: int):
 def set_int8_activations(model: nn.Module, table: dict[str, QuantizedWeight]) -> None:
     """Make every quantized Linear of ``model`` quantize its input as MatMulNBits at accuracy
     level 4 does: the PyTorch reference of an export computing with int8 activations
-    (``export --activations int8``). A Linear the model calls as a module (``combined``,
-    ``head``: their calls stay modules so fp16 calibration sees them) gets a forward
-    pre-hook; one it calls through models/model.py ``linear`` (the FFN's) reads
-    ``int8_block`` there. Each input is quantized once either way."""
+    (``export --activations int8``), for the model's lifetime."""
     from torch import nn
 
-    for name, module in quantized_modules(model):
-        if isinstance(module, nn.Linear):
-            module.int8_block = block = nbits_block(table[name])
-            module.register_forward_pre_hook(lambda mod, args, b=block: (quantize_activations(args[0], b), *args[1:]))
+    linears = {name: m for name, m in quantized_modules(model) if isinstance(m, nn.Linear)}
+    add_input_hooks(linears, lambda name: partial(quantize_activations, block=nbits_block(table[name])))
 
 
 def grid_of(weights: Weights | None) -> tuple[int, int | None, int | None] | None:
@@ -215,14 +344,21 @@ def grid_of(weights: Weights | None) -> tuple[int, int | None, int | None] | Non
     return weights.bits, weights.block_size, weights.embedding_bits
 
 
-def quantize_like_export(model: nn.Module, source: nn.Module, weights: Weights | None) -> None:
-    """Give ``model`` the dequantized weights an export holds (and its int8 activations,
-    where it computes with them). ``source`` is the checkpoint's model in the export's
-    dtype (the grid is computed in that dtype, as the export did); ``model`` may have any
-    dtype. No-op for float weights."""
+def quantize_like_export(model: nn.Module, weights: Weights | None, graph) -> None:
+    """Give ``model`` (any dtype) the dequantized weights an export holds, read from its
+    graph (``graph``: the onnx.ModelProto; exporter/quantize.py ``read_grid``), and its
+    int8 activations where it computes with them. No-op for float weights."""
+    from torch import nn
+
+    from samout_edge.exporter.quantize import read_grid
+
     grid = grid_of(weights)
-    if grid is not None:
-        table = quantize_model(source, *grid)
-        apply_weights(model, table)
-        if weights.activations == "int8":
-            set_int8_activations(model, table)
+    if grid is None:
+        return
+    bits, _, embedding_bits = grid
+    modules = quantized_modules(model)
+    table = read_grid(graph, {name: tuple(m.weight.shape) for name, m in modules},
+                      {name: embedding_bits if isinstance(m, nn.Embedding) else bits for name, m in modules})
+    apply_weights(model, table)
+    if weights.activations == "int8":
+        set_int8_activations(model, table)

@@ -123,7 +123,7 @@ def _torch(directory: Path, options: TorchOptions) -> Runner:
     hint = "put it back there, or run the export on another backend (ort)"
     ckpt = source_checkpoint(directory, manifest, options.checkpoint, COPY_HINT if options.checkpoint else hint)
     return load_torch_runner(ckpt, manifest.arch, manifest.dtype, manifest.logits, torch_device(options.device),
-                             options.fast_kernel, weights=manifest.weights, alpha=stated_alpha(manifest))
+                             options.fast_kernel, export_dir=directory, alpha=stated_alpha(manifest))
 
 
 @register("reference", ReferenceOptions, "onnx.reference: the graph computed in its own dtype (slow)")

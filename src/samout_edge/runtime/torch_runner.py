@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -53,20 +55,24 @@ def torch_device(device: str | None) -> str:
 
 def load_torch_runner(
     checkpoint: Checkpoint, arch: str, dtype: str = "fp32", logits: str = "all", device: str = "cpu",
-    fast_kernel: bool = True, weights: dict | None = None, weights_dtype: str | None = None,
-    alpha: float | None = None,
+    fast_kernel: bool = True, export_dir: Path | None = None, alpha: float | None = None,
 ) -> TorchRunner:
     """On CUDA, ``fast_kernel`` swaps torch.cummax for the Triton scan (when Triton is there).
-    ``weights`` (export.json's entry) gives a quantized export's dequantized weights,
-    on the grid computed in ``weights_dtype`` (the export's dtype; default ``dtype``),
-    so the runner computes what the graph computes. ``alpha``: a hybrid made of SamOut
-    weights at a stated blend (``stated_alpha`` of its export)."""
+    ``export_dir``: a quantized export whose dequantized weights (read from its graph) the
+    model takes, so the runner computes what the graph computes. ``alpha``: a hybrid made
+    of SamOut weights at a stated blend (``stated_alpha`` of its export)."""
     from samout_edge.models.ops import FAST_KERNELS
-    from samout_edge.models.quantize import quantize_like_export
 
     model = checkpoint.model(arch, alpha=alpha)
-    if weights is not None:
-        quantize_like_export(model, checkpoint.model(arch, torch_dtype(weights_dtype or dtype), alpha), weights)
+    if export_dir is not None:
+        from samout_edge.artifact.manifest import MODEL_FILE, read_manifest
+        from samout_edge.models.quantize import quantize_like_export
+
+        weights = read_manifest(export_dir).weights
+        if weights.quantized:
+            import onnx
+
+            quantize_like_export(model, weights, onnx.load(str(export_dir / MODEL_FILE), load_external_data=False))
     runner = TorchRunner(model, dtype=dtype, logits=logits, device=device)
     if device.startswith("cuda"):
         if fast_kernel:

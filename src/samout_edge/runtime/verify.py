@@ -271,8 +271,8 @@ def _against_pytorch(actual, export_dir: Path, manifest: Manifest, lengths: list
     progress("cummax op, bit for bit", 0, steps)
     result = _op_result(manifest, lengths, rtol, actual.info.device, "pytorch")
     ckpt = source_checkpoint(export_dir, manifest, checkpoint)
-    reference = load_torch_runner(ckpt, manifest.arch, "fp32", manifest.logits, weights=manifest.weights,
-                                  weights_dtype=manifest.dtype, alpha=stated_alpha(manifest))
+    reference = load_torch_runner(ckpt, manifest.arch, "fp32", manifest.logits, export_dir=export_dir,
+                                  alpha=stated_alpha(manifest))
     rng = np.random.default_rng(0)
     vocab = manifest.config.vocab_size
     small_batch = min(2, actual.info.max_batch or 2)

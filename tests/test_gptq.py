@@ -1,0 +1,151 @@
+"""GPTQ (models/quantize.py ``gptq``, ``export --quantizer gptq --calibration-text``): the
+same grid and graph forms as round-to-nearest, rounded knowing the inputs; the export
+records it, verifies exactly, and every PyTorch reference reads the grid from the graph."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from samout_edge.artifact.manifest import read_manifest
+from samout_edge.exporter import quantize as qz
+from samout_edge.exporter.onnx_export import ExportOptions, export
+from samout_edge.models import quantize as grid
+from samout_edge.models.checkpoint import load_checkpoint
+from samout_edge.runtime.registry import load_runner
+
+VOCAB = [chr(i) if 32 <= i < 127 or i == 10 else "" for i in range(128)]  # the tiny preset's 128 ids as characters
+TEXT = ("def main(args):\n    for name in sorted(args):\n        print(f'{name}: {len(name)}')\n    return 0\n" * 40)
+
+
+def correlated_inputs(rng, n: int, cols: int) -> np.ndarray:
+    """Inputs whose features move together, as a layer's do (a low-rank mix plus noise)."""
+    return (rng.normal(size=(n, 4)) @ rng.normal(size=(4, cols)) + 0.1 * rng.normal(size=(n, cols))).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits,block", [(4, 16), (4, 32), (8, None)])
+def test_gptq_moves_the_layer_output_less_than_rounding_to_nearest(bits, block):
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(24, 64)).astype(np.float32)
+    x = correlated_inputs(rng, 2000, 64)
+    gram = x.T.astype(np.float64) @ x / len(x)
+    out = x @ w.T
+    rtn, gq = grid.quantize(w, bits, block), grid.gptq(w, gram, bits, block)
+    err_rtn = np.square(x @ grid.dequantize(rtn).T - out).mean()
+    err_gptq = np.square(x @ grid.dequantize(gq).T - out).mean()
+    assert err_gptq < 0.7 * err_rtn, (err_gptq, err_rtn)
+    top = grid.qmax(bits)  # the same grid: integers in the full range, one positive scale per block or row
+    assert gq.q.dtype == np.int8 and gq.q.min() >= -top - 1 and gq.q.max() <= top
+    assert gq.scale.shape == rtn.scale.shape and (gq.scale > 0).all() and gq.block == rtn.block
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_with_uncorrelated_inputs_gptq_is_rounding_to_nearest(dtype):
+    """No error is spread where no input predicts another: the same integers and scales,
+    bit for bit, in the weight's own dtype."""
+    w = np.random.default_rng(0).normal(size=(8, 64)).astype(dtype)
+    a, b = grid.quantize(w, 4, 32), grid.gptq(w, np.eye(64), 4, 32)
+    assert np.array_equal(a.q, b.q) and np.array_equal(a.scale, b.scale) and b.scale.dtype == dtype
+
+
+def test_an_input_the_calibration_never_moved_is_rounded_not_zeroed():
+    """GPTQ's usual trick zeroes such weights; an export must stay the checkpoint's
+    function for inputs the calibration text never had."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(8, 32)).astype(np.float32)
+    x = correlated_inputs(rng, 500, 32)
+    x[:, 5] = 0
+    got = grid.gptq(w, x.T.astype(np.float64) @ x / len(x), 4, 32)
+    assert np.abs(grid.dequantize(got)[:, 5] - w[:, 5]).max() <= got.scale.max()
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("gptq")
+    text, vocab = root / "calibration.txt", root / "vocab.json"
+    text.write_text(TEXT)
+    vocab.write_text(json.dumps(VOCAB))
+    cache = {}
+
+    def get(weights="int4", fmt="auto", dtype="fp32", arch="cummax", quantizer="auto"):
+        key = (weights, fmt, dtype, arch, quantizer)
+        if key not in cache:
+            options = ExportOptions(arch=arch, max_seq=40, weights=weights, weights_format=fmt, dtype=dtype,
+                                    calibration_text=text, quantizer=quantizer)
+            cache[key] = export(root / "-".join(key), options, checkpoint=tiny_checkpoint, vocab=vocab)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("weights,fmt,dtype,arch", [("int4", "auto", "fp32", "cummax"), ("int4", "dq", "fp32", "softmax"),
+                                                    ("int8", "auto", "fp32", "cummax"), ("int4", "auto", "fp16", "cummax")])
+def test_a_gptq_export_records_itself_and_verifies_exactly(calibrated, weights, fmt, dtype, arch):
+    result = calibrated(weights, fmt, dtype, arch)
+    assert result.verification.passed, result.verification.summary()
+    w = read_manifest(result.directory).weights
+    assert w.quantizer == "gptq" and w.calibration["tokens"] == len(TEXT) and len(w.calibration["sha256"]) == 64
+    assert w.rtol(dtype) == {"fp32": 1e-4, "fp16": 5e-3}[dtype]  # no tolerance given up for it
+
+
+def test_gptq_weights_differ_from_rounding_to_nearest_in_the_graph(calibrated, tiny_checkpoint):
+    """What the export holds is GPTQ's grid: read back from the graph, it is not what
+    round-to-nearest gives the checkpoint, though on the same grid."""
+    d = calibrated().directory
+    model = load_checkpoint(tiny_checkpoint).model("cummax")
+    modules = grid.quantized_modules(model)
+    held = qz.read_grid(onnx.load(str(d / "model.onnx")), {n: tuple(m.weight.shape) for n, m in modules},
+                        {n: 8 if isinstance(m, torch.nn.Embedding) else 4 for n, m in modules})
+    plain = grid.quantize_model(model, 4, 32, 8)
+    linear = [n for n, m in modules if isinstance(m, torch.nn.Linear)]
+    assert all(not np.array_equal(held[n].q, plain[n].q) for n in linear)
+    embedding = [n for n, m in modules if isinstance(m, torch.nn.Embedding)]
+    assert all(np.array_equal(held[n].q, plain[n].q) for n in embedding)  # no inputs to weigh: to nearest
+
+
+@pytest.mark.parametrize("fmt", ["auto", "dq"])
+def test_the_torch_backend_of_a_gptq_export_computes_the_graphs_function(calibrated, fmt):
+    d = calibrated("int4", fmt).directory
+    ids = np.random.default_rng(2).integers(1, 128, (2, 30))
+    with load_runner(d, "ort") as a, load_runner(d, "torch") as b:
+        x, _ = a.run(ids, a.initial_state(2))
+        y, _ = b.run(ids, b.initial_state(2))
+    assert np.abs(x - b.to_numpy(y)).max() <= 1e-4 * max(1.0, float(np.abs(x).max()))
+
+
+@pytest.mark.parametrize("weights,fmt,dtype,embedding", [("int8", "dq", "fp32", "auto"), ("int8", "matmulnbits", "fp16", "auto"),
+                                                         ("int4", "dq", "fp16", "auto"), ("int4", "matmulnbits", "fp32", "int4")])
+def test_the_grid_read_back_from_the_graph_is_the_one_written(tmp_path, tiny_checkpoint, weights, fmt, dtype, embedding):
+    options = ExportOptions(max_seq=40, weights=weights, weights_format=fmt, dtype=dtype, embedding_weights=embedding)
+    d = export(tmp_path / "e", options, checkpoint=tiny_checkpoint, run_verify=False).directory
+    m = read_manifest(d)
+    model = load_checkpoint(tiny_checkpoint).model("cummax", torch.float16 if dtype == "fp16" else torch.float32)
+    modules = grid.quantized_modules(model)
+    written = grid.quantize_model(model, m.weights.bits, m.weights.block_size, m.weights.embedding_bits)
+    held = qz.read_grid(onnx.load(str(d / "model.onnx")), {n: tuple(x.weight.shape) for n, x in modules},
+                        {n: written[n].bits for n in written})
+    for name, qw in written.items():
+        assert np.array_equal(held[name].q, qw.q) and np.array_equal(held[name].scale, qw.scale), name
+        assert held[name].block == qw.block and held[name].scale.dtype == qw.scale.dtype
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--weights", "int4", "--quantizer", "gptq"], "--quantizer gptq needs --calibration-text"),
+    (["--quantizer", "rtn"], "--quantizer rtn applies to --weights int8/int4"),
+    (["--calibration-text", "TEXT"], "--calibration-text applies to --dtype fp16"),
+])
+def test_gptq_options_are_refused_where_they_do_not_apply(run_cli, tiny_checkpoint, tmp_path, args, match):
+    text, vocab = tmp_path / "t.txt", tmp_path / "vocab.json"
+    text.write_text(TEXT)
+    vocab.write_text(json.dumps(VOCAB))
+    code, _, err = run_cli("export", tiny_checkpoint, "-o", tmp_path / "out", "--vocab", vocab,
+                           *[str(text) if a == "TEXT" else a for a in args])
+    assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_explicit_rtn_export_ignores_the_text_for_its_weights(calibrated):
+    w = read_manifest(calibrated(dtype="fp16", quantizer="rtn").directory).weights
+    assert w.quantizer == "rtn" and w.calibration is None
