@@ -18,6 +18,7 @@ import pytest
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.exporter.onnx_export import ExportOptions, export
+from samout_edge.lowering import all_nodes
 from samout_edge.runtime.ort_runner import load_ort_runner
 from tests.test_cli import one_error_line
 
@@ -355,7 +356,7 @@ def test_exports_have_no_dead_nodes_and_onnxruntime_warns_nothing(exported):
         for lowering in ("native", "custom"):
             path = exported(arch=arch, lowering=lowering).directory / "model.onnx"
             model = onnx.load(str(path))
-            used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+            used = {i for n in all_nodes(model.graph.node) for i in n.input} | {o.name for o in model.graph.output}
             dead = [n.name for n in model.graph.node if not any(o in used for o in n.output)]
             assert not dead, f"{arch}/{lowering}: dead nodes {dead[:3]}"
             proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)

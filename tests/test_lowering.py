@@ -105,7 +105,27 @@ def test_scan_plan_validates():
 @pytest.mark.parametrize("opset", [17, 18])
 def test_opset_17_split_form(opset):
     model = low.standalone_model("native", low.ScanPlan("blocked", 40, 4), axis=2, opset=opset)
-    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    splits = [n for n in low.all_nodes(model.graph.node) if n.op_type == "Split"]
     assert splits and all((len(n.input) == 2) == (opset < 18) for n in splits)
     x = np.random.default_rng(4).standard_normal((1, 2, 37, 3)).astype(np.float32)
     assert np.array_equal(session(model).run(None, {"x": x})[0], torch_cummax(x, 2))
+
+
+@pytest.mark.parametrize("length", [1, 2, 16, 17, 40])
+def test_a_dynamic_axis_takes_a_shortcut_for_one_element_and_scans_otherwise(length):
+    """A decode step (length 1) runs the If's identity branch instead of the scan's ~70 nodes;
+    every other length runs the scan. Both exact."""
+    model = low.standalone_model("native", low.ScanPlan("blocked", 40, 4), axis=2)
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(ifs) == 1
+    then = next(a.g for a in ifs[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node] == ["Identity"]
+    x = np.random.default_rng(length).standard_normal((2, 3, length, 5)).astype(np.float32)
+    assert np.array_equal(session(model).run(None, {"x": x})[0], torch_cummax(x, 2))
+
+
+def test_a_static_axis_and_the_function_body_have_no_if():
+    assert not any(n.op_type == "If" for n in low.all_nodes(
+        low.standalone_model("native", low.ScanPlan("blocked", 64), axis=1, static_len=8).graph.node))
+    body = low.cummax_function(low.ScanPlan("blocked", 64), 18)
+    assert not any(n.op_type == "If" for n in low.all_nodes(body.node))

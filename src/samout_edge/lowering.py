@@ -148,13 +148,47 @@ def emit_cummax(
     dtype of x) lets the fill constant be typed directly; without it (a function
     body, generic in dtype) CastLike does it, which TensorRT parses from 9.1.
     """
+    if static_len is None and axis is not None:  # a dynamic axis: one element (a decode step) is its own max
+        _one_or_scan(g, x, y, axis, plan, elem_type)  # (not in the CumMax function's body: onnx.inliner and
+        return  # onnx.reference mishandle an If there; TensorRT's plugin or ONNX Runtime run that one)
+    _scan(g, x, y, axis, plan, static_len, elem_type)
+
+
+def _one_or_scan(g: GraphBuilder, x: str, y: str, axis: int, plan: ScanPlan, elem_type: int | None) -> None:
+    """``If(length == 1, x, scan(x))``: a decode step runs one If instead of the scan's ~70
+    nodes per cummax, whose fixed cost dominated a one-token step on CPUs (the seed
+    preset's decode ran 717 nodes; measured in docs/benchmarking.md). Both branches
+    compute the same values for length 1, so the If is exact."""
+    ax, ax_next = _axis_range(g, axis)
+    length = g.op("Slice", [g.op("Shape", [x]), ax, ax_next])
+    one = g.op("Squeeze", [g.op("Equal", [length, g.const([1])])])
+    branches = {}
+    for branch in ("one", "scan"):
+        sub = GraphBuilder(f"{g.prefix}/{branch}", g.opset)
+        out = sub.name("y")
+        if branch == "one":
+            sub.op("Identity", [x], outputs=[out])
+        else:
+            _scan(sub, x, out, axis, plan, None, elem_type)
+        typed = helper.make_tensor_value_info(out, elem_type or onnx.TensorProto.UNDEFINED, None)
+        branches[branch] = helper.make_graph(sub.nodes, sub.prefix.replace("/", "_"), [], [typed])
+    g.op("If", [one], outputs=[y], then_branch=branches["one"], else_branch=branches["scan"])
+
+
+def _axis_range(g: GraphBuilder, axis: int | None) -> tuple[str, str]:
+    """[axis] and [axis + 1] as 1-D int64 tensors (from the function's attribute where axis is None)."""
     if axis is not None:
-        ax, ax_next = g.const([axis]), g.const([axis + 1])
+        return g.const([axis]), g.const([axis + 1])
+    ax = g.op("Unsqueeze", [g.attribute_int("axis"), g.const([0])])
+    return ax, g.op("Add", [ax, g.const([1])])
+
+
+def _scan(g: GraphBuilder, x: str, y: str, axis: int | None, plan: ScanPlan, static_len: int | None,
+          elem_type: int | None) -> None:
+    ax, ax_next = _axis_range(g, axis)
+    if axis is not None:
         flat = g.op("Flatten", [x], axis=axis)
     else:
-        scalar = g.attribute_int("axis")
-        ax = g.op("Unsqueeze", [scalar, g.const([0])])
-        ax_next = g.op("Add", [ax, g.const([1])])
         flat = g.op("Flatten", [x])
         flat_node = g.nodes[-1]
         flat_node.attribute.append(helper.make_attribute_ref("axis", onnx.AttributeProto.INT))
@@ -238,6 +272,17 @@ def cummax_function(plan: ScanPlan, opset: int) -> onnx.FunctionProto:
         attributes=["axis", "plugin_namespace"],
         doc_string=f"Running maximum along `axis` (values of torch.cummax); body correct up to length {plan.max_len}.",
     )
+
+
+def all_nodes(nodes) -> list[onnx.NodeProto]:
+    """``nodes`` and, depth first, the nodes of every subgraph they hold (an If's branches)."""
+    found = []
+    for node in nodes:
+        found.append(node)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found += all_nodes(sub.node)
+    return found
 
 
 def cummax_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -32,6 +32,7 @@ except ModuleNotFoundError:  # Python 3.10 (JetPack 6)
 from onnx import TensorProto, numpy_helper
 
 from samout_edge.artifact.graph import CUMMAX_DOMAIN, CUMMAX_OP
+from samout_edge.lowering import all_nodes
 from samout_edge.tensorrt import versions
 
 # Which JetPack (or product line) ships each TensorRT version we lint for.
@@ -110,7 +111,7 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def _constants(nodes, initializers) -> set[str]:
     names = {t.name for t in initializers}
-    names.update(n.output[0] for n in nodes if n.op_type == "Constant")
+    names.update(n.output[0] for n in all_nodes(nodes) if n.op_type == "Constant")
     return names
 
 
@@ -118,7 +119,7 @@ def _check_nodes(nodes, constants: set[str], types: dict[str, int], version: str
                  severity: str) -> list[LintIssue]:
     issues = []
     legacy_int64 = not versions.INT64.available(version)  # the 8.x parser casts INT64 to INT32
-    for node in nodes:
+    for node in all_nodes(nodes):  # an If's branches are parsed too
         if node.domain not in ("", "ai.onnx"):
             continue
         name = prefix + (node.name or node.output[0])
