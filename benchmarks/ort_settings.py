@@ -4,7 +4,10 @@ For the seed preset's cummax exports at fp32, int4 and int4 with int8 compute, o
 decode after --context tokens is timed interleaved (the order alternates every round)
 under each setting: intra-op threads, intra-op spinning, the CPU memory arena, the
 graph optimization level and weight pre-packing; then OpenVINO's CPU runtime on the
-exports it can run (fp32: it has no MatMulNBits). One JSON and one Markdown table.
+exports it can run (it has no MatMulNBits: fp32, and int8/int4 in the DequantizeLinear
+form, whose weights it keeps compressed), as verified (f32, no dynamic quantization)
+and in its own fast mode (its int8 dynamic quantization of activations, not verified
+here). One JSON and one Markdown table.
 
     .venv/bin/python benchmarks/ort_settings.py [--context 256] [--seconds 4] \\
         [--json benchmarks/results/cpu-ort-settings.json] [--markdown benchmarks/results/cpu-ort-settings.md]
@@ -29,6 +32,9 @@ from samout_edge.runtime.ort_runner import OrtRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORTS = {"fp32": dict(), "int4": dict(weights="int4"), "int4, int8 compute": dict(weights="int4", activations="int8")}
+OPENVINO_EXPORTS = {"int8 dq": dict(weights="int8", weights_format="dq"),
+                    "int4 dq": dict(weights="int4", weights_format="dq"),
+                    "int4 dq asymmetric": dict(weights="int4", weights_format="dq", weights_grid="asymmetric")}
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 # name -> (intra-op threads, spinning, arena, optimization level, pre-packing); the first is what bench uses
 SETTINGS = {
@@ -64,6 +70,21 @@ def session(directory: Path, threads, spinning, arena, level, prepack):
                      m, "CPUExecutionProvider")
 
 
+def openvino_runner(directory: Path, fast: bool):
+    """OpenVINO as the export says (f32, no dynamic quantization: the verified function), or
+    ``fast``: its CPU plugin's defaults for compressed weights (int8 dynamic quantization of
+    the activations in groups of 32), timed only."""
+    import openvino as ov
+
+    from samout_edge.runtime.openvino_runner import OpenVINORunner, load_openvino_runner
+
+    if not fast:
+        return load_openvino_runner(directory, "CPU", "f32")
+    compiled = ov.Core().compile_model(str(directory / "model.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                                                "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"})
+    return OpenVINORunner(compiled, read_manifest(directory), "CPU", "f32")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=256)
@@ -74,7 +95,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     dirs = {}
-    for name, options in EXPORTS.items():
+    for name, options in {**EXPORTS, **OPENVINO_EXPORTS}.items():
         target = args.work / name.replace(", ", "-").replace(" ", "")
         if not (target / "export.json").is_file():
             t = time.perf_counter()
@@ -84,32 +105,35 @@ def main() -> None:
         dirs[name] = target
     rng = np.random.default_rng(0)
     calls, runners = {}, []
-    for export_name, d in dirs.items():
+    for export_name in EXPORTS:
         for setting, values in SETTINGS.items():
-            runner = session(d, *values)
+            runner = session(dirs[export_name], *values)
             runners.append(runner)
             vocab = runner.info.config.vocab_size
             _, state = runner.run(rng.integers(1, vocab, (1, args.context)), runner.initial_state(1))
             calls[(export_name, setting)] = lambda r=runner, s=state: r.run(TOKEN, s)
-    try:
-        from samout_edge.runtime.openvino_runner import load_openvino_runner
-
-        ov = load_openvino_runner(dirs["fp32"], "CPU", "f32")
-        _, state = ov.run(rng.integers(1, ov.info.config.vocab_size, (1, args.context)), ov.initial_state(1))
-        calls[("fp32", "OpenVINO CPU f32")] = lambda r=ov, s=state: r.run(TOKEN, s)
-    except Exception as e:  # not installed, or it cannot run it: said in the table
-        print(f"OpenVINO: {e}", flush=True)
+    for export_name in ("fp32", *OPENVINO_EXPORTS):
+        for setting, fast in (("OpenVINO CPU f32", False), ("OpenVINO CPU, its int8 dynamic quantization", True)):
+            if fast and export_name == "fp32":
+                continue
+            try:
+                ov = openvino_runner(dirs[export_name], fast)
+                _, state = ov.run(rng.integers(1, ov.info.config.vocab_size, (1, args.context)), ov.initial_state(1))
+                calls[(export_name, setting)] = lambda r=ov, s=state: r.run(TOKEN, s)
+            except Exception as e:  # not installed, or it cannot run it: said in the output
+                print(f"OpenVINO on {export_name}: {e}", flush=True)
     timings = interleaved(calls, Budget(warmup=3, min_repeats=20, max_repeats=100_000, seconds=args.seconds))
     rows = []
     for (export_name, setting), t in timings.items():
-        base = timings[(export_name, next(iter(SETTINGS)))].median_ms
+        base = timings[(export_name if export_name in EXPORTS else "fp32", next(iter(SETTINGS)))].median_ms
         rows.append({"export": export_name, "setting": setting, "decode_ms": round(t.median_ms, 3),
                      "x_bench_default": round(t.median_ms / base, 3), "repeats": len(t.samples_ms)})
         print(f"{export_name:20} {setting:40} {t.median_ms:7.3f} ms  x{t.median_ms / base:.2f}", flush=True)
     report = {"machine": describe("cpu"), "cores": CORES, "context": args.context, "preset": args.preset, "rows": rows,
               "what": f"{args.preset} preset cummax, one-token decode after the context, ONNX Runtime CPU, interleaved medians"}
     lines = [f"{report['machine']['label']}; {args.preset} preset cummax, decode after {args.context} tokens, batch 1; "
-             "medians of interleaved runs; x: against bench's default settings on the same export.", "",
+             "medians of interleaved runs; x: against bench's default settings on the same export (OpenVINO's "
+             "int8/int4 DequantizeLinear exports: against ONNX Runtime's fp32).", "",
              "| export | setting | decode ms | x default |", "|---|---|---|---|"]
     lines += [f"| {r['export']} | {r['setting']} | {r['decode_ms']:.2f} | {r['x_bench_default']:.2f} |" for r in rows]
     md = "\n".join(lines) + "\n"

@@ -11,7 +11,9 @@ of the machine's memory bandwidth that is (bench/bandwidth.py), as bench reports
 
 Quality, on the trained set (benchmarks/trained/: cummax and softmax): the same
 precisions exported from the trained checkpoints and scored by eval on held-out text
-against PyTorch fp32: the cost in bits per byte and the mean KL.
+against PyTorch fp32: the cost in bits per byte and the mean KL; each quantized one
+twice, rounded to nearest (rtn) and with GPTQ calibrated on 64 KiB of the training
+text (``--quantizer gptq --calibration-text``: the same file form, so the same speed).
 
     .venv/bin/python benchmarks/quant_decode.py [--contexts 256,4096] [--seconds 6] \\
         [--json benchmarks/results/cpu-quant-decode.json] [--markdown benchmarks/results/cpu-quant-decode.md]
@@ -20,6 +22,7 @@ against PyTorch fp32: the cost in bits per byte and the mean KL.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -45,16 +48,27 @@ VARIANTS = {  # name -> ExportOptions fields
     "fp16": dict(dtype="fp16"),
     "int8": dict(weights="int8"),
     "int4": dict(weights="int4"),
+    "int4 asymmetric": dict(weights="int4", weights_grid="asymmetric"),
     "int8, int8 compute": dict(weights="int8", activations="int8"),
     "int4, int8 compute": dict(weights="int4", activations="int8"),
+    "int4 asymmetric, int8 compute": dict(weights="int4", weights_grid="asymmetric", activations="int8"),
 }
 TOKEN = np.asarray([[1]], dtype=np.int64)
 
 
+def source_digest() -> str:
+    """Of samout-edge's own sources: an export made by other code is made again."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "src" / "samout_edge").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def made(target: Path, options: ExportOptions, **source) -> Path:
-    """An export, made once: kept in --work and reused while its options and source are the same."""
+    """An export, made once: kept in --work and reused while its options, source and the code are the same."""
     stamp = target / ".options.json"
-    want = json.dumps({**options.__dict__, **{k: str(v) for k, v in source.items()}}, sort_keys=True, default=str)
+    want = json.dumps({**options.__dict__, **{k: str(v) for k, v in source.items()}, "code": source_digest()},
+                      sort_keys=True, default=str)
     if stamp.is_file() and stamp.read_text() == want:
         return target
     t = time.perf_counter()
@@ -98,32 +112,44 @@ def speed(work: Path, contexts: list[int], seconds: float, preset: str = "seed")
     return rows, bandwidth.to_dict()
 
 
-def quality(work: Path, set_dir: Path, text: Path) -> list[dict]:
+def quality(work: Path, set_dir: Path, text: Path, calibration: Path) -> list[dict]:
     rows = []
     for arch in ARCHS:
         for name, options in VARIANTS.items():
-            d = made(work / "trained" / f"{arch}-{name.replace(', ', '-').replace(' ', '')}",
-                     ExportOptions(arch=arch, max_seq=256, logits="all", **options), checkpoint=set_dir / arch,
-                     vocab="bytes")
-            r = eval_target(d, text, window=256)
-            rows.append({"arch": arch, "variant": name, "bits_per_byte": r.bits_per_byte,
-                         "cost_bits_per_byte": r.cost_bits_per_byte, "kl_from_fp32": r.kl_from_fp32,
-                         "top1_agreement": r.top1_agreement, "compared_tokens": r.compared_tokens})
-            print(f"{arch:7} {name:20} {r.bits_per_byte:.4f} bits/byte, cost {r.cost_bits_per_byte:+.4f}, "
-                  f"KL {r.kl_from_fp32:.5f}", flush=True)
+            quantizers = ["rtn", "gptq"] if options.get("weights") else ["auto"]
+            for quantizer in quantizers:
+                extra = {} if quantizer == "auto" else {"quantizer": quantizer}
+                if quantizer == "gptq":
+                    extra["calibration_text"] = calibration
+                tag = "" if quantizer in ("auto", "rtn") else "-gptq"
+                d = made(work / "trained" / f"{arch}-{name.replace(', ', '-').replace(' ', '')}{tag}",
+                         ExportOptions(arch=arch, max_seq=256, logits="all", **options, **extra),
+                         checkpoint=set_dir / arch, vocab="bytes")
+                r = eval_target(d, text, window=256)
+                rows.append({"arch": arch, "variant": name, "quantizer": None if quantizer == "auto" else quantizer,
+                             "bits_per_byte": r.bits_per_byte, "cost_bits_per_byte": r.cost_bits_per_byte,
+                             "kl_from_fp32": r.kl_from_fp32, "top1_agreement": r.top1_agreement,
+                             "compared_tokens": r.compared_tokens})
+                print(f"{arch:7} {name:20} {quantizer:5} {r.bits_per_byte:.4f} bits/byte, cost "
+                      f"{r.cost_bits_per_byte:+.4f}, KL {r.kl_from_fp32:.5f}", flush=True)
     return rows
 
 
 def to_markdown(report: dict) -> str:
     contexts = report["contexts"]
-    cost = {(q["arch"], q["variant"]): q for q in report["quality"]}
+    cost: dict[tuple, dict] = {}
+    for q in report["quality"]:
+        cost.setdefault((q["arch"], q["variant"]), {})[q.get("quantizer")] = q
     speed = {(r["arch"], r["variant"], r["context"]): r for r in report["speed"]}
     head = (["arch", "weights, compute", "weights MiB"]
-            + [f"decode ms @{c} (x fp32, roofline)" for c in contexts] + ["cost bits/byte", "mean KL"])
+            + [f"decode ms @{c} (x fp32, roofline)" for c in contexts] + ["cost bits/byte rtn / gptq",
+                                                                          "mean KL rtn / gptq"])
     lines = [f"Machine: {report['machine']['label']}; memory bandwidth {report['bandwidth']['gb_per_s']:.1f} GB/s "
              f"({report['bandwidth']['method']}). Decode: {report['preset']} preset, ONNX Runtime CPU, batch 1, one token after the "
              f"context, interleaved medians. Cost: the trained set, eval over {report['text_bytes']:,} bytes of "
-             "held-out text in windows of 256, against PyTorch fp32.", "",
+             "held-out text in windows of 256, against PyTorch fp32; quantized weights rounded to nearest (rtn) and "
+             f"with GPTQ on {report.get('calibration_bytes', 0):,} bytes of training text (gptq: the same file form and "
+             "speed).", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for arch in ARCHS:
         for name in VARIANTS:
@@ -132,8 +158,14 @@ def to_markdown(report: dict) -> str:
             for c in contexts:
                 r = speed[(arch, name, c)]
                 cells.append(f"{r['decode_ms']:.2f} ({r['x_fp32']:.2f}x, {r['roofline']:.0%})")
-            q = cost.get((arch, name))
-            cells += ["-", "-"] if q is None else [f"{q['cost_bits_per_byte']:+.4f}", f"{q['kl_from_fp32']:.4f}"]
+            q = cost.get((arch, name), {})
+            if not q:
+                cells += ["-", "-"]
+            elif None in q:
+                cells += [f"{q[None]['cost_bits_per_byte']:+.4f}", f"{q[None]['kl_from_fp32']:.4f}"]
+            else:
+                cells += [f"{q['rtn']['cost_bits_per_byte']:+.4f} / {q['gptq']['cost_bits_per_byte']:+.4f}",
+                          f"{q['rtn']['kl_from_fp32']:.4f} / {q['gptq']['kl_from_fp32']:.4f}"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -144,6 +176,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="timing budget per export and context")
     parser.add_argument("--set", type=Path, default=ROOT / "benchmarks" / "trained")
     parser.add_argument("--text", type=Path, help="held-out text (default: 64 KiB from the set's heldout.txt)")
+    parser.add_argument("--calibration-text", type=Path,
+                        help="GPTQ's calibration text (default: 64 KiB of the set's training text)")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "quant-decode")
     parser.add_argument("--preset", default="seed", help="the model timed (default seed)")
     parser.add_argument("--no-quality", action="store_true", help="time only")
@@ -155,11 +189,16 @@ def main() -> None:
     if args.text is None:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_set.py"), "--out", str(args.set),
                         "--write-heldout", str(text), "--max-bytes", str(64 << 10)], check=True)
+    calibration = args.calibration_text or args.work / "calibration.txt"
+    if args.calibration_text is None and not args.no_quality:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_set.py"), "--out", str(args.set),
+                        "--write-training-sample", str(calibration), "--max-bytes", str(64 << 10)], check=True)
     contexts = [int(c) for c in args.contexts.split(",")]
     rows, bandwidth = speed(args.work, contexts, args.seconds, args.preset)
     report = {"machine": describe("cpu"), "preset": args.preset, "bandwidth": bandwidth, "contexts": contexts,
-              "speed": rows, "quality": [] if args.no_quality else quality(args.work, args.set, text),
-              "text_bytes": text.stat().st_size}
+              "speed": rows, "quality": [] if args.no_quality else quality(args.work, args.set, text, calibration),
+              "text_bytes": text.stat().st_size,
+              "calibration_bytes": None if args.no_quality else calibration.stat().st_size}
     md = to_markdown(report)
     print(md)
     for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, md)):

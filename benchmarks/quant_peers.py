@@ -5,7 +5,8 @@ quantizes its model.onnx with ONNX Runtime's MatMulNBitsQuantizer (RTN symmetric
 asymmetric, HQQ; block --block, its MatMuls only: the embedding stays float there),
 exports the same checkpoint with ``export --weights int4`` (our grid: MatMuls and the
 embedding; rounded to nearest, and with ``--calibration-text``, also with GPTQ on that
-text: text the model was trained on, never the held-out text), and scores every model on the held-out text with samout-edge's eval:
+text: text the model was trained on, never the held-out text; each on the symmetric and
+the asymmetric grid), and scores every model on the held-out text with samout-edge's eval:
 bits per byte, mean KL from PyTorch fp32 and top-1 agreement over the same windows, and
 the weights' bytes. One table, Markdown and JSON.
 
@@ -97,13 +98,15 @@ def main() -> None:
         t = time.perf_counter()
         models.update(peer_models(directory / MODEL_FILE, args.block))
         print(f"{m.arch}: ONNX Runtime's quantizers in {time.perf_counter() - t:.0f} s", flush=True)
-        ours = {"rtn": args.work / f"{m.arch}-int4-b{args.block}"}
-        if args.calibration_text:
-            ours["gptq"] = args.work / f"{m.arch}-int4-b{args.block}-gptq"
-        for quantizer, path in ours.items():
+        ours = {}  # name -> (export, quantizer, grid)
+        for quantizer in ("rtn", "gptq") if args.calibration_text else ("rtn",):
+            for grid in ("symmetric", "asymmetric"):
+                name = f"{quantizer}{'' if grid == 'symmetric' else ' asymmetric'}"
+                ours[name] = (args.work / f"{m.arch}-int4-b{args.block}-{quantizer}-{grid}", quantizer, grid)
+        for path, quantizer, grid in ours.values():
             if not path.exists():
                 export(path, ExportOptions(arch=m.arch, max_seq=m.max_seq, logits="all", weights="int4",
-                                           block_size=args.block, quantizer=quantizer,
+                                           block_size=args.block, quantizer=quantizer, weights_grid=grid,
                                            calibration_text=args.calibration_text if quantizer == "gptq" else None),
                        checkpoint=ckpt.path, run_verify=False)
         for name, model in models.items():
@@ -113,10 +116,10 @@ def main() -> None:
             rows.append({"arch": m.arch, "quantizer": name, "weights_bytes": initializer_bytes(model), **result})
             print(f"{m.arch} {name}: {result['bits_per_byte']:.4f} bits/byte, KL {result['kl_from_fp32']:.5f} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
-        for quantizer, path in ours.items():
+        for label, (path, _, _) in ours.items():
             with load_runner(path, "ort") as runner:
                 result = score(runner, reference, tokens, token_bytes, args.window)
-            name = f"samout-edge int4 {quantizer} (block {args.block})"
+            name = f"samout-edge int4 {label} (block {args.block})"
             rows.append({"arch": m.arch, "quantizer": name, "weights_bytes": read_manifest(path).weights.bytes, **result})
             print(f"{m.arch} {name}: {result['bits_per_byte']:.4f} bits/byte, KL {result['kl_from_fp32']:.5f}",
                   flush=True)

@@ -1,6 +1,7 @@
 """GPTQ (models/quantize.py ``gptq``, ``export --quantizer gptq --calibration-text``): the
 same grid and graph forms as round-to-nearest, rounded knowing the inputs; the export
-records it, verifies exactly, and every PyTorch reference reads the grid from the graph."""
+records it, verifies exactly, and every PyTorch reference reads the grid from the graph.
+And int4's asymmetric grid (``--weights-grid asymmetric``): a zero-point per block."""
 
 import json
 
@@ -115,20 +116,27 @@ def test_the_torch_backend_of_a_gptq_export_computes_the_graphs_function(calibra
     assert np.abs(x - b.to_numpy(y)).max() <= 1e-4 * max(1.0, float(np.abs(x).max()))
 
 
-@pytest.mark.parametrize("weights,fmt,dtype,embedding", [("int8", "dq", "fp32", "auto"), ("int8", "matmulnbits", "fp16", "auto"),
-                                                         ("int4", "dq", "fp16", "auto"), ("int4", "matmulnbits", "fp32", "int4")])
-def test_the_grid_read_back_from_the_graph_is_the_one_written(tmp_path, tiny_checkpoint, weights, fmt, dtype, embedding):
-    options = ExportOptions(max_seq=40, weights=weights, weights_format=fmt, dtype=dtype, embedding_weights=embedding)
+@pytest.mark.parametrize("weights,fmt,dtype,embedding,grid_kind", [
+    ("int8", "dq", "fp32", "auto", "symmetric"), ("int8", "matmulnbits", "fp16", "auto", "symmetric"),
+    ("int4", "dq", "fp16", "auto", "symmetric"), ("int4", "matmulnbits", "fp32", "int4", "symmetric"),
+    ("int4", "dq", "fp32", "auto", "asymmetric"), ("int4", "matmulnbits", "fp16", "int4", "asymmetric")])
+def test_the_grid_read_back_from_the_graph_is_the_one_written(tmp_path, tiny_checkpoint, weights, fmt, dtype, embedding,
+                                                             grid_kind):
+    options = ExportOptions(max_seq=40, weights=weights, weights_format=fmt, dtype=dtype, embedding_weights=embedding,
+                            weights_grid=grid_kind)
     d = export(tmp_path / "e", options, checkpoint=tiny_checkpoint, run_verify=False).directory
     m = read_manifest(d)
     model = load_checkpoint(tiny_checkpoint).model("cummax", torch.float16 if dtype == "fp16" else torch.float32)
     modules = grid.quantized_modules(model)
-    written = grid.quantize_model(model, m.weights.bits, m.weights.block_size, m.weights.embedding_bits)
+    written = grid.quantize_model(model, m.weights.bits, m.weights.block_size, m.weights.embedding_bits,
+                                  asymmetric=grid_kind == "asymmetric")
+    assert any(qw.asymmetric for qw in written.values()) == (grid_kind == "asymmetric")
     held = qz.read_grid(onnx.load(str(d / "model.onnx")), {n: tuple(x.weight.shape) for n, x in modules},
                         {n: written[n].bits for n in written})
     for name, qw in written.items():
         assert np.array_equal(held[name].q, qw.q) and np.array_equal(held[name].scale, qw.scale), name
         assert held[name].block == qw.block and held[name].scale.dtype == qw.scale.dtype
+        assert (held[name].zero is None and qw.zero is None) or np.array_equal(held[name].zero, qw.zero), name
 
 
 @pytest.mark.parametrize("args,match", [
@@ -149,3 +157,77 @@ def test_gptq_options_are_refused_where_they_do_not_apply(run_cli, tiny_checkpoi
 def test_an_explicit_rtn_export_ignores_the_text_for_its_weights(calibrated):
     w = read_manifest(calibrated(dtype="fp16", quantizer="rtn").directory).weights
     assert w.quantizer == "rtn" and w.calibration is None
+
+
+# --------------------------------------------------------------------------- the asymmetric grid
+
+
+def test_the_asymmetric_grid_fits_a_skewed_block_far_better():
+    """A block whose values sit on one side wastes half the symmetric grid's levels."""
+    rng = np.random.default_rng(3)
+    w = (rng.uniform(0.2, 1.0, size=(16, 64)) * np.where(rng.random((16, 1)) < 0.5, 1, -1)).astype(np.float32)
+    sym, asym = grid.quantize(w, 4, 32), grid.quantize_asymmetric(w, 4, 32)
+    assert asym.q.min() >= 0 and asym.q.max() <= 15 and asym.zero.min() >= 0 and asym.zero.max() <= 15
+    err = lambda qw: float(np.square(grid.dequantize(qw) - w).mean())  # noqa: E731
+    assert err(asym) < 0.5 * err(sym)
+    values = grid.dequantize(asym)  # on its own grid: quantizing it again changes nothing
+    assert np.array_equal(grid.dequantize(grid.quantize_asymmetric(values, 4, 32)), values)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_asymmetric_gptq_with_uncorrelated_inputs_is_rounding_to_nearest(dtype):
+    w = np.random.default_rng(4).normal(size=(8, 64)).astype(dtype)
+    a, b = grid.quantize_asymmetric(w, 4, 32), grid.gptq(w, np.eye(64), 4, 32, asymmetric=True)
+    assert np.array_equal(a.q, b.q) and np.array_equal(a.scale, b.scale) and np.array_equal(a.zero, b.zero)
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "dq"])
+def test_an_asymmetric_export_verifies_exactly_and_records_its_grid(calibrated_asymmetric, fmt):
+    result = calibrated_asymmetric(fmt)
+    assert result.verification.passed, result.verification.summary()
+    w = read_manifest(result.directory).weights
+    assert (w.grid, w.quantizer) == ("asymmetric", "gptq") and "zero-point" in w.scheme
+
+
+@pytest.fixture(scope="module")
+def calibrated_asymmetric(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("asymmetric")
+    text, vocab = root / "calibration.txt", root / "vocab.json"
+    text.write_text(TEXT)
+    vocab.write_text(json.dumps(VOCAB))
+    cache = {}
+
+    def get(fmt):
+        if fmt not in cache:
+            options = ExportOptions(max_seq=40, weights="int4", weights_format=fmt, weights_grid="asymmetric",
+                                    calibration_text=text)
+            cache[fmt] = export(root / fmt, options, checkpoint=tiny_checkpoint, vocab=vocab)
+        return cache[fmt]
+
+    return get
+
+
+def test_the_asymmetric_dq_form_verifies_in_onnx_reference_and_openvino(calibrated_asymmetric):
+    from samout_edge.runtime.verify import verify
+
+    d = calibrated_asymmetric("dq").directory
+    assert verify(d, backend="reference").passed
+    pytest.importorskip("openvino")
+    assert verify(d, backend="openvino").passed
+
+
+def test_tensorrt_refuses_an_asymmetric_export_in_one_line(calibrated_asymmetric, run_cli, tmp_path):
+    from samout_edge.tensorrt.lint import lint_model
+
+    d = calibrated_asymmetric("dq").directory
+    code, _, err = run_cli("build", d, "--profile", "jetson-orin-nano-8gb", "--dry-run")
+    assert code == 1 and "zero-points" in err and len(err.strip().splitlines()) == 1, err
+    reports = lint_model(onnx.load(str(d / "model.onnx")))
+    assert all(any("zero-point is not all zeros" in i.message for i in r.issues) for r in reports)
+
+
+def test_the_asymmetric_grid_is_refused_where_it_does_not_apply(run_cli, tiny_checkpoint, tmp_path):
+    code, _, err = run_cli("export", tiny_checkpoint, "-o", tmp_path / "o", "--weights", "int8",
+                           "--weights-grid", "asymmetric")
+    assert code != 0 and "--weights-grid asymmetric applies to --weights int4" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -8,7 +8,8 @@ MatMulNBits/GatherBlockQuantized), None for fp; bytes: the graph's initializers
 why this format; ort_session_config: ONNX Runtime session config entries the
 runner sets for it; activations: how activations are computed (fp: as the
 dtype; int8: MatMulNBits quantizes them too); quantizer: how the weights were
-put on the grid (rtn, or gptq with its calibration text). Every consumer reads this type; the
+put on the grid (rtn, or gptq with its calibration text); grid: symmetric, or
+asymmetric (int4 blocks with a zero-point each). Every consumer reads this type; the
 exporter writes it (exporter/quantize.py has the grid and the graph forms).
 """
 
@@ -29,6 +30,7 @@ MIN_BLOCK_SIZE = 16  # MatMulNBits and GatherBlockQuantized take powers of two f
 # counts (fp16 eps is 9.8e-4; seed preset: ~1e-3 of the scale seen: a 5x margin).
 RTOL = {"fp32": 1e-4, "fp16": 5e-3}
 ACTIVATIONS = ("fp", "int8")  # what a quantized export's MatMuls compute with
+GRIDS = ("symmetric", "asymmetric")  # int4 blocks without or with a zero-point each (asymmetric: ONNX Runtime only)
 QUANTIZERS = ("rtn", "gptq")  # how the weights were put on the grid: round to nearest, or GPTQ on calibration text
 CALIBRATION_WINDOW = 256  # GPTQ: tokens per calibration window (positions matter: a running max grows)
 CALIBRATION_TOKENS = 32768  # GPTQ reads at most this many: on the trained SamOut int4, 4k tokens gave a mean KL
@@ -54,6 +56,7 @@ class Weights:
     activation_rtol: float | None = None  # int8 activations: verify's tolerance, derived at export (see rtol)
     activation_check: dict[str, Any] | None = None  # int8 activations: what the tolerance was derived from
     quantizer: str = "rtn"  # rtn | gptq (the same grid and graph forms; gptq rounds knowing the inputs)
+    grid: str = "symmetric"  # symmetric | asymmetric (int4 MatMul weights with a zero-point per block)
     calibration: dict[str, Any] | None = None  # gptq: the text it weighed errors on (sha256, tokens, window)
 
     @property
@@ -76,7 +79,7 @@ class Weights:
         """What makes two exports' weights the same function: kind, block, format, activations,
         and how they were rounded (the quantizer and its calibration text)."""
         return self.kind, self.block_size, self.format, self.embedding, self.activations, self.quantizer, \
-            (self.calibration or {}).get("sha256")
+            (self.calibration or {}).get("sha256"), self.grid
 
     def rtol(self, dtype: str) -> float:
         """verify's tolerance for an export with these weights in ``dtype``: the PyTorch reference
@@ -115,6 +118,9 @@ class Weights:
                 or (self.quantizer == "gptq" and self.kind == "fp"):
             raise SamoutError(f"export.json: weights quantizer {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}, "
                               "or does not fit its calibration (gptq: quantized weights and a calibration record)")
+        if self.grid not in GRIDS or (self.grid == "asymmetric" and self.kind != "int4"):
+            raise SamoutError(f"export.json: weights grid {self.grid!r} is not one of {', '.join(GRIDS)} "
+                              "(asymmetric: int4 only)")
         if self.activations == "int8":
             rtol = self.activation_rtol
             if self.format != "matmulnbits" or not isinstance(rtol, float) or not 0 < rtol < 1:

@@ -31,6 +31,7 @@ from samout_edge.cli.common import (
     Scan,
     Weights,
     WeightsFormat,
+    WeightsGrid,
     app,
     arch_of,
     parse_int_list,
@@ -106,6 +107,10 @@ def export(
         None, help="The vocabulary to carry in the export (vocab.json): 'bytes' (UTF-8 bytes, id b is byte b: a "
         "byte-level model's), or a JSON list of token strings (id i is the i-th, matched longest first); generate, "
         "eval and serve then take text."),
+    weights_grid: WeightsGrid = typer.Option(
+        "symmetric", "--weights-grid", help="--weights int4: symmetric (zero-point 0: every runtime, TensorRT included) "
+        "or asymmetric (a zero-point per block, the 16 levels where the block's values are: closer to fp32; ONNX "
+        "Runtime only)."),
     quantizer: Quantizer = typer.Option(
         "auto", "--quantizer", help="--weights int8/int4: how weights are put on the grid: rtn (round to nearest) or "
         "gptq (each rounding error weighed by the activations of --calibration-text and spread onto the weights not "
@@ -136,6 +141,7 @@ def export(
         activations=activations.value,
         embedding_weights=embedding_weights.value,
         quantizer=quantizer.value,
+        weights_grid=weights_grid.value,
     )
     with progress_bar(not json_out) as progress:
         result = run_export(

@@ -78,6 +78,7 @@ Weights, WeightsFormat = choices("Weights", WEIGHT_KINDS), choices("WeightsForma
 Activations = choices("Activations", ACTIVATION_KINDS)
 EmbeddingWeights = choices("EmbeddingWeights", ("auto", "int8", "int4"))
 Quantizer = choices("Quantizer", ("auto", "rtn", "gptq"))
+WeightsGrid = choices("WeightsGrid", ("symmetric", "asymmetric"))
 
 
 def value(choice: Enum | None) -> str | None:

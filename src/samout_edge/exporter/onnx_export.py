@@ -87,6 +87,7 @@ class ExportOptions:
     activations: str = "fp"  # fp | int8: quantized MatMuls with int8 inputs (MatMulNBits accuracy level 4)
     embedding_weights: str = "auto"  # int4 exports: the embedding table at int8 (auto) or int4
     quantizer: str = "auto"  # rtn | gptq | auto: gptq where --calibration-text is given
+    weights_grid: str = "symmetric"  # int4: symmetric | asymmetric (a zero-point per block; ONNX Runtime only)
 
     def validate(self) -> ExportOptions:
         check_arch(self.arch)
@@ -132,7 +133,7 @@ class ExportOptions:
 
     def weights_spec(self) -> qz.WeightsSpec:
         return qz.WeightsSpec(self.weights, self.block_size, self.weights_format, self.activations,
-                              self.embedding_weights, self.quantizer)
+                              self.embedding_weights, self.quantizer, self.weights_grid)
 
     def scan_plan(self, config: ModelConfig) -> low.ScanPlan:
         # One plan serves the sequence axis and (in custom exports) the head axis.
@@ -403,7 +404,7 @@ def export(
                 manifest.weights.calibration = {"sha256": text["sha256"], "tokens": min(len(text_ids), CALIBRATION_TOKENS),
                                                 "window": CALIBRATION_WINDOW}
             quantized = quantize_model(model, options.weights_spec().bits, options.block_size,
-                                       manifest.weights.embedding_bits, grams)
+                                       manifest.weights.embedding_bits, grams, options.weights_grid == "asymmetric")
             if grams is not None:
                 timings["gptq_s"] = time.perf_counter() - t
 

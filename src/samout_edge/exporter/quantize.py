@@ -61,6 +61,7 @@ from samout_edge.artifact.quantization import (
     ACTIVATIONS,
     BITS,
     FORMATS,
+    GRIDS,
     KINDS,
     MIN_BLOCK_SIZE,
     Weights,
@@ -92,6 +93,9 @@ QUANT_OPSET = 21  # the default opset of a quantized export
 ORT_DOMAIN = "com.microsoft"
 SCHEME = ("round-to-nearest, symmetric (zero-point 0), full range [-qmax - 1, qmax], scale = max|w| / d per output "
           "channel (int8) or block (int4), d in [qmax, qmax + 1] with the least squared error")
+ASYMMETRIC_SCHEME = ("MatMul weights: round-to-nearest per block on an asymmetric grid, q in [0, 2^bits - 1] with a "
+                     "zero-point per block, range [min(w, 0), max(w, 0)] x f, f in [0.8, 1] with the least squared error; "
+                     "the embedding table on the symmetric grid")
 # What --weights-format auto gives, and why. Measured on seed-preset exports (seed 0),
 # ONNX Runtime 1.32 CPU on a 2-core AVX2 EPYC shared with other jobs, so all forms were
 # timed interleaved in one process (same load for each; intra-op spinning off): median
@@ -141,6 +145,7 @@ class WeightsSpec:
     activations: str = "fp"  # fp | int8 (MatMulNBits at accuracy level 4)
     embedding: str = "auto"  # int4: the embedding table at int8 (auto) or int4
     quantizer: str = "rtn"  # rtn | gptq (ExportOptions resolves auto)
+    grid: str = "symmetric"  # symmetric | asymmetric (int4)
 
     @property
     def bits(self) -> int:
@@ -168,6 +173,11 @@ def validate(spec: WeightsSpec, opset: int, hidden_size: int | None = None) -> W
         raise SamoutError(f"--embedding-weights {spec.embedding!r} is not one of: {', '.join(EMBEDDING_CHOICES)}")
     if spec.embedding != "auto" and spec.kind != "int4":
         raise SamoutError("--embedding-weights applies to --weights int4 (int8 exports keep the table at int8)")
+    if spec.grid not in GRIDS:
+        raise SamoutError(f"--weights-grid {spec.grid!r} is not one of: {', '.join(GRIDS)}")
+    if spec.grid == "asymmetric" and spec.kind != "int4":
+        raise SamoutError("--weights-grid asymmetric applies to --weights int4 (int8's symmetric grid is already "
+                          "within 0.0001 of fp32 in mean KL)")
     if spec.kind == "fp":
         if spec.block_size is not None:
             raise SamoutError("--block-size applies to --weights int4 only")
@@ -185,7 +195,7 @@ def validate(spec: WeightsSpec, opset: int, hidden_size: int | None = None) -> W
     if hidden_size is not None and hidden_size % block:
         raise SamoutError(f"--block-size {block} does not divide the hidden size {hidden_size} (TensorRT takes only "
                           "whole blocks); choose a power of two that divides it")
-    return WeightsSpec(spec.kind, block, spec.format, spec.activations, spec.embedding, spec.quantizer)
+    return WeightsSpec(spec.kind, block, spec.format, spec.activations, spec.embedding, spec.quantizer, spec.grid)
 
 
 def check_nbits(spec: WeightsSpec, hidden_size: int) -> None:
@@ -222,9 +232,12 @@ def weights_entry(spec: WeightsSpec) -> Weights:
         return Weights()
     fmt, reason = resolve_format(spec)
     embedding = None if spec.kind != "int4" else ("int8" if spec.embedding == "auto" else spec.embedding)
-    return Weights(spec.kind, spec.block_size if spec.kind == "int4" else None, fmt, reason=reason, scheme=SCHEME,
+    scheme = SCHEME if spec.grid == "symmetric" else ASYMMETRIC_SCHEME
+    if spec.grid == "asymmetric" and fmt == "dq":
+        reason += "; asymmetric blocks (zero-points): ONNX Runtime, OpenVINO and onnx.reference, not TensorRT"
+    return Weights(spec.kind, spec.block_size if spec.kind == "int4" else None, fmt, reason=reason, scheme=scheme,
                    ort_session_config=dict(ORT_SESSION_CONFIG[fmt]), activations=spec.activations,
-                   embedding=embedding, quantizer=spec.quantizer)
+                   embedding=embedding, quantizer=spec.quantizer, grid=spec.grid)
 
 
 # --------------------------------------------------------------------------- the graph
@@ -244,13 +257,15 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() + str(a.shape) + str(a.dtype)
 
 
-def _int_tensor(name: str, values: np.ndarray, bits: int) -> onnx.TensorProto:
-    """INT8, or INT4 packed two a byte (raw data, low nibble first, as ONNX stores it)."""
+def _int_tensor(name: str, values: np.ndarray, bits: int, unsigned: bool = False) -> onnx.TensorProto:
+    """INT8, or INT4 packed two a byte (raw data, low nibble first, as ONNX stores it);
+    UINT4 (``unsigned``) for an asymmetric grid's integers and zero-points."""
     if bits == 8:
         return numpy_helper.from_array(np.ascontiguousarray(values, dtype=np.int8), name)
     import ml_dtypes  # onnx's own dependency
 
-    return numpy_helper.from_array(np.ascontiguousarray(values).astype(ml_dtypes.int4), name)
+    return numpy_helper.from_array(np.ascontiguousarray(values).astype(ml_dtypes.uint4 if unsigned else ml_dtypes.int4),
+                                   name)
 
 
 def _dq(qw: QuantizedWeight, transposed: bool, base: str, output: str):
@@ -263,10 +278,14 @@ def _dq(qw: QuantizedWeight, transposed: bool, base: str, output: str):
     else:  # blocks along the columns (opset 21)
         scale = qw.scale.T if transposed else qw.scale
         attrs = {"axis": 0 if transposed else 1, "block_size": qw.block}
+    if qw.asymmetric:
+        zero = qw.zero.T if transposed else qw.zero
+    else:
+        zero = np.zeros(scale.shape, np.int8)
     inits = [
-        _int_tensor(f"{base}.q", q, qw.bits),
+        _int_tensor(f"{base}.q", q, qw.bits, qw.asymmetric),
         numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}.scale"),
-        _int_tensor(f"{base}.zero_point", np.zeros(scale.shape, np.int8), qw.bits),
+        _int_tensor(f"{base}.zero_point", zero, qw.bits, qw.asymmetric),
     ]
     node = helper.make_node("DequantizeLinear", [t.name for t in inits], [output], name=f"{base}.dequantize", **attrs)
     return inits, node
@@ -274,14 +293,28 @@ def _dq(qw: QuantizedWeight, transposed: bool, base: str, output: str):
 
 def _pack_nbits(qw: QuantizedWeight, block: int) -> np.ndarray:
     """MatMulNBits' B: ``[rows, blocks, block * bits / 8]`` uint8, values offset by
-    2^(bits-1) (its default zero-point), two 4-bit values a byte, low nibble first."""
+    2^(bits-1) (its default zero-point; an asymmetric grid's as they are), two 4-bit
+    values a byte, low nibble first."""
     rows, cols = qw.q.shape
     blocks = -(-cols // block)
     u = np.zeros((rows, blocks * block), np.uint8)
-    u[:, :cols] = (qw.q.astype(np.int16) + (1 << (qw.bits - 1))).astype(np.uint8)
+    offset = 0 if qw.asymmetric else 1 << (qw.bits - 1)
+    u[:, :cols] = (qw.q.astype(np.int16) + offset).astype(np.uint8)
     if qw.bits == 4:
-        u = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+        u = _pack_nibbles(u)
     return u.reshape(rows, blocks, -1)
+
+
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """``[rows, n]`` bytes -> ``[rows, 2n]`` values, low nibble first (``_pack_nibbles`` undone)."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+
+
+def _pack_nibbles(u: np.ndarray) -> np.ndarray:
+    """``[rows, n]`` values below 16 -> ``[rows, ceil(n / 2)]`` bytes, low nibble first."""
+    if u.shape[1] % 2:
+        u = np.concatenate([u, np.zeros((u.shape[0], 1), u.dtype)], axis=1)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
 
 
 def _nbits_scales(qw: QuantizedWeight, block: int) -> np.ndarray:
@@ -302,6 +335,9 @@ def _matmulnbits(qw: QuantizedWeight, base: str, a: str, output: str, node_name:
         numpy_helper.from_array(_pack_nbits(qw, block), f"{base}.nbits"),
         numpy_helper.from_array(np.ascontiguousarray(_nbits_scales(qw, block).reshape(-1)), f"{base}.scales"),
     ]
+    if qw.asymmetric:  # [rows, ceil(blocks / 2)] uint8, a row's block zero-points two a byte, flattened
+        inits.append(numpy_helper.from_array(_pack_nibbles(qw.zero.astype(np.uint8)).reshape(-1),
+                                             f"{base}.zero_points"))
     node = helper.make_node("MatMulNBits", [a, *(t.name for t in inits)], [output], name=node_name, domain=ORT_DOMAIN,
                             K=cols, N=rows, bits=qw.bits, block_size=block, accuracy_level=accuracy_level)
     return inits, node
@@ -453,21 +489,29 @@ def read_grid(model: onnx.ModelProto, params: dict[str, tuple[int, int]], bits: 
         if base is None:
             raise SamoutError(f"the graph holds no quantized form of {param!r}: it is not an export of this tool's, "
                               "or it was edited")
+        zero = None
         if f"{base}.nbits" in inits:  # MatMulNBits: [rows, blocks, bytes] uint8, offset 2^(bits-1); never transposed
-            packed = numpy_helper.to_array(inits[f"{base}.nbits"]).reshape(rows, -1)
-            if b == 4:
-                packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)
-            q = (packed[:, :cols].astype(np.int16) - (1 << (b - 1))).astype(np.int8)
+            q = numpy_helper.to_array(inits[f"{base}.nbits"]).reshape(rows, -1)
+            q = (_unpack_nibbles(q) if b == 4 else q)[:, :cols].astype(np.int16)
             scale = numpy_helper.to_array(inits[f"{base}.scales"]).reshape(rows, -1)
+            if f"{base}.zero_points" in inits:  # asymmetric: the values as they are, a zero-point per block
+                zero = _unpack_nibbles(numpy_helper.to_array(inits[f"{base}.zero_points"]).reshape(rows, -1))
+                zero = zero[:, :scale.shape[1]].astype(np.int8)
+            else:
+                q -= 1 << (b - 1)
+            q = q.astype(np.int8)
         else:
             q = numpy_helper.to_array(inits[f"{base}.q"])
             scale = numpy_helper.to_array(inits[f"{base}.scale"])
             node = nodes.get(f"{base}.q")
             if node is not None and node.op_type == "DequantizeLinear":
+                point = inits[f"{base}.zero_point"]
+                if point.data_type == TensorProto.UINT4:
+                    zero = numpy_helper.to_array(point).astype(np.int8)
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-                transposed = axis == (1 if b == 8 else 0)
-                if transposed:
+                if axis == (1 if b == 8 else 0):  # transposed: a MatMul's B
                     q, scale = q.T, (scale if scale.ndim == 1 else scale.T)
+                    zero = None if zero is None else zero.T
                 q = q.astype(np.int8)
             elif q.dtype == np.uint8:  # GatherBlockQuantized's int8 table: uint8 with zero-point 128
                 q = (q.astype(np.int16) - 128).astype(np.int8)
@@ -478,5 +522,6 @@ def read_grid(model: onnx.ModelProto, params: dict[str, tuple[int, int]], bits: 
             raise SamoutError(f"the graph's {param!r} has shape {list(q.shape)}, the model's is {[rows, cols]}")
         if b == 8:  # one scale per row (spread over MatMulNBits' blocks there)
             scale = scale[:, :1]
-        table[param] = QuantizedWeight(np.ascontiguousarray(q), np.ascontiguousarray(scale), b, cols // scale.shape[1])
+        table[param] = QuantizedWeight(np.ascontiguousarray(q), np.ascontiguousarray(scale), b, cols // scale.shape[1],
+                                       None if zero is None else np.ascontiguousarray(zero))
     return table

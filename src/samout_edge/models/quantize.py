@@ -32,6 +32,11 @@ class QuantizedWeight:
     scale: np.ndarray  # [rows, blocks], the weight's float dtype, every one > 0
     bits: int
     block: int  # cols per scale (cols itself: one scale per row)
+    zero: np.ndarray | None = None  # asymmetric blocks: [rows, blocks] int8, q and zero in [0, 2^bits - 1]
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.zero is not None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -53,6 +58,13 @@ def qmax(bits: int) -> int:
 SEARCH_STEPS = 9  # candidate scales per block: max|w| / d for d from qmax to qmax + 1
 
 
+def _check_weight(w: np.ndarray, what: str) -> None:
+    if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
+        raise ValueError(f"{what} takes a 2-D float32/float16 array, got {w.dtype} {w.shape}")
+    if not np.isfinite(w).all():
+        raise SamoutError("the checkpoint has non-finite weights (inf or NaN); they cannot be quantized")
+
+
 def quantize(w: np.ndarray, bits: int, block: int | None = None) -> QuantizedWeight:
     """Round-to-nearest on a symmetric grid (zero-point 0) over the full range
     ``[-qmax - 1, qmax]`` (int4: 16 levels, not 15): one scale per row (``block``
@@ -62,10 +74,7 @@ def quantize(w: np.ndarray, bits: int, block: int | None = None) -> QuantizedWei
     search is never worse than it; larger d uses the extra negative level. The
     scale has ``w``'s dtype; an all-zero block gets scale 1 (TensorRT needs every
     scale positive)."""
-    if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
-        raise ValueError(f"quantize takes a 2-D float32/float16 array, got {w.dtype} {w.shape}")
-    if not np.isfinite(w).all():
-        raise SamoutError("the checkpoint has non-finite weights (inf or NaN); they cannot be quantized")
+    _check_weight(w, "quantize")
     rows, cols = w.shape
     block = cols if block is None else block
     blocks = -(-cols // block)
@@ -101,24 +110,24 @@ GPTQ_DAMP = 0.01  # of the Gram matrix's mean diagonal, added to it: GPTQ's usua
 GPTQ_BATCH = 128  # columns per lazy update where one scale spans the row (int8)
 
 
-def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int | None = None) -> QuantizedWeight:
-    """The same grid as ``quantize`` (symmetric, the same scale search, the same graph
-    forms), but each column is rounded knowing the inputs it will meet (GPTQ: Frantar
-    et al., 2022): the rounding error of column i, weighted by the inverse of the inputs'
-    Gram matrix ``gram = E[x x^T]``, is pushed onto the columns not yet rounded, so the
-    layer's output on such inputs moves least. A block's scale is searched on its columns
-    as updated when the block's turn comes; one scale per row (``block`` None) is chosen
-    from the row as given. On the trained SamOut at int4 (64 KiB held-out text) it cuts
-    the mean KL from fp32 from 0.0080 to 0.0024 at the same size."""
-    if w.ndim != 2 or w.dtype not in (np.float32, np.float16):
-        raise ValueError(f"gptq takes a 2-D float32/float16 array, got {w.dtype} {w.shape}")
-    if not np.isfinite(w).all():
-        raise SamoutError("the checkpoint has non-finite weights (inf or NaN); they cannot be quantized")
+def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int | None = None,
+         asymmetric: bool = False) -> QuantizedWeight:
+    """The same grid as ``quantize`` (or ``quantize_asymmetric``: the same scale search,
+    the same graph forms), but each column is rounded knowing the inputs it will meet
+    (GPTQ: Frantar et al., 2022): the rounding error of column i, weighted by the inverse
+    of the inputs' Gram matrix ``gram = E[x x^T]``, is pushed onto the columns not yet
+    rounded, so the layer's output on such inputs moves least. A block's scale (and
+    zero-point) is searched on its columns as updated when the block's turn comes; one
+    scale per row (``block`` None) is chosen from the row as given. On the trained SamOut
+    at int4 (64 KiB held-out text) it cuts the mean KL from fp32 from 0.0080 to 0.0024
+    at the same size."""
+    _check_weight(w, "gptq")
     rows, cols = w.shape
     if gram.shape != (cols, cols):
         raise ValueError(f"gram {gram.shape} does not fit a weight with {cols} inputs")
-    top = qmax(bits)
     per_row = block is None
+    if asymmetric and per_row:
+        raise ValueError("asymmetric grids have blocks")
     block = cols if per_row else block
     if cols % block:
         raise ValueError(f"gptq takes whole blocks: {block} does not divide {cols}")
@@ -127,24 +136,34 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block: int | None = None) -
     h[dead, dead] = 1.0
     upper = _inverse_cholesky(h).astype(np.float32)
     work = w.astype(np.float32)
-    scale = best_scales(work.reshape(rows, 1, cols), top, w.dtype) if per_row else np.empty((rows, cols // block),
-                                                                                            w.dtype)
+    top, blocks = qmax(bits), cols // block
+    scale = best_scales(work.reshape(rows, 1, cols), top, w.dtype) if per_row else np.empty((rows, blocks), w.dtype)
+    zero = np.zeros((rows, blocks), np.int8) if asymmetric else None
     q = np.empty((rows, cols), np.int8)
     batch = GPTQ_BATCH if per_row else block
     for start in range(0, cols, batch):
         end = min(start + batch, cols)
         part = work[:, start:end].copy()
-        if not per_row:
-            scale[:, start // block] = best_scales(part.reshape(rows, 1, -1), top, w.dtype)[:, 0]
-        s32 = scale[:, 0 if per_row else start // block].astype(np.float32)
+        b = 0 if per_row else start // block
+        if asymmetric:
+            found = best_asymmetric(part.reshape(rows, 1, -1), bits, w.dtype)
+            scale[:, b], zero[:, b] = found[0][:, 0], found[1][:, 0]
+        elif not per_row:
+            scale[:, b] = best_scales(part.reshape(rows, 1, -1), top, w.dtype)[:, 0]
+        s32 = scale[:, b].astype(np.float32)
         errors = np.empty_like(part)
         for j in range(end - start):
             i = start + j
-            q[:, i] = np.clip(np.rint(part[:, j] / s32), -top - 1, top)
-            errors[:, j] = (part[:, j] - q[:, i] * s32) / upper[i, i]
+            if asymmetric:
+                q[:, i] = _round_asymmetric(part[:, j], s32, zero[:, b], bits)
+                rounded = (q[:, i] - zero[:, b].astype(np.float32)) * s32
+            else:
+                q[:, i] = np.clip(np.rint(part[:, j] / s32), -top - 1, top)
+                rounded = q[:, i] * s32
+            errors[:, j] = (part[:, j] - rounded) / upper[i, i]
             part[:, j + 1:] -= np.outer(errors[:, j], upper[i, i + 1:end])
         work[:, end:] -= errors @ upper[start:end, end:]
-    return QuantizedWeight(q, scale, bits, cols if per_row else block)
+    return QuantizedWeight(q, scale, bits, cols if per_row else block, zero)
 
 
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
@@ -166,8 +185,55 @@ def expand_scale(qw: QuantizedWeight) -> np.ndarray:
 
 
 def dequantize(qw: QuantizedWeight) -> np.ndarray:
-    """``q * s`` in the scale's dtype: what DequantizeLinear computes."""
-    return qw.q.astype(qw.scale.dtype) * expand_scale(qw)
+    """``(q - zero) * s`` in the scale's dtype: what DequantizeLinear computes."""
+    if qw.zero is None:
+        return qw.q.astype(qw.scale.dtype) * expand_scale(qw)
+    zero = np.repeat(qw.zero, qw.block, axis=1)[:, : qw.q.shape[1]]
+    return (qw.q.astype(np.int16) - zero).astype(qw.scale.dtype) * expand_scale(qw)
+
+
+ASYMMETRIC_SHRINK = np.linspace(1.0, 0.8, 9, dtype=np.float32)  # the range tried: [min, max] x f, f from 1 down
+
+
+def quantize_asymmetric(w: np.ndarray, bits: int, block: int) -> QuantizedWeight:
+    """Round-to-nearest on an asymmetric grid: per block ``q = clip(rint(w / s) + z, 0,
+    2^bits - 1)`` over the block's range ``[min(w, 0), max(w, 0)]`` shrunk by the f in
+    ASYMMETRIC_SHRINK whose squared rounding error is least (f = 1 is the plain min-max
+    grid). A zero-point per block places the 16 int4 levels where the block's values
+    are, where the symmetric grid spends half its levels on a side a skewed block
+    barely uses. ONNX Runtime only (TensorRT takes zero zero-points only)."""
+    _check_weight(w, "quantize_asymmetric")
+    rows, cols = w.shape
+    if cols % block:
+        raise ValueError(f"asymmetric blocks must be whole: {block} does not divide {cols}")
+    grouped = w.astype(np.float32).reshape(rows, cols // block, block)
+    scale, zero = best_asymmetric(grouped, bits, w.dtype)
+    q = _round_asymmetric(grouped, scale[:, :, None], zero[:, :, None], bits)
+    return QuantizedWeight(q.reshape(rows, cols), scale, bits, block, zero)
+
+
+def best_asymmetric(grouped: np.ndarray, bits: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``([rows, blocks] scales in dtype, [rows, blocks] int8 zero-points)`` for fp32 ``grouped``."""
+    top = 2 ** bits - 1
+    lo, hi = np.minimum(grouped.min(axis=2), 0), np.maximum(grouped.max(axis=2), 0)
+    best = None
+    for f in ASYMMETRIC_SHRINK:
+        scale = ((hi - lo) * f / top).astype(dtype)
+        scale[~(scale > 0)] = 1
+        s32 = scale.astype(np.float32)
+        zero = np.clip(np.rint(-lo * f / s32), 0, top).astype(np.int8)
+        q = _round_asymmetric(grouped, s32[:, :, None], zero[:, :, None], bits)
+        err = np.square((q.astype(np.float32) - zero[:, :, None]) * s32[:, :, None] - grouped).sum(axis=2)
+        if best is None:
+            best = scale, zero, err
+        else:
+            better = err < best[2]
+            best = np.where(better, scale, best[0]), np.where(better, zero, best[1]), np.where(better, err, best[2])
+    return best[0], best[1]
+
+
+def _round_asymmetric(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    return np.clip(np.rint(w / scale.astype(np.float32)) + zero, 0, 2 ** bits - 1).astype(np.int8)
 
 
 # --------------------------------------------------------------------------- the model
@@ -182,13 +248,15 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def quantize_model(model: nn.Module, bits: int, block: int | None,
                    embedding_bits: int | None = None,
-                   grams: dict[str, np.ndarray] | None = None) -> dict[str, QuantizedWeight]:
+                   grams: dict[str, np.ndarray] | None = None,
+                   asymmetric: bool = False) -> dict[str, QuantizedWeight]:
     """Quantize every Linear and Embedding weight on the grid, in the model's own
     dtype, and replace it in place by its dequantized value; returns the grid by
     parameter name (apply it to other copies of the model with ``apply_weights``).
     ``embedding_bits`` 8: the embedding table on the int8 grid (one scale per row).
     ``grams`` (``input_grams``): round the Linears with GPTQ (the embedding, which
-    has no inputs to weigh, to nearest)."""
+    has no inputs to weigh, to nearest). ``asymmetric``: the Linears' blocks get a
+    zero-point each (the embedding stays symmetric)."""
     import torch
     from torch import nn
 
@@ -196,10 +264,12 @@ def quantize_model(model: nn.Module, bits: int, block: int | None,
     with torch.no_grad():
         for name, module in quantized_modules(model):
             w = module.weight.detach().cpu().numpy()
-            if isinstance(module, nn.Embedding) and embedding_bits == 8 and bits != 8:
-                table[name] = quantize(w, 8, None)
-            elif isinstance(module, nn.Linear) and grams is not None:
-                table[name] = gptq(w, grams[name], bits, block)
+            if isinstance(module, nn.Embedding):
+                table[name] = quantize(w, 8, None) if embedding_bits == 8 and bits != 8 else quantize(w, bits, block)
+            elif grams is not None:
+                table[name] = gptq(w, grams[name], bits, block, asymmetric)
+            elif asymmetric:
+                table[name] = quantize_asymmetric(w, bits, block)
             else:
                 table[name] = quantize(w, bits, block)
     apply_weights(model, table)

@@ -141,6 +141,9 @@ def make_plan(
         notes.append(f"TensorRT {tensorrt} assumed ({'--tensorrt' if source == 'option' else 'the profile'}); "
                      "the build uses whatever is installed")
 
+    if manifest.weights.grid == "asymmetric":
+        raise SamoutError("the export's int4 blocks have zero-points (--weights-grid asymmetric): TensorRT takes "
+                          "zero zero-points only; export with --weights-grid symmetric --weights-format dq for TensorRT")
     precision = precision or profile.precision
     if precision not in ("fp16", "fp32"):
         raise SamoutError(f"--precision must be fp16 or fp32, got {precision!r}")
