@@ -29,7 +29,8 @@ PAIR_MAX_SEQ := 1024
 
 # 1. The trained set (benchmarks/trained: cummax, softmax, hybrid, hybrid-w64 and
 #    softmax-w64 of one size, byte-level, trained alike on the standard library):
-#    SamOut and softmax exported at fp32, fp16, INT8 and INT4, each verified, one
+#    SamOut and softmax exported at fp32, fp16, INT8 and INT4 (the fp16 islands and
+#    the GPTQ rounding calibrated on training text), each verified, one
 #    table of quality (held-out bits per byte, its cost and KL against PyTorch fp32,
 #    agreement), kept in each export (eval --record); then the five archs side by
 #    side (benchmarks/arch_table.py: quality by position, decode and prefill time,
@@ -42,8 +43,9 @@ demo: install
 	$(BIN)/python benchmarks/train_set.py --write-heldout $(OUT)/heldout.txt --max-bytes 65536
 	$(BIN)/python benchmarks/train_set.py --write-training-sample $(OUT)/calibration.txt --max-bytes 32768
 	for arch in cummax softmax; do \
-	  for w in fp32:--weights=fp fp16:--dtype=fp16,--calibration-text=$(OUT)/calibration.txt int8:--weights=int8 \
-	           int4:--weights=int4; do \
+	  for w in fp32:--weights=fp fp16:--dtype=fp16,--calibration-text=$(OUT)/calibration.txt \
+	           int8:--weights=int8,--calibration-text=$(OUT)/calibration.txt \
+	           int4:--weights=int4,--calibration-text=$(OUT)/calibration.txt; do \
 	    $(BIN)/samout-edge export $(TRAINED)/$$arch --arch $$arch --logits all --max-seq $(PAIR_MAX_SEQ) \
 	      --vocab bytes $$(echo $${w#*:} | tr , ' ') -o $(OUT)/pair-$$arch-$${w%%:*} > /dev/null || exit 1; \
 	  done; \

@@ -5,7 +5,9 @@ weights: speed does not depend on them): for cummax and softmax, exports at fp32
 fp16, int8, int4, and int8/int4 with int8 activations (``--activations int8``), all
 loaded in one process; one-token decode after each --contexts is timed interleaved
 (the order alternates every round, so load on a shared machine hits each alike),
-ONNX Runtime CPU, intra-op spinning off. Each row gets the bytes its step must move
+ONNX Runtime CPU, intra-op spinning off ("cold": each step finds the caches full of
+the other exports), and again in runs of consecutive steps of one export ("warm":
+a generation loop's steps). Each row gets the bytes its step must move
 (weights as stored but the embedding table, the state in and out) and the fraction
 of the machine's memory bandwidth that is (bench/bandwidth.py), as bench reports it.
 
@@ -95,21 +97,45 @@ def speed(work: Path, contexts: list[int], seconds: float, preset: str = "seed")
             _, state = runner.run(rng.integers(1, m.config.vocab_size, (1, context)), runner.initial_state(1))
             calls[key] = lambda r=runner, s=state: r.run(TOKEN, s)
         timings = interleaved(calls, Budget(warmup=3, min_repeats=20, max_repeats=100_000, seconds=seconds))
+        warm = consecutive(calls)
         for (arch, name), t in timings.items():
             m = read_manifest(dirs[(arch, name)])
             cfg = m.config
             state = graph.state_bytes(cfg, arch, 1, context, m.dtype)
             step = decode_step_bytes(m.weights.bytes, cfg.parameter_count(), cfg.vocab_size * cfg.hidden_size, state)
-            fp32 = timings[(arch, "fp32")].median_ms
+            fp32, warm_fp32 = timings[(arch, "fp32")].median_ms, warm[(arch, "fp32")]
             rows.append({"arch": arch, "variant": name, "context": context, "decode_ms": round(t.median_ms, 3),
-                         "x_fp32": round(t.median_ms / fp32, 3), "weights_mib": round(m.weights.bytes / 2**20, 2),
+                         "x_fp32": round(t.median_ms / fp32, 3), "warm_ms": round(warm[(arch, name)], 3),
+                         "warm_x_fp32": round(warm[(arch, name)] / warm_fp32, 3),
+                         "weights_mib": round(m.weights.bytes / 2**20, 2),
                          "step_bytes": step, "roofline": round(step / (bandwidth.gb_per_s * 1e9) / (t.median_ms / 1e3), 3),
                          "repeats": len(t.samples_ms)})
             print(f"{arch:7} {name:20} context {context:5}: {t.median_ms:7.3f} ms  x{t.median_ms / fp32:.2f}  "
-                  f"roofline {rows[-1]['roofline']:.0%}", flush=True)
+                  f"roofline {rows[-1]['roofline']:.0%}; warm {warm[(arch, name)]:.3f} ms "
+                  f"x{rows[-1]['warm_x_fp32']:.2f}", flush=True)
         for runner in runners.values():
             runner.close()
     return rows, bandwidth.to_dict()
+
+
+WARM_STEPS, WARM_ROUNDS = 20, 20
+
+
+def consecutive(calls: dict, steps: int = WARM_STEPS, rounds: int = WARM_ROUNDS) -> dict:
+    """Median ms of a step that follows a step of the same model (a generation loop's),
+    in runs of ``steps`` per model, the models taking turns (the order alternating every
+    round, as ``interleaved`` does): the first step of each run, which found the caches
+    full of another model, is left out."""
+    names = list(calls)
+    samples: dict = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            for i in range(steps):
+                t0 = time.perf_counter()
+                calls[name]()
+                if i:
+                    samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: float(np.median(s)) for name, s in samples.items()}
 
 
 def quality(work: Path, set_dir: Path, text: Path, calibration: Path) -> list[dict]:
@@ -142,11 +168,13 @@ def to_markdown(report: dict) -> str:
         cost.setdefault((q["arch"], q["variant"]), {})[q.get("quantizer")] = q
     speed = {(r["arch"], r["variant"], r["context"]): r for r in report["speed"]}
     head = (["arch", "weights, compute", "weights MiB"]
-            + [f"decode ms @{c} (x fp32, roofline)" for c in contexts] + ["cost bits/byte rtn / gptq",
-                                                                          "mean KL rtn / gptq"])
+            + [x for c in contexts for x in (f"cold decode ms @{c} (x fp32, roofline)", f"warm @{c} (x fp32)")]
+            + ["cost bits/byte rtn / gptq", "mean KL rtn / gptq"])
     lines = [f"Machine: {report['machine']['label']}; memory bandwidth {report['bandwidth']['gb_per_s']:.1f} GB/s "
              f"({report['bandwidth']['method']}). Decode: {report['preset']} preset, ONNX Runtime CPU, batch 1, one token after the "
-             f"context, interleaved medians. Cost: the trained set, eval over {report['text_bytes']:,} bytes of "
+             "context; cold: the exports take turns call by call (each step finds the caches full of other models: "
+             "weights come from memory, the roofline's premise); warm: a step after a step of the same model, as a "
+             "generation loop runs (what fits in cache stays there); medians. Cost: the trained set, eval over {report['text_bytes']:,} bytes of "
              "held-out text in windows of 256, against PyTorch fp32; quantized weights rounded to nearest (rtn) and "
              f"with GPTQ on {report.get('calibration_bytes', 0):,} bytes of training text (gptq: the same file form and "
              "speed).", "",
@@ -158,6 +186,7 @@ def to_markdown(report: dict) -> str:
             for c in contexts:
                 r = speed[(arch, name, c)]
                 cells.append(f"{r['decode_ms']:.2f} ({r['x_fp32']:.2f}x, {r['roofline']:.0%})")
+                cells.append(f"{r['warm_ms']:.2f} ({r['warm_x_fp32']:.2f}x)")
             q = cost.get((arch, name), {})
             if not q:
                 cells += ["-", "-"]

@@ -26,6 +26,7 @@ from samout_edge.artifact.manifest import (
 )
 from samout_edge.errors import SamoutError
 from samout_edge.inlining import RUNS_IN
+from samout_edge.lowering import all_nodes
 from samout_edge.tensorrt.lint import lint_model
 
 ONNX_TYPE_NAMES = {
@@ -112,8 +113,9 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
     model = load_onnx(model_path, load_weights=False)
     meta = {p.key: p.value for p in model.metadata_props}
 
-    histogram = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
-    custom = Counter(f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx"))
+    nodes = all_nodes(model.graph.node)  # an If's branches included
+    histogram = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in nodes)
+    custom = Counter(f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in ("", "ai.onnx"))
     count, size = 0, 0
     for init in model.graph.initializer:
         if init.data_type not in FLOAT_TYPES:
@@ -126,7 +128,7 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
         inputs=[value_spec(v) for v in model.graph.input],
         outputs=[value_spec(v) for v in model.graph.output],
         op_histogram=dict(histogram.most_common()),
-        node_count=len(model.graph.node),
+        node_count=len(nodes),
         parameter_count=count,
         parameter_bytes=size,
         custom_nodes=dict(custom),
