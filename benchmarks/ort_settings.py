@@ -7,7 +7,9 @@ graph optimization level and weight pre-packing; then OpenVINO's CPU runtime on 
 exports it can run (it has no MatMulNBits: fp32, and int8/int4 in the DequantizeLinear
 form, whose weights it keeps compressed), as verified (f32, no dynamic quantization)
 and in its own fast mode (its int8 dynamic quantization of activations, not verified
-here). One JSON and one Markdown table.
+here); and ONNX Runtime's two int8-compute paths side by side: our MatMulNBits 8-bit at
+accuracy level 4 and its own quantize_dynamic (DynamicQuantizeLinear + MatMulInteger).
+One JSON and one Markdown table.
 
     .venv/bin/python benchmarks/ort_settings.py [--context 256] [--seconds 4] \\
         [--json benchmarks/results/cpu-ort-settings.json] [--markdown benchmarks/results/cpu-ort-settings.md]
@@ -32,6 +34,7 @@ from samout_edge.runtime.ort_runner import OrtRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORTS = {"fp32": dict(), "int4": dict(weights="int4"), "int4, int8 compute": dict(weights="int4", activations="int8")}
+EXPORTS_TIMED_ONCE = {"int8, int8 compute": dict(weights="int8", activations="int8")}
 OPENVINO_EXPORTS = {"int8 dq": dict(weights="int8", weights_format="dq"),
                     "int4 dq": dict(weights="int4", weights_format="dq"),
                     "int4 dq asymmetric": dict(weights="int4", weights_format="dq", weights_grid="asymmetric")}
@@ -70,6 +73,17 @@ def session(directory: Path, threads, spinning, arena, level, prepack):
                      m, "CPUExecutionProvider")
 
 
+def dynamic_session(model: Path, fp32: Path) -> OrtRunner:
+    """ONNX Runtime's quantize_dynamic output of the fp32 export, run as that export's graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return OrtRunner(ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"]),
+                     read_manifest(fp32), "CPUExecutionProvider")
+
+
 def openvino_runner(directory: Path, fast: bool):
     """OpenVINO as the export says (f32, no dynamic quantization: the verified function), or
     ``fast``: its CPU plugin's defaults for compressed weights (int8 dynamic quantization of
@@ -95,7 +109,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     dirs = {}
-    for name, options in {**EXPORTS, **OPENVINO_EXPORTS}.items():
+    for name, options in {**EXPORTS, **EXPORTS_TIMED_ONCE, **OPENVINO_EXPORTS}.items():
         target = args.work / name.replace(", ", "-").replace(" ", "")
         if not (target / "export.json").is_file():
             t = time.perf_counter()
@@ -122,6 +136,18 @@ def main() -> None:
                 calls[(export_name, setting)] = lambda r=ov, s=state: r.run(TOKEN, s)
             except Exception as e:  # not installed, or it cannot run it: said in the output
                 print(f"OpenVINO on {export_name}: {e}", flush=True)
+    # ONNX Runtime's other int8-compute path: its dynamic quantizer on the fp32 graph (int8 weights per channel,
+    # activations quantized per call: DynamicQuantizeLinear + MatMulInteger), against our MatMulNBits 8-bit
+    dynamic = args.work / "int8-dynamic.onnx"
+    if not dynamic.is_file():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(dirs["fp32"] / "model.onnx", dynamic, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"])
+    for name, d in (("int8, int8 compute", dirs["int8, int8 compute"]), ("int8 dynamic (ORT quantize_dynamic)", None)):
+        runner = session(d, *next(iter(SETTINGS.values()))) if d else dynamic_session(dynamic, dirs["fp32"])
+        _, state = runner.run(rng.integers(1, runner.info.config.vocab_size, (1, args.context)), runner.initial_state(1))
+        calls[(name, "ONNX Runtime CPU, bench default")] = lambda r=runner, s=state: r.run(TOKEN, s)
     timings = interleaved(calls, Budget(warmup=3, min_repeats=20, max_repeats=100_000, seconds=args.seconds))
     rows = []
     for (export_name, setting), t in timings.items():

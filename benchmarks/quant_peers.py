@@ -2,7 +2,8 @@
 
 For each fp32 export given (``--logits all``, a checkpoint of ours beside it), this
 quantizes its model.onnx with ONNX Runtime's MatMulNBitsQuantizer (RTN symmetric and
-asymmetric, HQQ; block --block, its MatMuls only: the embedding stays float there),
+asymmetric, HQQ, and with --calibration-text its GPTQ on the same windows ours reads;
+block --block, its MatMuls only: the embedding stays float there),
 exports the same checkpoint with ``export --weights int4`` (our grid: MatMuls and the
 embedding; rounded to nearest, and with ``--calibration-text``, also with GPTQ on that
 text: text the model was trained on, never the held-out text; each on the symmetric and
@@ -26,8 +27,10 @@ import numpy as np
 import onnx
 
 from samout_edge.artifact.files import write_bytes_atomic
+from samout_edge.artifact.graph import empty_state
 from samout_edge.artifact.initializers import initializer_bytes
 from samout_edge.artifact.manifest import MODEL_FILE, read_manifest
+from samout_edge.artifact.quantization import CALIBRATION_TOKENS, CALIBRATION_WINDOW
 from samout_edge.bench.machine import describe
 from samout_edge.evaluate import evaluate, read_tokens
 from samout_edge.exporter.onnx_export import ExportOptions, export
@@ -37,20 +40,46 @@ from samout_edge.runtime.registry import load_runner
 from samout_edge.runtime.torch_runner import load_torch_runner
 
 
-def peer_models(model_path: Path, block: int) -> dict[str, onnx.ModelProto]:
-    """ONNX Runtime's quantizers on our fp32 graph (its MatMuls; accuracy level 1: fp32 compute)."""
+def calibration_reader(directory: Path, text: Path, limit: int = CALIBRATION_TOKENS, window: int = CALIBRATION_WINDOW):
+    """ONNX Runtime's CalibrationDataReader over the same tokens our GPTQ reads: windows of
+    ``window`` of the first ``limit`` tokens, each from the empty state."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    m = read_manifest(directory)
+    tokens, _ = read_tokens(text, m.config.vocab_size, None)
+    tokens = np.asarray(tokens[:limit], np.int64)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"input_ids": tokens[i:i + window][None], **empty_state(m.config, m.arch, 1, m.dtype)}
+                               for i in range(0, len(tokens), window)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    return Reader()
+
+
+def peer_models(model_path: Path, block: int, calibration: Path | None = None) -> dict[str, onnx.ModelProto]:
+    """ONNX Runtime's quantizers on our fp32 graph (its MatMuls; accuracy level 1: fp32 compute),
+    and its GPTQ on ``calibration`` (the text our GPTQ reads) where given."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
     made = {}
-    for name, config in (
+    configs = [
         ("ort rtn symmetric", DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=1)),
         ("ort rtn asymmetric", DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, accuracy_level=1)),
         ("ort hqq", HQQWeightOnlyQuantConfig(block_size=block, bits=4)),
-    ):
+    ]
+    if calibration is not None:
+        configs.append(("ort gptq", GPTQWeightOnlyQuantConfig(calibration_reader(model_path.parent, calibration),
+                                                              block_size=block)))
+    for name, config in configs:
         quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), algo_config=config)
         quantizer.process()
         made[name] = quantizer.model.model
@@ -96,7 +125,7 @@ def main() -> None:
         reference = load_torch_runner(ckpt, m.arch, "fp32", "all")
         models = {"fp32": onnx.load(str(directory / MODEL_FILE))}
         t = time.perf_counter()
-        models.update(peer_models(directory / MODEL_FILE, args.block))
+        models.update(peer_models(directory / MODEL_FILE, args.block, args.calibration_text))
         print(f"{m.arch}: ONNX Runtime's quantizers in {time.perf_counter() - t:.0f} s", flush=True)
         ours = {}  # name -> (export, quantizer, grid)
         for quantizer in ("rtn", "gptq") if args.calibration_text else ("rtn",):
