@@ -70,11 +70,11 @@ def calibrated(tmp_path_factory, tiny_checkpoint):
     vocab.write_text(json.dumps(VOCAB))
     cache = {}
 
-    def get(weights="int4", fmt="auto", dtype="fp32", arch="cummax", quantizer="auto"):
-        key = (weights, fmt, dtype, arch, quantizer)
+    def get(weights="int4", fmt="auto", dtype="fp32", arch="cummax", quantizer="auto", grid_kind="symmetric"):
+        key = (weights, fmt, dtype, arch, quantizer, grid_kind)
         if key not in cache:
             options = ExportOptions(arch=arch, max_seq=40, weights=weights, weights_format=fmt, dtype=dtype,
-                                    calibration_text=text, quantizer=quantizer)
+                                    calibration_text=text, quantizer=quantizer, weights_grid=grid_kind)
             cache[key] = export(root / "-".join(key), options, checkpoint=tiny_checkpoint, vocab=vocab)
         return cache[key]
 
@@ -182,44 +182,26 @@ def test_asymmetric_gptq_with_uncorrelated_inputs_is_rounding_to_nearest(dtype):
 
 
 @pytest.mark.parametrize("fmt", ["matmulnbits", "dq"])
-def test_an_asymmetric_export_verifies_exactly_and_records_its_grid(calibrated_asymmetric, fmt):
-    result = calibrated_asymmetric(fmt)
+def test_an_asymmetric_export_verifies_exactly_and_records_its_grid(calibrated, fmt):
+    result = calibrated(fmt=fmt, grid_kind="asymmetric")
     assert result.verification.passed, result.verification.summary()
     w = read_manifest(result.directory).weights
     assert (w.grid, w.quantizer) == ("asymmetric", "gptq") and "zero-point" in w.scheme
 
 
-@pytest.fixture(scope="module")
-def calibrated_asymmetric(tmp_path_factory, tiny_checkpoint):
-    root = tmp_path_factory.mktemp("asymmetric")
-    text, vocab = root / "calibration.txt", root / "vocab.json"
-    text.write_text(TEXT)
-    vocab.write_text(json.dumps(VOCAB))
-    cache = {}
-
-    def get(fmt):
-        if fmt not in cache:
-            options = ExportOptions(max_seq=40, weights="int4", weights_format=fmt, weights_grid="asymmetric",
-                                    calibration_text=text)
-            cache[fmt] = export(root / fmt, options, checkpoint=tiny_checkpoint, vocab=vocab)
-        return cache[fmt]
-
-    return get
-
-
-def test_the_asymmetric_dq_form_verifies_in_onnx_reference_and_openvino(calibrated_asymmetric):
+def test_the_asymmetric_dq_form_verifies_in_onnx_reference_and_openvino(calibrated):
     from samout_edge.runtime.verify import verify
 
-    d = calibrated_asymmetric("dq").directory
+    d = calibrated(fmt="dq", grid_kind="asymmetric").directory
     assert verify(d, backend="reference").passed
     pytest.importorskip("openvino")
     assert verify(d, backend="openvino").passed
 
 
-def test_tensorrt_refuses_an_asymmetric_export_in_one_line(calibrated_asymmetric, run_cli, tmp_path):
+def test_tensorrt_refuses_an_asymmetric_export_in_one_line(calibrated, run_cli, tmp_path):
     from samout_edge.tensorrt.lint import lint_model
 
-    d = calibrated_asymmetric("dq").directory
+    d = calibrated(fmt="dq", grid_kind="asymmetric").directory
     code, _, err = run_cli("build", d, "--profile", "jetson-orin-nano-8gb", "--dry-run")
     assert code == 1 and "zero-points" in err and len(err.strip().splitlines()) == 1, err
     reports = lint_model(onnx.load(str(d / "model.onnx")))
