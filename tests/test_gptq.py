@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from samout_edge.artifact.manifest import read_manifest
-from samout_edge.exporter import quantize as qz
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.models import quantize as grid
 from samout_edge.models.checkpoint import load_checkpoint
@@ -97,7 +96,7 @@ def test_gptq_weights_differ_from_rounding_to_nearest_in_the_graph(calibrated, t
     d = calibrated().directory
     model = load_checkpoint(tiny_checkpoint).model("cummax")
     modules = grid.quantized_modules(model)
-    held = qz.read_grid(onnx.load(str(d / "model.onnx")), {n: tuple(m.weight.shape) for n, m in modules},
+    held = grid.read_grid(onnx.load(str(d / "model.onnx")), {n: tuple(m.weight.shape) for n, m in modules},
                         {n: 8 if isinstance(m, torch.nn.Embedding) else 4 for n, m in modules})
     plain = grid.quantize_model(model, 4, 32, 8)
     linear = [n for n, m in modules if isinstance(m, torch.nn.Linear)]
@@ -131,7 +130,7 @@ def test_the_grid_read_back_from_the_graph_is_the_one_written(tmp_path, tiny_che
     written = grid.quantize_model(model, m.weights.bits, m.weights.block_size, m.weights.embedding_bits,
                                   asymmetric=grid_kind == "asymmetric")
     assert any(qw.asymmetric for qw in written.values()) == (grid_kind == "asymmetric")
-    held = qz.read_grid(onnx.load(str(d / "model.onnx")), {n: tuple(x.weight.shape) for n, x in modules},
+    held = grid.read_grid(onnx.load(str(d / "model.onnx")), {n: tuple(x.weight.shape) for n, x in modules},
                         {n: written[n].bits for n in written})
     for name, qw in written.items():
         assert np.array_equal(held[name].q, qw.q) and np.array_equal(held[name].scale, qw.scale), name

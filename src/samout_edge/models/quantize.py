@@ -236,6 +236,72 @@ def _round_asymmetric(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: 
     return np.clip(np.rint(w / scale.astype(np.float32)) + zero, 0, 2 ** bits - 1).astype(np.int8)
 
 
+# --------------------------------------------------------------------------- the grid in a graph
+
+
+def read_grid(model, params: dict[str, tuple[int, int]], bits: dict[str, int]) -> dict[
+        str, QuantizedWeight]:
+    """The grid each quantized parameter has in the graph (``params``: name -> torch-layout
+    shape; ``bits``: name -> its bits), read from what exporter/quantize.py
+    ``quantize_graph`` wrote (writer and reader change together): the artifact, not a
+    recomputation, is what a PyTorch reference of the export computes
+    with (a GPTQ grid cannot be recomputed without its calibration text). A parameter
+    the graph does not hold as written here is an error."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {x: node for node in model.graph.node for x in node.input[:1]}  # a weight's first consumer
+    table = {}
+    for param, (rows, cols) in params.items():
+        b = bits[param]
+        base = next((f"{param}{s}" for s in ("", ".0") if f"{param}{s}.q" in inits or f"{param}{s}.nbits" in inits),
+                    None)
+        if base is None:
+            raise SamoutError(f"the graph holds no quantized form of {param!r}: it is not an export of this tool's, "
+                              "or it was edited")
+        zero = None
+        if f"{base}.nbits" in inits:  # MatMulNBits: [rows, blocks, bytes] uint8, offset 2^(bits-1); never transposed
+            q = numpy_helper.to_array(inits[f"{base}.nbits"]).reshape(rows, -1)
+            q = (_unpack_nibbles(q) if b == 4 else q)[:, :cols].astype(np.int16)
+            scale = numpy_helper.to_array(inits[f"{base}.scales"]).reshape(rows, -1)
+            if f"{base}.zero_points" in inits:  # asymmetric: the values as they are, a zero-point per block
+                zero = _unpack_nibbles(numpy_helper.to_array(inits[f"{base}.zero_points"]).reshape(rows, -1))
+                zero = zero[:, :scale.shape[1]].astype(np.int8)
+            else:
+                q -= 1 << (b - 1)
+            q = q.astype(np.int8)
+        else:
+            q = numpy_helper.to_array(inits[f"{base}.q"])
+            scale = numpy_helper.to_array(inits[f"{base}.scale"])
+            node = nodes.get(f"{base}.q")
+            if node is not None and node.op_type == "DequantizeLinear":
+                point = inits[f"{base}.zero_point"]
+                if point.data_type == TensorProto.UINT4:
+                    zero = numpy_helper.to_array(point).astype(np.int8)
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                if axis == (1 if b == 8 else 0):  # transposed: a MatMul's B
+                    q, scale = q.T, (scale if scale.ndim == 1 else scale.T)
+                    zero = None if zero is None else zero.T
+                q = q.astype(np.int8)
+            elif q.dtype == np.uint8:  # GatherBlockQuantized's int8 table: uint8 with zero-point 128
+                q = (q.astype(np.int16) - 128).astype(np.int8)
+            else:  # GatherBlockQuantized's int4 table
+                q = q.astype(np.int8)
+            scale = scale.reshape(rows, -1)
+        if q.shape != (rows, cols):
+            raise SamoutError(f"the graph's {param!r} has shape {list(q.shape)}, the model's is {[rows, cols]}")
+        if b == 8:  # one scale per row (spread over MatMulNBits' blocks there)
+            scale = scale[:, :1]
+        table[param] = QuantizedWeight(np.ascontiguousarray(q), np.ascontiguousarray(scale), b, cols // scale.shape[1],
+                                       None if zero is None else np.ascontiguousarray(zero))
+    return table
+
+
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """``[rows, n]`` bytes -> ``[rows, 2n]`` values, low nibble first (``_pack_nibbles`` undone)."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -416,11 +482,9 @@ def grid_of(weights: Weights | None) -> tuple[int, int | None, int | None] | Non
 
 def quantize_like_export(model: nn.Module, weights: Weights | None, graph) -> None:
     """Give ``model`` (any dtype) the dequantized weights an export holds, read from its
-    graph (``graph``: the onnx.ModelProto; exporter/quantize.py ``read_grid``), and its
+    graph (``graph``: the onnx.ModelProto; ``read_grid``), and its
     int8 activations where it computes with them. No-op for float weights."""
     from torch import nn
-
-    from samout_edge.exporter.quantize import read_grid
 
     grid = grid_of(weights)
     if grid is None:
