@@ -180,9 +180,9 @@ def test_asymmetric_gptq_with_uncorrelated_inputs_is_rounding_to_nearest(dtype):
     assert np.array_equal(a.q, b.q) and np.array_equal(a.scale, b.scale) and np.array_equal(a.zero, b.zero)
 
 
-@pytest.mark.parametrize("fmt", ["matmulnbits", "dq"])
-def test_an_asymmetric_export_verifies_exactly_and_records_its_grid(calibrated, fmt):
-    result = calibrated(fmt=fmt, grid_kind="asymmetric")
+@pytest.mark.parametrize("fmt,dtype", [("matmulnbits", "fp32"), ("dq", "fp32"), ("dq", "fp16")])
+def test_an_asymmetric_export_verifies_exactly_and_records_its_grid(calibrated, fmt, dtype):
+    result = calibrated(fmt=fmt, dtype=dtype, grid_kind="asymmetric")  # fp16: onnx.reference computes it in fp16
     assert result.verification.passed, result.verification.summary()
     w = read_manifest(result.directory).weights
     assert (w.grid, w.quantizer) == ("asymmetric", "gptq") and "zero-point" in w.scheme
