@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.manifest import check_exports, read_manifest
 from samout_edge.bench.machine import describe
+from samout_edge.bench.report import save_results
 from samout_edge.bench.suite import BenchConfig, run_bench
 from samout_edge.bench.timing import Budget
 from samout_edge.evaluate import eval_target
@@ -124,16 +124,7 @@ def main() -> None:
                       "(fed in chunks of max_seq); state: bytes after the context (analytic)"}
     md = to_markdown(result)
     print(md)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.markdown.with_suffix(".tmp")
-        tmp.write_text(md)
-        os.replace(tmp, args.markdown)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.json)
+    save_results(result, md, args.json, args.markdown)
 
 
 def fmt(v, spec: str = ".2f", none: str = "-") -> str:

@@ -18,16 +18,15 @@ One JSON and one Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from samout_edge.artifact.files import write_bytes_atomic
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.bench.machine import describe
+from samout_edge.bench.report import save_results
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.runtime.ort_runner import OrtRunner
@@ -164,9 +163,7 @@ def main() -> None:
     lines += [f"| {r['export']} | {r['setting']} | {r['decode_ms']:.2f} | {r['x_bench_default']:.2f} |" for r in rows]
     md = "\n".join(lines) + "\n"
     print(md)
-    for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, md)):
-        if path:
-            write_bytes_atomic(path, content.encode())  # beside it, then renamed into place
+    save_results(report, md, args.json, args.markdown)
 
 
 if __name__ == "__main__":

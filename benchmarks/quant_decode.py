@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.files import write_bytes_atomic
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.bench.bandwidth import decode_step_bytes, measure_bandwidth
 from samout_edge.bench.machine import describe
+from samout_edge.bench.report import save_results
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.evaluate import eval_target
 from samout_edge.exporter.onnx_export import ExportOptions, export
@@ -230,9 +230,7 @@ def main() -> None:
               "calibration_bytes": None if args.no_quality else calibration.stat().st_size}
     md = to_markdown(report)
     print(md)
-    for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, md)):
-        if path:
-            write_bytes_atomic(path, content.encode())  # beside it, then renamed into place
+    save_results(report, md, args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -19,19 +19,18 @@ the weights' bytes. One table, Markdown and JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from samout_edge.artifact.files import write_bytes_atomic
 from samout_edge.artifact.graph import empty_state
 from samout_edge.artifact.initializers import initializer_bytes
 from samout_edge.artifact.manifest import MODEL_FILE, read_manifest
 from samout_edge.artifact.quantization import CALIBRATION_TOKENS, CALIBRATION_WINDOW
 from samout_edge.bench.machine import describe
+from samout_edge.bench.report import save_results
 from samout_edge.evaluate import evaluate, read_tokens
 from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.models.checkpoint import source_checkpoint
@@ -171,9 +170,7 @@ def main() -> None:
                      f"{r['cost_bits_per_byte']:+.4f} | {r['kl_from_fp32']:.5f} | {100 * r['top1_agreement']:.2f}% |")
     md = "\n".join(lines) + "\n"
     print(md)
-    for path, content in ((args.markdown, md), (args.json, json.dumps(report, indent=2) + "\n")):
-        if path:
-            write_bytes_atomic(path, content.encode())  # beside it, then renamed into place
+    save_results(report, md, args.json, args.markdown)
 
 
 if __name__ == "__main__":

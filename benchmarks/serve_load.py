@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from samout_edge.artifact.files import write_json_atomic
 from samout_edge.generate import generate
 from samout_edge.runtime.registry import load_runner
 from samout_edge.serve.process import ServerProcess
@@ -225,10 +226,7 @@ def main() -> None:
             print(f"{health['arch']:8} kill -9: {json.dumps(entry['fault'])}", flush=True)
             report["exports"].append(entry)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.json)
+        write_json_atomic(args.json, report)
     if not all(e["fault"]["passed"] for e in report["exports"]):
         sys.exit("error: a session did not resume exactly after kill -9")
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from samout_edge.artifact.files import write_bytes_atomic
+from samout_edge.artifact.files import write_bytes_atomic, write_json_atomic
 from samout_edge.bench.suite import BenchReport, Record
 
 
@@ -115,6 +115,15 @@ def to_markdown(report: BenchReport) -> str:
     ]
     lines += ["| " + " | ".join(cells) + " |" for row in point_rows(report) for cells in table_rows(row)]
     return "\n".join(lines) + "\n"
+
+
+def save_results(data: dict, markdown: str, json_path: Path | None, markdown_path: Path | None) -> None:
+    """A benchmark script's results, each file written beside its target and renamed into
+    place (the ones asked for): a run killed midway leaves the previous results whole."""
+    if json_path:
+        write_json_atomic(json_path, data)
+    if markdown_path:
+        write_bytes_atomic(markdown_path, markdown.encode())
 
 
 def save_json(report: BenchReport, path: str | Path) -> None:
