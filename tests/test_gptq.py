@@ -212,3 +212,18 @@ def test_the_asymmetric_grid_is_refused_where_it_does_not_apply(run_cli, tiny_ch
                            "--weights-grid", "asymmetric")
     assert code != 0 and "--weights-grid asymmetric applies to --weights int4" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_the_grid_is_read_from_external_data_too(tmp_path, tiny_checkpoint, monkeypatch):
+    """A model too large for one protobuf keeps its weights in model.onnx.data: the
+    torch backend must read the grid from there, not from empty initializers."""
+    from samout_edge.exporter import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    d = export(tmp_path / "e", ExportOptions(max_seq=40, weights="int4"), checkpoint=tiny_checkpoint).directory
+    assert (d / "model.onnx.data").is_file()
+    ids = np.random.default_rng(5).integers(1, 128, (1, 20))
+    with load_runner(d, "ort") as a, load_runner(d, "torch") as b:
+        x, _ = a.run(ids, a.initial_state(1))
+        y, _ = b.run(ids, b.initial_state(1))
+    assert np.abs(x - b.to_numpy(y)).max() <= 1e-4 * max(1.0, float(np.abs(x).max()))

@@ -72,7 +72,7 @@ def load_torch_runner(
         if weights.quantized:
             import onnx
 
-            quantize_like_export(model, weights, onnx.load(str(export_dir / MODEL_FILE), load_external_data=False))
+            quantize_like_export(model, weights, onnx.load(str(export_dir / MODEL_FILE)))  # with model.onnx.data, if any
     runner = TorchRunner(model, dtype=dtype, logits=logits, device=device)
     if device.startswith("cuda"):
         if fast_kernel:
