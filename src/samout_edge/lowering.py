@@ -154,7 +154,7 @@ def emit_cummax(
     if static_len is not None and static_len <= MAX_SEQUENTIAL_LEN and axis is not None:
         _sequential(g, x, axis, static_len, y)  # on x itself: no reshape around it (9 nodes for 8 heads, not 20)
         return
-    _scan(g, x, y, axis, plan, static_len, elem_type)
+    _scan(g, x, y, axis, plan, elem_type)
 
 
 def _one_or_scan(g: GraphBuilder, x: str, y: str, axis: int, plan: ScanPlan, elem_type: int | None) -> None:
@@ -172,7 +172,7 @@ def _one_or_scan(g: GraphBuilder, x: str, y: str, axis: int, plan: ScanPlan, ele
         if branch == "one":
             sub.op("Identity", [x], outputs=[out])
         else:
-            _scan(sub, x, out, axis, plan, None, elem_type)
+            _scan(sub, x, out, axis, plan, elem_type)
         typed = helper.make_tensor_value_info(out, elem_type or onnx.TensorProto.UNDEFINED, None)
         branches[branch] = helper.make_graph(sub.nodes, sub.prefix.replace("/", "_"), [], [typed])
     g.op("If", [one], outputs=[y], then_branch=branches["one"], else_branch=branches["scan"])
@@ -186,8 +186,8 @@ def _axis_range(g: GraphBuilder, axis: int | None) -> tuple[str, str]:
     return ax, g.op("Add", [ax, g.const([1])])
 
 
-def _scan(g: GraphBuilder, x: str, y: str, axis: int | None, plan: ScanPlan, static_len: int | None,
-          elem_type: int | None) -> None:
+def _scan(g: GraphBuilder, x: str, y: str, axis: int | None, plan: ScanPlan, elem_type: int | None) -> None:
+    """The padded scan over ``[P, L, Q]`` (``plan.scan``): any length up to ``plan.max_len``."""
     ax, ax_next = _axis_range(g, axis)
     if axis is not None:
         flat = g.op("Flatten", [x], axis=axis)
@@ -209,9 +209,7 @@ def _scan(g: GraphBuilder, x: str, y: str, axis: int | None, plan: ScanPlan, sta
             return g.op("CastLike", [g.const(-np.inf, np.float32), x])
         return g.const(-np.inf, onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
-    if static_len is not None and static_len <= MAX_SEQUENTIAL_LEN:
-        y3 = _sequential(g, x3, 1, static_len)
-    elif plan.scan == "doubling":
+    if plan.scan == "doubling":
         y3 = _doubling(g, x3, plan.max_len, neg_inf())
     else:
         y3 = _blocked(g, x3, length, outer, inner, plan, neg_inf())
