@@ -18,8 +18,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+CALIBRATION = "def f(x):\n    return [x + i for i in range(9)]  # text\n" * 40
+
+
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory, tiny_checkpoint):
+def calibration_text(tmp_path_factory) -> Path:
+    """Text for --calibration-text: an fp16 export of a checkpoint needs it (ASCII: ids < 128, the tiny vocab)."""
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_text(CALIBRATION)
+    return path
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_checkpoint, calibration_text):
     """export(arch=..., dtype=..., lowering=..., ...) -> directory, each variant exported once."""
     from samout_edge.exporter.onnx_export import ExportOptions, export
 
@@ -30,7 +41,8 @@ def exported(tmp_path_factory, tiny_checkpoint):
         key = (arch, dtype, lowering, max_seq, logits, scan)
         if key not in cache:
             out = root / "-".join(str(k) for k in key)
-            options = ExportOptions(arch=arch, dtype=dtype, lowering=lowering, max_seq=max_seq, logits=logits, scan=scan)
+            options = ExportOptions(arch=arch, dtype=dtype, lowering=lowering, max_seq=max_seq, logits=logits, scan=scan,
+                                    calibration_text=calibration_text if dtype == "fp16" else None)
             cache[key] = export(out, options, checkpoint=tiny_checkpoint)
         return cache[key]
 

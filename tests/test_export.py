@@ -111,8 +111,8 @@ def rehash(directory):
 
 
 def test_verify_lengths_avoid_trace_length():
-    assert golden_lengths(2048, 6) == [1, 97, 2048]
-    assert golden_lengths(5, 5) == [1, 3, 5]
+    assert golden_lengths(2048, 6) == [1, 97, 2047, 2048]
+    assert golden_lengths(5, 5) == [1, 3, 4, 5]
     assert golden_lengths(1, 2) == [1]
 
 

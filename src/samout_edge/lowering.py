@@ -28,6 +28,7 @@ serves any axis and rank.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -337,6 +338,88 @@ def lower_cummax(
     del model.functions[:]
     _drop_opset(model, DOMAIN)
     return model
+
+
+@dataclass(frozen=True)
+class ScanSite:
+    """Where one cummax sits in a graph: its input and output tensors and its axis. The sites
+    are recorded in the graph's metadata (SITES_KEY), so verify can cut each scan out of the
+    exported graph and check the graph's own nodes bit for bit, not a fresh copy of the op."""
+
+    x: str
+    y: str
+    axis: int
+
+
+SITES_KEY = "samout_edge.scan_sites"
+
+
+def cummax_sites(model: onnx.ModelProto) -> list[ScanSite]:
+    """The placeholder (or custom) CumMax nodes' sites, in graph order."""
+    return [ScanSite(n.input[0], n.output[0], node_axis(n)) for n in cummax_nodes(model)]
+
+
+def record_sites(model: onnx.ModelProto, sites: list[ScanSite]) -> None:
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                   SITES_KEY: json.dumps([[s.x, s.y, s.axis] for s in sites])})
+
+
+def read_sites(model: onnx.ModelProto) -> list[ScanSite] | None:
+    """The recorded sites, or None for a graph exported before they were recorded."""
+    for prop in model.metadata_props:
+        if prop.key == SITES_KEY:
+            try:
+                return [ScanSite(str(x), str(y), int(axis)) for x, y, axis in json.loads(prop.value)]
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"the graph's {SITES_KEY} metadata is malformed ({e})") from None
+    return None
+
+
+def _outer_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names a node's subgraphs (an If's branches) read from the enclosing graph."""
+    names = []
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            inner = all_nodes(sub.node)
+            made = {o for n in inner for o in n.output} | {i.name for i in sub.initializer}
+            names += [i for n in inner for i in n.input if i and i not in made]
+    return names
+
+
+def scan_model(model: onnx.ModelProto, site: ScanSite) -> onnx.ModelProto:
+    """The nodes of ``model`` that compute ``site.y`` from ``site.x``, as a model of their own
+    (input ``x``, output ``y``; the model's local functions and opsets kept). Fails if they read
+    anything else than ``x``, constants and initializers: then they are not one scan."""
+    g = model.graph
+    producers = {out: node for node in g.node for out in node.output}
+    initializers = {i.name: i for i in g.initializer}
+    needed: set[int] = set()
+    used_initializers: set[str] = set()
+    stack, seen = [site.y], set()
+    while stack:
+        name = stack.pop()
+        if not name or name == site.x or name in seen:
+            continue
+        seen.add(name)
+        if name in initializers:
+            used_initializers.add(name)
+            continue
+        node = producers.get(name)
+        if node is None:
+            raise ValueError(f"the scan {site.x} -> {site.y} reads {name!r}, which it does not compute")
+        needed.add(id(node))
+        stack += list(node.input) + _outer_inputs(node)
+    nodes = [n for n in g.node if id(n) in needed]
+    elem = next((v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.output) if v.name == site.y), None)
+    if elem is None:
+        elem = g.input[1].type.tensor_type.elem_type if len(g.input) > 1 else onnx.TensorProto.FLOAT
+    dims = ["b", "h", "s", "d"]
+    sub = helper.make_graph(nodes, "scan", [helper.make_tensor_value_info(site.x, elem, dims)],
+                            [helper.make_tensor_value_info(site.y, elem, dims)],
+                            [initializers[n] for n in sorted(used_initializers)])
+    out = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                            functions=list(model.functions))
+    return out
 
 
 def _set_opset(model: onnx.ModelProto, domain: str, version: int) -> None:

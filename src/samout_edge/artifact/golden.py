@@ -54,14 +54,27 @@ def largest_prime_at_most(n: int) -> int | None:
 
 
 def golden_lengths(max_seq: int, trace_seq: int) -> list[int]:
-    """1, a prime near 100, and max_seq; never the traced length where avoidable."""
+    """1, a prime near 100, max_seq - 1 and max_seq; never the traced length where avoidable."""
     prime = largest_prime_at_most(min(100, max_seq))
     if prime == trace_seq:
         prime = largest_prime_at_most(prime - 1)
-    return sorted({1, max_seq} | ({prime} if prime else set()))
+    return sorted({1, max_seq, max(1, max_seq - 1)} | ({prime} if prime else set()))
+
+
+SHORT_UP_TO = 16  # every call length up to this is checked: a chunked prefill makes any of them
+
+
+def chain_lengths(max_seq: int, block: int) -> list[int]:
+    """The calls of the "calls" golden case, each continuing the state of the one before:
+    every length from 1 to SHORT_UP_TO (both sides of a decode shortcut such as
+    ``If(length == 1)``, and of every doubling step), then both sides of the blocked scan's
+    block. A wrong graph that is right at 1, 97 and max_seq is wrong at one of these."""
+    lengths = list(range(1, min(SHORT_UP_TO, max_seq) + 1))
+    return lengths + [n for n in (block - 1, block, block + 1) if SHORT_UP_TO < n <= max_seq]
 
 
 EVERY_ID = "every id"
+CALLS = "calls"  # every short call length, the state carried (exporter/golden.py chain_case)
 LONG = "long"  # cummax: a prompt past max_seq, fed in calls of max_seq (exporter/golden.py long_case)
 LONG_FACTOR = 2.5
 LONG_STEPS = 2

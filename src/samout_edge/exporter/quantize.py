@@ -136,6 +136,12 @@ ORT_SESSION_CONFIG = {
 # accuracy_level of MatMulNBits: 1 computes in fp32, the dequantized model's function; 4
 # quantizes the activations to int8 too (``--activations int8``: faster, a stated tolerance).
 ACCURACY_LEVEL = {"fp": 1, "int8": 4}
+# ONNX Runtime's aarch64 builds run KleidiAI's kernels for MatMulNBits at accuracy level 4 where the
+# CPU has the dot product (Orin): they quantize activations per row, not per block as MLAS's own
+# kernels do, so they compute another function than the one verified (the trained SamOut int4 with
+# int8 compute failed verify at 1.34x its tolerance under QEMU's cortex-a76). The export pins MLAS's
+# kernels; x86 builds ignore the key (docs/deploy-jetson.md has the measured cost).
+DISABLE_KLEIDIAI = "mlas.disable_kleidiai"
 
 
 @dataclass(frozen=True)
@@ -238,8 +244,11 @@ def weights_entry(spec: WeightsSpec) -> Weights:
     scheme = SCHEME if spec.grid == "symmetric" else ASYMMETRIC_SCHEME
     if spec.grid == "asymmetric" and fmt == "dq":
         reason += "; asymmetric blocks (zero-points): ONNX Runtime, OpenVINO and onnx.reference, not TensorRT"
+    session = dict(ORT_SESSION_CONFIG[fmt])
+    if spec.activations == "int8":  # ARM builds: MLAS's NEON kernel, whose rounding verify's bounds are derived for
+        session[DISABLE_KLEIDIAI] = "1"
     return Weights(spec.kind, spec.block_size if spec.kind == "int4" else None, fmt, reason=reason, scheme=scheme,
-                   ort_session_config=dict(ORT_SESSION_CONFIG[fmt]), activations=spec.activations,
+                   ort_session_config=session, activations=spec.activations,
                    embedding=embedding, quantizer=spec.quantizer, grid=spec.grid)
 
 

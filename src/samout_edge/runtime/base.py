@@ -64,6 +64,7 @@ class RunnerInfo:
     max_batch: int | None = None  # None: no limit (a TensorRT engine has one per profile)
     max_context: int | None = None  # the most tokens a state may hold (a softmax engine's profiles); None: any
     rtol: float | None = None  # a runner computing coarser than the graph's dtype (OpenVINO bf16): verify's tolerance
+    kernel_family: str = "x86"  # int8 activations: whose MatMulNBits rounding it computes (ACTIVATION_FAMILIES)
 
 
 # An unfused attention call holds about this many score-sized fp32 buffers at once (scores,

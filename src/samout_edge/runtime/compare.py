@@ -91,3 +91,39 @@ def compare_decode(
     ref = {"logits": np.stack(ref_last, 1), **{k: reference.to_numpy(v) for k, v in ref_state.items()}}
     got = {"logits": np.stack(got_last, 1), **{k: actual.to_numpy(v) for k, v in state.items()}}
     return compare_arrays(check, ref, got, rtol)
+
+
+@dataclass
+class Agreement:
+    """How far two runs' next-token distributions are apart over many rows of logits: what a
+    fault changes everywhere (a wrong scale, a moved blend) while an int8 rounding that flips
+    here and there does not. ``kl``: mean KL(reference || actual) in nats; ``top1``: the share
+    of rows with the same argmax; ``rows``: how many rows were compared."""
+
+    kl: float = 0.0
+    top1: float = 1.0
+    rows: int = 0
+
+    def add(self, reference: np.ndarray, actual: np.ndarray) -> None:
+        """Fold in one output of logits (any leading shape, vocab last)."""
+        ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+        got = actual.reshape(-1, actual.shape[-1]).astype(np.float64)
+        log_ref = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+        log_got = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
+        kl = (np.exp(log_ref) * (log_ref - log_got)).sum(-1)
+        kl = np.where(np.isfinite(kl), kl, np.inf)
+        n = self.rows + len(ref)
+        same = (ref.argmax(-1) == got.argmax(-1)).sum()
+        self.kl = float((self.kl * self.rows + kl.sum()) / n)
+        self.top1 = float((self.top1 * self.rows + same) / n)
+        self.rows = n
+
+
+def agreement(references: list[dict[str, np.ndarray]], actuals: list[dict[str, np.ndarray]],
+              name: str = "logits") -> Agreement:
+    """``Agreement`` over every pair of outputs that both hold ``name``."""
+    total = Agreement()
+    for ref, got in zip(references, actuals):
+        if name in ref and name in got:
+            total.add(ref[name], got[name])
+    return total

@@ -34,14 +34,34 @@ INSTALL = "pip install 'samout-edge[openvino]'"
 PRECISIONS = {"f32": None, "bf16": 5e-2, "f16": 2e-2}
 
 
+OPENVINO_TYPES = {"f32": "f32", "float32": "f32", "f16": "f16", "float16": "f16", "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def runs_in(compiled, asked: str) -> str:
+    """The precision the compiled model really computes in: OpenVINO takes its hint as a wish, and
+    on a CPU with bf16 but no fp16 arithmetic its f16 hint runs bf16 (then bf16's label and
+    tolerance apply, not f16's). A value it does not name is refused, never guessed."""
+    try:
+        value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    except Exception:  # a device without the property computes what it was asked
+        return asked
+    name = getattr(value, "get_type_name", lambda: str(value))()
+    ran = OPENVINO_TYPES.get(str(name).lower().replace("<type: '", "").rstrip("'>"))
+    if ran is None:
+        raise SamoutError(f"OpenVINO computes in {name}, which samout-edge has no tolerance for")
+    return ran
+
+
 class OpenVINORunner(Runner):
     def __init__(self, compiled, manifest: Manifest, device: str, precision: str):
         self.compiled, self.manifest = compiled, manifest
         self.request = compiled.create_infer_request()
         self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
         self.outputs = [o.get_any_name() for o in compiled.outputs]
-        self.info = RunnerInfo("openvino", f"{device}:{precision}", manifest.arch, manifest.dtype, manifest.logits,
-                               manifest.max_seq, manifest.config, rtol=PRECISIONS[precision])
+        ran = runs_in(compiled, precision)
+        label = ran if ran == precision else f"{ran} ({precision} asked)"
+        self.info = RunnerInfo("openvino", f"{device}:{label}", manifest.arch, manifest.dtype, manifest.logits,
+                               manifest.max_seq, manifest.config, rtol=PRECISIONS[ran])
 
     def initial_state(self, batch: int) -> State:
         return graph.empty_state(self.manifest.config, self.manifest.arch, batch, self.manifest.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,18 @@ from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_graph_meta
 from samout_edge.errors import SamoutError
 from samout_edge.runtime.base import Runner, RunnerInfo, State
 
+DISABLE_KLEIDIAI = "mlas.disable_kleidiai"  # ONNX Runtime's session config key (its aarch64 builds; exporter/quantize.py)
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+def cpu_kernel_family() -> str:
+    """Whose MLAS kernels ONNX Runtime's CPU provider runs here: ``arm`` (NEON; KleidiAI is
+    switched off by the export's session config) or ``x86`` (AVX2/AVX-512)."""
+    return "arm" if platform.machine().lower() in ("aarch64", "arm64") else "x86"
 
 
 def quiet_onnxruntime() -> None:
@@ -50,7 +58,8 @@ class OrtRunner(Runner):
         self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
         self.output_names = [o.name for o in session.get_outputs()]
         self.info = RunnerInfo(
-            "ort", provider, manifest.arch, manifest.dtype, manifest.logits, manifest.max_seq, manifest.config
+            "ort", provider, manifest.arch, manifest.dtype, manifest.logits, manifest.max_seq, manifest.config,
+            kernel_family=cpu_kernel_family() if provider == "CPUExecutionProvider" else "x86",
         )
 
     def initial_state(self, batch: int) -> State:
@@ -64,6 +73,16 @@ class OrtRunner(Runner):
         outputs = self.session.run(self.output_names, feeds)
         results = dict(zip(self.output_names, outputs))
         return results["logits"], {self.to_past[k]: v for k, v in results.items() if k in self.to_past}
+
+
+def session_config(weights) -> dict[str, str]:
+    """The export's ONNX Runtime session config, and for int8 activations KleidiAI off in any case
+    (exports made before export.json carried it): its kernels quantize activations another way
+    than the ones verify's bounds are derived for."""
+    config = dict(weights.ort_session_config)
+    if weights.activations == "int8":
+        config.setdefault(DISABLE_KLEIDIAI, "1")
+    return config
 
 
 def load_ort_runner(
@@ -93,7 +112,7 @@ def load_ort_runner(
         options.intra_op_num_threads = intra_op_threads
     if spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    for key, value in manifest.weights.ort_session_config.items():
+    for key, value in session_config(manifest.weights).items():
         options.add_session_config_entry(key, value)  # a quantized export's settings: compute the verified function
     try:
         session = ort.InferenceSession(str(Path(directory) / MODEL_FILE), options, providers=[provider])

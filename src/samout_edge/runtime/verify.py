@@ -6,8 +6,9 @@ the source checkpoint are present, ``lengths`` or ``checkpoint`` recompute the
 reference with PyTorch at any length instead.
 
 1. every file export.json lists has its recorded sha256;
-2. the cummax lowering alone, on both axes, equals a running max bit for bit
-   (max is exact, so any difference is a bug): numpy's ``maximum.accumulate``
+2. every scan of the exported graph, cut out of it, equals a running max bit for
+   bit (max is exact, so any difference is a bug) at every call length up to 16,
+   both sides of the block, max_seq - 1 and max_seq: numpy's ``maximum.accumulate``
    here, ``torch.cummax`` in the tests;
 3. every golden case: prefill at 1, a prime and max_seq, batch 2, ids 0 and
    vocab-1, and a prefill followed by decode steps that feed the runner's own
@@ -31,16 +32,17 @@ from samout_edge.artifact.golden import (
     DECODE_STEPS,
     EVERY_ID,
     GoldenIndex,
+    chain_lengths,
     every_id_chunks,
     golden_ids,
     golden_lengths,
     load_golden,
 )
-from samout_edge.artifact.manifest import Manifest, check_files, read_manifest, stated_alpha
+from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_files, read_manifest, stated_alpha
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import check_context
-from samout_edge.runtime.compare import OutputError, compare_arrays, compare_decode, compare_prefill
+from samout_edge.runtime.compare import OutputError, agreement, compare_arrays, compare_decode, compare_prefill
 from samout_edge.runtime.registry import Settings
 from samout_edge.runtime.target import open_runner, resolve_target
 
@@ -88,31 +90,70 @@ def running_max(x: np.ndarray, axis: int) -> np.ndarray:
     return np.maximum.accumulate(x, axis=axis)
 
 
-def check_op(manifest: Manifest, lengths: list[int]) -> tuple[bool, list[dict]]:
-    """The lowering alone must equal a running max bit for bit on both axes."""
+def op_lengths(manifest: Manifest, lengths: list[int]) -> list[int]:
+    """One call's lengths the scans are checked at: ``lengths``, every short call and both
+    sides of the block (chain_lengths), max_seq - 1 and max_seq; longer ones are chunked."""
+    plan = low.ScanPlan(**manifest.scan)
+    wanted = set(lengths) | set(chain_lengths(manifest.max_seq, plan.block)) | {manifest.max_seq - 1, manifest.max_seq}
+    return sorted({min(n, plan.max_len) for n in wanted if n >= 1})
+
+
+def check_op(manifest: Manifest, lengths: list[int], export_dir: Path | None = None) -> tuple[bool, list[dict]]:
+    """Every scan of the exported graph, cut out of it (its recorded sites), must equal a
+    running max bit for bit on its axis at every length of ``op_lengths``. A graph exported
+    before the sites were recorded gets a fresh copy of the op instead, and its rows say so."""
     import onnxruntime as ort
 
     from samout_edge.runtime.ort_runner import quiet_onnxruntime
 
     quiet_onnxruntime()
-    plan = low.ScanPlan(**manifest.scan)
-    lengths = sorted({min(n, plan.max_len) for n in lengths})  # one call's lengths: longer ones are chunked
+    lengths = op_lengths(manifest, lengths)
     cfg = manifest.config
     np_dtype = graph.numpy_dtype(manifest.dtype)
     rng = np.random.default_rng(1)
     rows = []
-    static = cfg.num_heads if manifest.lowering == "native" else None
+    for where, axis, model in _scans(manifest, export_dir):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        x_type = session.get_inputs()[0].type
+        dtype = np.float16 if "float16" in x_type else np.float32 if "float" in x_type else np_dtype
+        for length in lengths:
+            x = rng.standard_normal((1, cfg.num_heads, length, cfg.head_dim)).astype(dtype)
+            try:
+                got = session.run(None, {session.get_inputs()[0].name: x})[0]
+                exact = bit_equal(got, running_max(x, axis))
+            except Exception as e:  # onnxruntime raises its own types: a scan that cannot run is not exact
+                exact, where = False, f"{where} ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            rows.append({"scan": where, "axis": axis, "seq": length, "exact": exact})
+    return bool(rows) and all(r["exact"] for r in rows), rows
+
+
+def _scans(manifest: Manifest, export_dir: Path | None):
+    """(label, axis, one-scan model) for every scan to check: the graph's own where it records
+    its sites, else a fresh copy of the op on both axes."""
+    if export_dir is not None:
+        model = onnx.load(str(export_dir / MODEL_FILE), load_external_data=False)
+        try:
+            sites = low.read_sites(model)
+        except ValueError as e:
+            raise SamoutError(f"{export_dir / MODEL_FILE}: {e}") from None
+        if sites is not None:
+            if not sites:
+                raise SamoutError(f"{export_dir / MODEL_FILE} records no scan, but every arch's graph has them")
+            for k, site in enumerate(sites):
+                try:
+                    scan = low.scan_model(model, site)
+                except ValueError as e:
+                    raise SamoutError(f"{export_dir / MODEL_FILE}: scan {k}: {e}") from None
+                yield f"graph scan {k} ({site.y})", site.axis, scan
+            return
+    plan = low.ScanPlan(**manifest.scan)
+    static = manifest.config.num_heads if manifest.lowering == "native" else None
     lowering = "custom" if manifest.lowering == "inlined" else manifest.lowering
     for axis, static_len in ((2, None), (1, static)):
         model = low.standalone_model(lowering, plan, axis, manifest.dtype, opset=manifest.opset, static_len=static_len)
         if manifest.lowering == "inlined":  # the custom node's body, inlined as `samout-edge inline` does
             model = onnx.inliner.inline_local_functions(model)
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        for length in lengths:
-            x = rng.standard_normal((1, cfg.num_heads, length, cfg.head_dim)).astype(np_dtype)
-            got = session.run(None, {"x": x})[0]
-            rows.append({"axis": axis, "seq": length, "exact": bit_equal(got, running_max(x, axis))})
-    return all(r["exact"] for r in rows), rows
+        yield "a fresh copy of the op (the graph records no scan sites: exported before they were)", axis, model
 
 
 def verify(
@@ -143,7 +184,8 @@ def verify(
         raise SamoutError(f"{export_dir} carries no golden outputs; verify with --checkpoint (needs torch)")
     actual = open_runner(target, backend, settings or Settings(provider=provider))
     with actual:
-        rtol = max(manifest.weights.rtol(manifest.dtype), actual.info.rtol or 0.0)  # a coarser runner says so
+        # a coarser runner says so; int8 activations: the bound of the kernel family the runner computes with
+        rtol = max(manifest.weights.rtol(manifest.dtype, actual.info.kernel_family), actual.info.rtol or 0.0)
         if recompute:
             result = _against_pytorch(actual, export_dir, manifest, lengths, checkpoint, rtol, progress)
         else:
@@ -195,8 +237,9 @@ def _fp16_arithmetic(result: VerifyResult, export_dir: Path, manifest: Manifest,
     result.passed = result.passed and all(c.passed for c in result.checks)
 
 
-def _op_result(manifest: Manifest, lengths: list[int], rtol: float, provider: str, reference: str) -> VerifyResult:
-    op_exact, op_rows = check_op(manifest, lengths)
+def _op_result(manifest: Manifest, lengths: list[int], rtol: float, provider: str, reference: str,
+               export_dir: Path | None = None) -> VerifyResult:
+    op_exact, op_rows = check_op(manifest, lengths, export_dir)
     return VerifyResult(False, rtol, lengths, op_exact, reference, op_checks=op_rows, provider=provider)
 
 
@@ -208,8 +251,9 @@ def _against_golden(actual, export_dir: Path, manifest: Manifest, rtol: float, p
     steps = len(cases) + 1
     lengths = sorted({c.seq for c in cases if c.past == 0})
     progress("cummax op, bit for bit", 0, steps)
-    result = _op_result(manifest, lengths, rtol, actual.info.device, "golden")
+    result = _op_result(manifest, lengths, rtol, actual.info.device, "golden", export_dir)
     results: dict[int, dict] = {}
+    compared: list[tuple[dict, dict]] = []  # (golden, got) of every case that ran
     for i, (case, feed, want) in enumerate(zip(cases, golden.feeds, golden.outputs), start=1):
         progress(case.name, i, steps)
         if context is not None and case.seq + case.past > context:
@@ -230,10 +274,28 @@ def _against_golden(actual, export_dir: Path, manifest: Manifest, rtol: float, p
         got |= {name: actual.to_numpy(new_state[past]) for name, past in
                 graph.present_to_past(manifest.arch, manifest.config.num_layers).items()}
         result.checks += compare_arrays(case.name, want, got, rtol)
+        compared.append((want, got))
         result.skipped += [f"{case.name}: {name} (not recorded)" for name in case.skipped]
+    if manifest.weights.activations == "int8":
+        result.checks += distribution_checks(manifest, actual.info.kernel_family, compared)
     result.passed = result.op_exact and bool(result.checks) and all(c.passed for c in result.checks)
     progress("verified", steps, steps)
     return result
+
+
+def distribution_checks(manifest: Manifest, family: str, compared: list[tuple[dict, dict]]) -> list[OutputError]:
+    """int8 activations: besides each output's largest error, what a fault moves everywhere and a
+    flipped rounding does not: the logits' mean KL and top-1 disagreement over every golden case,
+    against the bounds the export derived for the kernel ``family`` from emulations alone."""
+    bounds = manifest.weights.bounds(family)
+    if not manifest.weights.activation_bounds:  # an export older than the bounds: they are the ceilings
+        family += ", the ceilings: exported before its bounds were recorded"
+    agree = agreement([want for want, _ in compared], [got for _, got in compared])
+    disagree = 1.0 - agree.top1
+    where = f"all golden cases ({agree.rows} rows, {family} kernels)"
+    return [OutputError(where, "logits: mean KL", agree.kl, 0.0, bounds["kl"], agree.kl <= bounds["kl"]),
+            OutputError(where, "logits: top-1 disagreement", disagree, 0.0, bounds["disagree"],
+                        disagree <= bounds["disagree"])]
 
 
 def run_rows(runner, ids: np.ndarray, state: dict, max_batch: int | None):
@@ -269,7 +331,7 @@ def _against_pytorch(actual, export_dir: Path, manifest: Manifest, lengths: list
         lengths = golden_lengths(limit, manifest.trace["seq"])
     steps = len(lengths) + 2
     progress("cummax op, bit for bit", 0, steps)
-    result = _op_result(manifest, lengths, rtol, actual.info.device, "pytorch")
+    result = _op_result(manifest, lengths, rtol, actual.info.device, "pytorch", export_dir)
     ckpt = source_checkpoint(export_dir, manifest, checkpoint)
     reference = load_torch_runner(ckpt, manifest.arch, "fp32", manifest.logits, export_dir=export_dir,
                                   alpha=stated_alpha(manifest))
