@@ -23,14 +23,24 @@ CALIBRATION = "def f(x):\n    return [x + i for i in range(9)]  # text\n" * 40
 
 @pytest.fixture(scope="session")
 def calibration_text(tmp_path_factory) -> Path:
-    """Text for --calibration-text: an fp16 export of a checkpoint needs it (ASCII: ids < 128, the tiny vocab)."""
+    """Text for --calibration-text, which an fp16 export of a checkpoint needs; read with ``tiny_vocab``."""
     path = tmp_path_factory.mktemp("text") / "calibration.txt"
     path.write_text(CALIBRATION)
     return path
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory, tiny_checkpoint, calibration_text):
+def tiny_vocab(tmp_path_factory) -> Path:
+    """A vocab for the tiny preset's 128 ids: printable ASCII and newline (the tiny model reads no bytes)."""
+    import json
+
+    path = tmp_path_factory.mktemp("vocab") / "vocab.json"
+    path.write_text(json.dumps([chr(i) if 32 <= i < 127 or i == 10 else "" for i in range(128)]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_checkpoint, calibration_text, tiny_vocab):
     """export(arch=..., dtype=..., lowering=..., ...) -> directory, each variant exported once."""
     from samout_edge.exporter.onnx_export import ExportOptions, export
 
@@ -43,7 +53,7 @@ def exported(tmp_path_factory, tiny_checkpoint, calibration_text):
             out = root / "-".join(str(k) for k in key)
             options = ExportOptions(arch=arch, dtype=dtype, lowering=lowering, max_seq=max_seq, logits=logits, scan=scan,
                                     calibration_text=calibration_text if dtype == "fp16" else None)
-            cache[key] = export(out, options, checkpoint=tiny_checkpoint)
+            cache[key] = export(out, options, checkpoint=tiny_checkpoint, vocab=tiny_vocab if dtype == "fp16" else None)
         return cache[key]
 
     return get

@@ -22,7 +22,9 @@ def test_golden_cases_cover_what_breaks_graphs(exported):
     m = read_manifest(d)
     golden = load_golden(d, GoldenIndex.from_dict(m.golden))
     names = [c.name for c in golden.index.cases]
-    assert names[:3] == ["prefill 2x1", "prefill 2x97", "prefill 1x300"]
+    assert names[:4] == ["prefill 2x1", "prefill 2x97", "prefill 1x299", "prefill 1x300"]
+    calls = [c for c in golden.index.cases if c.name.startswith("calls")]
+    assert [c.seq for c in calls] == [*range(1, 17), 17]  # every short length and the block's far side
     ids = np.concatenate([f["input_ids"].ravel() for f in golden.feeds])
     assert 0 in ids and m.config.vocab_size - 1 in ids
     steps = [c for c in golden.index.cases if c.state_from is not None and c.name.startswith("decode")]

@@ -120,10 +120,12 @@ def test_the_torch_backend_of_a_gptq_export_computes_the_graphs_function(calibra
     ("int4", "dq", "fp16", "auto", "symmetric"), ("int4", "matmulnbits", "fp32", "int4", "symmetric"),
     ("int4", "dq", "fp32", "auto", "asymmetric"), ("int4", "matmulnbits", "fp16", "int4", "asymmetric")])
 def test_the_grid_read_back_from_the_graph_is_the_one_written(tmp_path, tiny_checkpoint, weights, fmt, dtype, embedding,
-                                                             grid_kind):
+                                                             grid_kind, tiny_vocab, calibration_text):
+    text = calibration_text if dtype == "fp16" else None  # fp16's islands only: the grid stays rounded to nearest
     options = ExportOptions(max_seq=40, weights=weights, weights_format=fmt, dtype=dtype, embedding_weights=embedding,
-                            weights_grid=grid_kind)
-    d = export(tmp_path / "e", options, checkpoint=tiny_checkpoint, run_verify=False).directory
+                            weights_grid=grid_kind, calibration_text=text, quantizer="rtn")
+    d = export(tmp_path / "e", options, checkpoint=tiny_checkpoint, run_verify=False,
+               vocab=tiny_vocab if text else None).directory
     m = read_manifest(d)
     model = load_checkpoint(tiny_checkpoint).model("cummax", torch.float16 if dtype == "fp16" else torch.float32)
     modules = grid.quantized_modules(model)

@@ -123,14 +123,16 @@ def test_arch_names():
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory, tiny_checkpoint):
+def made(tmp_path_factory, tiny_checkpoint, tiny_vocab, calibration_text):
     root, cache = tmp_path_factory.mktemp("hybrid"), {}
 
     def get(arch: str, **options) -> Path:
         key = (arch, *sorted(options.items()))
         if key not in cache:
             out = root / "-".join(str(k) for k in key).replace("(", "").replace(")", "").replace("'", "").replace(", ", "_")
-            result = export(out, ExportOptions(arch=arch, max_seq=MAX_SEQ, **options), checkpoint=tiny_checkpoint)
+            text = calibration_text if options.get("dtype") == "fp16" else None
+            result = export(out, ExportOptions(arch=arch, max_seq=MAX_SEQ, calibration_text=text, **options),
+                            checkpoint=tiny_checkpoint, vocab=tiny_vocab if text else None)
             assert result.verification.passed, (key, result.verification.to_dict())
             cache[key] = out
         return cache[key]

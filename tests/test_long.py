@@ -27,14 +27,16 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def short(tmp_path_factory, tiny_checkpoint):
+def short(tmp_path_factory, tiny_checkpoint, tiny_vocab, calibration_text):
     """Exports with max_seq 128 and logits for every position, made once each."""
     root, made = tmp_path_factory.mktemp("short"), {}
 
     def get(name: str) -> Path:
         if name not in made:
-            options = ExportOptions(max_seq=MAX_SEQ, logits="all", **VARIANTS[name])
-            made[name] = export(root / name, options, checkpoint=tiny_checkpoint, run_verify=False).directory
+            text = calibration_text if VARIANTS[name].get("dtype") == "fp16" else None
+            options = ExportOptions(max_seq=MAX_SEQ, logits="all", calibration_text=text, **VARIANTS[name])
+            made[name] = export(root / name, options, checkpoint=tiny_checkpoint, run_verify=False,
+                                vocab=tiny_vocab if text else None).directory
         return made[name]
 
     return get

@@ -146,7 +146,8 @@ def test_verify_catches_an_fp16_graph_that_overflows(pair_fp16, tmp_path, overfl
     assert any(not c.passed for c in result.checks if c.check.startswith("fp16 arithmetic:"))
 
 
-def test_an_fp16_export_that_cannot_be_made_safe_is_refused_in_one_line(tmp_path, run_cli):
+def test_an_fp16_export_that_cannot_be_made_safe_is_refused_in_one_line(tmp_path, run_cli, tiny_vocab,
+                                                                        calibration_text):
     """The projections (and the state made of them) and the residual stream are fp16 by contract: an
     embedding that drives them past fp16's range cannot be islanded."""
     from samout_edge.artifact.config import PRESETS
@@ -155,7 +156,8 @@ def test_an_fp16_export_that_cannot_be_made_safe_is_refused_in_one_line(tmp_path
     with torch.no_grad():
         model.em.weight.mul_(1e5)
     save_checkpoint(model, tmp_path / "ck")
-    code, _, err = run_cli("export", tmp_path / "ck", "-o", tmp_path / "o", "--dtype", "fp16", "--max-seq", "16")
+    code, _, err = run_cli("export", tmp_path / "ck", "-o", tmp_path / "o", "--dtype", "fp16", "--max-seq", "16",
+                           "--vocab", tiny_vocab, "--calibration-text", calibration_text)
     line = one_error_line(err)
     assert code == 1 and "cannot be made safe" in line and "layer 0's projections" in line and "--dtype fp32" in line
     assert not (tmp_path / "o").exists()

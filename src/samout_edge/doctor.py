@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from samout_edge.runtime.cpu import cpu_features
+
 # L4T release -> JetPack, for the releases our device profiles name.
 L4T_TO_JETPACK = {
     "35.3": "5.1.1",
@@ -70,6 +72,7 @@ def collect() -> dict[str, Any]:
         "tensorrt": _version("tensorrt"),
         "triton": _version("triton"),
         "jetson": jetson_info(),
+        "cpu": cpu_features().to_dict(),
     }
     try:
         import onnxruntime

@@ -239,6 +239,13 @@ def doctor(report: dict) -> None:
     for key in ("samout_edge", "torch", "onnx", "onnxscript", "onnxruntime"):
         table.add_row(key, report[key] or missing)
     table.add_row("onnxruntime providers", ", ".join(report["onnxruntime_providers"]) or "-")
+    cpu = report.get("cpu") or {}
+    if cpu:
+        yes = {True: "yes", False: "no"}
+        table.add_row("CPU kernels", f"{cpu['kernel_family']} ({cpu['machine']}): fp16 arithmetic "
+                      f"{yes[cpu['fp16_arithmetic']]} (ONNX Runtime computes fp16 graphs "
+                      f"{'in fp16' if cpu['fp16_arithmetic'] else 'in fp32'}), int8 dot product "
+                      f"{yes[cpu['int8_dot_product']]}")
     table.add_row("CUDA", report["cuda"] or "[yellow]no CUDA device[/]")
     for gpu in report["gpus"]:
         table.add_row(f"GPU {gpu['index']}", f"{gpu['name']} (sm {gpu['compute_capability']}, {gpu['memory_gib']} GiB)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,9 @@ import numpy as np
 from samout_edge.artifact import graph
 from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_graph_metadata, read_manifest
 from samout_edge.errors import SamoutError
+from samout_edge.artifact.quantization import RTOL_FP16_ARITHMETIC
 from samout_edge.runtime.base import Runner, RunnerInfo, State
+from samout_edge.runtime.cpu import cpu_features
 
 DISABLE_KLEIDIAI = "mlas.disable_kleidiai"  # ONNX Runtime's session config key (its aarch64 builds; exporter/quantize.py)
 PROVIDER_ALIASES = {
@@ -18,12 +19,6 @@ PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-
-
-def cpu_kernel_family() -> str:
-    """Whose MLAS kernels ONNX Runtime's CPU provider runs here: ``arm`` (NEON; KleidiAI is
-    switched off by the export's session config) or ``x86`` (AVX2/AVX-512)."""
-    return "arm" if platform.machine().lower() in ("aarch64", "arm64") else "x86"
 
 
 def quiet_onnxruntime() -> None:
@@ -57,9 +52,12 @@ class OrtRunner(Runner):
         self.manifest = manifest
         self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
         self.output_names = [o.name for o in session.get_outputs()]
+        cpu = cpu_features() if provider == "CPUExecutionProvider" else None
+        fp16 = cpu is not None and cpu.fp16_arithmetic and manifest.dtype == "fp16"
         self.info = RunnerInfo(
-            "ort", provider, manifest.arch, manifest.dtype, manifest.logits, manifest.max_seq, manifest.config,
-            kernel_family=cpu_kernel_family() if provider == "CPUExecutionProvider" else "x86",
+            "ort", provider + (" (fp16 arithmetic)" if fp16 else ""), manifest.arch, manifest.dtype, manifest.logits,
+            manifest.max_seq, manifest.config, rtol=RTOL_FP16_ARITHMETIC if fp16 else None,
+            kernel_family=cpu.kernel_family if cpu is not None else "x86",
         )
 
     def initial_state(self, batch: int) -> State:

@@ -190,7 +190,8 @@ def verify(
             result = _against_pytorch(actual, export_dir, manifest, lengths, checkpoint, rtol, progress)
         else:
             result = _against_golden(actual, export_dir, manifest, rtol, progress)
-        computes_fp16 = actual.info.backend == "tensorrt" or "CPU" not in actual.info.device
+        computes_fp16 = actual.info.backend == "tensorrt" or "CPU" not in actual.info.device \
+            or "fp16 arithmetic" in actual.info.device
     if manifest.dtype == "fp16" and not computes_fp16 and fp16_seconds > 0 and manifest.golden is not None:
         _fp16_arithmetic(result, export_dir, manifest, rtol, fp16_seconds, progress)
     result.seconds = time.perf_counter() - started

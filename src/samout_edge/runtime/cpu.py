@@ -1,0 +1,61 @@
+"""What this CPU makes ONNX Runtime's CPU provider compute: asked of the kernel (getauxval's
+hardware capabilities, as MLAS asks them), not of /proc/cpuinfo's text.
+
+On aarch64 with fp16 arithmetic (ARMv8.2 ``asimdhp``: Jetson Orin's Cortex-A78AE) ONNX Runtime
+computes an fp16 graph's MatMuls in fp16, accumulating in fp16, where x86 upcasts to fp32; with
+the int8 dot product (``asimddp``) its MatMulNBits at accuracy level 4 may take KleidiAI's
+kernels, which exports pin off (exporter/quantize.py DISABLE_KLEIDIAI). Xavier's Carmel and
+Cortex-A57 (ARMv8.0) have neither.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+from dataclasses import asdict, dataclass
+
+AT_HWCAP = 16
+HWCAP_FPHP = 1 << 9  # arm64 <asm/hwcap.h>
+HWCAP_ASIMDHP = 1 << 10
+HWCAP_ASIMDDP = 1 << 20
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    machine: str
+    fp16_arithmetic: bool  # ONNX Runtime computes fp16 graphs in fp16 here
+    int8_dot_product: bool  # ... and could take KleidiAI for MatMulNBits with int8 compute
+    kernel_family: str  # x86 | arm: whose MatMulNBits rounding (verify's int8-compute bounds)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def hwcap() -> int:
+    """The kernel's AT_HWCAP word (0 where it cannot be read)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.getauxval.restype = ctypes.c_ulong
+        libc.getauxval.argtypes = [ctypes.c_ulong]
+        return int(libc.getauxval(AT_HWCAP))
+    except (OSError, AttributeError):
+        return 0
+
+
+def _x86_flags() -> str:
+    """x86: the flags line of /proc/cpuinfo (AVX-VNNI / AVX512-VNNI: the int8 dot product), or ''."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def cpu_features() -> CpuFeatures:
+    machine = platform.machine().lower()
+    if machine not in ("aarch64", "arm64"):
+        return CpuFeatures(machine, False, "vnni" in _x86_flags(), "x86")
+    caps = hwcap()
+    fp16 = bool(caps & HWCAP_FPHP) and bool(caps & HWCAP_ASIMDHP)
+    return CpuFeatures(machine, fp16, bool(caps & HWCAP_ASIMDDP), "arm")
