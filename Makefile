@@ -9,7 +9,7 @@ OUT    ?= out
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test device-test lint clean
+.PHONY: install demo test device-test device-test-arm lint clean
 
 # The workstation side and every test tool. tensorrt-stubs goes in without its
 # dependencies: they are download stubs for a host this network cannot reach.
@@ -74,8 +74,14 @@ test: install
 device-test: install
 	.ci/device-side
 
+# The device side on aarch64 under qemu-user: a Jetson's CPU (cortex-a76 as Orin's,
+# then ARMv8.0 cortex-a57), Debian's Python 3.11, PyPI's aarch64 wheels, no torch
+# (.ci/device-side-arm; needs root: apt-get, debootstrap).
+device-test-arm: install
+	.ci/device-side-arm
+
 lint: install
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(OUT) .pytest_cache .venv-device
+	rm -rf $(OUT) .pytest_cache .venv-device .arm
