@@ -181,8 +181,7 @@ def arch_notes(manifest) -> list[str]:
                      f"by the activations of {c.get('tokens', 0):,} calibration tokens, sha256 "
                      f"{str(c.get('sha256', '?'))[:12]})")
     if w.activations == "int8":
-        notes.append(f"activations: int8 in the {w.kind} MatMuls (MatMulNBits accuracy level 4); verify's tolerance "
-                     f"{w.activation_rtol:g} x max|ref| (measured at export: {w.activation_check})")
+        notes.append(w.describe_activations())
     return notes
 
 

@@ -34,6 +34,9 @@ from samout_edge.errors import SamoutError
 
 INPUTS_FILE = "golden/inputs.json"
 OUTPUTS_FILE = "golden/outputs.json"
+# int8 activations: MatMulNBits computes another function per CPU kernel family (ACTIVATION_FAMILIES): the
+# golden outputs are x86's; these files hold the same cases as the other families compute them
+FAMILY_OUTPUTS = {"arm": "golden/outputs-arm.json", "fp": "golden/outputs-fp.json"}
 RUNNER_NAME = "pytorch-fp32"
 # An output above this many bytes is not recorded (a softmax KV cache at max_seq,
 # logits for every position): the golden files stay small enough to copy with the model.
@@ -119,6 +122,7 @@ class GoldenIndex:
     # largest output scale, so `polygraphy run` passes where verify does (its default, 1e-5 on
     # every element, fails correct exports).
     atol: float | None = None
+    families: dict[str, str] = field(default_factory=dict)  # kernel family -> its outputs file (FAMILY_OUTPUTS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,8 +131,12 @@ class GoldenIndex:
     def from_dict(cls, data: Any) -> GoldenIndex:
         try:
             atol = data.get("atol")
+            families = data.get("families") or {}
+            if any(FAMILY_OUTPUTS.get(k) != v for k, v in families.items()):
+                raise TypeError(f"families {families!r} are not {FAMILY_OUTPUTS}")
             return cls([GoldenCase(**c) for c in data["cases"]], data.get("runner", RUNNER_NAME),
-                       atol=float(atol) if isinstance(atol, (int, float)) and not isinstance(atol, bool) else None)
+                       atol=float(atol) if isinstance(atol, (int, float)) and not isinstance(atol, bool) else None,
+                       families=dict(families))
         except (KeyError, TypeError, AttributeError) as e:
             raise SamoutError(f"export.json: the golden index is malformed ({type(e).__name__}: {e})") from None
 
@@ -150,6 +158,7 @@ class Golden:
     index: GoldenIndex
     feeds: list[dict[str, np.ndarray]]
     outputs: list[dict[str, np.ndarray]]
+    family_outputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)  # as index.families
 
 
 def encode_array(array: np.ndarray) -> dict[str, str]:
@@ -166,22 +175,32 @@ def decode_array(data: Any, where: str) -> np.ndarray:
         raise SamoutError(f"{where}: not an encoded array ({type(e).__name__})") from None
 
 
-def save_golden(directory: Path, golden: Golden) -> list[str]:
-    """Write both files (atomically, each); returns their names relative to ``directory``."""
-    feeds = [{k: encode_array(v) for k, v in feed.items()} for feed in golden.feeds]
+def _run_results(runner: str, outputs: list[dict[str, np.ndarray]]) -> bytes:
     iterations = [
         {
             "outputs": {k: {"values": encode_array(v), "polygraphy_class": "LazyArray"} for k, v in out.items()},
             "runtime": 0.0,
-            "runner_name": golden.index.runner,
+            "runner_name": runner,
             "polygraphy_class": "IterationResult",
         }
-        for out in golden.outputs
+        for out in outputs
     ]
-    results = {"lst": [[golden.index.runner, iterations]], "polygraphy_class": "RunResults"}
+    return json.dumps({"lst": [[runner, iterations]], "polygraphy_class": "RunResults"}).encode()
+
+
+def save_golden(directory: Path, golden: Golden) -> list[str]:
+    """Write the files (atomically, each); returns their names relative to ``directory``."""
+    feeds = [{k: encode_array(v) for k, v in feed.items()} for feed in golden.feeds]
     write_bytes_atomic(directory / INPUTS_FILE, json.dumps(feeds).encode())
-    write_bytes_atomic(directory / OUTPUTS_FILE, json.dumps(results).encode())
-    return [INPUTS_FILE, OUTPUTS_FILE]
+    write_bytes_atomic(directory / OUTPUTS_FILE, _run_results(golden.index.runner, golden.outputs))
+    names = [INPUTS_FILE, OUTPUTS_FILE]
+    golden.index.families = {}
+    for family, outputs in golden.family_outputs.items():
+        name = FAMILY_OUTPUTS[family]
+        write_bytes_atomic(directory / name, _run_results(f"{golden.index.runner}-{family}", outputs))
+        golden.index.families[family] = name
+        names.append(name)
+    return names
 
 
 def _read(path: Path) -> Any:
@@ -195,9 +214,11 @@ def _read(path: Path) -> Any:
         raise SamoutError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_golden(directory: Path, index: GoldenIndex) -> Golden:
+def load_golden(directory: Path, index: GoldenIndex, family: str = "x86") -> Golden:
+    """The golden feeds and outputs; ``family``: the outputs of that kernel family where the export
+    has them (int8 activations), else the x86 ones every export has."""
     feeds_data = _read(directory / index.inputs)
-    results = _read(directory / index.outputs)
+    results = _read(directory / index.families.get(family, index.outputs))
     try:
         (runner, iterations), = results["lst"]
         feeds = [{k: decode_array(v, f"{index.inputs}[{i}].{k}") for k, v in feed.items()} for i, feed in enumerate(feeds_data)]

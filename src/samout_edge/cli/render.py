@@ -34,8 +34,9 @@ def verification(result) -> None:
     for line in result.skipped:
         console.print(f"not checked: {escape(line)}", highlight=False)
     if result.fp16_arithmetic:
-        console.print(escape(f"fp16 arithmetic: {result.fp16_arithmetic} (ONNX Runtime's CPU provider computes "
-                             "fp16 graphs in fp32)"), highlight=False)
+        why = "" if "itself" in result.fp16_arithmetic else \
+            " (ONNX Runtime's CPU provider computes fp16 graphs in fp32 on this CPU)"
+        console.print(escape(f"fp16 arithmetic: {result.fp16_arithmetic}{why}"), highlight=False)
     console.print(f"verification {'[green]passed[/]' if result.passed else '[red]FAILED[/]'} in {result.seconds:.1f} s")
 
 
@@ -181,11 +182,7 @@ def export_weights_line(weights: dict | None) -> str | None:
         line += (f"\nrounded with GPTQ on {c.get('tokens', 0):,} tokens of the calibration text "
                  f"(sha256 {str(c.get('sha256', '?'))[:12]}): the same grid and verified exactly")
     if w.activations == "int8":
-        c = w.activation_check or {}
-        line += (f"\nactivations: int8 (MatMulNBits accuracy level 4); verify's tolerance {w.activation_rtol:g} x max|ref|, "
-                 f"measured at export: ONNX Runtime {c.get('worst_onnxruntime', float('nan')):.2g} and ARM's rounding "
-                 f"{c.get('worst_arm_rounding', float('nan')):.2g} from the emulated reference, top-1 agreement "
-                 f"{100 * (c.get('top1_onnxruntime') or 0):.2f}%")
+        line += "\n" + w.describe_activations()
     return line
 
 

@@ -72,8 +72,11 @@ LOGITS = ("last", "all")
 # all logits NaN in fp16 arithmetic (issue 30's audit). A preset's random weights have no text.
 FP16_NEEDS_TEXT = ("--dtype fp16 of a checkpoint needs --calibration-text FILE (text like what the model will "
                    "read): fp16 ends at 65,504, and random ids do not reach the activations real text does")
-ACTIVATION_KL_FLOOR = 1e-6  # int8 activations: the least mean KL verify allows (a model whose emulations agree exactly)
-ACTIVATION_DISAGREE_FLOOR = 0.002  # ... and the least share of rows whose top token may differ
+# int8 activations: verify's bound on each statistic = max(floor, factor x the kernel emulation's spread against
+# itself in float64). The factors cover what ONNX Runtime showed beyond that spread: on the trained SamOut int4
+# GPTQ (x86), its largest error 1.5x and its mean KL 3.4x the spread's (the roundings it flips are few, and their
+# count varies); the floors serve models whose emulations agree exactly (the tiny preset).
+ACTIVATION_MARGINS = {"rtol": (3, 1e-4), "kl": (8, 1e-6), "median_kl": (100, 1e-9), "disagree": (4, 0.002)}
 # 18 is the torch.export exporter's own opset; 17 goes through onnx's version
 # converter and exists for TensorRT 8.5/8.6 (JetPack 5 and 6.0), which parse up to 17.
 MIN_OPSET = 17
@@ -513,23 +516,31 @@ def apply_fp16_plan(plan: fp.Precision, model: SamOut, manifest: Manifest, golde
     return plan.to_dict()
 
 
-def emulate(model: SamOut, manifest: Manifest, feeds: list[dict[str, np.ndarray]], rounding: str,
+def emulate(model: SamOut, manifest: Manifest, golden, rounding: str,
             dtype: torch.dtype = torch.float32) -> list[dict[str, np.ndarray]]:
-    """``model`` (a quantized reference with int8 activations) on every golden feed, its kernel
-    emulated with ``rounding`` (models/quantize.py) and computed in ``dtype``: logits and state."""
+    """``model`` (a quantized reference with int8 activations) on every golden case, its kernel
+    emulated with ``rounding`` (models/quantize.py: x86, arm or fp) and computed in ``dtype``:
+    logits and state. A case that takes its state from an earlier one takes this emulation's
+    own state, as a runner of that family feeds its own back in verify."""
     from samout_edge.models.quantize import activation_rounding
 
     arch, layers = manifest.arch, manifest.config.num_layers
+    past_names, present_names = graph.past_names(arch, layers), graph.present_names(arch, layers)
     model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-    outputs = []
+    outputs: list[dict[str, np.ndarray]] = []
+    presents: list[list[torch.Tensor]] = []
     with activation_rounding(rounding), torch.inference_mode():
-        for feed in feeds:
-            past = [torch.from_numpy(feed[n]).to(dtype) for n in graph.past_names(arch, layers)]
+        for case, feed in zip(golden.index.cases, golden.feeds):
+            if case.state_from is None:
+                past = [torch.from_numpy(feed[n]).to(dtype) for n in past_names]
+            else:
+                past = presents[case.state_from]
             logits, present = model(torch.from_numpy(feed[graph.INPUT_IDS]), graph.unflatten(arch, past),
                                     last_only=manifest.logits == "last")
-            outputs.append({graph.LOGITS: logits.float().numpy(),
-                            **{n: t.float().numpy() for n, t in zip(graph.present_names(arch, layers),
-                                                                    graph.flatten(arch, present))}})
+            flat = graph.flatten(arch, present)
+            presents.append(flat)
+            out = {graph.LOGITS: logits.float().numpy(), **{n: t.float().numpy() for n, t in zip(present_names, flat)}}
+            outputs.append({n: v for n, v in out.items() if n not in case.skipped})
     return outputs
 
 
@@ -542,38 +553,36 @@ def _spread(reference: list[dict[str, np.ndarray]], other: list[dict[str, np.nda
             err, scale = max_abs_error(ref, got[name])
             worst = max(worst, err / max(1.0, scale))
     agree = agreement(reference, other)
-    return {"rtol": worst, "kl": agree.kl, "disagree": 1.0 - agree.top1}
+    return {"rtol": worst, "kl": agree.kl, "median_kl": agree.median_kl, "disagree": 1.0 - agree.top1}
 
 
 def int8_bounds(reference: SamOut, manifest: Manifest, golden) -> tuple[float, dict, dict]:
-    """verify's bounds for an export with int8 activations, from PyTorch emulations of the kernel
-    on the checkpoint's quantized model alone, never from the exported graph (a wrong graph
-    must not set its own tolerance). Per kernel family: x86's golden outputs against the same
-    emulation in float64 (an ulp upstream flips a rounding now and then, as a kernel's own
-    summation order does); ARM's rounding of ties against x86's, plus ARM's own flips. Bounds:
-    twice the spread of the largest error, three times its mean KL and twice its top-1
-    disagreement, with floors; above a ceiling (ACTIVATION_CEILING) the export is refused.
-    Returns (x86 rtol, the measured spreads, the bounds)."""
-    x86 = golden.outputs
-    x86_flips = _spread(x86, emulate(reference, manifest, golden.feeds, "x86", torch.float64))
-    arm = emulate(reference, manifest, golden.feeds, "arm")
-    arm_vs_x86 = _spread(x86, arm)
-    arm_flips = _spread(arm, emulate(reference, manifest, golden.feeds, "arm", torch.float64))
-    arm_spread = {k: arm_vs_x86[k] + arm_flips[k] for k in x86_flips}
-    bounds = {}
-    for family, spread in (("x86", x86_flips), ("arm", arm_spread)):
-        bound = {"rtol": max(RTOL[manifest.dtype], float(f"{2 * spread['rtol']:.2g}")),
-                 "kl": max(ACTIVATION_KL_FLOOR, float(f"{3 * spread['kl']:.2g}")),
-                 "disagree": max(ACTIVATION_DISAGREE_FLOOR, float(f"{2 * spread['disagree']:.2g}"))}
+    """int8 activations: each kernel family's golden outputs (``golden.family_outputs``: arm, fp;
+    the golden outputs are x86's) and verify's bounds for a runner of that family, from PyTorch
+    emulations of the checkpoint's quantized model alone, never from the exported graph (a
+    wrong graph must not set its own tolerance). Each family's emulation against itself in
+    float64 shows the roundings an ulp flips (a kernel's own summation order flips the same);
+    the bounds are multiples of its statistics (ACTIVATION_MARGINS), with floors; above a
+    ceiling (ACTIVATION_CEILING) the export is refused.
+    Returns (x86 rtol, what was measured, the bounds per family)."""
+    runs = {"x86": golden.outputs}
+    runs.update({family: emulate(reference, manifest, golden, family) for family in ("arm", "fp")})
+    golden.family_outputs = {family: runs[family] for family in ("arm", "fp")}
+    flips, bounds = {}, {}
+    for family, outputs in runs.items():
+        flips[family] = _spread(outputs, emulate(reference, manifest, golden, family, torch.float64))
+        spread = flips[family]
+        bound = {name: max(floor, float(f"{factor * spread[name]:.2g}"))
+                 for name, (factor, floor) in ACTIVATION_MARGINS.items()}
         over = [f"{k} {v:.3g} > {ACTIVATION_CEILING[k]:g}" for k, v in bound.items() if v > ACTIVATION_CEILING[k]]
         if over:
-            raise SamoutError(f"--activations int8: emulations of the {family} kernel disagree too much to verify an "
-                              f"export ({', '.join(over)}); export without --activations int8")
+            raise SamoutError(f"--activations int8: the {family} kernel's emulation disagrees with itself too much to "
+                              f"verify an export ({', '.join(over)}); export without --activations int8")
         bounds[family] = bound
-    check = {"x86_flips": x86_flips, "arm_vs_x86": arm_vs_x86, "arm_flips": arm_flips,
-             "rule": "from PyTorch emulations of the kernel only (never the graph): x86 = float32 vs float64; arm = "
-                     "ARM's rounding vs x86's plus ARM's float32 vs float64; bound = 2 x rtol, 3 x mean KL, "
-                     "2 x top-1 disagreement, with floors and ceilings"}
+    check = {"flips": flips, "x86_vs": {family: _spread(golden.outputs, runs[family]) for family in ("arm", "fp")},
+             "rule": "per kernel family, from PyTorch emulations only (never the graph): the family's float32 "
+                     "emulation against the same in float64; bound = max(floor, factor x that spread) per statistic "
+                     f"(factor, floor: {ACTIVATION_MARGINS}), at most the ceilings {ACTIVATION_CEILING}"}
     return bounds["x86"]["rtol"], check, bounds
 
 

@@ -433,12 +433,31 @@ _ROUNDING = ["x86"]  # the kernel quantize_activations follows: x86 (the golden 
 @contextmanager
 def activation_rounding(kernel: str) -> Iterator[None]:
     """Emulate another CPU's kernel within the block: ``arm`` (NEON: ``x * (1 / s)``, ties
-    half away from zero) instead of ``x86`` (AVX2/AVX-512: ``x * (127 / max|x|)``, ties to even)."""
+    half away from zero) instead of ``x86`` (AVX2/AVX-512: ``x * (127 / max|x|)``, ties to even),
+    or ``fp``: no int8 inputs at all (an aarch64 CPU without the int8 dot product, ARMv8.0 or
+    Xavier's Carmel: ONNX Runtime computes accuracy level 4 as level 1 there, in fp32)."""
     _ROUNDING.append(kernel)
     try:
         yield
     finally:
         _ROUNDING.pop()
+
+
+_JITTER: list = [None]  # (generator, ulps) while activation_jitter is active
+
+
+@contextmanager
+def activation_jitter(ulps: float, seed: int) -> Iterator[None]:
+    """Move every int8 input by up to ``ulps`` float32 ulps (uniform, seeded) before it is quantized:
+    what another summation order upstream does to a kernel's inputs, so the roundings it flips
+    show in an emulation (verify's bounds for int8 activations, exporter: int8_bounds)."""
+    import torch
+
+    _JITTER.append((torch.Generator().manual_seed(seed), ulps))
+    try:
+        yield
+    finally:
+        _JITTER.pop()
 
 
 def quantize_activations(x, block: int):
@@ -449,7 +468,12 @@ def quantize_activations(x, block: int):
     dequantized weights put many inputs exactly on .5."""
     import torch
 
+    if _ROUNDING[-1] == "fp":
+        return x
     shape, dtype = x.shape, x.dtype
+    if _JITTER[-1] is not None:
+        generator, ulps = _JITTER[-1]
+        x = x.float() * (1 + (torch.rand(shape, generator=generator) * 2 - 1) * (ulps * 2.0 ** -23))
     blocks = x.float().reshape(*shape[:-1], shape[-1] // block, block)
     amax = blocks.abs().amax(-1, keepdim=True)
     scale = amax / 127.0

@@ -7,7 +7,7 @@ The tolerance is relative to the output's scale: an output passes when
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -97,12 +97,19 @@ def compare_decode(
 class Agreement:
     """How far two runs' next-token distributions are apart over many rows of logits: what a
     fault changes everywhere (a wrong scale, a moved blend) while an int8 rounding that flips
-    here and there does not. ``kl``: mean KL(reference || actual) in nats; ``top1``: the share
-    of rows with the same argmax; ``rows``: how many rows were compared."""
+    here and there does not. ``kl``: mean KL(reference || actual) in nats; ``median_kl``;
+    ``top1``: the share of rows with the same argmax; ``rows``: how many rows were compared."""
 
     kl: float = 0.0
     top1: float = 1.0
     rows: int = 0
+    row_kls: list = field(default_factory=list, repr=False)  # every row's KL, for the median
+
+    @property
+    def median_kl(self) -> float:
+        """The middle row's KL: a rounding flip moves a few rows, a wrong weight moves most of them
+        (trained SamOut, int8 compute: flips 1e-13, one negated scale row 3e-5)."""
+        return float(np.median(np.concatenate(self.row_kls))) if self.row_kls else 0.0
 
     def add(self, reference: np.ndarray, actual: np.ndarray) -> None:
         """Fold in one output of logits (any leading shape, vocab last)."""
@@ -112,6 +119,7 @@ class Agreement:
         log_got = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
         kl = (np.exp(log_ref) * (log_ref - log_got)).sum(-1)
         kl = np.where(np.isfinite(kl), kl, np.inf)
+        self.row_kls.append(kl)
         n = self.rows + len(ref)
         same = (ref.argmax(-1) == got.argmax(-1)).sum()
         self.kl = float((self.kl * self.rows + kl.sum()) / n)

@@ -3,9 +3,10 @@ hardware capabilities, as MLAS asks them), not of /proc/cpuinfo's text.
 
 On aarch64 with fp16 arithmetic (ARMv8.2 ``asimdhp``: Jetson Orin's Cortex-A78AE) ONNX Runtime
 computes an fp16 graph's MatMuls in fp16, accumulating in fp16, where x86 upcasts to fp32; with
-the int8 dot product (``asimddp``) its MatMulNBits at accuracy level 4 may take KleidiAI's
-kernels, which exports pin off (exporter/quantize.py DISABLE_KLEIDIAI). Xavier's Carmel and
-Cortex-A57 (ARMv8.0) have neither.
+the int8 dot product (``asimddp``) its MatMulNBits at accuracy level 4 quantizes activations to int8 (and
+may take KleidiAI's kernels, which exports pin off: exporter/quantize.py DISABLE_KLEIDIAI);
+without it (Xavier's Carmel: fp16 arithmetic, no dot product; Cortex-A57, ARMv8.0: neither)
+MLAS has no int8 kernel and computes those MatMuls in fp32.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class CpuFeatures:
     machine: str
     fp16_arithmetic: bool  # ONNX Runtime computes fp16 graphs in fp16 here
     int8_dot_product: bool  # ... and could take KleidiAI for MatMulNBits with int8 compute
-    kernel_family: str  # x86 | arm: whose MatMulNBits rounding (verify's int8-compute bounds)
+    kernel_family: str  # x86 | arm | fp: what MatMulNBits computes at accuracy level 4 (ACTIVATION_FAMILIES)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,4 +59,5 @@ def cpu_features() -> CpuFeatures:
         return CpuFeatures(machine, False, "vnni" in _x86_flags(), "x86")
     caps = hwcap()
     fp16 = bool(caps & HWCAP_FPHP) and bool(caps & HWCAP_ASIMDHP)
-    return CpuFeatures(machine, fp16, bool(caps & HWCAP_ASIMDDP), "arm")
+    dot = bool(caps & HWCAP_ASIMDDP)  # without it MLAS has no int8 kernel: accuracy level 4 computes in fp32
+    return CpuFeatures(machine, fp16, dot, "arm" if dot else "fp")
