@@ -72,7 +72,7 @@ def main() -> None:
         lines.append(f"| {form} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     note = (f"Each cell: verify's tolerance (relative to each output's scale) / the worst check's error as a share of "
-            f"its tolerance; above {LIMIT} is a finding. Made on {describe()} (x86; aarch64 under qemu-user 7.2 "
+            f"its tolerance; above {LIMIT} is a finding. Made on {describe()['label']} (x86; aarch64 under qemu-user 7.2 "
             f"with QEMU_CPU set), ONNX Runtime from PyPI's wheels.")
     markdown = f"{note}\n\n{table}\n" + ("".join(f"\nfinding: {f}" for f in findings) + "\n" if findings else "")
     print(markdown)

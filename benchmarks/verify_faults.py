@@ -21,6 +21,7 @@ gives the smallest that fails verify (and says where a larger one passed):
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -145,7 +146,12 @@ def main() -> None:
     parser.add_argument("--max-seq", type=int, default=256)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--render", action="store_true", help="only rewrite --markdown from --json")
     args = parser.parse_args()
+    if args.render:
+        markdown = render(json.loads(args.json.read_text()))
+        save_results(json.loads(args.json.read_text()), markdown, None, args.markdown)
+        return
     started = time.time()
     rows = []
     for arch in args.archs.split(","):
@@ -165,13 +171,20 @@ def main() -> None:
                 print(arch, form, kind, caught, flush=True)
             rows.append(row)
     shutil.rmtree(args.work / "broken", ignore_errors=True)
+    data = {"machine": describe(), "max_seq": args.max_seq, "seconds": round(time.time() - started), "rows": rows}
+    markdown = render(data)
+    print(markdown)
+    save_results(data, markdown, args.json, args.markdown)
+
+
+def render(data: dict) -> str:
     kinds = ["ffn bias", "scale rows", "int4 block", "embedding row", "layer alpha", "decode shortcut"]
-    lines = [f"verify against seeded faults, {describe()}, ONNX Runtime CPU, max_seq {args.max_seq}, "
-             f"{time.time() - started:.0f} s", "",
+    lines = [f"verify against seeded faults, {data['machine']['label']}, ONNX Runtime CPU, max_seq {data['max_seq']}, "
+             f"{data['seconds']} s", "",
              "The smallest fault of each kind that fails `verify` (hashes updated: only the golden comparison "
              "catches it); 'none' where even the largest tried passed, '-' where the kind does not apply.", "",
              "| arch | form | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
-    for row in rows:
+    for row in data["rows"]:
         cells = []
         for kind in kinds:
             caught = row["faults"].get(kind)
@@ -185,9 +198,7 @@ def main() -> None:
                 later_missed = any(not ok for _, ok in caught[first:])
                 cells.append(caught[first][0] + (" (a larger one passed)" if later_missed else ""))
         lines.append(f"| {row['arch']} | {row['form']} | " + " | ".join(cells) + " |")
-    markdown = "\n".join(lines) + "\n"
-    print(markdown)
-    save_results({"machine": describe(), "max_seq": args.max_seq, "rows": rows}, markdown, args.json, args.markdown)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

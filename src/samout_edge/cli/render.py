@@ -149,9 +149,13 @@ def precision_line(precision: dict | None) -> str | None:
     check = precision.get("pytorch_fp16") or {}
     checked = (f"; computed in fp16 (PyTorch) on {check.get('cases')} golden cases: worst "
                f"{check.get('worst_relative_error', 0):.1e} of the scale") if check else ""
+    text = (precision.get("calibration") or {}).get("text")
+    calibrated = (f"; calibrated on {text.get('tokens', 0):,} tokens of text (sha256 {str(text.get('sha256'))[:12]}) "
+                  "and the golden cases" if text else "; calibrated on random ids only (no text: a preset's random "
+                  "weights, or an export made before text was required)")
     return (f"fp16: fp32 islands: {where} (largest value {top[1]:,.0f} in {top[0]}; limit "
             f"{precision.get('limit', 0):,.0f} = 65,504 / headroom {precision.get('headroom', 0):g}"
-            f"{', widened to every layer' if precision.get('widened') else ''}){checked}")
+            f"{', widened to every layer' if precision.get('widened') else ''}){calibrated}{checked}")
 
 
 def runtimes(notes: list[str], polygraphy: str | None) -> None:

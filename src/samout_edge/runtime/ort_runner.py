@@ -8,8 +8,8 @@ import numpy as np
 
 from samout_edge.artifact import graph
 from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_graph_metadata, read_manifest
-from samout_edge.errors import SamoutError
 from samout_edge.artifact.quantization import RTOL_FP16_ARITHMETIC
+from samout_edge.errors import SamoutError
 from samout_edge.runtime.base import Runner, RunnerInfo, State
 from samout_edge.runtime.cpu import cpu_features
 

@@ -42,7 +42,13 @@ from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_files, rea
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import check_context
-from samout_edge.runtime.compare import OutputError, agreement, compare_arrays, compare_decode, compare_prefill
+from samout_edge.runtime.compare import (
+    OutputError,
+    agreement,
+    compare_arrays,
+    compare_decode,
+    compare_prefill,
+)
 from samout_edge.runtime.registry import Settings
 from samout_edge.runtime.target import open_runner, resolve_target
 
