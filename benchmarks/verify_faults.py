@@ -43,8 +43,8 @@ FORMS = {
     "fp16": dict(dtype="fp16"),
     "int8": dict(weights="int8"),
     "int4": dict(weights="int4"),
-    "int4, int8 compute": dict(weights="int4", activations="int8"),
-    "int8, int8 compute": dict(weights="int8", activations="int8"),
+    "int4 (int8 compute)": dict(weights="int4", activations="int8"),
+    "int8 (int8 compute)": dict(weights="int8", activations="int8"),
 }
 FFN1 = "decoder_layers.0.ffn.ffn1"
 
@@ -156,7 +156,7 @@ def main() -> None:
     rows = []
     for arch in args.archs.split(","):
         for form in args.forms.split(","):
-            out = args.work / f"{arch}-{form.replace(', ', '-').replace(' ', '')}"
+            out = args.work / f"{arch}-{form.replace(' (int8 compute)', '-a8')}"
             text = args.calibration_text if form != "fp32" else None  # fp16's islands, GPTQ's rounding
             options = ExportOptions(arch=arch, max_seq=args.max_seq, calibration_text=text, **FORMS[form])
             if out.is_dir() and read_manifest(out).verification:

@@ -562,8 +562,8 @@ def int8_bounds(reference: SamOut, manifest: Manifest, golden) -> tuple[float, d
     emulations of the checkpoint's quantized model alone, never from the exported graph (a
     wrong graph must not set its own tolerance). Each family's emulation against itself in
     float64 shows the roundings an ulp flips (a kernel's own summation order flips the same);
-    the bounds are multiples of its statistics (ACTIVATION_MARGINS), with floors; above a
-    ceiling (ACTIVATION_CEILING) the export is refused.
+    the bounds are multiples of its statistics (ACTIVATION_MARGINS), with floors, and never
+    above the ceilings (ACTIVATION_CEILING).
     Returns (x86 rtol, what was measured, the bounds per family)."""
     runs = {"x86": golden.outputs}
     runs.update({family: emulate(reference, manifest, golden, family) for family in ("arm", "fp")})
@@ -572,13 +572,10 @@ def int8_bounds(reference: SamOut, manifest: Manifest, golden) -> tuple[float, d
     for family, outputs in runs.items():
         flips[family] = _spread(outputs, emulate(reference, manifest, golden, family, torch.float64))
         spread = flips[family]
-        bound = {name: max(floor, float(f"{factor * spread[name]:.2g}"))
-                 for name, (factor, floor) in ACTIVATION_MARGINS.items()}
-        over = [f"{k} {v:.3g} > {ACTIVATION_CEILING[k]:g}" for k, v in bound.items() if v > ACTIVATION_CEILING[k]]
-        if over:
-            raise SamoutError(f"--activations int8: the {family} kernel's emulation disagrees with itself too much to "
-                              f"verify an export ({', '.join(over)}); export without --activations int8")
-        bounds[family] = bound
+        # at most the ceiling: a model whose kernels' own roundings move it further (random weights: the seed
+        # preset's top token changes in 1.8% of rows between ONNX Runtime and its emulation) fails verify, loudly
+        bounds[family] = {name: min(ACTIVATION_CEILING[name], max(floor, float(f"{factor * spread[name]:.2g}")))
+                          for name, (factor, floor) in ACTIVATION_MARGINS.items()}
     check = {"flips": flips, "x86_vs": {family: _spread(golden.outputs, runs[family]) for family in ("arm", "fp")},
              "rule": "per kernel family, from PyTorch emulations only (never the graph): the family's float32 "
                      "emulation against the same in float64; bound = max(floor, factor x that spread) per statistic "
