@@ -67,7 +67,10 @@ def environment():
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    # optimized=False: no constant folding at parse time, so ``'a' * 10**9`` is not computed by the
+    # server while parsing, only by the bounded renderer (rendering is the same either way)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols],
+                                        optimized=False)
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     return env
@@ -139,7 +142,7 @@ class ChatTemplate:
     """A chat template rendered in a child process, one render at a time, within ``timeout_s``."""
 
     def __init__(self, source: str | None = None, variables: dict[str, str] | None = None,
-                 timeout_s: float = 5.0, max_chars: int = 32 << 20, memory_bytes: int = 1 << 30):
+                 timeout_s: float = 5.0, max_chars: int = 32 << 20, memory_bytes: int = 512 << 20):
         compiled = compile_template(source)  # parse errors here, in the server, at once
         self.local = compiled if source is None else None  # ours, trusted: rendered here, no process
         self.source, self.variables = source, dict(variables or {})
