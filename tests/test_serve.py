@@ -742,7 +742,7 @@ def test_chat_completions_apply_the_template_and_answer_as_openai_does(text_clie
         body["choices"][0]["message"]["content"]
     assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
     for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}]}, {"tool_choice": "auto"},
-                  {"logprobs": True}, {"response_format": {"type": "json_object"}}):
+                  {"response_format": {"type": "json_object"}}):
         r = c.http.post("/v1/chat/completions", json={"messages": messages, **extra})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", (extra, r.text)
     r = c.http.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samout_edge.artifact.vocab import Vocab, export_vocab
+from samout_edge.artifact.vocab import Vocab, check_vocab_fits, export_vocab
 from samout_edge.errors import SamoutError
 from samout_edge.runtime.base import Runner, check_context
 from samout_edge.runtime.registry import Settings
@@ -167,9 +167,7 @@ def parse_prompt(ids: str | None, prompt: str | None, vocab: Vocab | None) -> li
 
 def vocab_for(path: Path | None, vocab_size: int, target: Path | None = None) -> Vocab | None:
     """``--vocab FILE``, else the vocab an export (or the export of an engine directory) carries."""
-    if path is None:
-        return export_vocab(target) if target is not None else None
-    vocab = Vocab.load(path)
-    if vocab.size > vocab_size:
-        raise SamoutError(f"vocab file has {vocab.size} tokens, the model only {vocab_size}")
+    vocab = Vocab.load(path) if path is not None else export_vocab(target) if target is not None else None
+    if vocab is not None:  # the export's own too: one made before this check may hold ids past the model
+        check_vocab_fits(vocab, vocab_size, "--vocab" if path is not None else "the export's vocab.json")
     return vocab

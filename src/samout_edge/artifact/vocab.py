@@ -19,6 +19,7 @@ being told where its vocab is.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,32 @@ from samout_edge.errors import SamoutError
 
 VOCAB_FILE = "vocab.json"
 MAX_TEXT_BYTES = 64 << 20
+
+
+def check_text(text: str) -> None:
+    """Refuse text that is not Unicode a model can read: a lone surrogate (JSON's "\\ud800", or
+    a command-line byte that is not UTF-8, which Python keeps as one) has no UTF-8 bytes, so
+    any ids for it would be a guess."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        what = f"U+{ord(text[e.start]):04X}"
+        raise SamoutError(f"the text has a lone surrogate {what} at position {e.start} (not valid Unicode: "
+                          "send UTF-8 text)") from None
+
+
+def byte_name(data: bytes) -> str:
+    """OpenAI's name for a token that is not whole characters: ``bytes:\\xe2\\x80``."""
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def name_of(data: bytes) -> tuple[str, list[int]]:
+    """(name, bytes) of a token's bytes for logprobs: its text when it is whole UTF-8
+    characters, else its ``bytes:`` name, so that no two byte tokens share a name."""
+    try:
+        return data.decode("utf-8"), list(data)
+    except UnicodeDecodeError:
+        return byte_name(data), list(data)
 
 
 @dataclass
@@ -93,7 +120,13 @@ class Vocab:
 
     def encode(self, text: str) -> list[int]:
         """Greedy longest match; every character must be covered by some token."""
+        check_text(text)
         return self.encode_prefix(text, final=True)[0]
+
+    def token_name(self, token_id: int) -> tuple[str, list[int]]:
+        """(name, UTF-8 bytes) of one token, for logprobs."""
+        name = self.decode(token_id)
+        return name, list(name.encode("utf-8", errors="replace"))
 
     def encode_prefix(self, text: str, final: bool) -> tuple[list[int], int]:
         """(ids, characters used) of ``text``'s greedy encoding, stopping (unless ``final``)
@@ -138,7 +171,8 @@ class ByteVocab:
         return len(text)  # a character is one to four bytes
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8", errors="surrogatepass"))
+        check_text(text)  # a lone surrogate is no character: never its 3 surrogatepass bytes
+        return list(text.encode("utf-8"))
 
     def encode_prefix(self, text: str, final: bool) -> tuple[list[int], int]:
         return self.encode(text), len(text)
@@ -156,6 +190,11 @@ class ByteVocab:
         """One byte alone: itself if ASCII, else U+FFFD (decode_ids or stream read whole characters)."""
         return chr(token_id) if token_id < 128 else "\ufffd"
 
+    def token_name(self, token_id: int) -> tuple[str, list[int]]:
+        """(name, bytes): ASCII itself, any other byte ``bytes:\\xNN`` as OpenAI names a partial
+        character, so the 128 bytes >= 0x80 keep 128 names (not one U+FFFD)."""
+        return name_of(bytes([token_id]))
+
     def token_bytes(self, ids: list[int]) -> np.ndarray:
         return np.ones(len(ids), dtype=np.int64)
 
@@ -163,15 +202,29 @@ class ByteVocab:
 class HFTokenizer:
     """A Hugging Face tokenizer.json, through the ``tokenizers`` library: encoding without
     special tokens (a prompt is text), decoding incremental, so a streamed character is
-    never split."""
+    never split.
+
+    Byte-fallback tokenizers (``<0xNN>`` tokens, SentencePiece style) are decoded with their
+    byte runs read as UTF-8 by Python, as ``--vocab bytes`` reads them: the library's
+    ByteFallback decoder turns a whole run into U+FFFDs when any byte of it is invalid, so
+    valid characters beside a stray byte would be lost."""
 
     kind = "huggingface"
     LOOKBACK = 64  # characters at a piece's end whose tokens a stream re-encodes with what follows
+    RUN = "\U000FFFFD"  # stands for a byte run in the decoder's input: a private-use character no decoder alters
 
     def __init__(self, tokenizer, source: dict):
         self.tokenizer, self.source = tokenizer, source
-        self.size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        # ids span 0..size-1: the highest id decides what a model must hold, not the count (ids may skip)
+        self.size = max(vocab.values(), default=-1) + 1
+        self.longest = max((len(t) for t in vocab), default=1)
+        self.byte_ids: dict[int, int] = {}
+        if isinstance(source.get("model"), dict) and source["model"].get("byte_fallback"):
+            for token, token_id in vocab.items():
+                if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                    with contextlib.suppress(ValueError):
+                        self.byte_ids[token_id] = int(token[3:5], 16)
 
     @classmethod
     def load(cls, path: str | Path) -> HFTokenizer:
@@ -192,6 +245,7 @@ class HFTokenizer:
         return -(-len(text) // max(1, self.longest))
 
     def encode(self, text: str) -> list[int]:
+        check_text(text)  # the library raises TypeError on a lone surrogate
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_prefix(self, text: str, final: bool) -> tuple[list[int], int]:
@@ -204,6 +258,7 @@ class HFTokenizer:
         end (BPE never merges across pre-tokens, so what follows cannot change them; the rest
         is carried into the next piece). Tokens sharing a character (byte-level pieces of
         "中") count its bytes once, with the first of them."""
+        check_text(text)
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         limit = len(text)
         if not final:
@@ -220,10 +275,37 @@ class HFTokenizer:
         return ids, np.asarray(sizes, dtype=np.int64), (len(text) if final else cursor)
 
     def decode_ids(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        if not self.byte_ids or not any(i in self.byte_ids for i in ids) or self.tokenizer.decoder is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        tokens, runs, run = [], [], bytearray()
+        for token_id in [*ids, -1]:  # -1: ends the last run
+            if token_id in self.byte_ids:
+                run.append(self.byte_ids[token_id])
+                continue
+            if run:
+                tokens.append(self.RUN)
+                runs.append(run.decode("utf-8", errors="replace"))  # what --vocab bytes shows for these bytes
+                run = bytearray()
+            if token_id >= 0:
+                tokens.append(self.tokenizer.id_to_token(token_id) or "")
+        parts = self.tokenizer.decoder.decode(tokens).split(self.RUN)
+        if len(parts) != len(runs) + 1:  # a token held the stand-in itself: the library's reading
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return parts[0] + "".join(r + p for r, p in zip(runs, parts[1:]))
 
     def decode(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self.decode_ids([token_id])
+
+    def token_name(self, token_id: int) -> tuple[str, list[int]]:
+        """(name, bytes) of one token for logprobs: a byte token or a byte-level piece that is
+        not whole characters gets its ``bytes:`` name."""
+        if token_id in self.byte_ids:
+            return name_of(bytes([self.byte_ids[token_id]]))
+        token = self.tokenizer.id_to_token(token_id)
+        if token is not None and _is_byte_level(self.source) and all(c in _UNICODE_BYTES for c in token):
+            return name_of(bytes(_UNICODE_BYTES[c] for c in token))
+        name = self.decode(token_id)
+        return name, list(name.encode("utf-8", errors="replace"))
 
     def stream(self) -> Callable[[int], str]:
         """A token at a time -> the text it completes: the whole sequence decoded again,
@@ -241,6 +323,28 @@ class HFTokenizer:
 
         return piece
 
+
+def _gpt2_byte_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_UNICODE_BYTES = _gpt2_byte_table()
+
+
+def _is_byte_level(source: dict) -> bool:
+    """Whether a tokenizer.json's decoder reads tokens as GPT-2 byte-level characters."""
+    decoder = source.get("decoder") or {}
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", []) if isinstance(d, dict)]
+    return "ByteLevel" in kinds
 
 
 class _Automaton:
@@ -293,6 +397,14 @@ class _Automaton:
         return lengths, ids
 
 
+def check_vocab_fits(vocab: Vocab | ByteVocab | HFTokenizer, model_ids: int, what: str) -> None:
+    """Refuse a vocab whose highest id is past the model's: text would encode to ids the
+    model's embedding cannot gather (a 500 at the first request, not an answer)."""
+    if vocab.size > model_ids:
+        raise SamoutError(f"{what} has token ids up to {vocab.size - 1:,}, the model only 0..{model_ids - 1:,} "
+                          "(a vocab made for another model)")
+
+
 def export_vocab(target: str | Path) -> Vocab | ByteVocab | HFTokenizer | None:
     """The vocab an export directory carries (an engine directory: its export's), checked
     against the hash export.json records; None when it carries none."""
@@ -327,6 +439,23 @@ def read_tokens(path: Path, vocab_size: int, vocab: Vocab | None = None) -> tupl
     if len(ids) < 2:
         raise SamoutError(f"{path} encodes to {len(ids)} token{'s' * (len(ids) != 1)}; at least 2 tokens are needed")
     return ids, sizes
+
+
+def head_tokens(path: Path, vocab_size: int, vocab: Vocab | None, limit: int,
+                piece_bytes: int = 1 << 16) -> np.ndarray:
+    """The first ``limit`` token ids of a UTF-8 text file: read and encoded a piece at a time,
+    stopping once ``limit`` are in hand, so a calibration file far longer than what GPTQ or
+    fp16 use costs only what they use (not the whole file's encoding)."""
+    pieces, have = [], 0
+    for ids, _ in iter_tokens(path, vocab_size, vocab, piece_bytes):
+        pieces.append(ids[: limit - have])
+        have += len(pieces[-1])
+        if have >= limit:
+            break
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    if len(ids) < 2:
+        raise SamoutError(f"{path} encodes to {len(ids)} token{'s' * (len(ids) != 1)}; at least 2 tokens are needed")
+    return ids
 
 
 def iter_tokens(path: Path, vocab_size: int, vocab: Vocab | None = None,

@@ -105,24 +105,9 @@ def serve(
         raise SamoutError(f"--host {host} is reachable from the network: give an API key (--api-key-file, "
                           "SAMOUT_EDGE_API_KEY or --api-key), or pass --allow-no-api-key to serve it open")
     policy = SessionPolicy(max_sessions, session_ttl, int(kv_budget_mib * 2**20))
-    template = None
-    if chat_template is not None:
-        try:
-            template = chat_template.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SamoutError(f"--chat-template {chat_template}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-        if chat_template.suffix == ".json":  # a Hugging Face tokenizer_config.json: its chat_template
-            import json
-
-            try:
-                template = json.loads(template)["chat_template"]
-            except (ValueError, KeyError, TypeError):
-                raise SamoutError(f"--chat-template {chat_template}: a JSON file must be a tokenizer_config.json "
-                                  "with a chat_template string") from None
-            if not isinstance(template, str):
-                raise SamoutError(f"--chat-template {chat_template}: its chat_template is not one template string")
+    template, template_vars = read_chat_template(chat_template) if chat_template is not None else (None, {})
     options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens,
-                           api_keys=keys, chat_template=template)
+                           api_keys=keys, chat_template=template, chat_template_vars=template_vars)
     server = open_server(target, value(backend), options,
                          settings(provider, device, engine, openvino_device, openvino_precision), arch_of(arch, softmax_window), heads,
                          vocab)
@@ -142,3 +127,31 @@ def serve(
                           f"{f'{len(keys)} API key(s)' if keys else 'no API key'}", highlight=False, soft_wrap=True)
 
     run(server, ready, log_level)
+
+
+def read_chat_template(path: Path) -> tuple[str, dict[str, str]]:
+    """--chat-template's source and the variables Hugging Face renders it with: a
+    tokenizer_config.json gives its chat_template and its special tokens (``bos_token``,
+    ``eos_token``, ...), which templates print; an empty template is refused, never the default."""
+    import json
+
+    from samout_edge.serve.template import special_tokens
+
+    try:
+        template = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SamoutError(f"--chat-template {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    variables: dict[str, str] = {}
+    if path.suffix == ".json":  # a Hugging Face tokenizer_config.json: its chat_template
+        try:
+            config = json.loads(template)
+            template = config["chat_template"]
+        except (ValueError, KeyError, TypeError):
+            raise SamoutError(f"--chat-template {path}: a JSON file must be a tokenizer_config.json "
+                              "with a chat_template string") from None
+        if not isinstance(template, str):
+            raise SamoutError(f"--chat-template {path}: its chat_template is not one template string")
+        variables = special_tokens(config)
+    if not template.strip():
+        raise SamoutError(f"--chat-template {path}: the template is empty (leave --chat-template out for the default)")
+    return template, variables

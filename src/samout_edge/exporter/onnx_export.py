@@ -47,7 +47,7 @@ from samout_edge.artifact.quantization import (
     RTOL,
 )
 from samout_edge.artifact.resources import check_memory
-from samout_edge.artifact.vocab import VOCAB_FILE, Vocab
+from samout_edge.artifact.vocab import VOCAB_FILE, Vocab, check_vocab_fits
 from samout_edge.errors import SamoutError
 from samout_edge.exporter import precision as fp
 from samout_edge.exporter import quantize as qz
@@ -387,11 +387,12 @@ def export(
     words = None
     if vocab is not None:  # before any work: a bad vocab file fails the export up front
         words = Vocab.load(vocab)
-        if words.size > model_config.vocab_size:
-            raise SamoutError(f"--vocab has {words.size} tokens, the model only {model_config.vocab_size}")
+        check_vocab_fits(words, model_config.vocab_size, "--vocab")
     text_ids, text = None, None
     if options.calibration_text is not None:  # before any work too
-        text_ids, text = fp.text_tokens(options.calibration_text, model_config.vocab_size, words)
+        # only what is used: GPTQ's first tokens, fp16's calibration, the golden case's window
+        used = max(CALIBRATION_TOKENS, options.max_seq, fp.MAX_CALIBRATION_TOKENS if options.dtype == "fp16" else 0)
+        text_ids, text = fp.text_tokens(options.calibration_text, model_config.vocab_size, words, used)
 
     with staging_dir(out, previous_export_files, force) as stage:
         if ckpt is None:

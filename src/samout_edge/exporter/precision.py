@@ -238,10 +238,12 @@ def check_fp16_arithmetic(model_fp16: SamOut, feeds: list[dict[str, np.ndarray]]
             "rtol": rtol, "passed": finite and worst <= rtol}
 
 
-def text_tokens(path: Path, vocab_size: int, vocab) -> tuple[np.ndarray, dict[str, Any]]:
-    """--calibration-text as token ids (the export's vocab, else UTF-8 bytes), and its record."""
+def text_tokens(path: Path, vocab_size: int, vocab, limit: int = MAX_CALIBRATION_TOKENS) -> tuple[np.ndarray, dict[str, Any]]:
+    """--calibration-text's first ``limit`` token ids (the export's vocab, else UTF-8 bytes), and
+    its record: only what calibration uses is read and encoded (GPTQ takes 32,768 tokens; a
+    57 MB file encoded whole cost minutes and gigabytes for nothing)."""
     from samout_edge.artifact.files import sha256_file
-    from samout_edge.artifact.vocab import read_tokens
+    from samout_edge.artifact.vocab import head_tokens
 
-    ids, _ = read_tokens(path, vocab_size, vocab)
+    ids = head_tokens(path, vocab_size, vocab, limit)
     return ids, {"path": str(Path(path).absolute()), "sha256": sha256_file(path), "tokens": int(len(ids))}

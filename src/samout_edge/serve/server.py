@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.vocab import check_text
 from samout_edge.errors import SamoutError
 from samout_edge.generate import Sampler, Vocab
 from samout_edge.runtime.base import Runner, check_context
@@ -39,6 +40,7 @@ from samout_edge.runtime.target import Target
 from samout_edge.serve.batcher import Batcher, Job, JobResult, StopMatcher, cut_at_stop
 from samout_edge.serve.metrics import BATCH_BUCKETS, Metrics
 from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore, SessionTable
+from samout_edge.serve.template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, TemplateFailure  # noqa: F401 - API
 
 DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 16  # prompts x n in one request: its sequences decode as one batch
@@ -57,6 +59,8 @@ class ServeOptions:
     store_busy_timeout_s: float = 5.0  # how long a write waits for another process's lock on the store
     api_keys: list[str] = field(default_factory=list)  # any of them opens every route but /health; none: open
     chat_template: str | None = None  # Jinja source for /v1/chat/completions; None: DEFAULT_CHAT_TEMPLATE
+    chat_template_vars: dict[str, str] = field(default_factory=dict)  # tokenizer_config.json's bos_token, eos_token...
+    template_timeout_s: float = 5.0  # one render of an operator's template, at most (its process is then replaced)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -71,6 +75,8 @@ class ServeOptions:
             raise SamoutError(f"--session-ttl must be a positive number of seconds, got {self.policy.ttl_s}")
         if self.policy.kv_budget_bytes is not None and self.policy.kv_budget_bytes < 0:
             raise SamoutError("--kv-budget-mib must be >= 0")
+        if not (self.template_timeout_s > 0 and math.isfinite(self.template_timeout_s)):
+            raise SamoutError(f"the template timeout must be a positive number of seconds, got {self.template_timeout_s}")
         if not 0 <= self.port <= 65535:
             raise SamoutError(f"--port must be 0..65535, got {self.port}")
         for key in self.api_keys:
@@ -181,8 +187,8 @@ class ChatRequest(Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: StrictInt | None = None
+    logprobs: bool | None = None  # each token's log-probability (with its bytes), as OpenAI's chat answers
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)  # and this many most likely, with logprobs
     logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -195,7 +201,7 @@ class ChatRequest(Sampling):
         if self.tools or self.functions or self.tool_choice not in (None, "none") or \
                 self.function_call not in (None, "none"):
             return "tools"  # tool calls: the model has no tool-call format
-        for name, idle in (("logprobs", False), ("top_logprobs", 0), ("logit_bias", {}), ("parallel_tool_calls", None)):
+        for name, idle in (("logit_bias", {}), ("parallel_tool_calls", None)):
             value = getattr(self, name)
             if value is not None and value != idle:
                 return name
@@ -205,27 +211,20 @@ class ChatRequest(Sampling):
 
     def completion(self, prompt: str) -> CompletionRequest:
         """The completion this chat turn is: the shared fields, the rendered prompt."""
+        if self.top_logprobs and not self.logprobs:
+            raise SessionError("top_logprobs needs logprobs: true", 400, "invalid_request")
         limit = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
-        return CompletionRequest(prompt=prompt, max_tokens=limit, **{k: getattr(self, k) for k in Sampling.model_fields})
+        req = CompletionRequest(prompt=prompt, max_tokens=limit, **{k: getattr(self, k) for k in Sampling.model_fields})
+        req.logprobs = (self.top_logprobs or 0) if self.logprobs else None  # chat takes up to 20, completions 5
+        return req
 
-
-# The chat template of a base model (no chat_template of its own), stated in docs/serving.md:
-# one "role: content" line per message, then "assistant:" for the model to continue.
-DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def chat_template(source: str | None = None):
-    """A Jinja chat template (Hugging Face's ``chat_template`` form: ``messages``,
-    ``add_generation_prompt``), in Jinja's sandbox: a template cannot reach Python."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    try:
-        return env.from_string(source or DEFAULT_CHAT_TEMPLATE)
-    except TemplateError as e:
-        raise SamoutError(f"the chat template does not parse: {e}") from None
+    def check_text(self) -> None:
+        """Refuse a message that is not valid Unicode (a lone surrogate), naming it."""
+        for i, m in enumerate(self.messages):
+            try:
+                check_text(m.content)
+            except SamoutError as e:
+                raise SessionError(f"messages.{i}.content: {e}", 400, "invalid_text") from None
 
 
 class Server:
@@ -234,7 +233,14 @@ class Server:
     def __init__(self, load_runner, options: ServeOptions, identity: str, vocab: Vocab | None = None,
                  model_name: str = "samout"):
         self.options, self.vocab, self.model_name = options, vocab, model_name
-        self.chat_template = chat_template(options.chat_template)
+        self.chat_template = ChatTemplate(options.chat_template, options.chat_template_vars,
+                                          options.template_timeout_s)
+        if options.chat_template is not None:  # an operator's template: refused now if it hangs or floods
+            try:
+                self.chat_template.check()
+            except BaseException:
+                self.chat_template.close()
+                raise
         self.metrics = Metrics()
         self.batcher = Batcher(load_runner, options.max_batch, self._on_step)
         runner: Runner = self.batcher.start()
@@ -273,6 +279,7 @@ class Server:
 
     def close(self) -> None:
         self.batcher.stop()
+        self.chat_template.close()
         if self.sessions.store is not None:
             self.sessions.store.close()
 
@@ -285,6 +292,10 @@ class Server:
             if self.vocab is None:
                 raise SessionError("this server has no vocab (serve --vocab FILE): send the prompt as token ids",
                                    400, "no_vocab")
+            try:
+                check_text(prompt)  # a lone surrogate has no bytes: refused, never guessed
+            except SamoutError as e:
+                raise SessionError(str(e), 400, "invalid_text") from None
             limit = self.options.max_prompt_tokens
             fewest = self.vocab.fewest_tokens(prompt)  # checked before encoding: a huge text is refused at once
             if fewest > limit:
@@ -535,12 +546,10 @@ def create_app(server: Server) -> FastAPI:
                                "unsupported_parameter")
         if server.vocab is None:
             raise SessionError("chat needs text: this server has no vocab (serve --vocab FILE)", 400, "no_vocab")
-        from jinja2 import TemplateError
-
-        try:
-            prompt = server.chat_template.render(messages=[m.model_dump() for m in req.messages],
-                                                 add_generation_prompt=True)
-        except TemplateError as e:
+        req.check_text()
+        try:  # off the event loop: an operator's template renders in its own process, within a time bound
+            prompt = await asyncio.to_thread(server.chat_template.render, [m.model_dump() for m in req.messages])
+        except TemplateFailure as e:
             raise SessionError(f"the chat template failed on these messages: {e}", 400, "chat_template") from None
         return await start(req.completion(prompt), request, chat=True)
 
@@ -647,13 +656,29 @@ class _Run:
         completion = sum(len(c.result.new) for c in self.choices if c.result is not None)
         return {"prompt_tokens": prompts, "completion_tokens": completion, "total_tokens": prompts + completion}
 
+    def token_name(self, token: int) -> tuple[str, list[int]]:
+        """(name, bytes) of a token for logprobs: a token that is not whole characters is named
+        by its bytes (``bytes:\\xNN``), as OpenAI does, so distinct tokens keep distinct names."""
+        if self.server.vocab is None:
+            return str(token), []
+        return self.server.vocab.token_name(token)
+
     def logprob_entry(self, job: Job, start: int, stop: int | None = None) -> dict[str, Any]:
-        """OpenAI's completions logprobs for the job's tokens [start:stop]: each token's text, its
-        log-probability under the model (before sampling's cuts and penalties), the top ones."""
+        """OpenAI's logprobs for the job's tokens [start:stop] (by step: a stream names the step
+        its chunk carries, never the trace's current end): each token's name, its log-probability
+        under the model (before sampling's cuts and penalties), the top ones. Chat's form gives
+        each token's bytes too."""
         steps = job.logprob_trace[start:stop]
-        name = self.server.vocab.decode if self.server.vocab else str
-        return {"tokens": [name(t) for t, _, _ in steps], "token_logprobs": [lp for _, lp, _ in steps],
-                "top_logprobs": [{name(t): lp for t, lp in top} for _, _, top in steps], "text_offset": []}
+        name = self.token_name
+        if self.chat:
+            def entry(t: int, lp: float) -> dict[str, Any]:
+                token, data = name(t)
+                return {"token": token, "logprob": lp, "bytes": data}
+
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(u, v) for u, v in top]}
+                                for t, lp, top in steps], "refusal": None}
+        return {"tokens": [name(t)[0] for t, _, _ in steps], "token_logprobs": [lp for _, lp, _ in steps],
+                "top_logprobs": [{name(t)[0]: lp for t, lp in top} for _, _, top in steps], "text_offset": []}
 
     def choice_body(self, c: _Choice) -> dict[str, Any]:
         text, stopped = cut_at_stop(self.server.text(c.result.new), self.stops)
@@ -711,6 +736,7 @@ class _Run:
         hold = max((len(s) for s in self.stops), default=1) - 1
         generated = {c.index: "" for c in self.choices}
         sent = {c.index: 0 for c in self.choices}
+        steps = {c.index: 0 for c in self.choices}  # tokens received: the step each event is (the job is ahead)
         pieces = {c.index: self.server.vocab.stream() if self.server.vocab else (lambda token: "")
                   for c in self.choices}  # whole characters only
         for c in self.choices:
@@ -725,12 +751,14 @@ class _Run:
                 generated[index] += pieces[index](value)
                 visible, stopped = cut_at_stop(generated[index], self.stops)
                 safe = len(visible) if stopped else max(sent[index], len(generated[index]) - hold)
-                step = len(c.job.new) - 1
+                step = steps[index]
+                steps[index] += 1
                 logprobs = self.logprob_entry(c.job, step, step + 1) if self.logprobs is not None else None
                 yield chunk(index, generated[index][sent[index]:safe], [value], logprobs=logprobs)
                 sent[index] = safe
-            elif kind == "done":
-                final, stopped = cut_at_stop(generated[index], self.stops)
+            elif kind == "done":  # the whole text, as unstreamed: what the stream held (a last partial
+                # character's U+FFFD) comes out, and the chunks join to exactly the completion's text
+                final, stopped = cut_at_stop(self.server.text(value.new), self.stops)
                 last = all(x.result is not None for x in self.choices)
                 extra = {"usage": self.usage()} if last else {}
                 if last and self.session is not None:
