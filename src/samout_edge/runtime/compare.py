@@ -97,7 +97,7 @@ def compare_decode(
 class Agreement:
     """How far two runs' next-token distributions are apart over many rows of logits: what a
     fault changes everywhere (a wrong scale, a moved blend) while an int8 rounding that flips
-    here and there does not. ``kl``: mean KL(reference || actual) in nats; ``median_kl``;
+    here and there does not. ``kl``: mean KL(reference || actual) in nats; ``median_kl``, ``max_kl``;
     ``top1``: the share of rows with the same argmax; ``rows``: how many rows were compared."""
 
     kl: float = 0.0
@@ -110,6 +110,12 @@ class Agreement:
         """The middle row's KL: a rounding flip moves a few rows, a wrong weight moves most of them
         (trained SamOut, int8 compute: flips 1e-13, one negated scale row 3e-5)."""
         return float(np.median(np.concatenate(self.row_kls))) if self.row_kls else 0.0
+
+    @property
+    def max_kl(self) -> float:
+        """The worst row's KL: a fault confined to a few rows (one embedding row) shows here
+        before it moves the mean."""
+        return float(max(k.max(initial=0.0) for k in self.row_kls)) if self.row_kls else 0.0
 
     def add(self, reference: np.ndarray, actual: np.ndarray) -> None:
         """Fold in one output of logits (any leading shape, vocab last)."""
