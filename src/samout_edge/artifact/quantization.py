@@ -164,7 +164,7 @@ class Weights:
                               "(asymmetric: int4 only)")
         bounds = self.activation_bounds
         if bounds is not None and (self.activations != "int8" or not isinstance(bounds, dict) or any(
-                f not in ACTIVATION_FAMILIES or not isinstance(b, dict) or set(b) != set(ACTIVATION_CEILING)
+                f not in ACTIVATION_FAMILIES or not isinstance(b, dict) or not set(b) <= set(ACTIVATION_CEILING)
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in b.values())
                 for f, b in bounds.items())):
             raise SamoutError(f"export.json: weights activation_bounds {bounds!r} is malformed (int8 activations: "
