@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +78,8 @@ class ServeOptions:
         for key in self.api_keys:
             if len(key) < MIN_KEY_LENGTH or not key.isprintable() or any(c.isspace() for c in key):
                 raise SamoutError(f"an API key must be at least {MIN_KEY_LENGTH} printable characters without spaces")
+            if not key.isascii():  # an HTTP header carries Latin-1 at best: such a key could never match
+                raise SamoutError("an API key must be ASCII (a header cannot carry it as UTF-8): this one is not")
 
 
 MIN_KEY_LENGTH = 16
@@ -125,6 +129,14 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None  # the end user, for the operator's records: it changes no output
     session: str | None = None  # ours: continue a server-side session
+    # ours: the session's position as the client last saw it; a request whose answer was lost (kill -9,
+    # a dropped connection) sent again with it gets the committed answer back instead of a second turn
+    expected_position: StrictInt | None = Field(None, ge=0)
+
+    def digest(self) -> str:
+        """What makes two requests the same turn: every field but how the answer is delivered."""
+        fields = self.model_dump(exclude={"stream", "stream_options", "expected_position"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 class CompletionRequest(Sampling):
@@ -249,7 +261,10 @@ class Server:
             except BaseException:
                 self.batcher.stop()
                 raise
-        self.sessions = SessionTable(store, self.initial, self.info.arch, options.policy)
+        self.sessions = SessionTable(store, self.initial, self.info.arch, options.policy, len(options.api_keys))
+        # SQLite's waits (a store locked by another process) run here, not on the event loop and not in
+        # the default pool that tokenizes prompts: a locked store holds up only the writes
+        self.store_pool = ThreadPoolExecutor(4, thread_name_prefix="samout-store")
         self.active = 0
         m = self.metrics
         m.counter("samout_requests_total", "HTTP requests by route and status.")
@@ -271,7 +286,12 @@ class Server:
         self.metrics.observe("samout_step_seconds", seconds, kind=kind)
         self.metrics.observe("samout_batch_size", batch, kind=kind)
 
+    async def in_store(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a session-table call that writes the store, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.store_pool, functools.partial(fn, *args))
+
     def close(self) -> None:
+        self.store_pool.shutdown(wait=True)
         self.batcher.stop()
         if self.sessions.store is not None:
             self.sessions.store.close()
@@ -363,6 +383,29 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+class KeyGate:
+    """The API key, checked on the headers before anything reads the body (the outermost
+    layer): an unauthenticated request is answered 401 with its body unread, so it costs
+    no buffering. The key's owner goes to ``request.state.owner`` (None without keys)."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["owner"] = None
+        if self.keys and scope.get("path") != "/health":
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            owner = authorize(self.keys, header)
+            if owner is None:
+                response = _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+            scope["state"]["owner"] = owner
+        await self.app(scope, receive, send)
+
+
 def _error(status: int, message: str, code: str) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
@@ -400,21 +443,10 @@ def create_app(server: Server) -> FastAPI:
         metrics.inc("samout_requests_total", route=getattr(route, "path", "unmatched"), status=str(response.status_code))
         return response
 
-    @app.middleware("http")
-    async def api_key(request: Request, call_next):
-        """Every route but /health needs one of the server's keys (when it has any); the key
-        a request came with owns the sessions it creates."""
-        request.state.owner = None
-        if server.options.api_keys and request.url.path != "/health":
-            owner = authorize(server.options.api_keys, request.headers.get("authorization"))
-            if owner is None:
-                response = _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key")
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-            request.state.owner = owner
-        return await call_next(request)
-
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # outermost of ours: before anything reads the body
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # before anything reads the body
+    # outermost: every route but /health needs one of the server's keys (when it has any), checked before
+    # the body is read; the key a request came with owns the sessions it creates
+    app.add_middleware(KeyGate, keys=server.options.api_keys)
 
     @app.exception_handler(SessionError)
     async def session_error(request: Request, exc: SessionError):
@@ -465,7 +497,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/sessions")
     async def create_session(request: Request) -> dict[str, Any]:
         server.sessions.unreserve(server.sessions.reserve(0))  # a full softmax budget takes no new sessions
-        session = await asyncio.to_thread(server.sessions.create, request.state.owner)
+        session = await server.in_store(server.sessions.create, request.state.owner)
         return session.to_dict()
 
     @app.get("/v1/sessions/{session_id}")
@@ -474,10 +506,10 @@ def create_app(server: Server) -> FastAPI:
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str, request: Request) -> dict[str, Any]:
-        await asyncio.to_thread(server.sessions.delete, session_id, request.state.owner)
+        await server.in_store(server.sessions.delete, session_id, request.state.owner)
         return {"id": session_id, "object": "session", "deleted": True}
 
-    async def start(req: CompletionRequest, request: Request, chat: bool = False):
+    async def start(req: CompletionRequest, request: Request, chat: bool = False, digest: str | None = None):
         refused = req.unsupported()
         if refused is not None:
             raise SessionError(f"{refused} is not supported by this server (leave it out, or at its default)", 400,
@@ -490,8 +522,20 @@ def create_app(server: Server) -> FastAPI:
         if req.session is not None and len(texts) * req.n > 1:
             raise SessionError("a session continues one sequence: a list of prompts or n > 1 takes no session", 400,
                                "invalid_request")
+        if req.expected_position is not None and req.session is None:
+            raise SessionError("expected_position is a session's position: it needs a session", 400,
+                               "invalid_request")
         prompts = [await asyncio.to_thread(server.prompt_ids, t) for t in texts]  # linear time, off the event loop
         session = server.sessions.acquire(req.session, request.state.owner) if req.session is not None else None
+        digest = digest or req.digest()
+        if session is not None and req.expected_position not in (None, session.position):
+            try:
+                body = replayed_turn(session, req.expected_position, digest)
+            finally:
+                server.sessions.release(session)
+            if req.stream:
+                return StreamingResponse(iter(_replay_sse(body, chat)), media_type="text/event-stream")
+            return JSONResponse(body)
         try:
             reserved, choices = 0, []
             seed = req.seed if req.seed is not None else secrets.randbits(63)
@@ -513,7 +557,7 @@ def create_app(server: Server) -> FastAPI:
                     choices.append(_Choice(index, prompt, echo if req.echo else "", job))
             run = _Run(server, session, choices, reserved, stops,
                        bool(req.stream_options and req.stream_options.include_usage), chat, req.echo, req.logprobs,
-                       req.n)
+                       req.n, digest)
         except BaseException:
             if session is not None:
                 server.sessions.release(session)
@@ -542,7 +586,7 @@ def create_app(server: Server) -> FastAPI:
                                                  add_generation_prompt=True)
         except TemplateError as e:
             raise SessionError(f"the chat template failed on these messages: {e}", 400, "chat_template") from None
-        return await start(req.completion(prompt), request, chat=True)
+        return await start(req.completion(prompt), request, chat=True, digest=req.digest())
 
     return app
 
@@ -565,8 +609,9 @@ class _Run:
 
     def __init__(self, server: Server, session, choices: list[_Choice], reserved: int = 0,
                  stops: list[str] | None = None, include_usage: bool = False, chat: bool = False,
-                 echo: bool = False, logprobs: int | None = None, n: int = 1):
+                 echo: bool = False, logprobs: int | None = None, n: int = 1, digest: str = ""):
         self.server, self.session, self.choices, self.reserved = server, session, choices, reserved
+        self.digest = digest  # the request's (Sampling.digest): its answer is replayed only to the same request
         self.n = n  # choices per prompt: choice index = prompt index * n + j
         self.stops, self.include_usage, self.chat = stops or [], include_usage, chat
         self.echo, self.logprobs = echo, logprobs
@@ -615,8 +660,13 @@ class _Run:
 
     async def _complete(self, result: JobResult) -> None:
         if self.session is not None:
-            await asyncio.to_thread(self.server.sessions.commit, self.session, result.state, result.consumed,
-                                    [result.new[-1]])
+            before = self.session.position
+
+            def turn(after) -> dict[str, Any]:  # kept with the state: the answer, for a client that lost it
+                return {"from_position": before, "request": self.digest, "response": self.body(after.to_dict())}
+
+            await self.server.in_store(self.server.sessions.commit, self.session, result.state, result.consumed,
+                                       [result.new[-1]], turn)
         m = self.server.metrics
         m.inc("samout_generated_tokens_total", len(result.new))
         m.observe("samout_request_seconds", time.perf_counter() - self.t0)
@@ -664,11 +714,11 @@ class _Run:
                 "logprobs": self.logprob_entry(c.job, 0) if self.logprobs is not None else None,
                 "finish_reason": "stop" if stopped else "length"}
 
-    def body(self) -> dict[str, Any]:
+    def body(self, session: dict[str, Any] | None = None) -> dict[str, Any]:
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.server.model_name,
                 "choices": [self.choice_body(c) for c in self.choices], "usage": self.usage()}
         if self.session is not None:
-            body["session"] = self.session.to_dict()
+            body["session"] = session or self.session.to_dict()
         return body
 
     async def whole(self, request: Request) -> JSONResponse:
@@ -744,6 +794,37 @@ class _Run:
         yield "data: [DONE]\n\n"
 
 
+def replayed_turn(session, expected: int, digest: str) -> dict[str, Any]:
+    """The committed answer of the session's last turn, when this request is that turn sent
+    again from where it started (its answer was lost: kill -9, a dropped connection);
+    otherwise the client and the session disagree: 409 with both positions."""
+    turn = session.last_turn
+    if turn is not None and turn.get("from_position") == expected and turn.get("request") == digest:
+        return {**turn["response"], "replayed": True}
+    why = ("its last turn started there with another request" if turn is not None and
+           turn.get("from_position") == expected else "no turn of it started there")
+    raise SessionError(f"session {session.id} is at position {session.position}, not at expected_position {expected}, "
+                       f"and {why}: nothing was run", 409, "position_mismatch")
+
+
+def _replay_sse(body: dict[str, Any], chat: bool) -> list[str]:
+    """A replayed answer as a stream: each choice's whole text and tokens in one chunk, then [DONE]."""
+    head = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": body["created"], "model": body["model"], "replayed": True}
+    chunks = []
+    for c in body["choices"]:
+        if chat:
+            chunks.append({**head, "choices": [{"index": c["index"], "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            content = {"delta": {"content": c["message"]["content"]}}
+        else:
+            content = {"text": c["text"]}
+        chunks.append({**head, "choices": [{"index": c["index"], **content, "token_ids": c["token_ids"],
+                                            "logprobs": c["logprobs"], "finish_reason": c["finish_reason"]}],
+                       "usage": body["usage"], **({"session": body["session"]} if "session" in body else {})})
+    return [f"data: {json.dumps(chunk)}\n\n" for chunk in chunks] + ["data: [DONE]\n\n"]
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client has gone away (the body was read already)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -754,7 +835,7 @@ async def _sweep(server: Server) -> None:
     interval = min(60.0, max(1.0, server.options.policy.ttl_s / 4))
     while True:
         await asyncio.sleep(interval)
-        await asyncio.to_thread(server.sessions.sweep)
+        await server.in_store(server.sessions.sweep)
 
 
 def model_identity(target: Target) -> str:
