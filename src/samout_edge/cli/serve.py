@@ -35,13 +35,28 @@ def api_keys(given: list[str] | None, key_file: Path | None) -> list[str]:
     """--api-key, the lines of --api-key-file and $SAMOUT_EDGE_API_KEY, in that order, each once."""
     keys = list(given or [])
     if key_file is not None:
-        try:
-            keys += [line.strip() for line in key_file.read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise SamoutError(f"--api-key-file {key_file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        keys += key_file_keys(key_file)
     if os.environ.get(API_KEY_ENV, "").strip():
         keys.append(os.environ[API_KEY_ENV].strip())
     return list(dict.fromkeys(keys))
+
+
+def key_file_keys(key_file: Path) -> list[str]:
+    """The keys of --api-key-file, one a line. Refused, as ssh refuses a private key: a file
+    others may read (anyone on the machine could use the keys), and a file with no key (the
+    operator asked for keys; serving open instead would be silence)."""
+    try:
+        mode = key_file.stat().st_mode
+        text = key_file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SamoutError(f"--api-key-file {key_file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if os.name == "posix" and mode & 0o077:
+        raise SamoutError(f"--api-key-file {key_file} is accessible by other users (mode {mode & 0o777:04o}): "
+                          f"chmod 600 {key_file}")
+    keys = [line.strip() for line in text.splitlines() if line.strip()]
+    if not keys:
+        raise SamoutError(f"--api-key-file {key_file} holds no key (empty, or only blank lines): write one key a line")
+    return keys
 
 
 def _loopback(host: str) -> bool:
