@@ -1,0 +1,215 @@
+"""samout-edge serve under faults and hostile clients (issue 26): a lost answer is replayed, not
+run twice; a locked or unwritable store stalls nothing but its writes; API keys are refused when
+they cannot work, checked before the body, and one key cannot evict another's sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from samout_edge.serve.process import ServerProcess
+from samout_edge.serve.server import create_app
+from samout_edge.serve.sessions import SessionPolicy
+from tests import test_serve
+from tests.test_serve import KEY_A, KEY_B, greedy
+
+client_for = test_serve.client_for  # the fixture: a server on a TestClient, closed with the test
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# --------------------------------------------------------------------------- item 6: exact from the client's side
+
+
+def test_a_lost_answer_is_replayed_not_run_twice(exported, client_for, tmp_path):
+    """The same request sent again from the position it started at gets the committed answer
+    (streamed or not, after a restart too) and moves nothing; another request there is a 409."""
+    d = exported().directory
+    c = client_for(d)
+    sid = c.http.post("/v1/sessions").json()["id"]
+    body = {"prompt": [5, 9], "max_tokens": 4, "temperature": 1.0, "seed": 3, "session": sid, "expected_position": 0}
+    first = c.http.post("/v1/completions", json=body).json()
+    position = first["session"]["position"]
+    again = c.http.post("/v1/completions", json=body).json()  # the client never saw `first`
+    assert again["replayed"] is True and again["choices"] == first["choices"] and again["id"] == first["id"]
+    assert c.http.get(f"/v1/sessions/{sid}").json()["position"] == position  # not a second turn
+    with c.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert [t for ch in chunks for t in ch["choices"][0]["token_ids"]] == first["choices"][0]["token_ids"]
+    assert chunks[-1]["session"]["position"] == position
+    other = c.http.post("/v1/completions", json={**body, "prompt": [17]})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "position_mismatch"
+    assert f"at position {position}" in other.json()["error"]["message"]
+    c.close()
+    c = client_for(d)  # the turn is kept with the session, in the same commit
+    assert c.http.post("/v1/completions", json=body).json()["choices"] == first["choices"]
+    nxt = c.http.post("/v1/completions", json={**body, "prompt": [17], "expected_position": position,
+                                               "temperature": 0})
+    assert nxt.status_code == 200 and "replayed" not in nxt.json()
+    want = greedy(d, [5, 9, *first["choices"][0]["token_ids"], 17], 4)
+    assert nxt.json()["choices"][0]["token_ids"] == want
+    bad = c.http.post("/v1/completions", json={"prompt": [1], "expected_position": 0})
+    assert bad.status_code == 400 and "needs a session" in bad.json()["error"]["message"]
+
+
+def test_a_chat_turn_is_replayed_as_chat(exported, client_for, tmp_path):
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps([chr(i) for i in range(128)]))
+    c = client_for(exported().directory, vocab=vocab)
+    sid = c.http.post("/v1/sessions").json()["id"]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0, "session": sid,
+            "expected_position": 0}
+    first = c.http.post("/v1/chat/completions", json=body).json()
+    with c.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+    assert text == first["choices"][0]["message"]["content"] and chunks[0]["object"] == "chat.completion.chunk"
+
+
+# --------------------------------------------------------------------------- item 10: a locked store
+
+
+def _hold_exclusive(store: Path) -> subprocess.Popen:
+    """Another process that holds ``BEGIN EXCLUSIVE`` on the store until killed."""
+    code = ("import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(store)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_locked_store_stalls_no_reads(exported, tmp_path):
+    """Another process holds the store locked: creating a session and a session's completion wait
+    for SQLite (then 503), off the event loop and without the session table's lock; /health, reads
+    and a completion that writes nothing answer at once meanwhile."""
+    store = tmp_path / "s.sqlite"
+    with ServerProcess(exported().directory, "--store", str(store)) as server:
+        url = server.url
+        sid = httpx.post(f"{url}/v1/sessions").json()["id"]
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": [5], "max_tokens": 2, "session": sid}).is_success
+        holder = _hold_exclusive(store)
+        try:
+            answers: list[httpx.Response] = []
+            writers = [threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/v1/sessions", timeout=30))),
+                       threading.Thread(target=lambda: answers.append(httpx.post(
+                           f"{url}/v1/completions", json={"prompt": [9], "max_tokens": 2, "session": sid},
+                           timeout=30)))]
+            for w in writers:
+                w.start()
+                time.sleep(0.3)  # the create holds whatever it holds while SQLite waits
+            slowest = 0.0
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                for call in (lambda: httpx.get(f"{url}/health", timeout=10),
+                             lambda: httpx.get(f"{url}/v1/sessions/{sid}", timeout=10),
+                             lambda: httpx.post(f"{url}/v1/completions", json={"prompt": [5], "max_tokens": 1},
+                                                timeout=10)):
+                    t0 = time.perf_counter()
+                    assert call().status_code == 200
+                    slowest = max(slowest, time.perf_counter() - t0)
+            print(f"slowest read while the store was locked: {slowest * 1e3:.0f} ms")
+            assert slowest < 0.5
+            for w in writers:
+                w.join()
+            assert [a.status_code for a in answers] == [503, 503]
+            assert all(a.json()["error"]["code"] == "store_unavailable" for a in answers)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert httpx.post(f"{url}/v1/sessions").status_code == 200  # and on it goes
+
+
+# --------------------------------------------------------------------------- item 11: an unwritable -shm
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    return shutil.which("chattr") is not None and subprocess.run(
+        ["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+def test_an_immutable_shm_file_is_a_503_not_a_sigbus(exported, tmp_path):
+    """SQLite maps the -shm file; growing an immutable one was a SIGBUS that killed the server."""
+    store = tmp_path / "s.sqlite"
+    shm = Path(f"{store}-shm")
+    with ServerProcess(exported().directory, "--store", str(store)) as server:
+        url = server.url
+        sid = httpx.post(f"{url}/v1/sessions").json()["id"]
+        if not (shm.exists() and _chattr("+i", shm)):
+            pytest.skip("chattr +i needs root (CAP_LINUX_IMMUTABLE) and a filesystem with the flag")
+        try:
+            for _ in range(100):  # enough rows to need a second page of the WAL index on the old tree
+                r = httpx.post(f"{url}/v1/sessions", timeout=30)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+                assert "-shm" in r.json()["error"]["message"]
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": [5], "max_tokens": 2, "session": sid}, timeout=30)
+            assert r.status_code == 503 and server.proc.poll() is None
+            assert httpx.get(f"{url}/health").status_code == 503  # says why
+        finally:
+            _chattr("-i", shm)
+        assert httpx.post(f"{url}/v1/sessions").status_code == 200
+
+
+# --------------------------------------------------------------------------- item 13: API keys
+
+
+def test_key_files_and_keys_that_cannot_work_are_refused_at_start(run_cli, exported, tmp_path, monkeypatch):
+    monkeypatch.delenv("SAMOUT_EDGE_API_KEY", raising=False)
+
+    def served(*args, **kwargs):  # what the refusals must never reach
+        raise AssertionError("serve started")
+
+    monkeypatch.setattr("samout_edge.serve.open_server", served)
+    d = exported().directory
+    keys = tmp_path / "keys.txt"
+    for text in ("", "\r\n\r\n   \n", "\n"):
+        keys.write_text(text)
+        keys.chmod(0o600)
+        code, _, err = run_cli("serve", d, "--memory-only", "--api-key-file", keys)
+        assert code == 1 and "holds no key" in err and len(err.strip().splitlines()) == 1
+    keys.write_text(f"{KEY_A}\r\n")
+    keys.chmod(0o644)
+    code, _, err = run_cli("serve", d, "--memory-only", "--api-key-file", keys)
+    assert code == 1 and "chmod 600" in err and KEY_A not in err
+    code, _, err = run_cli("serve", d, "--memory-only", "--api-key", "clé-secrète-0123456789")
+    assert code == 1 and "ASCII" in err and "secr" not in err
+
+
+def test_one_key_cannot_evict_another_keys_sessions(exported, client_for):
+    """--max-sessions is shared out: a key at its share evicts its own least recently used idle session."""
+    c = client_for(exported().directory, api_keys=[KEY_A, KEY_B], policy=SessionPolicy(max_sessions=4))
+    b = [c.http.post("/v1/sessions", headers=_auth(KEY_B)).json()["id"] for _ in range(2)]
+    a = [c.http.post("/v1/sessions", headers=_auth(KEY_A)).json()["id"] for _ in range(6)]
+    for sid in b:
+        assert c.http.get(f"/v1/sessions/{sid}", headers=_auth(KEY_B)).status_code == 200
+    assert [c.http.get(f"/v1/sessions/{sid}", headers=_auth(KEY_A)).status_code for sid in a] == [404] * 4 + [200] * 2
+
+
+def test_the_key_is_checked_before_the_body_is_read(exported, client_for):
+    """An unauthenticated POST is answered 401 without a byte of its body read (no buffering)."""
+    app = create_app(client_for(exported().directory, api_keys=[KEY_A]).server)
+    reads, sent = [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"x" * 2**20, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json"), (b"content-length", b"8000000")],
+             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+             "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 401 and not reads
