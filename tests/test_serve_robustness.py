@@ -213,3 +213,40 @@ def test_the_key_is_checked_before_the_body_is_read(exported, client_for):
              "root_path": ""}
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 401 and not reads
+
+
+# --------------------------------------------------------------------------- item 7: memory admission
+
+
+def test_the_cgroup_limit_is_what_memory_a_container_has(tmp_path):
+    """cgroup v2 (a limit on an ancestor too) and v1; page cache that can be dropped counts as free."""
+    from samout_edge.artifact.resources import cgroup_memory_left
+
+    leaf = tmp_path / "v2" / "kube" / "pod"
+    leaf.mkdir(parents=True)
+    (leaf / "memory.max").write_text("max\n")
+    (leaf / "memory.current").write_text("1000\n")
+    (leaf.parent / "memory.max").write_text(f"{600 * 2**20}\n")
+    (leaf.parent / "memory.current").write_text(f"{100 * 2**20}\n")
+    (leaf.parent / "memory.stat").write_text(f"anon 5\ninactive_file {2**20}\n")
+    assert cgroup_memory_left(tmp_path / "v2", "0::/kube/pod\n") == 501 * 2**20
+    v1 = tmp_path / "v1" / "memory" / "docker"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{600 * 2**20}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{200 * 2**20}\n")
+    assert cgroup_memory_left(tmp_path / "v1", "4:memory:/docker\n1:cpu:/\n") == 400 * 2**20
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert cgroup_memory_left(tmp_path / "v1", "4:memory:/docker\n") is None
+
+
+def test_a_request_is_admitted_against_the_memory_it_needs(exported, client_for, monkeypatch):
+    """A --logits all export keeps every prompt position's logits, per choice: a request that needs
+    more than the container leaves is refused with the numbers before anything is allocated."""
+    c = client_for(exported(logits="all").directory, store=None)
+    one = c.server.request_bytes(300, 300 + 8)
+    monkeypatch.setattr("samout_edge.artifact.resources.cgroup_memory_left", lambda: 2 * one)
+    assert c.tokens([5] * 300, 8) == c.tokens([5] * 300, 8)  # one choice fits
+    r = c.complete([5] * 300, 8, n=4)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "insufficient_memory"
+    assert "MiB" in r.json()["error"]["message"] or "KiB" in r.json()["error"]["message"]
+    assert c.server.memory_held == 0  # given back by every finished or refused request

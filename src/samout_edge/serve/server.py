@@ -33,7 +33,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from samout_edge.artifact import graph
+from samout_edge.artifact import graph, resources
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.errors import SamoutError
 from samout_edge.generate import Sampler, Vocab
 from samout_edge.runtime.base import Runner, check_context
@@ -45,6 +46,9 @@ from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore
 DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 16  # prompts x n in one request: its sequences decode as one batch
 MAX_BODY_BYTES = 8 * 2**20  # a request is a prompt; 8 MiB holds a million token ids
+# fp32 buffers of the hidden size a graph call holds per position at once (residual stream, mix, the FFN's
+# input and its wider middle): an estimate with headroom, for admission
+ACTIVATION_BUFFERS = 8
 
 
 @dataclass
@@ -266,6 +270,7 @@ class Server:
         # the default pool that tokenizes prompts: a locked store holds up only the writes
         self.store_pool = ThreadPoolExecutor(4, thread_name_prefix="samout-store")
         self.active = 0
+        self.memory_held = 0  # bytes admitted to requests still running (admit)
         m = self.metrics
         m.counter("samout_requests_total", "HTTP requests by route and status.")
         m.counter("samout_prompt_tokens_total", "Tokens consumed from prompts (and sessions' pending tokens).")
@@ -335,6 +340,35 @@ class Server:
             check_context(self.info, position + len(ids) + req.max_tokens - 1, 1, "this request")
         except SamoutError as e:
             raise SessionError(str(e), 400, "context_too_long") from None
+
+    def request_bytes(self, tokens: int, context: int) -> int:
+        """Memory one sequence's runner calls allocate beyond the model, at their peak (a
+        prefill call): the logits of the call's positions (every position for a ``--logits all``
+        export, else the last) and their float32 copy, each position's activations, and a
+        softmax KV cache of the whole context twice (the call's input and output)."""
+        info = self.info
+        call = min(tokens, info.max_seq or tokens)
+        rows = call if info.logits == "all" else 1
+        need = 2 * rows * info.config.vocab_size * 4 + call * info.config.hidden_size * 4 * ACTIVATION_BUFFERS
+        if arch_spec(info.arch).grows:
+            need += 2 * graph.state_bytes(info.config, info.arch, 1, context, info.dtype)
+        return need
+
+    def admit(self, need: int) -> int:
+        """Admit a request's memory before anything is allocated, against what the host and the
+        container's cgroup leave, less what running requests were admitted with: an OOM kill
+        would lose every request in flight, a refusal only this one."""
+        from samout_edge.artifact.resources import human_bytes
+
+        available = resources.available_memory()
+        if need + self.memory_held > available:
+            raise SessionError(f"this request needs about {human_bytes(need)} of memory (logits, activations and "
+                               f"KV caches of every choice), but {human_bytes(available)} is available (the "
+                               f"container's memory limit included) and running requests hold "
+                               f"{human_bytes(self.memory_held)}: send a shorter prompt or fewer choices, or retry",
+                               503, "insufficient_memory")
+        self.memory_held += need
+        return need
 
     def text(self, tokens: list[int]) -> str:
         return self.vocab.decode_ids(tokens) if self.vocab else ""
@@ -536,12 +570,15 @@ def create_app(server: Server) -> FastAPI:
             if req.stream:
                 return StreamingResponse(iter(_replay_sse(body, chat)), media_type="text/event-stream")
             return JSONResponse(body)
+        reserved = 0
         try:
-            reserved, choices = 0, []
+            choices, need = [], 0
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             for p, (text, prompt) in enumerate(zip(texts, prompts)):
                 ids = (session.pending if session else []) + prompt
-                server.check_request(req, prompt, ids, session.position if session else 0)
+                position = session.position if session else 0
+                server.check_request(req, prompt, ids, position)
+                need += req.n * server.request_bytes(len(ids), position + len(ids) + req.max_tokens - 1)
                 if session is not None:
                     reserved = server.sessions.reserve(graph.state_bytes(
                         server.info.config, server.info.arch, 1, len(ids) + req.max_tokens - 1, server.info.dtype))
@@ -558,7 +595,9 @@ def create_app(server: Server) -> FastAPI:
             run = _Run(server, session, choices, reserved, stops,
                        bool(req.stream_options and req.stream_options.include_usage), chat, req.echo, req.logprobs,
                        req.n, digest)
+            run.memory = server.admit(need)  # last: nothing after it can fail before the run owns it
         except BaseException:
+            server.sessions.unreserve(reserved)
             if session is not None:
                 server.sessions.release(session)
             raise
@@ -621,6 +660,7 @@ class _Run:
         self.first_token_s: float | None = None
         self.finished = False
         self.completing: asyncio.Future | None = None  # the session's commit of a finished job
+        self.memory = 0  # bytes admitted (Server.admit), given back when it finishes
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -678,6 +718,7 @@ class _Run:
         for c in self.choices:
             c.job.cancelled.set()  # a no-op once done; stops the work of a client that went away
         self.server.active -= 1
+        self.server.memory_held -= self.memory
         self.server.sessions.unreserve(self.reserved)
         if self.session is not None:
             session, sessions = self.session, self.server.sessions
