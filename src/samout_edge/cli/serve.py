@@ -88,6 +88,9 @@ def serve(
     max_prompt_tokens: int = typer.Option(131072, "--max-prompt-tokens", min=1,
                                           help="Most prompt tokens one request may send (a cummax session's context "
                                           "has no limit: long prompts are fed in chunks)."),
+    max_prompt_chars: int = typer.Option(1 << 20, "--max-prompt-chars", min=1,
+                                         help="Most characters a text prompt may have, as sent and once "
+                                         "NFKC-normalised (checked before tokenizing)."),
     max_sessions: int = typer.Option(10_000, "--max-sessions", min=1, help="Past this, the least recently used idle session is evicted."),
     session_ttl: float = typer.Option(86_400.0, "--session-ttl", help="Seconds idle before a session is evicted."),
     kv_budget_mib: float = typer.Option(256.0, "--kv-budget-mib", min=0, help="Softmax: all sessions' KV caches together."),
@@ -137,6 +140,7 @@ def serve(
             if not isinstance(template, str):
                 raise SamoutError(f"--chat-template {chat_template}: its chat_template is not one template string")
     options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens,
+                           max_prompt_chars=max_prompt_chars,
                            api_keys=keys, chat_template=template)
     server = open_server(target, value(backend), options,
                          settings(provider, device, engine, openvino_device, openvino_precision), arch_of(arch, softmax_window), heads,

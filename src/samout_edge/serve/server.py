@@ -19,6 +19,7 @@ import hmac
 import json
 import math
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,11 +31,12 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from samout_edge.artifact import graph, resources
 from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.vocab import HFTokenizer
 from samout_edge.errors import SamoutError
 from samout_edge.generate import Sampler, Vocab
 from samout_edge.runtime.base import Runner, check_context
@@ -42,10 +44,12 @@ from samout_edge.runtime.target import Target
 from samout_edge.serve.batcher import Batcher, Job, JobResult, StopMatcher, cut_at_stop
 from samout_edge.serve.metrics import BATCH_BUCKETS, Metrics
 from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore, SessionTable
+from samout_edge.serve.tokenize import WORKER_CHARS, TokenizerWorker, check_chars
 
 DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 16  # prompts x n in one request: its sequences decode as one batch
 MAX_BODY_BYTES = 8 * 2**20  # a request is a prompt; 8 MiB holds a million token ids
+MAX_CHAT_MESSAGES = 4096  # a chat request's messages: each is validated and rendered on its way to a prompt
 # fp32 buffers of the hidden size a graph call holds per position at once (residual stream, mix, the FFN's
 # input and its wider middle): an estimate with headroom, for admission
 ACTIVATION_BUFFERS = 8
@@ -60,6 +64,7 @@ class ServeOptions:
     max_tokens: int = 4096  # per request
     policy: SessionPolicy = field(default_factory=SessionPolicy)
     max_prompt_tokens: int = 131072  # tokens a request may send; a session's context grows without limit (cummax)
+    max_prompt_chars: int = 1 << 20  # characters a text prompt may have, as sent and NFKC-normalised
     store_busy_timeout_s: float = 5.0  # how long a write waits for another process's lock on the store
     api_keys: list[str] = field(default_factory=list)  # any of them opens every route but /health; none: open
     chat_template: str | None = None  # Jinja source for /v1/chat/completions; None: DEFAULT_CHAT_TEMPLATE
@@ -71,6 +76,8 @@ class ServeOptions:
             raise SamoutError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.max_prompt_tokens < 1:
             raise SamoutError(f"--max-prompt-tokens must be at least 1, got {self.max_prompt_tokens}")
+        if self.max_prompt_chars < 1:
+            raise SamoutError(f"--max-prompt-chars must be at least 1, got {self.max_prompt_chars}")
         if self.policy.max_sessions < 1:
             raise SamoutError(f"--max-sessions must be at least 1, got {self.policy.max_sessions}")
         if not (self.policy.ttl_s > 0 and math.isfinite(self.policy.ttl_s)):
@@ -194,7 +201,15 @@ class ChatRequest(Sampling):
     """OpenAI's chat completion request: the messages go through the chat template into a
     completion's prompt; tools and every other unimplemented field are refused by name."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def few_enough(cls, messages: Any) -> Any:
+        """Counted before each message is validated: validating 200,000 of them holds the event loop for seconds."""
+        if isinstance(messages, list) and len(messages) > MAX_CHAT_MESSAGES:
+            raise ValueError(f"{len(messages):,} messages, above this server's limit of {MAX_CHAT_MESSAGES:,}")
+        return messages
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: bool | None = None
@@ -271,6 +286,8 @@ class Server:
         self.store_pool = ThreadPoolExecutor(4, thread_name_prefix="samout-store")
         self.active = 0
         self.memory_held = 0  # bytes admitted to requests still running (admit)
+        self.tokenizer_worker: TokenizerWorker | None = None  # a tokenizer.json's child process (serve/tokenize.py)
+        self.worker_lock = threading.Lock()
         m = self.metrics
         m.counter("samout_requests_total", "HTTP requests by route and status.")
         m.counter("samout_prompt_tokens_total", "Tokens consumed from prompts (and sessions' pending tokens).")
@@ -296,6 +313,8 @@ class Server:
         return await asyncio.get_running_loop().run_in_executor(self.store_pool, functools.partial(fn, *args))
 
     def close(self) -> None:
+        if self.tokenizer_worker is not None:
+            self.tokenizer_worker.close()
         self.store_pool.shutdown(wait=True)
         self.batcher.stop()
         if self.sessions.store is not None:
@@ -311,19 +330,31 @@ class Server:
                 raise SessionError("this server has no vocab (serve --vocab FILE): send the prompt as token ids",
                                    400, "no_vocab")
             limit = self.options.max_prompt_tokens
+            check_chars(prompt, self.options.max_prompt_chars)  # before any tokenizer's work
             fewest = self.vocab.fewest_tokens(prompt)  # checked before encoding: a huge text is refused at once
             if fewest > limit:
                 raise SessionError(f"the prompt is at least {fewest:,} tokens, above this server's limit of {limit:,} "
                                    "(serve --max-prompt-tokens)", 400, "prompt_too_long")
             try:
-                return self.vocab.encode(prompt)
+                ids = self._worker().encode(prompt, limit) if len(prompt) >= WORKER_CHARS and \
+                    isinstance(self.vocab, HFTokenizer) else self.vocab.encode(prompt)
             except SamoutError as e:
                 raise SessionError(str(e), 400, "unknown_text") from None
+            if isinstance(ids, int):  # the child's count of a prompt past the limit
+                raise SessionError(f"the prompt is {ids:,} tokens, above this server's limit of {limit:,} "
+                                   "(serve --max-prompt-tokens)", 400, "prompt_too_long")
+            return ids
         vocab = self.info.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise SessionError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", 400, "token_out_of_range")
         return list(prompt)
+
+    def _worker(self) -> TokenizerWorker:
+        with self.worker_lock:
+            if self.tokenizer_worker is None:
+                self.tokenizer_worker = TokenizerWorker(self.vocab.to_json())
+            return self.tokenizer_worker
 
     def check_request(self, req: CompletionRequest, prompt: list[int], ids: list[int], position: int) -> None:
         """``prompt``: what the client sent; ``ids``: that after the session's pending token."""
@@ -402,6 +433,10 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        if scope.get("path") == "/v1/chat/completions" and too_many_objects(body, MAX_CHAT_MESSAGES + 16):
+            response = _error(400, f"messages: more than this server's limit of {MAX_CHAT_MESSAGES:,}",
+                              "invalid_request")
+            return await response(scope, receive, send)
 
         async def replay():
             nonlocal replayed
@@ -415,6 +450,31 @@ class BodyLimit:
     async def _too_large(self, scope, receive, send) -> None:
         response = _error(413, f"the body is larger than {self.limit} bytes", "body_too_large")
         await response(scope, receive, send)
+
+
+class _TooMany(Exception):
+    pass
+
+
+def too_many_objects(body: bytes, limit: int) -> bool:
+    """Whether the JSON body holds more than ``limit`` objects, found out by a parse that stops
+    at the one past it: 200,000 chat messages would hold the event loop (and the GIL) for a
+    quarter of a second just to be parsed, before any validation could count them."""
+    seen = 0
+
+    def count(pairs: list) -> None:
+        nonlocal seen
+        seen += 1
+        if seen > limit:
+            raise _TooMany
+
+    try:
+        json.loads(body, object_pairs_hook=count)
+    except _TooMany:
+        return True
+    except (ValueError, RecursionError):  # not JSON: FastAPI says so
+        pass
+    return False
 
 
 class KeyGate:
