@@ -250,3 +250,67 @@ def test_a_request_is_admitted_against_the_memory_it_needs(exported, client_for,
     assert r.status_code == 503 and r.json()["error"]["code"] == "insufficient_memory"
     assert "MiB" in r.json()["error"]["message"] or "KiB" in r.json()["error"]["message"]
     assert c.server.memory_held == 0  # given back by every finished or refused request
+
+
+# --------------------------------------------------------------------------- item 8: the event loop and the GIL
+
+
+def _unigram(tmp_path: Path, added: str | None = None) -> Path:
+    """A Unigram tokenizer.json with NFKC normalisation (as T5's, XLNet's), 98 tokens, maybe one long added token."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+
+    pieces = [("<unk>", 0.0)] + [(chr(c), -5.0) for c in range(32, 127)] + [(" the", -3.0), ("ing", -3.5)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    if added:
+        tokenizer.add_tokens([AddedToken(added)])
+    path = tmp_path / f"tokenizer-{len(added or '')}.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def _slowest_health_while(url: str, route: str, body: dict) -> tuple[httpx.Response, float]:
+    """(the answer to ``body``, the slowest /health answer while it was being refused or served)."""
+    answers: list[httpx.Response] = []
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    sender = threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{url}{route}", content=raw, headers={"content-type": "application/json"}, timeout=120)))
+    sender.start()
+    slowest = 0.0
+    while sender.is_alive():
+        t0 = time.perf_counter()
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        slowest = max(slowest, time.perf_counter() - t0)
+        time.sleep(0.005)
+    sender.join()
+    return answers[0], slowest
+
+
+@pytest.mark.parametrize("case", ["nfkc", "long", "added", "messages"])
+def test_health_answers_while_a_huge_prompt_is_refused_or_served(exported, tmp_path, case):
+    """Characters are bounded before any tokenizer's work (as sent and NFKC-normalised), a long
+    text is tokenized in a child process (the tokenizers library holds the GIL), chat messages
+    are counted before they are validated: /health answers within 100 ms throughout."""
+    pytest.importorskip("tokenizers")
+    vocab = _unigram(tmp_path, "x" * 100_000 if case == "added" else None)
+    with ServerProcess(exported().directory, "--memory-only", "--vocab", str(vocab)) as server:
+        httpx.post(f"{server.url}/v1/completions", json={"prompt": "warm " * 5000, "max_tokens": 1}, timeout=60)
+        route, body = "/v1/completions", {"max_tokens": 1}
+        if case == "nfkc":  # 1M characters, 18M once normalised
+            body["prompt"] = "\ufdfa" * 1_000_000
+        elif case == "long":  # 500k tokens, found out only by tokenizing
+            body["prompt"] = "ab" * 250_000
+        elif case == "added":  # one added token of 100,000 characters, ten times: served
+            body["prompt"] = "x" * 1_000_000
+        else:
+            route, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}] * 200_000}
+        answer, slowest = _slowest_health_while(server.url, route, body)
+        print(f"{case}: HTTP {answer.status_code} in a slowest /health of {slowest * 1e3:.0f} ms")
+        if case == "added":
+            assert answer.status_code == 200 and answer.json()["usage"]["prompt_tokens"] == 10
+        else:
+            error = answer.json()["error"]
+            assert answer.status_code == 400, error
+            assert ("--max-prompt-chars" if case == "nfkc" else "limit") in error["message"]
+        assert slowest < 0.1
