@@ -11,6 +11,7 @@ GIL briefly, only for text that is not already normalised).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -48,6 +49,8 @@ def _init(source: str, parent: int) -> None:
     from tokenizers import Tokenizer
 
     _worker_tokenizer = Tokenizer.from_str(source)
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)  # on a small device's few cores, a long prompt's tokenizing must not starve the event loop
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
