@@ -139,6 +139,7 @@ class Turns:
         self.position, self.rounds, self.replayed = 0, 0, 0
         self.in_flight: dict | None = None
         self.errors: list[str] = []
+        self.stopped_by = ""  # what ended its loop: the kill, or an error answer (reported)
 
     def request(self, rng: np.random.Generator, vocab_size: int) -> dict:
         body = {"max_tokens": int(rng.integers(4, 12)), "temperature": 0, "session": self.sid,
@@ -174,7 +175,11 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, stream: bool, ca
     """The answer's body (a stream's chunks folded into one), or None when the client cancelled."""
     route = f"{url}/v1/chat/completions" if chat else f"{url}/v1/completions"
     if not stream:
-        r = await client.post(route, json=body)
+        for _ in range(100):  # a cancelled stream's request may still be letting go of its session: 409 busy
+            r = await client.post(route, json=body)
+            if r.status_code != 409 or r.json()["error"]["code"] != "session_busy":
+                break
+            await asyncio.sleep(0.02)
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
         return r.json()
@@ -230,7 +235,8 @@ async def rounds_until_killed(url: str, server: ServerProcess, clients: int, kil
             while True:
                 try:
                     await turn(client, url, s, s.request(rng, vocab_size), rng)
-                except (httpx.TransportError, httpx.HTTPError, RuntimeError):
+                except (httpx.TransportError, httpx.HTTPError, RuntimeError) as e:
+                    s.stopped_by = f"{type(e).__name__}: {str(e)[:80]}"
                     return
 
         async def n2() -> None:
@@ -304,7 +310,11 @@ def fault_test(export: Path, store: Path, args) -> dict:
             "kinds": {k: sum(s.kind == k for s in sessions.values()) for k in KINDS if k != "n2"},
             "n2_requests": load["n2_requests"], "killed_after_s": args.fault_after, "completed_rounds": sum(rounds),
             "rounds_per_session_min": min(rounds), "rounds_per_session_max": max(rounds),
-            "unanswered_resent": resent, "replayed": sum(s.replayed for s in sessions.values()),
+            "unanswered_resent": resent,
+            "stopped_by": sorted({s.stopped_by.split(":")[0] + (f" ({s.kind})" if "HTTP" in s.stopped_by else "")
+                                  for s in sessions.values()}),
+            "rounds_by_kind_min": {k: min((s.rounds for s in sessions.values() if s.kind == k), default=0)
+                                   for k in KINDS if k != "n2"}, "replayed": sum(s.replayed for s in sessions.values()),
             "resumed": health["sessions"], "corrupt_rows": health["corrupt_sessions"], "sqlite_integrity": integrity,
             "failures": failures, "wall_s": round(time.perf_counter() - t0, 1),
             "passed": not failures and integrity == "ok" and health["corrupt_sessions"] == 0
