@@ -9,16 +9,20 @@ the requests), time to first token, and the server's resident memory (VmRSS
 after the level, VmHWM peak). Each session runs --rounds completions in a row,
 so softmax KV caches grow as in a conversation.
 
-Then the fault test: --fault-sessions sessions run rounds of completions
-back to back; after --fault-after seconds the server gets SIGKILL mid-load and
-is restarted on the same store. Every session must resume from its last
-completed request: its position is what the last response said (or one round
-further, when the kill fell between the commit and the response), its
-continuation equals ONNX Runtime's greedy tokens over the whole history as the
-client saw it, and no stored row fails its checksum (and SQLite's
+Then the fault test: --fault-sessions clients, a mix of plain, streamed,
+cancelling (a stream closed after a few tokens, then sent again), chat (when
+the export carries a vocab) and n=2 (no session) requests, run back to back;
+after --fault-after seconds the server gets SIGKILL mid-load and is restarted
+on the same store. Each client sends the request it got no answer to again,
+with the same ``expected_position``: the server answers with the turn it had
+committed, or runs it now. Then every session must be exactly what its client
+saw, with no tolerance: its position is what the client's last answer said,
+its continuation equals ONNX Runtime's greedy tokens over the whole history as
+the client saw it, and no stored row fails its checksum (and SQLite's
 integrity_check passes).
 
     python benchmarks/serve_load.py out/seed-cummax out/seed-softmax --json benchmarks/results/cpu-serve.json
+    python benchmarks/serve_load.py out/tiny --fault-only --fault-sessions 32 --fault-after 10
 """
 
 from __future__ import annotations
@@ -117,73 +121,204 @@ async def level(url: str, sessions: int, prompt_len: int, tokens: int, rounds: i
             "ttft_ms_p50": round(float(np.percentile(first, 50)), 1)}
 
 
-async def rounds_until_killed(url: str, server: ServerProcess, sessions: int, kill_after: float, vocab: int,
-                              tokens: int) -> dict[str, dict]:
-    """Each session runs rounds back to back; history holds what each client saw complete."""
-    rng = np.random.default_rng(1)
-    seen: dict[str, dict] = {}
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=sessions + 4)) as client:
-        for _ in range(sessions):
-            sid = (await client.post(f"{url}/v1/sessions")).json()["id"]
-            seen[sid] = {"history": [], "pending": [], "position": 0, "rounds": 0, "in_flight": None}
+KINDS = ("plain", "streamed", "cancelling", "chat", "n2")  # the fault test's client mix, in turn
 
-        async def run(sid: str) -> None:
-            s = seen[sid]
+
+class Turns:
+    """One session's client: what it saw, and the request whose answer it has not seen yet.
+
+    Every request carries ``expected_position`` (the position the client last saw), so a
+    request whose answer was lost (the kill, or a stream the client cancelled) is sent again
+    as it was: the server answers with the committed turn if there was one, else runs it now.
+    Either way the client ends up exactly where the session is."""
+
+    def __init__(self, sid: str, kind: str, vocab, template):
+        self.sid, self.kind, self.vocab, self.template = sid, kind, vocab, template
+        self.history: list[int] = []
+        self.pending: list[int] = []
+        self.position, self.rounds, self.replayed = 0, 0, 0
+        self.in_flight: dict | None = None
+        self.errors: list[str] = []
+        self.stopped_by = ""  # what ended its loop: the kill, or an error answer (reported)
+
+    def request(self, rng: np.random.Generator, vocab_size: int) -> dict:
+        body = {"max_tokens": int(rng.integers(4, 12)), "temperature": 0, "session": self.sid,
+                "expected_position": self.position}
+        if self.kind == "chat":
+            words = ["hello", "def main(", "x = 1", "print(x)", "# note"]
+            body["messages"] = [{"role": "user", "content": str(rng.choice(words))}]
+        else:
+            body["prompt"] = rng.integers(0, vocab_size, int(rng.integers(1, 6))).tolist()
+        return body
+
+    def prompt_ids(self, body: dict) -> list[int]:
+        if "prompt" in body:
+            return body["prompt"]
+        return self.vocab.encode(self.template.render(messages=body["messages"], add_generation_prompt=True))
+
+    def seen(self, body: dict, answer: dict) -> None:
+        """The answer to ``body`` reached the client: the session is where the answer says."""
+        new = answer["choices"][0]["token_ids"]
+        consumed = len(self.pending) + len(self.prompt_ids(body)) + len(new) - 1
+        if answer["session"]["position"] != self.position + consumed:
+            self.errors.append(f"{self.sid}: answer at position {answer['session']['position']}, the client "
+                               f"counts {self.position + consumed}")
+        self.history += self.pending + self.prompt_ids(body) + new[:-1]
+        self.pending = new[-1:]
+        self.position, self.in_flight = answer["session"]["position"], None
+        self.rounds += 1
+        self.replayed += bool(answer.get("replayed"))
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict, stream: bool, cancel_after: int | None = None,
+               chat: bool = False) -> dict | None:
+    """The answer's body (a stream's chunks folded into one), or None when the client cancelled."""
+    route = f"{url}/v1/chat/completions" if chat else f"{url}/v1/completions"
+    if not stream:
+        for _ in range(100):  # a cancelled stream's request may still be letting go of its session: 409 busy
+            r = await client.post(route, json=body)
+            if r.status_code != 409 or r.json()["error"]["code"] != "session_busy":
+                break
+            await asyncio.sleep(0.02)
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+        return r.json()
+    tokens, final = [], {}
+    async with client.stream("POST", route, json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if not chunk["choices"]:
+                continue
+            tokens += chunk["choices"][0].get("token_ids", [])
+            if chunk["choices"][0]["finish_reason"]:
+                final = chunk
+            if cancel_after is not None and len(tokens) >= cancel_after:
+                return None  # closing the stream cancels the request
+    if not final:
+        raise httpx.RemoteProtocolError("the stream ended without its last chunk")
+    return {"choices": [{"token_ids": tokens}], "session": final["session"], "replayed": final.get("replayed")}
+
+
+async def turn(client: httpx.AsyncClient, url: str, s: Turns, body: dict, rng: np.random.Generator) -> None:
+    """One request of this client's kind, until its answer is seen (a cancelled one is sent again)."""
+    s.in_flight = body
+    chat = "messages" in body
+    cancel = int(rng.integers(1, 4)) if s.kind == "cancelling" else None
+    answer = await send(client, url, body, stream=s.kind in ("streamed", "cancelling"), cancel_after=cancel,
+                        chat=chat)
+    if answer is None:  # cancelled: whether it was committed, only the server knows: ask by sending it again
+        answer = await send(client, url, body, stream=False, chat=chat)
+    s.seen(body, answer)
+
+
+async def rounds_until_killed(url: str, server: ServerProcess, clients: int, kill_after: float, vocab_size: int,
+                              vocab, template) -> tuple[dict[str, Turns], dict[str, int]]:
+    """``clients`` clients of the mix run back to back until the server gets SIGKILL."""
+    rng = np.random.default_rng(1)
+    sessions: dict[str, Turns] = {}
+    load = {"n2_requests": 0}
+    kinds = [k for k in KINDS if k != "chat" or vocab is not None]
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
+        plan = [kinds[i % len(kinds)] for i in range(clients)]
+        for kind in plan:
+            if kind != "n2":
+                sid = (await client.post(f"{url}/v1/sessions")).json()["id"]
+                sessions[sid] = Turns(sid, kind, vocab, template)
+
+        async def run(s: Turns) -> None:
             while True:
-                prompt = rng.integers(0, vocab, 4).tolist()
-                s["in_flight"] = prompt
                 try:
-                    new, _, final = await stream_completion(client, url, {"prompt": prompt, "max_tokens": tokens,
-                                                                          "temperature": 0, "session": sid})
-                except (httpx.TransportError, httpx.HTTPError, RuntimeError):
+                    await turn(client, url, s, s.request(rng, vocab_size), rng)
+                except (httpx.TransportError, httpx.HTTPError, RuntimeError) as e:
+                    s.stopped_by = f"{type(e).__name__}: {str(e)[:80]}"
                     return
-                if not final:
+
+        async def n2() -> None:
+            while True:
+                try:
+                    r = await client.post(f"{url}/v1/completions", json={
+                        "prompt": rng.integers(0, vocab_size, 3).tolist(), "n": 2, "max_tokens": 8})
+                except (httpx.TransportError, httpx.HTTPError):
                     return
-                s["history"] += s["pending"] + prompt + new[:-1]
-                s["pending"] = new[-1:]
-                s["position"], s["rounds"], s["in_flight"] = final["session"]["position"], s["rounds"] + 1, None
+                if r.status_code != 200 or len(r.json()["choices"]) != 2:
+                    return
+                load["n2_requests"] += 1
 
         async def killer() -> None:
             await asyncio.sleep(kill_after)
             os.kill(server.pid, signal.SIGKILL)
 
-        await asyncio.gather(killer(), *(run(sid) for sid in seen))
+        await asyncio.gather(killer(), *(run(s) for s in sessions.values()), *(n2() for k in plan if k == "n2"))
     server.kill()  # reaps it
-    return seen
+    return sessions, load
 
 
 def fault_test(export: Path, store: Path, args) -> dict:
+    """SIGKILL under the mix, restart on the store: each client sends its unanswered request again,
+    and then every session must be exactly what its client saw (position and continuation)."""
+    from samout_edge.generate import vocab_for
+    from samout_edge.serve.server import chat_template
+
+    t0 = time.perf_counter()
     with start_server(export, store, args.max_batch, args.kv_budget_mib) as server:
-        vocab = httpx.get(f"{server.url}/health").json()["vocab_size"]
-        seen = asyncio.run(rounds_until_killed(server.url, server, args.fault_sessions, args.fault_after, vocab,
-                                               args.fault_tokens))
+        vocab_size = httpx.get(f"{server.url}/health").json()["vocab_size"]
+        vocab = vocab_for(None, vocab_size, export)
+        sessions, load = asyncio.run(rounds_until_killed(server.url, server, args.fault_sessions, args.fault_after,
+                                                         vocab_size, vocab, chat_template()))
     integrity = sqlite3.connect(store).execute("PRAGMA integrity_check").fetchone()[0]
-    failures, ahead = [], 0
+    failures, resent = [], 0
     with start_server(export, store, args.max_batch, args.kv_budget_mib) as server:
         url = server.url
         health = httpx.get(f"{url}/health").json()
+
+        async def resend() -> None:
+            nonlocal resent
+            async with httpx.AsyncClient(timeout=600) as client:
+                for s in sessions.values():
+                    if s.in_flight is not None:  # its answer was lost to the kill: the same request again
+                        resent += 1
+                        try:
+                            answer = await send(client, url, s.in_flight, stream=False, chat="messages" in s.in_flight)
+                            s.seen(s.in_flight, answer)
+                        except (httpx.HTTPError, RuntimeError) as e:
+                            failures.append(f"{s.sid}: resending its unanswered request failed: {e}")
+
+        asyncio.run(resend())
         with load_runner(export, "ort") as runner:
-            for sid, s in seen.items():
-                info = httpx.get(f"{url}/v1/sessions/{sid}").json()
-                if info.get("position") != s["position"]:
-                    # the kill fell between the commit and the response: one unseen round, whose tokens we lack
-                    ahead += 1
-                    if s["in_flight"] is None or info.get("position", -1) <= s["position"]:
-                        failures.append(f"{sid}: position {info.get('position')} but the last response said {s['position']}")
+            for s in sessions.values():
+                failures += s.errors
+                info = httpx.get(f"{url}/v1/sessions/{s.sid}").json()
+                if info.get("position") != s.position:
+                    failures.append(f"{s.sid} ({s.kind}): position {info.get('position')}, its client saw {s.position}")
                     continue
                 probe = [7, 3]
                 got = httpx.post(f"{url}/v1/completions", json={"prompt": probe, "max_tokens": 8, "temperature": 0,
-                                                                "session": sid}, timeout=120).json()
-                want = generate(runner, s["history"] + s["pending"] + probe, 8).new_ids
+                                                                "session": s.sid, "expected_position": s.position},
+                                 timeout=120).json()
+                want = generate(runner, s.history + s.pending + probe, 8).new_ids
                 if got["choices"][0]["token_ids"] != want:
-                    failures.append(f"{sid}: continuation differs from greedy over the history")
+                    failures.append(f"{s.sid} ({s.kind}): continuation differs from greedy over what its client saw")
         server.stop()
-    rounds = [s["rounds"] for s in seen.values()]
-    return {"sessions": len(seen), "killed_after_s": args.fault_after, "completed_rounds": sum(rounds),
+    rounds = [s.rounds for s in sessions.values()]
+    return {"clients": args.fault_sessions, "sessions": len(sessions),
+            "kinds": {k: sum(s.kind == k for s in sessions.values()) for k in KINDS if k != "n2"},
+            "n2_requests": load["n2_requests"], "killed_after_s": args.fault_after, "completed_rounds": sum(rounds),
             "rounds_per_session_min": min(rounds), "rounds_per_session_max": max(rounds),
+            "unanswered_resent": resent,
+            "stopped_by": sorted({s.stopped_by.split(":")[0] + (f" ({s.kind})" if "HTTP" in s.stopped_by else "")
+                                  for s in sessions.values()}),
+            "rounds_by_kind_min": {k: min((s.rounds for s in sessions.values() if s.kind == k), default=0)
+                                   for k in KINDS if k != "n2"}, "replayed": sum(s.replayed for s in sessions.values()),
             "resumed": health["sessions"], "corrupt_rows": health["corrupt_sessions"], "sqlite_integrity": integrity,
-            "committed_but_unseen": ahead, "failures": failures, "passed": not failures and integrity == "ok"
-            and health["corrupt_sessions"] == 0 and health["sessions"] == len(seen)}
+            "failures": failures, "wall_s": round(time.perf_counter() - t0, 1),
+            "passed": not failures and integrity == "ok" and health["corrupt_sessions"] == 0
+            and health["sessions"] == len(sessions)}
 
 
 def main() -> None:
@@ -195,14 +330,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="completions per session per level")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--kv-budget-mib", type=float, default=1024)
-    parser.add_argument("--fault-sessions", type=int, default=16)
-    parser.add_argument("--fault-after", type=float, default=4.0, help="seconds of load before SIGKILL")
-    parser.add_argument("--fault-tokens", type=int, default=32)
+    parser.add_argument("--fault-sessions", type=int, default=32, help="clients of the fault test's mix")
+    parser.add_argument("--fault-after", type=float, default=20.0, help="seconds of load before SIGKILL")
+    parser.add_argument("--fault-only", action="store_true", help="only the kill -9 test")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
-    if any(c < 1 or c > 256 for c in levels) or not 1 <= args.tokens <= 1024 or not 1 <= args.rounds <= 100:
-        sys.exit("error: concurrency must be 1..256, --tokens 1..1024 and --rounds 1..100 (a bounded load)")
+    levels = [] if args.fault_only else [int(c) for c in args.concurrency.split(",")]
+    if any(c < 1 or c > 256 for c in levels) or not 1 <= args.tokens <= 1024 or not 1 <= args.rounds <= 100 \
+            or not 1 <= args.fault_sessions <= 256 or not 0 < args.fault_after <= 600:
+        sys.exit("error: concurrency and --fault-sessions must be 1..256, --tokens 1..1024, --rounds 1..100 and "
+                 "--fault-after at most 600 s (a bounded load)")
     report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "python": platform.python_version(), "tokens": args.tokens, "prompt": args.prompt, "rounds": args.rounds, "exports": []}
     for export in args.exports:

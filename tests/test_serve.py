@@ -680,6 +680,7 @@ def test_the_openai_sdk_with_an_api_key(exported, tmp_path):
 def _key_file(tmp_path: Path) -> Path:
     path = tmp_path / "keys.txt"
     path.write_text(f"{KEY_A}\n\n{KEY_B}\n")
+    path.chmod(0o600)  # serve refuses a key file others can read
     return path
 
 

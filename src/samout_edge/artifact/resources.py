@@ -8,6 +8,7 @@ and a MemoryError (or the OOM killer).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from samout_edge.errors import SamoutError
 
@@ -20,8 +21,64 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
 def available_memory() -> int:
-    """Bytes this process can allocate without swapping: MemAvailable on Linux, else physical memory."""
+    """Bytes this process can allocate without swapping or the OOM killer: the least of the
+    host's MemAvailable and what the container's memory cgroup leaves (a container sees the
+    host's meminfo, not its own limit), else physical memory."""
+    host = _host_available()
+    left = cgroup_memory_left()
+    return host if left is None else min(host, left)
+
+
+def cgroup_memory_left(root: Path = CGROUP_ROOT, self_cgroup: str | None = None) -> int | None:
+    """What the memory cgroups this process is in leave it: over its cgroup and each ancestor
+    with a limit, the least of limit - usage + inactive file cache (reclaimable). cgroup v2:
+    memory.max and memory.current; v1: memory.limit_in_bytes and memory.usage_in_bytes.
+    None when no cgroup limits memory (or none can be read)."""
+    try:
+        text = self_cgroup if self_cgroup is not None else Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return None
+    left = None
+    for line in text.splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            base, names = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, names = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):  # its own cgroup, then each ancestor (a limit may sit higher)
+            value = _cgroup_left(base.joinpath(*parts[:depth]), *names)
+            if value is not None:
+                left = value if left is None else min(left, value)
+    return left
+
+
+def _cgroup_left(directory: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        limit = (directory / limit_file).read_text().strip()
+        usage = int((directory / usage_file).read_text())
+    except (OSError, ValueError):
+        return None
+    if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes "unlimited" as ~2**63
+        return None
+    inactive = 0
+    try:
+        for line in (directory / "memory.stat").read_text().splitlines():
+            key, _, number = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(number)
+    except (OSError, ValueError):
+        pass
+    return max(0, int(limit) - usage + inactive)
+
+
+def _host_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -35,13 +35,28 @@ def api_keys(given: list[str] | None, key_file: Path | None) -> list[str]:
     """--api-key, the lines of --api-key-file and $SAMOUT_EDGE_API_KEY, in that order, each once."""
     keys = list(given or [])
     if key_file is not None:
-        try:
-            keys += [line.strip() for line in key_file.read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise SamoutError(f"--api-key-file {key_file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        keys += key_file_keys(key_file)
     if os.environ.get(API_KEY_ENV, "").strip():
         keys.append(os.environ[API_KEY_ENV].strip())
     return list(dict.fromkeys(keys))
+
+
+def key_file_keys(key_file: Path) -> list[str]:
+    """The keys of --api-key-file, one a line. Refused, as ssh refuses a private key: a file
+    others may read (anyone on the machine could use the keys), and a file with no key (the
+    operator asked for keys; serving open instead would be silence)."""
+    try:
+        mode = key_file.stat().st_mode
+        text = key_file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SamoutError(f"--api-key-file {key_file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if os.name == "posix" and mode & 0o077:
+        raise SamoutError(f"--api-key-file {key_file} is accessible by other users (mode {mode & 0o777:04o}): "
+                          f"chmod 600 {key_file}")
+    keys = [line.strip() for line in text.splitlines() if line.strip()]
+    if not keys:
+        raise SamoutError(f"--api-key-file {key_file} holds no key (empty, or only blank lines): write one key a line")
+    return keys
 
 
 def _loopback(host: str) -> bool:
@@ -73,6 +88,9 @@ def serve(
     max_prompt_tokens: int = typer.Option(131072, "--max-prompt-tokens", min=1,
                                           help="Most prompt tokens one request may send (a cummax session's context "
                                           "has no limit: long prompts are fed in chunks)."),
+    max_prompt_chars: int = typer.Option(1 << 20, "--max-prompt-chars", min=1,
+                                         help="Most characters a text prompt may have, as sent and once "
+                                         "NFKC-normalised (checked before tokenizing)."),
     max_sessions: int = typer.Option(10_000, "--max-sessions", min=1, help="Past this, the least recently used idle session is evicted."),
     session_ttl: float = typer.Option(86_400.0, "--session-ttl", help="Seconds idle before a session is evicted."),
     kv_budget_mib: float = typer.Option(256.0, "--kv-budget-mib", min=0, help="Softmax: all sessions' KV caches together."),
@@ -107,6 +125,7 @@ def serve(
     policy = SessionPolicy(max_sessions, session_ttl, int(kv_budget_mib * 2**20))
     template, template_vars = read_chat_template(chat_template) if chat_template is not None else (None, {})
     options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens,
+                           max_prompt_chars=max_prompt_chars,
                            api_keys=keys, chat_template=template, chat_template_vars=template_vars)
     server = open_server(target, value(backend), options,
                          settings(provider, device, engine, openvino_device, openvino_precision), arch_of(arch, softmax_window), heads,

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
 import math
 import secrets
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +31,12 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from samout_edge.artifact import graph
-from samout_edge.artifact.vocab import check_text
+from samout_edge.artifact import graph, resources
+from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.vocab import HFTokenizer, check_text
 from samout_edge.errors import SamoutError
 from samout_edge.generate import Sampler, Vocab
 from samout_edge.runtime.base import Runner, check_context
@@ -41,10 +45,15 @@ from samout_edge.serve.batcher import Batcher, Job, JobResult, StopMatcher, cut_
 from samout_edge.serve.metrics import BATCH_BUCKETS, Metrics
 from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore, SessionTable
 from samout_edge.serve.template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, TemplateFailure  # noqa: F401 - API
+from samout_edge.serve.tokenize import WORKER_CHARS, TokenizerWorker, check_chars
 
 DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 16  # prompts x n in one request: its sequences decode as one batch
 MAX_BODY_BYTES = 8 * 2**20  # a request is a prompt; 8 MiB holds a million token ids
+MAX_CHAT_MESSAGES = 4096  # a chat request's messages: each is validated and rendered on its way to a prompt
+# fp32 buffers of the hidden size a graph call holds per position at once (residual stream, mix, the FFN's
+# input and its wider middle): an estimate with headroom, for admission
+ACTIVATION_BUFFERS = 8
 
 
 @dataclass
@@ -56,6 +65,7 @@ class ServeOptions:
     max_tokens: int = 4096  # per request
     policy: SessionPolicy = field(default_factory=SessionPolicy)
     max_prompt_tokens: int = 131072  # tokens a request may send; a session's context grows without limit (cummax)
+    max_prompt_chars: int = 1 << 20  # characters a text prompt may have, as sent and NFKC-normalised
     store_busy_timeout_s: float = 5.0  # how long a write waits for another process's lock on the store
     api_keys: list[str] = field(default_factory=list)  # any of them opens every route but /health; none: open
     chat_template: str | None = None  # Jinja source for /v1/chat/completions; None: DEFAULT_CHAT_TEMPLATE
@@ -69,6 +79,8 @@ class ServeOptions:
             raise SamoutError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.max_prompt_tokens < 1:
             raise SamoutError(f"--max-prompt-tokens must be at least 1, got {self.max_prompt_tokens}")
+        if self.max_prompt_chars < 1:
+            raise SamoutError(f"--max-prompt-chars must be at least 1, got {self.max_prompt_chars}")
         if self.policy.max_sessions < 1:
             raise SamoutError(f"--max-sessions must be at least 1, got {self.policy.max_sessions}")
         if not (self.policy.ttl_s > 0 and math.isfinite(self.policy.ttl_s)):
@@ -82,6 +94,8 @@ class ServeOptions:
         for key in self.api_keys:
             if len(key) < MIN_KEY_LENGTH or not key.isprintable() or any(c.isspace() for c in key):
                 raise SamoutError(f"an API key must be at least {MIN_KEY_LENGTH} printable characters without spaces")
+            if not key.isascii():  # an HTTP header carries Latin-1 at best: such a key could never match
+                raise SamoutError("an API key must be ASCII (a header cannot carry it as UTF-8): this one is not")
 
 
 MIN_KEY_LENGTH = 16
@@ -131,6 +145,14 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None  # the end user, for the operator's records: it changes no output
     session: str | None = None  # ours: continue a server-side session
+    # ours: the session's position as the client last saw it; a request whose answer was lost (kill -9,
+    # a dropped connection) sent again with it gets the committed answer back instead of a second turn
+    expected_position: StrictInt | None = Field(None, ge=0)
+
+    def digest(self) -> str:
+        """What makes two requests the same turn: every field but how the answer is delivered."""
+        fields = self.model_dump(exclude={"stream", "stream_options", "expected_position"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 class CompletionRequest(Sampling):
@@ -184,7 +206,15 @@ class ChatRequest(Sampling):
     """OpenAI's chat completion request: the messages go through the chat template into a
     completion's prompt; tools and every other unimplemented field are refused by name."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def few_enough(cls, messages: Any) -> Any:
+        """Counted before each message is validated: validating 200,000 of them holds the event loop for seconds."""
+        if isinstance(messages, list) and len(messages) > MAX_CHAT_MESSAGES:
+            raise ValueError(f"{len(messages):,} messages, above this server's limit of {MAX_CHAT_MESSAGES:,}")
+        return messages
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: bool | None = None  # each token's log-probability (with its bytes), as OpenAI's chat answers
@@ -255,8 +285,14 @@ class Server:
             except BaseException:
                 self.batcher.stop()
                 raise
-        self.sessions = SessionTable(store, self.initial, self.info.arch, options.policy)
+        self.sessions = SessionTable(store, self.initial, self.info.arch, options.policy, len(options.api_keys))
+        # SQLite's waits (a store locked by another process) run here, not on the event loop and not in
+        # the default pool that tokenizes prompts: a locked store holds up only the writes
+        self.store_pool = ThreadPoolExecutor(4, thread_name_prefix="samout-store")
         self.active = 0
+        self.memory_held = 0  # bytes admitted to requests still running (admit)
+        self.tokenizer_worker: TokenizerWorker | None = None  # a tokenizer.json's child process (serve/tokenize.py)
+        self.worker_lock = threading.Lock()
         m = self.metrics
         m.counter("samout_requests_total", "HTTP requests by route and status.")
         m.counter("samout_prompt_tokens_total", "Tokens consumed from prompts (and sessions' pending tokens).")
@@ -277,7 +313,14 @@ class Server:
         self.metrics.observe("samout_step_seconds", seconds, kind=kind)
         self.metrics.observe("samout_batch_size", batch, kind=kind)
 
+    async def in_store(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a session-table call that writes the store, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.store_pool, functools.partial(fn, *args))
+
     def close(self) -> None:
+        if self.tokenizer_worker is not None:
+            self.tokenizer_worker.close()
+        self.store_pool.shutdown(wait=True)
         self.batcher.stop()
         self.chat_template.close()
         if self.sessions.store is not None:
@@ -297,19 +340,31 @@ class Server:
             except SamoutError as e:
                 raise SessionError(str(e), 400, "invalid_text") from None
             limit = self.options.max_prompt_tokens
+            check_chars(prompt, self.options.max_prompt_chars)  # before any tokenizer's work
             fewest = self.vocab.fewest_tokens(prompt)  # checked before encoding: a huge text is refused at once
             if fewest > limit:
                 raise SessionError(f"the prompt is at least {fewest:,} tokens, above this server's limit of {limit:,} "
                                    "(serve --max-prompt-tokens)", 400, "prompt_too_long")
             try:
-                return self.vocab.encode(prompt)
+                ids = self._worker().encode(prompt, limit) if len(prompt) >= WORKER_CHARS and \
+                    isinstance(self.vocab, HFTokenizer) else self.vocab.encode(prompt)
             except SamoutError as e:
                 raise SessionError(str(e), 400, "unknown_text") from None
+            if isinstance(ids, int):  # the child's count of a prompt past the limit
+                raise SessionError(f"the prompt is {ids:,} tokens, above this server's limit of {limit:,} "
+                                   "(serve --max-prompt-tokens)", 400, "prompt_too_long")
+            return ids
         vocab = self.info.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise SessionError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", 400, "token_out_of_range")
         return list(prompt)
+
+    def _worker(self) -> TokenizerWorker:
+        with self.worker_lock:
+            if self.tokenizer_worker is None:
+                self.tokenizer_worker = TokenizerWorker(self.vocab.to_json())
+            return self.tokenizer_worker
 
     def check_request(self, req: CompletionRequest, prompt: list[int], ids: list[int], position: int) -> None:
         """``prompt``: what the client sent; ``ids``: that after the session's pending token."""
@@ -326,6 +381,35 @@ class Server:
             check_context(self.info, position + len(ids) + req.max_tokens - 1, 1, "this request")
         except SamoutError as e:
             raise SessionError(str(e), 400, "context_too_long") from None
+
+    def request_bytes(self, tokens: int, context: int) -> int:
+        """Memory one sequence's runner calls allocate beyond the model, at their peak (a
+        prefill call): the logits of the call's positions (every position for a ``--logits all``
+        export, else the last) and their float32 copy, each position's activations, and a
+        softmax KV cache of the whole context twice (the call's input and output)."""
+        info = self.info
+        call = min(tokens, info.max_seq or tokens)
+        rows = call if info.logits == "all" else 1
+        need = 2 * rows * info.config.vocab_size * 4 + call * info.config.hidden_size * 4 * ACTIVATION_BUFFERS
+        if arch_spec(info.arch).grows:
+            need += 2 * graph.state_bytes(info.config, info.arch, 1, context, info.dtype)
+        return need
+
+    def admit(self, need: int) -> int:
+        """Admit a request's memory before anything is allocated, against what the host and the
+        container's cgroup leave, less what running requests were admitted with: an OOM kill
+        would lose every request in flight, a refusal only this one."""
+        from samout_edge.artifact.resources import human_bytes
+
+        available = resources.available_memory()
+        if need + self.memory_held > available:
+            raise SessionError(f"this request needs about {human_bytes(need)} of memory (logits, activations and "
+                               f"KV caches of every choice), but {human_bytes(available)} is available (the "
+                               f"container's memory limit included) and running requests hold "
+                               f"{human_bytes(self.memory_held)}: send a shorter prompt or fewer choices, or retry",
+                               503, "insufficient_memory")
+        self.memory_held += need
+        return need
 
     def text(self, tokens: list[int]) -> str:
         return self.vocab.decode_ids(tokens) if self.vocab else ""
@@ -359,6 +443,10 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        if scope.get("path") == "/v1/chat/completions" and too_many_objects(body, MAX_CHAT_MESSAGES + 16):
+            response = _error(400, f"messages: more than this server's limit of {MAX_CHAT_MESSAGES:,}",
+                              "invalid_request")
+            return await response(scope, receive, send)
 
         async def replay():
             nonlocal replayed
@@ -372,6 +460,54 @@ class BodyLimit:
     async def _too_large(self, scope, receive, send) -> None:
         response = _error(413, f"the body is larger than {self.limit} bytes", "body_too_large")
         await response(scope, receive, send)
+
+
+class _TooMany(Exception):
+    pass
+
+
+def too_many_objects(body: bytes, limit: int) -> bool:
+    """Whether the JSON body holds more than ``limit`` objects, found out by a parse that stops
+    at the one past it: 200,000 chat messages would hold the event loop (and the GIL) for a
+    quarter of a second just to be parsed, before any validation could count them."""
+    seen = 0
+
+    def count(pairs: list) -> None:
+        nonlocal seen
+        seen += 1
+        if seen > limit:
+            raise _TooMany
+
+    try:
+        json.loads(body, object_pairs_hook=count)
+    except _TooMany:
+        return True
+    except (ValueError, RecursionError):  # not JSON: FastAPI says so
+        pass
+    return False
+
+
+class KeyGate:
+    """The API key, checked on the headers before anything reads the body (the outermost
+    layer): an unauthenticated request is answered 401 with its body unread, so it costs
+    no buffering. The key's owner goes to ``request.state.owner`` (None without keys)."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["owner"] = None
+        if self.keys and scope.get("path") != "/health":
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            owner = authorize(self.keys, header)
+            if owner is None:
+                response = _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+            scope["state"]["owner"] = owner
+        await self.app(scope, receive, send)
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
@@ -411,21 +547,10 @@ def create_app(server: Server) -> FastAPI:
         metrics.inc("samout_requests_total", route=getattr(route, "path", "unmatched"), status=str(response.status_code))
         return response
 
-    @app.middleware("http")
-    async def api_key(request: Request, call_next):
-        """Every route but /health needs one of the server's keys (when it has any); the key
-        a request came with owns the sessions it creates."""
-        request.state.owner = None
-        if server.options.api_keys and request.url.path != "/health":
-            owner = authorize(server.options.api_keys, request.headers.get("authorization"))
-            if owner is None:
-                response = _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key")
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-            request.state.owner = owner
-        return await call_next(request)
-
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # outermost of ours: before anything reads the body
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # before anything reads the body
+    # outermost: every route but /health needs one of the server's keys (when it has any), checked before
+    # the body is read; the key a request came with owns the sessions it creates
+    app.add_middleware(KeyGate, keys=server.options.api_keys)
 
     @app.exception_handler(SessionError)
     async def session_error(request: Request, exc: SessionError):
@@ -476,7 +601,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/sessions")
     async def create_session(request: Request) -> dict[str, Any]:
         server.sessions.unreserve(server.sessions.reserve(0))  # a full softmax budget takes no new sessions
-        session = await asyncio.to_thread(server.sessions.create, request.state.owner)
+        session = await server.in_store(server.sessions.create, request.state.owner)
         return session.to_dict()
 
     @app.get("/v1/sessions/{session_id}")
@@ -485,10 +610,10 @@ def create_app(server: Server) -> FastAPI:
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str, request: Request) -> dict[str, Any]:
-        await asyncio.to_thread(server.sessions.delete, session_id, request.state.owner)
+        await server.in_store(server.sessions.delete, session_id, request.state.owner)
         return {"id": session_id, "object": "session", "deleted": True}
 
-    async def start(req: CompletionRequest, request: Request, chat: bool = False):
+    async def start(req: CompletionRequest, request: Request, chat: bool = False, digest: str | None = None):
         refused = req.unsupported()
         if refused is not None:
             raise SessionError(f"{refused} is not supported by this server (leave it out, or at its default)", 400,
@@ -501,14 +626,29 @@ def create_app(server: Server) -> FastAPI:
         if req.session is not None and len(texts) * req.n > 1:
             raise SessionError("a session continues one sequence: a list of prompts or n > 1 takes no session", 400,
                                "invalid_request")
+        if req.expected_position is not None and req.session is None:
+            raise SessionError("expected_position is a session's position: it needs a session", 400,
+                               "invalid_request")
         prompts = [await asyncio.to_thread(server.prompt_ids, t) for t in texts]  # linear time, off the event loop
         session = server.sessions.acquire(req.session, request.state.owner) if req.session is not None else None
+        digest = digest or req.digest()
+        if session is not None and req.expected_position not in (None, session.position):
+            try:
+                body = replayed_turn(session, req.expected_position, digest)
+            finally:
+                server.sessions.release(session)
+            if req.stream:
+                return StreamingResponse(iter(_replay_sse(body, chat)), media_type="text/event-stream")
+            return JSONResponse(body)
+        reserved = 0
         try:
-            reserved, choices = 0, []
+            choices, need = [], 0
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             for p, (text, prompt) in enumerate(zip(texts, prompts)):
                 ids = (session.pending if session else []) + prompt
-                server.check_request(req, prompt, ids, session.position if session else 0)
+                position = session.position if session else 0
+                server.check_request(req, prompt, ids, position)
+                need += req.n * server.request_bytes(len(ids), position + len(ids) + req.max_tokens - 1)
                 if session is not None:
                     reserved = server.sessions.reserve(graph.state_bytes(
                         server.info.config, server.info.arch, 1, len(ids) + req.max_tokens - 1, server.info.dtype))
@@ -524,8 +664,10 @@ def create_app(server: Server) -> FastAPI:
                     choices.append(_Choice(index, prompt, echo if req.echo else "", job))
             run = _Run(server, session, choices, reserved, stops,
                        bool(req.stream_options and req.stream_options.include_usage), chat, req.echo, req.logprobs,
-                       req.n)
+                       req.n, digest)
+            run.memory = server.admit(need)  # last: nothing after it can fail before the run owns it
         except BaseException:
+            server.sessions.unreserve(reserved)
             if session is not None:
                 server.sessions.release(session)
             raise
@@ -551,7 +693,7 @@ def create_app(server: Server) -> FastAPI:
             prompt = await asyncio.to_thread(server.chat_template.render, [m.model_dump() for m in req.messages])
         except TemplateFailure as e:
             raise SessionError(f"the chat template failed on these messages: {e}", 400, "chat_template") from None
-        return await start(req.completion(prompt), request, chat=True)
+        return await start(req.completion(prompt), request, chat=True, digest=req.digest())
 
     return app
 
@@ -574,8 +716,9 @@ class _Run:
 
     def __init__(self, server: Server, session, choices: list[_Choice], reserved: int = 0,
                  stops: list[str] | None = None, include_usage: bool = False, chat: bool = False,
-                 echo: bool = False, logprobs: int | None = None, n: int = 1):
+                 echo: bool = False, logprobs: int | None = None, n: int = 1, digest: str = ""):
         self.server, self.session, self.choices, self.reserved = server, session, choices, reserved
+        self.digest = digest  # the request's (Sampling.digest): its answer is replayed only to the same request
         self.n = n  # choices per prompt: choice index = prompt index * n + j
         self.stops, self.include_usage, self.chat = stops or [], include_usage, chat
         self.echo, self.logprobs = echo, logprobs
@@ -585,6 +728,7 @@ class _Run:
         self.first_token_s: float | None = None
         self.finished = False
         self.completing: asyncio.Future | None = None  # the session's commit of a finished job
+        self.memory = 0  # bytes admitted (Server.admit), given back when it finishes
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -624,8 +768,13 @@ class _Run:
 
     async def _complete(self, result: JobResult) -> None:
         if self.session is not None:
-            await asyncio.to_thread(self.server.sessions.commit, self.session, result.state, result.consumed,
-                                    [result.new[-1]])
+            before = self.session.position
+
+            def turn(after) -> dict[str, Any]:  # kept with the state: the answer, for a client that lost it
+                return {"from_position": before, "request": self.digest, "response": self.body(after.to_dict())}
+
+            await self.server.in_store(self.server.sessions.commit, self.session, result.state, result.consumed,
+                                       [result.new[-1]], turn)
         m = self.server.metrics
         m.inc("samout_generated_tokens_total", len(result.new))
         m.observe("samout_request_seconds", time.perf_counter() - self.t0)
@@ -637,6 +786,7 @@ class _Run:
         for c in self.choices:
             c.job.cancelled.set()  # a no-op once done; stops the work of a client that went away
         self.server.active -= 1
+        self.server.memory_held -= self.memory
         self.server.sessions.unreserve(self.reserved)
         if self.session is not None:
             session, sessions = self.session, self.server.sessions
@@ -689,11 +839,11 @@ class _Run:
                 "logprobs": self.logprob_entry(c.job, 0) if self.logprobs is not None else None,
                 "finish_reason": "stop" if stopped else "length"}
 
-    def body(self) -> dict[str, Any]:
+    def body(self, session: dict[str, Any] | None = None) -> dict[str, Any]:
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.server.model_name,
                 "choices": [self.choice_body(c) for c in self.choices], "usage": self.usage()}
         if self.session is not None:
-            body["session"] = self.session.to_dict()
+            body["session"] = session or self.session.to_dict()
         return body
 
     async def whole(self, request: Request) -> JSONResponse:
@@ -772,6 +922,37 @@ class _Run:
         yield "data: [DONE]\n\n"
 
 
+def replayed_turn(session, expected: int, digest: str) -> dict[str, Any]:
+    """The committed answer of the session's last turn, when this request is that turn sent
+    again from where it started (its answer was lost: kill -9, a dropped connection);
+    otherwise the client and the session disagree: 409 with both positions."""
+    turn = session.last_turn
+    if turn is not None and turn.get("from_position") == expected and turn.get("request") == digest:
+        return {**turn["response"], "replayed": True}
+    why = ("its last turn started there with another request" if turn is not None and
+           turn.get("from_position") == expected else "no turn of it started there")
+    raise SessionError(f"session {session.id} is at position {session.position}, not at expected_position {expected}, "
+                       f"and {why}: nothing was run", 409, "position_mismatch")
+
+
+def _replay_sse(body: dict[str, Any], chat: bool) -> list[str]:
+    """A replayed answer as a stream: each choice's whole text and tokens in one chunk, then [DONE]."""
+    head = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": body["created"], "model": body["model"], "replayed": True}
+    chunks = []
+    for c in body["choices"]:
+        if chat:
+            chunks.append({**head, "choices": [{"index": c["index"], "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            content = {"delta": {"content": c["message"]["content"]}}
+        else:
+            content = {"text": c["text"]}
+        chunks.append({**head, "choices": [{"index": c["index"], **content, "token_ids": c["token_ids"],
+                                            "logprobs": c["logprobs"], "finish_reason": c["finish_reason"]}],
+                       "usage": body["usage"], **({"session": body["session"]} if "session" in body else {})})
+    return [f"data: {json.dumps(chunk)}\n\n" for chunk in chunks] + ["data: [DONE]\n\n"]
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client has gone away (the body was read already)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -782,7 +963,7 @@ async def _sweep(server: Server) -> None:
     interval = min(60.0, max(1.0, server.options.policy.ttl_s / 4))
     while True:
         await asyncio.sleep(interval)
-        await asyncio.to_thread(server.sessions.sweep)
+        await server.in_store(server.sessions.sweep)
 
 
 def model_identity(target: Target) -> str:

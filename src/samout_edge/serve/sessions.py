@@ -30,6 +30,7 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,9 @@ class Session:
     last_used: float = field(default_factory=time.time)
     busy: bool = False  # a request is running on it
     owner: str | None = None  # the API key that created it, as a digest (serve/server.py: key_owner); None: anyone
+    # the request that moved it last: {"from_position", "request" (its digest), "response" (the body)}, committed
+    # with the state, so a client that lost the answer to a kill -9 gets it again (server.py: expected_position)
+    last_turn: dict | None = None
 
     @property
     def state_bytes(self) -> int:
@@ -138,10 +142,12 @@ class SessionStore:
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self.db.execute("CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, position INTEGER NOT NULL, "
                             "pending TEXT NOT NULL, state BLOB NOT NULL, state_sha256 TEXT NOT NULL, "
-                            "created REAL NOT NULL, last_used REAL NOT NULL, owner TEXT)")
+                            "created REAL NOT NULL, last_used REAL NOT NULL, owner TEXT, last_turn TEXT)")
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(sessions)")}
             if "owner" not in columns:  # a store written before API keys: its sessions belong to no key
                 self.db.execute("ALTER TABLE sessions ADD COLUMN owner TEXT")
+            if "last_turn" not in columns:  # a store written before replays: no turn to replay
+                self.db.execute("ALTER TABLE sessions ADD COLUMN last_turn TEXT")
             self._check_meta(model_fingerprint)
         except sqlite3.DatabaseError as e:
             self.close()
@@ -203,6 +209,13 @@ class SessionStore:
                                    "any more: restart serve") from None
         if (stat.st_dev, stat.st_ino) != self.identity:
             raise StoreUnavailable(f"the session store {self.path} was replaced while serving; restart serve")
+        for suffix in ("-wal", "-shm"):
+            # SQLite maps -shm into memory: growing an unwritable one (chattr +i, a read-only bind mount) is a
+            # SIGBUS that kills the server, so a write is refused before SQLite touches it
+            extra = f"{self.path}{suffix}"
+            if os.path.exists(extra) and not os.access(extra, os.W_OK):
+                raise StoreUnavailable(f"the session store's {extra} is not writable (immutable, read-only or not "
+                                       "ours); nothing is persisted until it is")
 
     def _write(self, sql: str, params: tuple) -> None:
         with self.lock:
@@ -215,10 +228,11 @@ class SessionStore:
 
     def save(self, session: Session) -> None:
         blob = encode_state(session.state)
+        turn = None if session.last_turn is None else json.dumps(session.last_turn)
         row = (session.id, session.position, json.dumps(session.pending), blob, hashlib.sha256(blob).hexdigest(),
-               session.created, session.last_used, session.owner)
+               session.created, session.last_used, session.owner, turn)
         self._write("INSERT OR REPLACE INTO sessions (id, position, pending, state, state_sha256, created, last_used, "
-                    "owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    "owner, last_turn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
 
     def delete(self, session_id: str) -> None:
         self._write("DELETE FROM sessions WHERE id = ?", (session_id,))
@@ -227,14 +241,15 @@ class SessionStore:
         """Every session, and the ids of rows that fail their checksum (left in place, reported)."""
         sessions, corrupt = [], []
         with self.lock:
-            rows = self.db.execute("SELECT id, position, pending, state, state_sha256, created, last_used, owner "
-                                   "FROM sessions").fetchall()
-        for sid, position, pending, blob, digest, created, last_used, owner in rows:
+            rows = self.db.execute("SELECT id, position, pending, state, state_sha256, created, last_used, owner, "
+                                   "last_turn FROM sessions").fetchall()
+        for sid, position, pending, blob, digest, created, last_used, owner, turn in rows:
             try:
                 if hashlib.sha256(blob).hexdigest() != digest:
                     raise ValueError("checksum mismatch")
                 sessions.append(Session(sid, decode_state(blob), int(position), [int(t) for t in json.loads(pending)],
-                                        float(created), float(last_used), owner=owner))
+                                        float(created), float(last_used), owner=owner,
+                                        last_turn=None if turn is None else json.loads(turn)))
             except (ValueError, TypeError):
                 corrupt.append(sid)
         return sessions, corrupt
@@ -260,10 +275,12 @@ class SessionTable:
     """The live sessions (all of them, in memory), their policy, and the store behind them."""
 
     def __init__(self, store: SessionStore | None, initial_state: dict[str, np.ndarray], arch: str,
-                 policy: SessionPolicy):
+                 policy: SessionPolicy, owners: int = 1):
         self.store, self.initial, self.arch, self.policy = store, initial_state, arch, policy
+        self.owners = max(1, owners)  # API keys: each holds at most its share of max_sessions
         self.sessions: dict[str, Session] = {}
         self.reserved = 0  # softmax: KV bytes that running requests may still add
+        self.creating = 0  # sessions being written to the store: they count against max_sessions
         self.lock = threading.Lock()
         self.corrupt: list[str] = []
         if store is not None:
@@ -317,27 +334,70 @@ class SessionTable:
 
     # -- lifecycle: the store first, memory only once the store has it
 
+    @property
+    def quota(self) -> int:
+        """Sessions one API key may hold: with several keys, an equal share of max_sessions, so
+        one key cannot evict the others' idle sessions to make room for its own."""
+        return max(1, self.policy.max_sessions // self.owners)
+
     def create(self, owner: str | None = None) -> Session:
+        """A new session, persisted first. The table's lock is never held while SQLite waits
+        (another process may hold the store locked for seconds): only this request waits,
+        reads and other sessions' requests go on."""
+        session = Session(secrets.token_hex(12), {k: v.copy() for k, v in self.initial.items()}, owner=owner)
         with self.lock:
-            self._make_room()
-            session = Session(secrets.token_hex(12), {k: v.copy() for k, v in self.initial.items()}, owner=owner)
+            victim = self._victim(owner)
+            if victim is not None:
+                victim.busy = True  # nobody takes it while its row goes
+            self.creating += 1
+        evicted = False
+        try:
             if self.store is not None:
+                if victim is not None:
+                    self.store.delete(victim.id)
+                evicted = victim is not None
                 self.store.save(session)
+        except BaseException:
+            with self.lock:
+                self.creating -= 1
+                if victim is not None:
+                    victim.busy = False
+                    if evicted:  # gone from the store: gone from memory too
+                        self.sessions.pop(victim.id, None)
+            raise
+        with self.lock:
+            self.creating -= 1
+            if victim is not None:
+                self.sessions.pop(victim.id, None)
             self.sessions[session.id] = session
         return session
 
-    def _make_room(self) -> None:
-        while len(self.sessions) >= self.policy.max_sessions:
-            idle = [s for s in self.sessions.values() if not s.busy]
-            if not idle:
-                raise SessionError(f"{len(self.sessions)} sessions are busy (--max-sessions "
-                                   f"{self.policy.max_sessions})", 429, "too_many_sessions")
-            self._evict(min(idle, key=lambda s: s.last_used).id)
+    def _victim(self, owner: str | None) -> Session | None:
+        """The session to evict so ``owner`` gets a new one (None: there is room). A key at its
+        share evicts its own least recently used idle session; a full table takes one of a key
+        past its share (sessions of no key, from before keys, first), never another key's within it."""
+        mine = [s for s in self.sessions.values() if s.owner == owner]
+        if self.owners > 1 and len(mine) >= self.quota:
+            return self._least_recent(mine, f"this API key's {len(mine)} sessions (its share of --max-sessions "
+                                            f"{self.policy.max_sessions}: {self.quota}) are all busy")
+        if len(self.sessions) + self.creating < self.policy.max_sessions:
+            return None
+        if self.owners == 1:
+            return self._least_recent(list(self.sessions.values()), f"{len(self.sessions)} sessions are busy "
+                                      f"(--max-sessions {self.policy.max_sessions})")
+        held: dict[str | None, int] = {}
+        for s in self.sessions.values():
+            held[s.owner] = held.get(s.owner, 0) + 1
+        over = [s for s in self.sessions.values() if s.owner != owner and held[s.owner] > self.quota]
+        return self._least_recent(over or mine, f"the server holds {len(self.sessions)} sessions (--max-sessions "
+                                  f"{self.policy.max_sessions}) and none this key may evict is idle")
 
-    def _evict(self, session_id: str) -> None:
-        if self.store is not None:
-            self.store.delete(session_id)
-        self.sessions.pop(session_id, None)
+    @staticmethod
+    def _least_recent(candidates: list[Session], busy: str) -> Session:
+        idle = [s for s in candidates if not s.busy]
+        if not idle:
+            raise SessionError(busy, 429, "too_many_sessions")
+        return min(idle, key=lambda s: s.last_used)
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
         """The session, if ``owner`` (the caller's key) may see it: another key's session is
@@ -359,35 +419,55 @@ class SessionTable:
     def release(self, session: Session) -> None:
         session.busy = False
 
-    def commit(self, session: Session, state: dict[str, np.ndarray], consumed: int, pending: list[int]) -> None:
+    def commit(self, session: Session, state: dict[str, np.ndarray], consumed: int, pending: list[int],
+               turn: Callable[[Session], dict] | None = None) -> None:
         """The request completed: the new state is persisted before the client hears so,
         and the session changes in memory only once the store has it (StoreUnavailable
-        otherwise: the session stays as it was, in memory and on disk)."""
+        otherwise: the session stays as it was, in memory and on disk). ``turn`` makes the
+        session's ``last_turn`` from the session after it (the response, to replay), in
+        the same row and so the same SQLite commit as the state."""
         after = dataclasses.replace(session, state=state, position=session.position + consumed, pending=pending,
                                     last_used=time.time())
+        after.last_turn = turn(after) if turn is not None else None
         if self.store is not None:
             self.store.save(after)
         session.state, session.position, session.pending = after.state, after.position, after.pending
-        session.last_used = after.last_used
+        session.last_used, session.last_turn = after.last_used, after.last_turn
 
     def delete(self, session_id: str, owner: str | None = None) -> None:
+        """Drop a session, store first; the table's lock is not held while SQLite waits."""
         with self.lock:
             session = self.get(session_id, owner)
             if session.busy:
                 raise SessionError(f"session {session_id} is running a request", 409, "session_busy")
-            self._evict(session_id)
+            session.busy = True
+        self._drop([session])
+
+    def _drop(self, sessions: list[Session]) -> int:
+        """Delete these sessions (marked busy by the caller), store first, one by one; one the store
+        cannot drop stays (in memory and on disk alike), and so do those after it. Returns how many went."""
+        for done, session in enumerate(sessions):
+            try:
+                if self.store is not None:
+                    self.store.delete(session.id)
+            except BaseException:
+                for rest in sessions[done:]:
+                    rest.busy = False
+                raise
+            with self.lock:
+                self.sessions.pop(session.id, None)
+        return len(sessions)
 
     def sweep(self, now: float | None = None) -> int:
         """Evict sessions idle past the TTL; returns how many. One the store cannot drop
         stays (in memory and on disk alike) until a later sweep."""
         now = time.time() if now is None else now
-        evicted = 0
         with self.lock:
-            expired = [s.id for s in self.sessions.values() if not s.busy and now - s.last_used > self.policy.ttl_s]
-            for sid in expired:
-                try:
-                    self._evict(sid)
-                    evicted += 1
-                except StoreUnavailable:
-                    break
-        return evicted
+            expired = [s for s in self.sessions.values() if not s.busy and now - s.last_used > self.policy.ttl_s]
+            for session in expired:
+                session.busy = True
+        before = len(self.sessions)
+        try:
+            return self._drop(expired)
+        except StoreUnavailable:
+            return before - len(self.sessions)
