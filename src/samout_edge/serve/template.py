@@ -55,11 +55,30 @@ def special_tokens(config: dict[str, Any]) -> dict[str, str]:
     return found
 
 
+MAX_PRODUCT = 1 << 20  # the longest string or list one `*` in a template may make, and the largest `**` exponent
+
+
 def environment():
-    """The Jinja environment of ``transformers``' ``_compile_jinja_template``."""
+    """The Jinja environment of ``transformers``' ``_compile_jinja_template``, whose `*` and `**`
+    are bounded: Jinja folds constant expressions while it compiles (``'a' * 10**9`` took 12 s and
+    2 GB in the server, before any render), unless the sandbox intercepts the operator; then it
+    is computed at render time, in the child, where a too large product is the template's error."""
     import jinja2.ext
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, count in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and \
+                            len(seq) * count > MAX_PRODUCT:
+                        raise TemplateError(f"the chat template repeats a value past {MAX_PRODUCT:,} items")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+                raise TemplateError("the chat template raises a number to a power past 1,024")
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -67,10 +86,7 @@ def environment():
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    # optimized=False: no constant folding at parse time, so ``'a' * 10**9`` is not computed by the
-    # server while parsing, only by the bounded renderer (rendering is the same either way)
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols],
-                                        optimized=False)
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     return env
@@ -102,15 +118,17 @@ def render_bounded(template, variables: dict[str, Any], max_chars: int) -> str:
 
 
 def _limit_memory(extra_bytes: int) -> None:
-    """The child's address space: what it holds now plus ``extra_bytes`` (Linux; elsewhere none)."""
+    """The child's data (heap and private writable mappings, where a big string lands): what it
+    holds now plus ``extra_bytes`` (Linux; elsewhere none). Not the address space: libraries
+    reserve gigabytes of it they never touch, so a bound on it moves with what was imported."""
     try:
-        import os
         import resource
 
-        with open("/proc/self/statm") as f:
-            now = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        resource.setrlimit(resource.RLIMIT_AS, (now + extra_bytes, now + extra_bytes))
-    except (OSError, ValueError, ImportError):
+        with open("/proc/self/status") as f:
+            data_kib = next(int(line.split()[1]) for line in f if line.startswith("VmData:"))
+        limit = data_kib * 1024 + extra_bytes
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    except (OSError, ValueError, ImportError, StopIteration):
         pass
 
 
