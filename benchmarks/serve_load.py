@@ -263,14 +263,14 @@ def fault_test(export: Path, store: Path, args) -> dict:
     """SIGKILL under the mix, restart on the store: each client sends its unanswered request again,
     and then every session must be exactly what its client saw (position and continuation)."""
     from samout_edge.generate import vocab_for
-    from samout_edge.serve.server import chat_template
+    from samout_edge.serve.template import compile_template
 
     t0 = time.perf_counter()
     with start_server(export, store, args.max_batch, args.kv_budget_mib) as server:
         vocab_size = httpx.get(f"{server.url}/health").json()["vocab_size"]
         vocab = vocab_for(None, vocab_size, export)
         sessions, load = asyncio.run(rounds_until_killed(server.url, server, args.fault_sessions, args.fault_after,
-                                                         vocab_size, vocab, chat_template()))
+                                                         vocab_size, vocab, compile_template(None)))
     integrity = sqlite3.connect(store).execute("PRAGMA integrity_check").fetchone()[0]
     failures, resent = [], 0
     with start_server(export, store, args.max_batch, args.kv_budget_mib) as server:
