@@ -30,8 +30,8 @@ MIN_BLOCK_SIZE = 16  # MatMulNBits and GatherBlockQuantized take powers of two f
 # counts (fp16 eps is 9.8e-4; seed preset: ~1e-3 of the scale seen: a 5x margin).
 RTOL = {"fp32": 1e-4, "fp16": 5e-3}
 # An fp16 graph computed in fp16 by a runtime that also accumulates in fp16 (ONNX Runtime's MatMuls on an
-# aarch64 CPU with fp16 arithmetic, e.g. Jetson Orin): the trained SamOut's fp16 export reached 6.1e-3
-# of the scale under QEMU's cortex-a76 (1.05-1.3x the 5e-3 above); 1e-2 keeps it at 0.61 of its tolerance.
+# aarch64 CPU with fp16 arithmetic, e.g. Jetson Orin): the trained SamOut's fp16 export reached 7.0e-3
+# of the scale under QEMU's cortex-a76 (1.4x the 5e-3 above); 1e-2 keeps it at 0.70 of its tolerance.
 RTOL_FP16_ARITHMETIC = 1e-2
 ACTIVATIONS = ("fp", "int8")  # what a quantized export's MatMuls compute with
 GRIDS = ("symmetric", "asymmetric")  # int4 blocks without or with a zero-point each (asymmetric: ONNX Runtime only)
