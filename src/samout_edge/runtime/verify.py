@@ -333,6 +333,14 @@ def run_rows(runner, ids: np.ndarray, state: dict, max_batch: int | None):
 def _against_pytorch(actual, export_dir: Path, manifest: Manifest, lengths: list[int] | None,
                      checkpoint: str | Path | None, rtol: float, progress: Progress) -> VerifyResult:
     require_torch("verify --lengths/--checkpoint (recomputing with PyTorch)")
+    from samout_edge.models.quantize import activation_rounding
+
+    with activation_rounding(actual.info.kernel_family):  # int8 compute: PyTorch as the runner's kernels round
+        return _recomputed(actual, export_dir, manifest, lengths, checkpoint, rtol, progress)
+
+
+def _recomputed(actual, export_dir: Path, manifest: Manifest, lengths: list[int] | None,
+                checkpoint: str | Path | None, rtol: float, progress: Progress) -> VerifyResult:
     from samout_edge.models.checkpoint import source_checkpoint
     from samout_edge.runtime.torch_runner import load_torch_runner
 
