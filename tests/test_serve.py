@@ -456,23 +456,14 @@ def test_a_chunked_body_is_cut_at_the_limit(exported):
 
 def test_a_huge_text_prompt_does_not_block_the_server(exported, tmp_path):
     """Item 11: a 7 MB text prompt is refused on its length before encoding, off the event loop."""
-    import threading
+    from tests.test_serve_robustness import _slowest_health_while
 
     vocab = tmp_path / "vocab.json"
     vocab.write_text(json.dumps([chr(i) for i in range(127)] + ["a" * 50]))  # one long token: 50 tries a character
     with ServerProcess(exported().directory, "--memory-only", "--vocab", str(vocab)) as server:
-        answers = []
-        big = threading.Thread(target=lambda: answers.append(httpx.post(
-            f"{server.url}/v1/completions", json={"prompt": "b" * 7_000_000, "max_tokens": 1}, timeout=600)))
-        big.start()
-        slowest = 0.0
-        while big.is_alive():
-            t0 = time.time()
-            assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
-            slowest = max(slowest, time.time() - t0)
-            time.sleep(0.02)
-        big.join()
-        assert answers[0].status_code == 400 and answers[0].json()["error"]["code"] == "prompt_too_long"
+        answer, slowest = _slowest_health_while(server.url, "/v1/completions",
+                                                {"prompt": "b" * 7_000_000, "max_tokens": 1})
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "prompt_too_long"
         assert slowest < 2.0
 
 
