@@ -508,8 +508,8 @@ def test_stop_sequences_end_the_text_where_one_begins(text_client):
 
 @pytest.mark.parametrize("fields,name", [({"best_of": 3}, "best_of"), ({"logit_bias": {"5": 10}}, "logit_bias"),
                                          ({"suffix": "x"}, "suffix"), ({"functions": []}, "functions"),
-                                         ({"echo": True, "logprobs": 1}, "echo with logprobs"),
-                                         ({"n": 9, "prompt": ["a", "b"]}, "more than 16 choices")])
+                                         ({"store": True}, "store"),
+                                         ({"n": 17, "prompt": ["a", "b"]}, "at most 32 sequences (prompts x n)")])
 def test_an_unsupported_parameter_is_refused_by_name(text_client, fields, name):
     c, _ = text_client
     r = c.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, **fields})

@@ -36,8 +36,10 @@ class Sampler:
     top_p: float = 1.0  # 1: no cut
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's (CTRL's): the context's tokens' logits divided (> 0) or multiplied by it
     rng: np.random.Generator = field(init=False)
     counts: dict[int, int] = field(init=False, default_factory=dict)
+    context: set[int] = field(init=False, default_factory=set)  # the prompt's tokens, for repetition_penalty
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -49,6 +51,8 @@ class Sampler:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise SamoutError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise SamoutError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         self.rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
@@ -57,6 +61,10 @@ class Sampler:
         return token
 
     def _pick(self, logits: np.ndarray) -> int:
+        if self.repetition_penalty != 1 and (self.context or self.counts):
+            seen = np.fromiter(self.context.union(self.counts), np.int64)
+            values = logits[seen]
+            logits[seen] = np.where(values > 0, values / self.repetition_penalty, values * self.repetition_penalty)
         if self.counts and (self.presence_penalty or self.frequency_penalty):
             seen = np.fromiter(self.counts, np.int64)
             times = np.fromiter(self.counts.values(), np.float64)

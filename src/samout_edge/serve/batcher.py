@@ -32,12 +32,13 @@ Event = tuple[str, Any]  # ("token", id) | ("done", JobResult) | ("error", messa
 
 @dataclass
 class JobResult:
-    state: dict[str, np.ndarray]  # after consuming ids + new[:-1]
+    state: dict[str, np.ndarray]  # after consuming ``consumed`` tokens: ids + new[:-1], or ids[:-1] with no new
     consumed: int
     new: list[int]
     prefill_s: float
     seconds: float
     stopped: bool = False  # a stop sequence ended it (else max_tokens did)
+    pending: list[int] = field(default_factory=list)  # the tokens after ``consumed``: not yet in the state
 
 
 class StopMatcher:
@@ -57,19 +58,35 @@ class StopMatcher:
         return any(s in window for s in self.stops)
 
 
-def logprob_step(logits: np.ndarray, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+LogprobStep = tuple[int, float | None, list[tuple[int, float]] | None]
+
+
+def logprob_step(logits: np.ndarray, token: int, top: int) -> LogprobStep:
     """(token, its log-probability, the ``top`` most likely (id, log-probability)) under the model's
     distribution, before sampling's temperature, cuts and penalties (as OpenAI reports them)."""
+    return logprob_rows(logits[None], [token], top)[0]
+
+
+def logprob_rows(logits: np.ndarray, tokens: list[int], top: int) -> list[LogprobStep]:
+    """``logprob_step`` for each row of ``logits`` ([rows, vocab]) and its token, at once: a prompt's
+    thousand positions are one log-softmax, and the top ones a partial sort (ties by lower id)."""
     z = logits.astype(np.float64)
-    z = z - z.max()
-    logp = z - np.log(np.exp(z).sum())
-    best = np.argsort(-logp, kind="stable")[:top]
-    return token, float(logp[token]), [(int(t), float(logp[t])) for t in best]
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    steps = []
+    for row, token in zip(logp, tokens):
+        best: list[int] = []
+        if top:
+            part = np.argpartition(-row, top - 1)[:top] if top < row.size else np.arange(row.size)
+            best = sorted(part.tolist(), key=lambda t: (-row[t], t))
+        steps.append((token, float(row[token]), [(int(t), float(row[t])) for t in best]))
+    return steps
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """``text`` up to the first stop sequence in it (OpenAI leaves the sequence out), and whether one was."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+def cut_at_stop(text: str, stops: list[str], after: int = 0) -> tuple[str, bool]:
+    """``text`` up to the first stop sequence in it that ends past character ``after`` (OpenAI
+    leaves the sequence out), and whether one was."""
+    found = [i for i in (text.find(s, max(0, after - len(s) + 1)) for s in stops) if i >= 0]
     return (text[: min(found)], True) if found else (text, False)
 
 
@@ -83,13 +100,32 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop: Callable[[int], bool] | None = None  # True once the text generated so far holds a stop sequence
     logprobs: int | None = None  # record each token's log-probability and this many top ones
-    logprob_trace: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    logprob_trace: list[LogprobStep] = field(default_factory=list)
+    # echo with logprobs: score ids[echo_from:] (what this request sent, after a session's pending tokens);
+    # prompt_trace gets one step per scored token, the first None when no logits precede it
+    echo_from: int | None = None
+    prompt_trace: list[LogprobStep] = field(default_factory=list)
+    min_tokens: int = 0  # stop sequences end nothing before this many tokens (vLLM's min_tokens)
     new: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     prefill_s: float = 0.0
+    fed: int = 0  # ids in the state so far
 
     def signature(self) -> tuple:
         return tuple((name, a.shape) for name, a in self.state.items())
+
+    @property
+    def feed_end(self) -> int:
+        """How many ids go into the state: all of them, or with max_tokens 0 all but the last (its
+        log-probability needs only the logits before it; it stays pending, as a generated token does)."""
+        return len(self.ids) if self.max_tokens > 0 else len(self.ids) - 1
+
+    def next_ids(self, one_at_a_time: bool) -> list[int]:
+        """The ids of this job's next call: the rest of its prompt (one token of it, when its prompt is
+        scored on a graph that returns only the last position's logits), else its last token."""
+        if self.fed < self.feed_end:
+            return self.ids[self.fed : self.fed + 1] if one_at_a_time else self.ids[self.fed : self.feed_end]
+        return self.new[-1:]
 
 
 def stack(states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -168,14 +204,26 @@ class Batcher:
             pass
         return [j for j in jobs if not j.cancelled.is_set()]
 
+    def _one_at_a_time(self, job: Job) -> bool:
+        """A scored prompt on a graph with only the last position's logits is fed a token per call
+        (exact: chunked == whole), each call's logits scoring the next token; these calls batch
+        with the decode steps."""
+        return job.echo_from is not None and self.runner.info.logits != "all"
+
     def _prefill(self, jobs: list[Job]) -> list[Job]:
         groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault((len(job.ids), job.signature()), []).append(job)
         still = []
+        for job in jobs:
+            if job.echo_from == 0:  # the first token has no logits before it: OpenAI's null
+                job.prompt_trace.append((job.ids[0], None, None))
+            if job.feed_end == 0:  # max_tokens 0 and one token: nothing to run, it is all pending
+                self._finish(job)
+                continue
+            feed = job.next_ids(self._one_at_a_time(job))
+            groups.setdefault((len(feed), job.signature()), []).append(job)
         for group in groups.values():
             for part in chunks(group, self.max_batch):
-                ids = np.asarray([j.ids for j in part], dtype=np.int64)
+                ids = np.asarray([j.next_ids(self._one_at_a_time(j)) for j in part], dtype=np.int64)
                 still += self._step("prefill", part, ids)
         return still
 
@@ -186,17 +234,17 @@ class Batcher:
         still = []
         for group in groups.values():
             for part in chunks(group, self.max_batch):
-                ids = np.asarray([[j.new[-1]] for j in part], dtype=np.int64)
+                ids = np.asarray([j.next_ids(True) for j in part], dtype=np.int64)
                 still += self._step("decode", part, ids)
         return still
 
     def _step(self, kind: str, jobs: list[Job], ids: np.ndarray) -> list[Job]:
-        """One runner call for ``jobs``; returns those that go on decoding."""
+        """One runner call for ``jobs``; returns those that go on."""
         runner = self.runner
         t0 = time.perf_counter()
         try:
             logits, state = runner.run(ids, stack([j.state for j in jobs]))
-            last = runner.to_numpy(logits)[:, -1].astype(np.float32)
+            logits = runner.to_numpy(logits)
             host = runner.host_state(state)
         except Exception as e:  # the runner's failure ends these requests, not the server
             for job in jobs:
@@ -209,20 +257,55 @@ class Batcher:
         for i, job in enumerate(jobs):
             if kind == "prefill":
                 job.prefill_s = time.perf_counter() - job.started
-            if not np.isfinite(last[i]).all():
+            rows = logits[i]  # [positions, vocab]: every position of the call, or its last
+            if not np.isfinite(rows).all():
                 job.emit(("error", "the model produced non-finite logits"))
                 continue
             job.state = {name: a[i : i + 1] for name, a in host.items()}
-            token = job.sampler(last[i])
+            was_feeding, start = job.fed < job.feed_end, job.fed
+            if was_feeding:
+                job.fed = start + ids.shape[1]
+                if job.echo_from is not None:
+                    self._score(job, rows, start)
+                if job.fed < job.feed_end:  # more of the prompt to feed
+                    still.append(job)
+                    continue
+                if job.max_tokens == 0:
+                    self._finish(job)
+                    continue
+            last = rows[-1].astype(np.float32)
+            token = job.sampler(last)
             if job.logprobs is not None:  # recorded before the token is announced: the reader finds it there
-                job.logprob_trace.append(logprob_step(last[i], token, job.logprobs))
+                job.logprob_trace.append(logprob_step(last, token, job.logprobs))
             job.new.append(token)
             job.emit(("token", token))
-            stopped = job.stop is not None and job.stop(token)
+            stopped = job.stop is not None and job.stop(token) and len(job.new) >= job.min_tokens
             if stopped or len(job.new) >= job.max_tokens:
-                consumed = len(job.ids) + len(job.new) - 1
-                job.emit(("done", JobResult(job.state, consumed, list(job.new), job.prefill_s,
-                                            time.perf_counter() - job.started, stopped)))
+                self._finish(job, stopped)
             else:
                 still.append(job)
         return still
+
+    @staticmethod
+    def _score(job: Job, rows: np.ndarray, start: int) -> None:
+        """The prompt tokens these logits predict: row r is position ``start + r`` of the call's
+        ids when the graph returns every position, else the call's last position."""
+        end = job.fed
+        first = end - rows.shape[0]  # the position of row 0
+        targets = [p + 1 for p in range(first, end) if job.echo_from <= p + 1 < len(job.ids)]
+        if targets:
+            picked = rows[[t - 1 - first for t in targets]]
+            job.prompt_trace += logprob_rows(picked, [job.ids[t] for t in targets], job.logprobs or 0)
+        if end >= job.feed_end:
+            job.emit(("prompt", None))  # every scored token has its step: a stream can send the echo now
+
+    @staticmethod
+    def _finish(job: Job, stopped: bool = False) -> None:
+        if job.new:
+            consumed, pending = len(job.ids) + len(job.new) - 1, job.new[-1:]
+        else:  # max_tokens 0: every id but the last is in the state
+            consumed, pending = len(job.ids) - 1, job.ids[-1:]
+        if job.echo_from is not None and job.feed_end == 0:
+            job.emit(("prompt", None))
+        job.emit(("done", JobResult(job.state, consumed, list(job.new), job.prefill_s,
+                                    time.perf_counter() - job.started, stopped, pending)))

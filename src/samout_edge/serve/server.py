@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from samout_edge.artifact import graph, resources
@@ -48,7 +48,9 @@ from samout_edge.serve.template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, Temp
 from samout_edge.serve.tokenize import WORKER_CHARS, TokenizerWorker, check_chars
 
 DEFAULT_MAX_TOKENS = 16
-MAX_CHOICES = 16  # prompts x n in one request: its sequences decode as one batch
+MAX_PROMPTS = 4096  # prompts in one request, counted before they are validated; one batch (--max-batch) decides
+MAX_STOPS = 64  # stop strings a request may give (vLLM takes any number; each is matched on every token's text)
+MAX_STOP_CHARS = 1024  # one stop string: a stream holds back text as long as the longest, minus one
 MAX_BODY_BYTES = 8 * 2**20  # a request is a prompt; 8 MiB holds a million token ids
 MAX_CHAT_MESSAGES = 4096  # a chat request's messages: each is validated and rendered on its way to a prompt
 # fp32 buffers of the hidden size a graph call holds per position at once (residual stream, mix, the FFN's
@@ -123,6 +125,46 @@ def authorize(keys: list[str], header: str | None) -> str | None:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
+
+
+def _stop_strings(value: Any) -> Any:
+    """``stop``: a string or a list of them, each limit named (a client's list is refused whole,
+    never cut)."""
+    if value is None or isinstance(value, str):
+        value = [] if value is None else [value]
+    elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a string or a list of strings")
+    if len(value) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} strings, got {len(value)}")
+    for i, v in enumerate(value):
+        if not v:
+            raise ValueError(f"stop sequence {i} is empty")
+        if len(v) > MAX_STOP_CHARS:
+            raise ValueError(f"stop sequence {i} is {len(v):,} characters, above the limit of {MAX_STOP_CHARS:,}")
+    return value
+
+
+def _prompt_list(value: Any) -> Any:
+    """``prompt``: a text, token ids, or a list of either (not mixed); counted before each is
+    validated, so a body of a million prompts costs no more than its parse."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError("must be a string, a list of token ids, or a list of strings or of token-id lists")
+    if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return value
+    if not value:
+        raise ValueError("an empty list: send at least one prompt (an empty string is an empty prompt)")
+    if len(value) > MAX_PROMPTS:
+        raise ValueError(f"at most {MAX_PROMPTS:,} prompts per request (and what one batch holds), got {len(value):,}")
+    if all(isinstance(v, str) for v in value):
+        return value
+    for i, v in enumerate(value):
+        if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            raise ValueError(f"prompt {i} is not a list of token ids (a list of prompts holds strings or id lists, "
+                             "one kind)")
+    return value
 
 
 class Sampling(BaseModel):
@@ -135,15 +177,25 @@ class Sampling(BaseModel):
     model: str | None = None
     temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: StrictInt = Field(0, ge=0)
+    top_k: StrictInt = Field(0, ge=-1)  # 0 or vLLM's -1: no cut
     presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: Annotated[list[str], BeforeValidator(_stop_strings)] = Field(default_factory=list)
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
-    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
+    n: StrictInt = Field(1, ge=1)  # prompts x n: what one batch holds (serve --max-batch), checked per server
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # the end user, for the operator's records: it changes no output
+    # OpenAI's: this server keeps no completions (store true is refused); metadata is for the operator's records
+    store: bool | None = None
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
+    # vLLM's extensions, as benchmark and eval clients send them (docs.vllm.ai, "Extra parameters")
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)  # > 1 discourages the context's tokens
+    min_tokens: StrictInt = Field(0, ge=0)  # stop sequences end nothing before this many tokens
+    ignore_eos: bool = False  # no vocab here has an end-of-sequence token that stops generation: either value
+    skip_special_tokens: bool = True  # a Hugging Face tokenizer's special tokens are left out of the text
+    spaces_between_special_tokens: bool = True  # a slow tokenizer's; a fast tokenizer's decoding ignores it
+    add_special_tokens: bool = False  # the tokenizer's BOS/EOS around a text prompt (Hugging Face tokenizers)
     session: str | None = None  # ours: continue a server-side session
     # ours: the session's position as the client last saw it; a request whose answer was lost (kill -9,
     # a dropped connection) sent again with it gets the committed answer back instead of a second turn
@@ -154,14 +206,24 @@ class Sampling(BaseModel):
         fields = self.model_dump(exclude={"stream", "stream_options", "expected_position"})
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
+    def unsupported_common(self) -> str | None:
+        if self.store:
+            return "store"  # this server keeps no completions to list or distil
+        if self.min_tokens and self.min_tokens > self.limit():
+            raise SessionError(f"min_tokens ({self.min_tokens}) is above max_tokens ({self.limit()})", 400,
+                               "invalid_request")
+        return None
+
+    def limit(self) -> int:
+        return DEFAULT_MAX_TOKENS
+
 
 class CompletionRequest(Sampling):
     """OpenAI's completion request."""
 
     # one prompt (text or token ids), or a list of them: choice i * n + j is prompt i's j-th
-    prompt: str | list[StrictInt] | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] \
-        | Annotated[list[list[StrictInt]], Field(min_length=1, max_length=MAX_CHOICES)] = ""
-    max_tokens: StrictInt = Field(DEFAULT_MAX_TOKENS, ge=1)
+    prompt: Annotated[str | list[StrictInt] | list[str] | list[list[StrictInt]], BeforeValidator(_prompt_list)] = ""
+    max_tokens: StrictInt = Field(DEFAULT_MAX_TOKENS, ge=0)  # 0: only the prompt (with echo and logprobs: scored)
     best_of: StrictInt | None = None  # only = n: we return every sequence we make
     echo: bool = False  # the prompt's text before the completion's
     logprobs: StrictInt | None = Field(None, ge=0, le=5)  # each token's log-probability and the top ones
@@ -174,6 +236,9 @@ class CompletionRequest(Sampling):
             return list(self.prompt)
         return [self.prompt]
 
+    def limit(self) -> int:
+        return self.max_tokens
+
     def unsupported(self) -> str | None:
         """The first parameter set to something this server does not do."""
         for name, idle in (("logit_bias", {}), ("suffix", None)):
@@ -182,24 +247,41 @@ class CompletionRequest(Sampling):
                 return name
         if self.best_of is not None and self.best_of != self.n:
             return "best_of"  # best_of > n: sequences made and thrown away; we return all we make
-        if self.echo and self.logprobs is not None:
-            return "echo with logprobs"  # the prompt's log-probabilities: logits at every prompt position
-        if len(self.prompts()) * self.n > MAX_CHOICES:
-            return f"more than {MAX_CHOICES} choices (prompts x n)"
-        return None
+        return self.unsupported_common()
 
     def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not s for s in stops):
-            raise SessionError("stop: a stop sequence must not be empty", 400, "invalid_request")
-        return stops
+        return list(self.stop)
+
+
+def _content_text(value: Any) -> Any:
+    """A message's content: a string, or OpenAI's list of parts of which only text parts are
+    read (joined by newlines, as vLLM joins them); any other part is refused by its type."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if not isinstance(value, list):
+        raise ValueError("must be a string or a list of content parts")
+    texts = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            what = f"a {kind!r} part" if isinstance(kind, str) else "not a content part"
+            raise ValueError(f"part {i} is {what}: this server reads only {{\"type\": \"text\", \"text\": ...}} "
+                             "parts (the model reads text)")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: Annotated[str, BeforeValidator(_content_text)] = ""
     name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        message = self.model_dump(exclude_none=True)
+        if self.role == "developer":
+            message["role"] = "system"
+        return message
 
 
 class ChatRequest(Sampling):
@@ -227,6 +309,9 @@ class ChatRequest(Sampling):
     function_call: Any = None
     response_format: dict[str, Any] | None = None
 
+    def limit(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+
     def unsupported(self) -> str | None:
         if self.tools or self.functions or self.tool_choice not in (None, "none") or \
                 self.function_call not in (None, "none"):
@@ -237,14 +322,14 @@ class ChatRequest(Sampling):
                 return name
         if self.response_format not in (None, {"type": "text"}):
             return "response_format"
-        return None
+        return self.unsupported_common()
 
     def completion(self, prompt: str) -> CompletionRequest:
         """The completion this chat turn is: the shared fields, the rendered prompt."""
         if self.top_logprobs and not self.logprobs:
             raise SessionError("top_logprobs needs logprobs: true", 400, "invalid_request")
-        limit = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
-        req = CompletionRequest(prompt=prompt, max_tokens=limit, **{k: getattr(self, k) for k in Sampling.model_fields})
+        req = CompletionRequest(prompt=prompt, max_tokens=self.limit(),
+                                **{k: getattr(self, k) for k in Sampling.model_fields})
         req.logprobs = (self.top_logprobs or 0) if self.logprobs else None  # chat takes up to 20, completions 5
         return req
 
@@ -328,7 +413,10 @@ class Server:
 
     # -- requests
 
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = False) -> list[int]:
+        if isinstance(prompt, str) and add_special_tokens and prompt:
+            before, after = self.special_affixes()
+            return before + self.prompt_ids(prompt) + after
         if isinstance(prompt, str):
             if not prompt:
                 return []
@@ -411,8 +499,39 @@ class Server:
         self.memory_held += need
         return need
 
-    def text(self, tokens: list[int]) -> str:
+    def special_affixes(self) -> tuple[list[int], list[int]]:
+        """The ids a Hugging Face tokenizer's post-processor puts around a text (its BOS, EOS),
+        found by encoding one character both ways; no other vocab has special tokens."""
+        if not isinstance(self.vocab, HFTokenizer):
+            return [], []
+        plain = self.vocab.tokenizer.encode("a", add_special_tokens=False).ids
+        full = self.vocab.tokenizer.encode("a", add_special_tokens=True).ids
+        for i in range(len(full) - len(plain) + 1):
+            if full[i : i + len(plain)] == plain:
+                return full[:i], full[i + len(plain):]
+        return [], []
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """A Hugging Face tokenizer's special tokens (``added_tokens`` marked special), which
+        ``skip_special_tokens`` leaves out of the text, as vLLM and transformers do."""
+        if not isinstance(self.vocab, HFTokenizer):
+            return frozenset()
+        added = self.vocab.source.get("added_tokens") or []
+        return frozenset(t["id"] for t in added if isinstance(t, dict) and t.get("special") and
+                         isinstance(t.get("id"), int))
+
+    def text(self, tokens: list[int], skip_special: bool = False) -> str:
+        if skip_special and self.special_ids:
+            tokens = [t for t in tokens if t not in self.special_ids]
         return self.vocab.decode_ids(tokens) if self.vocab else ""
+
+    def pieces(self, skip_special: bool = False) -> Callable[[int], str]:
+        """A token at a time -> the whole characters it completes (nothing for a skipped special token)."""
+        if self.vocab is None:
+            return lambda token: ""
+        piece, special = self.vocab.stream(), self.special_ids if skip_special else frozenset()
+        return lambda token: "" if token in special else piece(token)
 
 
 class BodyLimit:
@@ -525,7 +644,8 @@ def _validation_message(exc: RequestValidationError) -> str:
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     if first.get("type") == "extra_forbidden":
         return f"unsupported parameter: {where} (not a field of this OpenAI request that this server knows)"
-    return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    message = str(first.get("msg")).removeprefix("Value error, ")  # our validators' own one-line messages
+    return f"{where}: {message}" if where else message
 
 
 def create_app(server: Server) -> FastAPI:
@@ -623,13 +743,18 @@ def create_app(server: Server) -> FastAPI:
             raise SessionError("stop sequences are matched on the text: this server has no vocab (serve --vocab FILE)",
                                400, "no_vocab")
         texts = req.prompts()
+        batch = server.batcher.max_batch
+        if len(texts) * req.n > batch:
+            raise SessionError(f"prompt: at most {batch} sequences (prompts x n) per request, what one batch holds "
+                               f"(serve --max-batch), got {len(texts)} x {req.n}", 400, "too_many_choices")
         if req.session is not None and len(texts) * req.n > 1:
             raise SessionError("a session continues one sequence: a list of prompts or n > 1 takes no session", 400,
                                "invalid_request")
         if req.expected_position is not None and req.session is None:
             raise SessionError("expected_position is a session's position: it needs a session", 400,
                                "invalid_request")
-        prompts = [await asyncio.to_thread(server.prompt_ids, t) for t in texts]  # linear time, off the event loop
+        prompts = [await asyncio.to_thread(server.prompt_ids, t, req.add_special_tokens)  # linear time, off the loop
+                   for t in texts]
         session = server.sessions.acquire(req.session, request.state.owner) if req.session is not None else None
         digest = digest or req.digest()
         if session is not None and req.expected_position not in (None, session.position):
@@ -644,8 +769,10 @@ def create_app(server: Server) -> FastAPI:
         try:
             choices, need = [], 0
             seed = req.seed if req.seed is not None else secrets.randbits(63)
+            scored = req.echo and req.logprobs is not None  # echo with logprobs: the prompt's log-probabilities
             for p, (text, prompt) in enumerate(zip(texts, prompts)):
-                ids = (session.pending if session else []) + prompt
+                pending = session.pending if session else []
+                ids = pending + prompt
                 position = session.position if session else 0
                 server.check_request(req, prompt, ids, position)
                 need += req.n * server.request_bytes(len(ids), position + len(ids) + req.max_tokens - 1)
@@ -655,16 +782,16 @@ def create_app(server: Server) -> FastAPI:
                 state = session.state if session else server.initial
                 for j in range(req.n):
                     index = p * req.n + j
-                    sampler = Sampler(req.temperature, req.top_k, (seed + index) % 2**63, req.top_p,
-                                      req.presence_penalty, req.frequency_penalty)
-                    stop = StopMatcher(stops, server.vocab.stream()) if stops else None
+                    sampler = Sampler(req.temperature, max(req.top_k, 0), (seed + index) % 2**63, req.top_p,
+                                      req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
+                    sampler.context.update(ids)  # repetition_penalty: the prompt's tokens too, as vLLM counts them
+                    stop = StopMatcher(stops, server.pieces(req.skip_special_tokens)) if stops else None
                     job = Job(ids, state, req.max_tokens, sampler, emit=lambda e: None, stop=stop,
-                              logprobs=req.logprobs)
-                    echo = text if isinstance(text, str) else server.text(prompt)
+                              logprobs=req.logprobs, echo_from=len(pending) if scored and prompt else None,
+                              min_tokens=req.min_tokens)
+                    echo = text if isinstance(text, str) else server.text(prompt, req.skip_special_tokens)
                     choices.append(_Choice(index, prompt, echo if req.echo else "", job))
-            run = _Run(server, session, choices, reserved, stops,
-                       bool(req.stream_options and req.stream_options.include_usage), chat, req.echo, req.logprobs,
-                       req.n, digest)
+            run = _Run(server, session, choices, req, reserved, chat, digest)
             run.memory = server.admit(need)  # last: nothing after it can fail before the run owns it
         except BaseException:
             server.sessions.unreserve(reserved)
@@ -690,7 +817,7 @@ def create_app(server: Server) -> FastAPI:
             raise SessionError("chat needs text: this server has no vocab (serve --vocab FILE)", 400, "no_vocab")
         req.check_text()
         try:  # off the event loop: an operator's template renders in its own process, within a time bound
-            prompt = await asyncio.to_thread(server.chat_template.render, [m.model_dump() for m in req.messages])
+            prompt = await asyncio.to_thread(server.chat_template.render, [m.for_template() for m in req.messages])
         except TemplateFailure as e:
             raise SessionError(f"the chat template failed on these messages: {e}", 400, "chat_template") from None
         return await start(req.completion(prompt), request, chat=True, digest=req.digest())
@@ -714,14 +841,17 @@ class _Run:
     thread's events into asyncio. Its choices' jobs go in together, so they decode in
     one batch; a session takes exactly one choice."""
 
-    def __init__(self, server: Server, session, choices: list[_Choice], reserved: int = 0,
-                 stops: list[str] | None = None, include_usage: bool = False, chat: bool = False,
-                 echo: bool = False, logprobs: int | None = None, n: int = 1, digest: str = ""):
+    def __init__(self, server: Server, session, choices: list[_Choice], req: CompletionRequest, reserved: int = 0,
+                 chat: bool = False, digest: str = ""):
         self.server, self.session, self.choices, self.reserved = server, session, choices, reserved
         self.digest = digest  # the request's (Sampling.digest): its answer is replayed only to the same request
-        self.n = n  # choices per prompt: choice index = prompt index * n + j
-        self.stops, self.include_usage, self.chat = stops or [], include_usage, chat
-        self.echo, self.logprobs = echo, logprobs
+        self.n = req.n  # choices per prompt: choice index = prompt index * n + j
+        self.stops, self.chat = req.stops(), chat
+        options = req.stream_options
+        self.include_usage = bool(options and options.include_usage)
+        self.continuous_usage = self.include_usage and options.continuous_usage_stats  # as vLLM: both asked
+        self.echo, self.logprobs, self.skip_special = req.echo, req.logprobs, req.skip_special_tokens
+        self.min_tokens = req.min_tokens
         self.id, self.created = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.t0 = time.perf_counter()
@@ -774,7 +904,7 @@ class _Run:
                 return {"from_position": before, "request": self.digest, "response": self.body(after.to_dict())}
 
             await self.server.in_store(self.server.sessions.commit, self.session, result.state, result.consumed,
-                                       [result.new[-1]], turn)
+                                       result.pending, turn)
         m = self.server.metrics
         m.inc("samout_generated_tokens_total", len(result.new))
         m.observe("samout_request_seconds", time.perf_counter() - self.t0)
@@ -800,11 +930,36 @@ class _Run:
             else:
                 sessions.release(session)
 
-    def usage(self) -> dict[str, int]:
-        """Each distinct prompt counted once (as OpenAI does with n), every choice's tokens."""
+    def usage(self, generated: dict[int, int] | None = None) -> dict[str, int]:
+        """Each distinct prompt counted once (as OpenAI does with n), every choice's tokens (so far,
+        for a stream's continuous usage: ``generated`` counts each choice's tokens sent)."""
         prompts = sum(len(c.prompt) for c in self.choices if c.index % self.n == 0)
-        completion = sum(len(c.result.new) for c in self.choices if c.result is not None)
+        if generated is None:
+            completion = sum(len(c.result.new) for c in self.choices if c.result is not None)
+        else:
+            completion = sum(generated.values())
         return {"prompt_tokens": prompts, "completion_tokens": completion, "total_tokens": prompts + completion}
+
+    def text(self, tokens: list[int]) -> str:
+        return self.server.text(tokens, self.skip_special)
+
+    def cut(self, text: str, new: list[int]) -> tuple[str, bool]:
+        """The text up to its first stop sequence that ends after the first min_tokens - 1 tokens' text
+        (vLLM's min_tokens: no stop before then), and whether one was."""
+        after = 0
+        if self.min_tokens > 1 and self.stops:
+            piece = self.server.pieces(self.skip_special)
+            after = sum(len(piece(t)) for t in new[: self.min_tokens - 1])
+        return cut_at_stop(text, self.stops, after)
+
+    def offsets(self, tokens: list[int], base: int = 0) -> list[int]:
+        """OpenAI's ``text_offset``: where each token's text starts, in characters (a token that
+        completes no character yet starts where the text stands)."""
+        piece, at, out = self.server.pieces(self.skip_special), base, []
+        for t in tokens:
+            out.append(at)
+            at += len(piece(t))
+        return out
 
     def token_name(self, token: int) -> tuple[str, list[int]]:
         """(name, bytes) of a token for logprobs: a token that is not whole characters is named
@@ -813,12 +968,13 @@ class _Run:
             return str(token), []
         return self.server.vocab.token_name(token)
 
-    def logprob_entry(self, job: Job, start: int, stop: int | None = None) -> dict[str, Any]:
+    def logprob_entry(self, job: Job, start: int, stop: int | None = None, offsets: list[int] | None = None,
+                      steps: list | None = None) -> dict[str, Any]:
         """OpenAI's logprobs for the job's tokens [start:stop] (by step: a stream names the step
-        its chunk carries, never the trace's current end): each token's name, its log-probability
-        under the model (before sampling's cuts and penalties), the top ones. Chat's form gives
-        each token's bytes too."""
-        steps = job.logprob_trace[start:stop]
+        its chunk carries, never the trace's current end), or for ``steps`` (the prompt's, with
+        echo): each token's name, its log-probability under the model (before sampling's cuts and
+        penalties; the prompt's first is null), the top ones. Chat's form gives each token's bytes too."""
+        steps = job.logprob_trace[start:stop] if steps is None else steps
         name = self.token_name
         if self.chat:
             def entry(t: int, lp: float) -> dict[str, Any]:
@@ -828,15 +984,27 @@ class _Run:
             return {"content": [{**entry(t, lp), "top_logprobs": [entry(u, v) for u, v in top]}
                                 for t, lp, top in steps], "refusal": None}
         return {"tokens": [name(t)[0] for t, _, _ in steps], "token_logprobs": [lp for _, lp, _ in steps],
-                "top_logprobs": [{name(t)[0]: lp for t, lp in top} for _, _, top in steps], "text_offset": []}
+                "top_logprobs": [None if top is None else {name(t)[0]: lp for t, lp in top} for _, _, top in steps],
+                "text_offset": offsets if offsets is not None else []}
+
+    def completion_logprobs(self, c: _Choice) -> dict[str, Any]:
+        """The prompt's steps (with echo) then the generated tokens', with their text offsets."""
+        generated = self.logprob_entry(c.job, 0, offsets=self.offsets(c.result.new,
+                                                                          len(c.prompt_text) if self.echo else 0))
+        if c.job.echo_from is None:
+            return generated
+        prompt = self.logprob_entry(c.job, 0, steps=c.job.prompt_trace, offsets=self.offsets(c.prompt))
+        return {key: prompt[key] + generated[key] for key in generated}
 
     def choice_body(self, c: _Choice) -> dict[str, Any]:
-        text, stopped = cut_at_stop(self.server.text(c.result.new), self.stops)
+        text, stopped = self.cut(self.text(c.result.new), c.result.new)
         if self.echo:
             text = c.prompt_text + text
         content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-        return {"index": c.index, **content, "token_ids": c.result.new,
-                "logprobs": self.logprob_entry(c.job, 0) if self.logprobs is not None else None,
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = self.logprob_entry(c.job, 0) if self.chat else self.completion_logprobs(c)
+        return {"index": c.index, **content, "token_ids": c.result.new, "logprobs": logprobs,
                 "finish_reason": "stop" if stopped else "length"}
 
     def body(self, session: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -887,30 +1055,39 @@ class _Run:
         generated = {c.index: "" for c in self.choices}
         sent = {c.index: 0 for c in self.choices}
         steps = {c.index: 0 for c in self.choices}  # tokens received: the step each event is (the job is ahead)
-        pieces = {c.index: self.server.vocab.stream() if self.server.vocab else (lambda token: "")
-                  for c in self.choices}  # whole characters only
+        pieces = {c.index: self.server.pieces(self.skip_special) for c in self.choices}  # whole characters only
+        base = {c.index: len(c.prompt_text) if self.echo else 0 for c in self.choices}  # text_offset's origin
         for c in self.choices:
             if self.chat:  # OpenAI's first chat chunk names the role
                 yield data({"choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]})
-            elif self.echo and c.prompt_text:
+            elif self.echo and c.prompt_text and c.job.echo_from is None:  # scored: sent with its logprobs below
                 yield chunk(c.index, c.prompt_text, [])
+
+        def usage() -> dict[str, Any]:
+            return {"usage": self.usage(steps)} if self.continuous_usage else {}
+
         async for index, kind, value in self._events():
             c = self.choices[index]
-            if kind == "token":
+            if kind == "prompt":  # the prompt's log-probabilities are in: the echo, with them
+                logprobs = self.logprob_entry(c.job, 0, steps=c.job.prompt_trace, offsets=self.offsets(c.prompt))
+                yield chunk(index, c.prompt_text, [], logprobs=logprobs, **usage())
+            elif kind == "token":
+                offset = base[index] + len(generated[index])
                 generated[index] += pieces[index](value)
-                visible, stopped = cut_at_stop(generated[index], self.stops)
+                visible, stopped = self.cut(generated[index], c.job.new[: steps[index] + 1])
                 safe = len(visible) if stopped else max(sent[index], len(generated[index]) - hold)
                 step = steps[index]
                 steps[index] += 1
-                logprobs = self.logprob_entry(c.job, step, step + 1) if self.logprobs is not None else None
-                yield chunk(index, generated[index][sent[index]:safe], [value], logprobs=logprobs)
+                logprobs = self.logprob_entry(c.job, step, step + 1, [offset]) if self.logprobs is not None else None
+                yield chunk(index, generated[index][sent[index]:safe], [value], logprobs=logprobs, **usage())
                 sent[index] = safe
             elif kind == "done":  # the whole text, as unstreamed: what the stream held (a last partial
                 # character's U+FFFD) comes out, and the chunks join to exactly the completion's text
-                final, stopped = cut_at_stop(self.server.text(value.new), self.stops)
+                final, stopped = self.cut(self.text(value.new), value.new)
                 last = all(x.result is not None for x in self.choices)
-                extra = {"usage": self.usage()} if last else {}
+                # the usage once: on the finishing chunk unless include_usage asked for its own last chunk
+                extra = {"usage": self.usage()} if last and not self.include_usage else usage()
                 if last and self.session is not None:
                     extra["session"] = self.session.to_dict()
                 yield chunk(index, final[sent[index]:], [], "stop" if stopped else "length", **extra)
