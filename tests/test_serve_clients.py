@@ -176,3 +176,24 @@ def test_min_tokens_holds_stop_sequences_off_and_repetition_penalty_changes_gree
     assert stop not in late["text"][9:] and late["text"] == full[: len(late["text"])]
     penalised = completion(c, prompt="hi", max_tokens=30, repetition_penalty=5.0)["choices"][0]["text"]
     assert penalised != full
+
+
+def test_the_openai_sdks_responses_api_and_developer_messages(clients):
+    """The SDK's newer entry point, unchanged: responses.create, streamed and not."""
+    openai = pytest.importorskip("openai")
+    c = clients("last")
+    sdk = openai.OpenAI(base_url=str(c.http.base_url) + "/v1", api_key="unused", http_client=c.http)
+    chat = sdk.chat.completions.create(model="m", messages=[{"role": "developer", "content": "be brief"},
+                                                            {"role": "user", "content": "hi"}],
+                                       max_tokens=4, temperature=0, store=False, metadata={"k": "v"})
+    response = sdk.responses.create(model="m", instructions="be brief", input="hi", max_output_tokens=4,
+                                    temperature=0, store=False)
+    assert response.status == "incomplete" and response.output_text == chat.choices[0].message.content
+    assert response.usage.output_tokens == 4 and response.usage.input_tokens == chat.usage.prompt_tokens
+    events = list(sdk.responses.create(model="m", instructions="be brief", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "hi"}]}], max_output_tokens=4, temperature=0, store=False, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == response.output_text and events[-1].type == "response.incomplete"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        sdk.responses.create(model="m", input="hi", previous_response_id="resp_1", store=False)

@@ -258,7 +258,7 @@ class Batcher:
             if kind == "prefill":
                 job.prefill_s = time.perf_counter() - job.started
             rows = logits[i]  # [positions, vocab]: every position of the call, or its last
-            if not np.isfinite(rows).all():
+            if not np.isfinite(rows if job.echo_from is not None else rows[-1]).all():  # the rows it reads
                 job.emit(("error", "the model produced non-finite logits"))
                 continue
             job.state = {name: a[i : i + 1] for name, a in host.items()}

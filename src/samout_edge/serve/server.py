@@ -31,7 +31,15 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from samout_edge.artifact import graph, resources
@@ -43,6 +51,7 @@ from samout_edge.runtime.base import Runner, check_context
 from samout_edge.runtime.target import Target
 from samout_edge.serve.batcher import Batcher, Job, JobResult, StopMatcher, cut_at_stop
 from samout_edge.serve.metrics import BATCH_BUCKETS, Metrics
+from samout_edge.serve.responses import ResponsesRequest, from_chat, stream_from_chat
 from samout_edge.serve.sessions import SessionError, SessionPolicy, SessionStore, SessionTable
 from samout_edge.serve.template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, TemplateFailure  # noqa: F401 - API
 from samout_edge.serve.tokenize import WORKER_CHARS, TokenizerWorker, check_chars
@@ -809,6 +818,29 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
+        return await chat(req, request)
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, request: Request):
+        """OpenAI's Responses API over the chat completion it is (serve/responses.py)."""
+        refused = req.unsupported()
+        if refused is not None:
+            raise SessionError(f"{refused} is not supported by this server (leave it out, or at its default)", 400,
+                               "unsupported_parameter")
+        try:
+            chat_req = ChatRequest(**req.chat_body())
+        except ValidationError as e:
+            raise SessionError(_validation_message(RequestValidationError(e.errors())), 400,
+                               "invalid_request") from None
+        answer = await chat(chat_req, request)
+        if isinstance(answer, StreamingResponse):
+            return StreamingResponse(stream_from_chat(req, answer.body_iterator, server.model_name),
+                                     media_type="text/event-stream")
+        if answer.status_code != 200:
+            return answer
+        return JSONResponse(from_chat(req, json.loads(answer.body), server.model_name))
+
+    async def chat(req: ChatRequest, request: Request):
         refused = req.unsupported()
         if refused is not None:
             raise SessionError(f"{refused} is not supported by this server (leave it out, or at its default)", 400,
