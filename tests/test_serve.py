@@ -722,7 +722,7 @@ def test_chat_completions_apply_the_template_and_answer_as_openai_does(text_clie
     r = c.http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 12, "temperature": 0})
     assert r.status_code == 200, r.text
     body = r.json()
-    prompt = "system: be brief\nuser: hi\nassistant:"  # the default template, stated in docs/serving.md
+    prompt = "system: be brief\nuser: hi\nassistant: "  # the default template, stated in docs/serving.md
     assert body["object"] == "chat.completion" and body["usage"]["prompt_tokens"] == len(prompt)
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert body["choices"][0]["token_ids"] == greedy(d, [ord(ch) for ch in prompt], 12)

@@ -338,7 +338,7 @@ def test_chat_n_gives_n_choices_as_completions_n_does(exported, tiny_vocab, clie
     messages = [{"role": "user", "content": "hi"}]
     chat = c.http.post("/v1/chat/completions", json={"messages": messages, "n": 3, "seed": 4, "max_tokens": 5,
                                                      "temperature": 1}).json()
-    done = c.complete("user: hi\nassistant:", 5, n=3, seed=4, temperature=1).json()
+    done = c.complete("user: hi\nassistant: ", 5, n=3, seed=4, temperature=1).json()
     assert [ch["index"] for ch in chat["choices"]] == [0, 1, 2]
     assert [ch["token_ids"] for ch in chat["choices"]] == [ch["token_ids"] for ch in done["choices"]]
     assert [ch["message"]["content"] for ch in chat["choices"]] == [ch["text"] for ch in done["choices"]]

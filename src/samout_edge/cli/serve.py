@@ -105,7 +105,7 @@ def serve(
     chat_template: Optional[Path] = typer.Option(
         None, "--chat-template", help="A Jinja chat template (Hugging Face's chat_template: messages, "
         "add_generation_prompt), or a tokenizer_config.json holding one, for /v1/chat/completions "
-        "[default: 'role: content' lines, then 'assistant:']."),
+        "[default: 'role: content' lines, then 'assistant: ']."),
     log_level: str = typer.Option("warning", help="uvicorn's log level (info shows each request)."),
 ) -> None:
     """Serve completions over HTTP with sessions that persist across restarts."""

@@ -22,9 +22,12 @@ from typing import Any
 from samout_edge.errors import SamoutError
 
 # The chat template of a base model (no chat_template of its own), stated in docs/serving.md:
-# one "role: content" line per message, then "assistant:" for the model to continue.
+# one "role: content" line per message, then "assistant: " for the model to continue. The
+# generation prompt is an assistant message's line up to its content, space included, as
+# Hugging Face's generation prompts are: ending at "assistant:" left the trained byte models
+# (Python source) reading a block opener, and they answered a newline and indentation.
 DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant:{% endif %}")
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
 
 # What a template is checked on at start: user and assistant alternating (a Gemma template
 # refuses a system message, so none here), as every chat template must take.
