@@ -1,8 +1,10 @@
 """The HTTP server: OpenAI-style completions over the batcher, with persistent sessions.
 
 Endpoints: ``POST /v1/completions`` (token-id or text prompts, ``max_tokens``,
-``temperature``, ``top_k``, ``seed``, ``stream`` as server-sent events, and our
-``session`` field), ``POST/GET/DELETE /v1/sessions[/{id}]``, ``GET /v1/models``,
+``temperature``, ``top_k``, ``seed``, ``stream`` as server-sent events, ``echo`` with
+``logprobs`` to score a prompt, vLLM's extension fields, and our ``session`` field),
+``POST /v1/chat/completions``, ``POST /v1/responses`` (serve/responses.py),
+``POST/GET/DELETE /v1/sessions[/{id}]``, ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (Prometheus text). Every error is
 ``{"error": {"message", "type", "code"}}`` with a 4xx (the request's fault) or 5xx status, and a
 refused or failed request changes no session: a session's state is replaced
