@@ -197,3 +197,20 @@ def test_the_openai_sdks_responses_api_and_developer_messages(clients):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         sdk.responses.create(model="m", input="hi", previous_response_id="resp_1", store=False)
+
+
+@pytest.mark.parametrize("logits", ["all", "last"])
+def test_a_prompt_longer_than_max_seq_is_scored_whole(exported, clients, logits):
+    """600 tokens through a max_seq 300 graph: calls of 300 with the state carried, and more rows
+    than are log-softmaxed at once; the same numbers as one float64 pass over the whole."""
+    c = clients(logits)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, 128, 600).tolist()
+    body = completion(c, prompt=prompt, echo=True, logprobs=0, max_tokens=0)
+    got = body["choices"][0]["logprobs"]["token_logprobs"]
+    with load_runner(exported(logits="all").directory, "ort") as runner:
+        z, _ = runner.run(np.asarray([prompt], dtype=np.int64), runner.initial_state(1))  # chunked by the runner
+    z = np.asarray(z, dtype=np.float64)[0]
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(got[1:], [logp[i - 1, prompt[i]] for i in range(1, 600)], rtol=1e-4, atol=1e-5)

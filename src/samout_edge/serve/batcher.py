@@ -67,19 +67,23 @@ def logprob_step(logits: np.ndarray, token: int, top: int) -> LogprobStep:
     return logprob_rows(logits[None], [token], top)[0]
 
 
+SCORE_ROWS = 256  # positions log-softmaxed at once: a float64 copy of 256 x vocab, whatever the prompt's length
+
+
 def logprob_rows(logits: np.ndarray, tokens: list[int], top: int) -> list[LogprobStep]:
-    """``logprob_step`` for each row of ``logits`` ([rows, vocab]) and its token, at once: a prompt's
-    thousand positions are one log-softmax, and the top ones a partial sort (ties by lower id)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    """``logprob_step`` for each row of ``logits`` ([rows, vocab]) and its token: a prompt's positions
+    log-softmaxed SCORE_ROWS at a time, and the top ones a partial sort (ties by lower id)."""
     steps = []
-    for row, token in zip(logp, tokens):
-        best: list[int] = []
-        if top:
-            part = np.argpartition(-row, top - 1)[:top] if top < row.size else np.arange(row.size)
-            best = sorted(part.tolist(), key=lambda t: (-row[t], t))
-        steps.append((token, float(row[token]), [(int(t), float(row[t])) for t in best]))
+    for start in range(0, len(tokens), SCORE_ROWS):
+        z = logits[start : start + SCORE_ROWS].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        for row, token in zip(logp, tokens[start : start + SCORE_ROWS]):
+            best: list[int] = []
+            if top:
+                part = np.argpartition(-row, top - 1)[:top] if top < row.size else np.arange(row.size)
+                best = sorted(part.tolist(), key=lambda t: (-row[t], t))
+            steps.append((token, float(row[token]), [(int(t), float(row[t])) for t in best]))
     return steps
 
 
