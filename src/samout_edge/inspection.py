@@ -24,6 +24,7 @@ from samout_edge.artifact.manifest import (
     runtime_notes,
     runtime_settings,
 )
+from samout_edge.artifact.tokenizer_files import tokenizer_note
 from samout_edge.errors import SamoutError
 from samout_edge.inlining import RUNS_IN
 from samout_edge.lowering import all_nodes
@@ -66,6 +67,7 @@ class InspectResult:
     precision: dict[str, Any] | None = None  # fp16 exports: fp32 islands and calibrated peaks
     polygraphy: str | None = None  # the line that checks the export with NVIDIA's Polygraphy
     arch_notes: list[str] = field(default_factory=list)  # the mixer, its window, a hybrid's alpha, the state
+    tokenizer: str | None = None  # the tokenizer files transformers loads, or why there are none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +148,7 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
         precision=manifest.precision if manifest else None,
         polygraphy=polygraphy_line(manifest) if manifest else None,
         arch_notes=arch_notes(manifest) if manifest else [],
+        tokenizer=tokenizer_note(manifest) if manifest else None,
     )
 
 

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from samout_edge.artifact.config import ARCHS
 from samout_edge.artifact.manifest import runtime_notes
+from samout_edge.artifact.tokenizer_files import tokenizer_note
 from samout_edge.cli.ui import console, human_bytes, ok
 from samout_edge.inspection import polygraphy_line
 
@@ -130,7 +131,7 @@ def export_summary(result) -> None:
         f"to {escape(str(result.directory))}: model.onnx {human_bytes(result.model_bytes)} in {result.seconds:.1f} s",
         highlight=False,
     )
-    for line in (export_weights_line(m.weights), precision_line(m.precision)):
+    for line in (export_weights_line(m.weights), precision_line(m.precision), tokenizer_note(m)):
         if line:
             console.print(escape(line), highlight=False, soft_wrap=True)
     runtimes(runtime_notes(m), polygraphy_line(m))
@@ -201,6 +202,8 @@ def inspect(result) -> None:
         console.print(f"runs in: {escape(result.runs_in)}", highlight=False)
     for note in result.arch_notes:
         console.print(escape(note), highlight=False)
+    if result.tokenizer:
+        console.print(escape(result.tokenizer), highlight=False, soft_wrap=True)
     io_table = Table(title="inputs and outputs")
     for col in ("", "name", "dtype", "shape"):
         io_table.add_column(col)

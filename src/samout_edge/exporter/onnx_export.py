@@ -47,6 +47,7 @@ from samout_edge.artifact.quantization import (
     RTOL,
 )
 from samout_edge.artifact.resources import check_memory
+from samout_edge.artifact.tokenizer_files import tokenizer_form
 from samout_edge.artifact.vocab import VOCAB_FILE, Vocab, check_vocab_fits
 from samout_edge.errors import SamoutError
 from samout_edge.exporter import precision as fp
@@ -385,10 +386,11 @@ def export(
         qz.validate(options.weights_spec(), options.opset, model_config.hidden_size)
         qz.check_nbits(options.weights_spec(), model_config.hidden_size)
     check_memory(export_memory(model_config, options), f"exporting {options.arch} with --max-seq {options.max_seq}")
-    words = None
+    words, form = None, None
     if vocab is not None:  # before any work: a bad vocab file fails the export up front
         words = Vocab.load(vocab)
         check_vocab_fits(words, model_config.vocab_size, "--vocab")
+        form = tokenizer_form(words)  # the files transformers loads (or why there are none), checked now
     text_ids, text = None, None
     if options.calibration_text is not None:  # before any work too
         # only what is used: GPTQ's first tokens, fp16's calibration, the golden case's window
@@ -475,6 +477,11 @@ def export(
         if words is not None:
             write_json_atomic(stage / VOCAB_FILE, words.to_json())
             record_file(stage, manifest, VOCAB_FILE)
+            for name, content in form.files().items():  # for transformers.AutoTokenizer: encodes as vocab.json
+                write_json_atomic(stage / name, content)
+                record_file(stage, manifest, name)
+            manifest.extra["tokenizer"] = {"vocab": form.kind, "files": list(form.files()),
+                                           **({"reason": form.reason} if form.reason else {})}
         if source["kind"] == "preset":
             for name in sorted(p.name for p in (stage / CHECKPOINT_DIR).iterdir()):
                 record_file(stage, manifest, f"{CHECKPOINT_DIR}/{name}")
