@@ -573,7 +573,8 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
-        if scope.get("path") == "/v1/chat/completions" and too_many_objects(body, MAX_CHAT_MESSAGES + 16):
+        chat = scope.get("path") in ("/v1/chat/completions", "/tokenize")  # bodies that may hold chat messages
+        if chat and too_many_objects(body, MAX_CHAT_MESSAGES + 16):
             response = _error(400, f"messages: more than this server's limit of {MAX_CHAT_MESSAGES:,}",
                               "invalid_request")
             return await response(scope, receive, send)
@@ -719,11 +720,30 @@ def create_app(server: Server) -> FastAPI:
                 "sessions": len(server.sessions.sessions), "session_state_bytes": server.sessions.state_bytes,
                 "corrupt_sessions": len(server.sessions.corrupt), "text_prompts": server.vocab is not None})
 
+    from samout_edge.serve import tokenizer_api  # vLLM's tokenizer routes (it imports this module)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        """vLLM's: a text's or a conversation's ids, as the export's AutoTokenizer gives them."""
+        return await tokenizer_api.tokenize(server, await request.body())
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        """vLLM's: the text of ids."""
+        return await tokenizer_api.detokenize(server, await request.body())
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """vLLM's: the tokenizer's config, special tokens and chat template (lm-eval's remote tokenizer)."""
+        return await tokenizer_api.tokenizer_info(server)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         """What OpenAI clients list first: the one model this server runs."""
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
-                                            "owned_by": "samout-edge"}]}
+                                            "owned_by": "samout-edge",
+                                            "max_model_len": tokenizer_api.max_model_len(server),
+                                            "vocab_size": server.info.config.vocab_size}]}
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
