@@ -197,6 +197,10 @@ async def tokenize(server: Server, body: bytes) -> dict[str, Any]:
     else:
         text = req.prompt
     ids = await asyncio.to_thread(server.prompt_ids, text)  # the completions' limits, off the event loop
+    limit = server.options.max_prompt_tokens
+    if len(ids) > limit:  # prompt_ids refuses what is surely too long; a completion counts the rest, as here
+        raise SessionError(f"the prompt is {len(ids):,} tokens, above this server's limit of {limit:,} "
+                           "(serve --max-prompt-tokens)", 400, "prompt_too_long")
     if req.add_special_tokens:
         try:
             before, after = await asyncio.to_thread(special_affixes, vocab)
