@@ -35,7 +35,7 @@ from samout_edge.artifact.tokenizer_files import (
     token_strings,
     tokenizer_form,
 )
-from samout_edge.artifact.vocab import check_text
+from samout_edge.artifact.vocab import ByteVocab, HFTokenizer, Vocab, check_text
 from samout_edge.errors import SamoutError
 from samout_edge.serve.server import MAX_CHAT_MESSAGES, ChatMessage, Server
 from samout_edge.serve.sessions import SessionError
@@ -126,14 +126,15 @@ _forms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server -> (it
 
 def form_of(server: Server) -> TokenizerForm:
     """The server's vocab as the export's tokenizer files state it (computed once per vocab)."""
+    vocab = need_vocab(server)
     cached = _forms.get(server)
-    if cached is None or cached[0] is not server.vocab:
-        cached = (server.vocab, tokenizer_form(server.vocab))
+    if cached is None or cached[0] is not vocab:
+        cached = (vocab, tokenizer_form(vocab))
         _forms[server] = cached
     return cached[1]
 
 
-def need_vocab(server: Server):
+def need_vocab(server: Server) -> Vocab | ByteVocab | HFTokenizer:
     if server.vocab is None:
         raise SessionError("this server has no vocab (serve --vocab FILE): it cannot tokenize text", 400, "no_vocab")
     return server.vocab
