@@ -27,6 +27,7 @@ from samout_edge.artifact.vocab import VOCAB_FILE, ByteVocab, Vocab
 from samout_edge.errors import SamoutError
 from samout_edge.serve import open_server
 from samout_edge.serve.server import ServeOptions, create_app
+from samout_edge.serve.template import ChatTemplate
 
 # what the issue lists: emoji, CJK, newlines, tabs, leading spaces, NUL, combining characters
 TEXTS = ["", "héllo wörld", "😀👍🏽 family: 👨‍👩‍👧", "中文字符，日本語のテキスト", "a\nb\r\nc\n\n", "\tx\t\ty",
@@ -164,7 +165,7 @@ def test_a_hugging_face_export_carries_its_tokenizer_json_and_encodes_without_sp
         want = ours.encode(text)
         assert auto(text, add_special_tokens=False)["input_ids"] == want, text
         assert library.encode(text, add_special_tokens=False).ids == want
-        assert auto(text)["input_ids"] == [0] + want  # AutoTokenizer's default adds <s>; samout-edge never does
+        assert auto(text)["input_ids"] == [0] + want  # AutoTokenizer's default adds <s>; a completion's does not
         assert auto.decode(want) == ours.decode_ids(want) == text
     assert "tok(text, add_special_tokens=False)" in tokenizer_note(read_manifest(d))  # what inspect says
     assert hf_export.manifest.extra["tokenizer"] == {"vocab": "huggingface",
@@ -337,13 +338,17 @@ def test_tokenize_and_detokenize_in_vllms_form(byte_export, serve, monkeypatch):
     assert http.post("/detokenize", json={"tokens": [0xE4, 0xB8]}).json() == {"prompt": "\ufffd"}  # half a character
     models = http.get("/v1/models").json()["data"][0]
     assert models["max_model_len"] == 1000 and models["vocab_size"] == 256
-    # the chat form: the server's template, as chat completions render it
-    messages = [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "hi "}]
-    rendered = "user: héllo\nassistant: hi \nassistant:"
-    assert http.post("/tokenize", json={"messages": messages}).json()["tokens"] == list(rendered.encode())
+    # the chat form: the server's template, the prompt a chat completion of these messages feeds the model
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "héllo"},
+                {"role": "assistant", "content": "hi "}]
+    rendered = ChatTemplate().render([{**m, "role": m["role"].replace("developer", "system")} for m in messages])
+    assert rendered.startswith("system: be brief\nuser: héllo\nassistant: hi \nassistant:")
+    tokens = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    chat = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1}).json()
+    assert tokens == list(rendered.encode()) and chat["usage"]["prompt_tokens"] == len(tokens)
     body = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False,
                                         "continue_final_message": True}).json()
-    assert body["tokens"] == list("user: héllo\nassistant: hi ".encode())  # ends in the message, to be continued
+    assert body["tokens"] == list("system: be brief\nuser: héllo\nassistant: hi ".encode())  # to be continued
 
 
 def test_tokenize_adds_special_tokens_as_autotokenizer_does_and_detokenize_refuses_ids_without_a_token(

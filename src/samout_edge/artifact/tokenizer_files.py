@@ -11,7 +11,7 @@ does and decode back the same text:
   byte b to id b, behind a ByteLevel pre-tokenizer that neither splits the text (no regex)
   nor adds a space, and a ByteLevel decoder (invalid UTF-8 shows as U+FFFD, as ours).
 - a Hugging Face tokenizer.json: itself. transformers adds the post-processor's special
-  tokens unless told ``add_special_tokens=False``; samout-edge never adds them to a prompt.
+  tokens unless told ``add_special_tokens=False``; a completion adds them only when asked.
 - a list of strings (greedy longest match, left to right): a WordLevel model behind a Split
   pre-tokenizer whose regex is a trie of the tokens. Oniguruma tries a trie's branches before
   ending at a token, so the piece it cuts at each position is the longest token starting
@@ -76,7 +76,7 @@ class TokenizerForm:
 
 
 def files_note(kind: str, names: list[str]) -> str:
-    special = (" (a prompt's tokens are tok(text, add_special_tokens=False): samout-edge adds no special tokens)"
+    special = (" (a completion's prompt is tok(text, add_special_tokens=False) unless it asks for them)"
                if kind == HFTokenizer.kind else "")
     return (f"tokenizer files: {', '.join(names)}: transformers.AutoTokenizer.from_pretrained(DIR) encodes as "
             f"vocab.json does{special}")
@@ -252,23 +252,6 @@ def token_strings(form: TokenizerForm, vocab: Vocab | ByteVocab | HFTokenizer, i
     if isinstance(vocab, HFTokenizer):
         return [vocab.tokenizer.id_to_token(i) or "" for i in ids]
     return [form.keys[i] if form.keys else vocab.tokens[i] for i in ids]
-
-
-def special_affixes(vocab: Vocab | ByteVocab | HFTokenizer) -> tuple[list[int], list[int]]:
-    """The ids a tokenizer.json's post-processor puts before and after one text when special
-    tokens are added (transformers' default): none for bytes and string lists."""
-    if not isinstance(vocab, HFTokenizer) or vocab.tokenizer.post_processor is None:
-        return [], []
-    for probe in ("a", "0", " ", "\n", "the"):
-        encoding = vocab.tokenizer.encode(probe, add_special_tokens=False)
-        if encoding.ids and not any(encoding.special_tokens_mask):
-            break
-    else:
-        raise SamoutError("add_special_tokens: this tokenizer's special tokens cannot be placed (no plain text "
-                          "probe encodes); send add_special_tokens false")
-    full = vocab.tokenizer.post_process(encoding)
-    plain = [i for i, special in enumerate(full.special_tokens_mask) if not special]
-    return full.ids[: plain[0]], full.ids[plain[-1] + 1:]
 
 
 def tokenizer_note(manifest) -> str | None:

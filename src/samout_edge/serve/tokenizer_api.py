@@ -12,10 +12,11 @@ continue_final_message, add_special_tokens (default false), return_token_strs}``
 the special tokens and the chat template.
 
 ``/tokenize`` answers what ``AutoTokenizer.from_pretrained(EXPORT)(text,
-add_special_tokens=...)`` gives: a text prompt of a completion is always encoded without
-special tokens (``add_special_tokens: false``); bytes and string lists have none to add.
-Every limit is the completions' own (``Server.prompt_ids``): characters and tokens of a
-prompt, ids inside the vocabulary.
+add_special_tokens=...)`` gives, which is what a completion with the same
+``add_special_tokens`` feeds the model (a completion's default is false, vLLM's /tokenize
+default true); bytes and string lists have no special tokens to add. Every limit is the
+completions' own (``Server.prompt_ids``): characters and tokens of a prompt, ids inside
+the vocabulary.
 """
 
 from __future__ import annotations
@@ -28,13 +29,7 @@ from typing import Annotated, Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from samout_edge.artifact.tokenizer_files import (
-    TOKENIZER_CLASS,
-    TokenizerForm,
-    special_affixes,
-    token_strings,
-    tokenizer_form,
-)
+from samout_edge.artifact.tokenizer_files import TOKENIZER_CLASS, TokenizerForm, token_strings, tokenizer_form
 from samout_edge.artifact.vocab import ByteVocab, HFTokenizer, Vocab, check_text
 from samout_edge.errors import SamoutError
 from samout_edge.serve.server import MAX_CHAT_MESSAGES, ChatMessage, Server
@@ -53,7 +48,7 @@ class TokenizeCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str
-    add_special_tokens: bool = True  # vLLM's default; a completion's text prompt is encoded as with false
+    add_special_tokens: bool = True  # vLLM's default (a completion's is false)
     return_token_strs: bool | None = False
 
 
@@ -184,7 +179,7 @@ async def tokenize(server: Server, body: bytes) -> dict[str, Any]:
         if req.continue_final_message and req.add_generation_prompt:
             raise SessionError("continue_final_message and add_generation_prompt cannot both be true (send "
                                "add_generation_prompt: false)", 400, "invalid_request")
-        messages = [m.model_dump() for m in req.messages]
+        messages = [m.for_template() for m in req.messages]  # as chat completions give them to the template
         for i, m in enumerate(messages):
             try:
                 check_text(m["content"])
@@ -197,17 +192,12 @@ async def tokenize(server: Server, body: bytes) -> dict[str, Any]:
             raise SessionError(f"the chat template failed on these messages: {e}", 400, "chat_template") from None
     else:
         text = req.prompt
-    ids = await asyncio.to_thread(server.prompt_ids, text)  # the completions' limits, off the event loop
+    # the completions' encoding and limits, off the event loop
+    ids = await asyncio.to_thread(server.prompt_ids, text, req.add_special_tokens)
     limit = server.options.max_prompt_tokens
     if len(ids) > limit:  # prompt_ids refuses what is surely too long; a completion counts the rest, as here
         raise SessionError(f"the prompt is {len(ids):,} tokens, above this server's limit of {limit:,} "
                            "(serve --max-prompt-tokens)", 400, "prompt_too_long")
-    if req.add_special_tokens:
-        try:
-            before, after = await asyncio.to_thread(special_affixes, vocab)
-        except SamoutError as e:
-            raise SessionError(str(e), 400, "invalid_request") from None
-        ids = before + ids + after
     strs = None
     if req.return_token_strs:
         form = await asyncio.to_thread(form_of, server)
