@@ -273,12 +273,16 @@ def driver_lm_eval(spec: dict) -> dict:
     logging.basicConfig(level=logging.WARNING)
     out: dict[str, Any] = {"runs": {}}
     proxy = spec["proxy"]
-    set_phase(proxy, "lm-eval:remote-tokenizer-probe")
-    try:  # what local-completions does with tokenizer_backend=auto before it chooses a tokenizer
-        out["remote_tokenizer"] = bool(check_remote_tokenizer_support(f"{proxy}/v1/completions",
-                                                                      auth_token=spec["api_key"], max_retries=1))
-    except Exception as e:  # noqa: BLE001 - a client's failure is a result
-        out["remote_tokenizer"] = error_text(e)
+    out["remote_tokenizer"] = {}
+    # what local-completions does with tokenizer_backend=auto (its default) before it picks a tokenizer: as
+    # configured by default (no auth_token: the probe carries no key), and with auth_token=KEY
+    for label, auth in (("default", None), ("auth_token", spec["api_key"])):
+        set_phase(proxy, f"lm-eval:remote-tokenizer-probe ({label})")
+        try:
+            out["remote_tokenizer"][label] = bool(check_remote_tokenizer_support(f"{proxy}/v1/completions",
+                                                                                 auth_token=auth))
+        except Exception as e:  # noqa: BLE001 - a client's failure is a result
+            out["remote_tokenizer"][label] = error_text(e)
     manager = TaskManager(include_path=spec["tasks_dir"], include_defaults=False)
     for run in spec["runs"]:
         set_phase(proxy, f"lm-eval:{run['name']}")
@@ -950,7 +954,8 @@ def markdown(data: dict) -> str:
     lines += ["", f"Beside them in the clients' venv: {other}.", ""]
     lm = data.get("lm_eval")
     if lm:
-        lines += ["## lm-eval", "", f"Remote tokenizer probe (`tokenizer_backend=auto`): {lm.get('remote_tokenizer')}.",
+        probe = ", ".join(f"{k}: {v}" for k, v in (lm.get("remote_tokenizer") or {}).items())
+        lines += ["## lm-eval", "", f"Remote tokenizer supported, as `tokenizer_backend=auto` probes it: {probe}.",
                   "", "| run | model | tasks | result | seconds |", "|---|---|---|---|---|"]
         for name, run in lm.get("runs", {}).items():
             if run.get("ok"):
@@ -979,18 +984,22 @@ def markdown(data: dict) -> str:
         lines.append("")
     gl = data.get("guidellm")
     if gl:
-        lines += ["## guidellm", "", f"Streamed completions, synthetic prompts of {gl['prompt_tokens']} tokens, "
-                  f"{gl['output_tokens']} output tokens, {gl['seconds']} s per profile, medians:", "",
-                  "| export | profile | requests (ok / errored) | TTFT ms | ITL ms | output tok/s | req/s | "
-                  "server answers |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["## guidellm", "", f"Streamed completions (`/v1/completions`), synthetic prompts of "
+                  f"{gl['prompt_tokens']} tokens and {gl['output_tokens']} output tokens, {gl['seconds']:g} s per "
+                  "profile, straight to the server; TTFT, ITL and request latency are medians over the successful "
+                  "requests, tokens and requests per second guidellm's rate over the run:", "",
+                  "| export | profile | requests ok / errored / incomplete | TTFT ms | ITL ms | request s | output "
+                  "tok/s | req/s | the server's answers |", "|---|---|---|---|---|---|---|---|---|"]
         for run in gl["runs"].values():
             for b in run.get("benchmarks") or [{}]:
                 req = b.get("requests") or {}
-                counts = f"{req.get('successful', '-')} / {req.get('errored', '-')}" if req else "-"
-                server = "; ".join(f"{route} {st}" for route, st in run.get("server", {}).items())
-                lines.append(f"| {run['export']} | {run['label']} | {counts} | {fmt(b.get('ttft_ms'))} | "
-                             f"{fmt(b.get('itl_ms'))} | {fmt(b.get('output_tokens_per_s'))} | "
-                             f"{fmt(b.get('requests_per_s'))} | {server} |")
+                counts = " / ".join(str(req.get(k, "-")) for k in ("successful", "errored", "incomplete"))
+                server = "; ".join(f"{route}: " + ", ".join(f"{st} x{n}" for st, n in sorted(sts.items()))
+                                   for route, sts in run.get("server", {}).items())
+                lines.append(f"| {run['export']} | {run['label']} | {counts} | {fmt(b.get('ttft_ms'), 3)} | "
+                             f"{fmt(b.get('itl_ms'), 3)} | {fmt(b.get('request_latency_s'), 3)} | "
+                             f"{fmt(b.get('output_tokens_per_s'), 4)} | {fmt(b.get('requests_per_s'), 3)} | "
+                             f"{server} |")
         lines.append("")
     lines += ["## What each client sent, and what the server answered", "",
               "Every distinct request shape (route and body keys), from the recording proxy; bodies with trimmed "
@@ -1084,6 +1093,9 @@ def main(argv: list[str]) -> int:
                      "model_args": {**common, "tokenized_requests": False, "batch_size": 4}},
                     {"name": "rolling", "model": "local-completions", "tasks": ["samout_rolling"],
                      "model_args": common},
+                    {"name": "mc-remote-tokenizer", "model": "local-completions", "tasks": ["samout_mc"],
+                     "model_args": {**{k: v for k, v in common.items() if k != "tokenizer"},
+                                    "tokenizer_backend": "remote", "auth_token": key}},
                     {"name": "gen-completions", "model": "local-completions", "tasks": ["samout_gen"],
                      "model_args": common},
                     {"name": "gen-chat", "model": "local-chat-completions", "tasks": ["samout_gen"],
