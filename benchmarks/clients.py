@@ -804,9 +804,6 @@ def inventory(records: list[dict]) -> dict:
     return clients
 
 
-MAX_STOP, MAX_PROMPTS = 4, 16  # today's server: stop sequences, prompts x n in a request
-
-
 def refusal(message: str, body: dict) -> tuple[str, dict] | None:
     """(what the server refused, the body without it) from a 400's message, or None when the
     message names nothing this can take out: the next refusal shows once this one is gone."""
@@ -820,14 +817,13 @@ def refusal(message: str, body: dict) -> tuple[str, dict] | None:
     if not m:
         return None
     parts = [p for p in m.group(0).split(".") if p]
-    if parts[0] == "stop" and isinstance(body.get("stop"), list) and len(body["stop"]) > MAX_STOP:
-        found = f"stop: {len(body['stop'])} strings"
-        body["stop"] = body["stop"][:MAX_STOP]
-        return found, body
-    if parts[0] == "prompt" and isinstance(body.get("prompt"), list) and len(body["prompt"]) > MAX_PROMPTS:
-        found = f"prompt: a list of {len(body['prompt'])} prompts"
-        body["prompt"] = body["prompt"][:MAX_PROMPTS]
-        return found, body
+    if parts[0] in ("stop", "prompt") and isinstance(body.get(parts[0]), list) and len(body[parts[0]]) > 1:
+        # a list past a limit: as many as the message says are allowed (else half), to find what else is refused
+        items = body[parts[0]]
+        limit = re.search(r"at most ([\d,]+)", text)
+        keep = min(int(limit.group(1).replace(",", "")), len(items) - 1) if limit else len(items) // 2
+        body[parts[0]] = items[:max(1, keep)]
+        return f"{parts[0]}: a list of {len(items)}", body
     if parts[0] == "messages" and any(isinstance(m.get("content"), list) for m in body.get("messages", [])):
         kinds = sorted({p.get("type", "?") for m in body["messages"] if isinstance(m.get("content"), list)
                         for p in m["content"] if isinstance(p, dict)})
