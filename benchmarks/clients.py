@@ -1019,6 +1019,22 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(data: dict) -> dict:
+    """The results without what client-requests.json holds (bodies, answers) or the documents' texts."""
+    out = json.loads(json.dumps(data))
+    for run in ((out.get("lm_eval") or {}).get("runs") or {}).values():
+        for doc in run.get("rolling", []):
+            doc.pop("text", None)
+            doc["tokens"] = len(doc.pop("ids", []))
+    for c in out["clients"].values():
+        for shape in c["shapes"]:
+            shape.pop("body", None)
+            shape.pop("trimmed", None)
+            for a in shape["answers"]:
+                a.pop("response", None)
+    return out
+
+
 # -- main
 
 
@@ -1179,7 +1195,8 @@ def main(argv: list[str]) -> int:
                      "versions": {n: versions.get(n) for n in PINS}, "tokenizer": tokenizer_kind,
                      "clients": {client: c["shapes"] for client, c in data["clients"].items()}}
     args.results.mkdir(parents=True, exist_ok=True)
-    save_results(data, markdown(data), args.results / "clients.json", args.results / "clients.md")
+    save_results({}, markdown(data), None, args.results / "clients.md")
+    write_atomic(args.results / "clients.json", dumps_compact(summary(data)))
     write_atomic(args.results / "client-requests.json", dumps_compact(requests_json))
     log(f"wrote {args.results / 'clients.md'}, clients.json, client-requests.json ({data['seconds']} s)")
     for client, c in data["clients"].items():
