@@ -59,16 +59,21 @@ def test_inventory_groups_requests_by_shape_and_counts_errors(clients):
          "response": {"events": 3, "first": [], "last": [], "errors": [{"error": {"message": "runner failed"}}]},
          "body": {"prompt": "y", "stream": True}},
     ]
+    unauthorized = {"error": {"message": "missing or wrong API key", "code": "invalid_api_key"}}
+    for op in (f"probe ({clients.NO_KEY})", "probe (auth_token)"):  # only the one sent without a key may get 401
+        records.append({"phase": f"lm-eval:{op}", "method": "GET", "path": "/tokenizer_info", "status": 401,
+                        "body": None, "response": unauthorized})
     inv = clients.inventory(records)
     lm = inv["lm-eval"]
-    assert (lm["requests"], lm["errors"]) == (3, 1)
+    assert (lm["requests"], lm["errors"]) == (5, 2)
     assert lm["by_operation"]["gen"] == {"requests": 1, "errors": 1, "statuses": {"400": 1}}
-    scoring, gen = lm["shapes"]
+    scoring, gen, tokenizer_info = lm["shapes"]
     assert scoring["operations"] == ["mc", "rolling"] and scoring["count"] == 2 and scoring["statuses"] == {"200": 2}
     assert len(scoring["body"]["prompt"][0]) == clients.TRIM_IDS and scoring["trimmed"] == ["prompt[0]"]
     assert scoring["values"]["echo"] == ["true"] and scoring["values"]["prompt (items)"] == ["1"]
     assert len(gen["body"]["prompt"]) == clients.TRIM_TEXT and gen["_failed_body"]["prompt"] == "x" * 500
     assert gen["answers"][0]["error"] == "invalid_request: stop: at most 4 strings"
+    assert [a.get("expected", False) for a in tokenizer_info["answers"]] == [True, False]
     assert inv["guidellm"]["errors"] == 1  # an error inside a 200 stream counts
 
 
