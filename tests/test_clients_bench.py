@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_serve import client_for  # noqa: F401 - a fixture: a server on a TestClient
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -152,3 +154,39 @@ def test_the_proxy_relays_answers_and_records_each_request(clients, tmp_path):
     assert records[1]["response"]["error"]["message"] == "bad: refused"
     assert records[2]["stream"] and records[2]["response"]["events"] == 6
     assert records[2]["response"]["last"] == [{"i": 4}, "[DONE]"]
+
+
+def replayable(value, vocab_size: int):
+    """A recorded body for the tiny model: ids within its vocab, text within its characters, few tokens out."""
+    if isinstance(value, dict):
+        out = {k: replayable(v, vocab_size) for k, v in value.items()}
+        for k in ("max_tokens", "max_completion_tokens"):
+            if isinstance(out.get(k), int) and out[k] > 4:
+                out[k] = 4
+        return out
+    if isinstance(value, list):
+        return [replayable(v, vocab_size) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value % vocab_size
+    if isinstance(value, str):
+        return "".join(c if ord(c) < vocab_size else "?" for c in value)
+    return value
+
+
+def test_every_recorded_client_request_is_answered(clients, exported, client_for, tmp_path):  # noqa: F811
+    """benchmarks/results/client-requests.json: each body a client sent (lm-eval, guidellm, LangChain,
+    litellm, as benchmarks/clients.py recorded them, prompts trimmed), replayed: answered, never refused."""
+    pytest.importorskip("fastapi")
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "client-requests.json").read_text())
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps([chr(i) for i in range(128)]))
+    c = client_for(exported(logits="all").directory, vocab=vocab)
+    replayed = 0
+    for client, shapes in recorded["clients"].items():
+        for shape in shapes:
+            body = replayable(shape["body"], 128)
+            r = c.http.request(shape["method"], shape["route"], json=body if body is not None else None)
+            assert r.status_code == 200, f"{client} {shape['method']} {shape['route']} {body}: {r.text}"
+            assert '"error"' not in r.text, f"{client} {shape['route']}: {r.text[:500]}"
+            replayed += 1
+    assert replayed >= 15 and set(recorded["clients"]) == {"lm-eval", "guidellm", "langchain", "litellm"}
