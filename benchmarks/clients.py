@@ -466,6 +466,18 @@ def ensure_venv(venv: Path) -> tuple[Path, dict[str, str | None]]:
     return python, versions
 
 
+def git_commit() -> str | None:
+    """This checkout's commit (``-dirty`` with uncommitted changes to the package): what served."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
 def source_digest() -> str:
     """Of the exporter's code: exports made by other code are made again (a new export may carry more files)."""
     h = hashlib.sha256()
@@ -938,7 +950,8 @@ def fmt(v: Any, digits: int = 4) -> str:
 def markdown(data: dict) -> str:
     m, lines = data["machine"], []
     lines += ["# The clients themselves against `samout-edge serve`", "",
-              f"`benchmarks/clients.py`{' --quick' if data['quick'] else ''}, {data['date']}, on {m['cores']} cores "
+              f"`benchmarks/clients.py`{' --quick' if data['quick'] else ''}, {data['date']}, samout-edge at "
+              f"{data.get('commit') or 'an unknown commit'}, on {m['cores']} cores "
               f"of {m['cpu']} (shared; Python {m['python']}, ONNX Runtime {m['onnxruntime']}), exports "
               f"{', '.join(data['exports'])} (int4 weights, --vocab bytes, max_seq 1024), tokenizer: "
               f"{data['tokenizer']}, offline (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE; every "
@@ -1092,7 +1105,8 @@ def main(argv: list[str]) -> int:
     requests_log = work / "requests.jsonl"
     requests_log.unlink(missing_ok=True)
     failures: list[str] = []
-    data: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "machine": describe(),
+    data: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit(), "quick": args.quick,
+                            "machine": describe(),
                             "versions": versions, "pins": {**PINS, **SUPPORT_PINS}, "tokenizer": tokenizer_kind,
                             "exports": [cummax.name, softmax.name], "task_sizes": sizes, "clients": {}}
     serve_options = ("--host", "127.0.0.1", "--memory-only", "--api-key-file", str(key_file))
