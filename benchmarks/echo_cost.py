@@ -73,11 +73,12 @@ def baseline_src(ref: str, work: Path) -> Path:
     return target / "src"
 
 
-def serve(export: Path, src: Path | None) -> ServerProcess:
+def serve(export: Path, src: Path | None, store: Path) -> ServerProcess:
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(src) if src else str(ROOT / "src")
+    store.unlink(missing_ok=True)
     try:
-        return ServerProcess(export, "--host", "127.0.0.1", "--max-batch", "32")
+        return ServerProcess(export, "--host", "127.0.0.1", "--max-batch", "32", "--store", str(store))
     finally:
         if previous is None:
             os.environ.pop("PYTHONPATH")
@@ -129,7 +130,8 @@ def main() -> None:
            "65536")
     text = heldout.read_bytes()[: args.prompt_tokens].decode("utf-8", errors="ignore")
 
-    current, base = serve(exports["all"], None), serve(exports["all"], baseline_src(args.baseline, args.work))
+    current = serve(exports["all"], None, args.work / "current.sqlite")
+    base = serve(exports["all"], baseline_src(args.baseline, args.work), args.work / "baseline.sqlite")
     plain: dict[str, list[float]] = {"current": [], "baseline": []}
     try:
         for server in (current, base):
@@ -145,7 +147,7 @@ def main() -> None:
 
     scoring: dict[str, list[float]] = {}
     for logits, export in exports.items():
-        server = serve(export, None)
+        server = serve(export, None, args.work / f"scoring-{logits}.sqlite")
         try:
             scoring_round(server.url, text[:64], 1)  # warm-up
             scoring[logits] = [scoring_round(server.url, text, 4) for _ in range(3)]
