@@ -6,6 +6,7 @@ from samout_edge.bench import report as rep
 from samout_edge.bench.op import bench_op
 from samout_edge.bench.peak_memory import MemorySpec, measure_in_child, rss_supported
 from samout_edge.bench.suite import BenchConfig, run_bench
+from samout_edge.runtime.registry import Settings
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError
 from samout_edge.exporter.counterparts import prepare_exports
@@ -111,7 +112,7 @@ def test_bad_config(config, match):
 
 def test_unknown_provider(pair):
     with pytest.raises(SamoutError, match="not available here"):
-        run_bench(pair, BenchConfig(backends=["ort"], providers=["cuda"], budget=FAST, memory=False))
+        run_bench(pair, BenchConfig(backends=["ort"], settings=Settings(provider="cuda"), budget=FAST, memory=False))
 
 
 def test_bench_refuses_two_of_one_arch_and_unlike_exports(exported):
@@ -152,10 +153,10 @@ def test_bench_op_rejects_short_max_len():
 @pytest.mark.parametrize("spinning", [None, True])
 def test_bench_records_ort_spinning(pair, tmp_path, spinning):
     """Off unless asked for: interleaved sessions' spinning threads slow each other."""
-    extra = {} if spinning is None else {"ort_spinning": spinning}
+    extra = {} if spinning is None else {"settings": Settings(provider=None, spinning=spinning)}
     config = BenchConfig(modes=["decode"], contexts=[4], backends=["ort"], budget=FAST, memory=False, **extra)
     report = run_bench(pair, config)
-    assert report.config["ort_spinning"] is bool(spinning) and len(report.records) == 2
+    assert report.config["settings"]["spinning"] is bool(spinning) and len(report.records) == 2
     rep.save_markdown(report, tmp_path / "r.md")
     assert f"intra-op spinning {'on' if spinning else 'off'}" in (tmp_path / "r.md").read_text()
 

@@ -31,7 +31,7 @@ RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 TORCH_FREE = {"errors", "progress", "artifact", "lowering", "profiles", "tensorrt", "runtime", "bench", "generate",
               "evaluate", "serve", "inspection", "inlining", "doctor", "triton_server", "cli"}
 # Modules of torch-free units that import torch at module level, loaded only when torch is asked for.
-TORCH_MODULES = {"runtime/torch_runner.py", "bench/op.py", "tensorrt/plugin.py"}
+TORCH_MODULES = {"bench/op.py", "tensorrt/plugin.py"}  # runtime/torch_runner.py registers torch without it
 HEAVY = ("torch", "onnxscript", "triton")
 
 

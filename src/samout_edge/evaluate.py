@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -400,23 +400,19 @@ def eval_target(
     in windows or (``stream``) as one context. ``checkpoint``: a copy of an export's
     source checkpoint, where it has moved (the PyTorch reference and the torch backend
     run it)."""
-    from samout_edge.runtime.ort_runner import resolve_provider
-    from samout_edge.runtime.target import open_runner, resolve_target
+    from samout_edge.runtime.registry import backend_named
+    from samout_edge.runtime.target import engine_of, open_runner, resolve_target
 
     started = time.perf_counter()
+    settings = settings or Settings(provider=provider)
+    engine = engine or engine_of(settings)
     resolved = resolve_target(target, engine)
     manifest = read_manifest(resolved.export_dir) if resolved.export_dir is not None else None
     backend = resolved.default_backend if backend == "auto" else backend
-    options = replace(settings or Settings(provider=provider), checkpoint=checkpoint, engine=engine)
-    workers = 1
-    if backend == "ort" and resolve_provider(options.provider) == "CPUExecutionProvider" and not stream:
-        workers, threads = cpu_workers()
-        options = replace(options, intra_op_threads=threads, spinning=False)
-    elif backend == "ort":
-        # a softmax stream calls the graph with a longer cache each time: ONNX Runtime's arena would keep
-        # every size it ever saw (23 GB at 62k tokens of the pair), so it returns memory instead
-        grows = manifest is not None and arch_spec(manifest.arch).grows
-        options = replace(options, spinning=False, cpu_arena=not grows)
+    spec = backend_named(backend)
+    settings = settings.replace(checkpoint=checkpoint, engine=engine)
+    grows = manifest is not None and arch_spec(manifest.arch).grows
+    options, workers = spec.options_from(settings).for_eval(stream, grows)  # the backend's knobs for scoring
     runner = open_runner(resolved, backend, options, arch, heads, logits="all")
     with runner:
         config = runner.info.config
@@ -462,22 +458,6 @@ def eval_target(
             seconds=time.perf_counter() - started,
             **scores,
         )
-
-
-def cpu_workers() -> tuple[int, int]:
-    """(concurrent runner calls, threads per call) for ONNX Runtime on the CPU.
-
-    Windows are independent, so two single-threaded calls at once keep two cores
-    busy without the per-operator hand-offs of one two-threaded call: measured on a
-    shared 2-core machine, 11.1 vs 11.5 ms per 256-byte window idle and 18.7 vs
-    27.0 ms with one other busy process. Threads do not spin: a waiting thread
-    would take a core from the other call.
-    """
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(2, cores)
-    return workers, max(1, cores // workers)
 
 
 def _torch_available() -> bool:

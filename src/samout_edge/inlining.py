@@ -1,5 +1,5 @@
-"""An inlined copy of a ``--lowering custom`` export, for runtimes that do not run
-model-local functions (OpenVINO, the ONNX reference evaluator).
+"""An inlined copy of a ``--lowering custom`` export, for backends that do not run
+model-local functions (their capabilities say: OpenVINO's).
 
 The CumMax nodes are replaced by their function bodies (the native scan), so the
 copy is a standard-ops graph; everything else, the golden files included, is
@@ -26,13 +26,23 @@ from samout_edge.artifact.manifest import (
 )
 from samout_edge.errors import SamoutError
 
-# Which runtimes run which lowering (tested for ONNX Runtime, OpenVINO and onnx.reference).
-RUNS_IN = {
-    "native": "every ONNX runtime (ONNX Runtime, OpenVINO, onnx.reference) and TensorRT (8.5+)",
-    "inlined": "every ONNX runtime (ONNX Runtime, OpenVINO, onnx.reference) and TensorRT (9.1+)",
-    "custom": "ONNX Runtime (the function body) and TensorRT 9.1+ (the body or the CumMax plugin); not OpenVINO or "
-              "onnx.reference, which do not run model-local functions: `samout-edge inline DIR -o OUT` makes a copy they run",
-}
+
+def runs_in(lowering: str) -> str | None:
+    """Which registered backends run an export of ``lowering``, from their capabilities (custom:
+    those that run model-local functions; the others get the ``inline`` hint)."""
+    from samout_edge.runtime.registry import BACKENDS
+
+    if lowering in ("native", "inlined"):
+        return "every backend: " + ", ".join(b.capabilities.title for b in BACKENDS.values())
+    if lowering != "custom":
+        return None
+    able = [b.capabilities.title for b in BACKENDS.values() if b.capabilities.custom_ops]
+    unable = [b.capabilities.title for b in BACKENDS.values() if not b.capabilities.custom_ops]
+    if not unable:
+        return ", ".join(able)
+    one = len(unable) == 1
+    return (f"{', '.join(able)}; not {' or '.join(unable)}, which {'does' if one else 'do'} not run model-local "
+            f"functions: `samout-edge inline DIR -o OUT` makes a copy {'it runs' if one else 'they run'}")
 
 
 def inline_export(source: str | Path, out: str | Path, force: bool = False) -> Path:

@@ -26,7 +26,7 @@ from samout_edge.artifact.manifest import (
 )
 from samout_edge.artifact.tokenizer_files import tokenizer_note
 from samout_edge.errors import SamoutError
-from samout_edge.inlining import RUNS_IN
+from samout_edge.inlining import runs_in
 from samout_edge.lowering import all_nodes
 from samout_edge.tensorrt.lint import lint_model
 
@@ -140,7 +140,7 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
         dtype=manifest.dtype if manifest else meta.get(META_DTYPE),
         arch=manifest.arch if manifest else meta.get(META_ARCH),
         lowering=manifest.lowering if manifest else meta.get(META_LOWERING),
-        runs_in=RUNS_IN.get((manifest.lowering if manifest else meta.get(META_LOWERING)) or ""),
+        runs_in=runs_in((manifest.lowering if manifest else meta.get(META_LOWERING)) or ""),
         verification=_verification_summary(manifest.verification) if manifest else None,
         extra={"config": manifest.config.to_dict() if manifest else json.loads(meta.get(META_CONFIG, "null"))},
         lint=[r.to_dict() for r in lint_model(model)] if lint else None,

@@ -20,6 +20,7 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -28,13 +29,18 @@ import numpy as np
 class MemorySpec:
     directory: str
     backend: str
-    provider: str  # ORT provider, or the torch device
+    provider: str  # what the runner runs on, as it labels it (RunnerInfo.device)
     mode: str  # prefill | decode
     batch: int
     length: int  # prefill seq, or decode context
     steps: int = 4  # decode steps measured
-    fast_kernel: bool = True
-    settings: dict | None = None  # the runner's Settings (runtime/registry.py), as a dict
+    settings: dict | None = None  # the backend's options (runtime/backend.py), as a dict
+    memory: str = "host"  # where the peak is read (RunnerInfo.memory): host (RSS) or cuda (torch's allocator)
+
+
+def json_ready(values: dict) -> dict:
+    """Options as JSON (a path as its text), for the child process."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
 
 def _status_kib(field: str) -> int:
@@ -70,20 +76,13 @@ def _return_freed_memory() -> None:
 
 def measure(spec: MemorySpec) -> int | None:
     """Run in the child: the scenario's peak bytes above the loaded model."""
-    from samout_edge.runtime.registry import Settings, load_runner
+    from samout_edge.runtime.registry import backend_named, load_runner
 
-    cuda = spec.backend == "torch" and spec.provider.startswith("cuda")
-    gpu = spec.backend == "tensorrt" or (spec.backend == "ort" and spec.provider != "CPUExecutionProvider") or \
-        (spec.backend == "openvino" and not spec.provider.startswith("CPU"))
-    if gpu:
-        return None  # TensorRT's and the GPU providers' allocators expose no peak we can read
+    cuda = spec.memory == "cuda"
     if not cuda and not rss_supported():
         return None
-    if spec.settings is not None:
-        options = Settings(**{**spec.settings, "cpu_arena": False})
-    else:
-        options = Settings(provider=spec.provider, device=spec.provider if spec.backend == "torch" else None,
-                           cpu_arena=False, fast_kernel=spec.fast_kernel)
+    backend = backend_named(spec.backend)
+    options = backend.options(**(spec.settings or {})).for_peak_memory()  # freed memory back to the OS
     runner = load_runner(spec.directory, spec.backend, options)
     vocab = runner.info.config.vocab_size
     ids = np.random.default_rng(0).integers(1, vocab, (spec.batch, spec.length + spec.steps))

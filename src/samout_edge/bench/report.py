@@ -91,6 +91,7 @@ def table_rows(row: PointRow) -> list[list[str]]:
 
 def to_markdown(report: BenchReport) -> str:
     cfg = report.config
+    spinning = (cfg.get("settings") or {}).get("spinning", cfg.get("ort_spinning"))  # reports before "settings"
     names = list(report.exports)
     head = headers(report)
     bandwidth = report.machine.get("memory_bandwidth")
@@ -100,7 +101,7 @@ def to_markdown(report: BenchReport) -> str:
         f"Machine: {report.machine['label']} ({report.machine['memory_gib']} GiB, torch {report.machine['torch']}, "
         f"onnxruntime {report.machine['onnxruntime']}). Model: hidden {cfg['hidden_size']}, {cfg['num_heads']} heads, "
         f"{cfg['num_layers']} layers, vocab {cfg['vocab_size']}, {cfg['dtype']}, lowering {cfg['lowering']}/{cfg['scan']}"
-        f"; ONNX Runtime intra-op spinning {'on' if cfg.get('ort_spinning', True) else 'off'}.",
+        f"; ONNX Runtime intra-op spinning {'off' if spinning is False else 'on'}.",  # None: ORT's default, on
         f"Latency: median ms of interleaved runs (prefill: one call over `tokens`; decode: one token after `tokens` of "
         f"context). {head[6]}: the arch's latency over {names[0] if names else 'the first'}'s at the same point. "
         "roofline (decode): the time the step's bytes (weights as stored but the embedding table, the state read "

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,13 @@ from samout_edge.artifact.files import check_output_dir
 from samout_edge.artifact.manifest import Manifest, check_exports, read_manifest  # noqa: F401 - bench's API
 from samout_edge.bench import machine
 from samout_edge.bench.bandwidth import decode_step_bytes, measure_bandwidth
-from samout_edge.bench.peak_memory import MemorySpec, measure_in_child
+from samout_edge.bench.peak_memory import MemorySpec, json_ready, measure_in_child
 from samout_edge.bench.timing import Budget, interleaved
-from samout_edge.errors import SamoutError, require_torch
+from samout_edge.errors import SamoutError
 from samout_edge.progress import Progress, no_progress
+from samout_edge.runtime.backend import BackendOptions
 from samout_edge.runtime.base import Runner, check_context
-from samout_edge.runtime.ort_runner import available_providers, resolve_provider
-from samout_edge.runtime.registry import BACKENDS, Settings, load_runner
+from samout_edge.runtime.registry import BACKENDS, Settings, backend_named, check_installed, load_runner
 
 MODES = ("prefill", "decode")
 EXPORT_MAX_SEQ = 4096  # the exports bench makes take calls up to this; longer ones are chunked
@@ -43,23 +43,19 @@ class BenchConfig:
     contexts: list[int] = field(default_factory=lambda: [256, 1024, 4096])
     batches: list[int] = field(default_factory=lambda: [1])
     backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
-    providers: list[str] | None = None  # ORT providers; None = every available one
-    device: str = "auto"  # torch device
-    engine: str | None = None  # TensorRT engine profile, for the tensorrt backend
-    fast_kernel: bool = True  # torch on CUDA: the Triton cummax instead of torch.cummax
+    # Every backend's options (runtime/registry.py); each backend takes its own. ONNX Runtime: the
+    # providers to run (comma-separated; None: every available one) and, off here unless asked
+    # for, intra-op threads busy-waiting between operators (ORT's own default is on). Bench
+    # interleaves two sessions (one per arch) in one process, and the threads one session leaves
+    # spinning take the cores the other's call needs. Seed preset, decode, ORT 1.32 on a 2-core
+    # EPYC, median ms cummax/softmax: idle box, context 1024: on 9.4-10.4 / 21.4-24.1, off
+    # 7.1-7.3 / 14.0-15.5; with another job on the box, context 256: on 22.8-24.4 / 24.2-31.8, off
+    # 7.9-8.6 / 10.5-11.3. A lone session on an idle box is the one case on wins (cummax 6.1 vs
+    # 7.4 ms, softmax even).
+    settings: Settings = field(default_factory=lambda: Settings(provider=None, spinning=False))
     budget: Budget = field(default_factory=Budget)
     memory: bool = True
-    openvino_device: str = "CPU"
-    openvino_precision: str = "f32"
     kv_budget_bytes: int | None = None  # softmax: contexts whose KV cache would pass this are reported, not run
-    # ONNX Runtime CPU: whether intra-op threads busy-wait between operators (ORT's own
-    # default is on). Off by default here: bench interleaves two sessions (one per arch) in
-    # one process, and the threads one session leaves spinning take the cores the other's
-    # call needs. Seed preset, decode, ORT 1.32 on a 2-core EPYC, median ms cummax/softmax:
-    # idle box, context 1024: on 9.4-10.4 / 21.4-24.1, off 7.1-7.3 / 14.0-15.5; with another
-    # job on the box, context 256: on 22.8-24.4 / 24.2-31.8, off 7.9-8.6 / 10.5-11.3. A lone
-    # session on an idle box is the one case on wins (cummax 6.1 vs 7.4 ms, softmax even).
-    ort_spinning: bool = False
     roofline: bool = True  # measure the memory bandwidth once; decode rows get their fraction of it
 
     def validate(self) -> BenchConfig:
@@ -166,23 +162,14 @@ def weights_bytes(directory: Path, manifest: Manifest) -> int:
 # --------------------------------------------------------------------------- running
 
 
-def targets(config: BenchConfig) -> list[tuple[str, Settings]]:
-    """(backend, its settings) to run: every ONNX Runtime provider asked for (default: every
-    one available), and each other backend once with the options the bench was given."""
+def targets(config: BenchConfig) -> list[tuple[str, BackendOptions]]:
+    """(backend, its options) to run: the runs each backend makes for bench (ONNX Runtime: one per
+    provider asked for, default every available one), with the options the bench was given."""
     out = []
-    base = Settings(engine=config.engine, fast_kernel=config.fast_kernel, spinning=config.ort_spinning,
-                    openvino_device=config.openvino_device, openvino_precision=config.openvino_precision)
-    for backend in config.backends:
-        if backend == "torch":
-            require_torch("bench --backend torch")
-            from samout_edge.runtime.torch_runner import torch_device
-
-            out.append(("torch", replace(base, device=torch_device(config.device))))
-        elif backend == "ort":
-            providers = config.providers or available_providers()
-            out += [("ort", replace(base, provider=resolve_provider(p))) for p in providers]
-        else:
-            out.append((backend, base))
+    for name in config.backends:
+        backend = backend_named(name)
+        check_installed(backend)
+        out += [(name, options) for options in backend.options_from(config.settings).for_bench()]
     return out
 
 
@@ -195,20 +182,20 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     points = [(mode, batch, length) for mode in config.modes for batch in config.batches
               for length in (config.seqs if mode == "prefill" else config.contexts)]
     total = len(plan) * len(points)
-    device = next((s.device for b, s in plan if b == "torch"), "cpu")
+    device = next((d for _, o in plan if str(d := getattr(o, "device", "")).startswith("cuda")), "cpu")  # its GPU
     info = machine.describe(device)
     if config.roofline and "decode" in config.modes:
         progress("measuring the memory bandwidth (a parallel copy of 256 MiB)", 0, total)
         info["memory_bandwidth"] = measure_bandwidth().to_dict()
     records: list[Record] = []
     done = 0
-    for backend, settings in plan:
-        runners = {arch: load_runner(pair[arch], backend, settings) for arch in pair}
+    for backend, options in plan:
+        runners = {arch: load_runner(pair[arch], backend, options) for arch in pair}
         label = next(iter(runners.values())).info.device  # the provider, the engine profile, cuda+triton, CPU:f32
         shown = label.replace("ExecutionProvider", "")
         for mode, batch, length in points:
             progress(f"{backend}:{shown} {mode} batch {batch} {'seq' if mode == 'prefill' else 'context'} {length}", done, total)
-            records += _measure_point(runners, pair, backend, settings, label, mode, batch, length, config, cm,
+            records += _measure_point(runners, pair, backend, options, label, mode, batch, length, config, cm,
                                       info["label"], stored, (info.get("memory_bandwidth") or {}).get("gb_per_s"))
             done += 1
     progress("done", total, total)
@@ -216,7 +203,7 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
         machine=info,
         config={**cm.config.to_dict(), "dtype": cm.dtype, "lowering": cm.lowering, "scan": cm.scan["scan"],
                 "max_seq": cm.max_seq, "budget": asdict(config.budget), "memory": config.memory,
-                "ort_spinning": config.ort_spinning,
+                "settings": config.settings.to_dict(),
                 "weights": {"kind": cm.weights.kind, "block_size": cm.weights.block_size, "format": cm.weights.format,
                             "bytes": {arch: stored[arch][1] for arch in pair}}},
         exports={arch: str(Path(p).absolute()) for arch, p in pair.items()},
@@ -224,7 +211,7 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     )
 
 
-def _measure_point(runners: dict[str, Runner], pair, backend, settings: Settings, label, mode, batch, length,
+def _measure_point(runners: dict[str, Runner], pair, backend, options: BackendOptions, label, mode, batch, length,
                    config: BenchConfig, manifest: Manifest, machine_label: str,
                    stored: dict[str, tuple[str, int]] | None = None, gb_per_s: float | None = None) -> list[Record]:
     vocab = manifest.config.vocab_size
@@ -247,9 +234,10 @@ def _measure_point(runners: dict[str, Runner], pair, backend, settings: Settings
     records = []
     for arch in runners:
         timing, peak = timings.get(arch), None
-        if timing is not None and config.memory:
-            spec = MemorySpec(str(pair[arch]), backend, label, mode, batch, length, fast_kernel=config.fast_kernel,
-                              settings=asdict(settings))
+        probe = runners[arch].info.memory  # None: an allocator whose peak cannot be read (a GPU's)
+        if timing is not None and config.memory and probe is not None:
+            spec = MemorySpec(str(pair[arch]), backend, label, mode, batch, length,
+                              settings=json_ready(asdict(options)), memory=probe)
             try:
                 peak = measure_in_child(spec)
             except (RuntimeError, subprocess.TimeoutExpired):  # out of memory, killed or too slow: the time

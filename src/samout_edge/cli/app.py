@@ -20,6 +20,7 @@ import typer
 from rich.markup import escape
 
 from samout_edge import __version__
+from samout_edge.cli.backend_options import refresh
 from samout_edge.cli.common import app
 from samout_edge.cli.ui import err_console
 from samout_edge.errors import SamoutError
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
+        refresh()  # the backend flags of the registry as it is now (a backend registered after import included)
         app(args=args, prog_name="samout-edge")
     except SamoutError as e:
         if debug:

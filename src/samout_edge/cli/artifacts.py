@@ -12,20 +12,16 @@ from rich.markup import escape
 from samout_edge.artifact.files import check_output_dir
 from samout_edge.artifact.quantization import CALIBRATION_TOKENS
 from samout_edge.cli import render
+from samout_edge.cli.backend_options import backend_options
 from samout_edge.cli.common import (
     ARCH_HELP,
-    BACKEND_HELP,
-    OPENVINO_DEVICE_HELP,
-    OPENVINO_PRECISION_HELP,
     WINDOW_HELP,
     Activations,
     Arch,
-    Backend,
     DType,
     EmbeddingWeights,
     Logits,
     Lowering,
-    OpenVINOPrecision,
     Preset,
     Quantizer,
     Scan,
@@ -35,11 +31,11 @@ from samout_edge.cli.common import (
     app,
     arch_of,
     parse_int_list,
-    settings,
     value,
 )
 from samout_edge.cli.ui import console, print_json, progress_bar
 from samout_edge.errors import SamoutError, require_torch
+from samout_edge.runtime.registry import Settings
 
 
 @app.command()
@@ -159,15 +155,13 @@ def export(
 
 
 @app.command()
+@backend_options()
 def verify(
     directory: Path = typer.Argument(..., help="Export directory."),
     checkpoint: Optional[Path] = typer.Option(None, help="Recompute with PyTorch from this source checkpoint (needs torch)."),
-    provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda, tensorrt or a full name."),
     lengths: Optional[str] = typer.Option(None, help="Recompute with PyTorch at these lengths, e.g. 1,1000,9000 (needs torch)."),
-    engine: Optional[str] = typer.Option(None, help="Verify the TensorRT engine built for this profile instead."),
-    backend: Backend = typer.Option("auto", help=BACKEND_HELP),
-    openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
-    openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
+    backend: str = "auto",
+    settings: Optional[Settings] = None,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Check an export (or its engine: DIR/engines/PROFILE) against its golden PyTorch outputs; exits 1 on failure.
@@ -176,9 +170,8 @@ def verify(
     from samout_edge.runtime.verify import verify as run_verify
 
     with progress_bar(not json_out) as progress:
-        result = run_verify(directory, provider, parse_int_list(lengths, "--lengths"), engine, checkpoint, progress=progress,
-                            backend=value(backend),
-                            settings=settings(provider, None, engine, openvino_device, openvino_precision))
+        result = run_verify(directory, lengths=parse_int_list(lengths, "--lengths"), checkpoint=checkpoint,
+                            progress=progress, backend=backend, settings=settings)
     if json_out:
         print_json(result.to_dict())
     else:

@@ -2,8 +2,9 @@
 
 Choices are Enums, so Typer itself rejects a bad one with a usage error (exit 2)
 and lists the allowed values in --help; the values come from the library's own
-tables (archs, presets, dtypes, weights kinds, the backend registry), so the CLI
-cannot drift from what the library accepts.
+tables (archs, presets, dtypes, weights kinds), so the CLI cannot drift from what the
+library accepts; the backends' choices and flags come from their registry
+(cli/backend_options.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from samout_edge.artifact.quantization import ACTIVATIONS as ACTIVATION_KINDS
 from samout_edge.artifact.quantization import FORMATS as WEIGHT_FORMATS
 from samout_edge.artifact.quantization import KINDS as WEIGHT_KINDS
 from samout_edge.errors import SamoutError
-from samout_edge.runtime.openvino_runner import PRECISIONS as OPENVINO_PRECISIONS
-from samout_edge.runtime.registry import BACKENDS, Settings
+from samout_edge.runtime.torch_runner import TORCH_DEVICES
 
 app = typer.Typer(
     name="samout-edge",
@@ -43,19 +43,7 @@ Lowering = choices("Lowering", ("native", "custom"))
 Scan = choices("Scan", ("auto", "blocked", "doubling"))
 Logits = choices("Logits", ("last", "all"))
 Precision = choices("Precision", ("fp16", "fp32"))
-TorchDevice = choices("TorchDevice", ("auto", "cpu", "cuda"))
-Backend = choices("Backend", ("auto", *BACKENDS))  # the registry is the only list
-GenerateBackend = Backend
-OpenVINOPrecision = choices("OpenVINOPrecision", tuple(OPENVINO_PRECISIONS))
-
-
-def settings(provider: str = "cpu", device: Enum | str | None = None, engine: str | None = None,
-             openvino_device: str = "CPU", openvino_precision: Enum | str = "f32") -> Settings:
-    """A command's backend options, for whichever backend runs (each reads its own)."""
-    return Settings(provider=provider, device=value(device) if isinstance(device, Enum) else device, engine=engine,
-                    openvino_device=openvino_device,
-                    openvino_precision=value(openvino_precision) if isinstance(openvino_precision, Enum)
-                    else openvino_precision)
+TorchDevice = choices("TorchDevice", TORCH_DEVICES)  # bench op's own device (backend flags: cli/backend_options.py)
 
 
 ARCH_HELP = "cummax (SamOut), softmax (the baseline) or hybrid (alpha * cummax + (1 - alpha) * softmax, alpha learned per layer)."
@@ -70,10 +58,6 @@ def arch_of(arch: Enum, window: int) -> str:
     return arch_name(str(arch.value), window)
 
 
-BACKEND_HELP = "auto (an export: ort; an engine: tensorrt; a checkpoint: torch), or a registered backend: " + ", ".join(BACKENDS) + "."
-OPENVINO_DEVICE_HELP = "OpenVINO device: CPU, GPU, NPU (the openvino backend)."
-OPENVINO_PRECISION_HELP = ("OpenVINO inference precision: f32 keeps verify's tolerance; bf16/f16 are faster where the "
-                           "hardware has them, with a looser tolerance (the openvino backend).")
 Weights, WeightsFormat = choices("Weights", WEIGHT_KINDS), choices("WeightsFormat", ("auto", *WEIGHT_FORMATS))
 Activations = choices("Activations", ACTIVATION_KINDS)
 EmbeddingWeights = choices("EmbeddingWeights", ("auto", "int8", "int4"))

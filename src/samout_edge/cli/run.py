@@ -12,17 +12,13 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from samout_edge.cli import render
+from samout_edge.cli.backend_options import backend_options
 from samout_edge.cli.common import (
     ARCH_HELP,
-    BACKEND_HELP,
-    OPENVINO_DEVICE_HELP,
-    OPENVINO_PRECISION_HELP,
     WINDOW_HELP,
     Arch,
-    Backend,
     DType,
     Lowering,
-    OpenVINOPrecision,
     Preset,
     Scan,
     TorchDevice,
@@ -30,26 +26,23 @@ from samout_edge.cli.common import (
     arch_of,
     parse_choice_list,
     parse_int_list,
-    settings,
     value,
 )
 from samout_edge.cli.ui import console, err_console, print_json, progress_bar
 from samout_edge.errors import SamoutError, require_torch
+from samout_edge.runtime.registry import Settings
 
 
 @app.command()
+@backend_options()
 def generate(
     target: Path = typer.Argument(..., help="Export directory, or a checkpoint (torch backend)."),
     ids: Optional[str] = typer.Option(None, help="Prompt token ids, e.g. 1,2,3."),
     prompt: Optional[str] = typer.Option(None, help="Prompt text (needs --vocab)."),
     vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings (id i is the i-th), or 'bytes' (UTF-8 bytes: id b is byte b) [default: the export's]."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
-    backend: Backend = typer.Option("auto", help=BACKEND_HELP),
-    provider: str = typer.Option("cpu", help="ONNX Runtime provider (the ort backend)."),
-    device: TorchDevice = typer.Option("auto", help="torch device (the torch backend)."),
-    engine: Optional[str] = typer.Option(None, help="Run the TensorRT engine built for this profile."),
-    openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
-    openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
+    backend: str = "auto",
+    settings: Optional[Settings] = None,
     arch: Arch = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
     softmax_window: int = typer.Option(0, "--softmax-window", min=0, help="For a checkpoint: " + WINDOW_HELP),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
@@ -62,8 +55,7 @@ def generate(
     from samout_edge.generate import Sampler, load_generation_runner, parse_prompt, vocab_for
     from samout_edge.generate import generate as run_generate
 
-    runner = load_generation_runner(target, value(backend), settings(provider, device, engine, openvino_device,
-                                                                    openvino_precision), arch_of(arch, softmax_window), heads)
+    runner = load_generation_runner(target, backend, settings, arch_of(arch, softmax_window), heads)
     words = vocab_for(vocab, runner.info.config.vocab_size, target)
     prompt_ids = parse_prompt(ids, prompt, words)
     sampler = Sampler(temperature, top_k, seed)
@@ -107,7 +99,17 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 
 
+BENCH_HELPS = {
+    "provider": "ONNX Runtime providers to use, comma-separated (default: all available).",
+    "device": "torch device: auto (cuda when present), cpu or cuda.",
+    "engine": "Also bench the TensorRT engines built for this profile.",
+    "spinning": "ONNX Runtime CPU: let threads busy-wait between operators (ORT's own default). Off by default: with "
+                "two sessions interleaved, one's spinning threads slow the other's calls, softmax's more than cummax's.",
+}
+
+
 @bench_app.command("run")
+@backend_options(choose="many", defaults={"provider": None, "spinning": False}, helps=BENCH_HELPS)
 def bench_run(
     dirs: Optional[list[Path]] = typer.Argument(None, help="Export directories: one per arch, or one (the other archs "
                                                 "are exported from its checkpoint)."),
@@ -121,18 +123,11 @@ def bench_run(
     context: str = typer.Option("256,1024,4096", help="Decode: tokens already in the state (any length: the prefill "
                                 "before it is fed in chunks)."),
     batch: str = typer.Option("1", help="Batch sizes."),
-    backend: str = typer.Option("torch,ort", help="Backends, comma-separated: torch (eager), ort (every available "
-                                "provider), openvino, tensorrt (with --engine), reference."),
-    provider: Optional[str] = typer.Option(None, help="ONNX Runtime providers to use (default: all available)."),
-    device: TorchDevice = typer.Option("auto", help="torch device: auto (cuda when present), cpu or cuda."),
-    engine: Optional[str] = typer.Option(None, help="Also bench the TensorRT engines built for this profile."),
+    backend: str = "torch,ort",
+    settings: Optional[Settings] = None,
     dtype: DType = typer.Option("fp32", help="With --preset: fp32 or fp16."),
     lowering: Lowering = typer.Option("native", help="With --preset: native or custom."),
     scan: Scan = typer.Option("auto", help="With --preset: the lowering's scan (auto, blocked, doubling)."),
-    fast_kernel: bool = typer.Option(True, "--fast-kernel/--no-fast-kernel",
-                                     help="torch on CUDA: the Triton cummax (default) or torch.cummax."),
-    openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
-    openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
     work: Optional[Path] = typer.Option(None, help="Where to keep exports made for the bench (default: a temporary directory)."),
     warmup: int = typer.Option(2, min=0, help="Untimed calls per series."),
     repeats: int = typer.Option(20, min=1, help="Most timed calls per series."),
@@ -142,10 +137,6 @@ def bench_run(
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", min=0,
                                               help="MiB: softmax contexts whose KV cache would pass this are reported "
                                               "as such, not run (always: those past the machine's memory)."),
-    spinning: bool = typer.Option(False, "--spinning/--no-spinning",
-                                  help="ONNX Runtime CPU: let threads busy-wait between operators (ORT's own default). "
-                                  "Off by default: with two sessions interleaved, one's spinning threads slow the "
-                                  "other's calls, softmax's more than cummax's."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline",
                                   help="Measure the memory bandwidth (about a second) and give each decode row the "
                                   "fraction of it the step reaches."),
@@ -155,50 +146,29 @@ def bench_run(
 ) -> None:
     """Latency and memory of SamOut vs the softmax baseline (or any set of archs): prefill and decode, side by side."""
     from samout_edge.artifact.arch import arch_spec
-    from samout_edge.artifact.engine import is_engine_dir
-    from samout_edge.artifact.files import check_writable_file
     from samout_edge.artifact.manifest import BENCH_ARCHS
-    from samout_edge.bench import report as rep
     from samout_edge.bench.suite import MODES, BenchConfig, bench_workspace, check_exports, run_bench
     from samout_edge.bench.timing import Budget
-    from samout_edge.runtime.registry import BACKENDS
     from samout_edge.runtime.target import resolve_target
 
-    engine_dirs = [d for d in dirs or [] if is_engine_dir(d)]
-    if engine_dirs:  # DIR/engines/PROFILE: bench that engine, on the tensorrt backend
-        engine, backend = engine or engine_dirs[0].name, "tensorrt"
-    if engine and "tensorrt" not in backend:
-        backend += ",tensorrt"
+    settings, backends = _bench_backends(dirs or [], backend, settings)
     config = BenchConfig(
         modes=parse_choice_list(mode, "--mode", MODES),
         seqs=parse_int_list(seq, "--seq"),
         contexts=parse_int_list(context, "--context"),
         batches=parse_int_list(batch, "--batch"),
-        backends=parse_choice_list(backend, "--backend", BACKENDS),
-        providers=[p.strip() for p in provider.split(",")] if provider else None,
-        device=device.value,
-        engine=engine,
-        fast_kernel=fast_kernel,
+        backends=backends,
+        settings=settings,
         budget=Budget(warmup=warmup, min_repeats=min_repeats, max_repeats=repeats, seconds=budget),
         memory=memory,
-        openvino_device=openvino_device,
-        openvino_precision=value(openvino_precision),
         kv_budget_bytes=None if kv_budget is None else int(kv_budget * 2**20),
-        ort_spinning=spinning,
         roofline=roofline,
     ).validate()
     resolved = [resolve_target(d) for d in dirs or []]  # after the options: a bad choice is a usage error first
     if any(t.kind == "checkpoint" for t in resolved):
         raise SamoutError("bench takes exports (or engine directories), or --preset; export the checkpoint first")
     dirs = [t.export_dir for t in resolved]
-    if plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise SamoutError("--plot needs matplotlib: pip install 'samout-edge[plot]'")
-    for path, suffix in ((json_file, ".json"), (plot, ".png"), (markdown, ".md")):
-        if path is not None and path.suffix.lower() != suffix:
-            raise SamoutError(f"{path} should end in {suffix}")
-    for path, option in ((json_file, "--json"), (plot, "--plot"), (markdown, "--markdown")):
-        if path is not None:
-            check_writable_file(path, option)
+    _check_outputs({"--json": json_file, "--plot": plot, "--markdown": markdown})
     wanted = [arch_spec(a.strip()).name for a in archs.split(",") if a.strip()] if archs else None
     if wanted is not None and len(set(wanted)) < len(wanted):
         raise SamoutError(f"--archs names an arch twice: {archs}")
@@ -216,6 +186,45 @@ def bench_run(
             pair = check_exports([given[a] for a in wanted], wanted)
         report = run_bench(pair, config, progress)
     render.bench(report)
+    _write_outputs(report, json_file, markdown, plot)
+
+
+def _bench_backends(dirs: list[Path], backend: str, settings: Settings) -> tuple[Settings, list[str]]:
+    """--backend's list, and an engine to bench: an engine directory given (DIR/engines/PROFILE:
+    that engine, on the backend that runs engines only), or --engine (that backend added)."""
+    from samout_edge.artifact.engine import is_engine_dir
+    from samout_edge.runtime.registry import BACKENDS
+    from samout_edge.runtime.target import backends_for, engine_of
+
+    runs_engines = backends_for("engine")
+    engine_dirs = [d for d in dirs if is_engine_dir(d)]
+    if engine_dirs:
+        settings = settings.replace(engine=engine_of(settings) or engine_dirs[0].name)
+        backend = runs_engines[0]
+    backends = parse_choice_list(backend, "--backend", tuple(BACKENDS))
+    if engine_of(settings) and not set(backends) & set(runs_engines):
+        backends.append(runs_engines[0])
+    return settings, backends
+
+
+def _check_outputs(paths: dict[str, Path | None]) -> None:
+    """--json, --plot and --markdown: the right suffix, writable, and matplotlib for a plot, before minutes of bench."""
+    from samout_edge.artifact.files import check_writable_file
+
+    suffixes = {"--json": ".json", "--plot": ".png", "--markdown": ".md"}
+    if paths.get("--plot") is not None and importlib.util.find_spec("matplotlib") is None:
+        raise SamoutError("--plot needs matplotlib: pip install 'samout-edge[plot]'")
+    for option, path in paths.items():
+        if path is not None and path.suffix.lower() != suffixes[option]:
+            raise SamoutError(f"{path} should end in {suffixes[option]}")
+    for option, path in paths.items():
+        if path is not None:
+            check_writable_file(path, option)
+
+
+def _write_outputs(report, json_file: Path | None, markdown: Path | None, plot: Path | None) -> None:
+    from samout_edge.bench import report as rep
+
     if json_file:
         rep.save_json(report, json_file)
         console.print(escape(f"wrote {json_file} ({len(report.records)} records)"), highlight=False)
@@ -265,11 +274,12 @@ MAX_EVAL_TARGETS = 16
 
 
 @app.command("eval")
+@backend_options()
 def eval_command(
     targets: list[Path] = typer.Argument(..., help="Exports (--logits all), engine dirs or checkpoints: one row each."),
     text: Path = typer.Option(..., "--text", help="A UTF-8 text file to score."),
-    backend: Backend = typer.Option("auto", help=BACKEND_HELP),
-    provider: str = typer.Option("cpu", help="ONNX Runtime provider (the ort backend)."),
+    backend: str = "auto",
+    settings: Optional[Settings] = None,
     window: Optional[int] = typer.Option(None, min=2, help="Tokens per window (default 512; past an export's max_seq "
                                           "it is fed in chunks, the state carried)."),
     stride: Optional[int] = typer.Option(None, min=1, help="Tokens between window starts (default window-1: each token computed once)."),
@@ -283,9 +293,6 @@ def eval_command(
         None, help="A copy of the exports' source checkpoint, where it has moved (the PyTorch reference runs it)."),
     stream: bool = typer.Option(False, "--stream", help="Score the whole file as one context, read a piece at a "
                                 "time with the state carried (memory stays flat; softmax: while its KV cache fits)."),
-    engine: Optional[str] = typer.Option(None, help="Evaluate the TensorRT engine built for this profile."),
-    openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
-    openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write bits per byte by position in the context to this PNG."),
     record: bool = typer.Option(False, "--record", help="Keep each export's result in its export.json (quality): "
                                 "what its precision costs on this text travels with it; inspect shows it."),
@@ -295,8 +302,9 @@ def eval_command(
     agreement with PyTorch fp32; targets side by side."""
     from samout_edge.artifact.files import check_writable_file
     from samout_edge.evaluate import eval_target, record_quality
-    from samout_edge.runtime.target import resolve_target
+    from samout_edge.runtime.target import engine_of, resolve_target
 
+    engine = engine_of(settings)
     if len(targets) > MAX_EVAL_TARGETS:
         raise SamoutError(f"give at most {MAX_EVAL_TARGETS} targets")
     for target in targets if record else []:  # before minutes of scoring
@@ -312,9 +320,9 @@ def eval_command(
     results = []
     with progress_bar(not json_out) as progress:
         for target in targets:
-            results.append(eval_target(target, text, backend.value, provider, window, stride, vocab, reference,
-                                       arch_of(arch, softmax_window), heads, progress, checkpoint, stream, engine,
-                                       settings(provider, None, engine, openvino_device, openvino_precision)))
+            results.append(eval_target(target, text, backend, window=window, stride=stride, vocab=vocab,
+                                       with_reference=reference, arch=arch_of(arch, softmax_window), heads=heads,
+                                       progress=progress, checkpoint=checkpoint, stream=stream, settings=settings))
     if record:
         for target, result in zip(targets, results):
             record_quality(resolve_target(target, engine).export_dir, result, text)

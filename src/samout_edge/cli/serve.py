@@ -10,23 +10,11 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from samout_edge.cli.common import (
-    ARCH_HELP,
-    BACKEND_HELP,
-    OPENVINO_DEVICE_HELP,
-    OPENVINO_PRECISION_HELP,
-    WINDOW_HELP,
-    Arch,
-    Backend,
-    OpenVINOPrecision,
-    TorchDevice,
-    app,
-    arch_of,
-    settings,
-    value,
-)
+from samout_edge.cli.backend_options import backend_options
+from samout_edge.cli.common import ARCH_HELP, WINDOW_HELP, Arch, app, arch_of
 from samout_edge.cli.ui import err_console
 from samout_edge.errors import SamoutError
+from samout_edge.runtime.registry import Settings
 
 API_KEY_ENV = "SAMOUT_EDGE_API_KEY"
 
@@ -67,6 +55,7 @@ def _loopback(host: str) -> bool:
 
 
 @app.command()
+@backend_options()
 def serve(
     target: Path = typer.Argument(..., help="Export directory, engine directory (engines/<profile>), or a checkpoint (torch)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback exposes the server to the network."),
@@ -74,12 +63,8 @@ def serve(
     store: Optional[Path] = typer.Option(None, help="SQLite file the sessions persist in [default: TARGET/sessions.sqlite]."),
     memory_only: bool = typer.Option(False, "--memory-only", help="Keep sessions in memory only (lost on restart)."),
     vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings, or 'bytes' (UTF-8 bytes), for text prompts and output [default: the export's]."),
-    backend: Backend = typer.Option("auto", help=BACKEND_HELP),
-    provider: str = typer.Option("cpu", help="ONNX Runtime provider (the ort backend)."),
-    device: TorchDevice = typer.Option("auto", help="torch device (the torch backend)."),
-    engine: Optional[str] = typer.Option(None, help="Serve the TensorRT engine built for this profile."),
-    openvino_device: str = typer.Option("CPU", "--openvino-device", help=OPENVINO_DEVICE_HELP),
-    openvino_precision: OpenVINOPrecision = typer.Option("f32", "--openvino-precision", help=OPENVINO_PRECISION_HELP),
+    backend: str = "auto",
+    settings: Optional[Settings] = None,
     arch: Arch = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
     softmax_window: int = typer.Option(0, "--softmax-window", min=0, help="For a checkpoint: " + WINDOW_HELP),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
@@ -127,9 +112,7 @@ def serve(
     options = ServeOptions(host, port, store_path, max_batch, max_tokens, policy, max_prompt_tokens=max_prompt_tokens,
                            max_prompt_chars=max_prompt_chars,
                            api_keys=keys, chat_template=template, chat_template_vars=template_vars)
-    server = open_server(target, value(backend), options,
-                         settings(provider, device, engine, openvino_device, openvino_precision), arch_of(arch, softmax_window), heads,
-                         vocab)
+    server = open_server(target, backend, options, settings, arch_of(arch, softmax_window), heads, vocab)
     info = server.info
     resumed = len(server.sessions.sessions)
     corrupt = server.sessions.corrupt

@@ -54,8 +54,8 @@ def check_feed(info: RunnerInfo, input_ids: Any, state: State) -> None:
 
 @dataclass(frozen=True)
 class RunnerInfo:
-    backend: str  # torch | ort | tensorrt | reference
-    device: str  # cpu | cuda | the ORT provider | the engine's profile
+    backend: str  # the registered name (runtime/registry.py)
+    device: str  # what it runs on, as the backend labels it: the ORT provider, cuda, the engine's profile
     arch: str
     dtype: str  # fp32 | fp16
     logits: str  # last | all
@@ -65,6 +65,8 @@ class RunnerInfo:
     max_context: int | None = None  # the most tokens a state may hold (a softmax engine's profiles); None: any
     rtol: float | None = None  # a runner computing coarser than the graph's dtype (OpenVINO bf16): verify's tolerance
     kernel_family: str = "x86"  # int8 activations: whose MatMulNBits rounding it computes (ACTIVATION_FAMILIES)
+    computes_fp16: bool = False  # an fp16 graph computed in fp16, not upcast (verify needs no onnx.reference pass)
+    memory: str | None = "host"  # where a peak is read: host (RSS), cuda (torch's allocator), None (no readable peak)
 
 
 # An unfused attention call holds about this many score-sized fp32 buffers at once (scores,

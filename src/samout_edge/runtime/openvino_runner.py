@@ -12,11 +12,13 @@ export's CumMax) are not run by OpenVINO: such an export is refused with the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.capabilities import Capabilities, Requirement
 from samout_edge.artifact.manifest import (
     MODEL_FILE,
     Manifest,
@@ -25,6 +27,7 @@ from samout_edge.artifact.manifest import (
     runtime_settings,
 )
 from samout_edge.errors import SamoutError
+from samout_edge.runtime.backend import Backend, BackendOptions, option
 from samout_edge.runtime.base import Runner, RunnerInfo, State
 
 INSTALL = "pip install 'samout-edge[openvino]'"
@@ -61,7 +64,8 @@ class OpenVINORunner(Runner):
         ran = runs_in(compiled, precision)
         label = ran if ran == precision else f"{ran} ({precision} asked)"
         self.info = RunnerInfo("openvino", f"{device}:{label}", manifest.arch, manifest.dtype, manifest.logits,
-                               manifest.max_seq, manifest.config, rtol=PRECISIONS[ran])
+                               manifest.max_seq, manifest.config, rtol=PRECISIONS[ran], computes_fp16="CPU" not in device,
+                               memory="host" if device.startswith("CPU") else None)  # a GPU's peak is not readable
 
     def initial_state(self, batch: int) -> State:
         return graph.empty_state(self.manifest.config, self.manifest.arch, batch, self.manifest.dtype)
@@ -77,19 +81,15 @@ class OpenVINORunner(Runner):
 
 
 def load_openvino_runner(directory: str | Path, device: str = "CPU", precision: str = "f32") -> OpenVINORunner:
+    """Refusals that every backend shares (model-local functions, int8 activations, OpenVINO not
+    installed) are the registry's, from ``CAPABILITIES``."""
     import onnx
+    import openvino as ov
 
-    try:
-        import openvino as ov
-    except ImportError:
-        raise SamoutError(f"the openvino backend needs OpenVINO, which this install does not have: {INSTALL}") from None
     if precision not in PRECISIONS:
         raise SamoutError(f"--openvino-precision {precision!r} is not one of: {', '.join(PRECISIONS)}")
     manifest = read_manifest(directory)
     path = Path(directory) / MODEL_FILE
-    if manifest.lowering == "custom":
-        raise SamoutError(f"OpenVINO does not run model-local functions (this export's CumMax nodes): make a copy "
-                          f"that it runs with `samout-edge inline {directory} -o OUT`")
     model = onnx.load(str(path), load_external_data=False)
     check_graph_metadata({p.key: p.value for p in model.metadata_props}, manifest)
     core = ov.Core()
@@ -103,3 +103,20 @@ def load_openvino_runner(directory: str | Path, device: str = "CPU", precision: 
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SamoutError(f"OpenVINO cannot compile {path} for {device}: {reason}") from None
     return OpenVINORunner(compiled, manifest, device, precision)
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions(BackendOptions):
+    openvino_device: str = option("CPU", "OpenVINO device: CPU, GPU, NPU.")
+    openvino_precision: str = option("f32", "OpenVINO inference precision: f32 keeps verify's tolerance; bf16/f16 "
+                                     "are faster where the hardware has them, with a looser tolerance.",
+                                     choices=tuple(PRECISIONS))
+
+
+def _load(directory: Path, options: OpenVINOOptions) -> OpenVINORunner:
+    return load_openvino_runner(directory, options.openvino_device, options.openvino_precision)
+
+
+CAPABILITIES = Capabilities("OpenVINO", custom_ops=False, requires=(Requirement("openvino", "OpenVINO", INSTALL),))
+BACKEND = Backend("openvino", OpenVINOOptions, _load,
+                  "OpenVINO (--openvino-device, --openvino-precision; pip install openvino)", CAPABILITIES)

@@ -1,17 +1,21 @@
-"""ONNX Runtime over an export directory, on any of its execution providers."""
+"""ONNX Runtime over an export directory, on any of its execution providers: the runner, the
+options it reads and what it computes (the ``ort`` backend)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.capabilities import Capabilities
 from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_graph_metadata, read_manifest
 from samout_edge.artifact.quantization import RTOL_FP16_ARITHMETIC
 from samout_edge.errors import SamoutError
+from samout_edge.runtime.backend import Backend, BackendOptions, option
 from samout_edge.runtime.base import Runner, RunnerInfo, State
-from samout_edge.runtime.cpu import cpu_features
+from samout_edge.runtime.cpu import cpu_features, cpu_workers
 
 DISABLE_KLEIDIAI = "mlas.disable_kleidiai"  # ONNX Runtime's session config key (its aarch64 builds; exporter/quantize.py)
 PROVIDER_ALIASES = {
@@ -58,6 +62,8 @@ class OrtRunner(Runner):
             "ort", provider + (" (fp16 arithmetic)" if fp16 else ""), manifest.arch, manifest.dtype, manifest.logits,
             manifest.max_seq, manifest.config, rtol=RTOL_FP16_ARITHMETIC if fp16 else None,
             kernel_family=cpu.kernel_family if cpu is not None else "x86",
+            computes_fp16=cpu is None or fp16,  # the GPU providers compute fp16 in fp16; x86's CPU upcasts
+            memory="host" if cpu is not None else None,  # the GPU providers' allocators expose no peak
         )
 
     def initial_state(self, batch: int) -> State:
@@ -118,3 +124,41 @@ def load_ort_runner(
         raise SamoutError(f"ONNX Runtime cannot load {Path(directory) / MODEL_FILE}: {str(e).splitlines()[0]}") from None
     check_graph_metadata(session.get_modelmeta().custom_metadata_map, manifest)
     return OrtRunner(session, manifest, provider)
+
+
+@dataclass(frozen=True)
+class OrtOptions(BackendOptions):
+    provider: str | None = option("cpu", "ONNX Runtime execution provider: cpu, cuda, tensorrt or a full name.")
+    spinning: bool | None = option(None, "ONNX Runtime: let intra-op threads busy-wait between operators "
+                                   "(default: ONNX Runtime's own, on).")
+    cpu_arena: bool = option(True, "False returns freed memory to the OS (peak-RSS measurements).", cli=False)
+    intra_op_threads: int | None = option(None, "Threads one call uses (None: ONNX Runtime's default).", cli=False)
+
+    def for_bench(self) -> list[OrtOptions]:
+        """One run per provider asked for (comma-separated; None: every available one)."""
+        names = [p.strip() for p in self.provider.split(",") if p.strip()] if self.provider else available_providers()
+        return [replace(self, provider=resolve_provider(p)) for p in names]
+
+    def for_eval(self, stream: bool, grows: bool) -> tuple[OrtOptions, int]:
+        """Windows on the CPU: two single-threaded, non-spinning calls at once (runtime/cpu.py
+        cpu_workers). Otherwise threads do not spin either, and a softmax stream, which calls
+        the graph with a longer cache each time, returns memory instead of keeping an arena of
+        every size it saw (23 GB at 62k tokens of the pair)."""
+        if not stream and resolve_provider(self.provider or "cpu") == "CPUExecutionProvider":
+            workers, threads = cpu_workers()
+            return replace(self, intra_op_threads=threads, spinning=False), workers
+        return replace(self, spinning=False, cpu_arena=not grows), 1
+
+    def for_peak_memory(self) -> OrtOptions:
+        return replace(self, cpu_arena=False)
+
+
+def _load(directory: Path, options: OrtOptions) -> OrtRunner:
+    return load_ort_runner(directory, options.provider or "cpu", cpu_arena=options.cpu_arena,
+                           intra_op_threads=options.intra_op_threads, spinning=options.spinning)
+
+
+BACKEND = Backend(
+    "ort", OrtOptions, _load, "ONNX Runtime, on any of its execution providers (--provider)",
+    Capabilities("ONNX Runtime", activations=("fp", "int8")),
+)

@@ -12,6 +12,7 @@ reference evaluator does not run them.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ import onnx
 import onnx.inliner
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.capabilities import Capabilities
 from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_graph_metadata, read_manifest
 from samout_edge.errors import SamoutError
+from samout_edge.runtime.backend import Backend, BackendOptions
 from samout_edge.runtime.base import Runner, RunnerInfo, State
 
 # Measured: the seed preset's fp16 export, 1x1024 tokens, 28 s on one 2-core EPYC core.
@@ -33,7 +36,7 @@ class ReferenceRunner(Runner):
         self.output_names = [o.name for o in evaluator.proto_.graph.output]
         self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
         self.info = RunnerInfo("reference", "onnx.reference", manifest.arch, manifest.dtype, manifest.logits,
-                               manifest.max_seq, manifest.config)
+                               manifest.max_seq, manifest.config, computes_fp16=True)
 
     def initial_state(self, batch: int) -> State:
         return graph.empty_state(self.manifest.config, self.manifest.arch, batch, self.manifest.dtype)
@@ -76,3 +79,17 @@ def estimated_seconds(manifest: Manifest, batch: int, seq: int) -> float:
     per_token = cfg.parameter_count() - 2 * head  # every layer's weights (the embedding is a lookup)
     head_rows = batch * (seq if manifest.logits == "all" else 1)
     return 2.0 * (batch * seq * per_token + head_rows * head) / FLOPS_PER_SECOND
+
+
+@dataclass(frozen=True)
+class ReferenceOptions(BackendOptions):
+    """onnx.reference has no settings: the graph, in its own dtype."""
+
+
+def _load(directory: Path, options: ReferenceOptions) -> ReferenceRunner:
+    return load_reference_runner(directory)
+
+
+# custom_ops: the loader inlines a custom export's functions, which the evaluator does not run itself
+BACKEND = Backend("reference", ReferenceOptions, _load, "onnx.reference: the graph computed in its own dtype (slow)",
+                  Capabilities("onnx.reference"))

@@ -1,169 +1,143 @@
 """Backends registered by name: the only list of them, and where a name becomes a runner.
 
-Each backend owns its options, as Polygraphy's loaders own their arguments: a
-frozen dataclass of the settings it reads (ONNX Runtime's provider and threads,
-torch's device, TensorRT's engine profile, OpenVINO's device and precision).
-Callers hand ``load_runner`` one ``Settings`` (what a command line was given);
-the backend takes the fields it declares and ignores the rest. A new backend is
-one runner file and one ``register`` call here; the CLI's choices come from
-``BACKENDS``.
+Each backend is declared in its runner file (runtime/backend.py: its options dataclass, its
+capabilities, its loader) and registered here with one ``register`` call. A command hands
+``load_runner`` one ``Settings`` (what its command line was given); the backend takes the
+fields its options declare. The CLI's ``--backend`` choices and every backend flag are built
+from this registry (cli/backend_options.py), and what an export needs is checked against the
+backend's capabilities here, once, for every command.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
-from samout_edge.errors import SamoutError, require_torch
+from samout_edge.artifact.capabilities import refusal
+from samout_edge.errors import SamoutError
+from samout_edge.runtime import openvino_runner, ort_runner, reference_runner, tensorrt_runner, torch_runner
+from samout_edge.runtime.backend import Backend, BackendOptions, default_of
 from samout_edge.runtime.base import Runner
 
+BACKENDS: dict[str, Backend] = {}
+RUNNERS = BACKENDS  # the registry under its earlier name
 
-@dataclass(frozen=True)
+
+def register(backend: Backend) -> Backend:
+    """Add ``backend``; an option another backend declares too must be the same option (one flag)."""
+    if backend.name in BACKENDS or backend.name == "auto":
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
+    declared = option_fields()
+    for f in fields(backend.options):
+        other = declared.get(f.name)
+        if other is not None and (str(other.type), default_of(other), dict(other.metadata).get("choices")) != \
+                (str(f.type), default_of(f), dict(f.metadata).get("choices")):
+            raise ValueError(f"backend {backend.name!r}: option {f.name!r} is declared by another backend with "
+                             "another type, default or choices; one flag cannot be both")
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def unregister(name: str) -> None:
+    BACKENDS.pop(name, None)
+
+
+def option_fields() -> dict[str, Field]:
+    """Every registered backend's options by field name (a name two backends share is one option)."""
+    found: dict[str, Field] = {}
+    for backend in BACKENDS.values():
+        for f in fields(backend.options):
+            found.setdefault(f.name, f)
+    return found
+
+
 class Settings:
-    """Every backend option a command may be given; each backend reads its own (its options type)."""
+    """What a command was given for every backend: keywords, each a field that some registered
+    backend's options declare (an unknown one is a TypeError, as a dataclass's). Each backend takes
+    its own (``Backend.options_from``); an attribute is the value given, else its declared default."""
 
-    provider: str = "cpu"  # ort: the execution provider
-    device: str | None = None  # torch: auto | cpu | cuda
-    engine: str | None = None  # tensorrt: the engine's profile ("" or None: the only one)
-    checkpoint: str | Path | None = None  # torch: the source checkpoint, if it has moved
-    cpu_arena: bool = True  # ort: False returns freed memory to the OS (peak-RSS measurements)
-    fast_kernel: bool = True  # torch on CUDA: the Triton cummax
-    intra_op_threads: int | None = None  # ort: threads one call uses (None: ORT's default)
-    spinning: bool | None = None  # ort: threads busy-wait between operators (None: ORT's default, on)
-    openvino_device: str = "CPU"  # openvino: CPU | GPU | NPU ...
-    openvino_precision: str = "f32"  # openvino: f32 (verify's tolerance) | bf16 | f16 (faster, looser)
+    def __init__(self, **values: Any) -> None:
+        unknown = sorted(set(values) - set(option_fields()))
+        if unknown:
+            raise TypeError(f"Settings() got unknown backend option(s): {', '.join(unknown)} "
+                            f"(declared: {', '.join(option_fields())})")
+        self._values = dict(values)
+
+    def given(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return Settings(**{**self._values, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The values given, JSON-ready (a bench child process rebuilds them)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self._values.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values")
+        if values is None or name.startswith("_"):
+            raise AttributeError(name)
+        if name in values:
+            return values[name]
+        declared = option_fields().get(name)
+        if declared is None:
+            raise AttributeError(f"no registered backend declares the option {name!r}")
+        return default_of(declared)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self._values == other._values
+
+    def __repr__(self) -> str:
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
 
 
 LoadOptions = Settings  # the name callers used before backends owned their options
 
 
-@dataclass(frozen=True)
-class OrtOptions:
-    provider: str = "cpu"
-    cpu_arena: bool = True
-    intra_op_threads: int | None = None
-    spinning: bool | None = None
-
-
-@dataclass(frozen=True)
-class TorchOptions:
-    device: str | None = None
-    checkpoint: str | Path | None = None
-    fast_kernel: bool = True
-
-
-@dataclass(frozen=True)
-class TensorRTOptions:
-    engine: str | None = None
-
-
-@dataclass(frozen=True)
-class ReferenceOptions:
-    pass
-
-
-@dataclass(frozen=True)
-class OpenVINOOptions:
-    openvino_device: str = "CPU"
-    openvino_precision: str = "f32"
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    options: type  # the frozen dataclass of what it reads
-    load: Callable[[Path, Any], Runner]  # (export directory, its options) -> runner
-    summary: str
-    activations: tuple[str, ...] = ("fp",)  # what its quantized MatMuls can compute with (export.json weights)
-
-    def options_from(self, settings: Settings) -> Any:
-        return self.options(**{f.name: getattr(settings, f.name) for f in fields(self.options)})
-
-
-BACKENDS: dict[str, Backend] = {}
-
-
-def register(name: str, options: type, summary: str, activations: tuple[str, ...] = ("fp",)) -> Callable:
-    def add(load: Callable[[Path, Any], Runner]) -> Callable[[Path, Any], Runner]:
-        BACKENDS[name] = Backend(name, options, load, summary, activations)
-        return load
-
-    return add
-
-
-@register("ort", OrtOptions, "ONNX Runtime, on any of its execution providers (--provider)", ("fp", "int8"))
-def _ort(directory: Path, options: OrtOptions) -> Runner:
-    from samout_edge.runtime.ort_runner import load_ort_runner
-
-    return load_ort_runner(directory, options.provider, cpu_arena=options.cpu_arena,
-                           intra_op_threads=options.intra_op_threads, spinning=options.spinning)
-
-
-@register("tensorrt", TensorRTOptions, "a TensorRT engine built from the export (--engine PROFILE)")
-def _tensorrt(directory: Path, options: TensorRTOptions) -> Runner:
-    from samout_edge.runtime.tensorrt_runner import load_trt_runner
-
-    return load_trt_runner(directory, profile=options.engine or None)
-
-
-@register("torch", TorchOptions, "PyTorch eager on the export's source checkpoint (--device; needs torch)",
-          ("fp", "int8"))  # int8: it emulates the kernel's quantization (models/quantize.py)
-def _torch(directory: Path, options: TorchOptions) -> Runner:
-    """The export's source checkpoint, eagerly, with the export's arch, dtype,
-    logits mode and (quantized exports) dequantized weights, so it computes what
-    the graph computes."""
-    require_torch("the torch backend")
-    from samout_edge.artifact.manifest import read_manifest, stated_alpha
-    from samout_edge.models.checkpoint import COPY_HINT, source_checkpoint
-    from samout_edge.runtime.torch_runner import load_torch_runner, torch_device
-
-    manifest = read_manifest(directory)
-    hint = "put it back there, or run the export on another backend (ort)"
-    ckpt = source_checkpoint(directory, manifest, options.checkpoint, COPY_HINT if options.checkpoint else hint)
-    return load_torch_runner(ckpt, manifest.arch, manifest.dtype, manifest.logits, torch_device(options.device),
-                             options.fast_kernel, export_dir=directory, alpha=stated_alpha(manifest))
-
-
-@register("reference", ReferenceOptions, "onnx.reference: the graph computed in its own dtype (slow)")
-def _reference(directory: Path, options: ReferenceOptions) -> Runner:
-    """onnx.reference: the graph in its own dtype (fp16 as fp16), slowly; numpy and onnx only."""
-    from samout_edge.runtime.reference_runner import load_reference_runner
-
-    return load_reference_runner(directory)
-
-
-@register("openvino", OpenVINOOptions, "OpenVINO (--openvino-device, --openvino-precision; pip install openvino)")
-def _openvino(directory: Path, options: OpenVINOOptions) -> Runner:
-    from samout_edge.runtime.openvino_runner import load_openvino_runner
-
-    return load_openvino_runner(directory, options.openvino_device, options.openvino_precision)
-
-
-RUNNERS = BACKENDS  # the registry under its earlier name
-
-
-def load_runner(directory: str | Path, backend: str, settings: Settings | None = None) -> Runner:
-    """The export in ``directory`` on ``backend``, given what a command was told."""
-    found = BACKENDS.get(backend)
+def backend_named(name: str) -> Backend:
+    found = BACKENDS.get(name)
     if found is None:
-        raise SamoutError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    check_activations(Path(directory), found)
+        raise SamoutError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return found
+
+
+def load_runner(directory: str | Path, backend: str, settings: Settings | BackendOptions | None = None) -> Runner:
+    """The export (or engine) in ``directory`` on ``backend``, given what a command was told."""
+    found = backend_named(backend)
+    check_export(Path(directory), found)
+    check_installed(found)
     return found.load(Path(directory), found.options_from(settings or Settings()))
 
 
-def check_activations(directory: Path, backend: Backend) -> None:
-    """An export whose MatMuls compute with int8 activations is a different function from its
-    dequantized weights in fp32: a backend that would run the latter is refused in one line."""
+def check_installed(backend: Backend) -> None:
+    for need in backend.capabilities.missing():
+        raise SamoutError(f"the {backend.name} backend needs {need.what}, which this install does not have: "
+                          f"{need.install}")
+
+
+def check_export(directory: Path, backend: Backend) -> None:
+    """What the export needs and the backend does not compute is refused in one line, before
+    anything loads (int8 activations, model-local functions, zero-points, a dtype, a growing state)."""
     from samout_edge.artifact.engine import is_engine_dir
     from samout_edge.artifact.manifest import read_manifest
 
-    if is_engine_dir(directory) or not (directory / "export.json").is_file():
-        return  # an engine, or not an export at all: the backend's own loader says what is wrong
-    activations = read_manifest(directory).weights.activations
-    if activations not in backend.activations:
-        able = ", ".join(b.name for b in BACKENDS.values() if activations in b.activations)
-        raise SamoutError(f"this export computes its MatMuls with {activations} activations (export --activations "
-                          f"{activations}: ONNX Runtime's MatMulNBits at accuracy level 4), which the {backend.name} "
-                          f"backend does not: run it on {able}")
+    if is_engine_dir(directory):
+        directory = directory.parent.parent  # an engine: what its export needs
+    if not (directory / "export.json").is_file():
+        return  # not an export at all: the backend's own loader says what is wrong
+    manifest = read_manifest(directory)
+    lack = backend.capabilities.lacks(manifest)
+    if lack is not None:
+        able = [b.name for b in BACKENDS.values() if b.capabilities.lacks(manifest) is None]
+        raise SamoutError(refusal(lack, manifest, backend.name, backend.capabilities, directory, able))
+
+
+check_activations = check_export  # its earlier name (int8 activations were the first thing checked)
+
+# The built-in backends, in the order `auto` and --help list them: one line each.
+register(ort_runner.BACKEND)
+register(tensorrt_runner.BACKEND)
+register(torch_runner.BACKEND)
+register(reference_runner.BACKEND)
+register(openvino_runner.BACKEND)

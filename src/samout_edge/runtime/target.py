@@ -2,24 +2,46 @@
 
 A target is an export directory, an engine directory (``EXPORT/engines/PROFILE``,
 or an export with ``--engine PROFILE``), or a checkpoint (a directory with
-config.json + model.safetensors, or a state_dict file). ``auto`` runs an engine
-on TensorRT, an export on ONNX Runtime and a checkpoint on PyTorch.
+config.json + model.safetensors, or a state_dict file). ``auto`` runs each on the
+first registered backend that opens it: an export on ONNX Runtime, an engine on the
+backend whose capabilities run engines (TensorRT), a checkpoint on the one that
+loads checkpoints (torch).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from samout_edge.artifact.config import check_arch
 from samout_edge.artifact.engine import is_engine_dir, resolve_engine
 from samout_edge.artifact.manifest import is_export_dir
-from samout_edge.errors import SamoutError, require_torch
+from samout_edge.errors import SamoutError
+from samout_edge.runtime.backend import Backend
 from samout_edge.runtime.base import Runner
-from samout_edge.runtime.registry import RUNNERS, LoadOptions, load_runner
+from samout_edge.runtime.registry import BACKENDS, Settings, check_installed, load_runner
 
 KINDS = ("export", "engine", "checkpoint")
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def opens(backend: Backend, kind: str) -> bool:
+    """Whether ``backend`` runs a target of ``kind`` (its capabilities and loaders say)."""
+    if kind == "engine":
+        return backend.capabilities.engines
+    if kind == "checkpoint":
+        return backend.load_checkpoint is not None
+    return True
+
+
+def backends_for(kind: str) -> list[str]:
+    return [b.name for b in BACKENDS.values() if opens(b, kind)]
+
+
+def engine_of(settings: Any) -> str | None:
+    """The engine profile a command named (the engine backend's ``--engine``), if any."""
+    return getattr(settings, "engine", None) or None
 
 
 @dataclass(frozen=True)
@@ -31,7 +53,7 @@ class Target:
 
     @property
     def default_backend(self) -> str:
-        return {"export": "ort", "engine": "tensorrt", "checkpoint": "torch"}[self.kind]
+        return backends_for(self.kind)[0]
 
 
 def resolve_target(path: str | Path, engine: str | None = None) -> Target:
@@ -50,27 +72,30 @@ def resolve_target(path: str | Path, engine: str | None = None) -> Target:
                       "(config.json + model.safetensors, or a .pt/.pth/.bin state_dict)")
 
 
-def open_runner(target: Target, backend: str = "auto", options: LoadOptions | None = None, arch: str = "cummax",
+def open_runner(target: Target, backend: str = "auto", options: Any = None, arch: str = "cummax",
                 heads: int | None = None, logits: str = "last") -> Runner:
-    """The runner for ``target`` on ``backend``. A checkpoint runs on torch as ``arch``
-    (``heads`` for a bare state_dict) with ``logits``; an export takes every backend."""
-    options = options or LoadOptions()
-    backend = target.default_backend if backend == "auto" else backend
-    if backend not in RUNNERS:
-        raise SamoutError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(RUNNERS)}")
-    if target.kind == "engine" and backend != "tensorrt":
-        raise SamoutError(f"{target.path} is a TensorRT engine: it runs on --backend tensorrt (or pass its export)")
+    """The runner for ``target`` on ``backend``. A checkpoint runs as ``arch`` (``heads`` for a
+    bare state_dict) with ``logits``; an export takes every backend."""
+    settings = options if options is not None else Settings()
+    name = target.default_backend if backend == "auto" else backend
+    spec = BACKENDS.get(name)
+    if spec is None:
+        raise SamoutError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    if not opens(spec, target.kind):
+        raise SamoutError(_wrong_kind(target, name))
     if target.kind == "checkpoint":
-        if backend != "torch":
-            raise SamoutError(f"the {backend} backend runs an export directory; {target.path} is a checkpoint "
-                              "(use --backend torch, or export it)")
-        require_torch("running a checkpoint")
-        from samout_edge.models.checkpoint import load_checkpoint
-        from samout_edge.runtime.torch_runner import load_torch_runner, torch_device
+        check_installed(spec)
+        return spec.load_checkpoint(target.path, spec.options_from(settings), check_arch(arch), heads, logits)
+    directory = target.export_dir
+    if spec.capabilities.engines:  # the engine it names, else the export's only one: said before anything loads
+        directory = target.engine_dir or resolve_engine(target.export_dir, engine_of(settings))[1]
+    return load_runner(directory, name, settings)
 
-        return load_torch_runner(load_checkpoint(target.path, heads), check_arch(arch), "fp32", logits,
-                                 torch_device(options.device), options.fast_kernel)
-    if backend == "tensorrt":
-        engine_dir = target.engine_dir or resolve_engine(target.export_dir, options.engine)[1]
-        options = replace(options, engine=engine_dir.name)
-    return load_runner(target.export_dir, backend, options)
+
+def _wrong_kind(target: Target, backend: str) -> str:
+    able = " or ".join(f"--backend {b}" for b in backends_for(target.kind))
+    if target.kind == "engine":
+        title = next(BACKENDS[b].capabilities.title for b in backends_for("engine"))
+        return f"{target.path} is a {title} engine: it runs on {able} (or pass its export)"
+    return (f"the {backend} backend runs an export directory; {target.path} is a checkpoint "
+            f"(use {able}, or export it)")

@@ -42,13 +42,14 @@ from samout_edge.artifact.engine import (
 from samout_edge.artifact.files import sha256_file
 from samout_edge.artifact.manifest import MODEL_FILE, Manifest, read_manifest
 from samout_edge.errors import SamoutError
+from samout_edge.runtime.backend import Backend, BackendOptions, option
 from samout_edge.runtime.base import Runner, RunnerInfo, State, past_length
 from samout_edge.tensorrt import versions
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-__all__ = ["ProfileRanges", "TensorRTRunner", "check_compatible", "is_engine_dir", "load_trt_runner",
+__all__ = ["BACKEND", "ProfileRanges", "TensorRTOptions", "TensorRTRunner", "check_compatible", "is_engine_dir", "load_trt_runner",
            "profile_ranges", "resolve_engine", "select_profile"]
 
 NUMPY_TYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
@@ -186,7 +187,7 @@ class TensorRTRunner(Runner):
         context = max(r.past[1] + r.seq[1] for r in self.ranges if r.past) if arch_spec(arch).grows else None
         self.info = RunnerInfo("tensorrt", meta.profile, arch, meta.precision, manifest.logits,
                                min(manifest.max_seq, longest), cfg, max_batch=min(r.batch[1] for r in self.ranges),
-                               max_context=context)
+                               max_context=context, computes_fp16=True, memory=None)  # no readable allocator peak
 
     # -- values
 
@@ -321,3 +322,17 @@ def load_trt_runner(path: str | Path, profile: str | None = None) -> TensorRTRun
         raise SamoutError(f"TensorRT could not deserialize {engine_dir / ENGINE_FILE}; "
                           f"rebuild it: samout-edge build {export_dir} --profile {meta.profile}") from None
     return TensorRTRunner(engine, meta, manifest)
+
+
+@dataclass(frozen=True)
+class TensorRTOptions(BackendOptions):
+    engine: str | None = option(None, "The TensorRT engine built for this profile (EXPORT/engines/PROFILE; default: "
+                                "the only one).")
+
+
+def _load(directory: Path, options: TensorRTOptions) -> TensorRTRunner:
+    return load_trt_runner(directory, profile=options.engine or None)
+
+
+BACKEND = Backend("tensorrt", TensorRTOptions, _load, "a TensorRT engine built from the export (--engine PROFILE)",
+                  versions.CAPABILITIES)

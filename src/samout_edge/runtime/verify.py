@@ -50,7 +50,7 @@ from samout_edge.runtime.compare import (
     compare_prefill,
 )
 from samout_edge.runtime.registry import Settings
-from samout_edge.runtime.target import open_runner, resolve_target
+from samout_edge.runtime.target import engine_of, open_runner, resolve_target
 
 # The tolerance, relative to each output's scale, lives with the weights' type (artifact/quantization.py).
 
@@ -178,7 +178,7 @@ def verify(
     export is also computed in fp16 (onnx.reference) within ``fp16_seconds`` (0: not),
     unless the runner computes in fp16 itself (an engine, a GPU provider)."""
     started = time.perf_counter()
-    target = resolve_target(directory, engine)
+    target = resolve_target(directory, engine or engine_of(settings))
     if target.kind == "checkpoint":
         raise SamoutError(f"{directory} is a checkpoint; verify checks an export (or an engine built from one)")
     export_dir = target.export_dir
@@ -196,8 +196,7 @@ def verify(
             result = _against_pytorch(actual, export_dir, manifest, lengths, checkpoint, rtol, progress)
         else:
             result = _against_golden(actual, export_dir, manifest, rtol, progress)
-        computes_fp16 = actual.info.backend == "tensorrt" or "CPU" not in actual.info.device \
-            or "fp16 arithmetic" in actual.info.device
+        computes_fp16 = actual.info.computes_fp16
     if manifest.dtype == "fp16" and computes_fp16:
         result.fp16_arithmetic = f"{actual.info.backend} on {actual.info.device}: it computes fp16 in fp16 itself"
     elif manifest.dtype == "fp16" and fp16_seconds > 0 and manifest.golden is not None:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.capabilities import zero_points_refusal
 from samout_edge.artifact.engine import (
     ENGINE_FILE,
     ENGINE_JSON,
@@ -141,9 +142,8 @@ def make_plan(
         notes.append(f"TensorRT {tensorrt} assumed ({'--tensorrt' if source == 'option' else 'the profile'}); "
                      "the build uses whatever is installed")
 
-    if manifest.weights.grid == "asymmetric":
-        raise SamoutError("the export's int4 blocks have zero-points (--weights-grid asymmetric): TensorRT takes "
-                          "zero zero-points only; export with --weights-grid symmetric --weights-format dq for TensorRT")
+    if manifest.weights.grid == "asymmetric" and not versions.CAPABILITIES.zero_points:
+        raise SamoutError(zero_points_refusal(versions.CAPABILITIES.title))
     precision = precision or profile.precision
     if precision not in ("fp16", "fp32"):
         raise SamoutError(f"--precision must be fp16 or fp32, got {precision!r}")

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from types import ModuleType
 
+from samout_edge.artifact.capabilities import Capabilities, Requirement
 from samout_edge.errors import SamoutError
 
 Version = tuple[int, int]
@@ -27,6 +28,12 @@ SUPPORTED = "8.5 to 11.x"
 INSTALL_HINT = ("on a Jetson TensorRT comes with JetPack; elsewhere pip install tensorrt on a CUDA machine, "
                 "and pip install 'samout-edge[tensorrt]' for Polygraphy")
 NOT_INSTALLED = "TensorRT is not installed here; `build --dry-run` shows the plan without it (" + INSTALL_HINT + ")"
+# What TensorRT computes, as every backend declares it: the build plan and the engine runner ask it.
+CAPABILITIES = Capabilities(
+    "TensorRT", zero_points=False, gpu=True, engines=True,
+    requires=(Requirement("tensorrt", "TensorRT", INSTALL_HINT),
+              Requirement("polygraphy", "Polygraphy", "pip install 'samout-edge[tensorrt]'")),
+)
 
 
 @dataclass(frozen=True)
