@@ -6,10 +6,10 @@ from samout_edge.bench import report as rep
 from samout_edge.bench.op import bench_op
 from samout_edge.bench.peak_memory import MemorySpec, measure_in_child, rss_supported
 from samout_edge.bench.suite import BenchConfig, run_bench
-from samout_edge.runtime.registry import Settings
 from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError
 from samout_edge.exporter.counterparts import prepare_exports
+from samout_edge.runtime.registry import Settings
 
 FAST = Budget(warmup=1, min_repeats=2, max_repeats=2, seconds=0.01)
 
