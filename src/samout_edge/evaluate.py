@@ -28,6 +28,7 @@ or a vocab file's greedy encoding (``--vocab``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from collections.abc import Iterator
@@ -39,9 +40,9 @@ import numpy as np
 
 from samout_edge.artifact import graph
 from samout_edge.artifact.arch import arch_spec
-from samout_edge.artifact.manifest import read_manifest, stated_alpha
+from samout_edge.artifact.manifest import read_manifest
 from samout_edge.artifact.vocab import Vocab, export_vocab, iter_tokens, read_tokens  # noqa: F401 - eval's API
-from samout_edge.errors import SamoutError
+from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.base import Runner, check_context
 from samout_edge.runtime.registry import Settings
@@ -424,12 +425,13 @@ def eval_target(
             raise SamoutError(f"--stride must be 1..window ({window}), got {stride}")
         vocab_obj = Vocab.load(vocab) if vocab else export_vocab(resolved.export_dir or target)
         reference = None
-        if with_reference and (manifest is None or _torch_available()):
-            if manifest is not None:
-                reference = _torch_runner(resolved.export_dir, manifest, checkpoint, "all", manifest.arch, heads,
-                                          "fp32")
-            elif runner.info.dtype != "fp32":
-                reference = _torch_runner(target, None, target, "all", arch, heads, "fp32")
+        if with_reference and (manifest is not None or runner.info.dtype != "fp32") and \
+                (manifest is None or importlib.util.find_spec("torch") is not None):
+            require_torch("eval on the torch backend, and its PyTorch fp32 reference")
+            from samout_edge.runtime.torch_runner import fp32_reference
+
+            reference = fp32_reference(resolved.export_dir or target, manifest, checkpoint, arch, heads,
+                                       "pass --checkpoint PATH to use a copy of it, or --no-reference")
         if stream:
             size = Path(text).stat().st_size if Path(text).is_file() else None
             scores = evaluate_stream(runner, iter_tokens(text, config.vocab_size, vocab_obj, piece_bytes=STREAM_PIECE_BYTES),
@@ -460,12 +462,6 @@ def eval_target(
         )
 
 
-def _torch_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
-
-
 def record_quality(directory: Path, result: EvalResult, text: Path) -> dict:
     """Keep ``result`` in the export's export.json (``quality``), so what its precision costs on
     held-out text travels with it; an entry for the same text, mode, window and runner is replaced."""
@@ -484,22 +480,6 @@ def record_quality(directory: Path, result: EvalResult, text: Path) -> dict:
     manifest.quality.append(entry)
     manifest.save(directory)
     return entry
-
-
-def _torch_runner(directory, manifest, checkpoint, logits, arch, heads, dtype):
-    """The PyTorch fp32 reference every target is scored against: the float checkpoint
-    (a quantized export's torch backend, its own function, is the registry's torch runner)."""
-    from samout_edge.errors import require_torch
-
-    require_torch("eval on the torch backend, and its PyTorch fp32 reference")
-    from samout_edge.models.checkpoint import COPY_HINT, load_checkpoint, source_checkpoint
-    from samout_edge.runtime.torch_runner import load_torch_runner
-
-    if manifest is not None:
-        hint = "pass --checkpoint PATH to use a copy of it, or --no-reference"
-        ckpt = source_checkpoint(Path(directory), manifest, checkpoint, COPY_HINT if checkpoint else hint)
-        return load_torch_runner(ckpt, manifest.arch, dtype, logits, alpha=stated_alpha(manifest))
-    return load_torch_runner(load_checkpoint(checkpoint, heads), arch, dtype, logits)
 
 
 def _weights_bytes(manifest, config) -> int:

@@ -140,14 +140,16 @@ class OrtOptions(BackendOptions):
         return [replace(self, provider=resolve_provider(p)) for p in names]
 
     def for_eval(self, stream: bool, grows: bool) -> tuple[OrtOptions, int]:
-        """Windows on the CPU: two single-threaded, non-spinning calls at once (runtime/cpu.py
-        cpu_workers). Otherwise threads do not spin either, and a softmax stream, which calls
-        the graph with a longer cache each time, returns memory instead of keeping an arena of
-        every size it saw (23 GB at 62k tokens of the pair)."""
+        """Windows on the CPU: two single-threaded calls at once (runtime/cpu.py cpu_workers).
+        Threads do not spin unless --spinning says so (a waiting thread takes a core from the
+        other call), and a softmax stream, which calls the graph with a longer cache each time,
+        returns memory instead of keeping an arena of every size it saw (23 GB at 62k tokens of
+        the pair)."""
+        spinning = bool(self.spinning)
         if not stream and resolve_provider(self.provider or "cpu") == "CPUExecutionProvider":
             workers, threads = cpu_workers()
-            return replace(self, intra_op_threads=threads, spinning=False), workers
-        return replace(self, spinning=False, cpu_arena=not grows), 1
+            return replace(self, intra_op_threads=threads, spinning=spinning), workers
+        return replace(self, spinning=spinning, cpu_arena=not grows), 1
 
     def for_peak_memory(self) -> OrtOptions:
         return replace(self, cpu_arena=False)

@@ -107,6 +107,20 @@ def load_torch_runner(
     return runner
 
 
+def fp32_reference(source: Path, manifest: Any, checkpoint: Path | None, arch: str, heads: int | None,
+                   hint: str, logits: str = "all") -> TorchRunner:
+    """The PyTorch fp32 model a target is scored against: an export's float source checkpoint
+    (``checkpoint``: a copy of it, where it has moved; ``hint``: what to do when it is gone), or
+    ``source`` itself when it is a checkpoint (``manifest`` None), as ``arch``."""
+    from samout_edge.artifact.manifest import stated_alpha
+    from samout_edge.models.checkpoint import COPY_HINT, load_checkpoint, source_checkpoint
+
+    if manifest is not None:
+        ckpt = source_checkpoint(Path(source), manifest, checkpoint, COPY_HINT if checkpoint else hint)
+        return load_torch_runner(ckpt, manifest.arch, "fp32", logits, alpha=stated_alpha(manifest))
+    return load_torch_runner(load_checkpoint(source, heads), arch, "fp32", logits)
+
+
 @dataclass(frozen=True)
 class TorchOptions(BackendOptions):
     device: str = option("auto", "torch device: auto (cuda when present), cpu or cuda.", choices=TORCH_DEVICES)
