@@ -20,3 +20,15 @@ def test_other_device_tree_is_not_a_jetson(tmp_path):
     (tmp_path / "proc/device-tree").mkdir(parents=True)
     (tmp_path / "proc/device-tree/model").write_bytes(b"Raspberry Pi 5\x00")
     assert jetson_info(tmp_path) is None
+
+
+def test_doctor_lists_every_backend_and_what_it_misses(run_cli):
+    """From the registry's capabilities: each backend, what it needs installed, whether it needs a GPU."""
+    from samout_edge.doctor import backends
+    from samout_edge.runtime.registry import BACKENDS
+
+    found = {b["name"]: b for b in backends()}
+    assert list(found) == list(BACKENDS)
+    assert found["ort"]["missing"] == [] and found["tensorrt"]["gpu"] and not found["ort"]["gpu"]
+    code, out, _ = run_cli("doctor")
+    assert code == 0 and "backend ort" in out and "backend openvino" in out

@@ -1,4 +1,4 @@
-"""What this machine offers samout-edge: versions, providers, GPU, TensorRT, Jetson."""
+"""What this machine offers samout-edge: versions, providers, GPU, TensorRT, Jetson, and which backends can run."""
 
 from __future__ import annotations
 
@@ -53,6 +53,14 @@ def jetson_info(root: Path = Path("/")) -> dict[str, str] | None:
     return info
 
 
+def backends() -> list[dict[str, Any]]:
+    """Each registered backend: what it runs on and, from its capabilities, what is missing to run it here."""
+    from samout_edge.runtime.registry import BACKENDS
+
+    return [{"name": b.name, "title": b.capabilities.title, "gpu": b.capabilities.gpu,
+             "missing": [f"{r.what} ({r.install})" for r in b.capabilities.missing()]} for b in BACKENDS.values()]
+
+
 def collect() -> dict[str, Any]:
     try:
         import torch
@@ -73,6 +81,7 @@ def collect() -> dict[str, Any]:
         "triton": _version("triton"),
         "jetson": jetson_info(),
         "cpu": cpu_features().to_dict(),
+        "backends": backends(),
     }
     try:
         import onnxruntime

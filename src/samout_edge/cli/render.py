@@ -258,6 +258,10 @@ def doctor(report: dict) -> None:
     jetson = report["jetson"]
     table.add_row("Jetson", f"{jetson.get('model', '?')}, L4T {jetson.get('l4t', '?')}, JetPack {jetson.get('jetpack', '?')}"
                   if jetson else "not a Jetson")
+    for b in report.get("backends", []):
+        needs = "; ".join(b["missing"])
+        table.add_row(f"backend {escape(b['name'])}", (f"[yellow]needs {escape(needs)}[/]" if needs else "installed")
+                      + (" (needs a GPU)" if b["gpu"] else ""))
     console.print(table)
 
 
