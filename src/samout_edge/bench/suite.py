@@ -65,6 +65,7 @@ class BenchConfig:
         for backend in self.backends:
             if backend not in BACKENDS:
                 raise SamoutError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+            check_installed(BACKENDS[backend])  # before minutes of exporting
         for name, values in (("--seq", self.seqs), ("--context", self.contexts), ("--batch", self.batches)):
             if not values or any(v < 1 for v in values):
                 raise SamoutError(f"{name} needs positive integers, got {values}")
@@ -168,7 +169,7 @@ def targets(config: BenchConfig) -> list[tuple[str, BackendOptions]]:
     out = []
     for name in config.backends:
         backend = backend_named(name)
-        check_installed(backend)
+        check_installed(backend)  # for_bench may import it (torch resolves its device)
         out += [(name, options) for options in backend.options_from(config.settings).for_bench()]
     return out
 
