@@ -114,3 +114,18 @@ def test_a_clash_is_refused_at_registration():
     assert "clash" not in BACKENDS
     with pytest.raises(TypeError, match="unknown backend option"):
         Settings(toy_label="x")  # not registered now: a typo is caught, not ignored
+
+
+def test_a_dtype_or_a_growing_state_it_cannot_hold_is_refused_in_one_line(exported):
+    from samout_edge.artifact.capabilities import refusal
+    from samout_edge.artifact.manifest import read_manifest
+
+    fp32_only = Capabilities("Small", dtypes=("fp32",), growing_state=False)
+    manifest = read_manifest(exported(arch="softmax").directory)
+    assert fp32_only.lacks(manifest) == "growing_state"
+    assert refusal("growing_state", manifest, "small", fp32_only, "d", ["ort"]) == (
+        "this export's state grows with every token (a softmax KV cache), which the small backend does not hold: "
+        "run it on ort")
+    manifest.dtype = "fp16"
+    assert fp32_only.lacks(manifest) == "dtype" and Capabilities("Any").lacks(manifest) is None
+    assert "does not compute fp16 graphs (fp32)" in refusal("dtype", manifest, "small", fp32_only, "d", [])
