@@ -87,12 +87,13 @@ def test_what_it_cannot_compute_is_refused_from_its_capabilities(toy, run_cli, e
     line = one_error_line(err)
     assert code == 1 and "Toy Runtime does not run model-local functions" in line and "samout-edge inline" in line
     code, out, _ = run_cli("inspect", d)
-    assert "not OpenVINO or Toy Runtime, which do not run model-local functions" in " ".join(out.split())  # which backends run a custom export
+    runs_in = " ".join(out.split())  # which backends run a custom export
+    assert "not OpenVINO or Toy Runtime, which do not run model-local functions" in runs_in
 
 
 def test_what_it_needs_installed_is_one_line(run_cli, exported):
-    needy = Backend("needy", ToyOptions, load_toy, "needs a module nobody has",
-                    Capabilities("Needy", requires=(Requirement("samout_no_such_module", "NoSuch", "pip install nosuch"),)))
+    nobody = Requirement("samout_no_such_module", "NoSuch", "pip install nosuch")
+    needy = Backend("needy", ToyOptions, load_toy, "needs what nobody has", Capabilities("Needy", requires=(nobody,)))
     register(needy)
     try:
         code, _, err = run_cli("generate", exported().directory, "--ids", "1", "--backend", "needy")

@@ -53,7 +53,8 @@ def backend_options(choose: str = "one", backend_default: str | None = None, def
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
-            values = {name: _plain(kwargs.pop(name)) for name in command.option_names if name in kwargs}  # type: ignore[attr-defined]
+            names = command.option_names  # type: ignore[attr-defined]
+            values = {name: _plain(kwargs.pop(name)) for name in names if name in kwargs}
             if _BACKEND in kwargs:
                 kwargs[_BACKEND] = _plain(kwargs[_BACKEND])
             return fn(**kwargs, settings=Settings(**values))
@@ -126,7 +127,8 @@ def _flag_type(name: str, f: Field, owner: str, default: Any) -> tuple[Any, tupl
     hint = typing.get_type_hints(BACKENDS[owner].options)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     if f.metadata.get("choices"):
-        choices = Enum(name.title().replace("_", ""), {v: v for v in f.metadata["choices"]}, type=str)  # type: ignore[misc]
+        values = {v: v for v in f.metadata["choices"]}
+        choices = Enum(name.title().replace("_", ""), values, type=str)  # type: ignore[misc]
         return (Optional[choices] if default is None else choices), (flag,)
     if args == [bool]:
         return (Optional[bool] if default is None else bool), (f"{flag}/--no-{flag[2:]}",)

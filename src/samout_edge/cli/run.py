@@ -103,8 +103,9 @@ BENCH_HELPS = {
     "provider": "ONNX Runtime providers to use, comma-separated (default: all available).",
     "device": "torch device: auto (cuda when present), cpu or cuda.",
     "engine": "Also bench the TensorRT engines built for this profile.",
-    "spinning": "ONNX Runtime CPU: let threads busy-wait between operators (ORT's own default). Off by default: with "
-                "two sessions interleaved, one's spinning threads slow the other's calls, softmax's more than cummax's.",
+    "spinning": "ONNX Runtime CPU: let threads busy-wait between operators (ORT's own default). Off by default: "
+                "with two sessions interleaved, one's spinning threads slow the other's calls, softmax's more "
+                "than cummax's.",
 }
 
 

@@ -64,7 +64,8 @@ class OpenVINORunner(Runner):
         ran = runs_in(compiled, precision)
         label = ran if ran == precision else f"{ran} ({precision} asked)"
         self.info = RunnerInfo("openvino", f"{device}:{label}", manifest.arch, manifest.dtype, manifest.logits,
-                               manifest.max_seq, manifest.config, rtol=PRECISIONS[ran], computes_fp16="CPU" not in device,
+                               manifest.max_seq, manifest.config, rtol=PRECISIONS[ran],
+                               computes_fp16="CPU" not in device,
                                memory="host" if device.startswith("CPU") else None)  # a GPU's peak is not readable
 
     def initial_state(self, batch: int) -> State:

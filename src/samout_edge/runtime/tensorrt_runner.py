@@ -49,7 +49,8 @@ from samout_edge.tensorrt import versions
 if TYPE_CHECKING:
     import tensorrt as trt
 
-__all__ = ["BACKEND", "ProfileRanges", "TensorRTOptions", "TensorRTRunner", "check_compatible", "is_engine_dir", "load_trt_runner",
+__all__ = ["BACKEND", "ProfileRanges", "TensorRTOptions", "TensorRTRunner", "check_compatible", "is_engine_dir",
+           "load_trt_runner",
            "profile_ranges", "resolve_engine", "select_profile"]
 
 NUMPY_TYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
