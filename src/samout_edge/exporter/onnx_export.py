@@ -1,8 +1,7 @@
 """SamOut (or its softmax baseline) -> one ONNX graph for prefill and decode.
 
 torch.export traces the model with dynamic batch and sequence; each cummax is
-traced as a ``samout_edge::CumMax`` placeholder, which lowering.py then turns into
-standard ops (``native``) or a custom node with a function body (``custom``).
+traced as a ``samout_edge::CumMax`` placeholder, which lowering.py then turns into standard ops (``native``) or a custom node with a function body (``custom``).
 Why torch.export and not the TorchScript exporter: docs/architecture.md.
 """
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from samout_edge import lowering as low
+from samout_edge import scan_checks
 from samout_edge.artifact import graph
 from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import ModelConfig, check_arch, preset
@@ -248,18 +248,18 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
 
 def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[int, int],
              quantized: dict[str, qz.QuantizedWeight] | None = None) -> onnx.ModelProto:
-    """Lower cummax, pin the I/O contract, store quantized weights in their integer
+    """Lower the scans, pin the I/O contract, store quantized weights in their integer
     form (``quantized``: the grid the traced model's weights were put on), record
     the weights' bytes in the manifest, and make the file self-describing."""
     plan = low.ScanPlan(**manifest.scan)
     elem_type = graph.dtype(manifest.dtype).onnx
-    sites = low.cummax_sites(model)  # recorded in the graph: verify checks these very nodes
-    low.lower_cummax(model, manifest.lowering, plan, static_lengths, elem_type)
+    sites = scan_checks.scan_sites(model)  # recorded in the graph: verify checks these very nodes
+    low.lower_scans(model, manifest.lowering, plan, static_lengths, elem_type)
     spec = arch_spec(manifest.arch)
     if spec.guarded:  # the sequence scan is unrolled for max_seq: past it, NaN (attention has no limit)
-        running = [t.past for t in spec.states(manifest.config.num_layers) if t.running_max]
-        low.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs], elem_type,
-                         state_inputs=running)
+        scanned = [t.past for t in spec.states(manifest.config.num_layers) if t.running_max]
+        scan_checks.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs],
+                                 elem_type, state_inputs=scanned)
     if manifest.opset < 18:
         downgrade_split(model)
     for value, spec in zip(list(model.graph.input) + list(model.graph.output), manifest.inputs + manifest.outputs):
@@ -284,7 +284,7 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
         manifest.weights.bytes = qz.initializer_bytes(model)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, graph_metadata(manifest))
-    low.record_sites(model, sites)
+    scan_checks.record_sites(model, sites)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
@@ -459,7 +459,7 @@ def export(
         timings["trace_s"] = time.perf_counter() - t
 
         quantizing = "" if quantized is None else f"; {options.weights} weights ({manifest.weights.format})"
-        progress(f"lowering cummax ({options.lowering}, {manifest.scan['scan']} scan{quantizing})", 3, total)
+        progress(f"lowering the scans ({options.lowering}, {manifest.scan['scan']} scan{quantizing})", 3, total)
         t = time.perf_counter()
         finalize(proto, manifest, static_lengths={1: ckpt.config.num_heads}, quantized=quantized)
         timings["lower_s"] = time.perf_counter() - t
