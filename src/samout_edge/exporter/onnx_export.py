@@ -1,7 +1,9 @@
 """SamOut (or its softmax baseline) -> one ONNX graph for prefill and decode.
 
-torch.export traces the model with dynamic batch and sequence; each cummax is
-traced as a ``samout_edge::CumMax`` placeholder, which lowering.py then turns into standard ops (``native``) or a custom node with a function body (``custom``).
+torch.export traces the model with dynamic batch and sequence; each scan is traced
+as a placeholder, ``samout_edge::CumMax`` (cummax) or ``::LinearScan`` (the linear
+recurrence), which lowering.py then turns into standard ops (``native``) or a custom
+node with a function body (``custom``).
 Why torch.export and not the TorchScript exporter: docs/architecture.md.
 """
 
@@ -192,6 +194,13 @@ def _translate_cummax(x, dim: int):
     return onnxscript.values.Opset(low.DOMAIN, low.OP_VERSION).CumMax(x, axis=dim)
 
 
+def _translate_linear_scan(a, b, dim: int):
+    """custom_translation_table entry: samout_edge::linear_scan -> the LinearScan placeholder."""
+    import onnxscript
+
+    return onnxscript.values.Opset(low.DOMAIN, low.OP_VERSION).LinearScan(a, b, axis=dim)
+
+
 def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace_seq: int) -> onnx.ModelProto:
     """torch.export + the ONNX translation; cummax nodes are still placeholders."""
     low.register_placeholder_schema()
@@ -226,7 +235,8 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
                 input_names=[t.name for t in inputs],
                 output_names=[t.name for t in outputs],
                 dynamic_shapes=({0: batch, 1: seq}, tuple(past_shapes)),
-                custom_translation_table={torch.ops.samout_edge.cummax.default: _translate_cummax},
+                custom_translation_table={torch.ops.samout_edge.cummax.default: _translate_cummax,
+                                          torch.ops.samout_edge.linear_scan.default: _translate_linear_scan},
                 optimize=True,
                 verify=False,
             )
@@ -257,7 +267,7 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
     low.lower_scans(model, manifest.lowering, plan, static_lengths, elem_type)
     spec = arch_spec(manifest.arch)
     if spec.guarded:  # the sequence scan is unrolled for max_seq: past it, NaN (attention has no limit)
-        scanned = [t.past for t in spec.states(manifest.config.num_layers) if t.running_max]
+        scanned = [t.past for t in spec.states(manifest.config.num_layers) if t.scan]
         scan_checks.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs],
                                  elem_type, state_inputs=scanned)
     if manifest.opset < 18:
