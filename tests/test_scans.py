@@ -126,3 +126,25 @@ def test_sites_round_trip_and_a_max_site_is_recorded_as_before():
         model.metadata_props[-1].value = bad
         with pytest.raises(ValueError, match="malformed"):
             scan_checks.read_sites(model)
+
+
+def test_a_scan_in_an_fp32_island_of_an_fp16_graph_is_lowered_in_fp32():
+    """The graph's recorded type of the scan's input wins over the graph's dtype (found by an fp16
+    linear export whose mix is an fp32 island: its If branches were typed fp16)."""
+    from onnx import TensorProto, helper
+
+    f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
+    nodes = [helper.make_node("Cast", [x], [f"{x}32"], to=f32) for x in ("a", "b")]
+    nodes += [helper.make_node("LinearScan", ["a32", "b32"], ["h32"], domain=low.DOMAIN, axis=2),
+              helper.make_node("Cast", ["h32"], ["h"], to=f16)]
+    dims = ["n", 2, "s", 3]
+    graph = helper.make_graph(nodes, "island", [helper.make_tensor_value_info(x, f16, dims) for x in ("a", "b")],
+                              [helper.make_tensor_value_info("h", f16, dims)],
+                              value_info=[helper.make_tensor_value_info(x, f32, dims) for x in ("a32", "b32", "h32")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(low.DOMAIN, 1)],
+                              ir_version=8)
+    low.lower_scans(model, "native", low.ScanPlan("blocked", 40, 4), elem_type=f16)
+    s = SCANS["linear"]
+    for length in (1, 9):
+        xs = s.sample(np.random.default_rng(length), (1, 2, length, 3), np.float16)
+        assert scan_matches(s, xs, session(model).run(None, {"a": xs[0], "b": xs[1]})[0], 2)["exact"]

@@ -380,8 +380,9 @@ def lower_scans(
     """Make every placeholder scan node (CumMax, LinearScan) real, in place; returns ``model``.
 
     ``static_lengths`` maps an axis to its length where it is fixed (the head
-    axis); ``elem_type`` is the ONNX dtype of the scanned tensors. ``custom`` keeps
-    the nodes and adds one local function per scan the graph uses.
+    axis); ``elem_type`` is the ONNX dtype of the scanned tensors where the graph
+    does not record a node's own (an fp32 island of an fp16 graph scans in fp32).
+    ``custom`` keeps the nodes and adds one local function per scan the graph uses.
     """
     if lowering not in LOWERINGS:
         raise ValueError(f"unknown lowering {lowering!r}; choose one of {LOWERINGS}")
@@ -397,18 +398,20 @@ def lower_scans(
         _set_opset(model, DOMAIN, OP_VERSION)
         return model
 
+    graph = model.graph
+    recorded = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
     nodes: list[onnx.NodeProto] = []
-    for node in model.graph.node:
+    for node in graph.node:
         if node.domain == DOMAIN and node.op_type in sc.BY_OP:
             axis = node_axis(node)
             g = GraphBuilder(node.name or f"scan_{len(nodes)}", opset)
             emit_scan(g, sc.BY_OP[node.op_type], tuple(node.input), node.output[0], axis, plan,
-                      static_lengths.get(axis), elem_type)
+                      static_lengths.get(axis), recorded.get(node.input[0]) or elem_type)
             nodes.extend(g.nodes)
         else:
             nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    del graph.node[:]
+    graph.node.extend(nodes)
     _drop_opset(model, DOMAIN)
     return model
 
