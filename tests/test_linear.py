@@ -221,3 +221,12 @@ def test_tensorrt_refuses_a_linear_scan_node_it_has_no_plugin_for(linear):
     for report in lint_model(onnx.load(str(custom / "model.onnx"))):
         assert not report.compatible and any("no samout-edge TensorRT plugin" in i.message for i in report.issues)
     assert make_plan(linear("native").directory, load_profile("jetson-orin-nano-8gb"), tensorrt="10.13").cummax == ""
+
+
+def test_a_triton_repository_starts_h_at_zeros(linear):
+    from samout_edge.artifact.manifest import read_manifest
+    from samout_edge.triton_server.plan import model_io
+
+    _, _, states, files = model_io(read_manifest(linear("native").directory))
+    assert [(s.input_name, s.data_file) for s in states] == [("past_h.0", "empty_h.fp32"), ("past_h.1", "empty_h.fp32")]
+    assert set(files) == {"empty_h.fp32"} and not np.frombuffer(files["empty_h.fp32"], np.float32).any()

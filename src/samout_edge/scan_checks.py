@@ -118,7 +118,9 @@ def guard_length(model: onnx.ModelProto, input_name: str, axis: int, max_len: in
     incoming state is checked here too, with arithmetic that propagates NaN in
     every runtime: per batch row, ReduceSum(state * 0) is 0 for a finite state
     and NaN otherwise. Rows are poisoned one by one (a batch of sessions keeps its
-    healthy rows). A few tiny nodes per graph.
+    healthy rows). The exporter passes every state a scan carries: a linear
+    recurrence's h would propagate NaN by itself, but the heads' running max
+    after it might drop it. A few tiny nodes per graph.
     """
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     g = GraphBuilder("length_guard", opset)

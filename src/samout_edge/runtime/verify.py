@@ -275,7 +275,7 @@ def _against_golden(actual, export_dir: Path, manifest: Manifest, rtol: float, p
     cases = golden.index.cases
     steps = len(cases) + 1
     lengths = sorted({c.seq for c in cases if c.past == 0})
-    progress("cummax op, bit for bit", 0, steps)
+    progress("the graph's scans, against their definitions", 0, steps)
     result = _op_result(manifest, lengths, rtol, actual.info.device, "golden", export_dir)
     results: dict[int, dict] = {}
     compared: list[tuple[dict, dict]] = []  # (golden, got) of every case that ran
@@ -367,7 +367,7 @@ def _recomputed(actual, export_dir: Path, manifest: Manifest, lengths: list[int]
     else:
         lengths = golden_lengths(limit, manifest.trace["seq"])
     steps = len(lengths) + 2
-    progress("cummax op, bit for bit", 0, steps)
+    progress("the graph's scans, against their definitions", 0, steps)
     result = _op_result(manifest, lengths, rtol, actual.info.device, "pytorch", export_dir)
     ckpt = source_checkpoint(export_dir, manifest, checkpoint)
     reference = load_torch_runner(ckpt, manifest.arch, "fp32", manifest.logits, export_dir=export_dir,
