@@ -146,8 +146,10 @@ def test_export_verifies(linear, variant):
     assert [f.name for f in model.functions] == ([] if variant != "custom" else ["CumMax", "LinearScan"])
 
 
-def test_verify_in_onnx_reference(linear):
-    assert verify(linear("native").directory, backend="reference").passed
+@pytest.mark.parametrize("variant", ["native", "custom"])
+def test_verify_in_onnx_reference(linear, variant):
+    """onnx.reference runs the custom export with its functions inlined."""
+    assert verify(linear(variant).directory, backend="reference").passed
 
 
 def pytorch(directory: Path, checkpoint: Path, logits: str = "all"):
