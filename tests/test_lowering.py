@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from samout_edge import lowering as low
+from samout_edge.scans import SCANS
 
 
 def session(model: onnx.ModelProto):
@@ -127,5 +128,5 @@ def test_a_dynamic_axis_takes_a_shortcut_for_one_element_and_scans_otherwise(len
 def test_a_static_axis_and_the_function_body_have_no_if():
     assert not any(n.op_type == "If" for n in low.all_nodes(
         low.standalone_model("native", low.ScanPlan("blocked", 64), axis=1, static_len=8).graph.node))
-    body = low.cummax_function(low.ScanPlan("blocked", 64), 18)
+    body = low.scan_function(SCANS["max"], low.ScanPlan("blocked", 64), 18)
     assert not any(n.op_type == "If" for n in low.all_nodes(body.node))

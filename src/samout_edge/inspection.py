@@ -153,7 +153,8 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
 
 
 MIXES = {"cummax": "a running max over the sequence (SamOut)", "softmax": "causal softmax attention",
-         "hybrid": "alpha * running max + (1 - alpha) * causal softmax attention"}
+         "hybrid": "alpha * running max + (1 - alpha) * causal softmax attention",
+         "linear": "a gated linear recurrence over the sequence, h = a * h + (1 - a) * out, a = sigmoid(out1)"}
 
 
 def arch_notes(manifest) -> list[str]:

@@ -1,34 +1,36 @@
-"""Cumulative max in ONNX: there is no CumMax op, so we build one.
+"""Scans in ONNX: there is no CumMax or linear-recurrence op, so we build them.
 
-The exporter first emits one placeholder node per cummax, ``samout_edge::CumMax``
-(attribute ``axis``). This module then makes it real, one of two ways:
+A scan (scans.py) is its combine and its identity; everything here is written
+once over them. The exporter first emits one placeholder node per scan,
+``samout_edge::CumMax`` (x) or ``samout_edge::LinearScan`` (a, b), attribute
+``axis``. This module then makes it real, one of two ways:
 
 - ``native``: the node is replaced by standard ONNX ops (runs on every runtime
   and every TensorRT).
-- ``custom``: the node stays (op ``CumMax``, domain ``samout_edge``, version 1;
-  attributes ``axis`` and ``plugin_namespace="samout_edge"``), and the model
-  carries a local function of the same name whose body is the native scan.
-  TensorRT with the CumMax plugin runs the plugin; ONNX Runtime and TensorRT
-  without it run the function body.
+- ``custom``: the node stays (domain ``samout_edge``, version 1; attributes
+  ``axis`` and ``plugin_namespace="samout_edge"``), and the model carries a local
+  function of the same name whose body is the native scan. TensorRT with the
+  op's plugin runs the plugin; ONNX Runtime and TensorRT without it run the body.
 
 A scan along a dynamic axis must be unrolled for the longest length it will ever
 see: ``max_len``. The number of steps comes from ``max_len``, never from the
-length used for tracing. Scans (all bit-exact, since max is exact):
+length used for tracing. Scans (max is exact in all of them; the linear one
+rounds in its own order, scans.py states by how much):
 
 - ``doubling``: log-step (Hillis-Steele) scan, ceil(log2(max_len)) passes of
-  shift+max over the whole tensor.
-- ``blocked``: split the axis into blocks of ``block``; a sequential running max
-  inside each block (about one pass), a doubling scan over the block maxima
-  (1/block of the data), then one broadcast max: about four passes in all.
-- a static axis (the head axis) is scanned sequentially, ``len - 1`` Max ops.
+  shift+combine over the whole tensor, the shift filled with the identity.
+- ``blocked``: split the axis into blocks of ``block``; a sequential scan inside
+  each block (about one pass), a doubling scan over the block totals (1/block of
+  the data), then one broadcast combine: about four passes in all.
+- a static axis (the head axis) is scanned sequentially, ``len - 1`` combines.
+- a dynamic axis of length 1 (a decode step) takes an ``If`` around the scan.
 
-Every scan flattens the input to ``[P, L, Q]`` around the scan axis, so one body
+Every scan flattens its inputs to ``[P, L, Q]`` around the scan axis, so one body
 serves any axis and rank.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -36,10 +38,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from samout_edge import scans as sc
 from samout_edge.artifact.graph import CUMMAX_DOMAIN as DOMAIN
 from samout_edge.artifact.graph import CUMMAX_OP as OP_TYPE
 from samout_edge.artifact.graph import CUMMAX_VERSION as OP_VERSION
 from samout_edge.artifact.graph import dtype as graph_dtype
+from samout_edge.scans import Scan
 
 SCANS = ("blocked", "doubling")
 LOWERINGS = ("native", "custom")
@@ -51,7 +55,7 @@ INT64_MAX = np.iinfo(np.int64).max
 
 @dataclass(frozen=True)
 class ScanPlan:
-    """How one cummax is written in ONNX ops, and the longest axis it is correct for."""
+    """How one scan is written in ONNX ops, and the longest axis it is correct for."""
 
     scan: str  # "blocked" | "doubling"
     max_len: int
@@ -132,48 +136,81 @@ class GraphBuilder:
         return self.op("Split", [x, self.const([1] * parts)], outputs=parts, axis=axis)
 
 
-def emit_cummax(
+class OnnxOps:
+    """The ops a combine (scans.py) calls, as ONNX nodes appended to ``g``."""
+
+    def __init__(self, g: GraphBuilder):
+        self.g = g
+
+    def max(self, x: str, y: str) -> str:
+        return self.g.op("Max", [x, y])
+
+    def mul(self, x: str, y: str) -> str:
+        return self.g.op("Mul", [x, y])
+
+    def add(self, x: str, y: str) -> str:
+        return self.g.op("Add", [x, y])
+
+
+def emit_scan(
     g: GraphBuilder,
-    x: str,
+    s: Scan,
+    xs: tuple[str, ...],
     y: str,
     axis: int | None,
     plan: ScanPlan,
     static_len: int | None = None,
     elem_type: int | None = None,
 ) -> None:
-    """Append nodes computing ``y = cummax(x, axis)``.
+    """Append nodes computing ``y = scan(xs, axis)`` for the scan ``s`` (scans.py).
 
     ``axis=None`` reads it from the enclosing function's ``axis`` attribute.
     ``static_len`` (the axis length, when every input has the same one) allows
     the cheapest scan, a sequential one with no padding. ``elem_type`` (the ONNX
-    dtype of x) lets the fill constant be typed directly; without it (a function
+    dtype of xs) lets the fill constants be typed directly; without it (a function
     body, generic in dtype) CastLike does it, which TensorRT parses from 9.1.
+    Nodes whose results ``y`` does not need (the linear scan's running decay
+    where only ``h`` is read on) are dropped.
     """
-    if static_len is None and axis is not None:  # a dynamic axis: one element (a decode step) is its own max
-        _one_or_scan(g, x, y, axis, plan, elem_type)  # (not in the CumMax function's body: onnx.inliner and
-        return  # onnx.reference mishandle an If there; TensorRT's plugin or ONNX Runtime run that one)
-    if static_len is not None and static_len <= MAX_SEQUENTIAL_LEN and axis is not None:
-        _sequential(g, x, axis, static_len, y)  # on x itself: no reshape around it (9 nodes for 8 heads, not 20)
-        return
-    _scan(g, x, y, axis, plan, elem_type)
+    start = len(g.nodes)
+    if static_len is None and axis is not None:  # a dynamic axis: one element (a decode step) is its own scan
+        _one_or_scan(g, s, xs, y, axis, plan, elem_type)  # (not in a function's body: onnx.inliner and
+    elif static_len is not None and static_len <= MAX_SEQUENTIAL_LEN and axis is not None:  # onnx.reference
+        _sequential(g, s, xs, axis, static_len, y)  # mishandle an If there; a plugin or ONNX Runtime run that)
+    else:  # on xs themselves: no reshape around it (9 nodes for 8 heads, not 20)
+        _scan(g, s, xs, y, axis, plan, elem_type)
+    g.nodes[start:] = prune(g.nodes[start:], {y})
 
 
-def _one_or_scan(g: GraphBuilder, x: str, y: str, axis: int, plan: ScanPlan, elem_type: int | None) -> None:
-    """``If(length == 1, x, scan(x))``: a decode step runs one If instead of the scan's ~70
-    nodes per cummax, whose fixed cost dominated a one-token step on CPUs (the seed
-    preset's decode ran 717 nodes; measured in docs/benchmarking.md). Both branches
-    compute the same values for length 1, so the If is exact."""
+def prune(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` less those no path to ``outputs`` needs (in order)."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            needed.update(outer_inputs(node))
+    return kept[::-1]
+
+
+def _one_or_scan(g: GraphBuilder, s: Scan, xs: tuple[str, ...], y: str, axis: int, plan: ScanPlan,
+                 elem_type: int | None) -> None:
+    """``If(length == 1, the element's output, scan(xs))``: a decode step runs one If instead of the
+    scan's ~70 nodes, whose fixed cost dominated a one-token step on CPUs (the seed preset's decode
+    ran 717 nodes; measured in docs/benchmarking.md). A one-element scan is that element (the linear
+    scan from h = 0: h = b), so both branches compute the same values and the If is exact."""
     ax, ax_next = _axis_range(g, axis)
-    length = g.op("Slice", [g.op("Shape", [x]), ax, ax_next])
+    length = g.op("Slice", [g.op("Shape", [xs[0]]), ax, ax_next])
     one = g.op("Squeeze", [g.op("Equal", [length, g.const([1])])])
     branches = {}
     for branch in ("one", "scan"):
         sub = GraphBuilder(f"{g.prefix}/{branch}", g.opset)
         out = sub.name("y")
         if branch == "one":
-            sub.op("Identity", [x], outputs=[out])
+            sub.op("Identity", [xs[s.output]], outputs=[out])
         else:
-            _scan(sub, x, out, axis, plan, elem_type)
+            _scan(sub, s, xs, out, axis, plan, elem_type)
+            sub.nodes = prune(sub.nodes, {out})
         typed = helper.make_tensor_value_info(out, elem_type or onnx.TensorProto.UNDEFINED, None)
         branches[branch] = helper.make_graph(sub.nodes, sub.prefix.replace("/", "_"), [], [typed])
     g.op("If", [one], outputs=[y], then_branch=branches["one"], else_branch=branches["scan"])
@@ -187,45 +224,56 @@ def _axis_range(g: GraphBuilder, axis: int | None) -> tuple[str, str]:
     return ax, g.op("Add", [ax, g.const([1])])
 
 
-def _scan(g: GraphBuilder, x: str, y: str, axis: int | None, plan: ScanPlan, elem_type: int | None) -> None:
+def _fills(g: GraphBuilder, s: Scan, like: str, elem_type: int | None) -> tuple[str, ...]:
+    """The scan's identity, a scalar per tensor: what pads a scan and fills a shift."""
+    if elem_type is None:
+        return tuple(g.op("CastLike", [g.const(v, np.float32), like]) for v in s.identity)
+    return tuple(g.const(v, onnx.helper.tensor_dtype_to_np_dtype(elem_type)) for v in s.identity)
+
+
+def _scan(g: GraphBuilder, s: Scan, xs: tuple[str, ...], y: str, axis: int | None, plan: ScanPlan,
+          elem_type: int | None) -> None:
     """The padded scan over ``[P, L, Q]`` (``plan.scan``): any length up to ``plan.max_len``."""
     ax, ax_next = _axis_range(g, axis)
-    if axis is not None:
-        flat = g.op("Flatten", [x], axis=axis)
-    else:
-        flat = g.op("Flatten", [x])
-        flat_node = g.nodes[-1]
-        flat_node.attribute.append(helper.make_attribute_ref("axis", onnx.AttributeProto.INT))
+    flats = []
+    for x in xs:
+        if axis is not None:
+            flats.append(g.op("Flatten", [x], axis=axis))
+        else:
+            flats.append(g.op("Flatten", [x]))
+            g.nodes[-1].attribute.append(helper.make_attribute_ref("axis", onnx.AttributeProto.INT))
     # [P, L, Q] around the scan axis: P, L*Q from the flattened shape, L from x's shape.
-    shape = g.op("Shape", [x])
+    shape = g.op("Shape", [xs[0]])
     length = g.op("Slice", [shape, ax, ax_next])
-    flat_shape = g.op("Shape", [flat])
+    flat_shape = g.op("Shape", [flats[0]])
     outer = g.op("Slice", [flat_shape, g.const([0]), g.const([1])])
     inner = g.op("Div", [g.op("Slice", [flat_shape, g.const([1]), g.const([2])]), length])
-    x3 = g.op("Reshape", [flat, g.op("Concat", [outer, length, inner], axis=0)])
-
-    def neg_inf() -> str:
-        """The padding value, emitted only by scans that pad (no dead Constant nodes)."""
-        if elem_type is None:
-            return g.op("CastLike", [g.const(-np.inf, np.float32), x])
-        return g.const(-np.inf, onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-
+    shape3 = g.op("Concat", [outer, length, inner], axis=0)
+    x3 = tuple(g.op("Reshape", [flat, shape3]) for flat in flats)
+    fills = _fills(g, s, xs[0], elem_type)
     if plan.scan == "doubling":
-        y3 = _doubling(g, x3, plan.max_len, neg_inf())
+        y3 = _doubling(g, s, x3, plan.max_len, fills)
     else:
-        y3 = _blocked(g, x3, length, outer, inner, plan, neg_inf())
-    g.op("Reshape", [y3, shape], outputs=[y])
+        y3 = _blocked(g, s, x3, length, outer, inner, plan, fills)
+    g.op("Reshape", [y3[s.output], shape], outputs=[y])
 
 
-def _sequential(g: GraphBuilder, x: str, axis: int, length: int, out: str | None = None) -> str:
-    outputs = 1 if out is None else [out]
+def _sequential(g: GraphBuilder, s: Scan, xs: tuple[str, ...], axis: int, length: int,
+                out: str | None = None) -> tuple[str, ...]:
+    """Split, a chain of ``length - 1`` combines, Concat: every tensor of the running element
+    (``out``: the scan's output only, under that name)."""
     if length == 1:
-        return g.op("Identity", [x], outputs=outputs)
-    parts = g.split(x, axis, length)
+        if out is not None:
+            return (g.op("Identity", [xs[s.output]], outputs=[out]),)
+        return xs
+    parts = list(zip(*(g.split(x, axis, length) for x in xs)))
     running = [parts[0]]
+    ops = OnnxOps(g)
     for part in parts[1:]:
-        running.append(g.op("Max", [running[-1], part]))
-    return g.op("Concat", running, outputs=outputs, axis=axis)
+        running.append(s.combine(ops, running[-1], part))
+    if out is not None:
+        return (g.op("Concat", [r[s.output] for r in running], outputs=[out], axis=axis),)
+    return tuple(g.op("Concat", [r[k] for r in running], axis=axis) for k in range(s.arity))
 
 
 def _shift(g: GraphBuilder, x: str, k: int, rank: int, fill: str) -> str:
@@ -236,44 +284,51 @@ def _shift(g: GraphBuilder, x: str, k: int, rank: int, fill: str) -> str:
     return g.op("Slice", [padded, g.const([0]), g.const([-k]), g.const([1])])
 
 
-def _doubling(g: GraphBuilder, x: str, max_len: int, fill: str, rank: int = 3) -> str:
-    k = 1
+def _shifted(g: GraphBuilder, xs: tuple[str, ...], k: int, rank: int, fills: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_shift(g, x, k, rank, fill) for x, fill in zip(xs, fills))
+
+
+def _doubling(g: GraphBuilder, s: Scan, xs: tuple[str, ...], max_len: int, fills: tuple[str, ...],
+              rank: int = 3) -> tuple[str, ...]:
+    """Hillis-Steele: after the pass of shift k, element i holds the combine of i-2k+1..i."""
+    ops, k = OnnxOps(g), 1
     while k < max_len:
-        x = g.op("Max", [x, _shift(g, x, k, rank, fill)])
+        xs = s.combine(ops, _shifted(g, xs, k, rank, fills), xs)
         k *= 2
-    return x
+    return xs
 
 
-def _blocked(g: GraphBuilder, x3: str, length: str, outer: str, inner: str, plan: ScanPlan, fill: str) -> str:
+def _blocked(g: GraphBuilder, s: Scan, x3: tuple[str, ...], length: str, outer: str, inner: str, plan: ScanPlan,
+             fills: tuple[str, ...]) -> tuple[str, ...]:
     block = g.const([plan.block])
     pad_len = g.op("Mod", [g.op("Sub", [block, g.op("Mod", [length, block])]), block])
     pads = g.op("Concat", [g.const([0, 0, 0, 0]), pad_len, g.const([0])], axis=0)
-    padded = g.op("Pad", [x3, pads, fill], mode="constant")
-    x4 = g.op("Reshape", [padded, g.op("Concat", [outer, g.const([-1]), block, inner], axis=0)])
-    y4 = _sequential(g, x4, 2, plan.block)  # [P, blocks, block, Q]
+    shape4 = g.op("Concat", [outer, g.const([-1]), block, inner], axis=0)
+    x4 = tuple(g.op("Reshape", [g.op("Pad", [x, pads, fill], mode="constant"), shape4]) for x, fill in zip(x3, fills))
+    y4 = _sequential(g, s, x4, 2, plan.block)  # [P, blocks, block, Q]
     blocks = math.ceil(plan.max_len / plan.block)
-    if blocks > 1:
-        block_max = g.op("Slice", [y4, g.const([-1]), g.const([INT64_MAX]), g.const([2])])
-        block_max = _doubling(g, block_max, blocks, fill, rank=4)
-        y4 = g.op("Max", [y4, _shift(g, block_max, 1, 4, fill)])
-    y3 = g.op("Reshape", [y4, g.op("Concat", [outer, g.const([-1]), inner], axis=0)])
-    return g.op("Slice", [y3, g.const([0]), length, g.const([1])])
+    if blocks > 1:  # every block's total, scanned over the blocks; each block starts from the blocks before it
+        totals = tuple(g.op("Slice", [y, g.const([-1]), g.const([INT64_MAX]), g.const([2])]) for y in y4)
+        totals = _doubling(g, s, totals, blocks, fills, rank=4)
+        y4 = s.combine(OnnxOps(g), _shifted(g, totals, 1, 4, fills), y4)
+    shape3 = g.op("Concat", [outer, g.const([-1]), inner], axis=0)
+    return tuple(g.op("Slice", [g.op("Reshape", [y, shape3]), g.const([0]), length, g.const([1])]) for y in y4)
 
 
-def cummax_function(plan: ScanPlan, opset: int) -> onnx.FunctionProto:
-    """The ``samout_edge::CumMax`` local function: the native scan as its body."""
-    g = GraphBuilder("CumMax", opset)
-    emit_cummax(g, "x", "y", axis=None, plan=plan)
+def scan_function(s: Scan, plan: ScanPlan, opset: int) -> onnx.FunctionProto:
+    """The scan's local function (``samout_edge::CumMax``, ``::LinearScan``): the native scan as its body."""
+    g = GraphBuilder(s.op_type, opset)
+    emit_scan(g, s, s.inputs, "y", axis=None, plan=plan)
     return helper.make_function(
         DOMAIN,
-        OP_TYPE,
-        inputs=["x"],
+        s.op_type,
+        inputs=list(s.inputs),
         outputs=["y"],
         nodes=g.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
         # plugin_namespace is for TensorRT's parser (the plugin's namespace); the body ignores it.
         attributes=["axis", "plugin_namespace"],
-        doc_string=f"Running maximum along `axis` (values of torch.cummax); body correct up to length {plan.max_len}.",
+        doc_string=f"{s.doc} Body correct up to length {plan.max_len}.",
     )
 
 
@@ -288,94 +343,7 @@ def all_nodes(nodes) -> list[onnx.NodeProto]:
     return found
 
 
-def cummax_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
-
-
-def node_axis(node: onnx.NodeProto) -> int:
-    for attr in node.attribute:
-        if attr.name == "axis":
-            return attr.i
-    raise ValueError(f"{OP_TYPE} node {node.name!r} has no axis attribute")
-
-
-def lower_cummax(
-    model: onnx.ModelProto,
-    lowering: str,
-    plan: ScanPlan,
-    static_lengths: dict[int, int] | None = None,
-    elem_type: int | None = None,
-) -> onnx.ModelProto:
-    """Make every placeholder CumMax node real (in place); returns ``model``.
-
-    ``static_lengths`` maps an axis to its length where it is fixed (the head
-    axis); ``elem_type`` is the ONNX dtype of the scanned tensors.
-    """
-    if lowering not in LOWERINGS:
-        raise ValueError(f"unknown lowering {lowering!r}; choose one of {LOWERINGS}")
-    static_lengths = static_lengths or {}
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if lowering == "custom":
-        for node in cummax_nodes(model):
-            if not any(a.name == "plugin_namespace" for a in node.attribute):
-                node.attribute.append(helper.make_attribute("plugin_namespace", DOMAIN))
-        del model.functions[:]
-        model.functions.append(cummax_function(plan, opset))
-        _set_opset(model, DOMAIN, OP_VERSION)
-        return model
-
-    nodes: list[onnx.NodeProto] = []
-    for node in model.graph.node:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
-            axis = node_axis(node)
-            g = GraphBuilder(node.name or f"cummax_{len(nodes)}", opset)
-            emit_cummax(g, node.input[0], node.output[0], axis, plan, static_lengths.get(axis), elem_type)
-            nodes.extend(g.nodes)
-        else:
-            nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    del model.functions[:]
-    _drop_opset(model, DOMAIN)
-    return model
-
-
-@dataclass(frozen=True)
-class ScanSite:
-    """Where one cummax sits in a graph: its input and output tensors and its axis. The sites
-    are recorded in the graph's metadata (SITES_KEY), so verify can cut each scan out of the
-    exported graph and check the graph's own nodes bit for bit, not a fresh copy of the op."""
-
-    x: str
-    y: str
-    axis: int
-
-
-SITES_KEY = "samout_edge.scan_sites"
-
-
-def cummax_sites(model: onnx.ModelProto) -> list[ScanSite]:
-    """The placeholder (or custom) CumMax nodes' sites, in graph order."""
-    return [ScanSite(n.input[0], n.output[0], node_axis(n)) for n in cummax_nodes(model)]
-
-
-def record_sites(model: onnx.ModelProto, sites: list[ScanSite]) -> None:
-    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                   SITES_KEY: json.dumps([[s.x, s.y, s.axis] for s in sites])})
-
-
-def read_sites(model: onnx.ModelProto) -> list[ScanSite] | None:
-    """The recorded sites, or None for a graph exported before they were recorded."""
-    for prop in model.metadata_props:
-        if prop.key == SITES_KEY:
-            try:
-                return [ScanSite(str(x), str(y), int(axis)) for x, y, axis in json.loads(prop.value)]
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"the graph's {SITES_KEY} metadata is malformed ({e})") from None
-    return None
-
-
-def _outer_inputs(node: onnx.NodeProto) -> list[str]:
+def outer_inputs(node: onnx.NodeProto) -> list[str]:
     """Names a node's subgraphs (an If's branches) read from the enclosing graph."""
     names = []
     for attr in node.attribute:
@@ -386,40 +354,66 @@ def _outer_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def scan_model(model: onnx.ModelProto, site: ScanSite) -> onnx.ModelProto:
-    """The nodes of ``model`` that compute ``site.y`` from ``site.x``, as a model of their own
-    (input ``x``, output ``y``; the model's local functions and opsets kept). Fails if they read
-    anything else than ``x``, constants and initializers: then they are not one scan."""
-    g = model.graph
-    producers = {out: node for node in g.node for out in node.output}
-    initializers = {i.name: i for i in g.initializer}
-    needed: set[int] = set()
-    used_initializers: set[str] = set()
-    stack, seen = [site.y], set()
-    while stack:
-        name = stack.pop()
-        if not name or name == site.x or name in seen:
-            continue
-        seen.add(name)
-        if name in initializers:
-            used_initializers.add(name)
-            continue
-        node = producers.get(name)
-        if node is None:
-            raise ValueError(f"the scan {site.x} -> {site.y} reads {name!r}, which it does not compute")
-        needed.add(id(node))
-        stack += list(node.input) + _outer_inputs(node)
-    nodes = [n for n in g.node if id(n) in needed]
-    elem = next((v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.output) if v.name == site.y), None)
-    if elem is None:
-        elem = g.input[1].type.tensor_type.elem_type if len(g.input) > 1 else onnx.TensorProto.FLOAT
-    dims = ["b", "h", "s", "d"]
-    sub = helper.make_graph(nodes, "scan", [helper.make_tensor_value_info(site.x, elem, dims)],
-                            [helper.make_tensor_value_info(site.y, elem, dims)],
-                            [initializers[n] for n in sorted(used_initializers)])
-    out = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                            functions=list(model.functions))
-    return out
+def scan_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The graph's scan nodes (placeholders, or custom nodes), every registered scan's."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in sc.BY_OP]
+
+
+def cummax_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in scan_nodes(model) if n.op_type == OP_TYPE]
+
+
+def node_axis(node: onnx.NodeProto) -> int:
+    for attr in node.attribute:
+        if attr.name == "axis":
+            return attr.i
+    raise ValueError(f"{node.op_type} node {node.name!r} has no axis attribute")
+
+
+def lower_scans(
+    model: onnx.ModelProto,
+    lowering: str,
+    plan: ScanPlan,
+    static_lengths: dict[int, int] | None = None,
+    elem_type: int | None = None,
+) -> onnx.ModelProto:
+    """Make every placeholder scan node (CumMax, LinearScan) real, in place; returns ``model``.
+
+    ``static_lengths`` maps an axis to its length where it is fixed (the head
+    axis); ``elem_type`` is the ONNX dtype of the scanned tensors where the graph
+    does not record a node's own (an fp32 island of an fp16 graph scans in fp32).
+    ``custom`` keeps the nodes and adds one local function per scan the graph uses.
+    """
+    if lowering not in LOWERINGS:
+        raise ValueError(f"unknown lowering {lowering!r}; choose one of {LOWERINGS}")
+    static_lengths = static_lengths or {}
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    del model.functions[:]
+    if lowering == "custom":
+        for node in scan_nodes(model):
+            if not any(a.name == "plugin_namespace" for a in node.attribute):
+                node.attribute.append(helper.make_attribute("plugin_namespace", DOMAIN))
+        used = {n.op_type for n in scan_nodes(model)}
+        model.functions.extend(scan_function(s, plan, opset) for s in sc.SCANS.values() if s.op_type in used)
+        _set_opset(model, DOMAIN, OP_VERSION)
+        return model
+
+    graph = model.graph
+    recorded = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.domain == DOMAIN and node.op_type in sc.BY_OP:
+            axis = node_axis(node)
+            g = GraphBuilder(node.name or f"scan_{len(nodes)}", opset)
+            emit_scan(g, sc.BY_OP[node.op_type], tuple(node.input), node.output[0], axis, plan,
+                      static_lengths.get(axis), recorded.get(node.input[0]) or elem_type)
+            nodes.extend(g.nodes)
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_opset(model, DOMAIN)
+    return model
 
 
 def _set_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
@@ -433,7 +427,6 @@ def _drop_opset(model: onnx.ModelProto, domain: str) -> None:
     model.opset_import.extend(keep)
 
 
-
 def standalone_model(
     lowering: str,
     plan: ScanPlan,
@@ -442,17 +435,19 @@ def standalone_model(
     rank: int = 4,
     opset: int = 18,
     static_len: int | None = None,
+    scan: str = "max",
 ) -> onnx.ModelProto:
-    """A one-op model ``y = cummax(x, axis)``: for ``bench op`` and the exactness tests."""
+    """A one-op model ``y = scan(inputs, axis)`` (scans.py): for ``bench op`` and the exactness tests."""
+    s = sc.scan(scan)
     elem = graph_dtype(dtype).onnx
     dims = [f"d{i}" for i in range(rank)]
     if static_len is not None:
         dims[axis] = static_len
-    node = helper.make_node(OP_TYPE, ["x"], ["y"], name="cummax", domain=DOMAIN, axis=axis)
+    node = helper.make_node(s.op_type, list(s.inputs), ["y"], name=s.name, domain=DOMAIN, axis=axis)
     graph = helper.make_graph(
         [node],
-        "cummax",
-        [helper.make_tensor_value_info("x", elem, dims)],
+        s.name,
+        [helper.make_tensor_value_info(x, elem, dims) for x in s.inputs],
         [helper.make_tensor_value_info("y", elem, dims)],
     )
     model = helper.make_model(
@@ -463,78 +458,28 @@ def standalone_model(
         # (ONNX Runtime 1.23 on Python 3.10) refuse IR versions they do not know
         ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", opset)]),
     )
-    lower_cummax(model, lowering, plan, {axis: static_len} if static_len else None, elem)
+    lower_scans(model, lowering, plan, {axis: static_len} if static_len else None, elem)
     return model
 
 
 def register_placeholder_schema() -> None:
-    """Teach onnx (and so the torch exporter) the placeholder op, once per process."""
-    if onnx.defs.has(OP_TYPE, DOMAIN):
-        return
-    schema = onnx.defs.OpSchema(
-        OP_TYPE,
-        DOMAIN,
-        OP_VERSION,
-        doc="Running maximum along `axis`: the values of torch.cummax(x, axis).",
-        inputs=[onnx.defs.OpSchema.FormalParameter("x", "T")],
-        outputs=[onnx.defs.OpSchema.FormalParameter("y", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types")],
-        attributes=[
-            onnx.defs.OpSchema.Attribute("axis", onnx.defs.OpSchema.AttrType.INT, "scan axis, >= 0"),
-            onnx.defs.OpSchema.Attribute(
-                "plugin_namespace", onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False
-            ),
-        ],
-    )
-    onnx.defs.register_schema(schema)
-
-
-def guard_length(model: onnx.ModelProto, input_name: str, axis: int, max_len: int, outputs: list[str],
-                 elem_type: int, state_inputs: list[str] = ()) -> onnx.ModelProto:
-    """Make ``outputs`` NaN when ``input_name``'s ``axis`` is longer than ``max_len``,
-    or when a ``state_inputs`` row holds a NaN or an infinity.
-
-    An unrolled scan is wrong past the length it was unrolled for, and a wrong
-    finite answer is the worst kind; a NaN is loud in every runtime. It must also
-    stay loud through the state into every later call, and a running max does not
-    carry it everywhere: OpenVINO's (and CUDA's fmax's) Max(NaN, x) is x. So the
-    incoming state is checked here too, with arithmetic that propagates NaN in
-    every runtime: per batch row, ReduceSum(state * 0) is 0 for a finite state
-    and NaN otherwise. Rows are poisoned one by one (a batch of sessions keeps its
-    healthy rows). A few tiny nodes per graph.
-    """
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    g = GraphBuilder("length_guard", opset)
-    shape = g.op("Shape", [input_name])
-    length = g.op("Slice", [shape, g.const([axis]), g.const([axis + 1])])
-    too_long = g.op("Greater", [length, g.const([max_len])])
-    np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-    poison = g.op("Where", [too_long, g.const([np.nan], np_type), g.const([0.0], np_type)])  # [1]
-    if state_inputs:
-        zero = g.const([0.0], np_type)
-        rows = [g.op("ReduceSum", [g.op("Mul", [name, zero]), g.const([1, 2, 3])], keepdims=1) for name in state_inputs]
-        total = rows[0] if len(rows) == 1 else g.op("Sum", rows)  # [batch, 1, 1, 1]: 0, or NaN for a bad row
-        poison = g.op("Add", [total, poison])
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.output}
-    by_rank: dict[int, str] = {}
-
-    def poison_for(rank: int) -> str:
-        """The poison shaped to broadcast over an output of ``rank`` dims, batch first."""
-        if not state_inputs:
-            return poison
-        if rank not in by_rank:
-            by_rank[rank] = poison if rank == 4 else g.op("Reshape", [poison, g.const([-1] + [1] * (rank - 1))])
-        return by_rank[rank]
-
-    producers = {out: node for node in model.graph.node for out in node.output}
-    for name in outputs:
-        unguarded = f"{name}_unguarded"
-        node = producers[name]
-        node.output[list(node.output).index(name)] = unguarded
-        for consumer in model.graph.node:  # the graph may read the output internally too
-            for i, inp in enumerate(consumer.input):
-                if inp == name:
-                    consumer.input[i] = unguarded
-        g.op("Add", [unguarded, poison_for(ranks[name])], outputs=[name])
-    model.graph.node.extend(g.nodes)
-    return model
+    """Teach onnx (and so the torch exporter) the placeholder ops, once per process."""
+    for s in sc.SCANS.values():
+        if onnx.defs.has(s.op_type, DOMAIN):
+            continue
+        schema = onnx.defs.OpSchema(
+            s.op_type,
+            DOMAIN,
+            OP_VERSION,
+            doc=s.doc,
+            inputs=[onnx.defs.OpSchema.FormalParameter(x, "T") for x in s.inputs],
+            outputs=[onnx.defs.OpSchema.FormalParameter("y", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types")],
+            attributes=[
+                onnx.defs.OpSchema.Attribute("axis", onnx.defs.OpSchema.AttrType.INT, "scan axis, >= 0"),
+                onnx.defs.OpSchema.Attribute(
+                    "plugin_namespace", onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False
+                ),
+            ],
+        )
+        onnx.defs.register_schema(schema)

@@ -12,7 +12,12 @@ carries from call to call:
   which grows a token per token;
 - ``hybrid`` (the seed article's next step): both, blended
   ``alpha * cummax + (1 - alpha) * softmax`` with a learned alpha per layer;
-  its state is the running max and the KV cache.
+  its state is the running max and the KV cache;
+- ``linear``: SamOut with the sequence cummax replaced by a gated linear recurrence
+  ``h_t = a_t * h_{t-1} + (1 - a_t) * out_t``: ``past_h.{i}`` -> ``present_h.{i}``,
+  ``[batch, heads, 1, head_dim]``, the last h (empty: zeros). A NaN in it propagates
+  through the arithmetic in every runtime, so the host need not check it; the graph
+  still needs the length guard (its scan is unrolled for max_seq too).
 
 A softmax window W (``softmax-w64``, ``hybrid-w64``) makes the attention see the
 last W positions only; its cache is then W slots, a fixed ``[batch, heads, W, head_dim]``
@@ -22,7 +27,8 @@ so the state is bounded and fixed in shape from the first token on.
 From that the spec answers: state names and shapes, the empty state, state bytes
 at a context, whether any state grows (then memory bounds the context, and a
 fixed-shape server state cannot hold it), and whether the graph needs the length
-guard. A new arch is a new mixer here and in the model's layer factory.
+guard: each state says which scan (scans.py) carries it, or none (a KV cache).
+A new arch is a new mixer here and in the model's layer factory.
 """
 
 from __future__ import annotations
@@ -40,23 +46,33 @@ class StateTensor:
     past: str  # the graph input
     present: str  # the graph output, the next call's past
     slots: int | None  # the length of its seq axis (2): fixed, or None for every token so far (a KV cache)
-    running_max: bool  # its values pass through Max; empty, it holds the dtype's lowest value (else zeros)
+    scan: str | None  # the scan (scans.py) that carries it over the sequence: max, linear; None: a KV cache
 
     @property
     def grows(self) -> bool:
         return self.slots is None
 
+    @property
+    def running_max(self) -> bool:
+        """Its values pass through Max: empty, it holds the dtype's lowest value (else zeros), and a
+        runtime's Max may drop a NaN in it, so the host checks it is finite."""
+        return self.scan == "max"
+
 
 def _running_max(i: int) -> list[StateTensor]:
-    return [StateTensor(f"past_max.{i}", f"present_max.{i}", slots=1, running_max=True)]
+    return [StateTensor(f"past_max.{i}", f"present_max.{i}", slots=1, scan="max")]
+
+
+def _recurrent(i: int) -> list[StateTensor]:
+    return [StateTensor(f"past_h.{i}", f"present_h.{i}", slots=1, scan="linear")]
 
 
 def _kv_cache(i: int, window: int) -> list[StateTensor]:
-    return [StateTensor(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}", slots=window or None, running_max=False)
+    return [StateTensor(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}", slots=window or None, scan=None)
             for kv in ("key", "value")]
 
 
-MIXERS = ("cummax", "softmax", "hybrid")  # models/model.py has a class for each
+MIXERS = ("cummax", "softmax", "hybrid", "linear")  # models/model.py has a class for each
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,8 @@ class ArchSpec:
             states += _running_max(i)
         if self.mixer in ("softmax", "hybrid"):
             states += _kv_cache(i, self.window)
+        if self.mixer == "linear":
+            states += _recurrent(i)
         return states
 
     def states(self, num_layers: int) -> list[StateTensor]:
@@ -96,7 +114,7 @@ class ArchSpec:
     @property
     def guarded(self) -> bool:
         """Whether the graph scans the sequence with a scan unrolled for max_seq (the length guard, the NaN poison)."""
-        return any(t.running_max for t in self.layer_states(0))
+        return any(t.scan for t in self.layer_states(0))
 
     def state_shape(self, tensor: StateTensor, batch: int, heads: int, head_dim: int, past: int | str) -> list:
         """A state tensor's shape after ``past`` tokens (a name: a dynamic dimension)."""
@@ -119,6 +137,7 @@ ARCHS: dict[str, ArchSpec] = {
     "cummax": ArchSpec("cummax", "cummax"),  # SamOut
     "softmax": ArchSpec("softmax", "softmax"),  # the baseline: the same weights, causal softmax attention
     "hybrid": ArchSpec("hybrid", "hybrid"),  # alpha * cummax + (1 - alpha) * softmax, alpha learned per layer
+    "linear": ArchSpec("linear", "linear"),  # SamOut with a gated linear recurrence over the sequence
 }
 MAX_WINDOW = 1 << 20
 _WINDOWED = re.compile(r"(?P<base>[a-z]+)-w(?P<window>[0-9]+)")
@@ -137,7 +156,7 @@ def arch_name(base: str, window: int = 0) -> str:
 
 
 def arch_spec(name: str) -> ArchSpec:
-    """The spec of ``cummax``, ``softmax``, ``hybrid``, or a windowed ``softmax-wN`` / ``hybrid-wN``."""
+    """The spec of ``cummax``, ``softmax``, ``hybrid``, ``linear``, or a windowed ``softmax-wN`` / ``hybrid-wN``."""
     if name in ARCHS:
         return ARCHS[name]
     match = _WINDOWED.fullmatch(name) if isinstance(name, str) else None

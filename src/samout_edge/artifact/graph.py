@@ -30,6 +30,7 @@ CUMMAX_DOMAIN = "samout_edge"
 CUMMAX_OP = "CumMax"
 CUMMAX_VERSION = 1
 CUMMAX_PLUGIN_ID = f"{CUMMAX_DOMAIN}::{CUMMAX_OP}"
+LINEAR_SCAN_OP = "LinearScan"  # the linear recurrence's op, same domain and version (scans.py)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ Precision = choices("Precision", ("fp16", "fp32"))
 TorchDevice = choices("TorchDevice", TORCH_DEVICES)  # bench op's own device (backend flags: cli/backend_options.py)
 
 
-ARCH_HELP = "cummax (SamOut), softmax (the baseline) or hybrid (alpha * cummax + (1 - alpha) * softmax, alpha learned per layer)."
+ARCH_HELP = ("cummax (SamOut), softmax (the baseline), hybrid (alpha * cummax + (1 - alpha) * softmax, alpha learned "
+             "per layer) or linear (SamOut with a gated linear recurrence over the sequence).")
 WINDOW_HELP = ("softmax and hybrid: attend to the last W positions only, so the state is bounded (W keys and values "
                "per layer); 0: every position.")
 

@@ -1,8 +1,9 @@
 """SamOut (or its softmax baseline) -> one ONNX graph for prefill and decode.
 
-torch.export traces the model with dynamic batch and sequence; each cummax is
-traced as a ``samout_edge::CumMax`` placeholder, which lowering.py then turns into
-standard ops (``native``) or a custom node with a function body (``custom``).
+torch.export traces the model with dynamic batch and sequence; each scan is traced
+as a placeholder, ``samout_edge::CumMax`` (cummax) or ``::LinearScan`` (the linear
+recurrence), which lowering.py then turns into standard ops (``native``) or a custom
+node with a function body (``custom``).
 Why torch.export and not the TorchScript exporter: docs/architecture.md.
 """
 
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from samout_edge import lowering as low
+from samout_edge import scan_checks
 from samout_edge.artifact import graph
 from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import ModelConfig, check_arch, preset
@@ -193,6 +195,13 @@ def _translate_cummax(x, dim: int):
     return onnxscript.values.Opset(low.DOMAIN, low.OP_VERSION).CumMax(x, axis=dim)
 
 
+def _translate_linear_scan(a, b, dim: int):
+    """custom_translation_table entry: samout_edge::linear_scan -> the LinearScan placeholder."""
+    import onnxscript
+
+    return onnxscript.values.Opset(low.DOMAIN, low.OP_VERSION).LinearScan(a, b, axis=dim)
+
+
 def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace_seq: int) -> onnx.ModelProto:
     """torch.export + the ONNX translation; cummax nodes are still placeholders."""
     low.register_placeholder_schema()
@@ -227,7 +236,8 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
                 input_names=[t.name for t in inputs],
                 output_names=[t.name for t in outputs],
                 dynamic_shapes=({0: batch, 1: seq}, tuple(past_shapes)),
-                custom_translation_table={torch.ops.samout_edge.cummax.default: _translate_cummax},
+                custom_translation_table={torch.ops.samout_edge.cummax.default: _translate_cummax,
+                                          torch.ops.samout_edge.linear_scan.default: _translate_linear_scan},
                 optimize=True,
                 verify=False,
             )
@@ -249,18 +259,18 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
 
 def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[int, int],
              quantized: dict[str, qz.QuantizedWeight] | None = None) -> onnx.ModelProto:
-    """Lower cummax, pin the I/O contract, store quantized weights in their integer
+    """Lower the scans, pin the I/O contract, store quantized weights in their integer
     form (``quantized``: the grid the traced model's weights were put on), record
     the weights' bytes in the manifest, and make the file self-describing."""
     plan = low.ScanPlan(**manifest.scan)
     elem_type = graph.dtype(manifest.dtype).onnx
-    sites = low.cummax_sites(model)  # recorded in the graph: verify checks these very nodes
-    low.lower_cummax(model, manifest.lowering, plan, static_lengths, elem_type)
+    sites = scan_checks.scan_sites(model)  # recorded in the graph: verify checks these very nodes
+    low.lower_scans(model, manifest.lowering, plan, static_lengths, elem_type)
     spec = arch_spec(manifest.arch)
     if spec.guarded:  # the sequence scan is unrolled for max_seq: past it, NaN (attention has no limit)
-        running = [t.past for t in spec.states(manifest.config.num_layers) if t.running_max]
-        low.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs], elem_type,
-                         state_inputs=running)
+        scanned = [t.past for t in spec.states(manifest.config.num_layers) if t.scan]
+        scan_checks.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs],
+                                 elem_type, state_inputs=scanned)
     if manifest.opset < 18:
         downgrade_split(model)
     for value, spec in zip(list(model.graph.input) + list(model.graph.output), manifest.inputs + manifest.outputs):
@@ -285,7 +295,7 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
         manifest.weights.bytes = qz.initializer_bytes(model)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, graph_metadata(manifest))
-    low.record_sites(model, sites)
+    scan_checks.record_sites(model, sites)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
@@ -461,7 +471,7 @@ def export(
         timings["trace_s"] = time.perf_counter() - t
 
         quantizing = "" if quantized is None else f"; {options.weights} weights ({manifest.weights.format})"
-        progress(f"lowering cummax ({options.lowering}, {manifest.scan['scan']} scan{quantizing})", 3, total)
+        progress(f"lowering the scans ({options.lowering}, {manifest.scan['scan']} scan{quantizing})", 3, total)
         t = time.perf_counter()
         finalize(proto, manifest, static_lengths={1: ckpt.config.num_heads}, quantized=quantized)
         timings["lower_s"] = time.perf_counter() - t

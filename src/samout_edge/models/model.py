@@ -1,9 +1,11 @@
-"""SamOut as the seed article defines it, its softmax-attention baseline, and their hybrid.
+"""SamOut as the seed article defines it, its softmax-attention baseline, their hybrid, and
+SamOut with a gated linear recurrence.
 
 Parameter names follow the seed code, so a state_dict saved from it loads with
 ``strict=True``. Every arch shares every parameter (the hybrid adds one per layer,
 its blend); they differ only in how the sequence is mixed: a running maximum
-(cummax), causal softmax attention, or ``alpha * cummax + (1 - alpha) * softmax``.
+(cummax), causal softmax attention, ``alpha * cummax + (1 - alpha) * softmax``, or a
+gated linear recurrence (linear).
 
 State makes prefill, chunked prefill and decode one computation:
 - cummax: per layer the running max so far, ``[batch, heads, 1, head_dim]``;
@@ -11,6 +13,7 @@ State makes prefill, chunked prefill and decode one computation:
 - softmax: per layer the ``(key, value)`` cache, ``[batch, heads, past_seq, head_dim]``;
   with a window W, the last W keys and values, zeros before the first token.
 - hybrid: ``(running max, key, value)``.
+- linear: per layer the last h, ``[batch, heads, 1, head_dim]``; an empty past is zeros.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import nn
 from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import ModelConfig, check_arch
 from samout_edge.artifact.graph import dtype as graph_dtype
-from samout_edge.models.ops import cummax
+from samout_edge.models.ops import cummax, linear_scan
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -33,7 +36,8 @@ def torch_dtype(name: str) -> torch.dtype:
 CummaxState = torch.Tensor
 KVState = tuple[torch.Tensor, torch.Tensor]
 HybridState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-LayerState = CummaxState | KVState | HybridState
+LinearState = torch.Tensor
+LayerState = CummaxState | KVState | HybridState | LinearState
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -107,6 +111,27 @@ class HybridMixer(CausalSelfAttention):
         attended, present_kv = CausalSelfAttention.mix_sequence(self, out, out1, out2, past[1:])
         alpha = torch.sigmoid(self.alpha_logit).to(attended.dtype)
         return alpha * running + (1 - alpha) * attended, (present_max, *present_kv)
+
+
+class LinearRecurrence(MaxState):
+    """SamOut with the sequence cummax replaced by a gated linear recurrence of the same
+    projections (same parameters, same count), per head and channel::
+
+        a_t = sigmoid(out1_t)                          # a data-dependent decay in (0, 1)
+        h_t = a_t * h_{t-1} + (1 - a_t) * out_t        # h_{-1}: the past (zeros when empty)
+        score = cummax(h, dim=heads);  y = (score + out1) * out2 + out1    # as SamOut
+
+    h is a convex blend of the past and out_t, so it stays within their range: no
+    overflow in fp16. The state is the last h. In an fp32 island the recurrence runs
+    in fp32 and the state stays in the model's dtype."""
+
+    def mix_sequence(self, out, out1, out2, past: LinearState) -> tuple[torch.Tensor, LinearState]:
+        dtype = past.dtype
+        if self.fp32:
+            out, out1, past = out.float(), out1.float(), past.float()
+        a = torch.sigmoid(out1)
+        h = linear_scan(a, (1 - a) * out, past)
+        return h, h[:, :, -1:].to(dtype)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = 0) -> torch.Tensor:
@@ -188,7 +213,8 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(h, self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
-MIXERS = {"cummax": MaxState, "softmax": CausalSelfAttention, "hybrid": HybridMixer}  # artifact/arch.py's mixers
+# artifact/arch.py's mixers
+MIXERS = {"cummax": MaxState, "softmax": CausalSelfAttention, "hybrid": HybridMixer, "linear": LinearRecurrence}
 
 
 class DecoderLayer(nn.Module):
@@ -215,7 +241,8 @@ class DecoderLayer(nn.Module):
 
 class SamOut(nn.Module):
     """The language model; ``arch="softmax"`` gives the baseline with the same weights,
-    ``"hybrid"`` the blend of both, ``"hybrid-w64"`` with a softmax window of 64 (artifact/arch.py)."""
+    ``"hybrid"`` the blend of both, ``"hybrid-w64"`` with a softmax window of 64, ``"linear"`` the
+    gated linear recurrence (artifact/arch.py)."""
 
     def __init__(self, config: ModelConfig, arch: str = "cummax"):
         super().__init__()
@@ -227,7 +254,7 @@ class SamOut(nn.Module):
 
     def empty_state(self, batch: int) -> list[LayerState]:
         """The state before any token: lowest-value running max, an empty KV cache, a window
-        of zeros (artifact/arch.py)."""
+        of zeros, a zero h (artifact/arch.py)."""
         c, p, spec = self.config, self.head.weight, arch_spec(self.arch)
         flat = [p.new_full(spec.state_shape(t, batch, c.num_heads, c.head_dim, 0),
                            torch.finfo(p.dtype).min if t.running_max else 0.0)

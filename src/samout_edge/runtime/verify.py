@@ -6,10 +6,11 @@ the source checkpoint are present, ``lengths`` or ``checkpoint`` recompute the
 reference with PyTorch at any length instead.
 
 1. every file export.json lists has its recorded sha256;
-2. every scan of the exported graph, cut out of it, equals a running max bit for
-   bit (max is exact, so any difference is a bug) at every call length up to 16,
-   both sides of the block, max_seq - 1 and max_seq: numpy's ``maximum.accumulate``
-   here, ``torch.cummax`` in the tests;
+2. every scan of the exported graph, cut out of it, equals its definition
+   (scans.py) at every call length up to 16, both sides of the block, max_seq - 1
+   and max_seq: a running max bit for bit (max is exact, so any difference is a
+   bug; numpy's ``maximum.accumulate`` here, ``torch.cummax`` in the tests), the
+   linear recurrence within its stated tolerance of a float64 loop;
 3. every golden case: prefill at 1, a prime and max_seq, batch 2, ids 0 and
    vocab-1, and a prefill followed by decode steps that feed the runner's own
    state back.
@@ -26,6 +27,8 @@ import onnx
 import onnx.inliner
 
 from samout_edge import lowering as low
+from samout_edge import scan_checks
+from samout_edge import scans as sc
 from samout_edge.artifact import graph
 from samout_edge.artifact.golden import (
     DECODE_PREFILL,
@@ -91,11 +94,6 @@ def bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a.view(as_int), b.view(as_int)))
 
 
-def running_max(x: np.ndarray, axis: int) -> np.ndarray:
-    """The values of torch.cummax, NaN propagating as torch does."""
-    return np.maximum.accumulate(x, axis=axis)
-
-
 def op_lengths(manifest: Manifest, lengths: list[int]) -> list[int]:
     """One call's lengths the scans are checked at: ``lengths``, every short call and both
     sides of the block (chain_lengths), max_seq - 1 and max_seq; longer ones are chunked."""
@@ -105,9 +103,11 @@ def op_lengths(manifest: Manifest, lengths: list[int]) -> list[int]:
 
 
 def check_op(manifest: Manifest, lengths: list[int], export_dir: Path | None = None) -> tuple[bool, list[dict]]:
-    """Every scan of the exported graph, cut out of it (its recorded sites), must equal a
-    running max bit for bit on its axis at every length of ``op_lengths``. A graph exported
-    before the sites were recorded gets a fresh copy of the op instead, and its rows say so."""
+    """Every scan of the exported graph, cut out of it (its recorded sites), must equal its
+    definition on its axis at every length of ``op_lengths``: a row's ``exact`` is bit for bit
+    for max, and within the scan's tolerance (the row's ``tolerance``, its ``error`` relative to
+    max(1, |h|)) for the linear recurrence. A graph exported before the sites were recorded gets
+    a fresh copy of the op instead, and its rows say so."""
     import onnxruntime as ort
 
     from samout_edge.runtime.ort_runner import quiet_onnxruntime
@@ -118,28 +118,40 @@ def check_op(manifest: Manifest, lengths: list[int], export_dir: Path | None = N
     np_dtype = graph.numpy_dtype(manifest.dtype)
     rng = np.random.default_rng(1)
     rows = []
-    for where, axis, model in _scans(manifest, export_dir):
+    for where, axis, scan, model in _scans(manifest, export_dir):
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         x_type = session.get_inputs()[0].type
         dtype = np.float16 if "float16" in x_type else np.float32 if "float" in x_type else np_dtype
         for length in lengths:
-            x = rng.standard_normal((1, cfg.num_heads, length, cfg.head_dim)).astype(dtype)
+            xs = scan.sample(rng, (1, cfg.num_heads, length, cfg.head_dim), dtype)
+            row = {"scan": where, "axis": axis, "seq": length}
             try:
-                got = session.run(None, {session.get_inputs()[0].name: x})[0]
-                exact = bit_equal(got, running_max(x, axis))
+                got = session.run(None, {i.name: x for i, x in zip(session.get_inputs(), xs)})[0]
+                row |= scan_matches(scan, xs, got, axis)
             except Exception as e:  # onnxruntime raises its own types: a scan that cannot run is not exact
-                exact, where = False, f"{where} ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
-            rows.append({"scan": where, "axis": axis, "seq": length, "exact": exact})
+                row |= {"exact": False, "scan": f"{where} ({type(e).__name__}: {str(e).splitlines()[0][:80]})"}
+            rows.append(row)
     return bool(rows) and all(r["exact"] for r in rows), rows
 
 
+def scan_matches(scan: sc.Scan, xs: tuple[np.ndarray, ...], got: np.ndarray, axis: int) -> dict:
+    """Whether ``got`` is the scan of ``xs``: bit for bit for an exact scan (max), else within
+    its tolerance for the dtype, relative to max(1, |reference|) (a float64 loop of its definition)."""
+    if scan.exact:
+        return {"exact": bit_equal(got, scan.reference(xs, axis))}
+    want = scan.reference(xs, axis)
+    error = float(np.abs(got.astype(np.float64) - want).max()) / max(1.0, float(np.abs(want).max()))
+    tolerance = scan.tolerance["fp16" if got.dtype == np.float16 else "fp32"]
+    return {"exact": bool(error <= tolerance), "error": error, "tolerance": tolerance}
+
+
 def _scans(manifest: Manifest, export_dir: Path | None):
-    """(label, axis, one-scan model) for every scan to check: the graph's own where it records
-    its sites, else a fresh copy of the op on both axes."""
+    """(label, axis, scan, one-scan model) for every scan to check: the graph's own where it
+    records its sites, else a fresh copy of the cummax op on both axes."""
     if export_dir is not None:
         model = onnx.load(str(export_dir / MODEL_FILE), load_external_data=False)
         try:
-            sites = low.read_sites(model)
+            sites = scan_checks.read_sites(model)
         except ValueError as e:
             raise SamoutError(f"{export_dir / MODEL_FILE}: {e}") from None
         if sites is not None:
@@ -147,10 +159,10 @@ def _scans(manifest: Manifest, export_dir: Path | None):
                 raise SamoutError(f"{export_dir / MODEL_FILE} records no scan, but every arch's graph has them")
             for k, site in enumerate(sites):
                 try:
-                    scan = low.scan_model(model, site)
+                    scan = scan_checks.scan_model(model, site)
                 except ValueError as e:
                     raise SamoutError(f"{export_dir / MODEL_FILE}: scan {k}: {e}") from None
-                yield f"graph scan {k} ({site.y})", site.axis, scan
+                yield f"graph scan {k} ({site.y})", site.axis, sc.scan(site.scan), scan
             return
     plan = low.ScanPlan(**manifest.scan)
     static = manifest.config.num_heads if manifest.lowering == "native" else None
@@ -159,7 +171,8 @@ def _scans(manifest: Manifest, export_dir: Path | None):
         model = low.standalone_model(lowering, plan, axis, manifest.dtype, opset=manifest.opset, static_len=static_len)
         if manifest.lowering == "inlined":  # the custom node's body, inlined as `samout-edge inline` does
             model = onnx.inliner.inline_local_functions(model)
-        yield "a fresh copy of the op (the graph records no scan sites: exported before they were)", axis, model
+        yield ("a fresh copy of the op (the graph records no scan sites: exported before they were)", axis,
+               sc.SCANS["max"], model)
 
 
 def verify(
@@ -261,7 +274,7 @@ def _against_golden(actual, export_dir: Path, manifest: Manifest, rtol: float, p
     cases = golden.index.cases
     steps = len(cases) + 1
     lengths = sorted({c.seq for c in cases if c.past == 0})
-    progress("cummax op, bit for bit", 0, steps)
+    progress("the graph's scans, against their definitions", 0, steps)
     result = _op_result(manifest, lengths, rtol, actual.info.device, "golden", export_dir)
     results: dict[int, dict] = {}
     compared: list[tuple[dict, dict]] = []  # (golden, got) of every case that ran
@@ -353,7 +366,7 @@ def _recomputed(actual, export_dir: Path, manifest: Manifest, lengths: list[int]
     else:
         lengths = golden_lengths(limit, manifest.trace["seq"])
     steps = len(lengths) + 2
-    progress("cummax op, bit for bit", 0, steps)
+    progress("the graph's scans, against their definitions", 0, steps)
     result = _op_result(manifest, lengths, rtol, actual.info.device, "pytorch", export_dir)
     ckpt = source_checkpoint(export_dir, manifest, checkpoint)
     reference = load_torch_runner(ckpt, manifest.arch, "fp32", manifest.logits, export_dir=export_dir,

@@ -31,7 +31,7 @@ except ModuleNotFoundError:  # Python 3.10 (JetPack 6)
     import tomli as tomllib
 from onnx import TensorProto, numpy_helper
 
-from samout_edge.artifact.graph import CUMMAX_DOMAIN, CUMMAX_OP
+from samout_edge.artifact.graph import CUMMAX_DOMAIN, CUMMAX_OP, LINEAR_SCAN_OP
 from samout_edge.lowering import all_nodes
 from samout_edge.tensorrt import versions
 
@@ -235,6 +235,10 @@ def lint_model(model: onnx.ModelProto) -> list[VersionLint]:
                 issues.append(LintIssue("error", name, f"{node.domain}::{node.op_type}",
                                         f"{node.op_type} is an ONNX Runtime contrib op: no TensorRT parses it; "
                                         "export with --weights-format dq for TensorRT"))
+                continue
+            if (node.domain, node.op_type) == (CUMMAX_DOMAIN, LINEAR_SCAN_OP):
+                issues.append(LintIssue("error", name, f"{node.domain}::{node.op_type}",
+                                        versions.NO_LINEAR_SCAN_PLUGIN))
                 continue
             if (node.domain, node.op_type) != (CUMMAX_DOMAIN, CUMMAX_OP):
                 issues.append(LintIssue("error", name, f"{node.domain}::{node.op_type}",

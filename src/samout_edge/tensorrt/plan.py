@@ -27,7 +27,7 @@ from samout_edge.artifact.engine import (
     ShapeRange,
     check_profile_name,
 )
-from samout_edge.artifact.graph import CUMMAX_PLUGIN_ID
+from samout_edge.artifact.graph import CUMMAX_DOMAIN, CUMMAX_PLUGIN_ID, LINEAR_SCAN_OP
 from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_files, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import DeviceProfile, Range
@@ -174,6 +174,8 @@ def make_plan(
         notes.append("DLA with GPU fallback: layers DLA cannot run (shape ops, the scan) run on the GPU")
 
     plugins = custom_ops(export_dir / MODEL_FILE)
+    if f"{CUMMAX_DOMAIN}::{LINEAR_SCAN_OP}" in plugins:
+        raise SamoutError(versions.NO_LINEAR_SCAN_PLUGIN)
     cummax = ""
     if CUMMAX_PLUGIN_ID in plugins:
         cummax = versions.cummax_runner(v, has_function=manifest.lowering == "custom")

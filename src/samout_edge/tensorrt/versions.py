@@ -160,6 +160,12 @@ def cummax_runner(version: str | Version, has_function: bool = True) -> str:
     return "none"
 
 
+# What runs a LinearScan node (--arch linear, --lowering custom) on any TensorRT: nothing of ours yet (no plugin
+# for the linear recurrence), so plan and lint refuse the graph rather than build what cannot work.
+NO_LINEAR_SCAN_PLUGIN = ("LinearScan nodes (--arch linear, --lowering custom) have no samout-edge TensorRT plugin yet; "
+                         "export --arch linear with --lowering native (standard ONNX ops) for TensorRT")
+
+
 def _is_real(module: ModuleType) -> bool:
     """The stubs' namespace package has neither a version nor the builder."""
     return isinstance(getattr(module, "__version__", None), str) and hasattr(module, "Builder")

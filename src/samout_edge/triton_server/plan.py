@@ -163,6 +163,11 @@ def check_state_pairing(mapping: dict[str, str]) -> None:
                               f"but the graph feeds it into {mapping[out]!r}")
 
 
+# the scan that carries a state (artifact/arch.py; None: a softmax window) -> its initial state file, described
+EMPTY_STATES = {"max": ("empty_max", "empty running max"), "linear": ("empty_h", "empty linear recurrence (zeros)"),
+                None: ("empty_window", "empty softmax window (zeros)")}
+
+
 def initial_state_bytes(dtype_name: str, dims: list[int], running_max: bool = True) -> bytes:
     """The empty running max (the dtype's lowest finite value, not zeros: a zero
     past would clip every negative activation), or an empty softmax window (zeros),
@@ -200,9 +205,9 @@ def model_io(manifest: Manifest) -> tuple[list[TritonTensor], list[TritonTensor]
         if -1 in dims:  # refuse_unsupported catches softmax first; this guards the contract itself
             raise SamoutError(f"state {past.name} has a variable dim {past.shape}; Triton cannot start it empty")
         running_max = kinds[past.name].running_max
-        data_file = f"{'empty_max' if running_max else 'empty_window'}.{manifest.dtype}"
-        states.append(TritonState(past.name, spec.name, _triton_type(past.dtype), dims, data_file,
-                                  "empty running max" if running_max else "empty softmax window (zeros)"))
+        stem, what = EMPTY_STATES[kinds[past.name].scan]
+        data_file = f"{stem}.{manifest.dtype}"
+        states.append(TritonState(past.name, spec.name, _triton_type(past.dtype), dims, data_file, what))
         files[data_file] = initial_state_bytes(manifest.dtype, dims, running_max)
     ids = by_name[graph.INPUT_IDS]
     logits = next(t for t in outputs if t.name == graph.LOGITS)
