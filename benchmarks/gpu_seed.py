@@ -57,7 +57,7 @@ def bench_op(deadline: float) -> list[dict[str, Any]]:
 
     rows = []
     try:
-        from samout_edge.kernels.triton_cummax import cummax as triton_cummax
+        from samout_edge.kernels.triton_scan import cummax as triton_cummax
     except Exception as e:  # no Triton: torch.cummax and the copy only
         triton_cummax = None
         rows.append({"note": f"Triton kernel unavailable: {type(e).__name__}: {e}"})

@@ -61,7 +61,7 @@ def test_shipped_profiles_cover_orin_thor_and_desktops():
 def test_aot_kernel_for_every_profile_gpu(cc, tmp_path, monkeypatch):
     """The plugin's exact compile path for an explicit GPUTarget, assembled by Triton's bundled ptxas."""
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    from samout_edge.kernels.triton_cummax import LAUNCH_ARGS, arch_of, compile_aot, cummax_kernel
+    from samout_edge.kernels.triton_scan import LAUNCH_ARGS, arch_of, compile_aot, cummax_kernel
 
     for dtype, axis, static_len in (("fp16", 2, None), ("fp16", 1, 8), ("fp32", 2, None), ("bf16", 2, None)):
         kernel = compile_aot(dtype, axis, 4, cc, static_len=static_len)
@@ -86,7 +86,7 @@ def test_aot_kernel_within_the_device_drivers_ptx(profile, tmp_path, monkeypatch
     """Capped at the PTX ISA the device's driver loads, the PTX also assembles with the CUDA toolkit's ptxas
     (13.0 here, the level of JetPack 7's driver): uncapped, Triton 3.9 emits PTX 9.4 for sm_90/sm_110."""
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    from samout_edge.kernels.triton_cummax import compile_aot
+    from samout_edge.kernels.triton_scan import compile_aot
 
     cap = DRIVER_PTX.get((profile.jetpack or "7")[0], 90)
     kernel = compile_aot("fp16", 2, 4, profile.compute_capability, ptx_version=cap)
@@ -103,7 +103,7 @@ def test_tritons_raw_ptx_has_the_hidden_parameters(monkeypatch):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from samout_edge.kernels.triton_cummax import cummax_kernel, ptx_params
+    from samout_edge.kernels.triton_scan import cummax_kernel, ptx_params
 
     source = triton.compiler.ASTSource(fn=cummax_kernel, signature={"x_ptr": "*fp16", "P": "i32", "L": "i32", "Q": "i32",
                                                                     "y_ptr": "*fp16"},
@@ -114,7 +114,7 @@ def test_tritons_raw_ptx_has_the_hidden_parameters(monkeypatch):
 
 
 def test_strip_hidden_params_refuses_a_kernel_that_reads_them():
-    from samout_edge.kernels.triton_cummax import ptx_params, strip_hidden_params
+    from samout_edge.kernels.triton_scan import ptx_params, strip_hidden_params
 
     ptx = """.version 8.5
 .target sm_87

@@ -8,8 +8,9 @@ each cummax becomes one ``samout_edge::cummax`` custom op; the exporter turns th
 node into standard ONNX ops or a ``CumMax`` custom node (lowering.py).
 The linear recurrence becomes one ``samout_edge::linear_scan`` op the same way
 (a ``LinearScan`` node). In eager mode the call goes straight to ``torch.cummax``
-(or a faster kernel where one is registered for the device) and to the blocked
-linear scan, so the custom ops cost nothing at run time.
+and to the blocked linear scan, or to a faster kernel where one is registered for
+the device (FAST_KERNELS, FAST_LINEAR_KERNELS: the Triton scans on CUDA), so the
+custom ops cost nothing at run time.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# device type -> kernel(x, dim) returning the running max values; filled by kernels.enable_fast_cummax.
+# device type -> kernel(x, dim) returning the running max values; filled by kernels.enable_fast_scans.
 FAST_KERNELS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {}
+# device type -> kernel(a, b, dim) returning h of h_t = a_t h_{t-1} + b_t from h_{-1} = 0 (the LinearScan op);
+# filled by kernels.enable_fast_scans. Used for inference only: the kernels have no backward.
+FAST_LINEAR_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {}
 
 
 @torch.library.custom_op("samout_edge::cummax", mutates_args=())
@@ -66,7 +70,19 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Ten
     if torch.compiler.is_exporting():
         first = a[:, :, :1] * h0 + b[:, :, :1]
         return linear_scan_op(a, torch.cat([first, b[:, :, 1:]], 2), 2)
+    kernel = FAST_LINEAR_KERNELS.get(b.device.type)
+    if kernel is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, h0))):
+        return fast_linear_scan(kernel, a, b, h0)
     return blocked_linear_scan(a, b, h0)
+
+
+def fast_linear_scan(kernel: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], a: torch.Tensor,
+                     b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """A registered kernel's scan from h_{-1} = h0: h0 folded into the first step (in at least fp32, as the
+    blocked scan computes), the kernel from zero, in the inputs' dtype."""
+    work = torch.promote_types(b.dtype, torch.float32)
+    first = (a[:, :, :1].to(work) * h0.to(work) + b[:, :, :1].to(work)).to(b.dtype)
+    return kernel(a, torch.cat([first, b[:, :, 1:]], 2), 2)
 
 
 def blocked_linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: int = BLOCK) -> torch.Tensor:

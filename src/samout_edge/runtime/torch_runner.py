@@ -78,11 +78,11 @@ def load_torch_runner(
     checkpoint: Any, arch: str, dtype: str = "fp32", logits: str = "all", device: str = "cpu",
     fast_kernel: bool = True, export_dir: Path | None = None, alpha: float | None = None,
 ) -> TorchRunner:
-    """On CUDA, ``fast_kernel`` swaps torch.cummax for the Triton scan (when Triton is there).
+    """On CUDA, ``fast_kernel`` swaps torch.cummax and the blocked linear scan for the Triton scans (when Triton is there).
     ``export_dir``: a quantized export whose dequantized weights (read from its graph) the
     model takes, so the runner computes what the graph computes. ``alpha``: a hybrid made
     of SamOut weights at a stated blend (``stated_alpha`` of its export)."""
-    from samout_edge.models.ops import FAST_KERNELS
+    from samout_edge.models.ops import FAST_KERNELS, FAST_LINEAR_KERNELS
 
     model = checkpoint.model(arch, alpha=alpha)
     if export_dir is not None:
@@ -102,6 +102,7 @@ def load_torch_runner(
             fast_kernel = enable_fast_cummax()
         else:
             FAST_KERNELS.pop("cuda", None)
+            FAST_LINEAR_KERNELS.pop("cuda", None)
         label = "cuda+triton" if fast_kernel else "cuda"
         runner.info = RunnerInfo(**{**runner.info.__dict__, "device": label})
     return runner

@@ -169,7 +169,7 @@ def aot_launch(trtp: Any, x: Any, axis: int, compute_capability: str, ptx_versio
     expressions, resolved by TensorRT at run time, so one engine serves every shape
     in its optimization profiles.
     """
-    from samout_edge.kernels.triton_cummax import compile_aot
+    from samout_edge.kernels.triton_scan import compile_aot
 
     dims = x.shape_expr
     rank = len(dims)
@@ -194,7 +194,7 @@ def jit_launch(x: Any, y: Any, axis: int, stream: int, compute_capability: str,
                ptx_version: Optional[int]) -> None:
     """Run the AOT kernel on concrete shapes through the driver API (the JIT path)."""
     from samout_edge.kernels.tiling import aot_block_sizes, split_shape
-    from samout_edge.kernels.triton_cummax import compile_aot
+    from samout_edge.kernels.triton_scan import compile_aot
     from samout_edge.tensorrt.driver import PtxKernel
 
     shape = tuple(int(d) for d in x.shape)

@@ -1,19 +1,26 @@
-"""cummax as one Triton kernel: bit-exact with torch.cummax, one read and one write.
+"""The scans of scans.py as one Triton kernel template: one read and one write.
 
 The tensor is viewed as [P, L, Q] around the scan axis (contiguous). Each
 program owns one p and BLOCK_Q columns and walks L in tiles of BLOCK_L rows:
-a tile is loaded once, scanned in registers (tl.associative_scan with max),
-combined with the running max carried from the previous tile, and stored.
-Max is exact in any float type; values are widened to fp32 only so one kernel
-serves fp32, fp16 and bf16, and narrowing back is exact. NaN propagates, as in
-torch.cummax.
+a tile is loaded once (padded with the scan's identity), scanned in registers
+(tl.associative_scan with the scan's combine), joined with the carry from the
+previous tile, and stored. ``_scan_tiles`` is that walk, written once; the
+combine is the ``LINEAR`` constexpr choice, resolved when Triton compiles, and
+each registered scan has a thin entry kernel (KERNELS) with its own pointers:
 
-The same kernel is compiled ahead of time for the TensorRT plugin by
-``compile_aot``, a pure function of (dtype, axis, rank, compute capability) that
-needs neither TensorRT, nor torch, nor a GPU. Its argument order (x, P, L, Q, y)
-is the one TensorRT's AOT plugins launch with: input pointers, the extra scalar
-arguments, output pointers. torch is imported only by ``cummax``, the eager
-path, so a Jetson without a CUDA torch can still build the plugin.
+- ``max`` (cummax_kernel(x, P, L, Q, y)): bit-exact with torch.cummax. Max is
+  exact in any float type; values are widened to fp32 only so one kernel serves
+  fp32, fp16 and bf16, and narrowing back is exact. NaN propagates.
+- ``linear`` (linear_scan_kernel(a, b, P, L, Q, h)): h_t = a_t h_{t-1} + b_t from
+  h_{-1} = 0, pairs combined as (a, b) o (a', b') = (a a', a' b + b') in fp32 and
+  rounded once to the output dtype; within scans.SCANS["linear"].tolerance.
+
+The same kernels are compiled ahead of time for the TensorRT plugin by
+``compile_aot``, a pure function of (scan, dtype, axis, rank, compute capability)
+that needs neither TensorRT, nor torch, nor a GPU. Their argument order (inputs,
+P, L, Q, output) is the one TensorRT's AOT plugins launch with: input pointers,
+the extra scalar arguments, output pointers. torch is imported only by the eager
+launchers, so a Jetson without a CUDA torch can still build the plugin.
 """
 
 from __future__ import annotations
@@ -38,39 +45,90 @@ def _max(a, b):
 
 
 @triton.jit
-def cummax_kernel(x_ptr, P, L, Q, y_ptr, BLOCK_L: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _linear(a, b, a2, b2):
+    """scans.linear_combine: (a, b) then (a2, b2)."""
+    return a * a2, a2 * b + b2
+
+
+@triton.jit
+def _scan_tiles(in0_ptr, in1_ptr, P, L, Q, out_ptr, BLOCK_L: tl.constexpr, BLOCK_Q: tl.constexpr,
+                LINEAR: tl.constexpr):
+    """The tile walk every scan shares; LINEAR picks the combine (in1_ptr is read only by linear)."""
     pid = tl.program_id(0)
     q_blocks = tl.cdiv(Q, BLOCK_Q)
     p = pid // q_blocks
     q = (pid % q_blocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = q < Q
     base = p.to(tl.int64) * L * Q
-    carry = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    if LINEAR:
+        carry = tl.zeros([BLOCK_Q], tl.float32)  # h_{-1} = 0
+    else:
+        carry = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     for start in range(0, L, BLOCK_L):
         rows = start + tl.arange(0, BLOCK_L)
         offsets = base + rows[:, None].to(tl.int64) * Q + q[None, :]
         mask = (rows[:, None] < L) & q_ok[None, :]
-        tile = tl.load(x_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
-        scanned = _max(tl.associative_scan(tile, 0, _max), carry[None, :])
-        tl.store(y_ptr + offsets, scanned.to(y_ptr.dtype.element_ty), mask=mask)
-        carry = tl.reduce(scanned, 0, _max)
+        if LINEAR:  # padded with the identity (1, 0): past L, h stays h_{L-1}
+            a = tl.load(in0_ptr + offsets, mask=mask, other=1.0).to(tl.float32)
+            b = tl.load(in1_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            decay, h = tl.associative_scan((a, b), 0, _linear)
+            scanned = decay * carry[None, :] + h  # the carry (its own decay unused) then the tile
+            last = tl.arange(0, BLOCK_L)[:, None] == BLOCK_L - 1
+            carry = tl.sum(tl.where(last, scanned, 0.0), 0)
+        else:
+            tile = tl.load(in0_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
+            scanned = _max(tl.associative_scan(tile, 0, _max), carry[None, :])
+            carry = tl.reduce(scanned, 0, _max)
+        tl.store(out_ptr + offsets, scanned.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cummax_kernel(x_ptr, P, L, Q, y_ptr, BLOCK_L: tl.constexpr, BLOCK_Q: tl.constexpr):
+    _scan_tiles(x_ptr, x_ptr, P, L, Q, y_ptr, BLOCK_L, BLOCK_Q, False)
+
+
+@triton.jit
+def linear_scan_kernel(a_ptr, b_ptr, P, L, Q, h_ptr, BLOCK_L: tl.constexpr, BLOCK_Q: tl.constexpr):
+    _scan_tiles(a_ptr, b_ptr, P, L, Q, h_ptr, BLOCK_L, BLOCK_Q, True)
+
+
+KERNELS = {"max": cummax_kernel, "linear": linear_scan_kernel}  # scans.SCANS name -> its entry kernel
+
+
+def kernel_for(scan: str):
+    try:
+        return KERNELS[scan]
+    except KeyError:
+        raise ValueError(f"no Triton kernel for scan {scan!r}; kernels exist for {', '.join(KERNELS)}") from None
+
+
+def run_scan(scan: str, inputs: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
+    """Launch ``scan``'s kernel over same-shaped ``inputs`` along ``dim``; the output has the last input's dtype."""
+    import torch
+
+    dim = dim % inputs[0].dim()
+    inputs = tuple(t.contiguous() for t in inputs)
+    y = torch.empty_like(inputs[-1])
+    P, L, Q = split_shape(tuple(y.shape), dim)
+    if y.numel() == 0:
+        return y
+    sms = torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else 1
+    block_l, block_q = block_sizes(P, L, Q, 2 * sms)
+    grid = (P * triton.cdiv(Q, block_q),)
+    kernel_for(scan)[grid](*inputs, P, L, Q, y, BLOCK_L=block_l, BLOCK_Q=block_q)
+    return y
 
 
 def cummax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """The values of torch.cummax(x, dim), computed by cummax_kernel."""
-    import torch
+    return run_scan("max", (x,), dim)
 
-    dim = dim % x.dim()
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    P, L, Q = split_shape(tuple(x.shape), dim)
-    if x.numel() == 0:
-        return y
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    block_l, block_q = block_sizes(P, L, Q, 2 * sms)
-    grid = (P * triton.cdiv(Q, block_q),)
-    cummax_kernel[grid](x, P, L, Q, y, BLOCK_L=block_l, BLOCK_Q=block_q)
-    return y
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + b_t along ``dim`` from h_{-1} = 0 (the LinearScan op), by linear_scan_kernel."""
+    if a.shape != b.shape:
+        raise ValueError(f"the linear scan takes a and b of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return run_scan("linear", (a.to(b.dtype), b), dim)
 
 
 # --------------------------------------------------------------------------- ahead of time
@@ -79,8 +137,12 @@ TRITON_TYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 # What TensorRT passes an AOT plugin kernel, in order: the input pointers, the
 # extra scalar args (SymInt32 only: the plugin API has no wider type), the output
 # pointers. The kernel's own parameters are declared in exactly this order.
-LAUNCH_ARGS: tuple[tuple[str, str], ...] = (("x_ptr", "ptr"), ("P", "i32"), ("L", "i32"), ("Q", "i32"),
-                                            ("y_ptr", "ptr"))
+SCALARS = (("P", "i32"), ("L", "i32"), ("Q", "i32"))
+SCAN_LAUNCH_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "max": (("x_ptr", "ptr"), *SCALARS, ("y_ptr", "ptr")),
+    "linear": (("a_ptr", "ptr"), ("b_ptr", "ptr"), *SCALARS, ("h_ptr", "ptr")),
+}
+LAUNCH_ARGS = SCAN_LAUNCH_ARGS["max"]  # CumMax's
 MIN_ASTSOURCE = "Triton 3.3"  # the first with ASTSource(constexprs=...) and the hidden scratch parameters
 
 
@@ -98,7 +160,7 @@ class AotKernel:
     ptx: str
     num_warps: int
     shared: int
-    params: list[PtxParam]  # the PTX entry's parameters after stripping: exactly LAUNCH_ARGS
+    params: list[PtxParam]  # the PTX entry's parameters after stripping: exactly the scan's launch args
     block_l: int
     block_q: int
     arch: int  # sm_XX as an int: 87, 90, 110
@@ -170,13 +232,13 @@ def strip_hidden_params(ptx: str, keep: int) -> tuple[str, list[PtxParam]]:
     return ptx[:start] + block + ptx[end:], extra
 
 
-def _source(signature: dict[str, str], constexprs: dict[str, int]):
+def _source(scan: str, signature: dict[str, str], constexprs: dict[str, int]):
     """triton.compiler.ASTSource, whose constexprs keyword exists from Triton 3.3."""
     source_cls = triton.compiler.ASTSource
     if "constexprs" not in inspect.signature(source_cls.__init__).parameters:
-        raise RuntimeError(f"Triton {triton.__version__} is too old for the ahead-of-time CumMax kernel; "
+        raise RuntimeError(f"Triton {triton.__version__} is too old for the ahead-of-time {scan} scan kernel; "
                            f"it needs {MIN_ASTSOURCE} or newer (pip install 'triton>=3.3')")
-    return source_cls(fn=cummax_kernel, signature=signature, constexprs=constexprs)
+    return source_cls(fn=kernel_for(scan), signature=signature, constexprs=constexprs)
 
 
 def tritons_ptx_version(arch: int) -> int | None:
@@ -193,13 +255,14 @@ def tritons_ptx_version(arch: int) -> int | None:
 
 
 def compile_aot(dtype: str, axis: int, rank: int, compute_capability: str | int, *,
-                static_len: int | None = None, ptx_version: int | None = None) -> AotKernel:
-    """cummax_kernel as PTX for one GPU, without TensorRT, torch or a GPU.
+                static_len: int | None = None, ptx_version: int | None = None, scan: str = "max") -> AotKernel:
+    """``scan``'s kernel (KERNELS) as PTX for one GPU, without TensorRT, torch or a GPU.
 
     ``dtype`` is fp32, fp16 or bf16; the scan runs along ``axis`` of a rank-``rank``
     tensor; ``static_len`` is the axis length when the graph fixes it (the head
     axis), for a tighter tile; ``ptx_version`` (e.g. 85) caps the PTX ISA at what the
-    device's driver loads (never above what Triton's own ptxas takes). The PTX declares exactly LAUNCH_ARGS (see strip_hidden_params).
+    device's driver loads (never above what Triton's own ptxas takes). The PTX declares
+    exactly the scan's SCAN_LAUNCH_ARGS (see strip_hidden_params).
     """
     from triton.backends.compiler import GPUTarget
 
@@ -210,8 +273,10 @@ def compile_aot(dtype: str, axis: int, rank: int, compute_capability: str | int,
     arch = arch_of(compute_capability)
     block_l, block_q = aot_block_sizes(static_len)
     ptr = "*" + TRITON_TYPES[dtype]
-    signature = {"x_ptr": ptr, "P": "i32", "L": "i32", "Q": "i32", "y_ptr": ptr}
-    source = _source(signature, {"BLOCK_L": block_l, "BLOCK_Q": block_q})
+    kernel = kernel_for(scan)
+    launch_args = SCAN_LAUNCH_ARGS[scan]
+    signature = {name: ptr if kind == "ptr" else kind for name, kind in launch_args}
+    source = _source(scan, signature, {"BLOCK_L": block_l, "BLOCK_Q": block_q})
     default = tritons_ptx_version(arch)
     if ptx_version and default and ptx_version >= default:
         ptx_version = None  # the cap only ever lowers the ISA: Triton's ptxas cannot assemble a newer one
@@ -220,10 +285,11 @@ def compile_aot(dtype: str, axis: int, rank: int, compute_capability: str | int,
     metadata = compiled.metadata
     scratch = {k: getattr(metadata, k, 0) for k in ("global_scratch_size", "profile_scratch_size")}
     if any(scratch.values()):
-        raise RuntimeError(f"cummax_kernel needs Triton scratch memory {scratch}, which a TensorRT AOT launch cannot give")
-    ptx, stripped = strip_hidden_params(compiled.asm["ptx"], len(LAUNCH_ARGS))
+        raise RuntimeError(f"{kernel.__name__} needs Triton scratch memory {scratch}, "
+                           "which a TensorRT AOT launch cannot give")
+    ptx, stripped = strip_hidden_params(compiled.asm["ptx"], len(launch_args))
     params = ptx_params(ptx)
-    want = [kind for _, kind in LAUNCH_ARGS]
+    want = [kind for _, kind in launch_args]
     if [p.kind for p in params] != want:
-        raise RuntimeError(f"cummax_kernel's PTX takes {[p.kind for p in params]}, TensorRT launches it with {want}")
+        raise RuntimeError(f"{kernel.__name__}'s PTX takes {[p.kind for p in params]}, TensorRT launches it with {want}")
     return AotKernel(metadata.name, ptx, metadata.num_warps, metadata.shared, params, block_l, block_q, arch, stripped)
