@@ -212,17 +212,28 @@ def test_generate_and_eval_past_max_seq_match_pytorch(linear, tiny_checkpoint, t
     assert result.top1_agreement == 1.0 and result.max_logit_error < 1e-4 and result.tokens > 4 * MAX_SEQ
 
 
-def test_tensorrt_refuses_a_linear_scan_node_it_has_no_plugin_for(linear):
+def test_tensorrt_runs_linear_scan_nodes_by_the_scan_plugins(linear):
+    """LinearScan nodes follow CumMax's rules: the plugin (AOT from 10.9, JIT 10.7/10.8), the function body
+    up to 10.6, nothing before 9.1; lint says the same per node."""
     from samout_edge.profiles import load_profile
+    from samout_edge.tensorrt.build import engine_plugins
     from samout_edge.tensorrt.lint import lint_model
     from samout_edge.tensorrt.plan import make_plan
 
-    custom = linear("custom").directory
-    with pytest.raises(SamoutError, match="LinearScan nodes .* have no samout-edge TensorRT plugin yet"):
-        make_plan(custom, load_profile("jetson-orin-nano-8gb"), tensorrt="10.13")
-    for report in lint_model(onnx.load(str(custom / "model.onnx"))):
-        assert not report.compatible and any("no samout-edge TensorRT plugin" in i.message for i in report.issues)
-    assert make_plan(linear("native").directory, load_profile("jetson-orin-nano-8gb"), tensorrt="10.13").cummax == ""
+    custom, nano = linear("custom").directory, load_profile("jetson-orin-nano-8gb")
+    plan = make_plan(custom, nano, tensorrt="10.13")
+    assert plan.cummax == "aot" and sorted(engine_plugins(plan)) == ["samout_edge::CumMax", "samout_edge::LinearScan"]
+    assert any("LinearScan" in n and "ahead-of-time" in n for n in plan.notes)
+    assert make_plan(custom, nano, tensorrt="10.7").cummax == "jit"
+    plan = make_plan(custom, nano, tensorrt="10.6")
+    assert plan.cummax == "function" and engine_plugins(plan) == []
+    with pytest.raises(SamoutError, match="cannot run .*LinearScan.*--lowering native"):
+        make_plan(custom, nano, tensorrt="9.0")
+    reports = {r.version: r for r in lint_model(onnx.load(str(custom / "model.onnx")))}
+    notes = [i.message for i in reports["10.13"].issues if i.op == "LinearScan"]
+    assert notes and all("samout-edge LinearScan plugin" in m for m in notes)
+    assert not any("no samout-edge TensorRT plugin" in i.message for r in reports.values() for i in r.issues)
+    assert make_plan(linear("native").directory, nano, tensorrt="10.13").cummax == ""
 
 
 def test_a_triton_repository_starts_h_at_zeros(linear):

@@ -57,20 +57,24 @@ def test_shipped_profiles_cover_orin_thor_and_desktops():
 
 
 @needs_triton
+@pytest.mark.parametrize("scan", ["max", "linear"])
 @pytest.mark.parametrize("cc", PROFILE_CCS)
-def test_aot_kernel_for_every_profile_gpu(cc, tmp_path, monkeypatch):
-    """The plugin's exact compile path for an explicit GPUTarget, assembled by Triton's bundled ptxas."""
+def test_aot_kernel_for_every_profile_gpu(cc, scan, tmp_path, monkeypatch):
+    """The plugin's exact compile path for an explicit GPUTarget, per scan with a plugin, assembled by
+    Triton's bundled ptxas."""
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    from samout_edge.kernels.triton_scan import LAUNCH_ARGS, arch_of, compile_aot, cummax_kernel
+    from samout_edge.kernels.triton_scan import SCAN_LAUNCH_ARGS, arch_of, compile_aot, kernel_for
+    from samout_edge.scans import SCANS
 
+    arity, launch_args = SCANS[scan].arity, SCAN_LAUNCH_ARGS[scan]
     for dtype, axis, static_len in (("fp16", 2, None), ("fp16", 1, 8), ("fp32", 2, None), ("bf16", 2, None)):
-        kernel = compile_aot(dtype, axis, 4, cc, static_len=static_len)
+        kernel = compile_aot(dtype, axis, 4, cc, static_len=static_len, scan=scan)
         assert kernel.arch == arch_of(cc) and _ptx_target(kernel.ptx).startswith(f"sm_{kernel.arch}")
-        # what TensorRT passes: 1 input pointer, the plugin's SymInt32 extra args, 1 output pointer
-        assert [p.kind for p in kernel.params] == plugin.launch_kinds() == [k for _, k in LAUNCH_ARGS]
-        assert len(kernel.params) == 2 + len(plugin.EXTRA_ARGS)
-        runtime = [p.name for p in cummax_kernel.params if not p.is_constexpr]
-        assert runtime == ["x_ptr", *plugin.EXTRA_ARGS, "y_ptr"] == [n for n, _ in LAUNCH_ARGS]
+        # what TensorRT passes: the scan's input pointers, the plugin's SymInt32 extra args, 1 output pointer
+        assert [p.kind for p in kernel.params] == plugin.launch_kinds(arity) == [k for _, k in launch_args]
+        assert len(kernel.params) == arity + 1 + len(plugin.EXTRA_ARGS)
+        runtime = [p.name for p in kernel_for(scan).params if not p.is_constexpr]
+        assert runtime == [n for n, _ in launch_args] and runtime[arity:-1] == list(plugin.EXTRA_ARGS)
         # Triton 3.3+ appends hidden scratch pointers; compile_aot removed them, unused
         assert all(p.kind == "ptr" for p in kernel.stripped)
         assert kernel.num_warps * 32 <= 1024 and 0 <= kernel.shared < 48 * 1024
@@ -83,17 +87,42 @@ def test_aot_kernel_for_every_profile_gpu(cc, tmp_path, monkeypatch):
 @pytest.mark.skipif(not CUDA_PTXAS.is_file(), reason="no CUDA toolkit ptxas at /usr/local/cuda/bin/ptxas")
 @pytest.mark.parametrize("profile", list_profiles(), ids=lambda p: p.name)
 def test_aot_kernel_within_the_device_drivers_ptx(profile, tmp_path, monkeypatch):
-    """Capped at the PTX ISA the device's driver loads, the PTX also assembles with the CUDA toolkit's ptxas
-    (13.0 here, the level of JetPack 7's driver): uncapped, Triton 3.9 emits PTX 9.4 for sm_90/sm_110."""
+    """Capped at the PTX ISA the device's driver loads, the PTX of every scan also assembles with the CUDA
+    toolkit's ptxas (13.0 here, the level of JetPack 7's driver): uncapped, Triton 3.9 emits PTX 9.4 for
+    sm_90/sm_110."""
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     from samout_edge.kernels.triton_scan import compile_aot
 
     cap = DRIVER_PTX.get((profile.jetpack or "7")[0], 90)
-    kernel = compile_aot("fp16", 2, 4, profile.compute_capability, ptx_version=cap)
-    major, minor = map(int, re.search(r"^\.version (\d+)\.(\d+)", kernel.ptx, re.M).groups())
-    assert major * 10 + minor <= cap
-    result = _assemble(CUDA_PTXAS, kernel.ptx, tmp_path)
-    assert result.returncode == 0, result.stderr
+    for scan in ("max", "linear"):
+        kernel = compile_aot("fp16", 2, 4, profile.compute_capability, ptx_version=cap, scan=scan)
+        major, minor = map(int, re.search(r"^\.version (\d+)\.(\d+)", kernel.ptx, re.M).groups())
+        assert major * 10 + minor <= cap
+        result = _assemble(CUDA_PTXAS, kernel.ptx, tmp_path)
+        assert result.returncode == 0, (scan, result.stderr)
+
+
+def test_a_plugin_for_every_scan_with_a_kernel():
+    """Pure plugin logic: one plugin id per kernel scan, found back from the id; the JIT path's arguments in
+    the kernel's order (inputs, P, L, Q, output)."""
+    from samout_edge.kernels import KERNEL_SCANS
+
+    assert plugin.PLUGIN_IDS == {"max": "samout_edge::CumMax", "linear": "samout_edge::LinearScan"}
+    assert plugin.PLUGIN_IDS["max"] == plugin.PLUGIN_ID and set(KERNEL_SCANS) == set(plugin.PLUGIN_IDS)
+    assert [plugin.scan_of(p) for p in plugin.PLUGIN_IDS.values()] == list(plugin.PLUGIN_IDS)
+    with pytest.raises(SamoutError, match="no samout-edge plugin"):
+        plugin.scan_of("samout_edge::Nope")
+    with pytest.raises(SamoutError, match="no samout-edge plugin for the 'nope' scan"):
+        plugin.register_scan_plugin("nope", "10.13")
+    with pytest.raises(SamoutError, match="LinearScan nodes run their local-function body"):
+        plugin.register_scan_plugin("linear", "10.6")
+    args = plugin.jit_args([0x10, 0x20], 0x30, 2, 3, 4)
+    assert [a.value for a in args] == [0x10, 0x20, 2, 3, 4, 0x30]
+    assert [type(a).__name__ for a in args] == ["c_ulong", "c_ulong", "c_int", "c_int", "c_int", "c_ulong"]
+    if importlib.util.find_spec("triton") is not None:
+        from samout_edge.kernels.triton_scan import KERNELS, SCAN_LAUNCH_ARGS
+
+        assert set(KERNELS) == set(KERNEL_SCANS) == set(SCAN_LAUNCH_ARGS)
 
 
 @needs_triton

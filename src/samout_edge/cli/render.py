@@ -106,7 +106,7 @@ def build_plan(plan) -> None:
         ("timing cache", plan.timing_cache),
         ("DLA core", "-" if plan.dla_core is None else f"{plan.dla_core} (GPU fallback)"),
         ("plugins", ", ".join(plan.plugins) or "none"),
-        ("CumMax nodes run", {"aot": "the plugin, ahead of time", "jit": "the plugin, just in time",
+        ("scan nodes run", {"aot": "the plugins, ahead of time", "jit": "the plugins, just in time",
                               "function": "their function body (the native scan)"}.get(plan.cummax, "-")),
         ("engine", plan.engine),
     ]

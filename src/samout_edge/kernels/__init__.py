@@ -32,3 +32,6 @@ def enable_fast_scans() -> bool:
 
 
 enable_fast_cummax = enable_fast_scans  # the name the runners and benches call it by
+# The scans.SCANS names with a Triton kernel (triton_scan.KERNELS), so with a TensorRT plugin; here, where
+# importing it needs no Triton.
+KERNEL_SCANS = ("max", "linear")

@@ -306,10 +306,10 @@ def load_trt_runner(path: str | Path, profile: str | None = None) -> TensorRTRun
                      sha256_file(export_dir / MODEL_FILE), export_dir)
     manifest = read_manifest(export_dir)
     if meta.plugins:
-        from samout_edge.tensorrt.plugin import plugin_kind, register_cummax_plugin
+        from samout_edge.tensorrt.plugin import plugin_kind, register_plugins
 
         if plugin_kind(trt.__version__) == "jit":  # an AOT kernel is in the engine; JIT calls back into Python
-            register_cummax_plugin(trt.__version__)
+            register_plugins(meta.plugins, trt.__version__)
     try:
         from polygraphy.backend.trt import EngineFromPath
         from polygraphy.exception import PolygraphyException

@@ -71,11 +71,12 @@ def engine_paths(plan: BuildPlan) -> tuple[Path, Path]:
 
 
 def engine_plugins(plan: BuildPlan) -> list[str]:
-    """The plugins the build registers, as engine.json records them: ours only where it
-    runs the CumMax nodes (not on 10.6, whose parser takes the function body anyway)."""
-    from samout_edge.tensorrt.plugin import PLUGIN_ID
+    """The plugins the build registers, as engine.json records them: ours for the graph's scan
+    ops (CumMax, LinearScan) only where they run the scan nodes (not on 10.6, whose parser takes
+    the function body anyway)."""
+    from samout_edge.tensorrt.plugin import SCAN_OF_PLUGIN
 
-    return [PLUGIN_ID] if plan.cummax in ("aot", "jit") else []
+    return [p for p in plan.plugins if p in SCAN_OF_PLUGIN] if plan.cummax in ("aot", "jit") else []
 
 
 def read_timing_cache(path: Path) -> tuple[bytes | None, str | None]:
@@ -196,9 +197,9 @@ def build_engine(plan: BuildPlan, progress: Progress = no_progress) -> BuildResu
     started = time.perf_counter()
     plugins = engine_plugins(plan)
     if plugins:  # before parsing: the parser looks the plugin up by name
-        from samout_edge.tensorrt.plugin import register_cummax_plugin
+        from samout_edge.tensorrt.plugin import register_plugins
 
-        register_cummax_plugin(trt.__version__)
+        register_plugins(plugins, trt.__version__)
 
     progress("parsing model.onnx", 0, 3)
     onnx_sha256 = sha256_file(plan.onnx)  # what engine.json vouches for: the file the parser reads now

@@ -6,8 +6,9 @@ docs/operators.md per release; its header names each source. A node fails when
 its op is unsupported or unknown for a version, its input dtype is not listed, or
 an input the parser needs as a constant (Slice/Pad/Squeeze/Unsqueeze/Reduce axes)
 is computed where that version needs a constant. Custom-domain nodes need a
-plugin; CumMax nodes also carry a local function body. Which of the two runs, per
-version, is versions.cummax_runner (the one versions table).
+plugin; the scan nodes (CumMax, LinearScan) have ours and also carry a local
+function body. Which of the two runs, per version, is versions.cummax_runner (the
+one versions table, the same for every scan op).
 
 Quantized weights (``export --weights int8|int4``): a DequantizeLinear must also
 meet its parser's rules (versions.DQ_*, sources in the toml's header): INT4 and
@@ -31,9 +32,9 @@ except ModuleNotFoundError:  # Python 3.10 (JetPack 6)
     import tomli as tomllib
 from onnx import TensorProto, numpy_helper
 
-from samout_edge.artifact.graph import CUMMAX_DOMAIN, CUMMAX_OP, LINEAR_SCAN_OP
 from samout_edge.lowering import all_nodes
 from samout_edge.tensorrt import versions
+from samout_edge.tensorrt.plugin import SCAN_OF_PLUGIN
 
 # Which JetPack (or product line) ships each TensorRT version we lint for.
 FIELD = {
@@ -227,7 +228,7 @@ def lint_model(model: onnx.ModelProto) -> list[VersionLint]:
                                     f"the parser reads op by op, but {advice}"))
         issues += _check_nodes(model.graph.node, constants, types, version, data["ops"], "", "error")
         issues += _check_dequantize(model.graph.node, inits, types, version)
-        body_runs = False  # some CumMax node runs its function body on this version
+        body_runs = False  # some scan node runs its function body on this version
         for node in custom:
             name = node.name or node.output[0]
             function = functions.get((node.domain, node.op_type))
@@ -236,18 +237,14 @@ def lint_model(model: onnx.ModelProto) -> list[VersionLint]:
                                         f"{node.op_type} is an ONNX Runtime contrib op: no TensorRT parses it; "
                                         "export with --weights-format dq for TensorRT"))
                 continue
-            if (node.domain, node.op_type) == (CUMMAX_DOMAIN, LINEAR_SCAN_OP):
-                issues.append(LintIssue("error", name, f"{node.domain}::{node.op_type}",
-                                        versions.NO_LINEAR_SCAN_PLUGIN))
-                continue
-            if (node.domain, node.op_type) != (CUMMAX_DOMAIN, CUMMAX_OP):
+            if f"{node.domain}::{node.op_type}" not in SCAN_OF_PLUGIN:
                 issues.append(LintIssue("error", name, f"{node.domain}::{node.op_type}",
                                         f"needs a TensorRT plugin named {node.op_type!r}"))
                 continue
             runner = versions.cummax_runner(version, has_function=function is not None)
             if runner in ("aot", "jit"):
                 issues.append(LintIssue("note", name, node.op_type,
-                                        "runs the samout-edge CumMax plugin (registered by `samout-edge build`)"
+                                        f"runs the samout-edge {node.op_type} plugin (registered by `samout-edge build`)"
                                         + (", else its function body" if function else "")))
             elif runner == "function":
                 body_runs = True

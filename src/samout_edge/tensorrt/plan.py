@@ -27,12 +27,12 @@ from samout_edge.artifact.engine import (
     ShapeRange,
     check_profile_name,
 )
-from samout_edge.artifact.graph import CUMMAX_DOMAIN, CUMMAX_PLUGIN_ID, LINEAR_SCAN_OP
 from samout_edge.artifact.manifest import MODEL_FILE, Manifest, check_files, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import DeviceProfile, Range
 from samout_edge.tensorrt import versions
-from samout_edge.tensorrt.versions import version_tuple
+from samout_edge.tensorrt.plugin import SCAN_OF_PLUGIN
+from samout_edge.tensorrt.versions import Version, version_tuple
 
 
 @dataclass
@@ -56,7 +56,7 @@ class BuildPlan:
     dla_core: int | None
     gpu_fallback: bool
     plugins: list[str]  # custom-domain ops in the graph (domain::op)
-    cummax: str  # what runs CumMax nodes: aot | jit (our plugin) | function (the body) | "" (none in the graph)
+    cummax: str  # what runs the scan nodes (CumMax, LinearScan): aot | jit (our plugins) | function (the body) | ""
     optimization_profiles: list[OptimizationProfile]
     max_seq: int
     notes: list[str] = field(default_factory=list)
@@ -117,6 +117,33 @@ def custom_ops(model_path: Path) -> list[str]:
     return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
 
 
+def scan_runner(plugins: list[str], v: Version, tensorrt: str, has_function: bool, notes: list[str]) -> str:
+    """What runs the graph's scan nodes (CumMax, LinearScan; one rule for all, versions.cummax_runner),
+    noted; "" where there are none. Refuses a TensorRT that cannot run them."""
+    ops = [p.split("::", 1)[1] for p in plugins if p in SCAN_OF_PLUGIN]
+    if not ops:
+        return ""
+    nodes = " and ".join(ops) + " nodes"
+    runner = versions.cummax_runner(v, has_function=has_function)
+    if runner == "aot":
+        notes.append(f"{nodes}: the samout-edge plugins, ahead-of-time kernels (no Python at run time)")
+    elif runner == "jit":
+        notes.append(f"{nodes}: the samout-edge plugins, JIT (TensorRT calls back into Python at run time; "
+                     "10.9+ bakes the kernels into the engine)")
+    elif runner == "function" and versions.QUICK_PLUGINS.available(v):
+        notes.append(f"{nodes} run their local-function body (the native scan): TensorRT {tensorrt}'s "
+                     "parser prefers a model-local function over a registered plugin (plugins win from 10.7), "
+                     "so the plugins are not registered")
+    elif runner == "function":
+        notes.append(f"{nodes} run their local-function body (the native scan): the plugins need TensorRT 10.6+")
+    else:
+        raise SamoutError(
+            f"TensorRT {tensorrt} cannot run {nodes} (local functions need 9.0, the bodies' CastLike 9.1, "
+            "the plugins 10.6); export with --lowering native"
+        )
+    return runner
+
+
 def make_plan(
     export_dir: str | Path,
     profile: DeviceProfile,
@@ -174,28 +201,8 @@ def make_plan(
         notes.append("DLA with GPU fallback: layers DLA cannot run (shape ops, the scan) run on the GPU")
 
     plugins = custom_ops(export_dir / MODEL_FILE)
-    if f"{CUMMAX_DOMAIN}::{LINEAR_SCAN_OP}" in plugins:
-        raise SamoutError(versions.NO_LINEAR_SCAN_PLUGIN)
-    cummax = ""
-    if CUMMAX_PLUGIN_ID in plugins:
-        cummax = versions.cummax_runner(v, has_function=manifest.lowering == "custom")
-        if cummax == "aot":
-            notes.append("CumMax nodes: the samout-edge plugin, ahead-of-time kernel (no Python at run time)")
-        elif cummax == "jit":
-            notes.append("CumMax nodes: the samout-edge plugin, JIT (TensorRT calls back into Python at run time; "
-                         "10.9+ bakes the kernel into the engine)")
-        elif cummax == "function" and versions.QUICK_PLUGINS.available(v):
-            notes.append(f"CumMax nodes run their local-function body (the native scan): TensorRT {tensorrt}'s "
-                         "parser prefers a model-local function over a registered plugin (plugins win from 10.7), "
-                         "so the plugin is not registered")
-        elif cummax == "function":
-            notes.append("CumMax nodes run their local-function body (the native scan): the plugin needs TensorRT 10.6+")
-        else:
-            raise SamoutError(
-                f"TensorRT {tensorrt} cannot run CumMax nodes (local functions need 9.0, the body's CastLike 9.1, "
-                "the plugin 10.6); export with --lowering native"
-            )
-    others = [p for p in plugins if p != CUMMAX_PLUGIN_ID]
+    cummax = scan_runner(plugins, v, tensorrt, manifest.lowering == "custom", notes)
+    others = [p for p in plugins if p not in SCAN_OF_PLUGIN]
     if others:
         raise SamoutError(f"the graph has custom nodes no plugin of ours implements: {', '.join(others)}")
 
@@ -261,5 +268,6 @@ def trtexec_command(plan: BuildPlan) -> str:
     args.append("--skipInference" if versions.TRTEXEC_SKIP_INFERENCE.available(v) else "--buildOnly")
     line = " ".join(shlex.quote(a) for a in args)
     if plan.cummax in ("aot", "jit"):
-        line += "  # CumMax needs the samout-edge plugin: build with `samout-edge build` (trtexec loads no Python plugins)"
+        line += ("  # the scan nodes need the samout-edge plugins: build with `samout-edge build` "
+                 "(trtexec loads no Python plugins)")
     return line

@@ -148,7 +148,8 @@ def version_tuple(version: str) -> Version:
 
 
 def cummax_runner(version: str | Version, has_function: bool = True) -> str:
-    """What runs a CumMax node of a ``--lowering custom`` export on this TensorRT:
+    """What runs a scan node (CumMax, LinearScan: their function bodies use the same ops,
+    CastLike included) of a ``--lowering custom`` export on this TensorRT:
     'aot' or 'jit' (the samout-edge plugin), 'function' (the node's local-function
     body, the native scan), or 'none' (the parser fails: export with --lowering native)."""
     if has_function and CUMMAX_FUNCTION_BODY.available(version) and not PLUGIN_BEFORE_FUNCTION.available(version):
@@ -158,12 +159,6 @@ def cummax_runner(version: str | Version, has_function: bool = True) -> str:
     if QUICK_PLUGINS.available(version):
         return "jit"
     return "none"
-
-
-# What runs a LinearScan node (--arch linear, --lowering custom) on any TensorRT: nothing of ours yet (no plugin
-# for the linear recurrence), so plan and lint refuse the graph rather than build what cannot work.
-NO_LINEAR_SCAN_PLUGIN = ("LinearScan nodes (--arch linear, --lowering custom) have no samout-edge TensorRT plugin yet; "
-                         "export --arch linear with --lowering native (standard ONNX ops) for TensorRT")
 
 
 def _is_real(module: ModuleType) -> bool:
