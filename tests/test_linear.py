@@ -243,3 +243,38 @@ def test_a_triton_repository_starts_h_at_zeros(linear):
     _, _, states, files = model_io(read_manifest(linear("native").directory))
     assert [(s.input_name, s.data_file) for s in states] == [("past_h.0", "empty_h.fp32"), ("past_h.1", "empty_h.fp32")]
     assert set(files) == {"empty_h.fp32"} and not np.frombuffer(files["empty_h.fp32"], np.float32).any()
+
+
+# --------------------------------------------------------------------------- on a GPU, and on TensorRT + GPU
+
+
+@pytest.mark.gpu
+def test_torch_runner_uses_the_linear_kernel_on_cuda(linear):
+    """The eager linear scan on CUDA goes through the Triton kernel (ops.FAST_LINEAR_KERNELS) and agrees
+    with the CPU's blocked scan."""
+    from samout_edge.models import ops
+    from samout_edge.runtime.registry import LoadOptions
+
+    d = linear("native").directory
+    fast = load_runner(d, "torch", LoadOptions(device="cuda"))
+    cpu = load_runner(d, "torch", LoadOptions(device="cpu"))
+    assert fast.info.device == "cuda+triton" and "cuda" in ops.FAST_LINEAR_KERNELS
+    ids = np.random.default_rng(0).integers(1, 128, (2, 77))
+    a = fast.to_numpy(fast.run(ids, fast.initial_state(2))[0])
+    b = cpu.to_numpy(cpu.run(ids, cpu.initial_state(2))[0])
+    assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(b).max())
+
+
+@pytest.mark.tensorrt
+def test_linear_scan_plugin_engine_builds_and_verifies(linear):
+    """A custom linear export's LinearScan (and CumMax) nodes run by the samout-edge plugins in a real engine,
+    verified against the export's golden outputs."""
+    from samout_edge.profiles import load_profile
+    from samout_edge.runtime.verify import verify
+    from samout_edge.tensorrt.build import build_engine
+    from samout_edge.tensorrt.plan import make_plan
+
+    plan = make_plan(linear("custom").directory, load_profile("rtx-desktop"))
+    result = build_engine(plan)
+    assert ("samout_edge::LinearScan" in result.engine_meta.plugins) == (plan.cummax in ("aot", "jit"))
+    assert verify(result.engine.parent).passed
