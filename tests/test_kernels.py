@@ -79,10 +79,12 @@ from samout_edge.kernels.tiling import aot_block_sizes, split_shape
 from samout_edge.kernels.triton_scan import linear_scan, linear_scan_kernel
 from samout_edge.scans import SCANS
 s, rng, worst = SCANS["linear"], np.random.default_rng(0), {}
-def check(name, a, b, dim, got):
+def error(a, b, dim, got):
     want = s.reference((a, b), dim)
-    err = float((np.abs(got.numpy().astype(np.float64) - want) / np.maximum(1.0, np.abs(want))).max())
-    assert err <= s.tolerance[name], (name, a.shape, dim, err)
+    return float((np.abs(np.asarray(got, np.float64) - want) / np.maximum(1.0, np.abs(want))).max())
+def check(name, a, b, dim, got, bound=None):
+    err = error(a, b, dim, got.numpy())
+    assert err <= (bound or s.tolerance[name]), (name, a.shape, dim, err, bound)
     worst[name] = max(worst.get(name, 0.0), err)
 for dtype, name in ((np.float32, "fp32"), (np.float16, "fp16")):
     # eager tiles: lengths 1, short, long (5000 rows: several 1024-row tiles), and the head axis
@@ -99,6 +101,18 @@ for dtype, name in ((np.float32, "fp32"), (np.float16, "fp16")):
         linear_scan_kernel[(P * triton.cdiv(Q, bq),)](torch.from_numpy(a), torch.from_numpy(b), P, L, Q, h,
                                                       BLOCK_L=bl, BLOCK_Q=bq)
         check(name, a, b, 2, h)
+    # long memory (decays 1 - 10^U(-4, -1)), 3000 steps: past scans.py's fp32 bound even for the textbook
+    # loop in fp32 (a * h + b, step by step), so held to no worse than twice that loop's error
+    a = (1 - 10 ** rng.uniform(-4, -1, (1, 2, 3000, 4))).astype(dtype)
+    b = rng.standard_normal((1, 2, 3000, 4)).astype(dtype)
+    h, loop = np.zeros_like(b[:, :, 0], np.float32), np.empty(b.shape, np.float32)
+    for t in range(b.shape[2]):
+        h = a[:, :, t].astype(np.float32) * h + b[:, :, t]
+        loop[:, :, t] = h
+    loop_err = error(a, b, 2, loop.astype(dtype))
+    check(name, a, b, 2, linear_scan(torch.from_numpy(a), torch.from_numpy(b), 2),
+          max(s.tolerance[name], 2 * loop_err))
+    worst[name + " long-memory fp32 loop"] = loop_err
 # the eager fast path (registered here for the CPU interpreter): h0 folded in, equal to the blocked scan
 from samout_edge.models import ops
 a = torch.sigmoid(torch.randn(2, 3, 40, 4)); b, h0 = torch.randn(2, 3, 40, 4), torch.randn(2, 3, 1, 4)
@@ -115,7 +129,8 @@ print("ok", worst)
 def test_linear_kernel_in_the_triton_interpreter():
     """The linear scan kernel in Triton's CPU interpreter, against scans.py's float64 loop of the
     recurrence at its stated tolerance: lengths 1, a tile -1/+1 and long, fp32 and fp16, the eager
-    tiles and the plugin's; and the eager fast path folding h0 in."""
+    tiles and the plugin's; long memory against the fp32 loop's own error; and the eager fast path
+    folding h0 in."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", LINEAR_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
