@@ -144,6 +144,31 @@ def scan_runner(plugins: list[str], v: Version, tensorrt: str, has_function: boo
     return runner
 
 
+def _tensorrt_version(tensorrt: str | None, profile: DeviceProfile, notes: list[str]) -> tuple[str, str]:
+    """The TensorRT to plan for and where it came from: the option, the installed one, else the profile's."""
+    installed = versions.installed_version()
+    if tensorrt:
+        source = "option"
+    elif installed:
+        tensorrt, source = installed, "installed"
+    else:
+        tensorrt, source = profile.tensorrt, "profile"
+    if source != "installed":
+        notes.append(f"TensorRT {tensorrt} assumed ({'--tensorrt' if source == 'option' else 'the profile'}); "
+                     "the build uses whatever is installed")
+    return tensorrt, source
+
+
+def _check_dla(profile: DeviceProfile, dla_core: int, precision: str, notes: list[str]) -> None:
+    if profile.dla_cores == 0:
+        raise SamoutError(f"profile {profile.name} has no DLA cores; drop --dla-core")
+    if not 0 <= dla_core < profile.dla_cores:
+        raise SamoutError(f"--dla-core must be 0..{profile.dla_cores - 1} on {profile.name}, got {dla_core}")
+    if precision != "fp16":
+        raise SamoutError("DLA runs fp16 (or int8) only; use --precision fp16")
+    notes.append("DLA with GPU fallback: layers DLA cannot run (shape ops, the scan) run on the GPU")
+
+
 def make_plan(
     export_dir: str | Path,
     profile: DeviceProfile,
@@ -156,18 +181,9 @@ def make_plan(
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     check_files(export_dir, manifest)  # a plan for an edited or truncated model.onnx is no plan
-    installed = versions.installed_version()
-    if tensorrt:
-        source = "option"
-    elif installed:
-        tensorrt, source = installed, "installed"
-    else:
-        tensorrt, source = profile.tensorrt, "profile"
-    v = version_tuple(tensorrt)
     notes: list[str] = []
-    if source != "installed":
-        notes.append(f"TensorRT {tensorrt} assumed ({'--tensorrt' if source == 'option' else 'the profile'}); "
-                     "the build uses whatever is installed")
+    tensorrt, source = _tensorrt_version(tensorrt, profile, notes)
+    v = version_tuple(tensorrt)
 
     if manifest.weights.grid == "asymmetric" and not versions.CAPABILITIES.zero_points:
         raise SamoutError(zero_points_refusal(versions.CAPABILITIES.title))
@@ -192,13 +208,7 @@ def make_plan(
                      f"{'.'.join(map(str, versions.FP16_FLAG_DEPRECATED.since or ()))} (removed in 11)")
 
     if dla_core is not None:
-        if profile.dla_cores == 0:
-            raise SamoutError(f"profile {profile.name} has no DLA cores; drop --dla-core")
-        if not 0 <= dla_core < profile.dla_cores:
-            raise SamoutError(f"--dla-core must be 0..{profile.dla_cores - 1} on {profile.name}, got {dla_core}")
-        if precision != "fp16":
-            raise SamoutError("DLA runs fp16 (or int8) only; use --precision fp16")
-        notes.append("DLA with GPU fallback: layers DLA cannot run (shape ops, the scan) run on the GPU")
+        _check_dla(profile, dla_core, precision, notes)
 
     plugins = custom_ops(export_dir / MODEL_FILE)
     cummax = scan_runner(plugins, v, tensorrt, manifest.lowering == "custom", notes)
