@@ -13,7 +13,12 @@ class SamoutError(Exception):
     exit_code: int = 1
 
 
-EXPORT_INSTALL = "pip install 'samout-edge[export]'"
+def install_hint(extra: str) -> str:
+    """How to get an extra: samout-edge is not on PyPI, so from the checkout or a wheel built from it."""
+    return f"pip install -e '.[{extra}]' in the samout-edge checkout (or its wheel: 'samout_edge-*.whl[{extra}]')"
+
+
+EXPORT_INSTALL = install_hint("export")
 
 
 def require_torch(what: str) -> None:

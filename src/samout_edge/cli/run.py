@@ -29,7 +29,7 @@ from samout_edge.cli.common import (
     value,
 )
 from samout_edge.cli.ui import console, err_console, print_json, progress_bar
-from samout_edge.errors import SamoutError, require_torch
+from samout_edge.errors import SamoutError, install_hint, require_torch
 from samout_edge.runtime.registry import Settings
 
 
@@ -214,7 +214,7 @@ def _check_outputs(paths: dict[str, Path | None]) -> None:
 
     suffixes = {"--json": ".json", "--plot": ".png", "--markdown": ".md"}
     if paths.get("--plot") is not None and importlib.util.find_spec("matplotlib") is None:
-        raise SamoutError("--plot needs matplotlib: pip install 'samout-edge[plot]'")
+        raise SamoutError(f"--plot needs matplotlib: {install_hint('plot')}")
     for option, path in paths.items():
         if path is not None and path.suffix.lower() != suffixes[option]:
             raise SamoutError(f"{path} should end in {suffixes[option]}")
@@ -314,7 +314,7 @@ def eval_command(
             raise SamoutError(f"--record keeps a result in an export's export.json; {target} is a {kind}")
     if plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
-            raise SamoutError("--plot needs matplotlib: pip install 'samout-edge[plot]'")
+            raise SamoutError(f"--plot needs matplotlib: {install_hint('plot')}")
         if plot.suffix.lower() != ".png":
             raise SamoutError(f"{plot} should end in .png")
         check_writable_file(plot, "--plot")

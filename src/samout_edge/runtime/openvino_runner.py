@@ -26,11 +26,11 @@ from samout_edge.artifact.manifest import (
     read_manifest,
     runtime_settings,
 )
-from samout_edge.errors import SamoutError
+from samout_edge.errors import SamoutError, install_hint
 from samout_edge.runtime.backend import Backend, BackendOptions, option
 from samout_edge.runtime.base import Runner, RunnerInfo, State
 
-INSTALL = "pip install 'samout-edge[openvino]'"
+INSTALL = install_hint("openvino")
 # What each inference precision costs, relative to an output's scale (verify's rule); f32 is the
 # export's own tolerance. bf16 keeps 8 bits of mantissa (eps 7.8e-3): the seed preset's logits
 # measured about 1e-2 of the scale off through six layers.

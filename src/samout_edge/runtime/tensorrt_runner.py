@@ -41,7 +41,7 @@ from samout_edge.artifact.engine import (
 )
 from samout_edge.artifact.files import sha256_file
 from samout_edge.artifact.manifest import MODEL_FILE, Manifest, read_manifest
-from samout_edge.errors import SamoutError
+from samout_edge.errors import SamoutError, install_hint
 from samout_edge.runtime.backend import Backend, BackendOptions, option
 from samout_edge.runtime.base import Runner, RunnerInfo, State, past_length
 from samout_edge.tensorrt import versions
@@ -315,7 +315,7 @@ def load_trt_runner(path: str | Path, profile: str | None = None) -> TensorRTRun
         from polygraphy.exception import PolygraphyException
         from polygraphy.logger import G_LOGGER
     except ImportError:
-        raise SamoutError("running TensorRT engines uses Polygraphy: pip install 'samout-edge[tensorrt]'") from None
+        raise SamoutError(f"running TensorRT engines uses Polygraphy: {install_hint('tensorrt')}") from None
     try:
         with G_LOGGER.verbosity(G_LOGGER.ERROR):
             engine = EngineFromPath(str(engine_dir / ENGINE_FILE))()

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from samout_edge.errors import SamoutError
+from samout_edge.errors import SamoutError, install_hint
 
 if TYPE_CHECKING:
     from samout_edge.runtime.registry import Settings
     from samout_edge.serve.server import ServeOptions, Server
 
-SERVE_INSTALL = "pip install 'samout-edge[serve]'"
+SERVE_INSTALL = install_hint("serve")
 
 
 def require_serve() -> None:

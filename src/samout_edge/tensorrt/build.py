@@ -28,7 +28,7 @@ from samout_edge.artifact.engine import (
     check_profile_name,
 )
 from samout_edge.artifact.files import sha256_file, write_bytes_atomic
-from samout_edge.errors import SamoutError
+from samout_edge.errors import SamoutError, install_hint
 from samout_edge.progress import Progress, no_progress
 from samout_edge.tensorrt import versions
 from samout_edge.tensorrt.driver import GpuIdentity, gpu_identity
@@ -37,7 +37,7 @@ from samout_edge.tensorrt.plan import BuildPlan
 __all__ = ["BuildResult", "GpuIdentity", "build_engine", "engine_paths", "engine_plugins", "gpu_identity",
            "parser_error_message", "read_timing_cache"]
 
-POLYGRAPHY_INSTALL = "pip install 'samout-edge[tensorrt]' (Polygraphy)"
+POLYGRAPHY_INSTALL = f"{install_hint('tensorrt')} (Polygraphy)"
 
 
 @dataclass

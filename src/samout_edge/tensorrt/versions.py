@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from samout_edge.artifact.capabilities import Capabilities, Requirement
-from samout_edge.errors import SamoutError
+from samout_edge.errors import SamoutError, install_hint
 
 Version = tuple[int, int]
 
@@ -26,13 +26,13 @@ NEWEST_MAJOR = 11  # 11.x is the newest major this table describes
 SUPPORTED = "8.5 to 11.x"
 
 INSTALL_HINT = ("on a Jetson TensorRT comes with JetPack; elsewhere pip install tensorrt on a CUDA machine, "
-                "and pip install 'samout-edge[tensorrt]' for Polygraphy")
+                f"and {install_hint('tensorrt')} for Polygraphy")
 NOT_INSTALLED = "TensorRT is not installed here; `build --dry-run` shows the plan without it (" + INSTALL_HINT + ")"
 # What TensorRT computes, as every backend declares it: the build plan and the engine runner ask it.
 CAPABILITIES = Capabilities(
     "TensorRT", zero_points=False, gpu=True, engines=True,
     requires=(Requirement("tensorrt", "TensorRT", INSTALL_HINT),
-              Requirement("polygraphy", "Polygraphy", "pip install 'samout-edge[tensorrt]'")),
+              Requirement("polygraphy", "Polygraphy", install_hint("tensorrt"))),
 )
 
 
