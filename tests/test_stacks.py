@@ -1,10 +1,12 @@
 """Per-layer stacks (issue 28, part 3): ``--arch linear,softmax-w8`` names one mixer per layer,
 and each layer carries its own mixer's state. The spec and its name round trip, a wrong layer
 count refused in one line, checkpoints into stacks, and two stacks on the tiny preset (2 layers)
-exported, verified in ONNX Runtime and onnx.reference, any length by chunks, generated and served."""
+exported, verified in ONNX Runtime and onnx.reference, any length by chunks, generated and served,
+planned for TensorRT and packaged for Triton (or refused there, in one line)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +24,12 @@ from samout_edge.exporter.onnx_export import ExportOptions, export
 from samout_edge.generate import generate
 from samout_edge.models.checkpoint import load_checkpoint, save_checkpoint
 from samout_edge.models.model import SamOut
+from samout_edge.profiles import load_profile
 from samout_edge.runtime.registry import load_runner
 from samout_edge.runtime.torch_runner import load_torch_runner
 from samout_edge.runtime.verify import verify
+from samout_edge.tensorrt.plan import make_plan
+from samout_edge.triton_server.plan import model_io, plan_repo
 from tests.test_cli import one_error_line
 from tests.test_serve import Client
 
@@ -167,3 +172,23 @@ def test_generate_and_a_session_over_two_requests(stacks, arch, tmp_path):
             c.close()
         # the session consumed 5 9, then first[:-1]; first[-1] is pending and goes before 17 3
         assert second == generate(runner, [5, 9, *first, 17, 3], 6).new_ids
+
+
+def test_the_tensorrt_plan_and_triton_take_each_layers_state(stacks):
+    plan = make_plan(stacks("linear,softmax-w8"), load_profile("jetson-orin-nano-8gb"), tensorrt="10.3")
+    decode = {s.name: s.max for s in plan.optimization_profiles[0].shapes}
+    assert decode["past_h.0"] == [4, 4, 1, 8] and decode["past_key_values.1.key"] == [4, 4, 8, 8]
+    grows = make_plan(stacks("cummax,softmax"), load_profile("jetson-orin-nano-8gb"), tensorrt="10.3")
+    decode = {s.name: s.max for s in grows.optimization_profiles[0].shapes}
+    assert decode["past_max.0"] == [4, 4, 1, 8] and decode["past_key_values.1.key"] == [4, 4, MAX_SEQ - 1, 8]
+    with pytest.raises(SamoutError, match="cannot be served with Triton implicit state"):
+        plan_repo(stacks("cummax,softmax"))  # a growing KV cache in layer 1
+    with pytest.raises(SamoutError, match="pairs states by name order"):
+        plan_repo(stacks("linear,softmax-w8"))  # present.1.* sorts before present_h.0, past_h.0 before past_key_*
+    fixed = replace(read_manifest(stacks("linear,softmax-w8")), arch="cummax,softmax-w8")
+    _, _, states, files = model_io(fixed)
+    assert [(s.input_name, s.output_name, s.dims, s.data_file) for s in states] == [
+        ("past_max.0", "present_max.0", [4, 1, 8], "empty_max.fp32"),
+        ("past_key_values.1.key", "present.1.key", [4, 8, 8], "empty_window.fp32"),
+        ("past_key_values.1.value", "present.1.value", [4, 8, 8], "empty_window.fp32")]
+    assert np.frombuffer(files["empty_window.fp32"], np.float32).max() == 0.0
