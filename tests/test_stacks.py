@@ -105,29 +105,34 @@ def test_checkpoints_load_into_stacks_and_a_learned_blend_stays_in_its_layer(tin
 
 
 @pytest.fixture(scope="module")
-def stacks(tmp_path_factory, tiny_checkpoint):
-    """Each stack exported (and verified) once per lowering, logits for every position."""
+def stacks(tmp_path_factory, tiny_checkpoint, tiny_vocab, calibration_text):
+    """Each stack exported (and verified) once per variant: native, custom, fp16 (calibrated islands)."""
     root, made = tmp_path_factory.mktemp("stacks"), {}
 
-    def get(arch: str, lowering: str = "native") -> Path:
-        if (arch, lowering) not in made:
-            options = ExportOptions(arch=arch, max_seq=MAX_SEQ, logits="all", lowering=lowering)
-            result = export(root / f"{arch.replace(',', '+')}-{lowering}", options, checkpoint=tiny_checkpoint)
+    def get(arch: str, variant: str = "native") -> Path:
+        if (arch, variant) not in made:
+            fp16 = variant == "fp16"
+            options = ExportOptions(arch=arch, max_seq=MAX_SEQ, logits="last" if fp16 else "all",
+                                    lowering="custom" if variant == "custom" else "native",
+                                    dtype=variant if fp16 else "fp32", calibration_text=calibration_text if fp16 else None)
+            result = export(root / f"{arch.replace(',', '+')}-{variant}", options, checkpoint=tiny_checkpoint,
+                            vocab=tiny_vocab if fp16 else None)
             assert result.verification.passed, [c for c in result.verification.checks if not c.passed]
-            made[arch, lowering] = result.directory
-        return made[arch, lowering]
+            made[arch, variant] = result.directory
+        return made[arch, variant]
 
     return get
 
 
-@pytest.mark.parametrize("arch, lowering", [(a, "native") for a in STACKS] + [("linear,softmax-w8", "custom")])
-def test_export_verifies_in_onnx_runtime_and_onnx_reference(stacks, arch, lowering):
-    d = stacks(arch, lowering)
+@pytest.mark.parametrize("arch, variant", [(a, "native") for a in STACKS] + [("linear,softmax-w8", "custom"),
+                                                                              ("linear,softmax-w8", "fp16")])
+def test_export_verifies_in_onnx_runtime_and_onnx_reference(stacks, arch, variant):
+    d = stacks(arch, variant)
     manifest = read_manifest(d)
     assert manifest.arch == arch and arch_spec(manifest.arch) == arch_spec(arch)
     assert [t.name for t in manifest.inputs[1:]] == graph.past_names(arch, 2)
-    assert verify(d, backend="reference").passed  # custom: its functions inlined
-    if lowering == "custom":  # layer 0 scans with LinearScan, layer 1 attends; both take the heads' CumMax
+    assert verify(d, backend="reference").passed  # custom: its functions inlined; fp16: in fp16 arithmetic
+    if variant == "custom":  # layer 0 scans with LinearScan, layer 1 attends; both take the heads' CumMax
         scans = [n.op_type for n in onnx.load(str(d / "model.onnx")).graph.node if n.domain == "samout_edge"]
         assert scans == ["LinearScan", "CumMax", "CumMax"]
 
