@@ -24,6 +24,11 @@ last W positions only; its cache is then W slots, a fixed ``[batch, heads, W, he
 that starts as zeros (positions before the first token are zero keys and values),
 so the state is bounded and fixed in shape from the first token on.
 
+A stack names one mixer per layer, comma-separated (``linear,softmax-w8``,
+``cummax,cummax,softmax-w64,cummax``: Jamba/Griffin-style hybrids); layer i's state is
+its own mixer's, named for i. A single name is that mixer in every layer, for any
+layer count; a stack must name exactly the model's layers.
+
 From that the spec answers: state names and shapes, the empty state, state bytes
 at a context, whether any state grows (then memory bounds the context, and a
 fixed-shape server state cannot hold it), and whether the graph needs the length
@@ -76,23 +81,55 @@ MIXERS = ("cummax", "softmax", "hybrid", "linear")  # models/model.py has a clas
 
 
 @dataclass(frozen=True)
-class ArchSpec:
-    name: str
-    mixer: str  # every layer's token mixer (MIXERS)
-    window: int = 0  # softmax attends to the last `window` positions; 0: to every position
+class LayerMixer:
+    """One layer's token mixer (MIXERS) and, for softmax attention, its window (0: every position)."""
 
-    def layer_states(self, i: int) -> list[StateTensor]:
+    mixer: str
+    window: int = 0
+
+    @property
+    def attends(self) -> bool:
+        return self.mixer in ("softmax", "hybrid")
+
+    def states(self, i: int) -> list[StateTensor]:
+        """Layer i's state tensors, named from this mixer."""
         states = []
         if self.mixer in ("cummax", "hybrid"):
             states += _running_max(i)
-        if self.mixer in ("softmax", "hybrid"):
+        if self.attends:
             states += _kv_cache(i, self.window)
         if self.mixer == "linear":
             states += _recurrent(i)
         return states
 
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """An arch: one mixer for every layer (``cummax``), or a stack of one mixer per layer
+    (``linear,softmax-w8``). Only a stack knows the layer count: it must match the model's."""
+
+    name: str
+    layers: tuple[LayerMixer, ...]  # one entry: every layer's mixer; more: layer i's, a stack
+
+    @property
+    def stack(self) -> bool:
+        return len(self.layers) > 1
+
+    def check_layers(self, num_layers: int) -> None:
+        """A stack names exactly one mixer per layer."""
+        if self.stack and len(self.layers) != num_layers:
+            raise SamoutError(f"--arch {self.name} names {len(self.layers)} layers' mixers, "
+                              f"the model has {num_layers} layers")
+
+    def layer(self, i: int) -> LayerMixer:
+        return self.layers[i if self.stack else 0]
+
+    def layer_states(self, i: int) -> list[StateTensor]:
+        return self.layer(i).states(i)
+
     def states(self, num_layers: int) -> list[StateTensor]:
         """Every state tensor in graph order: layer by layer."""
+        self.check_layers(num_layers)
         return [t for i in range(num_layers) for t in self.layer_states(i)]
 
     def past_names(self, num_layers: int) -> list[str]:
@@ -102,19 +139,33 @@ class ArchSpec:
         return [t.present for t in self.states(num_layers)]
 
     @property
+    def named_states(self) -> list[StateTensor]:
+        """The states of the layers the spec names: layer 0 for one mixer, every layer for a stack."""
+        return [t for i in range(len(self.layers)) for t in self.layer_states(i)]
+
+    def has(self, mixer: str) -> bool:
+        return any(layer.mixer == mixer for layer in self.layers)
+
+    @property
     def attends(self) -> bool:
         """Whether a layer runs softmax attention (a score per query and key: memory per call)."""
-        return self.mixer in ("softmax", "hybrid")
+        return any(layer.attends for layer in self.layers)
+
+    @property
+    def window(self) -> int:
+        """The widest attention of a layer: 0 if one attends to every position, else its window."""
+        windows = [layer.window for layer in self.layers if layer.attends]
+        return 0 if not windows or 0 in windows else max(windows)
 
     @property
     def grows(self) -> bool:
         """Whether the state grows with the context: memory bounds it, a fixed-shape state cannot hold it."""
-        return any(t.grows for t in self.layer_states(0))
+        return any(t.grows for t in self.named_states)
 
     @property
     def guarded(self) -> bool:
         """Whether the graph scans the sequence with a scan unrolled for max_seq (the length guard, the NaN poison)."""
-        return any(t.scan for t in self.layer_states(0))
+        return any(t.scan for t in self.named_states)
 
     def state_shape(self, tensor: StateTensor, batch: int, heads: int, head_dim: int, past: int | str) -> list:
         """A state tensor's shape after ``past`` tokens (a name: a dynamic dimension)."""
@@ -129,18 +180,30 @@ class ArchSpec:
         return [t for layer in layer_states for t in (layer if isinstance(layer, tuple) else (layer,))]
 
     def unflatten(self, flat: list) -> list:
-        per_layer = len(self.layer_states(0))
-        return list(flat) if per_layer == 1 else [tuple(flat[i : i + per_layer]) for i in range(0, len(flat), per_layer)]
+        """The flat list in graph order -> per layer: a tensor where the layer has one, else a tuple."""
+        out, at, i = [], 0, 0
+        while at < len(flat):
+            n = len(self.layer_states(i))
+            out.append(flat[at] if n == 1 else tuple(flat[at : at + n]))
+            at, i = at + n, i + 1
+        return out
+
+
+def _single(name: str, mixer: str, window: int = 0) -> ArchSpec:
+    return ArchSpec(name, (LayerMixer(mixer, window),))
 
 
 ARCHS: dict[str, ArchSpec] = {
-    "cummax": ArchSpec("cummax", "cummax"),  # SamOut
-    "softmax": ArchSpec("softmax", "softmax"),  # the baseline: the same weights, causal softmax attention
-    "hybrid": ArchSpec("hybrid", "hybrid"),  # alpha * cummax + (1 - alpha) * softmax, alpha learned per layer
-    "linear": ArchSpec("linear", "linear"),  # SamOut with a gated linear recurrence over the sequence
+    "cummax": _single("cummax", "cummax"),  # SamOut
+    "softmax": _single("softmax", "softmax"),  # the baseline: the same weights, causal softmax attention
+    "hybrid": _single("hybrid", "hybrid"),  # alpha * cummax + (1 - alpha) * softmax, alpha learned per layer
+    "linear": _single("linear", "linear"),  # SamOut with a gated linear recurrence over the sequence
 }
 MAX_WINDOW = 1 << 20
+MAX_LAYERS = 4096  # a stack longer than this is a typo, not a model
 _WINDOWED = re.compile(r"(?P<base>[a-z]+)-w(?P<window>[0-9]+)")
+NAMES_HELP = ("choose one of: cummax, softmax, hybrid, linear (softmax and hybrid take a window: softmax-w64), "
+              "or one per layer, comma-separated: linear,softmax-w64")
 
 
 def arch_name(base: str, window: int = 0) -> str:
@@ -148,6 +211,9 @@ def arch_name(base: str, window: int = 0) -> str:
     spec = arch_spec(base)
     if window < 0 or window > MAX_WINDOW:
         raise SamoutError(f"--softmax-window must be between 0 (full attention) and {MAX_WINDOW:,}, got {window}")
+    if window and spec.stack:
+        raise SamoutError("--softmax-window applies to one mixer, not a stack: name each layer's window in --arch "
+                          "(linear,softmax-w64)")
     if window and not spec.attends:
         raise SamoutError(f"--softmax-window applies to archs with softmax attention (softmax, hybrid), not {base}")
     if spec.window and window and spec.window != window:
@@ -156,13 +222,27 @@ def arch_name(base: str, window: int = 0) -> str:
 
 
 def arch_spec(name: str) -> ArchSpec:
-    """The spec of ``cummax``, ``softmax``, ``hybrid``, ``linear``, or a windowed ``softmax-wN`` / ``hybrid-wN``."""
+    """The spec of ``cummax``, ``softmax``, ``hybrid``, ``linear``, a windowed ``softmax-wN`` /
+    ``hybrid-wN``, or a stack of them, one per layer: ``cummax,cummax,softmax-w64,cummax``.
+    The one place a name is decoded; ``arch_spec(spec.name) == spec``."""
+    if not isinstance(name, str):
+        raise SamoutError(f"an arch is a name, got {type(name).__name__}; {NAMES_HELP}")
+    if "," not in name:
+        return _one(name)
+    parts = [part.strip() for part in name.split(",")]
+    if len(parts) > MAX_LAYERS or not all(parts):
+        raise SamoutError(f"arch {name!r} is not a list of mixers, one per layer; {NAMES_HELP}")
+    layers = tuple(_one(part).layers[0] for part in parts)
+    return ArchSpec(",".join(_one(part).name for part in parts), layers)
+
+
+def _one(name: str) -> ArchSpec:
+    """One mixer's spec: ``cummax`` ... or ``softmax-wN`` / ``hybrid-wN``."""
     if name in ARCHS:
         return ARCHS[name]
-    match = _WINDOWED.fullmatch(name) if isinstance(name, str) else None
+    match = _WINDOWED.fullmatch(name)
     if match and match["base"] in ARCHS and ARCHS[match["base"]].attends:
         window = int(match["window"])
         if 0 < window <= MAX_WINDOW and str(window) == match["window"]:
-            return ArchSpec(name, ARCHS[match["base"]].mixer, window)
-    raise SamoutError(f"unknown arch {name!r}; choose one of: {', '.join(ARCHS)} "
-                      "(softmax and hybrid take a window: softmax-w64, hybrid-w64)")
+            return _single(name, ARCHS[match["base"]].layers[0].mixer, window)
+    raise SamoutError(f"unknown arch {name!r}; {NAMES_HELP}")

@@ -17,7 +17,6 @@ from samout_edge.cli.common import (
     ARCH_HELP,
     WINDOW_HELP,
     Activations,
-    Arch,
     DType,
     EmbeddingWeights,
     Logits,
@@ -66,7 +65,7 @@ def export(
     ),
     preset: Optional[Preset] = typer.Option(None, "--preset", help="Export a randomly initialised preset instead."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
-    arch: Arch = typer.Option("cummax", help=ARCH_HELP),
+    arch: str = typer.Option("cummax", help=ARCH_HELP),
     softmax_window: int = typer.Option(0, "--softmax-window", min=0, help=WINDOW_HELP),
     hybrid_alpha: Optional[float] = typer.Option(
         None, "--hybrid-alpha", help="--arch hybrid from SamOut weights (no learned blend): alpha in every layer "

@@ -2,7 +2,8 @@
 
 Choices are Enums, so Typer itself rejects a bad one with a usage error (exit 2)
 and lists the allowed values in --help; the values come from the library's own
-tables (archs, presets, dtypes, weights kinds), so the CLI cannot drift from what the
+tables (presets, dtypes, weights kinds; --arch, a free string since a stack names a mixer
+per layer, is checked by artifact/arch.py), so the CLI cannot drift from what the
 library accepts; the backends' choices and flags come from their registry
 (cli/backend_options.py).
 """
@@ -13,7 +14,7 @@ from enum import Enum
 
 import typer
 
-from samout_edge.artifact.config import ARCHS, PRESETS
+from samout_edge.artifact.config import PRESETS
 from samout_edge.artifact.graph import EXPORT_DTYPES
 from samout_edge.artifact.quantization import ACTIVATIONS as ACTIVATION_KINDS
 from samout_edge.artifact.quantization import FORMATS as WEIGHT_FORMATS
@@ -36,7 +37,6 @@ def choices(name: str, values: tuple[str, ...] | list[str]) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
 
 
-Arch = choices("Arch", ARCHS)
 Preset = choices("Preset", tuple(PRESETS))
 DType = choices("DType", EXPORT_DTYPES)
 Lowering = choices("Lowering", ("native", "custom"))
@@ -47,16 +47,18 @@ TorchDevice = choices("TorchDevice", TORCH_DEVICES)  # bench op's own device (ba
 
 
 ARCH_HELP = ("cummax (SamOut), softmax (the baseline), hybrid (alpha * cummax + (1 - alpha) * softmax, alpha learned "
-             "per layer) or linear (SamOut with a gated linear recurrence over the sequence).")
+             "per layer) or linear (SamOut with a gated linear recurrence over the sequence); softmax-w64, hybrid-w64: "
+             "a window of 64; or one per layer, comma-separated: linear,softmax-w64.")
 WINDOW_HELP = ("softmax and hybrid: attend to the last W positions only, so the state is bounded (W keys and values "
                "per layer); 0: every position.")
 
 
-def arch_of(arch: Enum, window: int) -> str:
-    """--arch and --softmax-window as one arch name: hybrid, 64 -> hybrid-w64 (artifact/arch.py)."""
+def arch_of(arch: str, window: int) -> str:
+    """--arch and --softmax-window as one arch name: hybrid, 64 -> hybrid-w64 (artifact/arch.py, which
+    checks the name: a free string, since a stack names a mixer per layer)."""
     from samout_edge.artifact.arch import arch_name
 
-    return arch_name(str(arch.value), window)
+    return arch_name(arch, window)
 
 
 Weights, WeightsFormat = choices("Weights", WEIGHT_KINDS), choices("WeightsFormat", ("auto", *WEIGHT_FORMATS))

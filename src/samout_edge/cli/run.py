@@ -16,7 +16,6 @@ from samout_edge.cli.backend_options import backend_options
 from samout_edge.cli.common import (
     ARCH_HELP,
     WINDOW_HELP,
-    Arch,
     DType,
     Lowering,
     Preset,
@@ -43,7 +42,7 @@ def generate(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
     backend: str = "auto",
     settings: Optional[Settings] = None,
-    arch: Arch = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
+    arch: str = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
     softmax_window: int = typer.Option(0, "--softmax-window", min=0, help="For a checkpoint: " + WINDOW_HELP),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
@@ -287,7 +286,7 @@ def eval_command(
     vocab: Optional[Path] = typer.Option(None, help="Vocab file (JSON list of token strings), or 'bytes' [default: the export's, else UTF-8 bytes as ids]."),
     reference: bool = typer.Option(True, "--reference/--no-reference",
                                    help="Also compare with PyTorch fp32 (top-1 agreement, max logit error; needs torch)."),
-    arch: Arch = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
+    arch: str = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
     softmax_window: int = typer.Option(0, "--softmax-window", min=0, help="For a checkpoint: " + WINDOW_HELP),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     checkpoint: Optional[Path] = typer.Option(

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from samout_edge.cli.backend_options import backend_options
-from samout_edge.cli.common import ARCH_HELP, WINDOW_HELP, Arch, app, arch_of
+from samout_edge.cli.common import ARCH_HELP, WINDOW_HELP, app, arch_of
 from samout_edge.cli.ui import err_console
 from samout_edge.errors import SamoutError
 from samout_edge.runtime.registry import Settings
@@ -65,7 +65,7 @@ def serve(
     vocab: Optional[Path] = typer.Option(None, help="JSON list of token strings, or 'bytes' (UTF-8 bytes), for text prompts and output [default: the export's]."),
     backend: str = "auto",
     settings: Optional[Settings] = None,
-    arch: Arch = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
+    arch: str = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
     softmax_window: int = typer.Option(0, "--softmax-window", min=0, help="For a checkpoint: " + WINDOW_HELP),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Requests per runner call (an engine's profiles may cap it)."),

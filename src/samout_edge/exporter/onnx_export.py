@@ -422,8 +422,8 @@ def export(
         if made_by is not None:
             manifest.extra["made_by"] = made_by
         model = ckpt.model(options.arch, torch_dtype(options.dtype), options.hybrid_alpha)
-        if arch_spec(options.arch).mixer == "hybrid":  # what inspect shows: where the model chose cummax
-            manifest.extra["alpha"] = [round(a, 6) for a in blends(model)]
+        if arch_spec(options.arch).has("hybrid"):  # what inspect shows: where the model chose cummax
+            manifest.extra["alpha"] = [None if a is None else round(a, 6) for a in blends(model)]
             manifest.extra["alpha_from"] = "learned" if ckpt.alphas is not None else "stated"
             if ckpt.alphas is None:
                 manifest.extra["hybrid_alpha"] = 0.5 if options.hybrid_alpha is None else options.hybrid_alpha
@@ -615,9 +615,11 @@ def export_memory(config: ModelConfig, options: ExportOptions) -> int:
     return 5 * weights + activations + scores
 
 
-def blends(model: SamOut) -> list[float]:
-    """A hybrid's alpha per layer: the weight of cummax in its mix (1 - alpha: softmax)."""
-    return [torch.sigmoid(layer.self_attention.alpha_logit.float()).item() for layer in model.decoder_layers]
+def blends(model: SamOut) -> list[float | None]:
+    """A hybrid layer's alpha: the weight of cummax in its mix (1 - alpha: softmax); None in a
+    stack's other layers."""
+    logits = [getattr(layer.self_attention, "alpha_logit", None) for layer in model.decoder_layers]
+    return [None if x is None else torch.sigmoid(x.float()).item() for x in logits]
 
 
 def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifest:

@@ -44,18 +44,26 @@ class Checkpoint:
     sha256: str  # of weights_path
 
     @property
-    def alphas(self) -> list[float] | None:
-        """A hybrid's learned blend per layer, ``sigmoid(alpha_logit)``; None for SamOut's weights."""
-        keys = [f"decoder_layers.{i}.self_attention.{ALPHA_LOGIT}" for i in range(self.config.num_layers)]
-        return [torch.sigmoid(self.state_dict[k]).item() for k in keys] if keys[0] in self.state_dict else None
+    def alphas(self) -> list[float | None] | None:
+        """A hybrid layer's learned blend, ``sigmoid(alpha_logit)``, per layer (None in a layer
+        without one: a stack's other mixers); None for weights with no blend at all (SamOut's)."""
+        keys = [blend_key(i) for i in range(self.config.num_layers)]
+        alphas = [torch.sigmoid(self.state_dict[k]).item() if k in self.state_dict else None for k in keys]
+        return None if all(a is None for a in alphas) else alphas
 
     def model(self, arch: str = "cummax", dtype: torch.dtype = torch.float32, alpha: float | None = None) -> SamOut:
-        """The checkpoint as ``arch``. SamOut's weights load into a hybrid with the blend
-        ``alpha`` in every layer (0.5 unless given); a hybrid's weights need a hybrid."""
-        hybrid, learned = arch_spec(arch).mixer == "hybrid", self.alphas is not None
-        if learned and not hybrid:
-            raise SamoutError(f"{self.path} is a hybrid's checkpoint (it has a learned alpha per layer): "
-                              "use --arch hybrid")
+        """The checkpoint as ``arch``. SamOut's weights load into any arch, their hybrid layers
+        blended at ``alpha`` (0.5 unless given); a learned blend needs a hybrid layer where it was
+        learned, and only there."""
+        spec = arch_spec(arch)
+        spec.check_layers(self.config.num_layers)
+        layers = range(self.config.num_layers)
+        hybrid = [i for i in layers if spec.layer(i).mixer == "hybrid"]
+        learned = [i for i, a in enumerate(self.alphas or []) if a is not None]
+        if learned and learned != hybrid:
+            where = "use --arch hybrid" if len(learned) == self.config.num_layers else "--arch must make those layers hybrid"
+            raise SamoutError(f"{self.path} is a hybrid's checkpoint (it has a learned alpha in layers "
+                              f"{', '.join(map(str, learned))}): {where}, and no others")
         if alpha is not None and not (hybrid and not learned):
             raise SamoutError("--hybrid-alpha sets the blend of SamOut weights loaded into a hybrid; "
                               + ("this checkpoint has its own, learned" if learned else f"--arch is {arch}"))
@@ -64,11 +72,16 @@ class Checkpoint:
             start = 0.5 if alpha is None else alpha
             if not 0.0 < start < 1.0:
                 raise SamoutError(f"--hybrid-alpha must be between 0 and 1 (exclusive), got {start}")
-            for i in range(self.config.num_layers):
-                state[f"decoder_layers.{i}.self_attention.{ALPHA_LOGIT}"] = torch.logit(torch.tensor(start))
+            for i in hybrid:
+                state[blend_key(i)] = torch.logit(torch.tensor(start))
         model = SamOut(self.config, arch)
         model.load_state_dict(state, strict=True)
         return model.to(dtype).eval()
+
+
+def blend_key(i: int) -> str:
+    """Layer i's hybrid blend in a state_dict."""
+    return f"decoder_layers.{i}.self_attention.{ALPHA_LOGIT}"
 
 
 def previous_checkpoint_files(directory: Path) -> dict[str, str | None] | None:
@@ -188,12 +201,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
 
 
 def check_state_dict(state: StateDict, config: ModelConfig) -> StateDict:
-    """Check names and shapes against SamOut (a hybrid's: plus every layer's blend);
+    """Check names and shapes against SamOut (a hybrid's: plus its hybrid layers' blends);
     name the first differences."""
     expected = expected_shapes(config)
-    blends = {f"decoder_layers.{i}.self_attention.{ALPHA_LOGIT}": torch.Size([]) for i in range(config.num_layers)}
-    if any(k in state for k in blends):
-        expected |= blends
+    expected |= {blend_key(i): torch.Size([]) for i in range(config.num_layers) if blend_key(i) in state}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

@@ -14,6 +14,9 @@ State makes prefill, chunked prefill and decode one computation:
   with a window W, the last W keys and values, zeros before the first token.
 - hybrid: ``(running max, key, value)``.
 - linear: per layer the last h, ``[batch, heads, 1, head_dim]``; an empty past is zeros.
+
+A stack (``linear,softmax-w8``) picks each layer's mixer, so each layer carries its own
+mixer's state; the parameters keep their names whatever the mixer.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import LayerMixer, arch_spec
 from samout_edge.artifact.config import ModelConfig, check_arch
 from samout_edge.artifact.graph import dtype as graph_dtype
 from samout_edge.models.ops import cummax, linear_scan
@@ -224,10 +227,9 @@ class DecoderLayer(nn.Module):
 
     fp32: bool = False
 
-    def __init__(self, config: ModelConfig, arch: str):
+    def __init__(self, config: ModelConfig, mixer: LayerMixer):
         super().__init__()
-        spec = arch_spec(arch)
-        self.self_attention = MIXERS[spec.mixer](config, spec.window)  # the arch's token mixer
+        self.self_attention = MIXERS[mixer.mixer](config, mixer.window)  # this layer's token mixer
         self.ffn = FeedForward(config.hidden_size)
         self.layer_norm = LayerNorm(config.hidden_size)
         self.alpha = nn.Parameter(torch.tensor(0.5))
@@ -242,14 +244,16 @@ class DecoderLayer(nn.Module):
 class SamOut(nn.Module):
     """The language model; ``arch="softmax"`` gives the baseline with the same weights,
     ``"hybrid"`` the blend of both, ``"hybrid-w64"`` with a softmax window of 64, ``"linear"`` the
-    gated linear recurrence (artifact/arch.py)."""
+    gated linear recurrence, ``"linear,softmax-w8"`` one mixer per layer (artifact/arch.py)."""
 
     def __init__(self, config: ModelConfig, arch: str = "cummax"):
         super().__init__()
         self.config = config
         self.arch = check_arch(arch)
+        spec = arch_spec(arch)
+        spec.check_layers(config.num_layers)
         self.em = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
-        self.decoder_layers = nn.ModuleList(DecoderLayer(config, arch) for _ in range(config.num_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config, spec.layer(i)) for i in range(config.num_layers))
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def empty_state(self, batch: int) -> list[LayerState]:

@@ -72,7 +72,7 @@ def profile_ranges(meta: EngineMeta, arch: str) -> list[ProfileRanges]:
     for index, prof in enumerate(meta.optimization_profiles):
         ids = prof.shape(graph.INPUT_IDS)
         past = None
-        grown = [t.past for t in arch_spec(arch).layer_states(0) if t.grows]
+        grown = [t.past for t in arch_spec(arch).named_states if t.grows]
         if grown:
             first = prof.shape(grown[0])
             past = (first.min[2], first.max[2])

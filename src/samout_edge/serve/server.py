@@ -381,7 +381,8 @@ class Server:
             except BaseException:
                 self.batcher.stop()
                 raise
-        self.sessions = SessionTable(store, self.initial, self.info.arch, options.policy, len(options.api_keys))
+        self.sessions = SessionTable(store, self.initial, self.info.arch, self.info.config.num_layers, options.policy,
+                                     len(options.api_keys))
         # SQLite's waits (a store locked by another process) run here, not on the event loop and not in
         # the default pool that tokenizes prompts: a locked store holds up only the writes
         self.store_pool = ThreadPoolExecutor(4, thread_name_prefix="samout-store")

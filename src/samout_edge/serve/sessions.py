@@ -274,9 +274,10 @@ class SessionPolicy:
 class SessionTable:
     """The live sessions (all of them, in memory), their policy, and the store behind them."""
 
-    def __init__(self, store: SessionStore | None, initial_state: dict[str, np.ndarray], arch: str,
+    def __init__(self, store: SessionStore | None, initial_state: dict[str, np.ndarray], arch: str, num_layers: int,
                  policy: SessionPolicy, owners: int = 1):
         self.store, self.initial, self.arch, self.policy = store, initial_state, arch, policy
+        self.grows = {t.past for t in arch_spec(arch).states(num_layers) if t.grows}  # a KV cache: any length
         self.owners = max(1, owners)  # API keys: each holds at most its share of max_sessions
         self.sessions: dict[str, Session] = {}
         self.reserved = 0  # softmax: KV bytes that running requests may still add
@@ -296,10 +297,9 @@ class SessionTable:
         softmax cache may differ only in length): anything else would run wrong or fail."""
         if set(state) != set(self.initial):
             return False
-        grows = {t.past for t in arch_spec(self.arch).states(len(state)) if t.grows}
         for name, a in state.items():
             want = self.initial[name]
-            same = [i for i in range(want.ndim) if not (name in grows and i == 2)]
+            same = [i for i in range(want.ndim) if not (name in self.grows and i == 2)]
             if a.dtype != want.dtype or a.ndim != want.ndim or any(a.shape[i] != want.shape[i] for i in same):
                 return False
             if not np.isfinite(a).all():  # a poisoned or tampered state is never fed to the graph
