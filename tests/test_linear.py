@@ -100,10 +100,10 @@ def test_prefill_chunks_and_decode_are_one_computation():
 def test_the_state_spec():
     spec = arch_spec("linear")
     (state,) = spec.layer_states(1)
-    assert (state.past, state.present, state.slots, state.scan) == ("past_h.1", "present_h.1", 1, "linear")
+    assert (state.past, state.present, state.slots, state.scan) == ("past_linear.1", "present_linear.1", 1, "linear")
     assert spec.guarded and not spec.grows and not spec.attends and not state.running_max
     empty = graph.empty_state(TINY, "linear", 2, "fp16")
-    assert list(empty) == ["past_h.0", "past_h.1"] and all(not v.any() and v.shape == (2, 4, 1, 8) for v in empty.values())
+    assert list(empty) == ["past_linear.0", "past_linear.1"] and all(not v.any() and v.shape == (2, 4, 1, 8) for v in empty.values())
     assert graph.state_bytes(TINY, "linear", 1, 10, "fp32") == graph.state_bytes(TINY, "linear", 1, 10**6, "fp32")
 
 
@@ -192,7 +192,7 @@ def test_the_length_guard_and_a_poisoned_state(linear, runtime):
     assert np.isnan(logits).all() and all(np.isnan(s).all() for s in state)
     fine, *_ = run(None, {"input_ids": ids[:, :MAX_SEQ], **empty})
     assert np.isfinite(fine).all()
-    poisoned = {**empty, "past_h.0": np.where(np.arange(8) == 3, np.nan, 0.0).astype(np.float32).reshape(1, 1, 1, 8)
+    poisoned = {**empty, "past_linear.0": np.where(np.arange(8) == 3, np.nan, 0.0).astype(np.float32).reshape(1, 1, 1, 8)
                 .repeat(4, 1)}
     logits, *_ = run(None, {"input_ids": ids[:, :1], **poisoned})
     assert np.isnan(logits).all()
@@ -241,8 +241,8 @@ def test_a_triton_repository_starts_h_at_zeros(linear):
     from samout_edge.triton_server.plan import model_io
 
     _, _, states, files = model_io(read_manifest(linear("native").directory))
-    assert [(s.input_name, s.data_file) for s in states] == [("past_h.0", "empty_h.fp32"), ("past_h.1", "empty_h.fp32")]
-    assert set(files) == {"empty_h.fp32"} and not np.frombuffer(files["empty_h.fp32"], np.float32).any()
+    assert [(s.input_name, s.data_file) for s in states] == [("past_linear.0", "empty_linear.fp32"), ("past_linear.1", "empty_linear.fp32")]
+    assert set(files) == {"empty_linear.fp32"} and not np.frombuffer(files["empty_linear.fp32"], np.float32).any()
 
 
 # --------------------------------------------------------------------------- on a GPU, and on TensorRT + GPU

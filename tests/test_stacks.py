@@ -41,8 +41,8 @@ STACKS = ["linear,softmax-w8", "cummax,softmax"]  # fixed-shape state; a growing
 def test_the_name_round_trips_and_each_layer_has_its_mixers_state():
     spec = arch_spec("linear, softmax-w8")
     assert spec.name == "linear,softmax-w8" and arch_spec(spec.name) == spec
-    assert graph.past_names(spec.name, 2) == ["past_h.0", "past_key_values.1.key", "past_key_values.1.value"]
-    assert graph.present_names(spec.name, 2) == ["present_h.0", "present.1.key", "present.1.value"]
+    assert graph.past_names(spec.name, 2) == ["past_linear.0", "past_key_values.1.key", "past_key_values.1.value"]
+    assert graph.present_names(spec.name, 2) == ["present_linear.0", "present.1.key", "present.1.value"]
     assert spec.guarded and spec.attends and not spec.grows and spec.window == 8
     grows = arch_spec("cummax,softmax")
     assert grows.grows and grows.guarded and grows.window == 0 and not arch_spec("softmax-w8,softmax-w4").grows
@@ -50,7 +50,7 @@ def test_the_name_round_trips_and_each_layer_has_its_mixers_state():
     # a single name is that mixer in every layer: the same graph as the stack that repeats it
     assert graph.graph_io(TINY, "cummax,cummax", "fp32", "last") == graph.graph_io(TINY, "cummax", "fp32", "last")
     state = graph.empty_state(TINY, spec.name, 1, "fp16")
-    assert state["past_key_values.1.key"].shape == (1, 4, 8, 8) and not state["past_h.0"].any()
+    assert state["past_key_values.1.key"].shape == (1, 4, 8, 8) and not state["past_linear.0"].any()
     assert graph.state_bytes(TINY, spec.name, 1, 10, "fp32") == graph.state_bytes(TINY, spec.name, 1, 10**6, "fp32")
     flat = [torch.zeros(1)] * 3
     assert [len(x) if isinstance(x, tuple) else 1 for x in graph.unflatten(spec.name, flat)] == [1, 2]
@@ -182,14 +182,19 @@ def test_generate_and_a_session_over_two_requests(stacks, arch, tmp_path):
 def test_the_tensorrt_plan_and_triton_take_each_layers_state(stacks):
     plan = make_plan(stacks("linear,softmax-w8"), load_profile("jetson-orin-nano-8gb"), tensorrt="10.3")
     decode = {s.name: s.max for s in plan.optimization_profiles[0].shapes}
-    assert decode["past_h.0"] == [4, 4, 1, 8] and decode["past_key_values.1.key"] == [4, 4, 8, 8]
+    assert decode["past_linear.0"] == [4, 4, 1, 8] and decode["past_key_values.1.key"] == [4, 4, 8, 8]
     grows = make_plan(stacks("cummax,softmax"), load_profile("jetson-orin-nano-8gb"), tensorrt="10.3")
     decode = {s.name: s.max for s in grows.optimization_profiles[0].shapes}
     assert decode["past_max.0"] == [4, 4, 1, 8] and decode["past_key_values.1.key"] == [4, 4, MAX_SEQ - 1, 8]
     with pytest.raises(SamoutError, match="cannot be served with Triton implicit state"):
         plan_repo(stacks("cummax,softmax"))  # a growing KV cache in layer 1
-    with pytest.raises(SamoutError, match="pairs states by name order"):
-        plan_repo(stacks("linear,softmax-w8"))  # present.1.* sorts before present_h.0, past_h.0 before past_key_*
+    # Triton pairs states by name order: the pasts and the presents sort alike (past_key_* < past_linear.*,
+    # present.* < present_linear.*), so a linear layer beside a window packages
+    _, _, states, files = model_io(read_manifest(stacks("linear,softmax-w8")))
+    assert [(s.input_name, s.output_name, s.data_file) for s in states] == [
+        ("past_linear.0", "present_linear.0", "empty_linear.fp32"),
+        ("past_key_values.1.key", "present.1.key", "empty_window.fp32"),
+        ("past_key_values.1.value", "present.1.value", "empty_window.fp32")]
     fixed = replace(read_manifest(stacks("linear,softmax-w8")), arch="cummax,softmax-w8")
     _, _, states, files = model_io(fixed)
     assert [(s.input_name, s.output_name, s.dims, s.data_file) for s in states] == [

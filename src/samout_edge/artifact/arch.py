@@ -14,7 +14,7 @@ carries from call to call:
   ``alpha * cummax + (1 - alpha) * softmax`` with a learned alpha per layer;
   its state is the running max and the KV cache;
 - ``linear``: SamOut with the sequence cummax replaced by a gated linear recurrence
-  ``h_t = a_t * h_{t-1} + (1 - a_t) * out_t``: ``past_h.{i}`` -> ``present_h.{i}``,
+  ``h_t = a_t * h_{t-1} + (1 - a_t) * out_t``: ``past_linear.{i}`` -> ``present_linear.{i}``,
   ``[batch, heads, 1, head_dim]``, the last h (empty: zeros). A NaN in it propagates
   through the arithmetic in every runtime, so the host need not check it; the graph
   still needs the length guard (its scan is unrolled for max_seq too).
@@ -69,7 +69,7 @@ def _running_max(i: int) -> list[StateTensor]:
 
 
 def _recurrent(i: int) -> list[StateTensor]:
-    return [StateTensor(f"past_h.{i}", f"present_h.{i}", slots=1, scan="linear")]
+    return [StateTensor(f"past_linear.{i}", f"present_linear.{i}", slots=1, scan="linear")]
 
 
 def _kv_cache(i: int, window: int) -> list[StateTensor]:

@@ -164,7 +164,7 @@ def check_state_pairing(mapping: dict[str, str]) -> None:
 
 
 # the scan that carries a state (artifact/arch.py; None: a softmax window) -> its initial state file, described
-EMPTY_STATES = {"max": ("empty_max", "empty running max"), "linear": ("empty_h", "empty linear recurrence (zeros)"),
+EMPTY_STATES = {"max": ("empty_max", "empty running max"), "linear": ("empty_linear", "empty linear recurrence (zeros)"),
                 None: ("empty_window", "empty softmax window (zeros)")}
 
 
