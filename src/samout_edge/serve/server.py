@@ -40,7 +40,6 @@ from pydantic import (
     Field,
     StrictInt,
     ValidationError,
-    field_validator,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -282,6 +281,13 @@ def _content_text(value: Any) -> Any:
     return "\n".join(texts)
 
 
+def few_messages(messages: Any) -> Any:
+    """Chat messages counted before each is validated: validating 200,000 of them holds the event loop for seconds."""
+    if isinstance(messages, list) and len(messages) > MAX_CHAT_MESSAGES:
+        raise ValueError(f"{len(messages):,} messages, above this server's limit of {MAX_CHAT_MESSAGES:,}")
+    return messages
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
@@ -299,15 +305,8 @@ class ChatRequest(Sampling):
     """OpenAI's chat completion request: the messages go through the chat template into a
     completion's prompt; tools and every other unimplemented field are refused by name."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
-
-    @field_validator("messages", mode="before")
-    @classmethod
-    def few_enough(cls, messages: Any) -> Any:
-        """Counted before each message is validated: validating 200,000 of them holds the event loop for seconds."""
-        if isinstance(messages, list) and len(messages) > MAX_CHAT_MESSAGES:
-            raise ValueError(f"{len(messages):,} messages, above this server's limit of {MAX_CHAT_MESSAGES:,}")
-        return messages
+    messages: Annotated[list[ChatMessage], BeforeValidator(few_messages),
+                        Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: bool | None = None  # each token's log-probability (with its bytes), as OpenAI's chat answers

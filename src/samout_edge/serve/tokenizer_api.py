@@ -27,12 +27,19 @@ import weakref
 from typing import Annotated, Any
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+)
 
 from samout_edge.artifact.tokenizer_files import TOKENIZER_CLASS, TokenizerForm, token_strings, tokenizer_form
 from samout_edge.artifact.vocab import ByteVocab, HFTokenizer, Vocab, check_text
 from samout_edge.errors import SamoutError
-from samout_edge.serve.server import MAX_CHAT_MESSAGES, ChatMessage, Server
+from samout_edge.serve.server import MAX_CHAT_MESSAGES, ChatMessage, Server, few_messages
 from samout_edge.serve.sessions import SessionError
 from samout_edge.serve.template import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS, TemplateFailure
 
@@ -57,7 +64,7 @@ class TokenizeChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    messages: Annotated[list[ChatMessage], Field(max_length=MAX_CHAT_MESSAGES)]
+    messages: Annotated[list[ChatMessage], BeforeValidator(few_messages), Field(max_length=MAX_CHAT_MESSAGES)]
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -66,14 +73,6 @@ class TokenizeChatRequest(BaseModel):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
-
-    @field_validator("messages", mode="before")
-    @classmethod
-    def few_enough(cls, messages: Any) -> Any:
-        """Counted before each message is validated (as chat completions count them)."""
-        if isinstance(messages, list) and len(messages) > MAX_CHAT_MESSAGES:
-            raise ValueError(f"{len(messages):,} messages, above this server's limit of {MAX_CHAT_MESSAGES:,}")
-        return messages
 
     def unsupported(self) -> str | None:
         for name in ("chat_template", "chat_template_kwargs", "tools"):
