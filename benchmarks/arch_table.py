@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    started = time.perf_counter()
     archs = tuple(args.archs.split(","))
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
@@ -133,6 +134,7 @@ def main() -> None:
     md = to_markdown(result)
     print(md)
     save_results(result, md, args.json, args.markdown)
+    print(f"arch table of {len(archs)} archs: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def fmt(v, spec: str = ".2f", none: str = "-") -> str:
