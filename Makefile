@@ -27,12 +27,12 @@ install: $(STAMP)
 TRAINED := benchmarks/trained
 PAIR_MAX_SEQ := 1024
 
-# 1. The trained set (benchmarks/trained: cummax, softmax, hybrid, hybrid-w64 and
-#    softmax-w64 of one size, byte-level, trained alike on the standard library):
+# 1. The trained set (benchmarks/trained: cummax, softmax, hybrid, hybrid-w64,
+#    softmax-w64 and linear of one size, byte-level, trained alike on the standard library):
 #    SamOut and softmax exported at fp32, fp16, INT8 and INT4 (the fp16 islands and
 #    the GPTQ rounding calibrated on training text), each verified, one
 #    table of quality (held-out bits per byte, its cost and KL against PyTorch fp32,
-#    agreement), kept in each export (eval --record); then the five archs side by
+#    agreement), kept in each export (eval --record); then the six archs side by
 #    side (benchmarks/arch_table.py: quality by position, decode and prefill time,
 #    state, weights, the hybrids' learned alpha); readable text from the INT4
 #    windowed hybrid; a served session that survives a kill -9 of the server.
@@ -55,7 +55,8 @@ demo: install
 	  $(OUT)/pair-softmax-fp16 $(OUT)/pair-cummax-int8 $(OUT)/pair-softmax-int8 $(OUT)/pair-cummax-int4 \
 	  $(OUT)/pair-softmax-int4 --text $(OUT)/heldout.txt --window 256 --record
 	$(BIN)/python benchmarks/arch_table.py --text $(OUT)/heldout.txt --work $(OUT)/archs --contexts 1024,8192 \
-	  --prefill 4096 --markdown $(OUT)/archs.md --json $(OUT)/archs.json
+	  --prefill 4096 --archs cummax,softmax,hybrid,hybrid-w64,softmax-w64,linear \
+	  --markdown $(OUT)/archs.md --json $(OUT)/archs.json
 	$(BIN)/samout-edge generate $(OUT)/archs/hybrid-w64-int4 --prompt 'class Foo:\n    def __init__(self' \
 	  --max-new-tokens 160 --temperature 0.7 --top-k 20
 	$(BIN)/python benchmarks/serve_session.py $(OUT)/pair-cummax-int4

@@ -1,14 +1,15 @@
 """Every arch of the trained set side by side (issue 18): quality, speed and state, at fp32 and int4.
 
-For each arch in benchmarks/trained/ (cummax, softmax, hybrid, hybrid-w64, softmax-w64: the
-same size, initial weights, data and steps), this exports the checkpoint at fp32 and int4
+For each arch in benchmarks/trained/ (cummax, softmax, hybrid, hybrid-w64, softmax-w64, linear:
+the same size, initial weights, data and steps), this exports the checkpoint at fp32 and int4
 (each export verified against PyTorch), scores the held-out text with ``eval`` (windows of
 the training length, and bits per byte by position in windows of --long-window), benches
 decode after --contexts tokens and prefill of --prefill tokens with ``bench`` (ONNX Runtime
 CPU, batch 1), and writes one table: Markdown and JSON, with each hybrid's learned alpha.
 
     .venv/bin/python benchmarks/arch_table.py [--set benchmarks/trained] [--work out/archs] \\
-        [--text FILE] [--contexts 1024,32768] [--prefill 4096] [--markdown M.md] [--json J.json]
+        [--text FILE] [--contexts 1024,32768] [--prefill 4096] [--archs cummax,linear] \\
+        [--markdown M.md] [--json J.json]
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ from samout_edge.evaluate import eval_target
 from samout_edge.exporter.onnx_export import ExportOptions, export
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS = ("cummax", "softmax", "hybrid", "hybrid-w64", "softmax-w64")
+ARCHS = ("cummax", "softmax", "hybrid", "hybrid-w64", "softmax-w64", "linear")
 WEIGHTS = {"fp32": dict(), "int4": dict(weights="int4")}
 TRAIN_SEQ = 256  # the trained set's window
 
 
-def exports(set_dir: Path, work: Path, max_seq: int) -> dict[str, dict[str, Path]]:
+def exports(set_dir: Path, work: Path, max_seq: int,
+            archs: tuple[str, ...] = ARCHS) -> dict[str, dict[str, Path]]:
     """{weights: {arch: export dir}}, exported (and verified) where not already there."""
     out: dict[str, dict[str, Path]] = {}
     for kind, extra in WEIGHTS.items():
-        for arch in ARCHS:
+        for arch in archs:
             target = work / f"{arch}-{kind}"
             ckpt = set_dir / arch
             try:
@@ -71,9 +73,16 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=4096, help="prefill this many tokens")
     parser.add_argument("--long-window", type=int, default=4096, help="eval windows for bits per byte by position")
     parser.add_argument("--max-seq", type=int, default=1024, help="the exports' max_seq (longer is fed in chunks)")
+    parser.add_argument("--archs", default=",".join(ARCHS),
+                        help=f"which archs, in this order (default {','.join(ARCHS)})")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    started = time.perf_counter()
+    archs = tuple(args.archs.split(","))
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        parser.error(f"unknown archs {unknown}: choose from {','.join(ARCHS)}")
 
     args.work.mkdir(parents=True, exist_ok=True)
     text = args.text
@@ -82,19 +91,19 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_set.py"), "--out", str(args.set),
                         "--write-heldout", str(text), "--max-bytes", str(64 << 10)], check=True)
     contexts = [int(c) for c in args.contexts.split(",")]
-    made = exports(args.set, args.work, args.max_seq)
+    made = exports(args.set, args.work, args.max_seq, archs)
     train = json.loads((args.set / "train.json").read_text())
 
     rows = []
     for kind, dirs in made.items():
-        pair = check_exports([dirs[a] for a in ARCHS], list(ARCHS))
+        pair = check_exports([dirs[a] for a in archs], list(archs))
         config = BenchConfig(modes=["prefill", "decode"], seqs=[args.prefill], contexts=contexts, backends=["ort"],
                              memory=False, budget=Budget(warmup=1, min_repeats=3, max_repeats=15, seconds=2.0))
         t = time.perf_counter()
         report = run_bench(pair, config)
         print(f"bench {kind}: {time.perf_counter() - t:.0f} s", flush=True)
         speed = {(r.arch, r.mode, r.length): r for r in report.records}
-        for arch in ARCHS:
+        for arch in archs:
             t = time.perf_counter()
             short = eval_target(dirs[arch], text, window=TRAIN_SEQ)
             long = eval_target(dirs[arch], text, window=args.long_window, with_reference=False) if kind == "fp32" else None
@@ -125,6 +134,7 @@ def main() -> None:
     md = to_markdown(result)
     print(md)
     save_results(result, md, args.json, args.markdown)
+    print(f"arch table of {len(archs)} archs: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def fmt(v, spec: str = ".2f", none: str = "-") -> str:

@@ -13,9 +13,17 @@ git): stop it any time, and a later run with the same --steps continues where it
 stopped. After every turn the arch's checkpoint and train.json are rewritten, so
 the set on disk is always at equal steps, with its training curve.
 
+--archs trains only the named archs and adds them to the set already in --out:
+the others' checkpoints are neither read for training nor rewritten, their
+results in train.json stay as recorded, and the added run (its machine, its
+wall time, an interleaved speed check of every arch on this machine) goes into
+train.json's "added_runs". The added archs must match the set's recipe (config,
+steps, batch, seq, seed, learning rate), so they see the same initial weights
+and batches (checked: init_sha256, batches_sha256).
+
 Files left in --out (default benchmarks/trained/):
   <arch>/             checkpoints (config.json + model.safetensors, fp16 weights), one per arch:
-                      cummax, softmax, hybrid, hybrid-w64, softmax-w64; export or run each
+                      cummax, softmax, hybrid, hybrid-w64, softmax-w64, linear; export or run each
                       with its own --arch (hybrid-w64: --arch hybrid --softmax-window 64)
   vocab.json          {"kind": "utf-8 bytes"}: id b is byte b of the text's UTF-8 (export --vocab bytes)
   heldout.txt         the held-out files (relative to the stdlib directory)
@@ -23,6 +31,7 @@ Files left in --out (default benchmarks/trained/):
   train.log           this script's output
 
     .venv/bin/python benchmarks/train_set.py [--steps 1200] [--block 200] [--threads 1] [--out DIR]
+    .venv/bin/python benchmarks/train_set.py --steps 1500 --block 300 --archs linear   # add one arch
     .venv/bin/python benchmarks/train_set.py --write-heldout FILE [--max-bytes N]
     .venv/bin/python benchmarks/train_set.py --write-training-sample FILE [--max-bytes N]
 """
@@ -44,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("cummax", "softmax", "hybrid", "hybrid-w64", "softmax-w64")
+ARCHS = ("cummax", "softmax", "hybrid", "hybrid-w64", "softmax-w64", "linear")
 HIDDEN, HEADS, LAYERS, VOCAB = 256, 8, 4, 256
 BATCH, SEQ = 16, 256
 # On one idle AMD EPYC core (torch 2.13 CPU, fp32, batch 16 x 256 bytes) a step takes
@@ -302,7 +311,8 @@ def train_turn(arch: str, steps: int, block: int, seed: int, out: Path, threads:
     return result
 
 
-def interleaved_throughput(out: Path, threads: int, rounds: int, steps_per_round: int) -> dict[str, Any]:
+def interleaved_throughput(out: Path, threads: int, rounds: int, steps_per_round: int,
+                           archs: tuple[str, ...] = ARCHS) -> dict[str, Any]:
     """Training-step speed of the shipped models, measured alternately in one process.
 
     Others share this machine, so a long run's tokens/s depends on what else ran
@@ -319,7 +329,7 @@ def interleaved_throughput(out: Path, threads: int, rounds: int, steps_per_round
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (BATCH, SEQ + 1), generator=generator)
     models, optimizers = {}, {}
-    for arch in ARCHS:
+    for arch in archs:
         models[arch] = load_checkpoint(out / arch).model(arch).train()  # the same weights' own arch
         optimizers[arch] = torch.optim.AdamW(models[arch].parameters(), lr=1e-5)
 
@@ -333,11 +343,11 @@ def interleaved_throughput(out: Path, threads: int, rounds: int, steps_per_round
         optimizers[arch].step()
         return time.perf_counter() - t
 
-    for arch in ARCHS:
+    for arch in archs:
         step(arch)  # warm-up: allocates the optimizer state
-    times: dict[str, list[float]] = {arch: [] for arch in ARCHS}
+    times: dict[str, list[float]] = {arch: [] for arch in archs}
     for r in range(rounds):
-        for arch in ARCHS if r % 2 == 0 else ARCHS[::-1]:
+        for arch in archs if r % 2 == 0 else archs[::-1]:
             times[arch] += [step(arch) for _ in range(steps_per_round)]
     tokens = BATCH * SEQ
     return {arch: {"steps": len(t), "median_s_per_step": round(statistics.median(t), 4),
@@ -417,6 +427,75 @@ def write_report(args: argparse.Namespace, results: dict[str, Any], speed: dict[
     return report
 
 
+def add_archs(args: argparse.Namespace) -> None:
+    """Train ``args.archs`` alike and add them to the set in ``args.out``, leaving the others'
+    checkpoints and recorded results as they are."""
+    import torch
+
+    from samout_edge.bench.machine import describe
+
+    unknown = [a for a in args.archs if a not in ARCHS]
+    if unknown:
+        sys.exit(f"unknown archs {unknown}: choose from {', '.join(ARCHS)}")
+    existing = json.loads((args.out / "train.json").read_text())
+    config = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_heads": HEADS, "num_layers": LAYERS}
+    recipe = {"config": config, "steps": args.steps, "batch": BATCH, "seq": SEQ, "seed": args.seed}
+    differs = {k: (existing.get(k), v) for k, v in recipe.items() if existing.get(k) != v}
+    if existing["optimizer"]["lr"] != args.lr:
+        differs["lr"] = (existing["optimizer"]["lr"], args.lr)
+    if differs:
+        sys.exit(f"{args.out / 'train.json'} was trained otherwise (recorded, asked): {differs}")
+    kept = [a for a in existing["archs"] if a not in args.archs]
+    started, start_date = time.time(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results: dict[str, Any] = {}
+    with open(args.out / "train.log", "a") as log:
+        header = (f"\nadding {', '.join(args.archs)} to the set ({', '.join(kept)} kept as recorded), {start_date}\n"
+                  f"python {platform.python_version()} torch {torch.__version__}, {describe('cpu')['label']}, "
+                  f"{args.threads} threads, {args.steps} steps in turns of {args.block}, batch {BATCH}, seq {SEQ}, "
+                  f"seed {args.seed}, load average {os.getloadavg()[0]:.2f}\n")
+        print(header, end="", flush=True)
+        log.write(header)
+        while not results or any(r["steps_done"] < args.steps for r in results.values()):
+            for arch in args.archs:
+                results[arch] = run_child(arch, args, log)
+            existing["archs"] = {**existing["archs"], **results}
+            write_json(args.out / "train.json", existing)  # every turn, as the whole set's run does
+        everyone = tuple(a for a in ARCHS if a in existing["archs"])
+        speed = interleaved_throughput(args.out, args.threads, args.rounds, 3, everyone)
+        lines = f"interleaved training steps on this machine ({args.rounds} rounds of 3 steps per arch):\n"
+        lines += "".join(f"  {a}: median {s['tokens_per_s_median']:.0f} tokens/s, best {s['tokens_per_s_best']:.0f}\n"
+                         for a, s in speed.items())
+        lines += "".join(f"{a}: held-out {r['heldout_bits_per_byte']:.3f} bits/byte\n" for a, r in results.items())
+        print(lines, end="", flush=True)
+        log.write(lines)
+    inits = {r["init_sha256"] for r in existing["archs"].values()}
+    batches = {r["batches_sha256"] for r in existing["archs"].values()}
+    existing["same_initial_weights"], existing["same_batches"] = len(inits) == 1, len(batches) == 1
+    existing.setdefault("added_runs", []).append({
+        "archs": list(args.archs),
+        "started": start_date,
+        "machine": {**describe("cpu"), "threads": args.threads},
+        "measurement": f"trained in turns of {args.block} steps, each turn in its own process, after the "
+                       "set's first run and on another machine: compare its tokens/s with the others' through "
+                       "this run's interleaved_throughput, not through their recorded runs",
+        "interleaved_throughput": {
+            "rounds": args.rounds, "steps_per_round": 3,
+            "what": "training steps of every shipped model, alternating arch every 3 steps in one process, "
+                    "after this run, on this run's machine",
+            "archs": speed},
+        "wall_seconds": round(time.time() - started, 1),
+    })
+    write_json(args.out / "train.json", existing)
+    if not (existing["same_initial_weights"] and existing["same_batches"]):
+        sys.exit("the added archs did not start from the set's weights or see its batches")
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=STEPS, help=f"steps per arch (default {STEPS})")
@@ -432,6 +511,8 @@ def main() -> None:
                         help="write the start of the training text (for fp16 calibration) to FILE and exit")
     parser.add_argument("--max-bytes", type=int, default=1 << 20,
                         help="with --write-heldout or --write-training-sample (default 1 MiB)")
+    parser.add_argument("--archs", type=lambda s: tuple(s.split(",")), metavar="A,B",
+                        help="train only these archs and add them to the set in --out (its train.json kept)")
     parser.add_argument("--only", choices=ARCHS, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
 
@@ -446,6 +527,9 @@ def main() -> None:
     if args.only:
         result = train_turn(args.only, args.steps, args.block, args.seed, args.out, args.threads, args.lr)
         print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.archs:
+        add_archs(args)
         return
 
     import torch
