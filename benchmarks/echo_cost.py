@@ -131,7 +131,11 @@ def main() -> None:
     text = heldout.read_bytes()[: args.prompt_tokens].decode("utf-8", errors="ignore")
 
     current = serve(exports["all"], None, args.work / "current.sqlite")
-    base = serve(exports["all"], baseline_src(args.baseline, args.work), args.work / "baseline.sqlite")
+    try:
+        base = serve(exports["all"], baseline_src(args.baseline, args.work), args.work / "baseline.sqlite")
+    except BaseException:
+        current.stop()  # never leave a server behind
+        raise
     plain: dict[str, list[float]] = {"current": [], "baseline": []}
     try:
         for server in (current, base):
