@@ -141,6 +141,17 @@ def set_phase(proxy: str | None, phase: str) -> None:
         urllib.request.urlopen(req, timeout=10).close()
 
 
+def run_op(ops: dict, proxy: str, client: str, name: str, fn) -> None:
+    """One client call, recorded under its phase: its output or its error, and its time."""
+    set_phase(proxy, f"{client}:{name}")
+    started = time.perf_counter()
+    try:
+        ops[name] = {"ok": True, "output": fn()}
+    except BaseException as e:  # noqa: BLE001
+        ops[name] = {"ok": False, "error": error_text(e)}
+    ops[name]["seconds"] = round(time.perf_counter() - started, 3)
+
+
 def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:2000]
 
@@ -332,13 +343,7 @@ def driver_langchain(spec: dict) -> dict:
                   temperature=0, max_retries=0, timeout=120)
 
     def op(name: str, fn) -> None:
-        set_phase(proxy, f"langchain:{name}")
-        started = time.perf_counter()
-        try:
-            ops[name] = {"ok": True, "output": fn()}
-        except BaseException as e:  # noqa: BLE001
-            ops[name] = {"ok": False, "error": error_text(e)}
-        ops[name]["seconds"] = round(time.perf_counter() - started, 3)
+        run_op(ops, proxy, "langchain", name, fn)
 
     llm = OpenAI(**common)
     op("OpenAI.invoke", lambda: llm.invoke(PROMPTS[0]))
@@ -373,13 +378,7 @@ def driver_litellm(spec: dict) -> dict:
     messages = [{"role": "user", "content": PROMPTS[0]}]
 
     def op(name: str, fn) -> None:
-        set_phase(proxy, f"litellm:{name}")
-        started = time.perf_counter()
-        try:
-            ops[name] = {"ok": True, "output": fn()}
-        except BaseException as e:  # noqa: BLE001
-            ops[name] = {"ok": False, "error": error_text(e)}
-        ops[name]["seconds"] = round(time.perf_counter() - started, 3)
+        run_op(ops, proxy, "litellm", name, fn)
 
     def streamed(response) -> dict:
         parts = []

@@ -53,7 +53,7 @@ def test_the_window_attends_to_the_last_w_positions_with_zeros_before_the_start(
     assert torch.allclose(causal_attention(q, keys, values, W), want, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("arch", [*NEW_ARCHS, "linear"])
 def test_prefill_chunks_and_decode_are_one_computation(arch):
     torch.manual_seed(0)
     model = SamOut(TINY, arch).eval()
@@ -71,6 +71,7 @@ def test_prefill_chunks_and_decode_are_one_computation(arch):
     assert torch.allclose(torch.cat(steps, 1), whole, atol=1e-5)
     assert torch.allclose(torch.cat(chunks, 1), whole, atol=1e-5)
     spec = arch_spec(arch)
+    assert all(torch.allclose(p, w, atol=1e-6) for p, w in zip(spec.flatten(past), spec.flatten(whole_state)))
     for t, state in zip(spec.states(TINY.num_layers), spec.flatten(whole_state)):
         assert state.shape[2] == (ids.shape[1] if t.grows else t.slots)
 

@@ -78,25 +78,6 @@ def test_the_mixer_is_samouts_block_with_the_recurrence():
     assert torch.allclose(present, h[:, :, -1:], atol=1e-6)
 
 
-def test_prefill_chunks_and_decode_are_one_computation():
-    torch.manual_seed(0)
-    model = SamOut(TINY, "linear").eval()
-    ids = torch.randint(1, TINY.vocab_size, (2, 43))
-    with torch.no_grad():
-        whole, whole_state = model(ids)
-        steps, past = [], None
-        for t in range(ids.shape[1]):
-            logits, past = model(ids[:, t : t + 1], past)
-            steps.append(logits)
-        chunks, chunk_past = [], None
-        for t in range(0, ids.shape[1], 7):
-            logits, chunk_past = model(ids[:, t : t + 7], chunk_past)
-            chunks.append(logits)
-    assert torch.allclose(torch.cat(steps, 1), whole, atol=1e-5)
-    assert torch.allclose(torch.cat(chunks, 1), whole, atol=1e-5)
-    assert all(torch.allclose(p, w, atol=1e-6) for p, w in zip(past, whole_state))
-
-
 def test_the_state_spec():
     spec = arch_spec("linear")
     (state,) = spec.layer_states(1)
