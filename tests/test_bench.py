@@ -197,3 +197,16 @@ def test_the_bandwidth_is_a_copy_of_read_plus_write_bytes(monkeypatch):
     got = bw.measure_bandwidth(buffer_bytes=8 << 20, runs=2, threads=2)
     assert got.gb_per_s == round(2 * (8 << 20) / 1e9, 2) and got.buffer_bytes == 8 << 20
     assert bw.decode_step_bytes(1000, 100, 25, 7) == 750 + 14
+
+
+def test_bench_op_times_the_linear_scan_within_its_tolerance():
+    """--scan linear: our eager scan and every lowering against the float64 loop, at the scan's fp32 bound."""
+    report = bench_op([1, 2, 300, 8], budget=Budget(1, 2, 2, 0.01), device="cpu", scan="linear")
+    names = [r.name for r in report.rows]
+    assert names[:2] == ["copy (cpu)", "torch blocked scan (cpu)"] and report.tolerance == 2e-6
+    assert {"ort:cpu native/blocked", "ort:cpu native/doubling", "ort:cpu custom (function body)"} <= set(names)
+    assert all(r.exact and 0 < r.error <= report.tolerance for r in report.rows[1:])
+    with pytest.raises(SamoutError, match="--axis 2"):
+        bench_op([1, 300, 8], axis=1, device="cpu", scan="linear")
+    with pytest.raises(SamoutError, match="not one of: max, linear"):
+        bench_op([1, 2, 300, 8], device="cpu", scan="sum")

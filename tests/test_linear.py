@@ -133,6 +133,15 @@ def test_verify_in_onnx_reference(linear, variant):
     assert verify(linear(variant).directory, backend="reference").passed
 
 
+@pytest.mark.parametrize("variant", ["native", "fp16"])
+def test_verify_in_openvino(linear, variant):
+    """The third runtime: OpenVINO runs the native export (fp32 at 1e-4, the fp16 export at fp16's bound)."""
+    pytest.importorskip("openvino")
+    result = verify(linear(variant).directory, backend="openvino")
+    assert result.passed, [c for c in result.checks if not c.passed]
+    assert result.rtol == (RTOL["fp32"] if variant == "native" else RTOL["fp16"])
+
+
 def pytorch(directory: Path, checkpoint: Path, logits: str = "all"):
     return load_torch_runner(load_checkpoint(checkpoint), "linear", "fp32", logits, export_dir=directory)
 

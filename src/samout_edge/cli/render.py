@@ -344,13 +344,17 @@ def bench(report) -> None:
                       f"{bandwidth['method']}, {bandwidth['threads']} threads) over its measured time", highlight=False)
 
 
-def bench_op(report, dims: list[int], dtype: str, axis: int) -> None:
-    table = Table(title=f"cummax of {dims} {dtype}, axis {axis}, on {report.machine['label']} (median of interleaved runs)")
-    for header in ("candidate", "median ms", "GB/s", "fraction of copy", "bit-exact"):
+def bench_op(report) -> None:
+    from samout_edge.bench.op import check_cell
+
+    table = Table(title=escape(f"{report.title}, on {report.machine['label']} (median of interleaved runs)"))
+    for header in ("candidate", "median ms", "GB/s", "fraction of copy", report.check_header):
         table.add_column(header, justify="left" if header == "candidate" else "right")
     for r in report.rows:
-        exact = "-" if r.exact is None else ("[green]yes[/]" if r.exact else "[red]NO[/]")
-        table.add_row(r.name, f"{r.median_ms:.3f}", f"{r.gb_per_s:.1f}", f"{r.fraction_of_copy:.3f}", exact)
+        cell = check_cell(report, r)
+        color = "green" if r.exact else "red"
+        table.add_row(escape(r.name), f"{r.median_ms:.3f}", f"{r.gb_per_s:.1f}", f"{r.fraction_of_copy:.3f}",
+                      cell if r.exact is None else f"[{color}]{escape(cell)}[/]")
     console.print(table)
 
 

@@ -241,6 +241,8 @@ def bench_op_command(
     shape: str = typer.Option("1,8,8192,64", help="Tensor shape [batch, heads, seq, head_dim]."),
     dtype: DType = typer.Option("fp32", help="fp32 or fp16."),
     axis: int = typer.Option(2, help="Scan axis (2: sequence, 1: heads)."),
+    scan: str = typer.Option("max", help="The scan: max (cummax, checked bit for bit) or linear (h = a*h + b, "
+                             "checked against a float64 loop at its tolerance; axis 2 of a 4-d shape)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Unroll the lowerings for this length (an export's max_seq); default: the axis length."),
     device: TorchDevice = typer.Option("auto", help="torch device for torch.cummax and the copy: auto, cpu or cuda."),
     repeats: int = typer.Option(30, min=1, help="Most timed calls per candidate."),
@@ -248,7 +250,7 @@ def bench_op_command(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
 ) -> None:
-    """The cummax op alone: torch.cummax vs each ONNX lowering in ONNX Runtime vs a plain copy."""
+    """A scan op alone: torch (cummax, or our eager linear scan) vs each ONNX lowering in ONNX Runtime vs a plain copy."""
     from samout_edge.artifact.files import check_writable_file, write_bytes_atomic, write_json_atomic
     require_torch("bench op (torch.cummax and the copy are its yardsticks)")
     from samout_edge.bench.op import bench_op, to_markdown
@@ -260,8 +262,8 @@ def bench_op_command(
     dims = parse_int_list(shape, "--shape")
     with progress_bar() as progress:
         report = bench_op(dims, dtype.value, axis, max_len, budget=Budget(2, min(5, repeats), repeats, budget),
-                          device=device.value, progress=progress)
-    render.bench_op(report, dims, dtype.value, axis)
+                          device=device.value, progress=progress, scan=scan)
+    render.bench_op(report)
     if json_file:
         write_json_atomic(json_file, report.to_dict())
         console.print(escape(f"wrote {json_file}"), highlight=False)
