@@ -30,6 +30,8 @@ STORE_FILE = "sessions.sqlite"
 
 @dataclass
 class ServeOptions:
+    """Everything a Server is started with; each bound is checked here, once, as its flag names it."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     store: Path | None = None  # None: sessions live in memory only
@@ -68,7 +70,6 @@ class ServeOptions:
                 raise SamoutError(f"an API key must be at least {MIN_KEY_LENGTH} printable characters without spaces")
             if not key.isascii():  # an HTTP header carries Latin-1 at best: such a key could never match
                 raise SamoutError("an API key must be ASCII (a header cannot carry it as UTF-8): this one is not")
-
 
 
 def default_store(target: Path) -> Path:
