@@ -157,7 +157,8 @@ def test_serve_takes_a_long_prompt_into_a_session(short, factor):
     from fastapi.testclient import TestClient
 
     from samout_edge.serve import open_server
-    from samout_edge.serve.server import ServeOptions, create_app
+    from samout_edge.serve.app import create_app
+    from samout_edge.serve.options import ServeOptions
 
     d = short("native-fp32")
     prompt = np.random.default_rng(factor).integers(1, 128, factor * MAX_SEQ).tolist()

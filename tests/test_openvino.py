@@ -80,7 +80,8 @@ def test_serve_on_openvino(exported):
     from fastapi.testclient import TestClient
 
     from samout_edge.serve import open_server
-    from samout_edge.serve.server import ServeOptions, create_app
+    from samout_edge.serve.app import create_app
+    from samout_edge.serve.options import ServeOptions
 
     d = exported().directory
     server = open_server(d, "openvino", ServeOptions())

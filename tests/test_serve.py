@@ -23,9 +23,10 @@ from samout_edge.errors import SamoutError
 from samout_edge.generate import Sampler, generate
 from samout_edge.runtime.registry import load_runner
 from samout_edge.serve import open_server
+from samout_edge.serve.app import create_app
 from samout_edge.serve.batcher import Batcher, Job
+from samout_edge.serve.options import ServeOptions
 from samout_edge.serve.process import ServerProcess
-from samout_edge.serve.server import ServeOptions, create_app
 from samout_edge.serve.sessions import SessionPolicy, encode_state
 
 PROMPT = [5, 9, 17, 3]

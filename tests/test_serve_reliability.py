@@ -216,8 +216,7 @@ def _hf_render(source: str, messages: list[dict], **variables) -> str:
                                   "user<|end_header_id|>\n\nbye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
 ])
 def test_hugging_face_templates_render_as_transformers_does(tmp_path, exported, tiny_vocab, clients, source, bos, want):
-    from samout_edge.cli.serve import read_chat_template
-    from samout_edge.serve.template import ChatTemplate
+    from samout_edge.serve.template import ChatTemplate, read_chat_template
 
     config = tmp_path / "tokenizer_config.json"
     config.write_text(json.dumps({"chat_template": source, "bos_token": {"content": bos, "special": True},
@@ -266,7 +265,8 @@ HANG = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% e
 
 @pytest.mark.parametrize("source", [HANG, "{{ lipsum(200000) }}", "{{ 'a' * 10**9 }}"])
 def test_a_template_that_hangs_or_floods_is_refused_at_start(exported, tiny_vocab, source):
-    from samout_edge.serve.server import ServeOptions, Server
+    from samout_edge.serve.options import ServeOptions
+    from samout_edge.serve.server import Server
 
     t0 = time.perf_counter()
     with pytest.raises(SamoutError, match="fails on a sample conversation") as error:

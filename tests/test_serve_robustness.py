@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from samout_edge.serve.app import create_app
 from samout_edge.serve.process import ServerProcess
-from samout_edge.serve.server import create_app
 from samout_edge.serve.sessions import SessionPolicy
 from tests import test_serve
 from tests.test_serve import KEY_A, KEY_B, greedy

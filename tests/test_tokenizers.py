@@ -26,7 +26,8 @@ from samout_edge.artifact.tokenizer_files import (
 from samout_edge.artifact.vocab import VOCAB_FILE, ByteVocab, Vocab
 from samout_edge.errors import SamoutError
 from samout_edge.serve import open_server
-from samout_edge.serve.server import ServeOptions, create_app
+from samout_edge.serve.app import create_app
+from samout_edge.serve.options import ServeOptions
 from samout_edge.serve.template import ChatTemplate
 
 # what the issue lists: emoji, CJK, newlines, tabs, leading spaces, NUL, combining characters

@@ -18,7 +18,6 @@ import numpy as np
 from samout_edge.artifact.vocab import Vocab, check_vocab_fits, export_vocab
 from samout_edge.errors import SamoutError
 from samout_edge.runtime.base import Runner, check_context
-from samout_edge.runtime.registry import Settings
 
 GREEDY_BELOW = 1e-6
 
@@ -150,14 +149,6 @@ def finite_last(runner: Runner, logits, step: int) -> np.ndarray:
         raise SamoutError(f"the model gave non-finite logits at new token {step + 1} (an fp16 overflow, or a call "
                           "past the export's max_seq): refusing to sample from them")
     return last
-
-
-def load_generation_runner(target: Path, backend: str, settings: Settings, arch: str = "cummax",
-                           heads: int | None = None) -> Runner:
-    """An export directory on any backend, an engine directory (or ``settings.engine``), or a checkpoint on torch."""
-    from samout_edge.runtime.target import open_runner, resolve_target
-
-    return open_runner(resolve_target(target, settings.engine), backend, settings, arch, heads)
 
 
 def parse_prompt(ids: str | None, prompt: str | None, vocab: Vocab | None) -> list[int]:

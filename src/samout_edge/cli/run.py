@@ -51,11 +51,13 @@ def generate(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming."),
 ) -> None:
     """Generate tokens: one prefill call, then one-token decode calls carrying the state."""
-    from samout_edge.generate import Sampler, load_generation_runner, parse_prompt, vocab_for
+    from samout_edge.generate import Sampler, parse_prompt, vocab_for
     from samout_edge.generate import generate as run_generate
+    from samout_edge.runtime.target import engine_of, open_runner, resolve_target
 
-    runner = load_generation_runner(target, backend, settings, arch_of(arch, softmax_window), heads)
-    words = vocab_for(vocab, runner.info.config.vocab_size, target)
+    resolved = resolve_target(target, engine_of(settings))
+    runner = open_runner(resolved, backend, settings, arch_of(arch, softmax_window), heads)
+    words = vocab_for(vocab, runner.info.config.vocab_size, resolved.export_dir)
     prompt_ids = parse_prompt(ids, prompt, words)
     sampler = Sampler(temperature, top_k, seed)
     piece = words.stream() if words else None  # whole characters only: a UTF-8 byte vocab's are incremental

@@ -1,8 +1,12 @@
 """`samout-edge serve`: an OpenAI-style HTTP server with persistent, batched sessions.
 
-sessions.py holds and persists the states, batcher.py runs every request's
-steps in one worker thread, server.py is the FastAPI app, metrics.py the
-Prometheus text. Needs the ``[serve]`` extra (FastAPI, uvicorn); no torch.
+``serve_target`` is the one call the CLI makes (``target_options`` builds its options);
+``open_server`` and ``run`` are its two halves. The modules, in the order a request
+meets them: http.py (keys, the body bound, error bodies), app.py (the routes),
+protocol.py (the request bodies), server.py (the Server: prompts, limits, admission),
+completion.py (a request in flight, its answer or stream), batcher.py (every request's
+steps in one worker thread), sessions.py (the states, in memory and SQLite). Needs the
+``[serve]`` extra (FastAPI, uvicorn, Jinja); no torch.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from samout_edge.errors import SamoutError, install_hint
 
 if TYPE_CHECKING:
     from samout_edge.runtime.registry import Settings
-    from samout_edge.serve.server import ServeOptions, Server
+    from samout_edge.serve.options import ServeOptions
+    from samout_edge.serve.server import Server
 
 SERVE_INSTALL = install_hint("serve")
 
@@ -31,27 +36,37 @@ def require_serve() -> None:
 
 def open_server(target: Path, backend: str, options: ServeOptions, settings: Settings | None = None,
                 arch: str = "cummax", heads: int | None = None, vocab: Path | None = None) -> Server:
-    """Load the runner (in the batcher's thread), the vocab and the stored sessions."""
+    """Load the runner (in the batcher's thread), the vocab and the stored sessions. The
+    target is resolved once (runtime/target.py): its identity keys the store, and the
+    batcher's thread opens its runner."""
     require_serve()
-    from samout_edge.generate import load_generation_runner, vocab_for
+    from samout_edge.generate import vocab_for
     from samout_edge.runtime.registry import Settings
-    from samout_edge.runtime.target import resolve_target
+    from samout_edge.runtime.target import engine_of, open_runner, resolve_target
     from samout_edge.serve.server import Server, model_identity
 
     settings = settings or Settings()
-    resolved = resolve_target(target, settings.engine)
-    identity = model_identity(resolved)
+    resolved = resolve_target(target, engine_of(settings))
 
     def load():
-        return load_generation_runner(target, backend, settings, arch, heads)
+        return open_runner(resolved, backend, settings, arch, heads)
 
-    server = Server(load, options, identity, model_name=target.resolve().name or "samout")
+    server = Server(load, options, model_identity(resolved), model_name=target.resolve().name or "samout")
     try:
-        server.vocab = vocab_for(vocab, server.info.config.vocab_size, target)
+        server.vocab = vocab_for(vocab, server.info.config.vocab_size, resolved.export_dir)
     except BaseException:
         server.close()
         raise
     return server
+
+
+def serve_target(target: Path, backend: str, options: ServeOptions, settings: Settings | None = None,
+                 arch: str = "cummax", heads: int | None = None, vocab: Path | None = None,
+                 on_ready: Callable[[Server, str], None] | None = None, log_level: str = "warning") -> None:
+    """`samout-edge serve`: open the server (``open_server``) and serve until stopped (``run``);
+    ``on_ready`` gets the server and its URL once the port is bound."""
+    server = open_server(target, backend, options, settings, arch, heads, vocab)
+    run(server, None if on_ready is None else lambda url: on_ready(server, url), log_level)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -75,7 +90,7 @@ def run(server: Server, on_ready: Callable[[str], None] | None = None, log_level
 
     import uvicorn
 
-    from samout_edge.serve.server import create_app
+    from samout_edge.serve.app import create_app
 
     try:
         sock = listen(server.options.host, server.options.port)

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
-from samout_edge.serve.sessions import SessionError
+from samout_edge.serve.errors import ApiError
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -95,8 +95,8 @@ class ResponsesRequest(BaseModel):
         else:
             for i, m in enumerate(self.input):
                 if m.type != "message":
-                    raise SessionError(f"input.{i}.type: {m.type!r} items are not supported (messages only)", 400,
-                                       "unsupported_parameter")
+                    raise ApiError(f"input.{i}.type: {m.type!r} items are not supported (messages only)", 400,
+                                   "unsupported_parameter")
                 messages.append({"role": m.role, "content": m.content})
         body: dict[str, Any] = {"messages": messages, "stream": self.stream}
         for ours, theirs in (("max_tokens", self.max_output_tokens), ("temperature", self.temperature),

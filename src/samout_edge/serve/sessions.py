@@ -38,6 +38,7 @@ import numpy as np
 
 from samout_edge.artifact.arch import arch_spec
 from samout_edge.errors import SamoutError
+from samout_edge.serve.errors import ApiError
 
 SCHEMA_VERSION = 1
 
@@ -51,9 +52,9 @@ class Session:
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     busy: bool = False  # a request is running on it
-    owner: str | None = None  # the API key that created it, as a digest (serve/server.py: key_owner); None: anyone
+    owner: str | None = None  # the API key that created it, as a digest (serve/http.py: key_owner); None: anyone
     # the request that moved it last: {"from_position", "request" (its digest), "response" (the body)}, committed
-    # with the state, so a client that lost the answer to a kill -9 gets it again (server.py: expected_position)
+    # with the state, so a client that lost the answer to a kill -9 gets it again (completion.py: replayed_turn)
     last_turn: dict | None = None
 
     @property
@@ -86,12 +87,9 @@ def decode_state(blob: bytes) -> dict[str, np.ndarray]:
     return state
 
 
-class SessionError(SamoutError):
-    """A request the session table refuses; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int, code: str):
-        super().__init__(message)
-        self.status, self.code = status, code
+class SessionError(ApiError):
+    """A request the session table refuses (unknown, busy, too many, a full KV budget, the
+    store): an ApiError like every refusal, with the HTTP status to answer with."""
 
 
 class StoreUnavailable(SessionError):

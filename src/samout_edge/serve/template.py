@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import threading
+from pathlib import Path
 from typing import Any
 
 from samout_edge.errors import SamoutError
@@ -56,6 +57,30 @@ def special_tokens(config: dict[str, Any]) -> dict[str, str]:
         if isinstance(value, str):
             found[name] = value
     return found
+
+
+def read_chat_template(path: Path) -> tuple[str, dict[str, str]]:
+    """--chat-template's source and the variables Hugging Face renders it with: a
+    tokenizer_config.json gives its chat_template and its special tokens (``bos_token``,
+    ``eos_token``, ...), which templates print; an empty template is refused, never the default."""
+    try:
+        template = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SamoutError(f"--chat-template {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    variables: dict[str, str] = {}
+    if path.suffix == ".json":  # a Hugging Face tokenizer_config.json: its chat_template
+        try:
+            config = json.loads(template)
+            template = config["chat_template"]
+        except (ValueError, KeyError, TypeError):
+            raise SamoutError(f"--chat-template {path}: a JSON file must be a tokenizer_config.json "
+                              "with a chat_template string") from None
+        if not isinstance(template, str):
+            raise SamoutError(f"--chat-template {path}: its chat_template is not one template string")
+        variables = special_tokens(config)
+    if not template.strip():
+        raise SamoutError(f"--chat-template {path}: the template is empty (leave --chat-template out for the default)")
+    return template, variables
 
 
 MAX_PRODUCT = 1 << 20  # the longest string or list one `*` in a template may make, and the largest `**` exponent

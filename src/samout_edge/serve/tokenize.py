@@ -20,7 +20,7 @@ import time
 import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 
-from samout_edge.serve.sessions import SessionError
+from samout_edge.serve.errors import ApiError
 
 WORKER_CHARS = 16_384  # texts at least this long are encoded in the child (shorter ones take well under 10 ms)
 NFKC_PIECE = 8_192  # characters normalised at a time while measuring the expansion
@@ -32,16 +32,16 @@ def check_chars(text: str, limit: int) -> None:
     """Refuse a text longer than ``limit`` characters, as sent or once NFKC-normalised (one
     character may become 18: U+FDFA), before a tokenizer spends time and memory on it."""
     if len(text) > limit:
-        raise SessionError(f"the prompt is {len(text):,} characters, above this server's limit of {limit:,} "
-                           "(serve --max-prompt-chars)", 400, "prompt_too_long")
+        raise ApiError(f"the prompt is {len(text):,} characters, above this server's limit of {limit:,} "
+                       "(serve --max-prompt-chars)", 400, "prompt_too_long")
     if unicodedata.is_normalized("NFKC", text):
         return
     grown = 0
     for start in range(0, len(text), NFKC_PIECE):
         grown += len(unicodedata.normalize("NFKC", text[start : start + NFKC_PIECE]))
         if grown > limit:
-            raise SessionError(f"the prompt grows past {limit:,} characters when normalised (NFKC), above this "
-                               "server's limit (serve --max-prompt-chars)", 400, "prompt_too_long")
+            raise ApiError(f"the prompt grows past {limit:,} characters when normalised (NFKC), above this "
+                           "server's limit (serve --max-prompt-chars)", 400, "prompt_too_long")
 
 
 def _init(source: str, parent: int) -> None:

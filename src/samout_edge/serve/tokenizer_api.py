@@ -37,11 +37,11 @@ from pydantic import (
 )
 
 from samout_edge.artifact.tokenizer_files import TOKENIZER_CLASS, TokenizerForm, token_strings, tokenizer_form
-from samout_edge.artifact.vocab import ByteVocab, HFTokenizer, Vocab, check_text
-from samout_edge.errors import SamoutError
-from samout_edge.serve.server import MAX_CHAT_MESSAGES, ChatMessage, Server, few_messages
-from samout_edge.serve.sessions import SessionError
-from samout_edge.serve.template import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS, TemplateFailure
+from samout_edge.artifact.vocab import ByteVocab, HFTokenizer, Vocab
+from samout_edge.serve.errors import ApiError, unsupported
+from samout_edge.serve.protocol import MAX_CHAT_MESSAGES, ChatMessage, check_messages, few_messages
+from samout_edge.serve.server import Server, prompt_too_long
+from samout_edge.serve.template import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS
 
 # transformers' tag for continue_final_message: appended to the last message, found in the render, cut there
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -94,9 +94,9 @@ def json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
-        raise SessionError("the body is not valid JSON", 400, "invalid_request") from None
+        raise ApiError("the body is not valid JSON", 400, "invalid_request") from None
     if not isinstance(data, dict):
-        raise SessionError("the body must be a JSON object", 400, "invalid_request")
+        raise ApiError("the body must be a JSON object", 400, "invalid_request")
     return data
 
 
@@ -130,7 +130,7 @@ def form_of(server: Server) -> TokenizerForm:
 
 def need_vocab(server: Server) -> Vocab | ByteVocab | HFTokenizer:
     if server.vocab is None:
-        raise SessionError("this server has no vocab (serve --vocab FILE): it cannot tokenize text", 400, "no_vocab")
+        raise ApiError("this server has no vocab (serve --vocab FILE): it cannot tokenize text", 400, "no_vocab")
     return server.vocab
 
 
@@ -152,16 +152,16 @@ def render_chat(server: Server, messages: list[dict[str, Any]], add_generation_p
     if not continue_final:
         return template.render(messages, add_generation_prompt)
     if not messages:
-        raise SessionError("continue_final_message: there is no message to continue", 400, "invalid_request")
+        raise ApiError("continue_final_message: there is no message to continue", 400, "invalid_request")
     if "content" not in (template.source or DEFAULT_CHAT_TEMPLATE):
-        raise SessionError("continue_final_message: the chat template does not read a message's content", 400,
-                           "chat_template")
+        raise ApiError("continue_final_message: the chat template does not read a message's content", 400,
+                       "chat_template")
     final = messages[-1]["content"]
     rendered = template.render([*messages[:-1], {**messages[-1], "content": final + CONTINUE_TAG}], False)
     tag = CONTINUE_TAG.strip()
     if final.strip() not in rendered or tag not in rendered:
-        raise SessionError("continue_final_message: the chat template's text does not hold the final message as "
-                           "sent", 400, "chat_template")
+        raise ApiError("continue_final_message: the chat template's text does not hold the final message as "
+                       "sent", 400, "chat_template")
     at = rendered.rindex(tag)
     return rendered[:at] if rendered[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG else rendered[:at].rstrip()
 
@@ -173,30 +173,21 @@ async def tokenize(server: Server, body: bytes) -> dict[str, Any]:
     if isinstance(req, TokenizeChatRequest):
         refused = req.unsupported()
         if refused is not None:
-            raise SessionError(f"{refused} is not supported by this server (the server's chat template renders; "
-                               "leave it out)", 400, "unsupported_parameter")
+            raise unsupported(refused, "the server's chat template renders; leave it out")
         if req.continue_final_message and req.add_generation_prompt:
-            raise SessionError("continue_final_message and add_generation_prompt cannot both be true (send "
-                               "add_generation_prompt: false)", 400, "invalid_request")
+            raise ApiError("continue_final_message and add_generation_prompt cannot both be true (send "
+                           "add_generation_prompt: false)", 400, "invalid_request")
+        check_messages(req.messages)
         messages = [m.for_template() for m in req.messages]  # as chat completions give them to the template
-        for i, m in enumerate(messages):
-            try:
-                check_text(m["content"])
-            except SamoutError as e:
-                raise SessionError(f"messages.{i}.content: {e}", 400, "invalid_text") from None
-        try:  # off the event loop: an operator's template renders in its own process, within a time bound
-            text = await asyncio.to_thread(render_chat, server, messages, req.add_generation_prompt,
-                                           req.continue_final_message)
-        except TemplateFailure as e:
-            raise SessionError(f"the chat template failed on these messages: {e}", 400, "chat_template") from None
+        text = await server.render(render_chat, server, messages, req.add_generation_prompt,
+                                   req.continue_final_message)
     else:
         text = req.prompt
     # the completions' encoding and limits, off the event loop
     ids = await asyncio.to_thread(server.prompt_ids, text, req.add_special_tokens)
     limit = server.options.max_prompt_tokens
     if len(ids) > limit:  # prompt_ids refuses what is surely too long; a completion counts the rest, as here
-        raise SessionError(f"the prompt is {len(ids):,} tokens, above this server's limit of {limit:,} "
-                           "(serve --max-prompt-tokens)", 400, "prompt_too_long")
+        raise prompt_too_long(len(ids), limit)
     strs = None
     if req.return_token_strs:
         form = await asyncio.to_thread(form_of, server)
@@ -210,16 +201,16 @@ async def detokenize(server: Server, body: bytes) -> dict[str, Any]:
     vocab = need_vocab(server)
     limit = server.options.max_prompt_tokens
     if len(req.tokens) > limit:
-        raise SessionError(f"tokens: {len(req.tokens):,} ids, above this server's limit of {limit:,} "
-                           "(serve --max-prompt-tokens)", 400, "prompt_too_long")
+        raise ApiError(f"tokens: {len(req.tokens):,} ids, above this server's limit of {limit:,} "
+                       "(serve --max-prompt-tokens)", 400, "prompt_too_long")
     try:
         ids = server.prompt_ids(req.tokens)  # every id inside the model's vocabulary
-    except SessionError as e:
-        raise SessionError(f"tokens: {e}", e.status, e.code) from None
+    except ApiError as e:
+        raise ApiError(f"tokens: {e}", e.status, e.code) from None
     beyond = next((t for t in ids if t >= vocab.size), None)
     if beyond is not None:
-        raise SessionError(f"tokens: token id {beyond} has no token in this server's vocab (0..{vocab.size - 1})", 400,
-                           "token_out_of_range")
+        raise ApiError(f"tokens: token id {beyond} has no token in this server's vocab (0..{vocab.size - 1})", 400,
+                       "token_out_of_range")
     return {"prompt": await asyncio.to_thread(vocab.decode_ids, ids)}
 
 
