@@ -311,10 +311,10 @@ def eval_command(
     engine = engine_of(settings)
     if len(targets) > MAX_EVAL_TARGETS:
         raise SamoutError(f"give at most {MAX_EVAL_TARGETS} targets")
-    for target in targets if record else []:  # before minutes of scoring
-        kind = resolve_target(target, engine).kind
-        if kind != "export":
-            raise SamoutError(f"--record keeps a result in an export's export.json; {target} is a {kind}")
+    resolved = [resolve_target(target, engine) for target in targets]  # a wrong path fails before minutes of scoring
+    for found in resolved if record else []:
+        if found.kind != "export":
+            raise SamoutError(f"--record keeps a result in an export's export.json; {found.path} is a {found.kind}")
     if plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             raise SamoutError(f"--plot needs matplotlib: {install_hint('plot')}")
@@ -328,8 +328,8 @@ def eval_command(
                                        with_reference=reference, arch=arch_of(arch, softmax_window), heads=heads,
                                        progress=progress, checkpoint=checkpoint, stream=stream, settings=settings))
     if record:
-        for target, result in zip(targets, results):
-            record_quality(resolve_target(target, engine).export_dir, result, text)
+        for found, result in zip(resolved, results):
+            record_quality(found.export_dir, result, text)
     if json_out:
         print_json([r.to_dict() for r in results])
     else:
