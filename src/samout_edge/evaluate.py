@@ -44,7 +44,7 @@ from samout_edge.artifact.manifest import read_manifest
 from samout_edge.artifact.vocab import Vocab, export_vocab, iter_tokens, read_tokens  # noqa: F401 - eval's API
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
-from samout_edge.runtime.base import Runner, check_context
+from samout_edge.runtime.base import PREFILL_UBATCH, Runner, check_context
 from samout_edge.runtime.registry import Settings
 
 DEFAULT_WINDOW = 512
@@ -396,6 +396,7 @@ def eval_target(
     stream: bool = False,
     engine: str | None = None,
     settings: Settings | None = None,
+    ubatch: int | None = PREFILL_UBATCH,
 ) -> EvalResult:
     """Evaluate an export (any backend), an engine directory, or a checkpoint (torch),
     in windows or (``stream``) as one context. ``checkpoint``: a copy of an export's
@@ -414,7 +415,7 @@ def eval_target(
     settings = settings.replace(checkpoint=checkpoint, engine=engine)
     grows = manifest is not None and arch_spec(manifest.arch).grows
     options, workers = spec.options_from(settings).for_eval(stream, grows)  # the backend's knobs for scoring
-    runner = open_runner(resolved, backend, options, arch, heads, logits="all")
+    runner = open_runner(resolved, backend, options, arch, heads, logits="all", ubatch=ubatch)
     with runner:
         config = runner.info.config
         window = window or DEFAULT_WINDOW

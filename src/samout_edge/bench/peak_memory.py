@@ -36,6 +36,7 @@ class MemorySpec:
     steps: int = 4  # decode steps measured
     settings: dict | None = None  # the backend's options (runtime/backend.py), as a dict
     memory: str = "host"  # where the peak is read (RunnerInfo.memory): host (RSS) or cuda (torch's allocator)
+    ubatch: int | None = 512  # most tokens per call (runtime/base.py PREFILL_UBATCH); None: what the graph takes
 
 
 def json_ready(values: dict) -> dict:
@@ -84,6 +85,7 @@ def measure(spec: MemorySpec) -> int | None:
     backend = backend_named(spec.backend)
     options = backend.options(**(spec.settings or {})).for_peak_memory()  # freed memory back to the OS
     runner = load_runner(spec.directory, spec.backend, options)
+    runner.ubatch = spec.ubatch
     vocab = runner.info.config.vocab_size
     ids = np.random.default_rng(0).integers(1, vocab, (spec.batch, spec.length + spec.steps))
     empty = runner.initial_state(spec.batch)

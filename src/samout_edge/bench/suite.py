@@ -29,7 +29,7 @@ from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.backend import BackendOptions
-from samout_edge.runtime.base import Runner, check_context
+from samout_edge.runtime.base import PREFILL_UBATCH, Runner, check_context
 from samout_edge.runtime.registry import BACKENDS, Settings, backend_named, check_installed, load_runner
 
 MODES = ("prefill", "decode")
@@ -57,6 +57,7 @@ class BenchConfig:
     memory: bool = True
     kv_budget_bytes: int | None = None  # softmax: contexts whose KV cache would pass this are reported, not run
     roofline: bool = True  # measure the memory bandwidth once; decode rows get their fraction of it
+    ubatch: int | None = PREFILL_UBATCH  # most tokens per prefill call, as generate and serve feed them; None: max_seq
 
     def validate(self) -> BenchConfig:
         for mode in self.modes:
@@ -192,6 +193,8 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     done = 0
     for backend, options in plan:
         runners = {arch: load_runner(pair[arch], backend, options) for arch in pair}
+        for runner in runners.values():
+            runner.ubatch = config.ubatch
         label = next(iter(runners.values())).info.device  # the provider, the engine profile, cuda+triton, CPU:f32
         shown = label.replace("ExecutionProvider", "")
         for mode, batch, length in points:
@@ -203,7 +206,7 @@ def run_bench(pair: dict[str, Path], config: BenchConfig, progress: Progress = n
     return BenchReport(
         machine=info,
         config={**cm.config.to_dict(), "dtype": cm.dtype, "lowering": cm.lowering, "scan": cm.scan["scan"],
-                "max_seq": cm.max_seq, "budget": asdict(config.budget), "memory": config.memory,
+                "max_seq": cm.max_seq, "ubatch": config.ubatch, "budget": asdict(config.budget), "memory": config.memory,
                 "settings": config.settings.to_dict(),
                 "weights": {"kind": cm.weights.kind, "block_size": cm.weights.block_size, "format": cm.weights.format,
                             "bytes": {arch: stored[arch][1] for arch in pair}}},
@@ -238,7 +241,7 @@ def _measure_point(runners: dict[str, Runner], pair, backend, options: BackendOp
         probe = runners[arch].info.memory  # None: an allocator whose peak cannot be read (a GPU's)
         if timing is not None and config.memory and probe is not None:
             spec = MemorySpec(str(pair[arch]), backend, label, mode, batch, length,
-                              settings=json_ready(asdict(options)), memory=probe)
+                              settings=json_ready(asdict(options)), memory=probe, ubatch=config.ubatch)
             try:
                 peak = measure_in_child(spec)
             except (RuntimeError, subprocess.TimeoutExpired):  # out of memory, killed or too slow: the time

@@ -49,6 +49,9 @@ TorchDevice = choices("TorchDevice", TORCH_DEVICES)  # bench op's own device (ba
 ARCH_HELP = ("cummax (SamOut), softmax (the baseline), hybrid (alpha * cummax + (1 - alpha) * softmax, alpha learned "
              "per layer) or linear (SamOut with a gated linear recurrence over the sequence); softmax-w64, hybrid-w64: "
              "a window of 64; or one per layer, comma-separated: linear,softmax-w64.")
+UBATCH_HELP = ("Most tokens per prefill call (a micro-batch, as llama.cpp's 512): a longer prompt is fed in calls "
+               "of this many with the state carried, exact, so its working memory stays bounded; 0: calls as long as "
+               "the graph takes (max_seq).")
 WINDOW_HELP = ("softmax and hybrid: attend to the last W positions only, so the state is bounded (W keys and values "
                "per layer); 0: every position.")
 

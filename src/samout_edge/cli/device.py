@@ -59,6 +59,8 @@ def plan(
     archs: Optional[str] = typer.Option(None, "--archs", help="Archs side by side: cummax, softmax, hybrid, and "
                                         "softmax-wN / hybrid-wN for a softmax window of N (default: cummax,softmax, "
                                         "and an export's own)."),
+    ubatch: int = typer.Option(512, "--ubatch", min=0, help="Most tokens per prefill call, as generate and serve feed "
+                               "them (0: the profile's opt prefill length)."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Memory plan on a device: weights + activations + each arch's state (running max, KV cache, window), and the longest context."""
@@ -85,7 +87,7 @@ def plan(
     if batch < 1:
         raise SamoutError(f"--batch must be at least 1, got {batch}")
     result = memory_plan(config, device, dtype_name, batch, parse_int_list(contexts, "--contexts"),
-                         weights_bytes=weights_bytes, weights_kind=weights_kind, archs=wanted)
+                         weights_bytes=weights_bytes, weights_kind=weights_kind, archs=wanted, ubatch=ubatch or None)
     if json_out:
         print_json(result.to_dict())
         return

@@ -15,6 +15,7 @@ from samout_edge.cli import render
 from samout_edge.cli.backend_options import backend_options
 from samout_edge.cli.common import (
     ARCH_HELP,
+    UBATCH_HELP,
     WINDOW_HELP,
     DType,
     Lowering,
@@ -49,14 +50,15 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k most likely tokens (0: all)."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Sampling seed."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming."),
+    ubatch: int = typer.Option(512, "--ubatch", min=0, help=UBATCH_HELP),
 ) -> None:
-    """Generate tokens: one prefill call, then one-token decode calls carrying the state."""
+    """Generate tokens: a prefill (in calls of --ubatch tokens), then one-token decode calls carrying the state."""
     from samout_edge.generate import Sampler, parse_prompt, vocab_for
     from samout_edge.generate import generate as run_generate
     from samout_edge.runtime.target import engine_of, open_runner, resolve_target
 
     resolved = resolve_target(target, engine_of(settings))
-    runner = open_runner(resolved, backend, settings, arch_of(arch, softmax_window), heads)
+    runner = open_runner(resolved, backend, settings, arch_of(arch, softmax_window), heads, ubatch=ubatch)
     words = vocab_for(vocab, runner.info.config.vocab_size, resolved.export_dir)
     prompt_ids = parse_prompt(ids, prompt, words)
     sampler = Sampler(temperature, top_k, seed)
@@ -139,6 +141,7 @@ def bench_run(
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", min=0,
                                               help="MiB: softmax contexts whose KV cache would pass this are reported "
                                               "as such, not run (always: those past the machine's memory)."),
+    ubatch: int = typer.Option(512, "--ubatch", min=0, help=UBATCH_HELP),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline",
                                   help="Measure the memory bandwidth (about a second) and give each decode row the "
                                   "fraction of it the step reaches."),
@@ -165,6 +168,7 @@ def bench_run(
         memory=memory,
         kv_budget_bytes=None if kv_budget is None else int(kv_budget * 2**20),
         roofline=roofline,
+        ubatch=ubatch or None,
     ).validate()
     resolved = [resolve_target(d) for d in dirs or []]  # after the options: a bad choice is a usage error first
     if any(t.kind == "checkpoint" for t in resolved):
@@ -290,6 +294,7 @@ def eval_command(
     vocab: Optional[Path] = typer.Option(None, help="Vocab file (JSON list of token strings), or 'bytes' [default: the export's, else UTF-8 bytes as ids]."),
     reference: bool = typer.Option(True, "--reference/--no-reference",
                                    help="Also compare with PyTorch fp32 (top-1 agreement, max logit error; needs torch)."),
+    ubatch: int = typer.Option(512, "--ubatch", min=0, help=UBATCH_HELP),
     arch: str = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
     softmax_window: int = typer.Option(0, "--softmax-window", min=0, help="For a checkpoint: " + WINDOW_HELP),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),
@@ -326,7 +331,8 @@ def eval_command(
         for target in targets:
             results.append(eval_target(target, text, backend, window=window, stride=stride, vocab=vocab,
                                        with_reference=reference, arch=arch_of(arch, softmax_window), heads=heads,
-                                       progress=progress, checkpoint=checkpoint, stream=stream, settings=settings))
+                                       progress=progress, checkpoint=checkpoint, stream=stream, settings=settings,
+                                       ubatch=ubatch))
     if record:
         for found, result in zip(resolved, results):
             record_quality(found.export_dir, result, text)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from samout_edge.cli.backend_options import backend_options
-from samout_edge.cli.common import ARCH_HELP, WINDOW_HELP, app, arch_of
+from samout_edge.cli.common import ARCH_HELP, UBATCH_HELP, WINDOW_HELP, app, arch_of
 from samout_edge.cli.ui import err_console
 from samout_edge.runtime.registry import Settings
 
@@ -51,6 +51,7 @@ def serve(
         None, "--chat-template", help="A Jinja chat template (Hugging Face's chat_template: messages, "
         "add_generation_prompt), or a tokenizer_config.json holding one, for /v1/chat/completions "
         "[default: 'role: content' lines, then 'assistant: ']."),
+    ubatch: int = typer.Option(512, "--ubatch", min=0, help=UBATCH_HELP),
     log_level: str = typer.Option("warning", help="uvicorn's log level (info shows each request)."),
 ) -> None:
     """Serve completions over HTTP with sessions that persist across restarts."""
@@ -65,7 +66,7 @@ def serve(
     options = target_options(target, store=store, memory_only=memory_only, keys=api_key or [], key_file=api_key_file,
                              allow_no_api_key=allow_no_api_key, chat_template=chat_template, host=host, port=port,
                              max_batch=max_batch, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
-                             max_prompt_chars=max_prompt_chars,
+                             max_prompt_chars=max_prompt_chars, ubatch=ubatch,
                              policy=SessionPolicy(max_sessions, session_ttl, int(kv_budget_mib * 2**20)))
 
     def ready(server, url: str) -> None:

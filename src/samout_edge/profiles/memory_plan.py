@@ -130,9 +130,10 @@ def longest_context(config: ModelConfig, arch: str, dtype: str, batch: int, chun
 
 def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None = None, batch: int = 1,
                 contexts: list[int] | None = None, weights_bytes: int | None = None,
-                weights_kind: str = "fp", archs: list[str] | None = None) -> MemoryPlan:
+                weights_kind: str = "fp", archs: list[str] | None = None, ubatch: int | None = 512) -> MemoryPlan:
     """``weights_bytes``/``weights_kind``: an export's stored weights (``export_weights``);
-    None counts parameters x the dtype's size. ``archs``: side by side (default: cummax, softmax)."""
+    None counts parameters x the dtype's size. ``archs``: side by side (default: cummax, softmax).
+    ``ubatch``: the most tokens a prefill call takes (runtime/base.py); None: the profile's opt length."""
     archs = [arch_spec(a).name for a in archs or BENCH_ARCHS]
     dtype = dtype or profile.precision
     if weights_bytes is not None and weights_bytes < 1:
@@ -141,7 +142,9 @@ def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None =
         raise SamoutError(f"--batch must be at least 1, got {batch}")
     if contexts is not None and (not contexts or any(n < 1 for n in contexts)):
         raise SamoutError(f"--contexts needs positive lengths, got {contexts}")
-    chunk = profile.prefill.seq.opt
+    if ubatch is not None and ubatch < 1:
+        raise SamoutError(f"--ubatch must be at least 1 token, got {ubatch}")
+    chunk = min(profile.prefill.seq.opt, ubatch or profile.prefill.seq.opt)
     contexts = contexts or DEFAULT_CONTEXTS
     rows = [
         PlanRow(n, {arch: estimate(config, arch, dtype, batch, n, chunk, profile, weights_bytes) for arch in archs},
@@ -163,7 +166,8 @@ def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None =
             (f"weights: {weights_kind} as stored in model.onnx ({weights_bytes / 2**20:.1f} MiB"
              + (" with scales)" if weights_kind != "fp" else ")")
              if weights_bytes is not None else f"weights: {config.parameter_count():,} parameters x {BYTES[dtype]} bytes"),
-            f"chunked prefill of {chunk} tokens (the profile's opt prefill length), then decode",
+            f"chunked prefill of {chunk} tokens (the smaller of the profile's opt prefill length and --ubatch), "
+            "then decode",
             f"activations: {ACTIVATION_VALUES} hidden-sized values per token per call, plus last-token logits",
             "softmax scores as if unfused (upper bound), over the window where there is one; state "
             "double-buffered (past in, present out)",

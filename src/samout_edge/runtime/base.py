@@ -10,9 +10,12 @@ arrays for TensorRT) so a decode loop never copies through the host;
 ``with`` block frees its session, context, stream and buffers.
 
 Any length is one ``run``: a call longer than the graph takes (a cummax export's
-max_seq, an engine's longest prefill profile) is fed in chunks with the state
-carried, which is exact (SamOut has no positions; a running max over chunks is
-the running max over the whole). How long a context a target holds at all is
+max_seq, an engine's longest prefill profile) or than the runner's micro-batch
+(``ubatch``, 512 tokens by default, as llama.cpp's) is fed in chunks with the
+state carried, which is exact (SamOut has no positions; a running max over chunks
+is the running max over the whole; the linear scan and a softmax cache carry
+theirs alike). The micro-batch bounds a prefill's working memory whatever
+max_seq is: a call's activations scale with its tokens. How long a context a target holds at all is
 ``check_context``'s one rule: a cummax state never grows; a softmax KV cache is
 bounded by an engine's profiles and by memory.
 """
@@ -97,18 +100,27 @@ def check_context(info: RunnerInfo, tokens: int, batch: int = 1, what: str = "th
                      f"scores of a call of {shortest} tokens)")
 
 
-def call_tokens(info: RunnerInfo, batch: int, context: int) -> int | None:
+PREFILL_UBATCH = 512  # tokens per prefill call by default (llama.cpp's ubatch): bounded working memory
+
+
+def _least(*limits: int | None) -> int | None:
+    given = [n for n in limits if n]
+    return min(given) if given else None
+
+
+def call_tokens(info: RunnerInfo, batch: int, context: int, ubatch: int | None = None) -> int | None:
     """The most tokens one call takes when the state will hold ``context`` tokens: the
-    graph's limit, and for a softmax cache what its attention scores leave memory for
-    (so a long prompt is fed in shorter calls rather than not at all)."""
+    graph's limit, the micro-batch ``ubatch`` (None or 0: none), and for a softmax cache
+    what its attention scores leave memory for (so a long prompt is fed in shorter
+    calls rather than not at all)."""
     if not arch_spec(info.arch).grows:
-        return info.max_seq
+        return _least(info.max_seq, ubatch)
     from samout_edge.artifact.resources import available_memory
 
     free = available_memory() - 2 * graph.state_bytes(info.config, info.arch, batch, context, info.dtype)
     room = min(free // 4, CALL_SCORES_MAX)  # a runtime's allocator keeps more than one call's peak
     fit = max(MIN_CALL, room // max(1, _scores_bytes(info, batch, 1, context)))
-    return min(info.max_seq or fit, fit)
+    return _least(info.max_seq, fit, ubatch)
 
 
 def past_length(info: RunnerInfo, state: State) -> int:
@@ -123,6 +135,7 @@ def _scores_bytes(info: RunnerInfo, batch: int, queries: int, keys: int) -> int:
 
 class Runner(ABC):
     info: RunnerInfo
+    ubatch: int | None = PREFILL_UBATCH  # the most tokens one call takes (None: what the graph takes); verify sets None
 
     @abstractmethod
     def initial_state(self, batch: int) -> State:
@@ -139,12 +152,12 @@ class Runner(ABC):
         check_feed(self.info, input_ids, state)
         batch, seq = np.shape(input_ids)
         past = past_length(self.info, state)
-        limit = call_tokens(self.info, batch, past + seq)
+        limit = call_tokens(self.info, batch, past + seq, self.ubatch)
         if limit is None or seq <= limit:
             return self.run_impl(input_ids, state)
         ids = np.asarray(input_ids)
         pieces = []
-        for start in range(0, seq, limit):  # chunks of at most max_seq, the state carried: exact
+        for start in range(0, seq, limit):  # chunks of at most max_seq and ubatch, the state carried: exact
             logits, state = self.run_impl(ids[:, start : start + limit], state)
             if self.info.logits == "all":
                 pieces.append(self.to_numpy(logits))

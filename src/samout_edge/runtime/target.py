@@ -19,7 +19,7 @@ from samout_edge.artifact.engine import is_engine_dir, resolve_engine
 from samout_edge.artifact.manifest import is_export_dir
 from samout_edge.errors import SamoutError
 from samout_edge.runtime.backend import Backend
-from samout_edge.runtime.base import Runner
+from samout_edge.runtime.base import PREFILL_UBATCH, Runner
 from samout_edge.runtime.registry import BACKENDS, Settings, check_installed, load_runner
 
 KINDS = ("export", "engine", "checkpoint")
@@ -73,9 +73,22 @@ def resolve_target(path: str | Path, engine: str | None = None) -> Target:
 
 
 def open_runner(target: Target, backend: str = "auto", options: Any = None, arch: str = "cummax",
-                heads: int | None = None, logits: str = "last") -> Runner:
+                heads: int | None = None, logits: str = "last", ubatch: int | None = PREFILL_UBATCH) -> Runner:
     """The runner for ``target`` on ``backend``. A checkpoint runs as ``arch`` (``heads`` for a
-    bare state_dict) with ``logits``; an export takes every backend."""
+    bare state_dict) with ``logits``; an export takes every backend. ``ubatch``: the most
+    tokens one call takes (0 or None: what the graph takes)."""
+    runner = _open(target, backend, options, arch, heads, logits)
+    runner.ubatch = check_ubatch(ubatch)
+    return runner
+
+
+def check_ubatch(ubatch: int | None) -> int | None:
+    if ubatch is not None and ubatch < 0:
+        raise SamoutError(f"--ubatch must be 0 (calls as long as the graph takes) or a number of tokens, got {ubatch}")
+    return ubatch or None
+
+
+def _open(target: Target, backend: str, options: Any, arch: str, heads: int | None, logits: str) -> Runner:
     settings = options if options is not None else Settings()
     name = target.default_backend if backend == "auto" else backend
     spec = BACKENDS.get(name)

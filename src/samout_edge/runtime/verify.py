@@ -202,6 +202,7 @@ def verify(
     if not recompute and manifest.golden is None:
         raise SamoutError(f"{export_dir} carries no golden outputs; verify with --checkpoint (needs torch)")
     actual = open_runner(target, backend, settings or Settings(provider=provider))
+    actual.ubatch = None  # verify checks the graph: calls as long as it takes (past max_seq, chunks of max_seq)
     with actual:
         # a coarser runner says so; int8 activations: the bound of the kernel family the runner computes with
         rtol = max(manifest.weights.rtol(manifest.dtype, actual.info.kernel_family), actual.info.rtol or 0.0)
@@ -232,6 +233,7 @@ def _fp16_arithmetic(result: VerifyResult, export_dir: Path, manifest: Manifest,
         return
     golden = load_golden(export_dir, GoldenIndex.from_dict(manifest.golden))
     left, ran, states = seconds, 0, {}
+    runner.ubatch = None
     with runner:
         for i, (case, feed, want) in enumerate(zip(golden.index.cases, golden.feeds, golden.outputs)):
             cost = estimated_seconds(manifest, case.batch, case.seq)
@@ -371,6 +373,7 @@ def _recomputed(actual, export_dir: Path, manifest: Manifest, lengths: list[int]
     ckpt = source_checkpoint(export_dir, manifest, checkpoint)
     reference = load_torch_runner(ckpt, manifest.arch, "fp32", manifest.logits, export_dir=export_dir,
                                   alpha=stated_alpha(manifest))
+    reference.ubatch = None  # PyTorch whole: the definition the runner's calls (and chunks) are checked against
     rng = np.random.default_rng(0)
     vocab = manifest.config.vocab_size
     small_batch = min(2, actual.info.max_batch or 2)

@@ -49,7 +49,7 @@ def open_server(target: Path, backend: str, options: ServeOptions, settings: Set
     resolved = resolve_target(target, engine_of(settings))
 
     def load():
-        return open_runner(resolved, backend, settings, arch, heads)
+        return open_runner(resolved, backend, settings, arch, heads, ubatch=options.ubatch)
 
     server = Server(load, options, model_identity(resolved), model_name=target.resolve().name or "samout")
     try:

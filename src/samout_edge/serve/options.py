@@ -45,6 +45,7 @@ class ServeOptions:
     chat_template: str | None = None  # Jinja source for /v1/chat/completions; None: DEFAULT_CHAT_TEMPLATE
     chat_template_vars: dict[str, str] = field(default_factory=dict)  # tokenizer_config.json's bos_token, eos_token...
     template_timeout_s: float = 5.0  # one render of an operator's template, at most (its process is then replaced)
+    ubatch: int = 512  # most tokens per prefill call (runtime/base.py PREFILL_UBATCH); 0: what the graph takes
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -53,6 +54,8 @@ class ServeOptions:
             raise SamoutError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.max_prompt_tokens < 1:
             raise SamoutError(f"--max-prompt-tokens must be at least 1, got {self.max_prompt_tokens}")
+        if self.ubatch < 0:
+            raise SamoutError(f"--ubatch must be 0 (calls as long as the graph takes) or a number of tokens, got {self.ubatch}")
         if self.max_prompt_chars < 1:
             raise SamoutError(f"--max-prompt-chars must be at least 1, got {self.max_prompt_chars}")
         if self.policy.max_sessions < 1:
