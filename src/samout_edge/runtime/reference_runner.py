@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnx.inliner
 
 from samout_edge.artifact import graph
 from samout_edge.artifact.capabilities import Capabilities
@@ -53,6 +51,8 @@ class ReferenceRunner(Runner):
 
 
 def load_reference_runner(directory: str | Path) -> ReferenceRunner:
+    import onnx
+    import onnx.inliner
     from onnx.reference import ReferenceEvaluator
 
     manifest = read_manifest(directory)
