@@ -24,6 +24,9 @@ KINDS = ("fp", "int8", "int4")
 FORMATS = ("dq", "matmulnbits")
 BITS = {"int8": 8, "int4": 4}
 MIN_BLOCK_SIZE = 16  # MatMulNBits and GatherBlockQuantized take powers of two from 16; one rule for every check
+# ONNX Runtime's MatMulNBits blocks: a power of two from 16 to 256 (ONNX Runtime 1.23 computes
+# blocks of 512 wrong); one scale per row repeats over several such blocks, the same function.
+NBITS_BLOCKS = (256, 128, 64, 32, 16)  # largest first
 # verify's tolerance by the dtype the graph computes in, relative to each output's scale:
 # max|err| <= rtol * max(1, max|reference|). fp32: only accumulation order differs between
 # runtimes (seed preset: ~8e-7 seen). fp16 is compared with the fp32 model, so its own rounding

@@ -4,7 +4,7 @@ What is quantized: every Linear weight (the MatMuls: ``combined``, ``ffn1``,
 ``ffn2``, ``gate``, ``head``) and the embedding table (its Gather). LayerNorm,
 biases and ``alpha`` stay float.
 
-The grid (models/quantize.py): per row of a weight in torch's layout (a Linear's
+The grid (models/grid.py): per row of a weight in torch's layout (a Linear's
 output channel, an embedding's token) and per block of ``block`` consecutive
 inputs, ``q = clip(rint(w / s), -qmax - 1, qmax)``, qmax 127 (int8) or 7 (int4):
 the full two's-complement range (int4: 16 levels), with ``s = max|w| / d`` for
@@ -64,16 +64,12 @@ from samout_edge.artifact.quantization import (
     GRIDS,
     KINDS,
     MIN_BLOCK_SIZE,
+    NBITS_BLOCKS,
     Weights,
     block_size_ok,
 )
 from samout_edge.errors import SamoutError
-from samout_edge.models.quantize import (  # the grid: below the runtime
-    NBITS_BLOCKS,
-    QuantizedWeight,
-    dequantize,
-    nbits_block,
-)
+from samout_edge.models.grid import QuantizedWeight, dequantize, nbits_block  # the grid: below the runtime
 
 FORMAT_CHOICES = ("auto", *FORMATS)
 # int4 exports keep the embedding table at int8 unless told: a Gather reads one row per token, so
@@ -83,7 +79,7 @@ FORMAT_CHOICES = ("auto", *FORMATS)
 EMBEDDING_CHOICES = ("auto", "int8", "int4")
 DEFAULT_BLOCK_SIZE = 32
 # ... up to 256 here: ONNX Runtime 1.23 (the device side's, Python 3.10) returns garbage from
-# MatMulNBits with block_size 512 (8 and 4 bits; measured; 1.32 is right). models/quantize.py:
+# MatMulNBits with block_size 512 (8 and 4 bits; measured; 1.32 is right). artifact/quantization.py:
 # NBITS_BLOCKS, largest first: one scale per row takes the largest dividing it.
 MAX_NBITS_BLOCK = 256
 # DequantizeLinear takes INT4 and block_size from opset 21; INT8 per-axis from 13.
