@@ -202,6 +202,47 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
     if fmt not in FORMATS:
         raise ValueError(f"unknown weights format {fmt!r}")
     float_bytes = initializer_bytes(model)
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for i, x in enumerate(node.input):
+            consumers.setdefault(x, []).append((node, i))
+    found = _match_weights(model, table, consumers)
+    new_inits: list[onnx.TensorProto] = []
+    new_nodes: list[onnx.NodeProto] = []
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> the nodes that replace it
+    for init_name, (param, transposed, widened) in found.items():
+        qw, uses = table[param], consumers[init_name]
+        rest = uses
+        if fmt == "matmulnbits" and nbits_block(qw) is not None and not widened:
+            rest = _contrib_ops(qw, param, transposed, uses, ACCURACY_LEVEL[activations], new_inits, replaced)
+        if rest and widened:  # DequantizeLinear in the grid's fp16, then Cast: the same fp32 values
+            inits, node = _dq(qw, transposed, param, f"{init_name}.fp16")
+            new_inits += inits
+            new_nodes += [node, helper.make_node("Cast", [f"{init_name}.fp16"], [init_name], name=f"{param}.to_fp32",
+                                                 to=TensorProto.FLOAT)]
+        elif rest:  # DequantizeLinear, under the initializer's own name: its consumers are unchanged
+            inits, node = _dq(qw, transposed, param, init_name)
+            new_inits += inits
+            new_nodes.append(node)
+    keep = [t for t in model.graph.initializer if t.name not in found]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    nodes = list(new_nodes)
+    for node in model.graph.node:
+        nodes += replaced.get(id(node), [node])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if fmt == "matmulnbits" and not any(o.domain == ORT_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
+    return GraphReport(fmt, sorted(p for p, _, _ in found.values()), initializer_bytes(model), float_bytes)
+
+
+def _match_weights(model: onnx.ModelProto, table: dict[str, QuantizedWeight],
+                   consumers: dict[str, list[tuple[onnx.NodeProto, int]]]) -> dict[str, tuple[str, bool, bool]]:
+    """initializer -> (parameter, transposed, widened to fp32) for every float initializer a
+    MatMul, Gemm or Gather uses as its weight; each must match a quantized parameter bit for
+    bit, and each parameter must be found (an internal error otherwise: the export would not
+    be the verified function)."""
     # digest of a layout -> (parameter, transposed, as fp32): an fp16 model's fp32 islands (exporter/precision.py)
     # use its weights cast to fp32, which the exporter may fold into fp32 initializers
     keys: dict[str, tuple[str, bool, bool]] = {}
@@ -215,10 +256,6 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
         for array, transposed, widened in forms:
             digests[name].add(_digest(array))
             keys.setdefault(_digest(array), (name, transposed, widened))
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in model.graph.node:
-        for i, x in enumerate(node.input):
-            consumers.setdefault(x, []).append((node, i))
 
     def is_weight_use(node: onnx.NodeProto, i: int, depth: int = 0) -> bool:
         """A MatMul's B, a Gemm's B or a Gather's table, directly or through Cast/Transpose (an fp32 island)."""
@@ -229,68 +266,44 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
         return node.op_type in ("Cast", "Transpose") and depth < 3 and \
             any(is_weight_use(n, j, depth + 1) for n, j in consumers.get(node.output[0], []))
 
-    found: dict[str, str] = {}  # initializer -> parameter
-    layout: dict[str, bool] = {}
-    widened: dict[str, bool] = {}
+    found: dict[str, tuple[str, bool, bool]] = {}
     seen: set[str] = set()  # digests of the initializers matched
     for init in model.graph.initializer:
         uses = consumers.get(init.name, [])
         if init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or not any(is_weight_use(n, i) for n, i in uses):
             continue
         digest = _digest(numpy_helper.to_array(init))
-        match = keys.get(digest)
-        if match is None:
+        if digest not in keys:
             raise SamoutError(f"the graph's weight {init.name!r} {list(init.dims)} matches no quantized parameter "
                               "(internal error: the export would not be the verified function)")
-        found[init.name], layout[init.name], widened[init.name] = match
+        found[init.name] = keys[digest]
         seen.add(digest)
     # equal weights share one initializer (the exporter deduplicates them): each needs a match, not its own
     missing = {name for name, own in digests.items() if not own & seen}
     if missing:
         raise SamoutError(f"quantized parameters not found in the graph: {', '.join(sorted(missing))} (internal error)")
+    return found
 
-    new_inits: list[onnx.TensorProto] = []
-    new_nodes: list[onnx.NodeProto] = []
-    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> the nodes that replace it
-    for init_name, param in found.items():
-        qw, transposed = table[param], layout[init_name]
-        base = param
-        uses = consumers[init_name]
-        rest = uses
-        if fmt == "matmulnbits" and nbits_block(qw) is not None and not widened[init_name]:
-            rest = []
-            for k, (node, i) in enumerate(uses):
-                suffix = "" if len(uses) == 1 else f".{k}"
-                if node.op_type == "MatMul" and i == 1 and transposed:
-                    inits, new = _matmulnbits(qw, base + suffix, node.input[0], node.output[0], node.name,
-                                              ACCURACY_LEVEL[activations])
-                elif node.op_type == "Gather" and i == 0 and not transposed and _axis(node) == 0:
-                    inits, new = _gather_quantized(qw, base + suffix, node.input[1], node.output[0], node.name)
-                else:
-                    rest.append((node, i))
-                    continue
-                new_inits += inits
-                replaced[id(node)] = [new]
-        if rest and widened[init_name]:  # DequantizeLinear in the grid's fp16, then Cast: the same fp32 values
-            inits, node = _dq(qw, transposed, base, f"{init_name}.fp16")
-            new_inits += inits
-            new_nodes += [node, helper.make_node("Cast", [f"{init_name}.fp16"], [init_name], name=f"{base}.to_fp32",
-                                                 to=TensorProto.FLOAT)]
-        elif rest:  # DequantizeLinear, under the initializer's own name: its consumers are unchanged
-            inits, node = _dq(qw, transposed, base, init_name)
-            new_inits += inits
-            new_nodes.append(node)
-    keep = [t for t in model.graph.initializer if t.name not in found]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
-    nodes = list(new_nodes)
-    for node in model.graph.node:
-        nodes += replaced.get(id(node), [node])
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    if fmt == "matmulnbits" and not any(o.domain == ORT_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
-    return GraphReport(fmt, sorted(found.values()), initializer_bytes(model), float_bytes)
+
+def _contrib_ops(qw: QuantizedWeight, base: str, transposed: bool, uses: list[tuple[onnx.NodeProto, int]],
+                 accuracy_level: int, new_inits: list[onnx.TensorProto],
+                 replaced: dict[int, list[onnx.NodeProto]]) -> list[tuple[onnx.NodeProto, int]]:
+    """The matmulnbits form: each use of the weight that is a MatMul's B (transposed) or an
+    axis-0 Gather's table becomes MatMulNBits / GatherBlockQuantized (its initializers added to
+    ``new_inits``, the node to ``replaced``); returns the other uses (they get DequantizeLinear)."""
+    rest = []
+    for k, (node, i) in enumerate(uses):
+        suffix = "" if len(uses) == 1 else f".{k}"
+        if node.op_type == "MatMul" and i == 1 and transposed:
+            inits, new = _matmulnbits(qw, base + suffix, node.input[0], node.output[0], node.name, accuracy_level)
+        elif node.op_type == "Gather" and i == 0 and not transposed and _axis(node) == 0:
+            inits, new = _gather_quantized(qw, base + suffix, node.input[1], node.output[0], node.name)
+        else:
+            rest.append((node, i))
+            continue
+        new_inits += inits
+        replaced[id(node)] = [new]
+    return rest
 
 
 def has_int4(model: onnx.ModelProto) -> bool:
