@@ -300,7 +300,7 @@ def quantize_weights(job: ExportJob) -> None:
     grams = None
     if spec.quantizer == "gptq":
         with job.stage("GPTQ: the Linears' inputs on the calibration text", 1, "gptq_s"):
-            grams = input_grams(job.ckpt.model(options.arch, alpha=options.hybrid_alpha), job.text_ids)
+            grams = input_grams(job.reference, job.text_ids)  # still the fp32 checkpoint's weights
             spec.calibration = {"sha256": job.text["sha256"], "tokens": min(len(job.text_ids), CALIBRATION_TOKENS),
                                 "window": CALIBRATION_WINDOW}
     with job.stage(None, 1, "gptq_s" if grams is not None else None):
