@@ -12,7 +12,7 @@ import torch
 
 from samout_edge.artifact.golden import GoldenIndex, load_golden
 from samout_edge.artifact.manifest import Manifest, read_manifest
-from samout_edge.artifact.quantization import RTOL
+from samout_edge.artifact.quantization import RTOL, Weights
 from samout_edge.errors import SamoutError
 from samout_edge.exporter import quantize as qz
 from samout_edge.exporter.onnx_export import ExportOptions, export
@@ -168,10 +168,10 @@ def test_verify_recomputing_with_pytorch_uses_the_dequantized_weights(quantized)
 
 def test_auto_format_and_reason():
     for weights, fmt in (("int8", "dq"), ("int4", "matmulnbits")):
-        w = qz.weights_entry(qz.validate(qz.WeightsSpec(weights), 21))
+        w = Weights.from_options(weights, opset=21)
         assert w.format == fmt and w.reason.startswith("auto") and " ms" in w.reason
         assert w.ort_session_config == qz.ORT_SESSION_CONFIG[fmt]
-    w = qz.weights_entry(qz.WeightsSpec("int4", 32, "matmulnbits"))
+    w = Weights.from_options("int4", 32, "matmulnbits")
     assert w.format == "matmulnbits" and w.reason.startswith("asked")
 
 
@@ -219,8 +219,8 @@ def test_block_size_and_opset_rules(tiny_checkpoint, tmp_path):
         with pytest.raises(SamoutError, match=match):
             export(tmp_path / "x", ExportOptions(max_seq=40, **kwargs), checkpoint=tiny_checkpoint, run_verify=False)
     with pytest.raises(SamoutError, match="takes --block-size 16 to 256"):  # ONNX Runtime 1.23 gets 512 wrong
-        qz.check_nbits(qz.WeightsSpec("int4", 512, "auto"), 1024)
-    qz.check_nbits(qz.WeightsSpec("int4", 512, "dq"), 1024)  # TensorRT takes it
+        Weights.from_options("int4", 512, "auto").check_model(1024)
+    Weights.from_options("int4", 512, "dq").check_model(1024)  # TensorRT takes it
     assert ExportOptions(weights="int4").validate().opset == 21 and ExportOptions().validate().opset == 18
     assert ExportOptions(weights="int8", opset=17).validate().opset == 17  # per-axis DQ exists from opset 13
 

@@ -85,16 +85,16 @@ def negate_scales(model: onnx.ModelProto, name: str, rows: int) -> None:
 def export_int8_compute(out, checkpoint, monkeypatch=None, rows: int = 0):
     """int4 weights with int8 compute; ``rows`` > 0: an exporter bug negates that many rows'
     scales of layer 0's ffn1 just before the graph is written."""
-    from samout_edge.exporter import onnx_export
+    from samout_edge.exporter import quantize as qz
 
     if rows:
-        original = onnx_export.qz.quantize_graph
+        original = qz.quantize_graph
 
         def buggy(model, *args, **kwargs):
             report = original(model, *args, **kwargs)
             negate_scales(model, "decoder_layers.0.ffn.ffn1.weight.scales", rows)
             return report
-        monkeypatch.setattr(onnx_export.qz, "quantize_graph", buggy)
+        monkeypatch.setattr(qz, "quantize_graph", buggy)
     return export(out, ExportOptions(max_seq=64, weights="int4", activations="int8"), checkpoint=checkpoint)
 
 

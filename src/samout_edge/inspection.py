@@ -68,6 +68,7 @@ class InspectResult:
     polygraphy: str | None = None  # the line that checks the export with NVIDIA's Polygraphy
     arch_notes: list[str] = field(default_factory=list)  # the mixer, its window, a hybrid's alpha, the state
     tokenizer: str | None = None  # the tokenizer files transformers loads, or why there are none
+    quantization: list[str] = field(default_factory=list)  # the weights in the words export prints (Weights.describe)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +150,7 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
         polygraphy=polygraphy_line(manifest) if manifest else None,
         arch_notes=arch_notes(manifest) if manifest else [],
         tokenizer=tokenizer_note(manifest) if manifest else None,
+        quantization=manifest.weights.describe() if manifest else [],
     )
 
 
@@ -181,14 +183,6 @@ def arch_notes(manifest) -> list[str]:
         kl = "" if q.get("kl_from_fp32") is None else f", KL {q['kl_from_fp32']:.4f}"
         notes.append(f"quality (eval --record, {q['measured'][:10]}): {q['bits_per_byte']:.4f} bits per byte on "
                      f"{q['text']} ({q['mode']} of {q['window']}, {q['runner']}){cost}{kl}")
-    w = manifest.weights
-    if w.quantizer == "gptq":
-        c = w.calibration or {}
-        notes.append(f"weights rounded with GPTQ (each rounding error spread onto the weights not yet rounded, weighed "
-                     f"by the activations of {c.get('tokens', 0):,} calibration tokens, sha256 "
-                     f"{str(c.get('sha256', '?'))[:12]})")
-    if w.activations == "int8":
-        notes.append(w.describe_activations())
     return notes
 
 

@@ -124,29 +124,12 @@ def export(
     from samout_edge.exporter.onnx_export import ExportOptions
     from samout_edge.exporter.onnx_export import export as run_export
 
-    options = ExportOptions(
-        arch=arch_of(arch, softmax_window), lowering=lowering.value, scan=scan.value, max_seq=max_seq, dtype=dtype.value, logits=logits.value,
-        opset=opset,
-        decompose_layernorm=decompose_layernorm,
-        weights=weights.value,
-        block_size=block_size,
-        weights_format=weights_format.value,
-        calibration_text=calibration_text,
-        hybrid_alpha=hybrid_alpha,
-        activations=activations.value,
-        embedding_weights=embedding_weights.value,
-        quantizer=quantizer.value,
-        weights_grid=weights_grid.value,
-    )
+    options = ExportOptions.from_values({**locals(), "arch": arch_of(arch, softmax_window)})
     with progress_bar(not json_out) as progress:
-        result = run_export(
-            output, options, checkpoint=checkpoint, preset_name=value(preset), heads=heads, seed=seed,
-            run_verify=verify, force=force, progress=progress, vocab=vocab,
-        )
-    m = result.manifest
+        result = run_export(output, options, checkpoint=checkpoint, preset_name=value(preset), heads=heads, seed=seed,
+                            run_verify=verify, force=force, progress=progress, vocab=vocab)
     if json_out:
-        print_json({"directory": str(result.directory), "seconds": result.seconds, "model_bytes": result.model_bytes,
-                    "timings": result.timings, "manifest": m.to_dict()})
+        print_json(result.to_dict())
     else:
         render.export_summary(result)
     if result.verification is not None and not result.verification.passed:

@@ -131,7 +131,7 @@ def export_summary(result) -> None:
         f"to {escape(str(result.directory))}: model.onnx {human_bytes(result.model_bytes)} in {result.seconds:.1f} s",
         highlight=False,
     )
-    for line in (export_weights_line(m.weights), precision_line(m.precision), tokenizer_note(m)):
+    for line in (*m.weights.describe(), precision_line(m.precision), tokenizer_note(m)):
         if line:
             console.print(escape(line), highlight=False, soft_wrap=True)
     runtimes(runtime_notes(m), polygraphy_line(m))
@@ -168,29 +168,6 @@ def runtimes(notes: list[str], polygraphy: str | None) -> None:
                       soft_wrap=True)
 
 
-def export_weights_line(weights: dict | None) -> str | None:
-    """One line on an export's quantized weights (None for float weights): kind, block size, format,
-    bytes as stored against the same weights in float, and why this format."""
-    w = weights
-    kind = w.kind
-    if kind == "fp":
-        return None
-    block = f", block {w.block_size}" if w.block_size else ""
-    stored, as_float = w.bytes, w.float_bytes
-    size = "size not recorded" if not stored else f"{human_bytes(stored)} stored"
-    if stored and as_float:
-        size += f" ({stored / as_float:.2f}x of {human_bytes(as_float)} in float)"
-    reason = f"; {w.reason}" if w.reason else ""
-    line = f"weights: {kind}{block}, format {w.format or '?'}, {size}{reason}"
-    if w.quantizer == "gptq":
-        c = w.calibration or {}
-        line += (f"\nrounded with GPTQ on {c.get('tokens', 0):,} tokens of the calibration text "
-                 f"(sha256 {str(c.get('sha256', '?'))[:12]}): the same grid and verified exactly")
-    if w.activations == "int8":
-        line += "\n" + w.describe_activations()
-    return line
-
-
 def inspect(result) -> None:
     console.print(
         f"[bold]{escape(result.path)}[/]: arch {result.arch or '?'}, dtype {result.dtype or '?'}, "
@@ -202,6 +179,8 @@ def inspect(result) -> None:
         console.print(f"runs in: {escape(result.runs_in)}", highlight=False)
     for note in result.arch_notes:
         console.print(escape(note), highlight=False)
+    for line in result.quantization:  # the words export's summary printed (artifact/quantization.py describe)
+        console.print(escape(line), highlight=False, soft_wrap=True)
     if result.tokenizer:
         console.print(escape(result.tokenizer), highlight=False, soft_wrap=True)
     io_table = Table(title="inputs and outputs")

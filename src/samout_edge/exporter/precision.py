@@ -48,6 +48,7 @@ from samout_edge.artifact.golden import (
     golden_ids,
     golden_lengths,
 )
+from samout_edge.artifact.quantization import RTOL
 from samout_edge.errors import SamoutError
 from samout_edge.models.model import SamOut
 
@@ -236,6 +237,28 @@ def check_fp16_arithmetic(model_fp16: SamOut, feeds: list[dict[str, np.ndarray]]
                 worst = max(worst, (err if math.isfinite(err) else math.inf) / max(1.0, float(np.abs(ref).max())))
     return {"runner": "pytorch-fp16", "cases": len(feeds), "worst_relative_error": worst, "finite": finite,
             "rtol": rtol, "passed": finite and worst <= rtol}
+
+
+def apply_plan(plan: Precision, model: SamOut, manifest, golden) -> dict:
+    """Make the fp16 ``model`` right in fp16 arithmetic: mark the calibrated fp32 islands on
+    it, then compute every golden case with it in fp16. If that fails, every layer's mix and
+    FFN go to fp32; if even that fails, the export is refused in one line. Returns
+    export.json's ``precision``."""
+    set_islands(model, plan.fp32_islands)
+    last_only = manifest.logits == "last"
+    check = check_fp16_arithmetic(model, golden.feeds, golden.outputs, last_only, RTOL["fp16"])
+    everything = all_islands(manifest.config.num_layers)
+    if not check["passed"] and plan.fp32_islands != everything:
+        plan.fp32_islands, plan.widened = everything, True
+        set_islands(model, everything)
+        check = check_fp16_arithmetic(model, golden.feeds, golden.outputs, last_only, RTOL["fp16"])
+    if not check["passed"]:
+        raise SamoutError(f"--dtype fp16 cannot be made safe: computed in fp16 with every layer's mix and FFN in fp32, "
+                          f"the golden cases are {'non-finite' if not check['finite'] else 'off by'} "
+                          f"{check['worst_relative_error']:.2g} of their scale (tolerance {RTOL['fp16']:g}); "
+                          "export --dtype fp32")
+    plan.pytorch_fp16 = check
+    return plan.to_dict()
 
 
 def text_tokens(path: Path, vocab_size: int, vocab, limit: int = MAX_CALIBRATION_TOKENS) -> tuple[np.ndarray, dict[str, Any]]:

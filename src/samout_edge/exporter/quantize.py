@@ -4,7 +4,7 @@ What is quantized: every Linear weight (the MatMuls: ``combined``, ``ffn1``,
 ``ffn2``, ``gate``, ``head``) and the embedding table (its Gather). LayerNorm,
 biases and ``alpha`` stay float.
 
-The grid (models/quantize.py): per row of a weight in torch's layout (a Linear's
+The grid (models/grid.py): per row of a weight in torch's layout (a Linear's
 output channel, an embedding's token) and per block of ``block`` consecutive
 inputs, ``q = clip(rint(w / s), -qmax - 1, qmax)``, qmax 127 (int8) or 7 (int4):
 the full two's-complement range (int4: 16 levels), with ``s = max|w| / d`` for
@@ -44,7 +44,9 @@ Graph forms (``export.json``'s ``weights.format``):
   ONNX Runtime only; no TensorRT parses them.
 
 ``--weights-format auto`` picks per kind what measured faster on ONNX Runtime's
-CPU (AUTO_FORMAT; the numbers are in REASONS and in export.json).
+CPU (artifact/quantization.py AUTO_FORMAT; the numbers are in REASONS and in
+export.json). The options become one spec there (``Weights.from_options``), which
+this module's ``quantize_graph`` follows.
 """
 
 from __future__ import annotations
@@ -57,199 +59,22 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from samout_edge.artifact.initializers import FOUR_BIT, initializer_bytes
-from samout_edge.artifact.quantization import (
-    ACTIVATIONS,
-    BITS,
+from samout_edge.artifact.quantization import (  # noqa: F401 - the tables --weights resolves to, also here
+    AUTO_FORMAT,
+    DISABLE_KLEIDIAI,
     FORMATS,
-    GRIDS,
-    KINDS,
-    MIN_BLOCK_SIZE,
-    Weights,
-    block_size_ok,
+    NBITS_BLOCKS,
+    ORT_SESSION_CONFIG,
+    QUANT_OPSET,
+    REASONS,
 )
 from samout_edge.errors import SamoutError
-from samout_edge.models.quantize import (  # the grid: below the runtime
-    NBITS_BLOCKS,
-    QuantizedWeight,
-    dequantize,
-    nbits_block,
-)
+from samout_edge.models.grid import QuantizedWeight, dequantize, nbits_block  # the grid: below the runtime
 
-FORMAT_CHOICES = ("auto", *FORMATS)
-# int4 exports keep the embedding table at int8 unless told: a Gather reads one row per token, so
-# the table's bits cost file size, not decode time, and at int4 it carried most of the quality
-# cost (the earlier trained pair's SamOut, 32 KiB of held-out text: mean KL from fp32 0.0048 with an int4
-# table, 0.0027 with int8, for 1.04 vs 1.07 MiB).
-EMBEDDING_CHOICES = ("auto", "int8", "int4")
-DEFAULT_BLOCK_SIZE = 32
-# ... up to 256 here: ONNX Runtime 1.23 (the device side's, Python 3.10) returns garbage from
-# MatMulNBits with block_size 512 (8 and 4 bits; measured; 1.32 is right). models/quantize.py:
-# NBITS_BLOCKS, largest first: one scale per row takes the largest dividing it.
-MAX_NBITS_BLOCK = 256
-# DequantizeLinear takes INT4 and block_size from opset 21; INT8 per-axis from 13.
-INT4_OPSET = 21
-INT8_OPSET = 13
-QUANT_OPSET = 21  # the default opset of a quantized export
 ORT_DOMAIN = "com.microsoft"
-SCHEME = ("round-to-nearest, symmetric (zero-point 0), full range [-qmax - 1, qmax], scale = max|w| / d per output "
-          "channel (int8) or block (int4), d in [qmax, qmax + 1] with the least squared error")
-ASYMMETRIC_SCHEME = ("MatMul weights: round-to-nearest per block on an asymmetric grid, q in [0, 2^bits - 1] with a "
-                     "zero-point per block, range [min(w, 0), max(w, 0)] x f, f in [0.8, 1] with the least squared error; "
-                     "the embedding table on the symmetric grid")
-# What --weights-format auto gives, and why. Measured on seed-preset exports (seed 0),
-# ONNX Runtime 1.32 CPU on a 2-core AVX2 EPYC shared with other jobs, so all forms were
-# timed interleaved in one process (same load for each; intra-op spinning off): median
-# one-token decode of the cummax model at context 256, the dq form with ORT_SESSION_CONFIG
-# below as the runner applies it:
-#   fp32 9.4 ms | int8: dq 8.8 (x0.93), matmulnbits 58.7 (x6.3) | int4 (block 32): dq 9.5 (x1.01),
-#   matmulnbits 6.8 (x0.72)   [softmax, context 1024: fp32 25.3, int8 dq x0.96, int4 matmulnbits x0.90]
-AUTO_FORMAT = {"int8": "dq", "int4": "matmulnbits"}
-REASONS = {
-    "dq": "asked for (--weights-format dq): standard ONNX DequantizeLinear, the file ONNX Runtime and "
-          "TensorRT both take",
-    "matmulnbits": "asked for (--weights-format matmulnbits): ONNX Runtime's MatMulNBits/GatherBlockQuantized, "
-                   "ONNX Runtime only (TensorRT: --weights-format dq)",
-    "int8 activations": "--activations int8: ONNX Runtime's MatMulNBits at accuracy level 4 (the inputs quantized "
-                        "to int8 per block of each row, integer dot products); ONNX Runtime only. Its other integer "
-                        "path, quantize_dynamic's DynamicQuantizeLinear + MatMulInteger, decoded int8 14% faster (seed, "
-                        "1.09 vs 1.27 ms) but scales the activations per tensor: one session's values would change "
-                        "another's in a served batch, and a batch's outputs would depend on its company",
-    "auto": {
-        "int8": "auto: dq. On ONNX Runtime 1.32 CPU (seed decode, fp32 9.4 ms) dq measured 8.8 ms (it folds the "
-                "dequantized weights to float at load) and matmulnbits 58.7 ms (8-bit MatMulNBits has no fast "
-                "fp32-accuracy CPU kernel); the same dq file parses on TensorRT 8.5+",
-        "int4": "auto: matmulnbits. On ONNX Runtime 1.32 CPU (seed decode, fp32 9.4 ms) matmulnbits measured 6.8 ms "
-                "and dq 9.5 ms; matmulnbits is ONNX Runtime only: for TensorRT 10+ export with --weights-format dq",
-    },
-}
-# ONNX Runtime session config entries an export's runner must set (export.json
-# weights.ort_session_config). ONNX Runtime fuses DequantizeLinear -> MatMul into
-# MatMulNBits on its own, at accuracy level 4 by default (int8 activations: not the
-# verified function); level 1 keeps fp32. Disabling the QDQ fusions instead folds the
-# dequantized weights into float at load, measured faster on CPU for both kinds
-# (8-bit MatMulNBits computes in fp32 slowly; a DequantizeLinear feeding the Gather
-# would dequantize the whole table every call).
-ORT_SESSION_CONFIG = {
-    "dq": {"session.qdq_matmulnbits_accuracy_level": "1", "session.disable_quant_qdq": "1"},
-    "matmulnbits": {},
-}
 # accuracy_level of MatMulNBits: 1 computes in fp32, the dequantized model's function; 4
 # quantizes the activations to int8 too (``--activations int8``: faster, a stated tolerance).
 ACCURACY_LEVEL = {"fp": 1, "int8": 4}
-# ONNX Runtime's aarch64 builds run KleidiAI's kernels for MatMulNBits at accuracy level 4 where the
-# CPU has the dot product (Orin): they quantize activations per row, not per block as MLAS's own
-# kernels do, so they compute another function than the one verified (the trained SamOut int4 with
-# int8 compute failed verify at 1.34x its tolerance under QEMU's cortex-a76). The export pins MLAS's
-# kernels; x86 builds ignore the key (docs/deploy-jetson.md has the measured cost).
-DISABLE_KLEIDIAI = "mlas.disable_kleidiai"
-
-
-@dataclass(frozen=True)
-class WeightsSpec:
-    """What ``--weights``, ``--block-size`` and ``--weights-format`` asked for."""
-
-    kind: str = "fp"  # fp | int8 | int4
-    block_size: int | None = None  # int4 only: inputs per scale
-    format: str = "auto"  # auto | dq | matmulnbits
-    activations: str = "fp"  # fp | int8 (MatMulNBits at accuracy level 4)
-    embedding: str = "auto"  # int4: the embedding table at int8 (auto) or int4
-    quantizer: str = "rtn"  # rtn | gptq (ExportOptions resolves auto)
-    grid: str = "symmetric"  # symmetric | asymmetric (int4)
-
-    @property
-    def bits(self) -> int:
-        return BITS[self.kind]
-
-
-def check_block_size(block_size: int) -> int:
-    if not block_size_ok(block_size):
-        raise SamoutError(f"--block-size must be a power of two, {MIN_BLOCK_SIZE} or more; got {block_size}")
-    return block_size
-
-
-def validate(spec: WeightsSpec, opset: int, hidden_size: int | None = None) -> WeightsSpec:
-    """One-line errors for what cannot be exported; returns the spec with its block size resolved."""
-    if spec.kind not in KINDS:
-        raise SamoutError(f"--weights {spec.kind!r} is not one of: {', '.join(KINDS)}")
-    if spec.format not in FORMAT_CHOICES:
-        raise SamoutError(f"--weights-format {spec.format!r} is not one of: {', '.join(FORMAT_CHOICES)}")
-    if spec.activations not in ACTIVATIONS:
-        raise SamoutError(f"--activations {spec.activations!r} is not one of: {', '.join(ACTIVATIONS)}")
-    if spec.activations == "int8" and (spec.kind == "fp" or spec.format == "dq"):
-        raise SamoutError("--activations int8 computes the MatMuls with int8 inputs in ONNX Runtime's MatMulNBits: "
-                          "it takes --weights int8 or int4 with --weights-format matmulnbits (or auto)")
-    if spec.embedding not in EMBEDDING_CHOICES:
-        raise SamoutError(f"--embedding-weights {spec.embedding!r} is not one of: {', '.join(EMBEDDING_CHOICES)}")
-    if spec.embedding != "auto" and spec.kind != "int4":
-        raise SamoutError("--embedding-weights applies to --weights int4 (int8 exports keep the table at int8)")
-    if spec.grid not in GRIDS:
-        raise SamoutError(f"--weights-grid {spec.grid!r} is not one of: {', '.join(GRIDS)}")
-    if spec.grid == "asymmetric" and spec.kind != "int4":
-        raise SamoutError("--weights-grid asymmetric applies to --weights int4 (int8's symmetric grid is already "
-                          "within 0.0001 of fp32 in mean KL)")
-    if spec.kind == "fp":
-        if spec.block_size is not None:
-            raise SamoutError("--block-size applies to --weights int4 only")
-        return WeightsSpec("fp", None, "auto")
-    if spec.kind == "int8":
-        if spec.block_size is not None:
-            raise SamoutError("--block-size applies to --weights int4 only (int8 has one scale per output channel)")
-        if opset < INT8_OPSET:
-            raise SamoutError(f"--weights int8 needs --opset {INT8_OPSET} or newer (DequantizeLinear per axis); got {opset}")
-        return spec
-    block = check_block_size(DEFAULT_BLOCK_SIZE if spec.block_size is None else spec.block_size)
-    if opset < INT4_OPSET:
-        raise SamoutError(f"--weights int4 needs --opset {INT4_OPSET} or newer (DequantizeLinear with INT4 and "
-                          f"block_size came in opset 21); got --opset {opset}")
-    if hidden_size is not None and hidden_size % block:
-        raise SamoutError(f"--block-size {block} does not divide the hidden size {hidden_size} (TensorRT takes only "
-                          "whole blocks); choose a power of two that divides it")
-    return WeightsSpec(spec.kind, block, spec.format, spec.activations, spec.embedding, spec.quantizer, spec.grid)
-
-
-def check_nbits(spec: WeightsSpec, hidden_size: int) -> None:
-    """The matmulnbits form needs MatMulNBits blocks: powers of two from 16 to 256
-    (int4: the block size; int8: one dividing the hidden size)."""
-    if spec.kind == "fp" or resolve_format(spec)[0] != "matmulnbits":
-        return
-    if spec.kind == "int4" and not nbits_block_ok(spec.block_size):
-        raise SamoutError(f"--weights-format matmulnbits takes --block-size {MIN_BLOCK_SIZE} to {MAX_NBITS_BLOCK} "
-                          f"(ONNX Runtime 1.23 computes larger MatMulNBits blocks wrong); got {spec.block_size}: "
-                          "choose a smaller one, or --weights-format dq")
-    if spec.kind == "int4" and spec.embedding != "int4" and not any(hidden_size % b == 0 for b in NBITS_BLOCKS):
-        raise SamoutError(f"the int8 embedding table of an int4 matmulnbits export needs a hidden size divisible by "
-                          f"{MIN_BLOCK_SIZE}; this model's is {hidden_size}: use --embedding-weights int4")
-    if spec.kind == "int8" and not any(hidden_size % b == 0 for b in NBITS_BLOCKS):
-        raise SamoutError(f"--weights-format matmulnbits with int8 needs a hidden size divisible by "
-                          f"{MIN_BLOCK_SIZE} (MatMulNBits' blocks); this model's is {hidden_size}: use --weights-format dq")
-
-
-def resolve_format(spec: WeightsSpec) -> tuple[str, str]:
-    """(format, reason) for export.json."""
-    if spec.activations == "int8":
-        return "matmulnbits", REASONS["int8 activations"]
-    if spec.format == "dq":
-        return "dq", REASONS["dq"]
-    if spec.format == "matmulnbits":
-        return "matmulnbits", REASONS["matmulnbits"]
-    return AUTO_FORMAT[spec.kind], REASONS["auto"][spec.kind]
-
-
-def weights_entry(spec: WeightsSpec) -> Weights:
-    """export.json's ``weights`` before the graph is written (``bytes`` comes with it)."""
-    if spec.kind == "fp":
-        return Weights()
-    fmt, reason = resolve_format(spec)
-    embedding = None if spec.kind != "int4" else ("int8" if spec.embedding == "auto" else spec.embedding)
-    scheme = SCHEME if spec.grid == "symmetric" else ASYMMETRIC_SCHEME
-    if spec.grid == "asymmetric" and fmt == "dq":
-        reason += "; asymmetric blocks (zero-points): ONNX Runtime, OpenVINO and onnx.reference, not TensorRT"
-    session = dict(ORT_SESSION_CONFIG[fmt])
-    if spec.activations == "int8":  # ARM builds: MLAS's NEON kernel, whose rounding verify's bounds are derived for
-        session[DISABLE_KLEIDIAI] = "1"
-    return Weights(spec.kind, spec.block_size if spec.kind == "int4" else None, fmt, reason=reason, scheme=scheme,
-                   ort_session_config=session, activations=spec.activations,
-                   embedding=embedding, quantizer=spec.quantizer, grid=spec.grid)
 
 
 # --------------------------------------------------------------------------- the graph
@@ -377,6 +202,47 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
     if fmt not in FORMATS:
         raise ValueError(f"unknown weights format {fmt!r}")
     float_bytes = initializer_bytes(model)
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for i, x in enumerate(node.input):
+            consumers.setdefault(x, []).append((node, i))
+    found = _match_weights(model, table, consumers)
+    new_inits: list[onnx.TensorProto] = []
+    new_nodes: list[onnx.NodeProto] = []
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> the nodes that replace it
+    for init_name, (param, transposed, widened) in found.items():
+        qw, uses = table[param], consumers[init_name]
+        rest = uses
+        if fmt == "matmulnbits" and nbits_block(qw) is not None and not widened:
+            rest = _contrib_ops(qw, param, transposed, uses, ACCURACY_LEVEL[activations], new_inits, replaced)
+        if rest and widened:  # DequantizeLinear in the grid's fp16, then Cast: the same fp32 values
+            inits, node = _dq(qw, transposed, param, f"{init_name}.fp16")
+            new_inits += inits
+            new_nodes += [node, helper.make_node("Cast", [f"{init_name}.fp16"], [init_name], name=f"{param}.to_fp32",
+                                                 to=TensorProto.FLOAT)]
+        elif rest:  # DequantizeLinear, under the initializer's own name: its consumers are unchanged
+            inits, node = _dq(qw, transposed, param, init_name)
+            new_inits += inits
+            new_nodes.append(node)
+    keep = [t for t in model.graph.initializer if t.name not in found]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    nodes = list(new_nodes)
+    for node in model.graph.node:
+        nodes += replaced.get(id(node), [node])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if fmt == "matmulnbits" and not any(o.domain == ORT_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
+    return GraphReport(fmt, sorted(p for p, _, _ in found.values()), initializer_bytes(model), float_bytes)
+
+
+def _match_weights(model: onnx.ModelProto, table: dict[str, QuantizedWeight],
+                   consumers: dict[str, list[tuple[onnx.NodeProto, int]]]) -> dict[str, tuple[str, bool, bool]]:
+    """initializer -> (parameter, transposed, widened to fp32) for every float initializer a
+    MatMul, Gemm or Gather uses as its weight; each must match a quantized parameter bit for
+    bit, and each parameter must be found (an internal error otherwise: the export would not
+    be the verified function)."""
     # digest of a layout -> (parameter, transposed, as fp32): an fp16 model's fp32 islands (exporter/precision.py)
     # use its weights cast to fp32, which the exporter may fold into fp32 initializers
     keys: dict[str, tuple[str, bool, bool]] = {}
@@ -390,10 +256,6 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
         for array, transposed, widened in forms:
             digests[name].add(_digest(array))
             keys.setdefault(_digest(array), (name, transposed, widened))
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in model.graph.node:
-        for i, x in enumerate(node.input):
-            consumers.setdefault(x, []).append((node, i))
 
     def is_weight_use(node: onnx.NodeProto, i: int, depth: int = 0) -> bool:
         """A MatMul's B, a Gemm's B or a Gather's table, directly or through Cast/Transpose (an fp32 island)."""
@@ -404,68 +266,44 @@ def quantize_graph(model: onnx.ModelProto, table: dict[str, QuantizedWeight], fm
         return node.op_type in ("Cast", "Transpose") and depth < 3 and \
             any(is_weight_use(n, j, depth + 1) for n, j in consumers.get(node.output[0], []))
 
-    found: dict[str, str] = {}  # initializer -> parameter
-    layout: dict[str, bool] = {}
-    widened: dict[str, bool] = {}
+    found: dict[str, tuple[str, bool, bool]] = {}
     seen: set[str] = set()  # digests of the initializers matched
     for init in model.graph.initializer:
         uses = consumers.get(init.name, [])
         if init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or not any(is_weight_use(n, i) for n, i in uses):
             continue
         digest = _digest(numpy_helper.to_array(init))
-        match = keys.get(digest)
-        if match is None:
+        if digest not in keys:
             raise SamoutError(f"the graph's weight {init.name!r} {list(init.dims)} matches no quantized parameter "
                               "(internal error: the export would not be the verified function)")
-        found[init.name], layout[init.name], widened[init.name] = match
+        found[init.name] = keys[digest]
         seen.add(digest)
     # equal weights share one initializer (the exporter deduplicates them): each needs a match, not its own
     missing = {name for name, own in digests.items() if not own & seen}
     if missing:
         raise SamoutError(f"quantized parameters not found in the graph: {', '.join(sorted(missing))} (internal error)")
+    return found
 
-    new_inits: list[onnx.TensorProto] = []
-    new_nodes: list[onnx.NodeProto] = []
-    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> the nodes that replace it
-    for init_name, param in found.items():
-        qw, transposed = table[param], layout[init_name]
-        base = param
-        uses = consumers[init_name]
-        rest = uses
-        if fmt == "matmulnbits" and nbits_block(qw) is not None and not widened[init_name]:
-            rest = []
-            for k, (node, i) in enumerate(uses):
-                suffix = "" if len(uses) == 1 else f".{k}"
-                if node.op_type == "MatMul" and i == 1 and transposed:
-                    inits, new = _matmulnbits(qw, base + suffix, node.input[0], node.output[0], node.name,
-                                              ACCURACY_LEVEL[activations])
-                elif node.op_type == "Gather" and i == 0 and not transposed and _axis(node) == 0:
-                    inits, new = _gather_quantized(qw, base + suffix, node.input[1], node.output[0], node.name)
-                else:
-                    rest.append((node, i))
-                    continue
-                new_inits += inits
-                replaced[id(node)] = [new]
-        if rest and widened[init_name]:  # DequantizeLinear in the grid's fp16, then Cast: the same fp32 values
-            inits, node = _dq(qw, transposed, base, f"{init_name}.fp16")
-            new_inits += inits
-            new_nodes += [node, helper.make_node("Cast", [f"{init_name}.fp16"], [init_name], name=f"{base}.to_fp32",
-                                                 to=TensorProto.FLOAT)]
-        elif rest:  # DequantizeLinear, under the initializer's own name: its consumers are unchanged
-            inits, node = _dq(qw, transposed, base, init_name)
-            new_inits += inits
-            new_nodes.append(node)
-    keep = [t for t in model.graph.initializer if t.name not in found]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
-    nodes = list(new_nodes)
-    for node in model.graph.node:
-        nodes += replaced.get(id(node), [node])
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    if fmt == "matmulnbits" and not any(o.domain == ORT_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
-    return GraphReport(fmt, sorted(found.values()), initializer_bytes(model), float_bytes)
+
+def _contrib_ops(qw: QuantizedWeight, base: str, transposed: bool, uses: list[tuple[onnx.NodeProto, int]],
+                 accuracy_level: int, new_inits: list[onnx.TensorProto],
+                 replaced: dict[int, list[onnx.NodeProto]]) -> list[tuple[onnx.NodeProto, int]]:
+    """The matmulnbits form: each use of the weight that is a MatMul's B (transposed) or an
+    axis-0 Gather's table becomes MatMulNBits / GatherBlockQuantized (its initializers added to
+    ``new_inits``, the node to ``replaced``); returns the other uses (they get DequantizeLinear)."""
+    rest = []
+    for k, (node, i) in enumerate(uses):
+        suffix = "" if len(uses) == 1 else f".{k}"
+        if node.op_type == "MatMul" and i == 1 and transposed:
+            inits, new = _matmulnbits(qw, base + suffix, node.input[0], node.output[0], node.name, accuracy_level)
+        elif node.op_type == "Gather" and i == 0 and not transposed and _axis(node) == 0:
+            inits, new = _gather_quantized(qw, base + suffix, node.input[1], node.output[0], node.name)
+        else:
+            rest.append((node, i))
+            continue
+        new_inits += inits
+        replaced[id(node)] = [new]
+    return rest
 
 
 def has_int4(model: onnx.ModelProto) -> bool:
