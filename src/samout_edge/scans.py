@@ -71,6 +71,7 @@ def _decays_and_inputs(rng: np.random.Generator, shape: tuple[int, ...], dtype) 
 class Scan:
     name: str
     op_type: str  # the ONNX op in the samout_edge domain (and a TensorRT plugin's name)
+    torch_op: str  # the torch custom op ``samout_edge::<torch_op>`` (models/ops.py) the exporter translates to op_type
     inputs: tuple[str, ...]  # the element's tensors, as the op and its function body name them
     output: int  # which of the element's tensors the op returns
     combine: Combine
@@ -96,9 +97,9 @@ NUMPY_OPS = SimpleNamespace(max=np.maximum, mul=np.multiply, add=np.add)
 # 1..300 and up to 4096): with verify's inputs (decays sigmoid(2 N(0,1)), inputs N(0,1)) fp32 1.9e-7, fp16 1.2e-3;
 # with long memory (decays 1 - 10^U(-4,-1)) fp32 3.1e-7, fp16 2.5e-3 (onnx.reference). The bounds: 6x and 4x that.
 SCANS: dict[str, Scan] = {
-    "max": Scan("max", CUMMAX_OP, ("x",), 0, max_combine, (-np.inf,), _running_max, _normal,
+    "max": Scan("max", CUMMAX_OP, "cummax", ("x",), 0, max_combine, (-np.inf,), _running_max, _normal,
                 doc="Running maximum along `axis`: the values of torch.cummax(x, axis)."),
-    "linear": Scan("linear", LINEAR_SCAN_OP, ("a", "b"), 1, linear_combine, (1.0, 0.0), _recurrence,
+    "linear": Scan("linear", LINEAR_SCAN_OP, "linear_scan", ("a", "b"), 1, linear_combine, (1.0, 0.0), _recurrence,
                    _decays_and_inputs, {"fp32": 2e-6, "fp16": 1e-2},
                    doc="First-order linear recurrence along `axis`: h_t = a_t * h_{t-1} + b_t, h_{-1} = 0."),
 }

@@ -8,18 +8,20 @@ Why torch.export and not the TorchScript exporter: docs/architecture.md.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import re
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
 from torch import nn
 
 from samout_edge import lowering as low
-from samout_edge import scan_checks
+from samout_edge import scan_checks, scans
 from samout_edge.artifact import graph
 from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.manifest import Manifest, graph_metadata
@@ -44,18 +46,31 @@ class ExportWrapper(nn.Module):
         return (logits, *graph.flatten(self.model.arch, present))
 
 
-def _translate_cummax(x, dim: int):
-    """custom_translation_table entry: samout_edge::cummax -> the CumMax placeholder."""
-    import onnxscript
+def scan_translation(s: scans.Scan) -> Callable[..., Any]:
+    """custom_translation_table entry for a registered scan: its torch op
+    (``samout_edge::<s.torch_op>``, models/ops.py) -> its placeholder node (``s.op_type``),
+    the scan's inputs then ``dim`` as the ``axis`` attribute. The signature is the scan's,
+    so the exporter's dispatcher matches inputs and the attribute as for a written one."""
+    signature = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in s.inputs]
+        + [inspect.Parameter("dim", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)])
 
-    return onnxscript.values.Opset(low.DOMAIN, low.OP_VERSION).CumMax(x, axis=dim)
+    def translate(*args: Any, **kwargs: Any) -> Any:
+        import onnxscript
+
+        bound = signature.bind(*args, **kwargs).arguments
+        node = getattr(onnxscript.values.Opset(low.DOMAIN, low.OP_VERSION), s.op_type)
+        return node(*(bound[name] for name in s.inputs), axis=bound["dim"])
+
+    translate.__signature__ = signature  # type: ignore[attr-defined]
+    translate.__annotations__ = {"dim": int}
+    translate.__name__ = translate.__qualname__ = f"translate_{s.torch_op}"
+    return translate
 
 
-def _translate_linear_scan(a, b, dim: int):
-    """custom_translation_table entry: samout_edge::linear_scan -> the LinearScan placeholder."""
-    import onnxscript
-
-    return onnxscript.values.Opset(low.DOMAIN, low.OP_VERSION).LinearScan(a, b, axis=dim)
+def scan_translations() -> dict[Any, Callable[..., Any]]:
+    """Every registered scan's translation, keyed by its torch op."""
+    return {getattr(torch.ops.samout_edge, s.torch_op).default: scan_translation(s) for s in scans.SCANS.values()}
 
 
 def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace_seq: int) -> onnx.ModelProto:
@@ -92,8 +107,7 @@ def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace
                 input_names=[t.name for t in inputs],
                 output_names=[t.name for t in outputs],
                 dynamic_shapes=({0: batch, 1: seq}, tuple(past_shapes)),
-                custom_translation_table={torch.ops.samout_edge.cummax.default: _translate_cummax,
-                                          torch.ops.samout_edge.linear_scan.default: _translate_linear_scan},
+                custom_translation_table=scan_translations(),
                 optimize=True,
                 verify=False,
             )
