@@ -41,19 +41,19 @@ STACKS = ["linear,softmax-w8", "cummax,softmax"]  # fixed-shape state; a growing
 def test_the_name_round_trips_and_each_layer_has_its_mixers_state():
     spec = arch_spec("linear, softmax-w8")
     assert spec.name == "linear,softmax-w8" and arch_spec(spec.name) == spec
-    assert graph.past_names(spec.name, 2) == ["past_linear.0", "past_key_values.1.key", "past_key_values.1.value"]
-    assert graph.present_names(spec.name, 2) == ["present_linear.0", "present.1.key", "present.1.value"]
+    assert graph.past_names(spec, 2) == ["past_linear.0", "past_key_values.1.key", "past_key_values.1.value"]
+    assert graph.present_names(spec, 2) == ["present_linear.0", "present.1.key", "present.1.value"]
     assert spec.guarded and spec.attends and not spec.grows and spec.window == 8
     grows = arch_spec("cummax,softmax")
     assert grows.grows and grows.guarded and grows.window == 0 and not arch_spec("softmax-w8,softmax-w4").grows
     assert arch_spec("softmax-w8,softmax").grows and arch_spec("softmax-w8,softmax-w4").window == 8
     # a single name is that mixer in every layer: the same graph as the stack that repeats it
-    assert graph.graph_io(TINY, "cummax,cummax", "fp32", "last") == graph.graph_io(TINY, "cummax", "fp32", "last")
-    state = graph.empty_state(TINY, spec.name, 1, "fp16")
+    assert graph.graph_io(TINY, arch_spec("cummax,cummax"), "fp32", "last") == graph.graph_io(TINY, arch_spec("cummax"), "fp32", "last")
+    state = graph.empty_state(TINY, spec, 1, "fp16")
     assert state["past_key_values.1.key"].shape == (1, 4, 8, 8) and not state["past_linear.0"].any()
-    assert graph.state_bytes(TINY, spec.name, 1, 10, "fp32") == graph.state_bytes(TINY, spec.name, 1, 10**6, "fp32")
+    assert graph.state_bytes(TINY, spec, 1, 10, "fp32") == graph.state_bytes(TINY, spec, 1, 10**6, "fp32")
     flat = [torch.zeros(1)] * 3
-    assert [len(x) if isinstance(x, tuple) else 1 for x in graph.unflatten(spec.name, flat)] == [1, 2]
+    assert [len(x) if isinstance(x, tuple) else 1 for x in graph.unflatten(spec, flat)] == [1, 2]
     for bad in ("linear,,softmax", "linear,foo", "linear,softmax-w0", ","):
         with pytest.raises(SamoutError, match="one per layer|unknown arch"):
             arch_spec(bad)
@@ -66,7 +66,7 @@ def test_a_wrong_layer_count_is_refused_in_one_line(run_cli, tmp_path):
         SamOut(TINY, "cummax,softmax,linear")
     assert "\n" not in str(e.value)
     with pytest.raises(SamoutError, match="names 3 layers' mixers, the model has 2 layers"):
-        graph.past_names("cummax,softmax,linear", 2)
+        graph.past_names(arch_spec("cummax,softmax,linear"), 2)
     code, _, err = run_cli("export", "--preset", "tiny", "--arch", "cummax,cummax,softmax-w8,cummax",
                            "-o", str(tmp_path / "e"))
     assert code != 0 and "names 4 layers' mixers, the model has 2 layers" in one_error_line(err)
@@ -130,7 +130,7 @@ def test_export_verifies_in_onnx_runtime_and_onnx_reference(stacks, arch, varian
     d = stacks(arch, variant)
     manifest = read_manifest(d)
     assert manifest.arch == arch and arch_spec(manifest.arch) == arch_spec(arch)
-    assert [t.name for t in manifest.inputs[1:]] == graph.past_names(arch, 2)
+    assert [t.name for t in manifest.inputs[1:]] == graph.past_names(manifest.spec, 2)
     assert verify(d, backend="reference").passed  # custom: its functions inlined; fp16: in fp16 arithmetic
     if variant == "custom":  # layer 0 scans with LinearScan, layer 1 attends; both take the heads' CumMax
         scans = [n.op_type for n in onnx.load(str(d / "model.onnx")).graph.node if n.domain == "samout_edge"]

@@ -29,7 +29,7 @@ from torch import nn
 from samout_edge import lowering as low
 from samout_edge import scan_checks
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import Blend, arch_spec
 from samout_edge.artifact.config import ModelConfig, check_arch, preset
 from samout_edge.artifact.files import check_output_dir, staging_dir, write_json_atomic
 from samout_edge.artifact.golden import save_golden
@@ -184,8 +184,8 @@ class ExportWrapper(nn.Module):
         self.last_only = last_only
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
-        logits, present = self.model(input_ids, graph.unflatten(self.model.arch, list(past)), self.last_only)
-        return (logits, *graph.flatten(self.model.arch, present))
+        logits, present = self.model(input_ids, graph.unflatten(self.model.spec, list(past)), self.last_only)
+        return (logits, *graph.flatten(self.model.spec, present))
 
 
 def _translate_cummax(x, dim: int):
@@ -205,21 +205,21 @@ def _translate_linear_scan(a, b, dim: int):
 def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace_seq: int) -> onnx.ModelProto:
     """torch.export + the ONNX translation; cummax nodes are still placeholders."""
     low.register_placeholder_schema()
-    config, arch = model.config, model.arch
+    config, spec = model.config, model.spec
     dtype = next(model.parameters()).dtype
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=max(options.max_seq, trace_seq))
     ids = torch.randint(1, config.vocab_size, (trace_batch, trace_seq))
     past_seq = torch.export.Dim("past_seq", min=0)  # a KV cache has no length limit
     past, past_shapes = [], []
-    for tensor, empty in zip(arch_spec(arch).states(config.num_layers), graph.flatten(arch, model.empty_state(trace_batch))):
+    for tensor, empty in zip(spec.states(config.num_layers), graph.flatten(spec, model.empty_state(trace_batch))):
         if tensor.grows:  # traced with a few tokens in it (0 and 1 would be specialized)
-            past.append(torch.randn((trace_batch, config.num_heads, 3, config.head_dim), dtype=dtype))
-            past_shapes.append({0: batch, 2: past_seq})
+            past.append(torch.randn(tensor.shape(trace_batch, config.num_heads, config.head_dim, 3), dtype=dtype))
+            past_shapes.append({0: batch, tensor.SEQ_AXIS: past_seq})
         else:
             past.append(empty)
             past_shapes.append({0: batch})
-    inputs, outputs = graph.graph_io(config, arch, options.dtype, options.logits)
+    inputs, outputs = graph.graph_io(config, spec, options.dtype, options.logits)
     quiet = io.StringIO()
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -266,7 +266,7 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
     elem_type = graph.dtype(manifest.dtype).onnx
     sites = scan_checks.scan_sites(model)  # recorded in the graph: verify checks these very nodes
     low.lower_scans(model, manifest.lowering, plan, static_lengths, elem_type)
-    spec = arch_spec(manifest.arch)
+    spec = manifest.spec
     if spec.guarded:  # the sequence scan is unrolled for max_seq: past it, NaN (attention has no limit)
         scanned = [t.past for t in spec.states(manifest.config.num_layers) if t.scan]
         scan_checks.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs],
@@ -422,11 +422,8 @@ def export(
         if made_by is not None:
             manifest.extra["made_by"] = made_by
         model = ckpt.model(options.arch, torch_dtype(options.dtype), options.hybrid_alpha)
-        if arch_spec(options.arch).has("hybrid"):  # what inspect shows: where the model chose cummax
-            manifest.extra["alpha"] = [None if a is None else round(a, 6) for a in blends(model)]
-            manifest.extra["alpha_from"] = "learned" if ckpt.alphas is not None else "stated"
-            if ckpt.alphas is None:
-                manifest.extra["hybrid_alpha"] = 0.5 if options.hybrid_alpha is None else options.hybrid_alpha
+        if model.spec.has("hybrid"):  # what inspect shows: where the model chose cummax
+            manifest.blend = Blend.of(blends(model), learned=ckpt.alphas is not None, stated=options.hybrid_alpha)
         for module in model.modules():
             if isinstance(module, LayerNorm):
                 module.decompose = options.decompose_layernorm
@@ -543,7 +540,7 @@ def emulate(model: SamOut, manifest: Manifest, golden, rounding: str,
     own state, as a runner of that family feeds its own back in verify."""
     from samout_edge.models.quantize import activation_rounding
 
-    arch, layers = manifest.arch, manifest.config.num_layers
+    arch, layers = manifest.spec, manifest.config.num_layers
     past_names, present_names = graph.past_names(arch, layers), graph.present_names(arch, layers)
     model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     outputs: list[dict[str, np.ndarray]] = []
@@ -623,7 +620,7 @@ def blends(model: SamOut) -> list[float | None]:
 
 
 def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifest:
-    inputs, outputs = graph.graph_io(ckpt.config, options.arch, options.dtype, options.logits)
+    inputs, outputs = graph.graph_io(ckpt.config, arch_spec(options.arch), options.dtype, options.logits)
     batch, seq = trace_shape(options.max_seq)
     plan = options.scan_plan(ckpt.config)
     return Manifest(
