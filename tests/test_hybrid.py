@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samout_edge.artifact.arch import arch_name, arch_spec
+from samout_edge.artifact.arch import Blend, arch_name, arch_spec
 from samout_edge.artifact.config import PRESETS
-from samout_edge.artifact.manifest import read_manifest
+from samout_edge.artifact.manifest import Manifest, read_manifest, stated_alpha
 from samout_edge.artifact.quantization import RTOL
 from samout_edge.errors import SamoutError
 from samout_edge.exporter.onnx_export import ExportOptions, export
@@ -180,7 +180,16 @@ def test_chunked_prefill_in_the_runner_equals_pytorch_on_the_whole_sequence(tmp_
 
 def test_the_hybrid_export_records_alpha_and_inspect_shows_it(made, run_cli):
     d = made(f"hybrid-w{W}")
-    assert read_manifest(d).blend.alpha == (0.5, 0.5)
+    manifest = read_manifest(d)
+    assert manifest.blend == Blend((0.5, 0.5), "stated", 0.5) and stated_alpha(manifest) == 0.5
+    data = json.loads((d / "export.json").read_text())
+    assert data["blend"] == {"alpha": [0.5, 0.5], "source": "stated", "stated": 0.5} and "alpha" not in data["extra"]
+    old = {k: v for k, v in data.items() if k != "blend"}  # an export made before the blend was a field
+    old["extra"] = {**data["extra"], "alpha": [0.5, 0.5], "alpha_from": "stated", "hybrid_alpha": 0.5}
+    assert Manifest.from_dict(old).blend == manifest.blend
+    assert Manifest.from_dict({**data, "blend": None}).blend is None
+    with pytest.raises(SamoutError, match="export.json: blend"):
+        Manifest.from_dict({**data, "blend": {"alpha": [0.5], "source": "guessed"}})
     code, out, _ = run_cli("inspect", d)
     assert code == 0 and "softmax over the last 8 positions" in out and "alpha per layer (stated" in out
     assert "constant whatever the context" in out

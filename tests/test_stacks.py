@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_name, arch_spec
+from samout_edge.artifact.arch import SEQ_AXIS, StateTensor, arch_name, arch_spec
 from samout_edge.artifact.config import PRESETS
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.artifact.quantization import RTOL
@@ -59,6 +59,30 @@ def test_the_name_round_trips_and_each_layer_has_its_mixers_state():
             arch_spec(bad)
     with pytest.raises(SamoutError, match="not a stack"):
         arch_name("cummax,softmax", 8)
+
+
+def test_the_spec_owns_the_empty_state_and_the_growth_axis():
+    spec = arch_spec("cummax,softmax,linear,softmax-w4")
+    assert SEQ_AXIS == StateTensor.SEQ_AXIS == 2
+    for dtype in (np.float32, np.float16):
+        state = spec.empty_state(4, 3, TINY.num_heads, TINY.head_dim, dtype)
+        assert list(state) == spec.past_names(4) and all(v.dtype == dtype for v in state.values())
+        assert state["past_max.0"].min() == np.finfo(dtype).min and state["past_max.0"].shape == (3, 4, 1, 8)
+        assert state["past_key_values.1.key"].shape == (3, 4, 0, 8) and state["past_key_values.3.value"].shape == (3, 4, 4, 8)
+        assert not state["past_linear.2"].any() and not state["past_key_values.3.key"].any()
+        assert graph.empty_state(replace(TINY, num_layers=4), spec, 3, "fp16" if dtype == np.float16 else "fp32").keys() == state.keys()
+    # the torch model fills its state by the same rule, in its own dtype (bf16 too)
+    model = SamOut(replace(TINY, num_layers=4), spec).to(torch.bfloat16)
+    flat = spec.flatten(model.empty_state(3))
+    assert [tuple(t.shape) for t in flat] == [v.shape for v in state.values()]
+    assert flat[0].min().item() == torch.finfo(torch.bfloat16).min and not any(t.any() for t in flat[1:])
+    # a cache grows on SEQ_AXIS: its length is read there, a fixed state says 0
+    grown = {**state, "past_key_values.1.key": np.zeros((3, 4, 7, 8)), "past_key_values.1.value": np.zeros((3, 4, 7, 8))}
+    assert spec.past_length(4, grown) == 7 and arch_spec("linear").past_length(2, graph.empty_state(TINY, arch_spec("linear"), 1, "fp32")) == 0
+    cache = spec.layer_states(1)[0]
+    assert cache.shape("batch", 4, 8, "past") == ["batch", 4, "past", 8] and cache.length((1, 4, 5, 8)) == 5
+    assert model.spec is spec and model.arch == spec.name == "cummax,softmax,linear,softmax-w4"
+    assert arch_spec(spec.name) is arch_spec(spec.name)  # decoded once per name
 
 
 def test_a_wrong_layer_count_is_refused_in_one_line(run_cli, tmp_path):
