@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samout_edge.artifact.config import check_arch
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.engine import is_engine_dir, resolve_engine
 from samout_edge.artifact.manifest import is_export_dir
 from samout_edge.errors import SamoutError
@@ -74,8 +74,8 @@ def resolve_target(path: str | Path, engine: str | None = None) -> Target:
 
 def open_runner(target: Target, backend: str = "auto", options: Any = None, arch: str = "cummax",
                 heads: int | None = None, logits: str = "last") -> Runner:
-    """The runner for ``target`` on ``backend``. A checkpoint runs as ``arch`` (``heads`` for a
-    bare state_dict) with ``logits``; an export takes every backend."""
+    """The runner for ``target`` on ``backend``. A checkpoint runs as ``arch`` (the user's name,
+    decoded here; ``heads`` for a bare state_dict) with ``logits``; an export takes every backend."""
     settings = options if options is not None else Settings()
     name = target.default_backend if backend == "auto" else backend
     spec = BACKENDS.get(name)
@@ -85,7 +85,7 @@ def open_runner(target: Target, backend: str = "auto", options: Any = None, arch
         raise SamoutError(_wrong_kind(target, name))
     if target.kind == "checkpoint":
         check_installed(spec)
-        return spec.load_checkpoint(target.path, spec.options_from(settings), check_arch(arch), heads, logits)
+        return spec.load_checkpoint(target.path, spec.options_from(settings), arch_spec(arch), heads, logits)
     directory = target.export_dir
     if spec.capabilities.engines:  # the engine it names, else the export's only one: said before anything loads
         directory = target.engine_dir or resolve_engine(target.export_dir, engine_of(settings))[1]

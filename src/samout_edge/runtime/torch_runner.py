@@ -149,7 +149,7 @@ def _load(directory: Path, options: TorchOptions) -> TorchRunner:
                              options.fast_kernel, export_dir=directory, alpha=stated_alpha(manifest))
 
 
-def _load_checkpoint(path: Path, options: TorchOptions, arch: str, heads: int | None, logits: str) -> TorchRunner:
+def _load_checkpoint(path: Path, options: TorchOptions, arch: ArchSpec, heads: int | None, logits: str) -> TorchRunner:
     """A checkpoint itself, in fp32, as ``arch`` (``heads``: a bare state_dict's head count)."""
     from samout_edge.models.checkpoint import load_checkpoint
 
