@@ -122,7 +122,7 @@ def main() -> None:
                 "state_bytes": {str(n): r.state_bytes for n, r in decode.items()},
                 "prefill_ms": None if prefill.refused else prefill.latency_ms["median"], "prefill_tokens": args.prefill,
                 "weights_bytes": m.weights.bytes,
-                "alpha": m.extra.get("alpha"),
+                "alpha": list(m.blend.alpha) if m.blend else None,
                 "trained_heldout_bits_per_byte": train["archs"][arch].get("heldout_bits_per_byte"),
             })
     result = {"machine": describe("cpu"), "set": str(args.set), "steps": train.get("steps_done"),

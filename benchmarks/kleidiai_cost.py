@@ -48,7 +48,7 @@ def main() -> None:
     ids = np.array([[5]], np.int64)
     for step in range(args.steps + 20):
         for name, (sess, manifest) in runs.items():
-            feed = {graph.INPUT_IDS: ids, **graph.empty_state(manifest.config, manifest.arch, 1, manifest.dtype)}
+            feed = {graph.INPUT_IDS: ids, **graph.empty_state(manifest.config, manifest.spec, 1, manifest.dtype)}
             t = time.perf_counter()
             sess.run(None, feed)
             if step >= 20:  # warm-up

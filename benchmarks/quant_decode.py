@@ -101,7 +101,7 @@ def speed(work: Path, contexts: list[int], seconds: float, preset: str = "seed")
         for (arch, name), t in timings.items():
             m = read_manifest(dirs[(arch, name)])
             cfg = m.config
-            state = graph.state_bytes(cfg, arch, 1, context, m.dtype)
+            state = graph.state_bytes(cfg, m.spec, 1, context, m.dtype)
             step = decode_step_bytes(m.weights.bytes, cfg.parameter_count(), cfg.vocab_size * cfg.hidden_size, state)
             fp32, warm_fp32 = timings[(arch, "fp32")].median_ms, warm[(arch, "fp32")]
             rows.append({"arch": arch, "variant": name, "context": context, "decode_ms": round(t.median_ms, 3),

@@ -50,7 +50,7 @@ def calibration_reader(directory: Path, text: Path, limit: int = CALIBRATION_TOK
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.feeds = iter([{"input_ids": tokens[i:i + window][None], **empty_state(m.config, m.arch, 1, m.dtype)}
+            self.feeds = iter([{"input_ids": tokens[i:i + window][None], **empty_state(m.config, m.spec, 1, m.dtype)}
                                for i in range(0, len(tokens), window)])
 
         def get_next(self):

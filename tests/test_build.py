@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.engine import (
     EngineMeta,
     OptimizationProfile,
@@ -214,7 +215,7 @@ def test_engine_compatibility_check(tmp_path):
 
 
 def test_profile_ranges_from_engine_meta():
-    decode, prefill = profile_ranges(_meta(), "cummax")
+    decode, prefill = profile_ranges(_meta(), arch_spec("cummax"))
     assert (decode.name, decode.index, decode.batch, decode.seq, decode.past) == ("decode", 0, (1, 4), (1, 1), None)
     assert (prefill.index, prefill.seq) == (1, (1, 300))
     assert select_profile([decode, prefill], 1, 1, 0).index == 0 and select_profile([decode, prefill], 1, 7, 0).index == 1

@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_name, arch_spec
+from samout_edge.artifact.arch import Blend, arch_name, arch_spec
 from samout_edge.artifact.config import PRESETS
-from samout_edge.artifact.manifest import read_manifest
+from samout_edge.artifact.manifest import Manifest, read_manifest, stated_alpha
 from samout_edge.artifact.quantization import RTOL
 from samout_edge.errors import SamoutError
 from samout_edge.exporter.onnx_export import ExportOptions, export
@@ -181,7 +180,16 @@ def test_chunked_prefill_in_the_runner_equals_pytorch_on_the_whole_sequence(tmp_
 
 def test_the_hybrid_export_records_alpha_and_inspect_shows_it(made, run_cli):
     d = made(f"hybrid-w{W}")
-    assert read_manifest(d).extra["alpha"] == [0.5, 0.5]
+    manifest = read_manifest(d)
+    assert manifest.blend == Blend((0.5, 0.5), "stated", 0.5) and stated_alpha(manifest) == 0.5
+    data = json.loads((d / "export.json").read_text())
+    assert data["blend"] == {"alpha": [0.5, 0.5], "source": "stated", "stated": 0.5} and "alpha" not in data["extra"]
+    old = {k: v for k, v in data.items() if k != "blend"}  # an export made before the blend was a field
+    old["extra"] = {**data["extra"], "alpha": [0.5, 0.5], "alpha_from": "stated", "hybrid_alpha": 0.5}
+    assert Manifest.from_dict(old).blend == manifest.blend
+    assert Manifest.from_dict({**data, "blend": None}).blend is None
+    with pytest.raises(SamoutError, match="export.json: blend"):
+        Manifest.from_dict({**data, "blend": {"alpha": [0.5], "source": "guessed"}})
     code, out, _ = run_cli("inspect", d)
     assert code == 0 and "softmax over the last 8 positions" in out and "alpha per layer (stated" in out
     assert "constant whatever the context" in out
@@ -195,7 +203,8 @@ def test_export_cli_takes_the_arch_and_the_window_and_refuses_nonsense(run_cli, 
                              "0.3", "--max-seq", "16", "-o", tmp_path / "h", "--json")
     assert code == 0, err
     m = json.loads(out)["manifest"]
-    assert m["arch"] == "hybrid-w8" and m["extra"]["alpha"] == pytest.approx([0.3, 0.3])
+    assert m["arch"] == "hybrid-w8" and m["blend"]["alpha"] == pytest.approx([0.3, 0.3]) and m["blend"]["source"] == "stated"
+    assert m["blend"]["stated"] == 0.3 and "alpha" not in m["extra"]
     assert [i["shape"] for i in m["inputs"][1:4]] == [["batch", 4, 1, 8], ["batch", 4, 8, 8], ["batch", 4, 8, 8]]
     for args, match in (
         (["--arch", "cummax", "--softmax-window", "8"], "applies to archs with softmax attention"),
@@ -296,7 +305,7 @@ def test_triton_packages_a_window_and_refuses_a_growing_hybrid(made, tmp_path):
     window = next(s for s in states if s.input_name == "past_key_values.0.key")
     assert window.dims == [4, W, 8] and not np.frombuffer(files[window.data_file], np.float32).any()
     running = next(s for s in states if s.input_name == "past_max.0")
-    assert np.frombuffer(files[running.data_file], np.float32).max() == graph.empty_value("fp32")
+    assert np.frombuffer(files[running.data_file], np.float32).max() == np.finfo(np.float32).min
     with pytest.raises(SamoutError, match="--softmax-window"):
         package_triton(made("hybrid"), tmp_path / "repo2")
 
@@ -326,7 +335,7 @@ def test_a_stated_alpha_follows_the_export_into_every_pytorch_reference(tmp_path
 
     d = export(tmp_path / "h", ExportOptions(arch=f"hybrid-w{W}", max_seq=MAX_SEQ, logits="all", hybrid_alpha=0.2),
                checkpoint=tiny_checkpoint).directory
-    assert read_manifest(d).extra["hybrid_alpha"] == 0.2
+    assert read_manifest(d).blend.stated_alpha == 0.2
     assert verify(d, lengths=[5, 40]).passed  # against PyTorch recomputed from the checkpoint
     ids = np.random.default_rng(0).integers(1, 128, (1, 30))
     with load_runner(d, "ort") as ort, load_runner(d, "torch") as torch_runner:

@@ -83,9 +83,9 @@ def test_the_state_spec():
     (state,) = spec.layer_states(1)
     assert (state.past, state.present, state.slots, state.scan) == ("past_linear.1", "present_linear.1", 1, "linear")
     assert spec.guarded and not spec.grows and not spec.attends and not state.running_max
-    empty = graph.empty_state(TINY, "linear", 2, "fp16")
+    empty = graph.empty_state(TINY, spec, 2, "fp16")
     assert list(empty) == ["past_linear.0", "past_linear.1"] and all(not v.any() and v.shape == (2, 4, 1, 8) for v in empty.values())
-    assert graph.state_bytes(TINY, "linear", 1, 10, "fp32") == graph.state_bytes(TINY, "linear", 1, 10**6, "fp32")
+    assert graph.state_bytes(TINY, spec, 1, 10, "fp32") == graph.state_bytes(TINY, spec, 1, 10**6, "fp32")
 
 
 VARIANTS = {
@@ -176,7 +176,7 @@ def test_the_length_guard_and_a_poisoned_state(linear, runtime):
         run = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run
     else:
         run = onnx.reference.ReferenceEvaluator(path).run
-    empty = graph.empty_state(TINY, "linear", 1, "fp32")
+    empty = graph.empty_state(TINY, arch_spec("linear"), 1, "fp32")
     ids = np.ones((1, MAX_SEQ + 1), np.int64)
     logits, *state = run(None, {"input_ids": ids, **empty})
     assert np.isnan(logits).all() and all(np.isnan(s).all() for s in state)

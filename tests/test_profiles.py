@@ -1,6 +1,7 @@
 import pytest
 import tomllib
 
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import PRESETS
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import list_profiles, load_profile, parse_profile
@@ -66,10 +67,10 @@ def test_user_profile_file(tmp_path):
 def test_memory_plan_state_constant_for_cummax_and_linear_for_softmax():
     nano = load_profile("jetson-orin-nano-8gb")
     seed = PRESETS["seed"]
-    a = estimate(seed, "cummax", "fp16", 1, 1024, 512, nano)
-    b = estimate(seed, "cummax", "fp16", 1, 65536, 512, nano)
+    a = estimate(seed, arch_spec("cummax"), "fp16", 1, 1024, 512, nano)
+    b = estimate(seed, arch_spec("cummax"), "fp16", 1, 65536, 512, nano)
     assert a.state == b.state == 2 * 6 * 8 * 64 * 2  # double-buffered 6 KiB
-    s1, s2 = (estimate(seed, "softmax", "fp16", 1, n, 512, nano) for n in (1024, 2048))
+    s1, s2 = (estimate(seed, arch_spec("softmax"), "fp16", 1, n, 512, nano) for n in (1024, 2048))
     assert s2.state == 2 * s1.state
     assert a.weights == seed.parameter_count() * 2
 
@@ -80,8 +81,8 @@ def test_longest_context_per_profile():
         assert plan.longest["cummax"] is None  # memory never bounds the cummax context
         n = plan.longest["softmax"]
         assert n > 0
-        fits = estimate(PRESETS["seed"], "softmax", profile.precision, 1, n, profile.prefill.seq.opt, profile)
-        over = estimate(PRESETS["seed"], "softmax", profile.precision, 1, n + 1, profile.prefill.seq.opt, profile)
+        fits = estimate(PRESETS["seed"], arch_spec("softmax"), profile.precision, 1, n, profile.prefill.seq.opt, profile)
+        over = estimate(PRESETS["seed"], arch_spec("softmax"), profile.precision, 1, n + 1, profile.prefill.seq.opt, profile)
         assert fits.total <= profile.memory_budget_bytes < over.total
 
 
@@ -90,4 +91,4 @@ def test_a_model_too_big_fits_nowhere():
 
     huge = ModelConfig(vocab_size=250000, hidden_size=8192, num_heads=64, num_layers=80)
     nano = load_profile("jetson-orin-nano-8gb")
-    assert longest_context(huge, "cummax", "fp16", 1, 512, nano) == 0
+    assert longest_context(huge, arch_spec("cummax"), "fp16", 1, 512, nano) == 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_name, arch_spec
+from samout_edge.artifact.arch import SEQ_AXIS, StateTensor, arch_name, arch_spec
 from samout_edge.artifact.config import PRESETS
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.artifact.quantization import RTOL
@@ -41,19 +41,19 @@ STACKS = ["linear,softmax-w8", "cummax,softmax"]  # fixed-shape state; a growing
 def test_the_name_round_trips_and_each_layer_has_its_mixers_state():
     spec = arch_spec("linear, softmax-w8")
     assert spec.name == "linear,softmax-w8" and arch_spec(spec.name) == spec
-    assert graph.past_names(spec.name, 2) == ["past_linear.0", "past_key_values.1.key", "past_key_values.1.value"]
-    assert graph.present_names(spec.name, 2) == ["present_linear.0", "present.1.key", "present.1.value"]
+    assert graph.past_names(spec, 2) == ["past_linear.0", "past_key_values.1.key", "past_key_values.1.value"]
+    assert graph.present_names(spec, 2) == ["present_linear.0", "present.1.key", "present.1.value"]
     assert spec.guarded and spec.attends and not spec.grows and spec.window == 8
     grows = arch_spec("cummax,softmax")
     assert grows.grows and grows.guarded and grows.window == 0 and not arch_spec("softmax-w8,softmax-w4").grows
     assert arch_spec("softmax-w8,softmax").grows and arch_spec("softmax-w8,softmax-w4").window == 8
     # a single name is that mixer in every layer: the same graph as the stack that repeats it
-    assert graph.graph_io(TINY, "cummax,cummax", "fp32", "last") == graph.graph_io(TINY, "cummax", "fp32", "last")
-    state = graph.empty_state(TINY, spec.name, 1, "fp16")
+    assert graph.graph_io(TINY, arch_spec("cummax,cummax"), "fp32", "last") == graph.graph_io(TINY, arch_spec("cummax"), "fp32", "last")
+    state = graph.empty_state(TINY, spec, 1, "fp16")
     assert state["past_key_values.1.key"].shape == (1, 4, 8, 8) and not state["past_linear.0"].any()
-    assert graph.state_bytes(TINY, spec.name, 1, 10, "fp32") == graph.state_bytes(TINY, spec.name, 1, 10**6, "fp32")
+    assert graph.state_bytes(TINY, spec, 1, 10, "fp32") == graph.state_bytes(TINY, spec, 1, 10**6, "fp32")
     flat = [torch.zeros(1)] * 3
-    assert [len(x) if isinstance(x, tuple) else 1 for x in graph.unflatten(spec.name, flat)] == [1, 2]
+    assert [len(x) if isinstance(x, tuple) else 1 for x in graph.unflatten(spec, flat)] == [1, 2]
     for bad in ("linear,,softmax", "linear,foo", "linear,softmax-w0", ","):
         with pytest.raises(SamoutError, match="one per layer|unknown arch"):
             arch_spec(bad)
@@ -61,12 +61,36 @@ def test_the_name_round_trips_and_each_layer_has_its_mixers_state():
         arch_name("cummax,softmax", 8)
 
 
+def test_the_spec_owns_the_empty_state_and_the_growth_axis():
+    spec = arch_spec("cummax,softmax,linear,softmax-w4")
+    assert SEQ_AXIS == StateTensor.SEQ_AXIS == 2
+    for dtype in (np.float32, np.float16):
+        state = spec.empty_state(4, 3, TINY.num_heads, TINY.head_dim, dtype)
+        assert list(state) == spec.past_names(4) and all(v.dtype == dtype for v in state.values())
+        assert state["past_max.0"].min() == np.finfo(dtype).min and state["past_max.0"].shape == (3, 4, 1, 8)
+        assert state["past_key_values.1.key"].shape == (3, 4, 0, 8) and state["past_key_values.3.value"].shape == (3, 4, 4, 8)
+        assert not state["past_linear.2"].any() and not state["past_key_values.3.key"].any()
+        assert graph.empty_state(replace(TINY, num_layers=4), spec, 3, "fp16" if dtype == np.float16 else "fp32").keys() == state.keys()
+    # the torch model fills its state by the same rule, in its own dtype (bf16 too)
+    model = SamOut(replace(TINY, num_layers=4), spec).to(torch.bfloat16)
+    flat = spec.flatten(model.empty_state(3))
+    assert [tuple(t.shape) for t in flat] == [v.shape for v in state.values()]
+    assert flat[0].min().item() == torch.finfo(torch.bfloat16).min and not any(t.any() for t in flat[1:])
+    # a cache grows on SEQ_AXIS: its length is read there, a fixed state says 0
+    grown = {**state, "past_key_values.1.key": np.zeros((3, 4, 7, 8)), "past_key_values.1.value": np.zeros((3, 4, 7, 8))}
+    assert spec.past_length(4, grown) == 7 and arch_spec("linear").past_length(2, graph.empty_state(TINY, arch_spec("linear"), 1, "fp32")) == 0
+    cache = spec.layer_states(1)[0]
+    assert cache.shape("batch", 4, 8, "past") == ["batch", 4, "past", 8] and cache.length((1, 4, 5, 8)) == 5
+    assert model.spec is spec and model.arch == spec.name == "cummax,softmax,linear,softmax-w4"
+    assert arch_spec(spec.name) is arch_spec(spec.name)  # decoded once per name
+
+
 def test_a_wrong_layer_count_is_refused_in_one_line(run_cli, tmp_path):
     with pytest.raises(SamoutError, match="names 3 layers' mixers, the model has 2 layers") as e:
         SamOut(TINY, "cummax,softmax,linear")
     assert "\n" not in str(e.value)
     with pytest.raises(SamoutError, match="names 3 layers' mixers, the model has 2 layers"):
-        graph.past_names("cummax,softmax,linear", 2)
+        graph.past_names(arch_spec("cummax,softmax,linear"), 2)
     code, _, err = run_cli("export", "--preset", "tiny", "--arch", "cummax,cummax,softmax-w8,cummax",
                            "-o", str(tmp_path / "e"))
     assert code != 0 and "names 4 layers' mixers, the model has 2 layers" in one_error_line(err)
@@ -130,7 +154,7 @@ def test_export_verifies_in_onnx_runtime_and_onnx_reference(stacks, arch, varian
     d = stacks(arch, variant)
     manifest = read_manifest(d)
     assert manifest.arch == arch and arch_spec(manifest.arch) == arch_spec(arch)
-    assert [t.name for t in manifest.inputs[1:]] == graph.past_names(arch, 2)
+    assert [t.name for t in manifest.inputs[1:]] == graph.past_names(manifest.spec, 2)
     assert verify(d, backend="reference").passed  # custom: its functions inlined; fp16: in fp16 arithmetic
     if variant == "custom":  # layer 0 scans with LinearScan, layer 1 attends; both take the heads' CumMax
         scans = [n.op_type for n in onnx.load(str(d / "model.onnx")).graph.node if n.domain == "samout_edge"]

@@ -19,6 +19,7 @@ import pytest
 
 from samout_edge import triton_server as tr
 from samout_edge.artifact import graph
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.engine import ENGINE_FILE, ENGINE_JSON, EngineMeta, OptimizationProfile, ShapeRange
 from samout_edge.artifact.manifest import MANIFEST_FILE, read_manifest
 from samout_edge.errors import SamoutError
@@ -60,7 +61,7 @@ def variant(manifest, **changes):
     """The manifest of an export with another arch/dtype/logits, with that graph's I/O:
     planning the config of a variant without exporting it."""
     changed = dataclasses.replace(manifest, **changes)
-    changed.inputs, changed.outputs = graph.graph_io(changed.config, changed.arch, changed.dtype, changed.logits)
+    changed.inputs, changed.outputs = graph.graph_io(changed.config, changed.spec, changed.dtype, changed.logits)
     return changed
 
 
@@ -88,9 +89,9 @@ def test_onnxruntime_repository(export_dir, tmp_path):
     assert sb.max_sequence_idle_microseconds == 60_000_000
     assert not sb.control_input  # both backends count controls as model inputs; the graph has none
 
-    inputs, outputs = graph.graph_io(manifest.config, "cummax", "fp32", "last")
+    inputs, outputs = graph.graph_io(manifest.config, arch_spec("cummax"), "fp32", "last")
     specs = {t.name: t for t in inputs}
-    pairs = graph.present_to_past("cummax", manifest.config.num_layers)
+    pairs = graph.present_to_past(arch_spec("cummax"), manifest.config.num_layers)
     assert {s.output_name: s.input_name for s in sb.state} == pairs
     h, d = manifest.config.num_heads, manifest.config.head_dim
     for state in sb.state:
@@ -103,7 +104,7 @@ def test_onnxruntime_repository(export_dir, tmp_path):
         data = (model / "initial_state" / initial.data_file).read_bytes()
         assert len(data) == h * 1 * d * 4
         values = np.frombuffer(data, dtype="<f4")
-        assert np.all(values == graph.empty_value("fp32")) and values[0] == np.finfo(np.float32).min  # not zeros
+        assert np.all(values == np.finfo(np.float32).min) and values[0] == np.finfo(np.float32).min  # not zeros
     (group,) = config.instance_group
     assert model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_GPU" and not group.profile
 
@@ -113,11 +114,13 @@ def test_onnxruntime_repository(export_dir, tmp_path):
 
 
 def test_initial_state_bytes_per_dtype():
-    fp16 = tr.initial_state_bytes("fp16", [8, 1, 64])
+    running_max, (window, _) = arch_spec("cummax").layer_states(0)[0], arch_spec("softmax-w4").layer_states(0)
+    fp16 = tr.initial_state_bytes(running_max, "fp16", [8, 1, 64])
     assert len(fp16) == 8 * 64 * 2
     assert np.all(np.frombuffer(fp16, "<f2") == np.float16(-65504.0))
-    fp32 = tr.initial_state_bytes("fp32", [2, 1, 3])
+    fp32 = tr.initial_state_bytes(running_max, "fp32", [2, 1, 3])
     assert fp32 == np.full(6, np.finfo(np.float32).min, "<f4").tobytes() and fp32 != bytes(24)
+    assert tr.initial_state_bytes(window, "fp16", [4, 4, 8]) == bytes(4 * 4 * 8 * 2)  # a window starts as zeros
 
 
 @needs_tritonclient
@@ -233,8 +236,8 @@ def test_names():
 
 
 def test_state_pairing_follows_triton_name_order():
-    tr.check_state_pairing(graph.present_to_past("cummax", 12))  # past_max.10 sorts before past_max.2 on both sides
-    tr.check_state_pairing(graph.present_to_past("softmax", 12))
+    tr.check_state_pairing(graph.present_to_past(arch_spec("cummax"), 12))  # past_max.10 sorts before past_max.2 on both sides
+    tr.check_state_pairing(graph.present_to_past(arch_spec("softmax"), 12))
     with pytest.raises(SamoutError, match="pairs states by name order"):
         tr.check_state_pairing({"a_out": "z_in", "b_out": "a_in"})
 

@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.artifact.vocab import Vocab, export_vocab, iter_tokens, read_tokens  # noqa: F401 - eval's API
 from samout_edge.errors import SamoutError, require_torch
@@ -413,7 +412,7 @@ def eval_target(
     backend = resolved.default_backend if backend == "auto" else backend
     spec = backend_named(backend)
     settings = settings.replace(checkpoint=checkpoint, engine=engine)
-    grows = manifest is not None and arch_spec(manifest.arch).grows
+    grows = manifest is not None and manifest.spec.grows
     options, workers = spec.options_from(settings).for_eval(stream, grows)  # the backend's knobs for scoring
     runner = open_runner(resolved, backend, options, arch, heads, logits="all", ubatch=ubatch)
     with runner:
@@ -457,7 +456,7 @@ def eval_target(
             mode="stream" if stream else "windows",
             window=window,
             stride=stride,
-            state_bytes=graph.state_bytes(config, runner.info.arch, 1, window, runner.info.dtype),
+            state_bytes=graph.state_bytes(config, runner.info.spec, 1, window, runner.info.dtype),
             seconds=time.perf_counter() - started,
             **scores,
         )

@@ -162,20 +162,19 @@ MIXES = {"cummax": "a running max over the sequence (SamOut)", "softmax": "causa
 def arch_notes(manifest) -> list[str]:
     """What the arch computes and carries, in words: inspect's answer to 'what is this export'."""
     from samout_edge.artifact import graph
-    from samout_edge.artifact.arch import arch_spec
     from samout_edge.artifact.resources import human_bytes
 
-    spec, cfg = arch_spec(manifest.arch), manifest.config
+    spec, cfg = manifest.spec, manifest.config
     mixes = [MIXES[m.mixer] + (f", softmax over the last {m.window} positions" if m.window else "") for m in spec.layers]
     if spec.stack:
         notes = [f"mixers, one per layer: {'; '.join(f'{i}: {mix}' for i, mix in enumerate(mixes))}"]
     else:
         notes = [f"mixer: {mixes[0]}"]
-    alpha = manifest.extra.get("alpha")
-    if alpha:
-        notes.append(f"alpha per layer ({manifest.extra.get('alpha_from', '?')}; the weight of cummax): "
-                     + ", ".join("-" if a is None else f"{a:.3f}" for a in alpha))
-    at = lambda n: human_bytes(graph.state_bytes(cfg, manifest.arch, 1, n, manifest.dtype))  # noqa: E731
+    blend = manifest.blend
+    if blend is not None and blend.alpha:
+        notes.append(f"alpha per layer ({blend.source}; the weight of cummax): "
+                     + ", ".join("-" if a is None else f"{a:.3f}" for a in blend.alpha))
+    at = lambda n: human_bytes(graph.state_bytes(cfg, spec, 1, n, manifest.dtype))  # noqa: E731
     growth = "grows with the context" if spec.grows else "constant whatever the context"
     notes.append(f"decode state at batch 1: {at(1024)} at 1k tokens, {at(32768)} at 32k ({growth})")
     for q in manifest.quality:

@@ -29,28 +29,43 @@ A stack names one mixer per layer, comma-separated (``linear,softmax-w8``,
 its own mixer's, named for i. A single name is that mixer in every layer, for any
 layer count; a stack must name exactly the model's layers.
 
-From that the spec answers: state names and shapes, the empty state, state bytes
-at a context, whether any state grows (then memory bounds the context, and a
+From that the spec answers: state names and shapes, the empty state (numpy arrays
+by dtype; the torch model fills its tensors by the same rule, ``StateTensor.fill``),
+state bytes at a context, the axis a state grows on (``SEQ_AXIS``) and how many
+tokens a state holds, whether any state grows (then memory bounds the context, and a
 fixed-shape server state cannot hold it), and whether the graph needs the length
 guard: each state says which scan (scans.py) carries it, or none (a KV cache).
+A hybrid export records its blend as a ``Blend`` (export.json's ``blend``).
 A new arch is a new mixer here and in the model's layer factory.
+
+The library passes the decoded ``ArchSpec``, never its name: ``arch_spec(name)`` is
+called only where a name comes in (the CLI, export.json and engine.json on load, a
+checkpoint's or a caller's ``--arch``), and ``spec.name`` is what goes back out.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
 
 from samout_edge.errors import SamoutError
+
+SEQ_AXIS = 2  # every state tensor is [batch, heads, seq, head_dim]: a KV cache grows on this axis
 
 
 @dataclass(frozen=True)
 class StateTensor:
-    """One tensor of a layer's state, as the graph names it."""
+    """One tensor of a layer's state, as the graph names it: ``[batch, heads, slots, head_dim]``."""
+
+    SEQ_AXIS: ClassVar[int] = SEQ_AXIS  # the axis of its slots, the one a KV cache grows on
 
     past: str  # the graph input
     present: str  # the graph output, the next call's past
-    slots: int | None  # the length of its seq axis (2): fixed, or None for every token so far (a KV cache)
+    slots: int | None  # the length of its seq axis (SEQ_AXIS): fixed, or None for every token so far (a KV cache)
     scan: str | None  # the scan (scans.py) that carries it over the sequence: max, linear; None: a KV cache
 
     @property
@@ -62,6 +77,32 @@ class StateTensor:
         """Its values pass through Max: empty, it holds the dtype's lowest value (else zeros), and a
         runtime's Max may drop a NaN in it, so the host checks it is finite."""
         return self.scan == "max"
+
+    def shape(self, batch: int | str, heads: int, head_dim: int, past: int | str) -> list:
+        """Its shape after ``past`` tokens (a name: a dynamic dimension); fixed slots ignore ``past``."""
+        shape: list = [batch, heads, head_dim]
+        shape.insert(SEQ_AXIS, past if self.grows else self.slots)
+        return shape
+
+    def fill(self, lowest: float) -> float:
+        """Its value before any token, given the dtype's lowest finite value: a running max holds
+        that (not -inf, which some runtimes refuse as an input and fp16 kernels may mishandle),
+        every other state zeros (an empty cache has no values; a window's slots and h start at 0).
+        The one rule: numpy states (``empty``) and the torch model's (``torch.finfo``) both ask it."""
+        return lowest if self.running_max else 0.0
+
+    def empty_value(self, dtype: Any) -> float:
+        """``fill`` for a numpy dtype (fp32, fp16; numpy has no bf16)."""
+        return self.fill(float(np.finfo(np.dtype(dtype)).min))
+
+    def empty(self, batch: int, heads: int, head_dim: int, dtype: Any) -> np.ndarray:
+        """This tensor before any token, as a numpy array of ``dtype``."""
+        return np.full(self.shape(batch, heads, head_dim, 0), self.empty_value(dtype), np.dtype(dtype))
+
+    def length(self, value: Any) -> int:
+        """Tokens it holds: the length of its seq axis (any array with a shape, or a shape)."""
+        shape = value if isinstance(value, (tuple, list)) else np.shape(value)
+        return int(shape[SEQ_AXIS])
 
 
 def _running_max(i: int) -> list[StateTensor]:
@@ -167,13 +208,23 @@ class ArchSpec:
         """Whether the graph scans the sequence with a scan unrolled for max_seq (the length guard, the NaN poison)."""
         return any(t.scan for t in self.named_states)
 
-    def state_shape(self, tensor: StateTensor, batch: int, heads: int, head_dim: int, past: int | str) -> list:
+    def state_shape(self, tensor: StateTensor, batch: int | str, heads: int, head_dim: int, past: int | str) -> list:
         """A state tensor's shape after ``past`` tokens (a name: a dynamic dimension)."""
-        return [batch, heads, past if tensor.grows else tensor.slots, head_dim]
+        return tensor.shape(batch, heads, head_dim, past)
 
     def state_bytes(self, num_layers: int, heads: int, head_dim: int, batch: int, context: int, itemsize: int) -> int:
         per = batch * heads * head_dim * itemsize
         return sum(per * (context if t.grows else t.slots) for t in self.states(num_layers))
+
+    def empty_state(self, num_layers: int, batch: int, heads: int, head_dim: int, dtype: Any) -> dict[str, np.ndarray]:
+        """The state before any token, as numpy arrays of ``dtype`` keyed by graph input name: a
+        running max at the dtype's lowest value, a KV cache of no tokens, a window and h of zeros."""
+        return {t.past: t.empty(batch, heads, head_dim, dtype) for t in self.states(num_layers)}
+
+    def past_length(self, num_layers: int, state: dict[str, Any]) -> int:
+        """Tokens a growing state holds (0 for one that does not grow), read off its seq axis."""
+        grown = [t for t in self.states(num_layers) if t.grows]
+        return grown[0].length(state[grown[0].past]) if grown else 0
 
     def flatten(self, layer_states: list) -> list:
         """Per-layer states (a tensor, or a tuple of them) -> the flat list in graph order."""
@@ -187,6 +238,60 @@ class ArchSpec:
             out.append(flat[at] if n == 1 else tuple(flat[at : at + n]))
             at, i = at + n, i + 1
         return out
+
+
+BLEND_SOURCES = ("learned", "stated")
+
+
+@dataclass(frozen=True)
+class Blend:
+    """A hybrid export's blend ``alpha * cummax + (1 - alpha) * softmax``, as export.json's
+    ``blend`` records it: ``alpha`` per layer (None in a layer that is not hybrid), learned with
+    the checkpoint or ``stated`` (SamOut weights exported as a hybrid at ``export --hybrid-alpha``,
+    which every PyTorch reference of the export must use again). Exports made before it was a
+    field kept it in ``extra`` (alpha, alpha_from, hybrid_alpha): ``from_extra`` reads those."""
+
+    alpha: tuple[float | None, ...]
+    source: Literal["learned", "stated"]
+    stated: float | None = None  # the --hybrid-alpha of a stated blend
+
+    @classmethod
+    def of(cls, alphas: list[float | None], learned: bool, stated: float | None = None) -> Blend:
+        """What the exporter records: the model's per-layer alpha (rounded as recorded) and where
+        it came from; a stated blend without a value is the default 0.5."""
+        alpha = tuple(None if a is None else round(float(a), 6) for a in alphas)
+        if learned:
+            return cls(alpha, "learned")
+        return cls(alpha, "stated", 0.5 if stated is None else float(stated))
+
+    @property
+    def stated_alpha(self) -> float | None:
+        """The blend every PyTorch reference must be built with; None where the checkpoint has its own."""
+        return self.stated if self.source == "stated" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alpha": list(self.alpha), "source": self.source, "stated": self.stated}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Blend | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict) or data.get("source") not in BLEND_SOURCES or not isinstance(data.get("alpha"), list):
+            raise SamoutError(f"export.json: blend {data!r} is not a hybrid's blend (alpha per layer, source learned|stated)")
+        stated = data.get("stated")
+        if data["source"] == "stated" and not isinstance(stated, (int, float)):
+            raise SamoutError(f"export.json: blend {data!r} is stated but gives no alpha")
+        alpha = tuple(None if a is None else float(a) for a in data["alpha"])
+        return cls(alpha, data["source"], None if stated is None else float(stated))
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> Blend | None:
+        """An older export's blend, from the untyped ``extra`` it was kept in."""
+        if not isinstance(extra, dict) or "alpha_from" not in extra:
+            return None
+        source = extra["alpha_from"]
+        stated = extra.get("hybrid_alpha") if source == "stated" else None
+        return cls.from_dict({"alpha": extra.get("alpha") or [], "source": source, "stated": stated})
 
 
 def _single(name: str, mixer: str, window: int = 0) -> ArchSpec:
@@ -224,9 +329,15 @@ def arch_name(base: str, window: int = 0) -> str:
 def arch_spec(name: str) -> ArchSpec:
     """The spec of ``cummax``, ``softmax``, ``hybrid``, ``linear``, a windowed ``softmax-wN`` /
     ``hybrid-wN``, or a stack of them, one per layer: ``cummax,cummax,softmax-w64,cummax``.
-    The one place a name is decoded; ``arch_spec(spec.name) == spec``."""
+    The one place a name is decoded (once per name: decoded specs are kept);
+    ``arch_spec(spec.name) == spec``."""
     if not isinstance(name, str):
         raise SamoutError(f"an arch is a name, got {type(name).__name__}; {NAMES_HELP}")
+    return _decode(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode(name: str) -> ArchSpec:
     if "," not in name:
         return _one(name)
     parts = [part.strip() for part in name.split(",")]

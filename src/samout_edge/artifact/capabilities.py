@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from samout_edge.artifact.arch import arch_spec
-
 if TYPE_CHECKING:
     from samout_edge.artifact.manifest import Manifest
 
@@ -63,7 +61,7 @@ class Capabilities:
             return "custom_ops"
         if manifest.weights.grid == "asymmetric" and not self.zero_points:
             return "zero_points"
-        if arch_spec(manifest.arch).grows and not self.growing_state:
+        if manifest.spec.grows and not self.growing_state:
             return "growing_state"
         return None
 

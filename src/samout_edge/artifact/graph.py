@@ -6,10 +6,12 @@ the next call takes as its past. Every runner passes state as a dict keyed by
 the graph's *input* names, so the state one call returns feeds the next call
 unchanged, whatever the backend.
 
-The state's names and shapes come from the arch's spec (artifact/arch.py): a
-running max ``past_max.{i}`` ``[batch, heads, 1, head_dim]`` whose empty value is
-the dtype's lowest finite value, or a KV cache ``past_key_values.{i}.key|value``
-``[batch, heads, past_seq, head_dim]`` as Optimum names them (past_seq may be 0).
+The state's names, shapes, growth axis and empty value come from the arch's spec
+(artifact/arch.py), which every helper here takes decoded (an ``ArchSpec``, never
+a name): a running max ``past_max.{i}`` ``[batch, heads, 1, head_dim]`` whose
+empty value is the dtype's lowest finite value, or a KV cache
+``past_key_values.{i}.key|value`` ``[batch, heads, past_seq, head_dim]`` as Optimum
+names them (past_seq may be 0), growing on ``arch.SEQ_AXIS``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import ArchSpec
 from samout_edge.artifact.config import ModelConfig
 
 INPUT_IDS = "input_ids"
@@ -73,57 +75,46 @@ class TensorSpec:
     shape: list[int | str]  # ints are fixed, strings name a dynamic dimension
 
 
-def past_names(arch: str, num_layers: int) -> list[str]:
-    return arch_spec(arch).past_names(num_layers)
+def past_names(spec: ArchSpec, num_layers: int) -> list[str]:
+    return spec.past_names(num_layers)
 
 
-def present_names(arch: str, num_layers: int) -> list[str]:
-    return arch_spec(arch).present_names(num_layers)
+def present_names(spec: ArchSpec, num_layers: int) -> list[str]:
+    return spec.present_names(num_layers)
 
 
-def present_to_past(arch: str, num_layers: int) -> dict[str, str]:
-    return dict(zip(present_names(arch, num_layers), past_names(arch, num_layers)))
+def present_to_past(spec: ArchSpec, num_layers: int) -> dict[str, str]:
+    return dict(zip(spec.present_names(num_layers), spec.past_names(num_layers)))
 
 
-def graph_io(config: ModelConfig, arch: str, dtype_name: str, logits: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def graph_io(config: ModelConfig, spec: ArchSpec, dtype_name: str, logits: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Names, dtypes and shapes of the graph's inputs and outputs (strings name dynamic dims)."""
-    spec, h, d = arch_spec(arch), config.num_heads, config.head_dim
+    h, d = config.num_heads, config.head_dim
     float_type = dtype(dtype_name).numpy
     states = spec.states(config.num_layers)
     inputs = [TensorSpec(INPUT_IDS, "int64", ["batch", "seq"])]
-    inputs += [TensorSpec(t.past, float_type, spec.state_shape(t, "batch", h, d, "past_seq")) for t in states]
+    inputs += [TensorSpec(t.past, float_type, t.shape("batch", h, d, "past_seq")) for t in states]
     outputs = [TensorSpec(LOGITS, float_type, ["batch", "seq" if logits == "all" else 1, config.vocab_size])]
-    outputs += [TensorSpec(t.present, float_type, spec.state_shape(t, "batch", h, d, "total_seq")) for t in states]
+    outputs += [TensorSpec(t.present, float_type, t.shape("batch", h, d, "total_seq")) for t in states]
     return inputs, outputs
 
 
-def empty_value(dtype_name: str) -> float:
-    """The running max before any token: the lowest finite value (not -inf, which
-    some runtimes refuse as an input and which fp16 kernels may mishandle)."""
-    return float(np.finfo(numpy_dtype(dtype_name)).min)
+def empty_state(config: ModelConfig, spec: ArchSpec, batch: int, dtype_name: str) -> dict[str, np.ndarray]:
+    """The state before any token, as numpy arrays keyed by graph input name (the spec's rule,
+    ArchSpec.empty_state, at a dtype named as users name it)."""
+    return spec.empty_state(config.num_layers, batch, config.num_heads, config.head_dim, numpy_dtype(dtype_name))
 
 
-def empty_state(config: ModelConfig, arch: str, batch: int, dtype_name: str) -> dict[str, np.ndarray]:
-    """The state before any token, as numpy arrays keyed by graph input name: a running
-    max at the dtype's lowest value, a KV cache of no tokens, a window of zeros."""
-    spec, np_dtype = arch_spec(arch), numpy_dtype(dtype_name)
-    state = {}
-    for t in spec.states(config.num_layers):
-        shape = spec.state_shape(t, batch, config.num_heads, config.head_dim, 0)
-        state[t.past] = np.full(shape, empty_value(dtype_name), np_dtype) if t.running_max else np.zeros(shape, np_dtype)
-    return state
-
-
-def state_bytes(config: ModelConfig, arch: str, batch: int, context: int, dtype_name: str) -> int:
+def state_bytes(config: ModelConfig, spec: ArchSpec, batch: int, context: int, dtype_name: str) -> int:
     """Bytes of the decode state after ``context`` tokens: constant for a running max, linear for a KV cache."""
-    return arch_spec(arch).state_bytes(config.num_layers, config.num_heads, config.head_dim, batch, context,
-                                       dtype(dtype_name).itemsize)
+    return spec.state_bytes(config.num_layers, config.num_heads, config.head_dim, batch, context,
+                            dtype(dtype_name).itemsize)
 
 
-def flatten(arch: str, layer_states: list) -> list:
+def flatten(spec: ArchSpec, layer_states: list) -> list:
     """Per-layer states (a tensor, or a tuple of them) -> the flat list in graph order."""
-    return arch_spec(arch).flatten(layer_states)
+    return spec.flatten(layer_states)
 
 
-def unflatten(arch: str, flat: list) -> list:
-    return arch_spec(arch).unflatten(flat)
+def unflatten(spec: ArchSpec, flat: list) -> list:
+    return spec.unflatten(flat)

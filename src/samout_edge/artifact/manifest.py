@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import ArchSpec, Blend, arch_spec
 from samout_edge.artifact.config import ModelConfig
 from samout_edge.artifact.files import (
     read_json,
@@ -59,6 +59,14 @@ class Manifest:
     precision: dict[str, Any] | None = None
     # what `eval --record` measured on held-out text: one entry per text, mode and window
     quality: list[dict[str, Any]] = field(default_factory=list)
+    # a hybrid's blend, alpha per layer and where it came from (older exports: in extra)
+    blend: Blend | None = None
+
+    @property
+    def spec(self) -> ArchSpec:
+        """The arch, decoded: what the library passes on (export.json keeps its name, ``arch``).
+        Decoded once per name (arch_spec keeps what it decoded)."""
+        return arch_spec(self.arch)
 
     @property
     def state_inputs(self) -> list[str]:
@@ -71,6 +79,10 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["config"] = self.config.to_dict()
+        if self.blend is None:
+            del data["blend"]
+        else:
+            data["blend"] = self.blend.to_dict()
         order = ["producer", "schema_version", "arch", "lowering", "scan", "opset", "dtype", "logits", "max_seq", "config"]
         return {k: data[k] for k in order} | {k: v for k, v in data.items() if k not in order}
 
@@ -89,6 +101,7 @@ class Manifest:
             data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
             data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
             data["weights"] = Weights.from_dict(data.get("weights"))
+            data["blend"] = Blend.from_dict(data.get("blend")) or Blend.from_extra(data.get("extra") or {})
             known = set(cls.__dataclass_fields__)
             manifest = cls(**{k: v for k, v in data.items() if k in known})
         except (KeyError, TypeError, AttributeError) as e:
@@ -99,7 +112,7 @@ class Manifest:
     def check(self) -> None:
         """Every field a later step relies on has a value it can use."""
         try:
-            arch_spec(self.arch)
+            self.spec.check_layers(self.config.num_layers)
         except SamoutError as e:
             raise SamoutError(f"export.json: {e}") from None
         choices = {"dtype": EXPORT_DTYPES, "logits": ("last", "all"), "lowering": ("native", "custom", "inlined")}
@@ -270,9 +283,7 @@ def check_files(directory: str | Path, manifest: Manifest) -> None:
 def stated_alpha(manifest: Manifest) -> float | None:
     """The blend a hybrid export was made with from SamOut weights (``export --hybrid-alpha``),
     which every PyTorch reference of it must use; None where the checkpoint has its own."""
-    if manifest.extra.get("alpha_from") != "stated":
-        return None
-    return float(manifest.extra["hybrid_alpha"])
+    return manifest.blend.stated_alpha if manifest.blend is not None else None
 
 
 BENCH_ARCHS = ("cummax", "softmax")  # what bench compares unless told: SamOut and its baseline

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.files import check_output_dir
 from samout_edge.artifact.manifest import Manifest, check_exports, read_manifest  # noqa: F401 - bench's API
 from samout_edge.bench import machine
@@ -247,7 +246,7 @@ def _measure_point(runners: dict[str, Runner], pair, backend, options: BackendOp
             except (RuntimeError, subprocess.TimeoutExpired):  # out of memory, killed or too slow: the time
                 peak = None  # stands, the peak is unknown
         tokens = batch * (length if mode == "prefill" else 1)
-        state = graph.state_bytes(manifest.config, arch, batch, length, manifest.dtype)
+        state = graph.state_bytes(manifest.config, runners[arch].info.spec, batch, length, manifest.dtype)
         weights = (stored or {}).get(arch, ("fp", None))[1]
         step = roof = None
         if mode == "decode" and weights:
@@ -278,8 +277,8 @@ def _refusal(runner: Runner, config: BenchConfig, batch: int, tokens: int) -> st
     """Why a context of ``tokens`` is not run on ``runner`` (None: it is): past --kv-budget, or
     past what the target or the machine's memory holds (check_context, the rule every command asks)."""
     info = runner.info
-    state = graph.state_bytes(info.config, info.arch, batch, tokens, info.dtype)
-    if config.kv_budget_bytes is not None and arch_spec(info.arch).grows and state > config.kv_budget_bytes:
+    state = graph.state_bytes(info.config, info.spec, batch, tokens, info.dtype)
+    if config.kv_budget_bytes is not None and info.spec.grows and state > config.kv_budget_bytes:
         return f"KV cache {state / 2**20:,.1f} MiB > --kv-budget {config.kv_budget_bytes / 2**20:,.1f} MiB"
     try:
         check_context(info, tokens, batch)

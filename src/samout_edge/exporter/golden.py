@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.golden import (
     BATCH2_UP_TO,
     CALLS,
@@ -48,7 +47,7 @@ def chain(model: SamOut, manifest: Manifest, ids: np.ndarray, bounds: list[tuple
     """Calls ``ids[:, start:end]`` for each of ``bounds`` in order, each call's past the state the
     one before returned. Each call's outputs are PyTorch's on the whole sequence so far (no
     chunks), so chunked == whole is checked on the device, one Polygraphy iteration per call."""
-    cfg, arch = manifest.config, manifest.arch
+    cfg, arch = manifest.config, manifest.spec
     past_names, present_names = graph.past_names(arch, cfg.num_layers), graph.present_names(arch, cfg.num_layers)
     batch = ids.shape[0]
     state = graph.empty_state(cfg, arch, batch, manifest.dtype)
@@ -83,7 +82,7 @@ def long_case(rng: np.random.Generator, model: SamOut, manifest: Manifest, cases
     steps, against PyTorch on the whole sequence."""
     max_seq = manifest.max_seq
     total = int(LONG_FACTOR * max_seq) + 1
-    window = arch_spec(manifest.arch).window
+    window = manifest.spec.window
     if window < LONG_WINDOW_FACTOR * max_seq:  # the decode steps after it run with the window full of real tokens
         total = max(total, window + 1)
     ids = golden_ids(rng, manifest.config.vocab_size, 1, total + LONG_STEPS)
@@ -100,7 +99,7 @@ def record_golden(model: SamOut, manifest: Manifest, rtol: float, text_ids: np.n
     ``text_ids`` (the calibration text): one more case on real text, whose activations
     random ids may never reach (an fp16 overflow shows there on the device)."""
     model = model.float().eval()
-    cfg, arch = manifest.config, manifest.arch
+    cfg, arch = manifest.config, manifest.spec
     past_names = graph.past_names(arch, cfg.num_layers)
     present_names = graph.present_names(arch, cfg.num_layers)
     np_dtype = graph.numpy_dtype(manifest.dtype)
@@ -143,7 +142,7 @@ def record_golden(model: SamOut, manifest: Manifest, rtol: float, text_ids: np.n
         window = np.asarray(text_ids[: manifest.max_seq], dtype=np.int64)[None]
         run(f"text 1x{window.shape[1]}", window, None, 0, None)
     calls_case(rng, model, manifest, cases, feeds, outputs)
-    if not arch_spec(arch).grows:  # past max_seq: chunks of max_seq with the state carried, as every runner feeds them
+    if not arch.grows:  # past max_seq: chunks of max_seq with the state carried, as every runner feeds them
         long_case(rng, model, manifest, cases, feeds, outputs)
     first_state = present_names[0]  # a linear function of each row's embedding
     for start, end in every_id_chunks(cfg.vocab_size, cfg.hidden_size):

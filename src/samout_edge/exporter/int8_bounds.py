@@ -32,7 +32,7 @@ def emulate(model: SamOut, manifest: Manifest, golden, rounding: str,
     emulated with ``rounding`` (models/quantize.py: x86, arm or fp) and computed in ``dtype``:
     logits and state. A case that takes its state from an earlier one takes this emulation's
     own state, as a runner of that family feeds its own back in verify."""
-    arch, layers = manifest.arch, manifest.config.num_layers
+    arch, layers = manifest.spec, manifest.config.num_layers
     past_names, present_names = graph.past_names(arch, layers), graph.present_names(arch, layers)
     model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     outputs: list[dict[str, np.ndarray]] = []

@@ -27,7 +27,7 @@ import torch
 
 from samout_edge import lowering as low
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import Blend, arch_spec
 from samout_edge.artifact.config import ModelConfig, check_arch, preset
 from samout_edge.artifact.files import check_output_dir, staging_dir, write_json_atomic
 from samout_edge.artifact.golden import save_golden
@@ -279,11 +279,8 @@ def load_model(job: ExportJob, stage: Path, seed: int, made_by: str | None) -> N
     if made_by is not None:
         manifest.extra["made_by"] = made_by
     job.model = model = job.ckpt.model(options.arch, torch_dtype(options.dtype), options.hybrid_alpha)
-    if arch_spec(options.arch).has("hybrid"):  # what inspect shows: where the model chose cummax
-        manifest.extra["alpha"] = [None if a is None else round(a, 6) for a in blends(model)]
-        manifest.extra["alpha_from"] = "learned" if job.ckpt.alphas is not None else "stated"
-        if job.ckpt.alphas is None:
-            manifest.extra["hybrid_alpha"] = 0.5 if options.hybrid_alpha is None else options.hybrid_alpha
+    if model.spec.has("hybrid"):  # what inspect shows: where the model chose cummax
+        manifest.blend = Blend.of(blends(model), learned=job.ckpt.alphas is not None, stated=options.hybrid_alpha)
     for module in model.modules():
         if isinstance(module, LayerNorm):
             module.decompose = options.decompose_layernorm
@@ -441,7 +438,7 @@ def blends(model: SamOut) -> list[float | None]:
 
 
 def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifest:
-    inputs, outputs = graph.graph_io(ckpt.config, options.arch, options.dtype, options.logits)
+    inputs, outputs = graph.graph_io(ckpt.config, arch_spec(options.arch), options.dtype, options.logits)
     batch, seq = trace_shape(options.max_seq)
     plan = options.scan_plan(ckpt.config)
     return Manifest(

@@ -39,7 +39,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.golden import (
     BATCH2_UP_TO,
     DECODE_PREFILL,
@@ -138,7 +137,7 @@ def calibration_batches(model: SamOut, max_seq: int, trace_seq: int,
         yield np.arange(start, end)[:, None], False
     if text_ids is not None:
         for start in range(0, len(text_ids), max_seq):
-            yield text_ids[None, start : start + max_seq], start > 0 and not arch_spec(model.arch).grows
+            yield text_ids[None, start : start + max_seq], start > 0 and not model.spec.grows
 
 
 def measure_peaks(model: SamOut, batches: Iterator[tuple[np.ndarray, bool]]) -> tuple[dict[str, float], int]:
@@ -221,7 +220,7 @@ def check_fp16_arithmetic(model_fp16: SamOut, feeds: list[dict[str, np.ndarray]]
     whether every value stayed finite (an overflow is inf, then NaN)."""
     from samout_edge.artifact import graph
 
-    arch, layers = model_fp16.arch, model_fp16.config.num_layers
+    arch, layers = model_fp16.spec, model_fp16.config.num_layers
     past_names, present_names = graph.past_names(arch, layers), graph.present_names(arch, layers)
     worst, finite = 0.0, True
     with torch.inference_mode():

@@ -23,7 +23,6 @@ from torch import nn
 from samout_edge import lowering as low
 from samout_edge import scan_checks, scans
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.manifest import Manifest, graph_metadata
 from samout_edge.errors import SamoutError
 from samout_edge.exporter import quantize as qz
@@ -42,8 +41,8 @@ class ExportWrapper(nn.Module):
         self.last_only = last_only
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
-        logits, present = self.model(input_ids, graph.unflatten(self.model.arch, list(past)), self.last_only)
-        return (logits, *graph.flatten(self.model.arch, present))
+        logits, present = self.model(input_ids, graph.unflatten(self.model.spec, list(past)), self.last_only)
+        return (logits, *graph.flatten(self.model.spec, present))
 
 
 def scan_translation(s: scans.Scan) -> Callable[..., Any]:
@@ -76,21 +75,21 @@ def scan_translations() -> dict[Any, Callable[..., Any]]:
 def trace_to_onnx(model: SamOut, options: ExportOptions, trace_batch: int, trace_seq: int) -> onnx.ModelProto:
     """torch.export + the ONNX translation; cummax nodes are still placeholders."""
     low.register_placeholder_schema()
-    config, arch = model.config, model.arch
+    config, spec = model.config, model.spec
     dtype = next(model.parameters()).dtype
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=max(options.max_seq, trace_seq))
     ids = torch.randint(1, config.vocab_size, (trace_batch, trace_seq))
     past_seq = torch.export.Dim("past_seq", min=0)  # a KV cache has no length limit
     past, past_shapes = [], []
-    for tensor, empty in zip(arch_spec(arch).states(config.num_layers), graph.flatten(arch, model.empty_state(trace_batch))):
+    for tensor, empty in zip(spec.states(config.num_layers), graph.flatten(spec, model.empty_state(trace_batch))):
         if tensor.grows:  # traced with a few tokens in it (0 and 1 would be specialized)
-            past.append(torch.randn((trace_batch, config.num_heads, 3, config.head_dim), dtype=dtype))
-            past_shapes.append({0: batch, 2: past_seq})
+            past.append(torch.randn(tensor.shape(trace_batch, config.num_heads, config.head_dim, 3), dtype=dtype))
+            past_shapes.append({0: batch, tensor.SEQ_AXIS: past_seq})
         else:
             past.append(empty)
             past_shapes.append({0: batch})
-    inputs, outputs = graph.graph_io(config, arch, options.dtype, options.logits)
+    inputs, outputs = graph.graph_io(config, spec, options.dtype, options.logits)
     quiet = io.StringIO()
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -136,7 +135,7 @@ def finalize(model: onnx.ModelProto, manifest: Manifest, static_lengths: dict[in
     elem_type = graph.dtype(manifest.dtype).onnx
     sites = scan_checks.scan_sites(model)  # recorded in the graph: verify checks these very nodes
     low.lower_scans(model, manifest.lowering, plan, static_lengths, elem_type)
-    spec = arch_spec(manifest.arch)
+    spec = manifest.spec
     if spec.guarded:  # the sequence scan is unrolled for max_seq: past it, NaN (attention has no limit)
         scanned = [t.past for t in spec.states(manifest.config.num_layers) if t.scan]
         scan_checks.guard_length(model, graph.INPUT_IDS, 1, manifest.max_seq, [t.name for t in manifest.outputs],

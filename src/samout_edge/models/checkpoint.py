@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import ArchSpec, arch_spec
 from samout_edge.artifact.config import ModelConfig
 from samout_edge.artifact.files import make_readable, read_json, sha256_file, staging_dir, write_json_atomic
 from samout_edge.artifact.manifest import Manifest
@@ -51,11 +51,12 @@ class Checkpoint:
         alphas = [torch.sigmoid(self.state_dict[k]).item() if k in self.state_dict else None for k in keys]
         return None if all(a is None for a in alphas) else alphas
 
-    def model(self, arch: str = "cummax", dtype: torch.dtype = torch.float32, alpha: float | None = None) -> SamOut:
-        """The checkpoint as ``arch``. SamOut's weights load into any arch, their hybrid layers
-        blended at ``alpha`` (0.5 unless given); a learned blend needs a hybrid layer where it was
-        learned, and only there."""
-        spec = arch_spec(arch)
+    def model(self, arch: ArchSpec | str = "cummax", dtype: torch.dtype = torch.float32,
+              alpha: float | None = None) -> SamOut:
+        """The checkpoint as ``arch`` (the spec, or the name a user gave: ``--arch``). SamOut's
+        weights load into any arch, their hybrid layers blended at ``alpha`` (0.5 unless given);
+        a learned blend needs a hybrid layer where it was learned, and only there."""
+        spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
         spec.check_layers(self.config.num_layers)
         layers = range(self.config.num_layers)
         hybrid = [i for i in layers if spec.layer(i).mixer == "hybrid"]
@@ -66,7 +67,7 @@ class Checkpoint:
                               f"{', '.join(map(str, learned))}): {where}, and no others")
         if alpha is not None and not (hybrid and not learned):
             raise SamoutError("--hybrid-alpha sets the blend of SamOut weights loaded into a hybrid; "
-                              + ("this checkpoint has its own, learned" if learned else f"--arch is {arch}"))
+                              + ("this checkpoint has its own, learned" if learned else f"--arch is {spec.name}"))
         state = dict(self.state_dict)
         if hybrid and not learned:
             start = 0.5 if alpha is None else alpha
@@ -74,7 +75,7 @@ class Checkpoint:
                 raise SamoutError(f"--hybrid-alpha must be between 0 and 1 (exclusive), got {start}")
             for i in hybrid:
                 state[blend_key(i)] = torch.logit(torch.tensor(start))
-        model = SamOut(self.config, arch)
+        model = SamOut(self.config, spec)
         model.load_state_dict(state, strict=True)
         return model.to(dtype).eval()
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samout_edge.artifact.arch import LayerMixer, arch_spec
-from samout_edge.artifact.config import ModelConfig, check_arch
+from samout_edge.artifact.arch import ArchSpec, LayerMixer, arch_spec
+from samout_edge.artifact.config import ModelConfig
 from samout_edge.artifact.graph import dtype as graph_dtype
 from samout_edge.models.ops import cummax, linear_scan
 
@@ -244,13 +244,15 @@ class DecoderLayer(nn.Module):
 class SamOut(nn.Module):
     """The language model; ``arch="softmax"`` gives the baseline with the same weights,
     ``"hybrid"`` the blend of both, ``"hybrid-w64"`` with a softmax window of 64, ``"linear"`` the
-    gated linear recurrence, ``"linear,softmax-w8"`` one mixer per layer (artifact/arch.py)."""
+    gated linear recurrence, ``"linear,softmax-w8"`` one mixer per layer (artifact/arch.py).
+    ``arch``: the spec, or a name a caller gave (decoded here, once); ``spec`` is what the
+    library passes on, ``arch`` its name."""
 
-    def __init__(self, config: ModelConfig, arch: str = "cummax"):
+    def __init__(self, config: ModelConfig, arch: ArchSpec | str = "cummax"):
         super().__init__()
         self.config = config
-        self.arch = check_arch(arch)
-        spec = arch_spec(arch)
+        self.spec = spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
+        self.arch = spec.name
         spec.check_layers(config.num_layers)
         self.em = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
         self.decoder_layers = nn.ModuleList(DecoderLayer(config, spec.layer(i)) for i in range(config.num_layers))
@@ -259,10 +261,9 @@ class SamOut(nn.Module):
     def empty_state(self, batch: int) -> list[LayerState]:
         """The state before any token: lowest-value running max, an empty KV cache, a window
         of zeros, a zero h (artifact/arch.py)."""
-        c, p, spec = self.config, self.head.weight, arch_spec(self.arch)
-        flat = [p.new_full(spec.state_shape(t, batch, c.num_heads, c.head_dim, 0),
-                           torch.finfo(p.dtype).min if t.running_max else 0.0)
-                for t in spec.states(c.num_layers)]
+        c, p, spec = self.config, self.head.weight, self.spec
+        lowest = torch.finfo(p.dtype).min  # the spec's rule (StateTensor.fill) in the model's dtype, bf16 too
+        flat = [p.new_full(t.shape(batch, c.num_heads, c.head_dim, 0), t.fill(lowest)) for t in spec.states(c.num_layers)]
         return spec.unflatten(flat)
 
     def forward(

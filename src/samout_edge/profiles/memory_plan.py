@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import ArchSpec, arch_spec
 from samout_edge.artifact.config import ModelConfig
 from samout_edge.artifact.manifest import BENCH_ARCHS, Manifest
 from samout_edge.errors import SamoutError
@@ -89,13 +89,12 @@ def export_weights(manifest: Manifest, dtype: str | None = None) -> tuple[int | 
     return None, kind
 
 
-def estimate(config: ModelConfig, arch: str, dtype: str, batch: int, context: int, chunk: int,
+def estimate(config: ModelConfig, spec: ArchSpec, dtype: str, batch: int, context: int, chunk: int,
              profile: DeviceProfile, weights_bytes: int | None = None) -> Breakdown:
     e = BYTES[dtype]
     h, heads, d, layers = config.hidden_size, config.num_heads, config.head_dim, config.num_layers
     weights = config.parameter_count() * e if weights_bytes is None else weights_bytes
     runtime = (profile.runtime_overhead_mib + profile.workspace_mib) * 2**20
-    spec = arch_spec(arch)
     state = 2 * spec.state_bytes(layers, heads, d, batch, context, e)  # the state, and its copy as the next input
     logits = batch * config.vocab_size * e
 
@@ -109,13 +108,13 @@ def estimate(config: ModelConfig, arch: str, dtype: str, batch: int, context: in
     return Breakdown(weights, runtime, state, max(call(min(chunk, max(context, 1))), call(1)))
 
 
-def longest_context(config: ModelConfig, arch: str, dtype: str, batch: int, chunk: int, profile: DeviceProfile,
+def longest_context(config: ModelConfig, spec: ArchSpec, dtype: str, batch: int, chunk: int, profile: DeviceProfile,
                     weights_bytes: int | None = None) -> int | None:
     """The longest context that fits the budget; None when memory does not bound it."""
     budget = profile.memory_budget_bytes
 
     def fits(n: int) -> bool:
-        return estimate(config, arch, dtype, batch, n, chunk, profile, weights_bytes).total <= budget
+        return estimate(config, spec, dtype, batch, n, chunk, profile, weights_bytes).total <= budget
 
     if not fits(1):
         return 0
@@ -132,9 +131,10 @@ def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None =
                 contexts: list[int] | None = None, weights_bytes: int | None = None,
                 weights_kind: str = "fp", archs: list[str] | None = None, ubatch: int | None = 512) -> MemoryPlan:
     """``weights_bytes``/``weights_kind``: an export's stored weights (``export_weights``);
-    None counts parameters x the dtype's size. ``archs``: side by side (default: cummax, softmax).
+    None counts parameters x the dtype's size. ``archs``: side by side (default: cummax, softmax), by
+    name as the user gives them (decoded here once; the plan's rows are keyed by each spec's name).
     ``ubatch``: the most tokens a prefill call takes (runtime/base.py); None: the profile's opt length."""
-    archs = [arch_spec(a).name for a in archs or BENCH_ARCHS]
+    specs = [arch_spec(a) for a in archs or BENCH_ARCHS]
     dtype = dtype or profile.precision
     if weights_bytes is not None and weights_bytes < 1:
         raise SamoutError(f"weights bytes must be positive, got {weights_bytes}")
@@ -147,7 +147,7 @@ def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None =
     chunk = min(profile.prefill.seq.opt, ubatch or profile.prefill.seq.opt)
     contexts = contexts or DEFAULT_CONTEXTS
     rows = [
-        PlanRow(n, {arch: estimate(config, arch, dtype, batch, n, chunk, profile, weights_bytes) for arch in archs},
+        PlanRow(n, {s.name: estimate(config, s, dtype, batch, n, chunk, profile, weights_bytes) for s in specs},
                 profile.memory_budget_bytes)
         for n in contexts
     ]
@@ -159,7 +159,7 @@ def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None =
         chunk=chunk,
         budget=profile.memory_budget_bytes,
         rows=rows,
-        longest={arch: longest_context(config, arch, dtype, batch, chunk, profile, weights_bytes) for arch in archs},
+        longest={s.name: longest_context(config, s, dtype, batch, chunk, profile, weights_bytes) for s in specs},
         weights_kind=weights_kind,
         weights_bytes=next(iter(rows[0].archs.values())).weights if rows else config.parameter_count() * BYTES[dtype],
         assumptions=[

@@ -12,6 +12,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from samout_edge.artifact.arch import ArchSpec
 from samout_edge.artifact.capabilities import Capabilities
 from samout_edge.runtime.base import Runner
 
@@ -55,7 +56,7 @@ class Backend:
     summary: str
     capabilities: Capabilities
     # (checkpoint, its options, arch, heads, logits) -> runner; None: it runs exports only
-    load_checkpoint: Callable[[Path, Any, str, int | None, str], Runner] | None = None
+    load_checkpoint: Callable[[Path, Any, ArchSpec, int | None, str], Runner] | None = None
 
     @property
     def activations(self) -> tuple[str, ...]:

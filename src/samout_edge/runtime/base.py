@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import ArchSpec
 from samout_edge.artifact.config import ModelConfig
 from samout_edge.errors import SamoutError
 
@@ -42,7 +42,7 @@ def check_feed(info: RunnerInfo, input_ids: Any, state: State) -> None:
         shape = np.shape(input_ids)
     if len(shape) != 2 or not shape[0] or not shape[1]:
         raise SamoutError(f"input_ids must be [batch, seq] with at least one token, got shape {tuple(shape)}")
-    states = arch_spec(info.arch).states(info.config.num_layers)
+    states = info.spec.states(info.config.num_layers)
     names = [t.past for t in states]
     if set(state) != set(names):
         missing = sorted(set(names) - set(state)) or sorted(set(state) - set(names))
@@ -59,7 +59,7 @@ def check_feed(info: RunnerInfo, input_ids: Any, state: State) -> None:
 class RunnerInfo:
     backend: str  # the registered name (runtime/registry.py)
     device: str  # what it runs on, as the backend labels it: the ORT provider, cuda, the engine's profile
-    arch: str
+    spec: ArchSpec  # the arch, decoded (its name: ``arch``)
     dtype: str  # fp32 | fp16
     logits: str  # last | all
     max_seq: int | None  # the most tokens one graph call takes; run() feeds longer inputs in chunks (None: any)
@@ -70,6 +70,11 @@ class RunnerInfo:
     kernel_family: str = "x86"  # int8 activations: whose MatMulNBits rounding it computes (ACTIVATION_FAMILIES)
     computes_fp16: bool = False  # an fp16 graph computed in fp16, not upcast (verify needs no onnx.reference pass)
     memory: str | None = "host"  # where a peak is read: host (RSS), cuda (torch's allocator), None (no readable peak)
+
+    @property
+    def arch(self) -> str:
+        """The arch's name, as export.json and users spell it."""
+        return self.spec.name
 
 
 # An unfused attention call holds about this many score-sized fp32 buffers at once (scores,
@@ -90,10 +95,10 @@ def check_context(info: RunnerInfo, tokens: int, batch: int = 1, what: str = "th
     if info.max_context is not None and tokens > info.max_context:
         raise SamoutError(f"{what} needs a context of {tokens:,} tokens; this {info.backend} target holds at most "
                           f"{info.max_context:,} (its optimization profiles): rebuild it with a longer profile")
-    if arch_spec(info.arch).grows:
+    if info.spec.grows:
         from samout_edge.artifact.resources import check_memory, human_bytes
 
-        cache = graph.state_bytes(info.config, info.arch, batch, tokens, info.dtype)
+        cache = graph.state_bytes(info.config, info.spec, batch, tokens, info.dtype)
         shortest = min(tokens, MIN_CALL)
         check_memory(2 * cache + _scores_bytes(info, batch, shortest, tokens),
                      f"{what} ({tokens:,} tokens of context: a {human_bytes(cache)} KV cache and the attention "
@@ -113,11 +118,11 @@ def call_tokens(info: RunnerInfo, batch: int, context: int, ubatch: int | None =
     graph's limit, the micro-batch ``ubatch`` (None or 0: none), and for a softmax cache
     what its attention scores leave memory for (so a long prompt is fed in shorter
     calls rather than not at all)."""
-    if not arch_spec(info.arch).grows:
+    if not info.spec.grows:
         return _least(info.max_seq, ubatch)
     from samout_edge.artifact.resources import available_memory
 
-    free = available_memory() - 2 * graph.state_bytes(info.config, info.arch, batch, context, info.dtype)
+    free = available_memory() - 2 * graph.state_bytes(info.config, info.spec, batch, context, info.dtype)
     room = min(free // 4, CALL_SCORES_MAX)  # a runtime's allocator keeps more than one call's peak
     fit = max(MIN_CALL, room // max(1, _scores_bytes(info, batch, 1, context)))
     return _least(info.max_seq, fit, ubatch)
@@ -125,8 +130,7 @@ def call_tokens(info: RunnerInfo, batch: int, context: int, ubatch: int | None =
 
 def past_length(info: RunnerInfo, state: State) -> int:
     """Tokens a growing state holds (0 for one that does not grow)."""
-    grown = [t.past for t in arch_spec(info.arch).states(info.config.num_layers) if t.grows]
-    return int(np.shape(state[grown[0]])[2]) if grown else 0
+    return info.spec.past_length(info.config.num_layers, state)
 
 
 def _scores_bytes(info: RunnerInfo, batch: int, queries: int, keys: int) -> int:

@@ -59,17 +59,17 @@ class OpenVINORunner(Runner):
     def __init__(self, compiled, manifest: Manifest, device: str, precision: str):
         self.compiled, self.manifest = compiled, manifest
         self.request = compiled.create_infer_request()
-        self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
+        self.to_past = graph.present_to_past(manifest.spec, manifest.config.num_layers)
         self.outputs = [o.get_any_name() for o in compiled.outputs]
         ran = runs_in(compiled, precision)
         label = ran if ran == precision else f"{ran} ({precision} asked)"
-        self.info = RunnerInfo("openvino", f"{device}:{label}", manifest.arch, manifest.dtype, manifest.logits,
+        self.info = RunnerInfo("openvino", f"{device}:{label}", manifest.spec, manifest.dtype, manifest.logits,
                                manifest.max_seq, manifest.config, rtol=PRECISIONS[ran],
                                computes_fp16="CPU" not in device,
                                memory="host" if device.startswith("CPU") else None)  # a GPU's peak is not readable
 
     def initial_state(self, batch: int) -> State:
-        return graph.empty_state(self.manifest.config, self.manifest.arch, batch, self.manifest.dtype)
+        return graph.empty_state(self.manifest.config, self.manifest.spec, batch, self.manifest.dtype)
 
     def run_impl(self, input_ids, state: State):
         feeds = {graph.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64), **state}

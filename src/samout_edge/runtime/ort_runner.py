@@ -54,12 +54,12 @@ class OrtRunner(Runner):
     def __init__(self, session, manifest: Manifest, provider: str):
         self.session = session
         self.manifest = manifest
-        self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
+        self.to_past = graph.present_to_past(manifest.spec, manifest.config.num_layers)
         self.output_names = [o.name for o in session.get_outputs()]
         cpu = cpu_features() if provider == "CPUExecutionProvider" else None
         fp16 = cpu is not None and cpu.fp16_arithmetic and manifest.dtype == "fp16"
         self.info = RunnerInfo(
-            "ort", provider + (" (fp16 arithmetic)" if fp16 else ""), manifest.arch, manifest.dtype, manifest.logits,
+            "ort", provider + (" (fp16 arithmetic)" if fp16 else ""), manifest.spec, manifest.dtype, manifest.logits,
             manifest.max_seq, manifest.config, rtol=RTOL_FP16_ARITHMETIC if fp16 else None,
             kernel_family=cpu.kernel_family if cpu is not None else "x86",
             computes_fp16=cpu is None or fp16,  # the GPU providers compute fp16 in fp16; x86's CPU upcasts
@@ -67,7 +67,7 @@ class OrtRunner(Runner):
         )
 
     def initial_state(self, batch: int) -> State:
-        return graph.empty_state(self.manifest.config, self.manifest.arch, batch, self.manifest.dtype)
+        return graph.empty_state(self.manifest.config, self.manifest.spec, batch, self.manifest.dtype)
 
     def close(self) -> None:
         self.session = None

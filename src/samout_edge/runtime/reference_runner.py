@@ -32,12 +32,12 @@ class ReferenceRunner(Runner):
     def __init__(self, evaluator, manifest: Manifest):
         self.evaluator, self.manifest = evaluator, manifest
         self.output_names = [o.name for o in evaluator.proto_.graph.output]
-        self.to_past = graph.present_to_past(manifest.arch, manifest.config.num_layers)
-        self.info = RunnerInfo("reference", "onnx.reference", manifest.arch, manifest.dtype, manifest.logits,
+        self.to_past = graph.present_to_past(manifest.spec, manifest.config.num_layers)
+        self.info = RunnerInfo("reference", "onnx.reference", manifest.spec, manifest.dtype, manifest.logits,
                                manifest.max_seq, manifest.config, computes_fp16=True)
 
     def initial_state(self, batch: int) -> State:
-        return graph.empty_state(self.manifest.config, self.manifest.arch, batch, self.manifest.dtype)
+        return graph.empty_state(self.manifest.config, self.manifest.spec, batch, self.manifest.dtype)
 
     def run_impl(self, input_ids, state: State):
         feeds = {graph.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64), **state}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samout_edge.artifact.config import check_arch
+from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.engine import is_engine_dir, resolve_engine
 from samout_edge.artifact.manifest import is_export_dir
 from samout_edge.errors import SamoutError
@@ -74,9 +74,9 @@ def resolve_target(path: str | Path, engine: str | None = None) -> Target:
 
 def open_runner(target: Target, backend: str = "auto", options: Any = None, arch: str = "cummax",
                 heads: int | None = None, logits: str = "last", ubatch: int | None = PREFILL_UBATCH) -> Runner:
-    """The runner for ``target`` on ``backend``. A checkpoint runs as ``arch`` (``heads`` for a
-    bare state_dict) with ``logits``; an export takes every backend. ``ubatch``: the most
-    tokens one call takes (0 or None: what the graph takes)."""
+    """The runner for ``target`` on ``backend``. A checkpoint runs as ``arch`` (the user's name,
+    decoded here; ``heads`` for a bare state_dict) with ``logits``; an export takes every backend.
+    ``ubatch``: the most tokens one call takes (0 or None: what the graph takes)."""
     runner = _open(target, backend, options, arch, heads, logits)
     runner.ubatch = check_ubatch(ubatch)
     return runner
@@ -98,7 +98,7 @@ def _open(target: Target, backend: str, options: Any, arch: str, heads: int | No
         raise SamoutError(_wrong_kind(target, name))
     if target.kind == "checkpoint":
         check_installed(spec)
-        return spec.load_checkpoint(target.path, spec.options_from(settings), check_arch(arch), heads, logits)
+        return spec.load_checkpoint(target.path, spec.options_from(settings), arch_spec(arch), heads, logits)
     directory = target.export_dir
     if spec.capabilities.engines:  # the engine it names, else the export's only one: said before anything loads
         directory = target.engine_dir or resolve_engine(target.export_dir, engine_of(settings))[1]

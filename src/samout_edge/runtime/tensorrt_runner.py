@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import ArchSpec
 from samout_edge.artifact.engine import (
     ENGINE_FILE,
     EngineMeta,
@@ -66,16 +66,16 @@ class ProfileRanges:
     past: tuple[int, int] | None  # softmax past_seq range; None for cummax
 
 
-def profile_ranges(meta: EngineMeta, arch: str) -> list[ProfileRanges]:
+def profile_ranges(meta: EngineMeta, spec: ArchSpec) -> list[ProfileRanges]:
     """The batch/seq/past ranges of each optimization profile, in engine order."""
     out = []
+    grown = [t for t in spec.named_states if t.grows]
     for index, prof in enumerate(meta.optimization_profiles):
         ids = prof.shape(graph.INPUT_IDS)
         past = None
-        grown = [t.past for t in arch_spec(arch).named_states if t.grows]
         if grown:
-            first = prof.shape(grown[0])
-            past = (first.min[2], first.max[2])
+            first = prof.shape(grown[0].past)
+            past = (grown[0].length(first.min), grown[0].length(first.max))
         out.append(ProfileRanges(prof.name, index, (ids.min[0], ids.max[0]), (ids.min[1], ids.max[1]), past))
     return out
 
@@ -155,9 +155,9 @@ class TensorRTRunner(Runner):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        cfg, arch = manifest.config, manifest.arch
-        self.past = graph.past_names(arch, cfg.num_layers)
-        self.to_past = graph.present_to_past(arch, cfg.num_layers)
+        cfg, spec = manifest.config, manifest.spec
+        self.past = graph.past_names(spec, cfg.num_layers)
+        self.to_past = graph.present_to_past(spec, cfg.num_layers)
         missing = [n for n in [graph.INPUT_IDS, *self.past] if n not in self.inputs]
         missing += [n for n in [graph.LOGITS, *self.to_past] if n not in self.outputs]
         if missing:
@@ -168,7 +168,7 @@ class TensorRTRunner(Runner):
             raise SamoutError(f"the engine exchanges tensors of types samout-edge does not: {', '.join(odd)}")
         self.numpy_types = {n: np.dtype(NUMPY_TYPES[t]) for n, t in types.items()}
         self.state_dtype = STATE_DTYPES[self.numpy_types[self.past[0]].name]
-        self.ranges = profile_ranges(meta, arch)
+        self.ranges = profile_ranges(meta, spec)
         self.pool = _Pool()
         self.last_nbytes: dict[str, int] = {}
         self.grew: dict[str, bool] = {}
@@ -185,8 +185,8 @@ class TensorRTRunner(Runner):
             raise
         self.active = 0
         longest = max(r.seq[1] for r in self.ranges)
-        context = max(r.past[1] + r.seq[1] for r in self.ranges if r.past) if arch_spec(arch).grows else None
-        self.info = RunnerInfo("tensorrt", meta.profile, arch, meta.precision, manifest.logits,
+        context = max(r.past[1] + r.seq[1] for r in self.ranges if r.past) if spec.grows else None
+        self.info = RunnerInfo("tensorrt", meta.profile, spec, meta.precision, manifest.logits,
                                min(manifest.max_seq, longest), cfg, max_batch=min(r.batch[1] for r in self.ranges),
                                max_context=context, computes_fp16=True, memory=None)  # no readable allocator peak
 
@@ -199,7 +199,7 @@ class TensorRTRunner(Runner):
     def initial_state(self, batch: int) -> State:
         self._check_open()
         state = {}
-        for name, host in graph.empty_state(self.manifest.config, self.manifest.arch, batch, self.state_dtype).items():
+        for name, host in graph.empty_state(self.manifest.config, self.manifest.spec, batch, self.state_dtype).items():
             if host.size == 0:  # a cache of no tokens: a zero-length tensor pointing at a real (unused) buffer
                 state[name] = self._hold(self.empty, host.shape, self.numpy_types[name], None)
                 continue

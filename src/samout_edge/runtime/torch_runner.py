@@ -7,6 +7,7 @@ the models are imported where a runner is made, after the registry has said what
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.arch import ArchSpec
 from samout_edge.artifact.capabilities import Capabilities, Requirement
 from samout_edge.errors import EXPORT_INSTALL, SamoutError
 from samout_edge.runtime.backend import Backend, BackendOptions, option
@@ -30,21 +32,21 @@ class TorchRunner(Runner):
 
         self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
         self.device = torch.device(device)
-        self.names = graph.past_names(model.arch, model.config.num_layers)
-        self.info = RunnerInfo("torch", self.device.type, model.arch, dtype, logits, None, model.config,
+        self.names = graph.past_names(model.spec, model.config.num_layers)
+        self.info = RunnerInfo("torch", self.device.type, model.spec, dtype, logits, None, model.config,
                                computes_fp16=True, memory="cuda" if self.device.type == "cuda" else "host")
 
     def initial_state(self, batch: int) -> State:
-        return dict(zip(self.names, graph.flatten(self.model.arch, self.model.empty_state(batch))))
+        return dict(zip(self.names, graph.flatten(self.model.spec, self.model.empty_state(batch))))
 
     def run_impl(self, input_ids, state: State):
         import torch
 
         with torch.inference_mode():
             ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=self.device)
-            past = graph.unflatten(self.model.arch, [torch.as_tensor(state[n], device=self.device) for n in self.names])
+            past = graph.unflatten(self.model.spec, [torch.as_tensor(state[n], device=self.device) for n in self.names])
             logits, present = self.model(ids, past, last_only=self.info.logits == "last")
-        return logits, dict(zip(self.names, graph.flatten(self.model.arch, present)))
+        return logits, dict(zip(self.names, graph.flatten(self.model.spec, present)))
 
     def to_numpy(self, value) -> np.ndarray:
         import torch
@@ -75,13 +77,14 @@ def torch_device(device: str | None) -> str:
 
 
 def load_torch_runner(
-    checkpoint: Any, arch: str, dtype: str = "fp32", logits: str = "all", device: str = "cpu",
+    checkpoint: Any, arch: ArchSpec | str, dtype: str = "fp32", logits: str = "all", device: str = "cpu",
     fast_kernel: bool = True, export_dir: Path | None = None, alpha: float | None = None,
 ) -> TorchRunner:
     """On CUDA, ``fast_kernel`` swaps torch.cummax and the blocked linear scan for the Triton scans (when Triton is there).
     ``export_dir``: a quantized export whose dequantized weights (read from its graph) the
     model takes, so the runner computes what the graph computes. ``alpha``: a hybrid made
-    of SamOut weights at a stated blend (``stated_alpha`` of its export)."""
+    of SamOut weights at a stated blend (``stated_alpha`` of its export). ``arch``: the spec, or
+    a name a user gave (decoded by ``Checkpoint.model``)."""
     from samout_edge.models.ops import FAST_KERNELS, FAST_LINEAR_KERNELS
 
     model = checkpoint.model(arch, alpha=alpha)
@@ -104,7 +107,7 @@ def load_torch_runner(
             FAST_KERNELS.pop("cuda", None)
             FAST_LINEAR_KERNELS.pop("cuda", None)
         label = "cuda+triton" if fast_kernel else "cuda"
-        runner.info = RunnerInfo(**{**runner.info.__dict__, "device": label})
+        runner.info = dataclasses.replace(runner.info, device=label)
     return runner
 
 
@@ -118,7 +121,7 @@ def fp32_reference(source: Path, manifest: Any, checkpoint: Path | None, arch: s
 
     if manifest is not None:
         ckpt = source_checkpoint(Path(source), manifest, checkpoint, COPY_HINT if checkpoint else hint)
-        return load_torch_runner(ckpt, manifest.arch, "fp32", logits, alpha=stated_alpha(manifest))
+        return load_torch_runner(ckpt, manifest.spec, "fp32", logits, alpha=stated_alpha(manifest))
     return load_torch_runner(load_checkpoint(source, heads), arch, "fp32", logits)
 
 
@@ -142,11 +145,11 @@ def _load(directory: Path, options: TorchOptions) -> TorchRunner:
     manifest = read_manifest(directory)
     hint = "put it back there, or run the export on another backend (ort)"
     ckpt = source_checkpoint(directory, manifest, options.checkpoint, COPY_HINT if options.checkpoint else hint)
-    return load_torch_runner(ckpt, manifest.arch, manifest.dtype, manifest.logits, torch_device(options.device),
+    return load_torch_runner(ckpt, manifest.spec, manifest.dtype, manifest.logits, torch_device(options.device),
                              options.fast_kernel, export_dir=directory, alpha=stated_alpha(manifest))
 
 
-def _load_checkpoint(path: Path, options: TorchOptions, arch: str, heads: int | None, logits: str) -> TorchRunner:
+def _load_checkpoint(path: Path, options: TorchOptions, arch: ArchSpec, heads: int | None, logits: str) -> TorchRunner:
     """A checkpoint itself, in fp32, as ``arch`` (``heads``: a bare state_dict's head count)."""
     from samout_edge.models.checkpoint import load_checkpoint
 

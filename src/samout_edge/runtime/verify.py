@@ -253,7 +253,7 @@ def _fp16_arithmetic(result: VerifyResult, export_dir: Path, manifest: Manifest,
                 continue
             states[i] = new_state
             got = {graph.LOGITS: logits, **{name: new_state[past] for name, past in
-                                            graph.present_to_past(manifest.arch, manifest.config.num_layers).items()}}
+                                            graph.present_to_past(manifest.spec, manifest.config.num_layers).items()}}
             result.checks += compare_arrays(f"fp16 arithmetic: {case.name}", want, got, rtol)
             ran += 1
     result.fp16_arithmetic = f"onnx.reference, {ran} of {len(golden.index.cases)} golden cases"
@@ -298,7 +298,7 @@ def _against_golden(actual, export_dir: Path, manifest: Manifest, rtol: float, p
         results[i - 1] = new_state
         got = {graph.LOGITS: actual.to_numpy(logits)}
         got |= {name: actual.to_numpy(new_state[past]) for name, past in
-                graph.present_to_past(manifest.arch, manifest.config.num_layers).items()}
+                graph.present_to_past(manifest.spec, manifest.config.num_layers).items()}
         result.checks += compare_arrays(case.name, want, got, rtol)
         compared.append((want, got))
         result.skipped += [f"{case.name}: {name} (not recorded)" for name in case.skipped]
@@ -371,7 +371,7 @@ def _recomputed(actual, export_dir: Path, manifest: Manifest, lengths: list[int]
     progress("the graph's scans, against their definitions", 0, steps)
     result = _op_result(manifest, lengths, rtol, actual.info.device, "pytorch", export_dir)
     ckpt = source_checkpoint(export_dir, manifest, checkpoint)
-    reference = load_torch_runner(ckpt, manifest.arch, "fp32", manifest.logits, export_dir=export_dir,
+    reference = load_torch_runner(ckpt, manifest.spec, "fp32", manifest.logits, export_dir=export_dir,
                                   alpha=stated_alpha(manifest))
     reference.ubatch = None  # PyTorch whole: the definition the runner's calls (and chunks) are checked against
     rng = np.random.default_rng(0)

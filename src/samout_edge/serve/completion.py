@@ -326,7 +326,7 @@ def open_run(server: Server, req: CompletionRequest, texts: list, prompts: list[
             need += req.n * server.request_bytes(len(ids), position + len(ids) + req.max_tokens - 1)
             if session is not None:
                 reserved = server.sessions.reserve(graph.state_bytes(
-                    server.info.config, server.info.arch, 1, len(ids) + req.max_tokens - 1, server.info.dtype))
+                    server.info.config, server.info.spec, 1, len(ids) + req.max_tokens - 1, server.info.dtype))
             state = session.state if session else server.initial
             for j in range(req.n):
                 index = p * req.n + j

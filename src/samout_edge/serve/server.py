@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from samout_edge.artifact import graph, resources
-from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.vocab import HFTokenizer, check_text
 from samout_edge.errors import SamoutError
 from samout_edge.generate import Vocab
@@ -72,7 +71,7 @@ class Server:
             except BaseException:
                 self.batcher.stop()
                 raise
-        self.sessions = SessionTable(store, self.initial, self.info.arch, self.info.config.num_layers, options.policy,
+        self.sessions = SessionTable(store, self.initial, self.info.spec, self.info.config.num_layers, options.policy,
                                      len(options.api_keys))
         # SQLite's waits (a store locked by another process) run here, not on the event loop and not in
         # the default pool that tokenizes prompts: a locked store holds up only the writes
@@ -186,8 +185,8 @@ class Server:
         call = min(tokens, info.max_seq or tokens)
         rows = call if info.logits == "all" else 1
         need = 2 * rows * info.config.vocab_size * 4 + call * info.config.hidden_size * 4 * ACTIVATION_BUFFERS
-        if arch_spec(info.arch).grows:
-            need += 2 * graph.state_bytes(info.config, info.arch, 1, context, info.dtype)
+        if info.spec.grows:
+            need += 2 * graph.state_bytes(info.config, info.spec, 1, context, info.dtype)
         return need
 
     def admit(self, need: int) -> int:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import SEQ_AXIS, ArchSpec
 from samout_edge.errors import SamoutError
 from samout_edge.serve.errors import ApiError
 
@@ -272,10 +272,10 @@ class SessionPolicy:
 class SessionTable:
     """The live sessions (all of them, in memory), their policy, and the store behind them."""
 
-    def __init__(self, store: SessionStore | None, initial_state: dict[str, np.ndarray], arch: str, num_layers: int,
+    def __init__(self, store: SessionStore | None, initial_state: dict[str, np.ndarray], spec: ArchSpec, num_layers: int,
                  policy: SessionPolicy, owners: int = 1):
-        self.store, self.initial, self.arch, self.policy = store, initial_state, arch, policy
-        self.grows = {t.past for t in arch_spec(arch).states(num_layers) if t.grows}  # a KV cache: any length
+        self.store, self.initial, self.spec, self.policy = store, initial_state, spec, policy
+        self.grows = {t.past for t in spec.states(num_layers) if t.grows}  # a KV cache: any length
         self.owners = max(1, owners)  # API keys: each holds at most its share of max_sessions
         self.sessions: dict[str, Session] = {}
         self.reserved = 0  # softmax: KV bytes that running requests may still add
@@ -297,7 +297,7 @@ class SessionTable:
             return False
         for name, a in state.items():
             want = self.initial[name]
-            same = [i for i in range(want.ndim) if not (name in self.grows and i == 2)]
+            same = [i for i in range(want.ndim) if not (name in self.grows and i == SEQ_AXIS)]
             if a.dtype != want.dtype or a.ndim != want.ndim or any(a.shape[i] != want.shape[i] for i in same):
                 return False
             if not np.isfinite(a).all():  # a poisoned or tampered state is never fed to the graph
@@ -315,7 +315,7 @@ class SessionTable:
         budget; running requests' reservations count, so two cannot both squeeze in.
         Returns the bytes reserved (give them back with ``unreserve``)."""
         budget = self.policy.kv_budget_bytes
-        if not arch_spec(self.arch).grows or budget is None:
+        if not self.spec.grows or budget is None:
             return 0
         with self.lock:
             held = self.state_bytes + self.reserved

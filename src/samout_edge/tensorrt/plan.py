@@ -17,7 +17,6 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.capabilities import zero_points_refusal
 from samout_edge.artifact.engine import (
     ENGINE_FILE,
@@ -87,7 +86,7 @@ def optimization_profiles(manifest: Manifest, profile: DeviceProfile) -> tuple[l
     if seq.max < profile.prefill.seq.max:
         notes.append(f"prefill seq capped at {seq.max} (the export's max_seq; the profile asks {profile.prefill.seq.max})")
     context = _clamp(profile.decode.context, manifest.max_seq - 1, lower=0)
-    states = {t.past: t for t in arch_spec(manifest.arch).states(cfg.num_layers)}
+    states = {t.past: t for t in manifest.spec.states(cfg.num_layers)}
     grows = {name for name, t in states.items() if t.grows}
     if grows and context.max < profile.decode.context.max:
         notes.append(f"decode context capped at {context.max} (max_seq - 1; the profile asks {profile.decode.context.max})")
@@ -97,14 +96,10 @@ def optimization_profiles(manifest: Manifest, profile: DeviceProfile) -> tuple[l
         ("prefill", profile.prefill.batch, seq, Range(0, 0, max(0, min(context.max, manifest.max_seq - seq.max)))),
     ):
         shapes = [ShapeRange("input_ids", [batch.min, tokens.min], [batch.opt, tokens.opt], [batch.max, tokens.max])]
-        for spec in manifest.inputs[1:]:
-            if spec.name in grows:
-                shapes.append(ShapeRange(spec.name, [batch.min, h, past.min, d], [batch.opt, h, past.opt, d],
-                                         [batch.max, h, past.max, d]))
-            else:  # a fixed number of slots: 1 for a running max, W for a softmax window
-                slots = states[spec.name].slots
-                shapes.append(ShapeRange(spec.name, [batch.min, h, slots, d], [batch.opt, h, slots, d],
-                                         [batch.max, h, slots, d]))
+        for spec in manifest.inputs[1:]:  # a growing state's past ranges; fixed slots (1, a window W) stay
+            t = states[spec.name]
+            shapes.append(ShapeRange(spec.name, t.shape(batch.min, h, d, past.min), t.shape(batch.opt, h, d, past.opt),
+                                     t.shape(batch.max, h, d, past.max)))
         result.append(OptimizationProfile(name, shapes))
     return result, notes
 

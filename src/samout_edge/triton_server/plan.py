@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import arch_spec
+from samout_edge.artifact.arch import StateTensor
 from samout_edge.artifact.engine import (
     ENGINE_FILE,
     EngineMeta,
@@ -136,7 +136,7 @@ def default_model_name(export_dir: Path, engine_dir: Path | None = None) -> str:
 
 def refuse_unsupported(manifest: Manifest, backend: str) -> None:
     """What Triton cannot serve as the verified function, refused in one line before any work."""
-    if arch_spec(manifest.arch).grows:
+    if manifest.spec.grows:
         raise SamoutError(
             f"a {manifest.arch} export cannot be served with Triton implicit state: Triton starts every variable state "
             "dim at 1 on a sequence's first request and initial_state allows no variable dims, so a KV cache that "
@@ -168,13 +168,12 @@ EMPTY_STATES = {"max": ("empty_max", "empty running max"), "linear": ("empty_lin
                 None: ("empty_window", "empty softmax window (zeros)")}
 
 
-def initial_state_bytes(dtype_name: str, dims: list[int], running_max: bool = True) -> bytes:
-    """The empty running max (the dtype's lowest finite value, not zeros: a zero
-    past would clip every negative activation), or an empty softmax window (zeros),
-    as raw little-endian row-major bytes."""
-    np_dtype = graph.numpy_dtype(dtype_name).newbyteorder("<")
-    fill = graph.empty_value(dtype_name) if running_max else 0.0
-    return np.full(math.prod(dims), fill, dtype=np_dtype).tobytes()
+def initial_state_bytes(tensor: StateTensor, dtype_name: str, dims: list[int]) -> bytes:
+    """A state tensor's empty value by the spec's rule (StateTensor.fill): the running max's is
+    the dtype's lowest finite value, not zeros (a zero past would clip every negative
+    activation); a softmax window's and a linear h's are zeros; as raw little-endian row-major bytes."""
+    np_dtype = graph.numpy_dtype(dtype_name)
+    return np.full(math.prod(dims), tensor.empty_value(np_dtype), dtype=np_dtype.newbyteorder("<")).tobytes()
 
 
 def _triton_type(numpy_name: str) -> str:
@@ -191,24 +190,24 @@ def _dims(shape: list[int | str]) -> list[int]:
 
 def model_io(manifest: Manifest) -> tuple[list[TritonTensor], list[TritonTensor], list[TritonState], dict[str, bytes]]:
     """The config's inputs, outputs and states from the graph contract (artifact.graph), and the initial state files."""
-    inputs, outputs = graph.graph_io(manifest.config, manifest.arch, manifest.dtype, manifest.logits)
+    spec = manifest.spec
+    inputs, outputs = graph.graph_io(manifest.config, spec, manifest.dtype, manifest.logits)
     by_name = {t.name: t for t in inputs}
-    mapping = graph.present_to_past(manifest.arch, manifest.config.num_layers)
+    mapping = graph.present_to_past(spec, manifest.config.num_layers)
     check_state_pairing(mapping)
-    kinds = {t.past: t for t in arch_spec(manifest.arch).states(manifest.config.num_layers)}
+    kinds = {t.past: t for t in spec.states(manifest.config.num_layers)}
     states, files = [], {}
-    for spec in outputs:
-        if spec.name == graph.LOGITS:
+    for out in outputs:
+        if out.name == graph.LOGITS:
             continue
-        past = by_name[mapping[spec.name]]
+        past = by_name[mapping[out.name]]
         dims = _dims(past.shape)
         if -1 in dims:  # refuse_unsupported catches softmax first; this guards the contract itself
             raise SamoutError(f"state {past.name} has a variable dim {past.shape}; Triton cannot start it empty")
-        running_max = kinds[past.name].running_max
         stem, what = EMPTY_STATES[kinds[past.name].scan]
         data_file = f"{stem}.{manifest.dtype}"
-        states.append(TritonState(past.name, spec.name, _triton_type(past.dtype), dims, data_file, what))
-        files[data_file] = initial_state_bytes(manifest.dtype, dims, running_max)
+        states.append(TritonState(past.name, out.name, _triton_type(past.dtype), dims, data_file, what))
+        files[data_file] = initial_state_bytes(kinds[past.name], manifest.dtype, dims)
     ids = by_name[graph.INPUT_IDS]
     logits = next(t for t in outputs if t.name == graph.LOGITS)
     return ([TritonTensor(ids.name, _triton_type(ids.dtype), _dims(ids.shape))],
@@ -226,7 +225,7 @@ def check_graph(export_dir: Path, manifest: Manifest) -> list[str]:
     initializers = {t.name for t in model.graph.initializer}
     found_in = [(i.name, i.type.tensor_type) for i in model.graph.input if i.name not in initializers]
     found_out = [(o.name, o.type.tensor_type) for o in model.graph.output]
-    want_in, want_out = graph.graph_io(manifest.config, manifest.arch, manifest.dtype, manifest.logits)
+    want_in, want_out = graph.graph_io(manifest.config, manifest.spec, manifest.dtype, manifest.logits)
     for kind, found, want in (("inputs", found_in, want_in), ("outputs", found_out, want_out)):
         got = [(name, graph.ONNX_TYPE_NAMES.get(t.elem_type), len(t.shape.dim)) for name, t in found]
         expected = [(s.name, s.dtype, len(s.shape)) for s in want]
