@@ -240,7 +240,9 @@ def markdown(report: dict) -> str:
         f"Settings: threads {', '.join(map(str, cfg['threads']))}, the same for both engines "
         f"(ONNX Runtime intra-op threads, spinning off as in `bench`; llama.cpp n_threads = n_threads_batch, "
         f"OMP_WAIT_POLICY=passive, n_batch {cfg['n_batch']}, n_ubatch {cfg['n_ubatch']}, "
-        f"flash attention {cfg['flash_attn']}, KV cache f16); no pinning. Same token ids "
+        f"flash attention {cfg['flash_attn']}, KV cache f16, "
+        + ("AMX allowed" if cfg.get("llama_amx") else "AMX refused: its AMX kernels crash on this VM, so ggml takes "
+           "its path for x86 CPUs without AMX, Q4_0 repacked at load") + "); no pinning. Same token ids "
         f"(bench's: `default_rng(N)`). Interleaved rounds (every engine once per round, the order "
         f"reversed each round); prefill up to {cfg['prefill_rounds']} rounds, decode up to "
         f"{cfg['decode_steps']} steps, after {cfg['warmup']} warm-up calls, each series stopped "
@@ -286,10 +288,13 @@ def markdown(report: dict) -> str:
             out.append(f"| {e['key']} | {fmt_mb(e.get('weights_mb'))} | {fmt_mb(load)} | " + " | ".join(cells) + " |")
     if report.get("gguf_types"):
         out += ["", "## llama.cpp's files", "",
-                "| type | file MB | tensor types (count) |", "|---|---:|---|"]
+                "| type | file MB | tensor types (count) | loaded into (MiB) | repacked (tensors) |",
+                "|---|---:|---|---|---|"]
         for name, info in report["gguf_types"].items():
             types = ", ".join(f"{t} {c}" for t, c in sorted(info["tensor_types"].items()))
-            out.append(f"| {name} | {fmt_mb(info['bytes'] / 2**20)} | {types} |")
+            into = ", ".join(f"{b} {v:,.1f}" for b, v in info.get("model_buffers_mib", {}).items()) or "-"
+            repacked = ", ".join(f"{k} {v}" for k, v in info.get("repacked", {}).items()) or "-"
+            out.append(f"| {name} | {fmt_mb(info['bytes'] / 2**20)} | {types} | {into} | {repacked} |")
     if report.get("notes"):
         out += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"
@@ -485,7 +490,39 @@ class LlamaEngine:
         return step
 
 
+def forbid_amx() -> None:
+    """Make this process's request for AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM) fail, with a
+    seccomp filter, before llama.cpp asks: ggml then leaves out its AMX buffer type and takes the
+    path of every x86 CPU without AMX (Q4_0 repacked to q4_0_8x8 in its CPU_REPACK buffer, int8
+    dot products with AVX-512 VNNI / AVX2). Its AMX kernels die with SIGSEGV at ldtilecfg on this
+    VM's Sapphire Rapids (a plain C ldtilecfg/tilezero works here), so Q4_0 and Q8_0 could not run."""
+    import ctypes
+
+    class Insn(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_RET|K
+    insns = (Insn * 6)(
+        Insn(ld_abs, 0, 0, 0),  # seccomp_data.nr
+        Insn(jeq, 0, 3, 158),  # arch_prctl (x86-64), else allow
+        Insn(ld_abs, 0, 0, 16),  # args[0], low 32 bits
+        Insn(jeq, 0, 1, 0x1023),  # ARCH_REQ_XCOMP_PERM, else allow
+        Insn(ret, 0, 0, 0x00050000 | 1),  # SECCOMP_RET_ERRNO | EPERM
+        Insn(ret, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+    )
+    prog = Prog(len(insns), insns)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    if libc.prctl(38, 1, None, 0, 0) or libc.prctl(22, 2, ctypes.cast(ctypes.pointer(prog), ctypes.c_void_p), 0, 0):
+        raise OSError(ctypes.get_errno(), "cannot install the seccomp filter that keeps llama.cpp off AMX")
+
+
 def _load(spec: dict, peak_memory: bool = False):
+    if spec["family"] != "ours" and not spec.get("amx", False) and "llama_cpp" not in sys.modules:
+        forbid_amx()  # PR_SET_NO_NEW_PRIVS + PR_SET_SECCOMP
     if spec["family"] == "ours":
         return OursEngine(spec["path"], spec["threads"], peak_memory)
     return LlamaEngine(spec["path"], spec["threads"], spec["n_batch"], spec["n_ubatch"], spec["flash_attn"])
@@ -565,6 +602,7 @@ def worker_main() -> None:
 
 class Worker:
     def __init__(self, python: str, env: dict, log: Path):
+        self.start = log.stat().st_size if log.exists() else 0
         self.log = open(log, "a")
         self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, bufsize=1)
@@ -576,6 +614,13 @@ class Worker:
         if not line:
             raise RuntimeError(f"worker exited (rc {self.proc.wait()}); see {self.log.name}")
         return json.loads(line)
+
+    def log_text(self) -> str:
+        """What the worker wrote to its log since it started (llama.cpp's load report)."""
+        self.log.flush()
+        with open(self.log.name, errors="replace") as f:
+            f.seek(self.start)
+            return f.read()
 
     def close(self) -> None:
         try:
@@ -760,6 +805,7 @@ class Plan:
     n_batch: int = 512
     n_ubatch: int = 512
     flash_attn: str = "auto"
+    llama_amx: bool = False  # let llama.cpp use AMX (forbid_amx: its kernels crash on this VM)
     memory: bool = True
     memory_threads: int = 1
     max_seq: int = 0  # 0: bench's rule (the longest call, up to 4096)
@@ -851,14 +897,14 @@ def run(plan: Plan, venv: Path, work: Path, command: str) -> dict:
 
     def spec(e: Engine, threads: int) -> dict:
         return {"family": e.family, "path": e.path, "threads": threads, "n_batch": plan.n_batch,
-                "n_ubatch": plan.n_ubatch, "flash_attn": plan.flash_attn}
+                "n_ubatch": plan.n_ubatch, "flash_attn": plan.flash_attn, "amx": plan.llama_amx}
 
     def worker(e: Engine, tag: str) -> Worker:
         python = sys.executable if e.family == "ours" else peers_python(venv)
         wenv = dict(env) if e.family == "ours" else {**env, "OMP_WAIT_POLICY": "passive"}
         return Worker(python, wenv, logs / f"{tag}-{e.key.replace(' ', '_')}.log")
 
-    timings, loads, system_info = [], [], None
+    timings, loads, system_info, buffers = [], [], None, {}
     for threads in plan.threads:
         workers: dict[str, Worker] = {}
         try:
@@ -871,6 +917,8 @@ def run(plan: Plan, venv: Path, work: Path, command: str) -> dict:
                     continue
                 workers[e.key] = w
                 system_info = r.get("system_info", system_info)
+                if e.family == "llama.cpp" and e.form not in buffers:
+                    buffers[e.form] = llama_buffers(w.log_text())
                 loads.append({"engine": e.key, "threads": threads, "load_s": r["load_s"], "rss_mb": r["rss_mb"]})
             for length in plan.contexts:
                 for mode in plan.modes:
@@ -925,12 +973,25 @@ def run(plan: Plan, venv: Path, work: Path, command: str) -> dict:
         "ours_parameters": ours_params,
         "llama_shape": shape.to_dict(),
         "engines": [{**asdict(e), "key": e.key, "weights_mb": weights_mb.get(e.key)} for e in engines],
-        "gguf_types": {k: {"bytes": v["bytes"], "tensor_types": v["tensor_types"]} for k, v in ggufs.items()},
+        "gguf_types": {k: {"bytes": v["bytes"], "tensor_types": v["tensor_types"], **buffers.get(k, {})}
+                       for k, v in ggufs.items()},
         "loads": loads,
         "timings": timings,
         "memory": memory,
         "notes": [],
     }
+
+
+def llama_buffers(log: str) -> dict:
+    """Where llama.cpp put the weights, from its load report: MiB per buffer type and how it
+    repacked tensors (e.g. q4_0_8x8: 43)."""
+    import re
+
+    sizes = {m[0]: float(m[1]) for m in re.findall(r"(\S+) model buffer size =\s+([\d.]+) MiB", log)}
+    repacked: dict[str, int] = {}
+    for kind in re.findall(r"repack tensor \S+ with (\S+)", log):
+        repacked[kind] = repacked.get(kind, 0) + 1
+    return {"model_buffers_mib": sizes, "repacked": repacked}
 
 
 def machine_flags() -> list[str]:
@@ -985,6 +1046,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-batch", type=int, default=Plan.n_batch, help="llama.cpp's n_batch (its default 512)")
     p.add_argument("--n-ubatch", type=int, default=Plan.n_ubatch)
     p.add_argument("--flash-attn", choices=("auto", "on", "off"), default=Plan.flash_attn)
+    p.add_argument("--llama-amx", action="store_true",
+                   help="let llama.cpp use AMX where the CPU has it (default: refused, see forbid_amx)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-threads", type=int, default=Plan.memory_threads)
     p.add_argument("--max-seq", type=int, default=0, help="our exports' max_seq (0: bench's rule)")
@@ -1003,7 +1066,7 @@ def main(argv: list[str] | None = None) -> None:
         forms=_names(a.forms, FORMS, "form"), llama_types=_names(a.llama_types, LLAMA_TYPES, "llama type"),
         modes=_names(a.modes, ("prefill", "decode"), "mode"), warmup=a.warmup, prefill_rounds=a.prefill_rounds,
         decode_steps=a.decode_steps, min_rounds=a.min_rounds, seconds=a.seconds, n_batch=a.n_batch,
-        n_ubatch=a.n_ubatch, flash_attn=a.flash_attn, memory=not a.no_memory, memory_threads=a.memory_threads,
+        n_ubatch=a.n_ubatch, flash_attn=a.flash_attn, llama_amx=a.llama_amx, memory=not a.no_memory, memory_threads=a.memory_threads,
         max_seq=a.max_seq, verify=not a.no_verify)
     if a.full:
         plan.archs, plan.contexts = list(ALL_ARCHS), [256, 1024, 4096, 16384]

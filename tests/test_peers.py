@@ -124,10 +124,19 @@ def test_markdown_shows_every_cell_and_says_which_machine(peers):
     assert "| cummax int4-a8 | RuntimeError: boom |" in md  # a failed cell says why
     assert "| cummax fp32 | 10.0 | 150.0 | 12.0 | 1.0 |" in md
     assert "| cummax int4 | 10.0 | - | killed | - |" in md
-    assert "| Q4_0 | 1.0 | F32 13, Q4_0 43, Q6_K 1 |" in md
+    assert "| Q4_0 | 1.0 | F32 13, Q4_0 43, Q6_K 1 | - | - |" in md
     assert md.endswith("- a note\n")
 
 
 def test_the_plot_is_written_where_matplotlib_is(peers, tmp_path):
     pytest.importorskip("matplotlib")
     assert peers.plot(report(peers), tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_llama_buffers_read_where_llama_cpp_put_the_weights(peers):
+    log = ("load_tensors:          CPU model buffer size =     6.78 MiB\n"
+           "load_tensors:   CPU_REPACK model buffer size =     5.12 MiB\n"
+           "repack: repack tensor blk.0.attn_q.weight with q4_0_8x8\n"
+           ".repack: repack tensor blk.0.attn_k.weight with q4_0_8x8\n")
+    assert peers.llama_buffers(log) == {"model_buffers_mib": {"CPU": 6.78, "CPU_REPACK": 5.12},
+                                        "repacked": {"q4_0_8x8": 2}}
