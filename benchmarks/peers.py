@@ -286,6 +286,14 @@ def markdown(report: dict) -> str:
                 else:
                     cells += [fmt_mb(r.get("prefill_peak_mb")), fmt_mb(r.get("decode_peak_mb"))]
             out.append(f"| {e['key']} | {fmt_mb(e.get('weights_mb'))} | {fmt_mb(load)} | " + " | ".join(cells) + " |")
+    ours = [e for e in report["engines"] if e["family"] == "ours"]
+    if ours:
+        out += ["", "## Our exports", "", "| engine | export options | weights MB | checked against PyTorch |",
+                "|---|---|---:|---|"]
+        for e in ours:
+            opts = " ".join(FORMS.get(e["form"], [])) or "(fp32)"
+            out.append(f"| {e['key']} | `--arch {e['arch']} {opts}` | {fmt_mb(e.get('weights_mb'))} "
+                       f"| {e.get('check') or '-'} |")
     if report.get("gguf_types"):
         out += ["", "## llama.cpp's files", "",
                 "| type | file MB | tensor types (count) | loaded into (MiB) | repacked (tensors) |",
@@ -773,16 +781,34 @@ def make_ggufs_main(argv: list[str]) -> None:
 
 
 def make_export(directory: Path, preset: str, arch: str, form: str, max_seq: int, verify: bool, env: dict,
-                log: Path) -> None:
-    if (directory / "export.json").exists():
-        return
+                log: Path) -> str:
+    """Our export of (preset, arch, form), made once: returns how it was checked, "verified",
+    "not verified" (--no-verify) or "verification failed: ..." (export's own check against PyTorch
+    failed; the files stay, so the timing can still be taken, and the report says so). Kept
+    beside the export as <dir>.status, since export.json is there either way."""
+    status_file = directory.with_name(directory.name + ".status")
+    if (directory / "export.json").exists() and status_file.exists():
+        return status_file.read_text().strip()
     cmd = [sys.executable, "-m", "samout_edge", "export", "--preset", preset, "--arch", arch, "--max-seq",
-           str(max_seq), "-o", str(directory), *FORMS[form]] + ([] if verify else ["--no-verify"])
+           str(max_seq), "-o", str(directory), "--force", *FORMS[form]] + ([] if verify else ["--no-verify"])
     print(f"  exporting {arch} {form}: {' '.join(cmd[2:])}", flush=True)
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, env=env)
+        start = f.tell()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    text = log.read_text(errors="replace")[start:]
+    if rc == 0:
+        status = "verified" if verify else "not verified"
+    elif "verification FAILED" in text and (directory / "export.json").exists():
+        failed = sorted({line.split("│")[2].strip() for line in text.splitlines()
+                         if line.count("│") >= 5 and "FAIL" in line.split("│")[-2]})
+        status = "verification failed: " + ", ".join(failed)
+        print(f"  {arch} {form}: {status} (timed anyway)", flush=True)
+    else:
+        raise SystemExit(f"exporting {arch} {form} failed (exit {rc}); see {log}")
+    status_file.write_text(status + "\n")
+    return status
 
 
 # --------------------------------------------------------------------------- the run
@@ -852,22 +878,23 @@ def export_max_seq(plan: Plan) -> int:
     return plan.max_seq or min(max(plan.contexts) + plan.warmup + plan.decode_steps + 1, EXPORT_MAX_SEQ)
 
 
-def prepare_exports(plan: Plan, work: Path) -> tuple[list[Engine], dict[str, float]]:
-    """Our exports (made once, reused by later runs): (engines, weights MB)."""
+def prepare_exports(plan: Plan, work: Path) -> tuple[list[Engine], dict[str, float], dict[str, str]]:
+    """Our exports (made once, reused by later runs): (engines, weights MB, how each was checked)."""
     max_seq = export_max_seq(plan)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    engines, weights_mb = [], {}
+    engines, weights_mb, checks = [], {}, {}
     for arch in plan.archs:
         for form in plan.forms:
             directory = work / "exports" / f"{plan.preset}-{arch}-{form}-s{max_seq}"
-            make_export(directory, plan.preset, arch, form, max_seq, plan.verify, tree_env(),
-                        work / "logs" / "exports.log")
+            status = make_export(directory, plan.preset, arch, form, max_seq, plan.verify, tree_env(),
+                                 work / "logs" / "exports.log")
             e = Engine("ours", arch, form, str(directory))
             engines.append(e)
+            checks[e.key] = status
             wb = (json.loads((directory / "export.json").read_text()).get("weights") or {}).get("bytes")
             weights_mb[e.key] = wb / 2**20 if wb else sum(
                 p.stat().st_size for p in directory.iterdir() if p.suffix in (".onnx", ".data")) / 2**20
-    return engines, weights_mb
+    return engines, weights_mb, checks
 
 
 def run(plan: Plan, venv: Path, work: Path, command: str) -> dict:
@@ -877,7 +904,7 @@ def run(plan: Plan, venv: Path, work: Path, command: str) -> dict:
 
     shape, ours_params = shape_for_preset(plan.preset)
     print(f"llama: n_ff {shape.n_ff}, {shape.parameter_count():,} parameters (ours {ours_params:,})", flush=True)
-    engines, weights_mb = prepare_exports(plan, work)
+    engines, weights_mb, checks = prepare_exports(plan, work)
     logs = work / "logs"
     llama_version = ensure_venv(venv, LLAMA_CPP_VERSION, logs / "build.log")
     steps = plan.warmup + plan.decode_steps + 1
@@ -972,7 +999,8 @@ def run(plan: Plan, venv: Path, work: Path, command: str) -> dict:
         "elapsed_s": time.time() - started,
         "ours_parameters": ours_params,
         "llama_shape": shape.to_dict(),
-        "engines": [{**asdict(e), "key": e.key, "weights_mb": weights_mb.get(e.key)} for e in engines],
+        "engines": [{**asdict(e), "key": e.key, "weights_mb": weights_mb.get(e.key), "check": checks.get(e.key)}
+                    for e in engines],
         "gguf_types": {k: {"bytes": v["bytes"], "tensor_types": v["tensor_types"], **buffers.get(k, {})}
                        for k, v in ggufs.items()},
         "loads": loads,

@@ -98,7 +98,7 @@ def report(peers) -> dict:
                    "warmup": 2, "seconds": 1.0, "min_rounds": 3, "memory_threads": 1},
         "command": "python benchmarks/peers.py", "elapsed_s": 10.0, "ours_parameters": 19_692_550,
         "llama_shape": peers.LlamaShape(10000, 512, 8, 6, 352).to_dict(),
-        "engines": [{**e.__dict__, "key": e.key, "weights_mb": 10.0} for e in engines],
+        "engines": [{**e.__dict__, "key": e.key, "weights_mb": 10.0, "check": "verified"} for e in engines],
         "gguf_types": {"Q4_0": {"bytes": 2**20, "tensor_types": {"Q4_0": 43, "F32": 13, "Q6_K": 1}}},
         "timings": timings, "memory": memory, "notes": ["a note"],
     }
@@ -140,3 +140,11 @@ def test_llama_buffers_read_where_llama_cpp_put_the_weights(peers):
            ".repack: repack tensor blk.0.attn_k.weight with q4_0_8x8\n")
     assert peers.llama_buffers(log) == {"model_buffers_mib": {"CPU": 6.78, "CPU_REPACK": 5.12},
                                         "repacked": {"q4_0_8x8": 2}}
+
+
+def test_our_exports_say_how_they_were_checked(peers):
+    r = report(peers)
+    r["engines"][2]["check"] = "verification failed: logits: median KL"
+    md = peers.markdown(r)
+    assert "| cummax fp32 | `--arch cummax (fp32)` | 10.0 | verified |" in md
+    assert "| cummax int4-a8 | `--arch cummax --weights int4 --activations int8` | 10.0 | verification failed: logits: median KL |" in md
