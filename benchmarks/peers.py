@@ -125,10 +125,13 @@ class Engine:
     arch: str  # ours: the arch; llama.cpp: llama
     form: str  # ours: FORMS key; llama.cpp: LLAMA_TYPES key
     path: str = ""  # the export directory or the GGUF
+    flash_attn: str = "auto"  # llama.cpp: its flash-attention setting (auto: llama.cpp's default)
 
     @property
     def key(self) -> str:
-        return f"{self.arch} {self.form}" if self.family == "ours" else f"llama.cpp {self.form}"
+        if self.family == "ours":
+            return f"{self.arch} {self.form}"
+        return f"llama.cpp {self.form}" + ("" if self.flash_attn == "auto" else f" FA {self.flash_attn}")
 
 
 def interleaved_order(names: list[str], round_index: int) -> list[str]:
@@ -183,19 +186,23 @@ def ratio_rows(report: dict) -> list[dict]:
         for length in report["config"]["contexts"]:
             for arch in report["config"]["archs"]:
                 for form, ltype in PAIRS:
-                    ours, theirs = f"{arch} {form}", f"llama.cpp {ltype}"
-                    if ours not in engines or theirs not in engines:
-                        continue
-                    row = {"threads": threads, "context": length, "ours": ours, "llama": theirs}
-                    for mode in ("decode", "prefill"):
-                        a = times.get((ours, threads, mode, length), {}).get("median_ms")
-                        b = times.get((theirs, threads, mode, length), {}).get("median_ms")
-                        row[mode] = {"ours_ms": a, "llama_ms": b, "ratio": ratio(a, b)}
-                    ma, mb = memory.get((ours, length), {}), memory.get((theirs, length), {})
-                    row["prefill_peak_mb"] = {"ours": ma.get("prefill_peak_mb"), "llama": mb.get("prefill_peak_mb"),
-                                              "ratio": ratio(ma.get("prefill_peak_mb"), mb.get("prefill_peak_mb"))}
-                    rows.append(row)
+                    ours = f"{arch} {form}"
+                    peers = [k for k, e in engines.items() if e["family"] == "llama.cpp" and e["form"] == ltype]
+                    for theirs in (peers if ours in engines else []):
+                        rows.append(_ratio_row(times, memory, threads, length, ours, theirs))
     return rows
+
+
+def _ratio_row(times: dict, memory: dict, threads: int, length: int, ours: str, theirs: str) -> dict:
+    row = {"threads": threads, "context": length, "ours": ours, "llama": theirs}
+    for mode in ("decode", "prefill"):
+        a = times.get((ours, threads, mode, length), {}).get("median_ms")
+        b = times.get((theirs, threads, mode, length), {}).get("median_ms")
+        row[mode] = {"ours_ms": a, "llama_ms": b, "ratio": ratio(a, b)}
+    ma, mb = memory.get((ours, length), {}), memory.get((theirs, length), {})
+    row["prefill_peak_mb"] = {"ours": ma.get("prefill_peak_mb"), "llama": mb.get("prefill_peak_mb"),
+                              "ratio": ratio(ma.get("prefill_peak_mb"), mb.get("prefill_peak_mb"))}
+    return row
 
 
 def _grid(report: dict, mode: str) -> list[str]:
@@ -240,7 +247,8 @@ def markdown(report: dict) -> str:
         f"Settings: threads {', '.join(map(str, cfg['threads']))}, the same for both engines "
         f"(ONNX Runtime intra-op threads, spinning off as in `bench`; llama.cpp n_threads = n_threads_batch, "
         f"OMP_WAIT_POLICY=passive, n_batch {cfg['n_batch']}, n_ubatch {cfg['n_ubatch']}, "
-        f"flash attention {cfg['flash_attn']}, KV cache f16, "
+        f"flash attention {' and '.join(cfg['flash_attn'])} (an engine each; auto is llama.cpp's default, "
+        "on here: `FA off` rows have it off), KV cache f16, "
         + ("AMX allowed" if cfg.get("llama_amx") else "AMX refused: its AMX kernels crash on this VM, so ggml takes "
            "its path for x86 CPUs without AMX, Q4_0 repacked at load") + "); no pinning. Same token ids "
         f"(bench's: `default_rng(N)`). Interleaved rounds (every engine once per round, the order "
@@ -830,7 +838,7 @@ class Plan:
     seconds: float = 4.0
     n_batch: int = 512
     n_ubatch: int = 512
-    flash_attn: str = "auto"
+    flash_attn: list[str] = field(default_factory=lambda: ["auto", "off"])  # a llama.cpp engine per setting
     llama_amx: bool = False  # let llama.cpp use AMX (forbid_amx: its kernels crash on this VM)
     memory: bool = True
     memory_threads: int = 1
@@ -918,13 +926,14 @@ def run(plan: Plan, venv: Path, work: Path, command: str) -> dict:
         raise SystemExit(f"making the GGUFs failed:\n{proc.stderr[-3000:]}")
     ggufs = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in plan.llama_types:
-        e = Engine("llama.cpp", "llama", name, ggufs[name]["path"])
-        engines.append(e)
-        weights_mb[e.key] = ggufs[name]["bytes"] / 2**20
+        for fa in plan.flash_attn:
+            e = Engine("llama.cpp", "llama", name, ggufs[name]["path"], fa)
+            engines.append(e)
+            weights_mb[e.key] = ggufs[name]["bytes"] / 2**20
 
     def spec(e: Engine, threads: int) -> dict:
         return {"family": e.family, "path": e.path, "threads": threads, "n_batch": plan.n_batch,
-                "n_ubatch": plan.n_ubatch, "flash_attn": plan.flash_attn, "amx": plan.llama_amx}
+                "n_ubatch": plan.n_ubatch, "flash_attn": e.flash_attn, "amx": plan.llama_amx}
 
     def worker(e: Engine, tag: str) -> Worker:
         python = sys.executable if e.family == "ours" else peers_python(venv)
@@ -1073,7 +1082,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=Plan.seconds, help="per engine and point, once min-rounds ran")
     p.add_argument("--n-batch", type=int, default=Plan.n_batch, help="llama.cpp's n_batch (its default 512)")
     p.add_argument("--n-ubatch", type=int, default=Plan.n_ubatch)
-    p.add_argument("--flash-attn", choices=("auto", "on", "off"), default=Plan.flash_attn)
+    p.add_argument("--flash-attn", default="auto,off",
+                   help="llama.cpp engines per setting, comma-separated: auto (its default), on, off")
     p.add_argument("--llama-amx", action="store_true",
                    help="let llama.cpp use AMX where the CPU has it (default: refused, see forbid_amx)")
     p.add_argument("--no-memory", action="store_true")
@@ -1094,7 +1104,7 @@ def main(argv: list[str] | None = None) -> None:
         forms=_names(a.forms, FORMS, "form"), llama_types=_names(a.llama_types, LLAMA_TYPES, "llama type"),
         modes=_names(a.modes, ("prefill", "decode"), "mode"), warmup=a.warmup, prefill_rounds=a.prefill_rounds,
         decode_steps=a.decode_steps, min_rounds=a.min_rounds, seconds=a.seconds, n_batch=a.n_batch,
-        n_ubatch=a.n_ubatch, flash_attn=a.flash_attn, llama_amx=a.llama_amx, memory=not a.no_memory, memory_threads=a.memory_threads,
+        n_ubatch=a.n_ubatch, flash_attn=_names(a.flash_attn, ("auto", "on", "off"), "flash-attn setting"), llama_amx=a.llama_amx, memory=not a.no_memory, memory_threads=a.memory_threads,
         max_seq=a.max_seq, verify=not a.no_verify)
     if a.full:
         plan.archs, plan.contexts = list(ALL_ARCHS), [256, 1024, 4096, 16384]

@@ -94,7 +94,7 @@ def report(peers) -> dict:
         "machine": {"label": "2-core Test CPU", "memory_gib": 8, "onnxruntime": "1.0", "llama_cpp_python": "0.3.36",
                     "llama_cmake_args": "CMAKE_ARGS=...", "sharing": "Shared.", "load_start": 1.0, "load_end": 2.0},
         "config": {"preset": "seed", "threads": [1], "contexts": [256], "archs": ["cummax"], "max_seq": 300,
-                   "n_batch": 512, "n_ubatch": 512, "flash_attn": "auto", "prefill_rounds": 5, "decode_steps": 20,
+                   "n_batch": 512, "n_ubatch": 512, "flash_attn": ["auto"], "prefill_rounds": 5, "decode_steps": 20,
                    "warmup": 2, "seconds": 1.0, "min_rounds": 3, "memory_threads": 1},
         "command": "python benchmarks/peers.py", "elapsed_s": 10.0, "ours_parameters": 19_692_550,
         "llama_shape": peers.LlamaShape(10000, 512, 8, 6, 352).to_dict(),
@@ -148,3 +148,15 @@ def test_our_exports_say_how_they_were_checked(peers):
     md = peers.markdown(r)
     assert "| cummax fp32 | `--arch cummax (fp32)` | 10.0 | verified |" in md
     assert "| cummax int4-a8 | `--arch cummax --weights int4 --activations int8` | 10.0 | verification failed: logits: median KL |" in md
+
+
+def test_each_flash_attention_setting_is_its_own_peer(peers):
+    r = report(peers)
+    off = peers.Engine("llama.cpp", "llama", "Q4_0", "/x.gguf", "off")
+    assert off.key == "llama.cpp Q4_0 FA off" and peers.Engine("llama.cpp", "llama", "Q4_0").key == "llama.cpp Q4_0"
+    r["engines"].append({**off.__dict__, "key": off.key, "weights_mb": 10.0, "check": None})
+    r["timings"].append({"engine": off.key, "threads": 1, "mode": "decode", "length": 256, "median_ms": 1.0,
+                         "p90_ms": 1.0, "n": 5})
+    rows = [x for x in peers.ratio_rows(r) if x["ours"] == "cummax int4"]
+    assert [x["llama"] for x in rows] == ["llama.cpp Q4_0", "llama.cpp Q4_0 FA off"]
+    assert rows[1]["decode"]["ratio"] == pytest.approx(3.0)
