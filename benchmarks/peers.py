@@ -330,12 +330,12 @@ def plot(report: dict, path: Path) -> bool:
     for j, t in enumerate(threads):
         for i, mode in enumerate(("decode", "prefill")):
             ax = axes[i][j]
-            for e in report["engines"]:
+            for k, e in enumerate(report["engines"]):
                 pts = [(n, times[(e["key"], t, mode, n)]["median_ms"]) for n in report["config"]["contexts"]
                        if times.get((e["key"], t, mode, n), {}).get("median_ms") is not None]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", linestyle="--" if e["family"] == "llama.cpp" else "-",
-                            label=e["key"])
+                            color=plt.cm.tab20(k % 20), label=e["key"])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("context (tokens)")
@@ -345,7 +345,7 @@ def plot(report: dict, path: Path) -> bool:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"SamOut exports (ONNX Runtime) vs llama.cpp, {report['machine']['label']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
     return True
 
@@ -1096,6 +1096,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=RESULTS / "cpu-peers.json")
     p.add_argument("--plot", type=Path, default=RESULTS / "cpu-peers.png")
     p.add_argument("--exports-only", action="store_true", help="make (or find) our exports, then stop")
+    p.add_argument("--render", type=Path, help="write the Markdown and the plot again from this JSON, then stop")
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     a = p.parse_args(argv)
     plan = Plan(
@@ -1108,6 +1109,11 @@ def main(argv: list[str] | None = None) -> None:
         max_seq=a.max_seq, verify=not a.no_verify)
     if a.full:
         plan.archs, plan.contexts = list(ALL_ARCHS), [256, 1024, 4096, 16384]
+    if a.render:
+        report = json.loads(a.render.read_text())
+        a.markdown.write_text(markdown(report))
+        plot(report, a.plot)
+        return
     if a.exports_only:
         for e in prepare_exports(plan, a.work)[0]:
             print(e.path)
