@@ -160,3 +160,24 @@ def test_each_flash_attention_setting_is_its_own_peer(peers):
     rows = [x for x in peers.ratio_rows(r) if x["ours"] == "cummax int4"]
     assert [x["llama"] for x in rows] == ["llama.cpp Q4_0", "llama.cpp Q4_0 FA off"]
     assert rows[1]["decode"]["ratio"] == pytest.approx(3.0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").machine() != "x86_64",
+                    reason="the filter names x86-64's arch_prctl")
+def test_forbid_amx_refuses_only_the_tile_data_request():
+    """In a child (the filter is for good): ARCH_REQ_XCOMP_PERM fails with EPERM, asking what is
+    permitted (ARCH_GET_XCOMP_PERM) still works."""
+    import subprocess
+
+    code = f"""
+import ctypes, importlib.util, sys
+spec = importlib.util.spec_from_file_location("p", {str(ROOT / "benchmarks" / "peers.py")!r})
+m = importlib.util.module_from_spec(spec); sys.modules["p"] = m; spec.loader.exec_module(m)
+m.forbid_amx()
+libc = ctypes.CDLL(None, use_errno=True)
+bits = ctypes.c_ulong(0)
+print(libc.syscall(158, 0x1023, 18), ctypes.get_errno(), libc.syscall(158, 0x1022, ctypes.byref(bits)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["-1", "1", "0"]
