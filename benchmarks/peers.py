@@ -26,7 +26,7 @@ order every round, and each worker times its own call, so the pipe is not in the
         [--full] [--no-memory] [--work out/peers] [--venv .venv-peers]
 
 The first run builds llama-cpp-python from source in ``.venv-peers`` (CMAKE_ARGS
--DGGML_NATIVE=ON: this CPU's instructions; about a quarter of an hour on 2 cores) and makes
+-DGGML_NATIVE=ON: this CPU's instructions; 21 minutes on a busy 2-core Xeon) and makes
 the exports and GGUFs in ``--work``; later runs reuse all three. Writes
 benchmarks/results/cpu-peers.{md,json} (and .png with matplotlib).
 """
