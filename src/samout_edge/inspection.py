@@ -154,18 +154,13 @@ def inspect_path(path: str | Path, lint: bool = True) -> InspectResult:
     )
 
 
-MIXES = {"cummax": "a running max over the sequence (SamOut)", "softmax": "causal softmax attention",
-         "hybrid": "alpha * running max + (1 - alpha) * causal softmax attention",
-         "linear": "a gated linear recurrence over the sequence, h = a * h + (1 - a) * out, a = sigmoid(out1)"}
-
-
 def arch_notes(manifest) -> list[str]:
     """What the arch computes and carries, in words: inspect's answer to 'what is this export'."""
     from samout_edge.artifact import graph
     from samout_edge.artifact.resources import human_bytes
 
     spec, cfg = manifest.spec, manifest.config
-    mixes = [MIXES[m.mixer] + (f", softmax over the last {m.window} positions" if m.window else "") for m in spec.layers]
+    mixes = [m.doc for m in spec.layers]
     if spec.stack:
         notes = [f"mixers, one per layer: {'; '.join(f'{i}: {mix}' for i, mix in enumerate(mixes))}"]
     else:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -118,7 +119,26 @@ def _kv_cache(i: int, window: int) -> list[StateTensor]:
             for kv in ("key", "value")]
 
 
-MIXERS = ("cummax", "softmax", "hybrid", "linear")  # models/model.py has a class for each
+@dataclass(frozen=True)
+class Mixer:
+    """A token mixer as every consumer but the model sees it: what it computes (inspect and
+    --help print it), the state one layer of it carries, and whether it attends (a softmax
+    window applies; a score per query and key)."""
+
+    doc: str
+    states: Callable[[int, int], list[StateTensor]]  # (layer i, window) -> the layer's state tensors, in graph order
+    attends: bool = False
+
+
+# A new mixer is an entry here and its class in models/model.py (MIXERS there, by the same name).
+MIXERS: dict[str, Mixer] = {
+    "cummax": Mixer("a running max over the sequence (SamOut)", lambda i, w: _running_max(i)),
+    "softmax": Mixer("causal softmax attention", lambda i, w: _kv_cache(i, w), attends=True),
+    "hybrid": Mixer("alpha * running max + (1 - alpha) * causal softmax attention, alpha learned per layer",
+                    lambda i, w: _running_max(i) + _kv_cache(i, w), attends=True),
+    "linear": Mixer("a gated linear recurrence over the sequence, h = a * h + (1 - a) * out, a = sigmoid(out1)",
+                    lambda i, w: _recurrent(i)),
+}
 
 
 @dataclass(frozen=True)
@@ -130,18 +150,15 @@ class LayerMixer:
 
     @property
     def attends(self) -> bool:
-        return self.mixer in ("softmax", "hybrid")
+        return MIXERS[self.mixer].attends
+
+    @property
+    def doc(self) -> str:
+        return MIXERS[self.mixer].doc + (f", softmax over the last {self.window} positions" if self.window else "")
 
     def states(self, i: int) -> list[StateTensor]:
         """Layer i's state tensors, named from this mixer."""
-        states = []
-        if self.mixer in ("cummax", "hybrid"):
-            states += _running_max(i)
-        if self.attends:
-            states += _kv_cache(i, self.window)
-        if self.mixer == "linear":
-            states += _recurrent(i)
-        return states
+        return MIXERS[self.mixer].states(i, self.window)
 
 
 @dataclass(frozen=True)
@@ -298,17 +315,16 @@ def _single(name: str, mixer: str, window: int = 0) -> ArchSpec:
     return ArchSpec(name, (LayerMixer(mixer, window),))
 
 
-ARCHS: dict[str, ArchSpec] = {
-    "cummax": _single("cummax", "cummax"),  # SamOut
-    "softmax": _single("softmax", "softmax"),  # the baseline: the same weights, causal softmax attention
-    "hybrid": _single("hybrid", "hybrid"),  # alpha * cummax + (1 - alpha) * softmax, alpha learned per layer
-    "linear": _single("linear", "linear"),  # SamOut with a gated linear recurrence over the sequence
-}
+ARCHS: dict[str, ArchSpec] = {name: _single(name, name) for name in MIXERS}  # one mixer in every layer
 MAX_WINDOW = 1 << 20
 MAX_LAYERS = 4096  # a stack longer than this is a typo, not a model
 _WINDOWED = re.compile(r"(?P<base>[a-z]+)-w(?P<window>[0-9]+)")
-NAMES_HELP = ("choose one of: cummax, softmax, hybrid, linear (softmax and hybrid take a window: softmax-w64), "
+_ATTENDING = [name for name, mixer in MIXERS.items() if mixer.attends]
+NAMES_HELP = (f"choose one of: {', '.join(MIXERS)} ({' and '.join(_ATTENDING)} take a window: {_ATTENDING[0]}-w64), "
               "or one per layer, comma-separated: linear,softmax-w64")
+ARCH_HELP = ("; ".join(f"{name}: {mixer.doc}" for name, mixer in MIXERS.items())
+             + f". {' and '.join(_ATTENDING)} take a window ({_ATTENDING[0]}-w64); or one mixer per layer, "
+             "comma-separated: linear,softmax-w64.")
 
 
 def arch_name(base: str, window: int = 0) -> str:

@@ -9,12 +9,12 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from samout_edge.artifact.arch import ARCH_HELP
 from samout_edge.artifact.files import check_output_dir
 from samout_edge.artifact.quantization import CALIBRATION_TOKENS
 from samout_edge.cli import render
 from samout_edge.cli.backend_options import backend_options
 from samout_edge.cli.common import (
-    ARCH_HELP,
     WINDOW_HELP,
     Activations,
     DType,

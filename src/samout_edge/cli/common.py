@@ -46,9 +46,6 @@ Precision = choices("Precision", ("fp16", "fp32"))
 TorchDevice = choices("TorchDevice", TORCH_DEVICES)  # bench op's own device (backend flags: cli/backend_options.py)
 
 
-ARCH_HELP = ("cummax (SamOut), softmax (the baseline), hybrid (alpha * cummax + (1 - alpha) * softmax, alpha learned "
-             "per layer) or linear (SamOut with a gated linear recurrence over the sequence); softmax-w64, hybrid-w64: "
-             "a window of 64; or one per layer, comma-separated: linear,softmax-w64.")
 UBATCH_HELP = ("Most tokens per prefill call (a micro-batch, as llama.cpp's 512): a longer prompt is fed in calls "
                "of this many with the state carried, exact, so its working memory stays bounded; 0: calls as long as "
                "the graph takes (max_seq).")

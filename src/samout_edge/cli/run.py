@@ -11,10 +11,10 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from samout_edge.artifact.arch import ARCH_HELP
 from samout_edge.cli import render
 from samout_edge.cli.backend_options import backend_options
 from samout_edge.cli.common import (
-    ARCH_HELP,
     UBATCH_HELP,
     WINDOW_HELP,
     DType,

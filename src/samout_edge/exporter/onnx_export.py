@@ -27,7 +27,7 @@ import torch
 
 from samout_edge import lowering as low
 from samout_edge.artifact import graph
-from samout_edge.artifact.arch import Blend, arch_spec
+from samout_edge.artifact.arch import ArchSpec, Blend, arch_spec
 from samout_edge.artifact.config import ModelConfig, check_arch, preset
 from samout_edge.artifact.files import check_output_dir, staging_dir, write_json_atomic
 from samout_edge.artifact.golden import save_golden
@@ -138,6 +138,11 @@ class ExportOptions:
         Enum gives its value), the others at their defaults."""
         names = {f.name for f in fields(cls) if f.init}
         return cls(**{k: getattr(v, "value", v) for k, v in values.items() if k in names})
+
+    @property
+    def spec(self) -> ArchSpec:
+        """The arch the user named (``arch``), decoded: what the export carries."""
+        return arch_spec(self.arch)
 
     def scan_plan(self, config: ModelConfig) -> low.ScanPlan:
         # One plan serves the sequence axis and (in custom exports) the head axis.
@@ -425,7 +430,7 @@ def export_memory(config: ModelConfig, options: ExportOptions) -> int:
     seq, h = options.max_seq, config.hidden_size
     weights = 4 * config.parameter_count()
     activations = 2 * seq * h * 4 * 24
-    spec = arch_spec(options.arch)
+    spec = options.spec
     scores = 2 * config.num_heads * seq * (seq + spec.window) * 4 * 3 if spec.attends else 0
     return 5 * weights + activations + scores
 
@@ -438,7 +443,7 @@ def blends(model: SamOut) -> list[float | None]:
 
 
 def _manifest(ckpt: Checkpoint, options: ExportOptions, source: dict) -> Manifest:
-    inputs, outputs = graph.graph_io(ckpt.config, arch_spec(options.arch), options.dtype, options.logits)
+    inputs, outputs = graph.graph_io(ckpt.config, options.spec, options.dtype, options.logits)
     batch, seq = trace_shape(options.max_seq)
     plan = options.scan_plan(ckpt.config)
     return Manifest(
