@@ -81,8 +81,9 @@ def test_longest_context_per_profile():
         assert plan.longest["cummax"] is None  # memory never bounds the cummax context
         n = plan.longest["softmax"]
         assert n > 0
-        fits = estimate(PRESETS["seed"], arch_spec("softmax"), profile.precision, 1, n, profile.prefill.seq.opt, profile)
-        over = estimate(PRESETS["seed"], arch_spec("softmax"), profile.precision, 1, n + 1, profile.prefill.seq.opt, profile)
+        assert plan.chunk == min(profile.prefill.seq.opt, 512)  # the profile's opt prefill, in calls of --ubatch
+        fits = estimate(PRESETS["seed"], arch_spec("softmax"), profile.precision, 1, n, plan.chunk, profile)
+        over = estimate(PRESETS["seed"], arch_spec("softmax"), profile.precision, 1, n + 1, plan.chunk, profile)
         assert fits.total <= profile.memory_budget_bytes < over.total
 
 
