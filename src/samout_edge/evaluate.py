@@ -417,12 +417,7 @@ def eval_target(
     runner = open_runner(resolved, backend, options, arch, heads, logits="all", ubatch=ubatch)
     with runner:
         config = runner.info.config
-        window = window or DEFAULT_WINDOW
-        if window < 2:
-            raise SamoutError(f"--window must be at least 2, got {window}")
-        stride = stride or max(1, window - 1)  # each token computed once; its context is its place in the window
-        if not 1 <= stride <= window:
-            raise SamoutError(f"--stride must be 1..window ({window}), got {stride}")
+        window, stride = windowing(window, stride)
         vocab_obj = Vocab.load(vocab) if vocab else export_vocab(resolved.export_dir or target)
         reference = None
         if with_reference and (manifest is not None or runner.info.dtype != "fp32") and \
@@ -460,6 +455,18 @@ def eval_target(
             seconds=time.perf_counter() - started,
             **scores,
         )
+
+
+def windowing(window: int | None, stride: int | None) -> tuple[int, int]:
+    """The window (default 512) and the stride (default window - 1: each token computed once;
+    its context is its place in the window), checked."""
+    window = window or DEFAULT_WINDOW
+    if window < 2:
+        raise SamoutError(f"--window must be at least 2, got {window}")
+    stride = stride or max(1, window - 1)
+    if not 1 <= stride <= window:
+        raise SamoutError(f"--stride must be 1..window ({window}), got {stride}")
+    return window, stride
 
 
 def record_quality(directory: Path, result: EvalResult, text: Path) -> dict:

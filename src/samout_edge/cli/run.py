@@ -150,7 +150,6 @@ def bench_run(
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the table to this Markdown file."),
 ) -> None:
     """Latency and memory of SamOut vs the softmax baseline (or any set of archs): prefill and decode, side by side."""
-    from samout_edge.artifact.arch import arch_spec
     from samout_edge.artifact.manifest import BENCH_ARCHS
     from samout_edge.bench.suite import MODES, BenchConfig, bench_workspace, check_exports, run_bench
     from samout_edge.bench.timing import Budget
@@ -175,12 +174,8 @@ def bench_run(
         raise SamoutError("bench takes exports (or engine directories), or --preset; export the checkpoint first")
     dirs = [t.export_dir for t in resolved]
     _check_outputs({"--json": json_file, "--plot": plot, "--markdown": markdown})
-    wanted = [arch_spec(a.strip()).name for a in archs.split(",") if a.strip()] if archs else None
-    if wanted is not None and len(set(wanted)) < len(wanted):
-        raise SamoutError(f"--archs names an arch twice: {archs}")
     given = check_exports(dirs, None) if dirs else {}
-    if wanted is None:
-        wanted = list(given) if len(given) > 1 else list(BENCH_ARCHS)
+    wanted = _bench_archs(archs) or (list(given) if len(given) > 1 else list(BENCH_ARCHS))
     with progress_bar() as progress, bench_workspace(work) as work_dir:
         if preset or any(a not in given for a in wanted):  # the other archs are exported from the same checkpoint
             require_torch("bench with --preset or one export (it exports the other archs); give one export per arch")
@@ -193,6 +188,16 @@ def bench_run(
         report = run_bench(pair, config, progress)
     render.bench(report)
     _write_outputs(report, json_file, markdown, plot)
+
+
+def _bench_archs(archs: str | None) -> list[str] | None:
+    """--archs by their full names (None: not given), each once."""
+    from samout_edge.artifact.arch import arch_spec
+
+    wanted = [arch_spec(a.strip()).name for a in archs.split(",") if a.strip()] if archs else None
+    if wanted is not None and len(set(wanted)) < len(wanted):
+        raise SamoutError(f"--archs names an arch twice: {archs}")
+    return wanted
 
 
 def _bench_backends(dirs: list[Path], backend: str, settings: Settings) -> tuple[Settings, list[str]]:
