@@ -17,7 +17,9 @@ carries from call to call:
   ``h_t = a_t * h_{t-1} + (1 - a_t) * out_t``: ``past_linear.{i}`` -> ``present_linear.{i}``,
   ``[batch, heads, 1, head_dim]``, the last h (empty: zeros). A NaN in it propagates
   through the arithmetic in every runtime, so the host need not check it; the graph
-  still needs the length guard (its scan is unrolled for max_seq too).
+  still needs the length guard (its scan is unrolled for max_seq too);
+- ``ema``: the same with a learned, data-independent decay ``lam`` per head and channel
+  (RetNet/S4D-style): ``past_ema.{i}`` -> ``present_ema.{i}``, as ``linear``'s.
 
 A softmax window W (``softmax-w64``, ``hybrid-w64``) makes the attention see the
 last W positions only; its cache is then W slots, a fixed ``[batch, heads, W, head_dim]``
@@ -110,8 +112,9 @@ def _running_max(i: int) -> list[StateTensor]:
     return [StateTensor(f"past_max.{i}", f"present_max.{i}", slots=1, scan="max")]
 
 
-def _recurrent(i: int) -> list[StateTensor]:
-    return [StateTensor(f"past_linear.{i}", f"present_linear.{i}", slots=1, scan="linear")]
+def _recurrent(name: str, i: int) -> list[StateTensor]:
+    """The last h of a linear recurrence, ``past_{name}.{i}``: carried by the linear scan, zeros when empty."""
+    return [StateTensor(f"past_{name}.{i}", f"present_{name}.{i}", slots=1, scan="linear")]
 
 
 def _kv_cache(i: int, window: int) -> list[StateTensor]:
@@ -137,7 +140,9 @@ MIXERS: dict[str, Mixer] = {
     "hybrid": Mixer("alpha * running max + (1 - alpha) * causal softmax attention, alpha learned per layer",
                     lambda i, w: _running_max(i) + _kv_cache(i, w), attends=True),
     "linear": Mixer("a gated linear recurrence over the sequence, h = a * h + (1 - a) * out, a = sigmoid(out1)",
-                    lambda i, w: _recurrent(i)),
+                    lambda i, w: _recurrent("linear", i)),
+    "ema": Mixer("an exponential moving average over the sequence, h = lam * h + (1 - lam) * out, "
+                 "lam = sigmoid(decay_logit) learned per head and channel", lambda i, w: _recurrent("ema", i)),
 }
 
 
@@ -343,7 +348,7 @@ def arch_name(base: str, window: int = 0) -> str:
 
 
 def arch_spec(name: str) -> ArchSpec:
-    """The spec of ``cummax``, ``softmax``, ``hybrid``, ``linear``, a windowed ``softmax-wN`` /
+    """The spec of ``cummax``, ``softmax``, ``hybrid``, ``linear``, ``ema``, a windowed ``softmax-wN`` /
     ``hybrid-wN``, or a stack of them, one per layer: ``cummax,cummax,softmax-w64,cummax``.
     The one place a name is decoded (once per name: decoded specs are kept);
     ``arch_spec(spec.name) == spec``."""

@@ -23,7 +23,7 @@ from samout_edge.artifact.files import make_readable, read_json, sha256_file, st
 from samout_edge.artifact.manifest import Manifest
 from samout_edge.artifact.resources import check_memory
 from samout_edge.errors import SamoutError
-from samout_edge.models.model import SamOut
+from samout_edge.models.model import MIXERS, SamOut
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -76,6 +76,14 @@ class Checkpoint:
             for i in hybrid:
                 state[blend_key(i)] = torch.logit(torch.tensor(start))
         model = SamOut(self.config, spec)
+        for i, layer in enumerate(model.decoder_layers):  # a mixer's own parameters SamOut's weights lack: its start
+            for name in layer.self_attention.initialised:
+                state.setdefault(f"decoder_layers.{i}.self_attention.{name}", getattr(layer.self_attention, name).detach())
+        own = model.state_dict()
+        foreign = [k for k in state if k not in own]
+        if foreign:
+            raise SamoutError(f"{self.path} has parameters --arch {spec.name} lacks ({', '.join(foreign[:2])}"
+                              f"{', ...' if len(foreign) > 2 else ''}): those layers were trained with another mixer")
         model.load_state_dict(state, strict=True)
         return model.to(dtype).eval()
 
@@ -201,11 +209,23 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
+def own_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Every layer's shape of each mixer's own parameters (``initialised``: SamOut's weights lack them)."""
+    shapes = {}
+    with torch.device("meta"):
+        for name, mixer in MIXERS.items():
+            if mixer.initialised:
+                shapes |= {k: v.shape for k, v in SamOut(config, name).state_dict().items()
+                           if k.rpartition(".")[2] in mixer.initialised}
+    return shapes
+
+
 def check_state_dict(state: StateDict, config: ModelConfig) -> StateDict:
-    """Check names and shapes against SamOut (a hybrid's: plus its hybrid layers' blends);
-    name the first differences."""
+    """Check names and shapes against SamOut (a hybrid's: plus its hybrid layers' blends; a layer
+    trained with a mixer of its own parameters: plus those); name the first differences."""
     expected = expected_shapes(config)
     expected |= {blend_key(i): torch.Size([]) for i in range(config.num_layers) if blend_key(i) in state}
+    expected |= {k: shape for k, shape in own_shapes(config).items() if k in state}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

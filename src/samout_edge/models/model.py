@@ -14,12 +14,15 @@ State makes prefill, chunked prefill and decode one computation:
   with a window W, the last W keys and values, zeros before the first token.
 - hybrid: ``(running max, key, value)``.
 - linear: per layer the last h, ``[batch, heads, 1, head_dim]``; an empty past is zeros.
+- ema: the same, of an exponential moving average with a learned decay per head and channel.
 
 A stack (``linear,softmax-w8``) picks each layer's mixer, so each layer carries its own
 mixer's state; the parameters keep their names whatever the mixer.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +66,8 @@ class MaxState(nn.Module):
     """
 
     fp32: bool = False
+    # parameters SamOut's weights lack: loading those weights, the mixer keeps its own (deterministic) start
+    initialised: tuple[str, ...] = ()
 
     def __init__(self, config: ModelConfig, window: int = 0):
         super().__init__()
@@ -134,6 +139,41 @@ class LinearRecurrence(MaxState):
             out, out1, past = out.float(), out1.float(), past.float()
         a = torch.sigmoid(out1)
         h = linear_scan(a, (1 - a) * out, past)
+        return h, h[:, :, -1:].to(dtype)
+
+
+class ExponentialMovingAverage(MaxState):
+    """SamOut with the sequence cummax replaced by an exponential moving average with a learned,
+    data-independent decay per head and channel (RetNet/S4D-style), of the same projections::
+
+        lam = sigmoid(decay_logit)                     # [heads, 1, head_dim], in (0, 1); not a function of x
+        h_t = lam * h_{t-1} + (1 - lam) * out_t        # h_{-1}: the past (zeros when empty)
+        score = cummax(h, dim=heads);  y = (score + out1) * out2 + out1    # as SamOut
+
+    It is LinearRecurrence with ``a_t = lam`` for every token: the same ``linear`` scan
+    (``linear_scan`` with ``a = lam`` expanded to out's shape), the same state, the last h.
+    ``decay_logit`` is the one parameter SamOut's weights lack: it starts (``initialised``,
+    the same at every load) with lam spread evenly over [0.85, 0.95] across heads and
+    channels, around 0.9. h is a convex blend of the past and out_t: no fp16 overflow. In an
+    fp32 island the average runs in fp32 and the state stays in the model's dtype."""
+
+    initialised = ("decay_logit",)
+
+    def __init__(self, config: ModelConfig, window: int = 0):
+        super().__init__(config, window)
+        n = config.num_heads * config.head_dim
+        # in Python floats: built with torch.logit, two loads in one test process differed in the last bits,
+        # and every load must be the same model (the export's reference, the torch runner)
+        lam = [0.85 + 0.1 * k / max(1, n - 1) for k in range(n)]
+        logits = torch.tensor([math.log(p / (1 - p)) for p in lam])
+        self.decay_logit = nn.Parameter(logits.view(config.num_heads, 1, config.head_dim))
+
+    def mix_sequence(self, out, out1, out2, past: LinearState) -> tuple[torch.Tensor, LinearState]:
+        dtype = past.dtype
+        if self.fp32:
+            out, past = out.float(), past.float()
+        lam = torch.sigmoid(self.decay_logit.to(out.dtype)).expand_as(out)
+        h = linear_scan(lam, (1 - lam) * out, past)
         return h, h[:, :, -1:].to(dtype)
 
 
@@ -217,7 +257,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 # artifact/arch.py's mixers
-MIXERS = {"cummax": MaxState, "softmax": CausalSelfAttention, "hybrid": HybridMixer, "linear": LinearRecurrence}
+MIXERS = {"cummax": MaxState, "softmax": CausalSelfAttention, "hybrid": HybridMixer, "linear": LinearRecurrence,
+          "ema": ExponentialMovingAverage}
 
 
 class DecoderLayer(nn.Module):
