@@ -330,6 +330,7 @@ NAMES_HELP = (f"choose one of: {', '.join(MIXERS)} ({' and '.join(_ATTENDING)} t
 ARCH_HELP = ("; ".join(f"{name}: {mixer.doc}" for name, mixer in MIXERS.items())
              + f". {' and '.join(_ATTENDING)} take a window ({_ATTENDING[0]}-w64); or one mixer per layer, "
              "comma-separated: linear,softmax-w64.")
+ARCH_LIST_HELP = f"{', '.join(MIXERS)}, and {' / '.join(f'{n}-wN' for n in _ATTENDING)} for a softmax window of N"
 
 
 def arch_name(base: str, window: int = 0) -> str:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from samout_edge.artifact.arch import ARCH_LIST_HELP
 from samout_edge.cli import render
 from samout_edge.cli.common import DType, Preset, app, parse_int_list, value
 from samout_edge.cli.ui import print_json
@@ -56,9 +57,8 @@ def plan(
     dtype: Optional[DType] = typer.Option(None, help="fp16 or fp32 (default: the export's, else the profile's)."),
     batch: int = typer.Option(1, help="Batch size."),
     contexts: Optional[str] = typer.Option(None, help="Context lengths to tabulate (default 1k..1M)."),
-    archs: Optional[str] = typer.Option(None, "--archs", help="Archs side by side: cummax, softmax, hybrid, and "
-                                        "softmax-wN / hybrid-wN for a softmax window of N (default: cummax,softmax, "
-                                        "and an export's own)."),
+    archs: Optional[str] = typer.Option(None, "--archs", help=f"Archs side by side: {ARCH_LIST_HELP} (default: "
+                                        "cummax,softmax, and an export's own)."),
     ubatch: int = typer.Option(512, "--ubatch", min=0, help="Most tokens per prefill call, as generate and serve feed "
                                "them (0: the profile's opt prefill length)."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),

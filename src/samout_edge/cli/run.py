@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from samout_edge.artifact.arch import ARCH_HELP
+from samout_edge.artifact.arch import ARCH_HELP, ARCH_LIST_HELP
 from samout_edge.cli import render
 from samout_edge.cli.backend_options import backend_options
 from samout_edge.cli.common import (
@@ -119,9 +119,8 @@ def bench_run(
                                                 "are exported from its checkpoint)."),
     preset: Optional[Preset] = typer.Option(None, "--preset", help="Bench a randomly initialised preset instead (exported first)."),
     archs: Optional[str] = typer.Option(None, "--archs", help="Archs side by side, the first the one the others are "
-                                        "measured against: cummax, softmax, hybrid, and softmax-wN / hybrid-wN for a "
-                                        "softmax window of N (default: the exports given, two or more; else "
-                                        "cummax,softmax)."),
+                                        f"measured against: {ARCH_LIST_HELP} (default: the exports given, two or "
+                                        "more; else cummax,softmax)."),
     mode: str = typer.Option("prefill,decode", help="Scenarios: prefill, decode or both."),
     seq: str = typer.Option("256,1024,4096", help="Prefill sequence lengths."),
     context: str = typer.Option("256,1024,4096", help="Decode: tokens already in the state (any length: the prefill "
