@@ -20,7 +20,8 @@ from samout_edge.models.model import SamOut
 from samout_edge.runtime.registry import load_runner
 from samout_edge.runtime.torch_runner import load_torch_runner
 from samout_edge.runtime.verify import verify
-from tests.test_linear import TINY, close, loop
+from tests.splits import check_any_split
+from tests.test_linear import TINY, loop
 
 MAX_SEQ = 32
 
@@ -101,17 +102,8 @@ def test_chunked_equals_whole_equals_token_by_token(ema, tiny_checkpoint, name):
     ids = np.random.default_rng(1).integers(0, 128, (2, 8 * MAX_SEQ))
     reference = load_torch_runner(load_checkpoint(tiny_checkpoint), "ema", "fp32", "all", export_dir=d)
     with load_runner(d, "ort") as runner, reference:
-        chunked, state = runner.run(ids, runner.initial_state(2))  # 8 graph calls
-        whole, whole_state = reference.run(ids, reference.initial_state(2))
+        state = check_any_split(runner, reference, ids, RTOL["fp32"])  # 8 graph calls
         assert list(state) == ["past_ema.0", "past_ema.1"]
-        assert close(chunked, reference.to_numpy(whole), RTOL["fp32"])
-        assert all(close(v, reference.to_numpy(whole_state[k]), RTOL["fp32"]) for k, v in state.items())
-        steps, step_state = [], runner.initial_state(2)
-        for t in range(ids.shape[1]):
-            logits, step_state = runner.run(ids[:, t : t + 1], step_state)
-            steps.append(logits[:, 0])
-        assert close(np.stack(steps, 1), chunked, RTOL["fp32"])
-        assert all(close(v, state[k], RTOL["fp32"]) for k, v in step_state.items())
 
 
 def test_inspect_names_the_mixer_and_export_help_lists_it(ema, run_cli):

@@ -29,6 +29,7 @@ from samout_edge.models.ops import blocked_linear_scan
 from samout_edge.runtime.registry import load_runner
 from samout_edge.runtime.torch_runner import load_torch_runner
 from samout_edge.runtime.verify import verify
+from tests.splits import check_any_split
 
 TINY = PRESETS["tiny"]
 MAX_SEQ = 32
@@ -156,16 +157,7 @@ def test_chunked_equals_whole_equals_token_by_token(linear, tiny_checkpoint, var
     d = linear(variant).directory
     ids = np.random.default_rng(1).integers(0, 128, (2, 8 * MAX_SEQ))
     with load_runner(d, "ort") as runner, pytorch(d, tiny_checkpoint) as reference:
-        chunked, state = runner.run(ids, runner.initial_state(2))  # 8 graph calls
-        whole, whole_state = reference.run(ids, reference.initial_state(2))
-        assert close(chunked, reference.to_numpy(whole), RTOL["fp32"])
-        assert all(close(v, reference.to_numpy(whole_state[k]), RTOL["fp32"]) for k, v in state.items())
-        steps, step_state = [], runner.initial_state(2)
-        for t in range(ids.shape[1]):
-            logits, step_state = runner.run(ids[:, t : t + 1], step_state)
-            steps.append(logits[:, 0])
-        assert close(np.stack(steps, 1), chunked, RTOL["fp32"])
-        assert all(close(v, state[k], RTOL["fp32"]) for k, v in step_state.items())
+        check_any_split(runner, reference, ids, RTOL["fp32"])  # 8 graph calls
 
 
 @pytest.mark.parametrize("runtime", ["ort", "onnx.reference"])

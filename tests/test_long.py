@@ -15,6 +15,7 @@ from samout_edge.generate import generate
 from samout_edge.models.checkpoint import load_checkpoint
 from samout_edge.runtime.registry import load_runner
 from samout_edge.runtime.torch_runner import load_torch_runner
+from tests.splits import check_any_split
 
 MAX_SEQ = 128
 PAIR = Path(__file__).parents[1] / "benchmarks" / "trained" / "cummax"
@@ -58,19 +59,7 @@ def test_chunked_equals_whole_equals_token_by_token(short, tiny_checkpoint, vari
     rtol = RTOL[read_manifest(d).dtype]
     ids = np.random.default_rng(1).integers(0, 128, (2, 8 * MAX_SEQ))
     with load_runner(d, "ort") as runner, pytorch(d, tiny_checkpoint) as reference:
-        chunked, state = runner.run(ids, runner.initial_state(2))  # one call of the API, 8 graph calls
-        whole, whole_state = reference.run(ids, reference.initial_state(2))
-        whole = reference.to_numpy(whole)
-        assert chunked.shape == whole.shape and close(chunked, whole, rtol)
-        for name, value in state.items():
-            assert close(value, reference.to_numpy(whole_state[name]), rtol), name
-        steps, step_state = [], runner.initial_state(2)
-        for t in range(ids.shape[1]):
-            logits, step_state = runner.run(ids[:, t : t + 1], step_state)
-            steps.append(logits[:, 0])
-        assert close(np.stack(steps, 1), whole, rtol)
-        for name, value in step_state.items():  # a running max over any split is the running max
-            assert np.array_equal(value, state[name]) or close(value, state[name], rtol), name
+        check_any_split(runner, reference, ids, rtol)  # one call of the API, 8 graph calls
 
 
 @pytest.mark.parametrize("factor", [4, 8])

@@ -30,6 +30,7 @@ from samout_edge.runtime.torch_runner import load_torch_runner
 from samout_edge.runtime.verify import verify
 from samout_edge.tensorrt.plan import make_plan
 from samout_edge.triton_server.plan import model_io, plan_repo
+from tests.splits import check_any_split
 from tests.test_cli import one_error_line
 from tests.test_serve import Client
 
@@ -172,16 +173,7 @@ def test_chunked_equals_whole_equals_token_by_token_past_max_seq(stacks, tiny_ch
     ids = np.random.default_rng(1).integers(0, 128, (2, 4 * MAX_SEQ))
     with load_runner(d, "ort") as runner, \
             load_torch_runner(load_checkpoint(tiny_checkpoint), arch, "fp32", "all", export_dir=d) as reference:
-        chunked, state = runner.run(ids, runner.initial_state(2))  # 4 graph calls
-        whole, whole_state = reference.run(ids, reference.initial_state(2))
-        assert close(chunked, reference.to_numpy(whole), rtol)
-        assert all(close(v, reference.to_numpy(whole_state[k]), rtol) for k, v in state.items())
-        steps, step_state = [], runner.initial_state(2)
-        for t in range(ids.shape[1]):
-            logits, step_state = runner.run(ids[:, t : t + 1], step_state)
-            steps.append(logits[:, 0])
-        assert close(np.stack(steps, 1), chunked, rtol)
-        assert all(v.shape == state[k].shape and close(v, state[k], rtol) for k, v in step_state.items())
+        step_state = check_any_split(runner, reference, ids, rtol)  # 4 graph calls
     grown = step_state.get("past_key_values.1.key")
     assert grown.shape[2] == (4 * MAX_SEQ if arch_spec(arch).grows else 8)
 
