@@ -351,6 +351,8 @@ def plot(report: dict, path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- the worker (a process per engine)
+# The llama.cpp worker runs in .venv-peers, where samout_edge is not installed: the RSS helpers
+# below mirror bench/peak_memory.py's instead of importing them.
 
 
 def _status_kib(name: str) -> int:
