@@ -68,8 +68,10 @@ demo: install
 	$(BIN)/samout-edge bench $(OUT)/seed-cummax $(OUT)/seed-softmax --seq 256,1024 --context 256,1024 \
 		--budget 1 --json $(OUT)/bench.json --plot $(OUT)/bench.png
 
+# Two workers (pytest-xdist), a test file each at a time: the module-scoped exports stay in one
+# process, and a 2-core machine is busy while one worker waits on ONNX Runtime or torch.export.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The device side: Python 3.10 (JetPack 6's), core install, no torch (.ci/device-side).
 device-test: install
