@@ -295,7 +295,8 @@ def test_a_template_that_hangs_on_one_request_is_a_400_and_health_answers(export
     thread.join()
     r = answer["r"]
     assert r.status_code == 400 and "longer than 2 s" in r.json()["error"]["message"], r.text
-    assert worst < 0.1
+    assert worst < 1.0  # a loop the hung render blocked would hold /health for the 2 s timeout (0.1 s failed once
+    # on a 2-core box running two test workers and a benchmark: a scheduling delay, not a block)
     ok = c.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert ok.status_code == 200  # a fresh renderer took the hung one's place
 
