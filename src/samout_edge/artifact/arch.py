@@ -192,8 +192,12 @@ class ArchSpec:
 
     def states(self, num_layers: int) -> list[StateTensor]:
         """Every state tensor in graph order: layer by layer."""
+        return list(self._states(num_layers))
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (specs are few and live as long as the process): runner.run asks every call
+    def _states(self, num_layers: int) -> tuple[StateTensor, ...]:
         self.check_layers(num_layers)
-        return [t for i in range(num_layers) for t in self.layer_states(i)]
+        return tuple(t for i in range(num_layers) for t in self.layer_states(i))
 
     def past_names(self, num_layers: int) -> list[str]:
         return [t.past for t in self.states(num_layers)]

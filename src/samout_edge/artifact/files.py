@@ -17,17 +17,17 @@ never remove what samout-edge did not write.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from samout_edge.errors import SamoutError
+
+# hashlib (OpenSSL) and shutil (bz2, lzma) are imported where they are used: a process that only
+# runs an export never needs them, and they are 4 MB of its RSS (tests/test_footprint.py).
 
 STAGE_PREFIX = ".samout-stage-"
 OLD_PREFIX = ".samout-old-"
@@ -36,6 +36,8 @@ CARRIED_MARKER = ".samout-carried.json"  # inside a stage: user entries moved in
 
 
 def sha256_file(path: str | Path) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -60,6 +62,12 @@ def recorded_files(entries: dict, record_file: str) -> dict[str, str | None]:
     return files
 
 
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -67,7 +75,7 @@ def _umask() -> int:
 
 
 def _unique(prefix: str) -> str:
-    return f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    return f"{prefix}{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def make_readable(path: str | Path) -> None:
@@ -145,7 +153,7 @@ def _remove_entry(entry: Path) -> None:
     if entry.is_symlink() or not entry.is_dir():
         entry.unlink(missing_ok=True)
     else:
-        shutil.rmtree(entry, ignore_errors=True)
+        _rmtree(entry)
 
 
 def remove_stale_stages(parent: Path) -> None:
@@ -193,7 +201,7 @@ def _restore_carried(stage: Path) -> None:
         if (stage / rel).exists() or (stage / rel).is_symlink():
             (target / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, target / rel)
-    shutil.rmtree(stage, ignore_errors=True)
+    _rmtree(stage)
 
 
 # What an earlier artifact of ours at a target holds: relative path -> its recorded
@@ -246,7 +254,7 @@ def _discard(stage: Path) -> None:
     if (stage / CARRIED_MARKER).exists():
         _restore_carried(stage)  # the failure came mid-swap: the user's files go back
     else:
-        shutil.rmtree(stage, ignore_errors=True)
+        _rmtree(stage)
 
 
 def publish(stage: Path, target: Path, previous: dict[str, str | None] | None, force: bool, last: str = "") -> None:
@@ -327,7 +335,7 @@ def _swap_keeping_unlisted(stage: Path, target: Path, previous: dict[str, str | 
     os.replace(target, old)
     os.replace(stage, target)
     (target / CARRIED_MARKER).unlink(missing_ok=True)
-    shutil.rmtree(old, ignore_errors=True)  # now only the files that held what we wrote
+    _rmtree(old)  # now only the files that held what we wrote
 
 
 def read_json(path: str | Path, what: str, max_bytes: int = 64 << 20) -> Any:

@@ -12,7 +12,6 @@ MLAS has no int8 kernel and computes those MatMuls in fp32.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 from dataclasses import asdict, dataclass
 
@@ -36,7 +35,7 @@ class CpuFeatures:
 def hwcap() -> int:
     """The kernel's AT_HWCAP word (0 where it cannot be read)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library this process already has (getauxval is glibc's and musl's)
         libc.getauxval.restype = ctypes.c_ulong
         libc.getauxval.argtypes = [ctypes.c_ulong]
         return int(libc.getauxval(AT_HWCAP))
