@@ -6,6 +6,7 @@ from samout_edge.artifact.config import PRESETS
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import list_profiles, load_profile, parse_profile
 from samout_edge.profiles.memory_plan import estimate, longest_context, memory_plan
+from samout_edge.runtime.base import PREFILL_UBATCH
 
 REQUIRED = {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "jetson-thor", "rtx-desktop", "datacenter"}
 
@@ -81,7 +82,7 @@ def test_longest_context_per_profile():
         assert plan.longest["cummax"] is None  # memory never bounds the cummax context
         n = plan.longest["softmax"]
         assert n > 0
-        assert plan.chunk == min(profile.prefill.seq.opt, 512)  # the profile's opt prefill, in calls of --ubatch
+        assert plan.chunk == min(profile.prefill.seq.opt, PREFILL_UBATCH)  # the profile's opt prefill, in calls of --ubatch
         fits = estimate(PRESETS["seed"], arch_spec("softmax"), profile.precision, 1, n, plan.chunk, profile)
         over = estimate(PRESETS["seed"], arch_spec("softmax"), profile.precision, 1, n + 1, plan.chunk, profile)
         assert fits.total <= profile.memory_budget_bytes < over.total

@@ -1,5 +1,5 @@
 """Prefill in micro-batches (issue 29 part 3): a long prompt is fed in calls of at most
-``ubatch`` tokens (512 by default, as llama.cpp's), the state carried, whatever the
+``ubatch`` tokens (256 by default; llama.cpp's 512), the state carried, whatever the
 export's max_seq, so the working memory of a call is bounded; the result is the
 result of the whole. verify still checks the graph at the lengths it takes."""
 
@@ -55,10 +55,14 @@ def test_calls_of_ubatch_tokens_give_the_whole(exported, arch):
 def test_the_default_micro_batch_and_the_graphs_limit(exported):
     d = exported(max_seq=300).directory
     with open_runner(resolve_target(d), "ort") as runner:
-        assert runner.ubatch == PREFILL_UBATCH == 512
+        assert runner.ubatch == PREFILL_UBATCH == 256
         calls = Counting(runner)
         runner.run(np.ones((1, 700), np.int64), runner.initial_state(1))
-        assert calls.lengths == [300, 300, 100]  # max_seq is shorter than the micro-batch here
+        assert calls.lengths == [256, 256, 188]  # the micro-batch is shorter than max_seq here
+        runner.ubatch = None
+        calls.lengths.clear()
+        runner.run(np.ones((1, 700), np.int64), runner.initial_state(1))
+        assert calls.lengths == [300, 300, 100]  # no micro-batch: the graph's limit
 
 
 def test_verify_checks_the_graph_at_its_own_lengths(exported):

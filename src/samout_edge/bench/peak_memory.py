@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from samout_edge.runtime.base import PREFILL_UBATCH
+
 
 @dataclass
 class MemorySpec:
@@ -36,7 +38,7 @@ class MemorySpec:
     steps: int = 4  # decode steps measured
     settings: dict | None = None  # the backend's options (runtime/backend.py), as a dict
     memory: str = "host"  # where the peak is read (RunnerInfo.memory): host (RSS) or cuda (torch's allocator)
-    ubatch: int | None = 512  # most tokens per call (runtime/base.py PREFILL_UBATCH); None: what the graph takes
+    ubatch: int | None = PREFILL_UBATCH  # most tokens per call; None: what the graph takes
 
 
 def json_ready(values: dict) -> dict:

@@ -46,7 +46,7 @@ Precision = choices("Precision", ("fp16", "fp32"))
 TorchDevice = choices("TorchDevice", TORCH_DEVICES)  # bench op's own device (backend flags: cli/backend_options.py)
 
 
-UBATCH_HELP = ("Most tokens per prefill call (a micro-batch, as llama.cpp's 512): a longer prompt is fed in calls "
+UBATCH_HELP = ("Most tokens per prefill call (a micro-batch; llama.cpp's is 512): a longer prompt is fed in calls "
                "of this many with the state carried, exact, so its working memory stays bounded; 0: calls as long as "
                "the graph takes (max_seq).")
 WINDOW_HELP = ("softmax and hybrid: attend to the last W positions only, so the state is bounded (W keys and values "

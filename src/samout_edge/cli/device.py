@@ -13,6 +13,7 @@ from samout_edge.cli import render
 from samout_edge.cli.common import DType, Preset, app, parse_int_list, value
 from samout_edge.cli.ui import print_json
 from samout_edge.errors import SamoutError
+from samout_edge.runtime.base import PREFILL_UBATCH
 
 profiles_app = typer.Typer(help="Device profiles: what each target offers and how engines for it are built.",
                            no_args_is_help=True, rich_markup_mode=None)
@@ -59,8 +60,9 @@ def plan(
     contexts: Optional[str] = typer.Option(None, help="Context lengths to tabulate (default 1k..1M)."),
     archs: Optional[str] = typer.Option(None, "--archs", help=f"Archs side by side: {ARCH_LIST_HELP} (default: "
                                         "cummax,softmax, and an export's own)."),
-    ubatch: int = typer.Option(512, "--ubatch", min=0, help="Most tokens per prefill call, as generate and serve feed "
-                               "them (0: the profile's opt prefill length)."),
+    ubatch: int = typer.Option(PREFILL_UBATCH, "--ubatch", min=0,
+                               help="Most tokens per prefill call, as generate and serve feed them "
+                               "(0: the profile's opt prefill length)."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Memory plan on a device: weights + activations + each arch's state (running max, KV cache, window), and the longest context."""

@@ -30,6 +30,7 @@ from samout_edge.cli.common import (
 )
 from samout_edge.cli.ui import console, err_console, print_json, progress_bar
 from samout_edge.errors import SamoutError, install_hint, require_torch
+from samout_edge.runtime.base import PREFILL_UBATCH
 from samout_edge.runtime.registry import Settings
 
 
@@ -50,7 +51,7 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k most likely tokens (0: all)."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Sampling seed."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming."),
-    ubatch: int = typer.Option(512, "--ubatch", min=0, help=UBATCH_HELP),
+    ubatch: int = typer.Option(PREFILL_UBATCH, "--ubatch", min=0, help=UBATCH_HELP),
 ) -> None:
     """Generate tokens: a prefill (in calls of --ubatch tokens), then one-token decode calls carrying the state."""
     from samout_edge.generate import Sampler, parse_prompt, vocab_for
@@ -140,7 +141,7 @@ def bench_run(
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", min=0,
                                               help="MiB: softmax contexts whose KV cache would pass this are reported "
                                               "as such, not run (always: those past the machine's memory)."),
-    ubatch: int = typer.Option(512, "--ubatch", min=0, help=UBATCH_HELP),
+    ubatch: int = typer.Option(PREFILL_UBATCH, "--ubatch", min=0, help=UBATCH_HELP),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline",
                                   help="Measure the memory bandwidth (about a second) and give each decode row the "
                                   "fraction of it the step reaches."),
@@ -298,7 +299,7 @@ def eval_command(
     vocab: Optional[Path] = typer.Option(None, help="Vocab file (JSON list of token strings), or 'bytes' [default: the export's, else UTF-8 bytes as ids]."),
     reference: bool = typer.Option(True, "--reference/--no-reference",
                                    help="Also compare with PyTorch fp32 (top-1 agreement, max logit error; needs torch)."),
-    ubatch: int = typer.Option(512, "--ubatch", min=0, help=UBATCH_HELP),
+    ubatch: int = typer.Option(PREFILL_UBATCH, "--ubatch", min=0, help=UBATCH_HELP),
     arch: str = typer.Option("cummax", help="For a checkpoint: " + ARCH_HELP),
     softmax_window: int = typer.Option(0, "--softmax-window", min=0, help="For a checkpoint: " + WINDOW_HELP),
     heads: Optional[int] = typer.Option(None, help="Head count of a bare state_dict (default 8)."),

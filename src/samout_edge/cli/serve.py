@@ -12,6 +12,7 @@ from samout_edge.artifact.arch import ARCH_HELP
 from samout_edge.cli.backend_options import backend_options
 from samout_edge.cli.common import UBATCH_HELP, WINDOW_HELP, app, arch_of
 from samout_edge.cli.ui import err_console
+from samout_edge.runtime.base import PREFILL_UBATCH
 from samout_edge.runtime.registry import Settings
 
 
@@ -52,7 +53,7 @@ def serve(
         None, "--chat-template", help="A Jinja chat template (Hugging Face's chat_template: messages, "
         "add_generation_prompt), or a tokenizer_config.json holding one, for /v1/chat/completions "
         "[default: 'role: content' lines, then 'assistant: ']."),
-    ubatch: int = typer.Option(512, "--ubatch", min=0, help=UBATCH_HELP),
+    ubatch: int = typer.Option(PREFILL_UBATCH, "--ubatch", min=0, help=UBATCH_HELP),
     log_level: str = typer.Option("warning", help="uvicorn's log level (info shows each request)."),
 ) -> None:
     """Serve completions over HTTP with sessions that persist across restarts."""

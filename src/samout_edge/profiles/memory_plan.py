@@ -27,6 +27,7 @@ from samout_edge.artifact.config import ModelConfig
 from samout_edge.artifact.manifest import BENCH_ARCHS, Manifest
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import DeviceProfile
+from samout_edge.runtime.base import PREFILL_UBATCH
 
 ACTIVATION_VALUES = 16
 BYTES = {"fp16": 2, "fp32": 4}
@@ -129,7 +130,7 @@ def longest_context(config: ModelConfig, spec: ArchSpec, dtype: str, batch: int,
 
 def memory_plan(config: ModelConfig, profile: DeviceProfile, dtype: str | None = None, batch: int = 1,
                 contexts: list[int] | None = None, weights_bytes: int | None = None,
-                weights_kind: str = "fp", archs: list[str] | None = None, ubatch: int | None = 512) -> MemoryPlan:
+                weights_kind: str = "fp", archs: list[str] | None = None, ubatch: int | None = PREFILL_UBATCH) -> MemoryPlan:
     """``weights_bytes``/``weights_kind``: an export's stored weights (``export_weights``);
     None counts parameters x the dtype's size. ``archs``: side by side (default: cummax, softmax), by
     name as the user gives them (decoded here once; the plan's rows are keyed by each spec's name).

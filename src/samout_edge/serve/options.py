@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from samout_edge.errors import SamoutError
+from samout_edge.runtime.base import PREFILL_UBATCH
 from samout_edge.serve.sessions import SessionPolicy
 from samout_edge.serve.template import read_chat_template
 
@@ -45,7 +46,7 @@ class ServeOptions:
     chat_template: str | None = None  # Jinja source for /v1/chat/completions; None: DEFAULT_CHAT_TEMPLATE
     chat_template_vars: dict[str, str] = field(default_factory=dict)  # tokenizer_config.json's bos_token, eos_token...
     template_timeout_s: float = 5.0  # one render of an operator's template, at most (its process is then replaced)
-    ubatch: int = 512  # most tokens per prefill call (runtime/base.py PREFILL_UBATCH); 0: what the graph takes
+    ubatch: int = PREFILL_UBATCH  # most tokens per prefill call; 0: what the graph takes
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
