@@ -294,6 +294,13 @@ def markdown(report: dict) -> str:
                 else:
                     cells += [fmt_mb(r.get("prefill_peak_mb")), fmt_mb(r.get("decode_peak_mb"))]
             out.append(f"| {e['key']} | {fmt_mb(e.get('weights_mb'))} | {fmt_mb(load)} | " + " | ".join(cells) + " |")
+        out += ["", "The whole process at its peak (load, the prefill of N tokens, the decode steps after it: "
+                "what the machine must have free), MB:", "",
+                "| engine | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |",
+                "|---|" + "---:|" * len(lengths)]
+        for e in report["engines"]:
+            peaks = [memory.get((e["key"], n), {}).get("peak_rss_mb") for n in lengths]
+            out.append(f"| {e['key']} | " + " | ".join(fmt_mb(v) for v in peaks) + " |")
     ours = [e for e in report["engines"] if e["family"] == "ours"]
     if ours:
         out += ["", "## Our exports", "", "| engine | export options | weights MB | checked against PyTorch |",
