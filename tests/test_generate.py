@@ -80,5 +80,6 @@ def test_non_finite_logits_are_an_error_not_a_token(exported):
     """A NaN row (here: a prompt past max_seq) is refused, never sampled (np.argmax would say 0)."""
     with load_runner(exported(max_seq=300).directory, "ort") as runner:
         runner.info = type(runner.info)(**{**runner.info.__dict__, "max_seq": None})  # past the limit on purpose
+        runner.ubatch = None  # one call of all 301 tokens
         with pytest.raises(SamoutError, match="non-finite logits at new token 1"):
             generate(runner, [1] * 301, 3)

@@ -3,10 +3,10 @@ import tomllib
 
 from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.config import PRESETS
+from samout_edge.artifact.graph import PREFILL_UBATCH
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import list_profiles, load_profile, parse_profile
 from samout_edge.profiles.memory_plan import estimate, longest_context, memory_plan
-from samout_edge.runtime.base import PREFILL_UBATCH
 
 REQUIRED = {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "jetson-thor", "rtx-desktop", "datacenter"}
 

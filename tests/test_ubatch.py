@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 
+from samout_edge.artifact.graph import PREFILL_UBATCH
 from samout_edge.artifact.quantization import RTOL
 from samout_edge.profiles import load_profile
 from samout_edge.profiles.memory_plan import memory_plan
-from samout_edge.runtime.base import PREFILL_UBATCH
 from samout_edge.runtime.target import open_runner, resolve_target
 from samout_edge.runtime.verify import verify
 

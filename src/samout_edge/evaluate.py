@@ -39,11 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from samout_edge.artifact import graph
+from samout_edge.artifact.graph import PREFILL_UBATCH
 from samout_edge.artifact.manifest import read_manifest
 from samout_edge.artifact.vocab import Vocab, export_vocab, iter_tokens, read_tokens  # noqa: F401 - eval's API
 from samout_edge.errors import SamoutError, require_torch
 from samout_edge.progress import Progress, no_progress
-from samout_edge.runtime.base import PREFILL_UBATCH, Runner, check_context
+from samout_edge.runtime.base import Runner, check_context
 from samout_edge.runtime.registry import Settings
 
 DEFAULT_WINDOW = 512

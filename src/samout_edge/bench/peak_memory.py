@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samout_edge.runtime.base import PREFILL_UBATCH
+from samout_edge.artifact.graph import PREFILL_UBATCH
 
 
 @dataclass

@@ -20,6 +20,7 @@ import numpy as np
 
 from samout_edge.artifact import graph
 from samout_edge.artifact.files import check_output_dir
+from samout_edge.artifact.graph import PREFILL_UBATCH
 from samout_edge.artifact.manifest import Manifest, check_exports, read_manifest  # noqa: F401 - bench's API
 from samout_edge.bench import machine
 from samout_edge.bench.bandwidth import decode_step_bytes, measure_bandwidth
@@ -28,7 +29,7 @@ from samout_edge.bench.timing import Budget, interleaved
 from samout_edge.errors import SamoutError
 from samout_edge.progress import Progress, no_progress
 from samout_edge.runtime.backend import BackendOptions
-from samout_edge.runtime.base import PREFILL_UBATCH, Runner, check_context
+from samout_edge.runtime.base import Runner, check_context
 from samout_edge.runtime.registry import BACKENDS, Settings, backend_named, check_installed, load_runner
 
 MODES = ("prefill", "decode")

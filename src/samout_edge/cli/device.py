@@ -9,11 +9,11 @@ from typing import Optional
 import typer
 
 from samout_edge.artifact.arch import ARCH_LIST_HELP
+from samout_edge.artifact.graph import PREFILL_UBATCH
 from samout_edge.cli import render
 from samout_edge.cli.common import DType, Preset, app, parse_int_list, value
 from samout_edge.cli.ui import print_json
 from samout_edge.errors import SamoutError
-from samout_edge.runtime.base import PREFILL_UBATCH
 
 profiles_app = typer.Typer(help="Device profiles: what each target offers and how engines for it are built.",
                            no_args_is_help=True, rich_markup_mode=None)

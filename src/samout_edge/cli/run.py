@@ -12,6 +12,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from samout_edge.artifact.arch import ARCH_HELP, ARCH_LIST_HELP
+from samout_edge.artifact.graph import PREFILL_UBATCH
 from samout_edge.cli import render
 from samout_edge.cli.backend_options import backend_options
 from samout_edge.cli.common import (
@@ -30,7 +31,6 @@ from samout_edge.cli.common import (
 )
 from samout_edge.cli.ui import console, err_console, print_json, progress_bar
 from samout_edge.errors import SamoutError, install_hint, require_torch
-from samout_edge.runtime.base import PREFILL_UBATCH
 from samout_edge.runtime.registry import Settings
 
 

@@ -9,10 +9,10 @@ import typer
 from rich.markup import escape
 
 from samout_edge.artifact.arch import ARCH_HELP
+from samout_edge.artifact.graph import PREFILL_UBATCH
 from samout_edge.cli.backend_options import backend_options
 from samout_edge.cli.common import UBATCH_HELP, WINDOW_HELP, app, arch_of
 from samout_edge.cli.ui import err_console
-from samout_edge.runtime.base import PREFILL_UBATCH
 from samout_edge.runtime.registry import Settings
 
 

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 
 from samout_edge.artifact.arch import ArchSpec, arch_spec
 from samout_edge.artifact.config import ModelConfig
+from samout_edge.artifact.graph import PREFILL_UBATCH
 from samout_edge.artifact.manifest import BENCH_ARCHS, Manifest
 from samout_edge.errors import SamoutError
 from samout_edge.profiles import DeviceProfile
-from samout_edge.runtime.base import PREFILL_UBATCH
 
 ACTIVATION_VALUES = 16
 BYTES = {"fp16": 2, "fp32": 4}

@@ -11,7 +11,7 @@ arrays for TensorRT) so a decode loop never copies through the host;
 
 Any length is one ``run``: a call longer than the graph takes (a cummax export's
 max_seq, an engine's longest prefill profile) or than the runner's micro-batch
-(``ubatch``, PREFILL_UBATCH = 256 tokens by default) is fed in chunks with the
+(``ubatch``, artifact/graph.py PREFILL_UBATCH, 256 tokens by default) is fed in chunks with the
 state carried, which is exact (SamOut has no positions; a running max over chunks
 is the running max over the whole; the linear scan and a softmax cache carry
 theirs alike). The micro-batch bounds a prefill's working memory whatever
@@ -105,10 +105,6 @@ def check_context(info: RunnerInfo, tokens: int, batch: int = 1, what: str = "th
                      f"scores of a call of {shortest} tokens)")
 
 
-# Tokens per prefill call by default: bounded working memory. Half llama.cpp's 512: on the CPU it holds
-# half the activations (24 vs 43 MiB above the seed int4 model at 1k tokens) at 1% more time
-# (benchmarks/results/cpu-ubatch-256.md).
-PREFILL_UBATCH = 256
 
 
 def _least(*limits: int | None) -> int | None:
@@ -142,7 +138,7 @@ def _scores_bytes(info: RunnerInfo, batch: int, queries: int, keys: int) -> int:
 
 class Runner(ABC):
     info: RunnerInfo
-    ubatch: int | None = PREFILL_UBATCH  # the most tokens one call takes (None: what the graph takes); verify sets None
+    ubatch: int | None = graph.PREFILL_UBATCH  # the most tokens one call takes (None: what the graph takes); verify sets None
 
     @abstractmethod
     def initial_state(self, batch: int) -> State:

@@ -16,10 +16,11 @@ from typing import Any
 
 from samout_edge.artifact.arch import arch_spec
 from samout_edge.artifact.engine import is_engine_dir, resolve_engine
+from samout_edge.artifact.graph import PREFILL_UBATCH
 from samout_edge.artifact.manifest import is_export_dir
 from samout_edge.errors import SamoutError
 from samout_edge.runtime.backend import Backend
-from samout_edge.runtime.base import PREFILL_UBATCH, Runner
+from samout_edge.runtime.base import Runner
 from samout_edge.runtime.registry import BACKENDS, Settings, check_installed, load_runner
 
 KINDS = ("export", "engine", "checkpoint")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from samout_edge.artifact.graph import PREFILL_UBATCH
 from samout_edge.errors import SamoutError
-from samout_edge.runtime.base import PREFILL_UBATCH
 from samout_edge.serve.sessions import SessionPolicy
 from samout_edge.serve.template import read_chat_template
 
