@@ -234,7 +234,8 @@ def markdown(report: dict) -> str:
         f"ONNX Runtime {m.get('onnxruntime')}, llama-cpp-python {m.get('llama_cpp_python')} "
         f"(built here from source, {m.get('llama_cmake_args')}).",
         "",
-        f"**{m.get('sharing', '')}** Load average at start / end: {m.get('load_start')} / {m.get('load_end')}. "
+        (f"**{m['sharing']}** " if m.get("sharing") else "") +
+        f"Load average at start / end: {m.get('load_start')} / {m.get('load_end')}. "
         "Compare ratios, not absolute times.",
         "",
         f"Models: our `{cfg['preset']}` preset ({ours_params:,} parameters, random weights, "
@@ -278,7 +279,7 @@ def markdown(report: dict) -> str:
         lengths = cfg["contexts"]
         out += ["", f"## Memory ({cfg['memory_threads']} thread{'s' if cfg['memory_threads'] > 1 else ''}, "
                 "a fresh process per engine and context): MB", "",
-                "RSS after load: the process once the model is loaded (the interpreter, the runtime and "
+                "Ours as generate and serve run an export (ONNX Runtime's arena on). RSS after load: the process once the model is loaded (the interpreter, the runtime and "
                 "the weights). Peaks: VmHWM above that while the prefill of N tokens runs, and while "
                 f"{MEMORY_STEPS} decode steps run after it.", "",
                 "| engine | weights MB | RSS after load | " + " | ".join(
@@ -396,12 +397,11 @@ def token_ids(length: int, steps: int, vocab: int):
 class OursEngine:
     """An export through ONNX Runtime, with bench's calls (bench/suite.py)."""
 
-    def __init__(self, path: str, threads: int, peak_memory: bool = False):
+    def __init__(self, path: str, threads: int):
         from samout_edge.runtime.registry import backend_named, load_runner
 
+        # ONNX Runtime's arena on, as generate and serve run an export: memory is what a user's process holds
         options = backend_named("ort").options(provider="cpu", spinning=False, intra_op_threads=threads)
-        if peak_memory:
-            options = options.for_peak_memory()  # no arena: freed memory goes back to the OS
         self.runner = load_runner(path, "ort", options)
         self.vocab = self.runner.info.config.vocab_size
 
@@ -545,11 +545,11 @@ def forbid_amx() -> None:
         raise OSError(ctypes.get_errno(), "cannot install the seccomp filter that keeps llama.cpp off AMX")
 
 
-def _load(spec: dict, peak_memory: bool = False):
+def _load(spec: dict):
     if spec["family"] != "ours" and not spec.get("amx", False) and "llama_cpp" not in sys.modules:
         forbid_amx()  # PR_SET_NO_NEW_PRIVS + PR_SET_SECCOMP
     if spec["family"] == "ours":
-        return OursEngine(spec["path"], spec["threads"], peak_memory)
+        return OursEngine(spec["path"], spec["threads"])
     return LlamaEngine(spec["path"], spec["threads"], spec["n_batch"], spec["n_ubatch"], spec["flash_attn"])
 
 
@@ -557,10 +557,10 @@ def measure_memory(spec: dict) -> dict:
     """In a fresh process: the RSS after load, then the peak above it during a prefill of
     ``length`` tokens and during MEMORY_STEPS decode steps after it."""
     length = spec["length"]
-    engine = _load(spec, peak_memory=True)
+    engine = _load(spec)
+    ids = token_ids(length, MEMORY_STEPS, engine.vocab)  # before the base: numpy.random is 7 MB of RSS
     _trim()
     base = _status_kib("VmRSS") * 1024
-    ids = token_ids(length, MEMORY_STEPS, engine.vocab)
     _reset_peak()
     if spec["family"] == "ours":
         r = engine.runner  # run() chunks past max_seq, as bench's calls do
@@ -1007,7 +1007,6 @@ def run(plan: Plan, venv: Path, work: Path, command: str) -> dict:
         "llama_cpp_python": llama_version, "llama_cmake_args": f"CMAKE_ARGS=\"{CMAKE_ARGS}\"",
         "llama_system_info": system_info, "cpu_flags": flags,
         "flags_note": "CPU flags: " + (", ".join(flags) or "no AVX"),
-        "sharing": "A 2-core box shared with other agents' test runs while this ran.",
         "load_start": load_start, "load_end": round(os.getloadavg()[0], 2),
     })
     return {
