@@ -205,6 +205,44 @@ def _ratio_row(times: dict, memory: dict, threads: int, length: int, ours: str, 
     return row
 
 
+HEADLINE_MEMORY = (("prefill_peak_mb", "prefill peak MB above the model"), ("peak_rss_mb", "process peak RSS MB"))
+
+
+def _cell(ours: float | None, theirs: float | None, fmt) -> str:
+    if ours is None or theirs is None:
+        return "-"
+    return f"{fmt(ours)} / {fmt(theirs)} ({fmt_ratio(ratio(ours, theirs))})"
+
+
+def headline(report: dict) -> list[str]:
+    """Each of our forms against its llama.cpp type, each cell against llama.cpp's better
+    setting for that cell (flash attention on or off, whichever is faster or smaller there):
+    the table the README leads with."""
+    times, memory = _index(report)
+    cfg, engines = report["config"], report["engines"]
+    keys = {e["key"] for e in engines}
+    contexts = cfg["contexts"]
+    lines = ["| threads | ours / llama.cpp (its better setting) | " + " | ".join(f"{n:,} tokens" for n in contexts)
+             + " |", "|---:|---|" + "---:|" * len(contexts)]
+    for threads in cfg["threads"]:
+        for arch in cfg["archs"]:
+            for form, ltype in PAIRS:
+                ours = f"{arch} {form}"
+                theirs = [e["key"] for e in engines if e["family"] == "llama.cpp" and e["form"] == ltype]
+                if ours not in keys or not theirs:
+                    continue
+                rows = [(what, fmt_ms, lambda key, n, m=mode, t=threads: times.get((key, t, m, n), {}).get("median_ms"))
+                        for mode, what in (("decode", "decode ms/token"), ("prefill", "prefill ms"))]
+                if threads == cfg.get("memory_threads"):
+                    rows += [(what, fmt_mb, lambda key, n, f=name: memory.get((key, n), {}).get(f))
+                             for name, what in HEADLINE_MEMORY if memory]
+                for what, fmt, value in rows:
+                    cells = [_cell(value(ours, n), min((v for k in theirs if (v := value(k, n)) is not None),
+                                                       default=None), fmt) for n in contexts]
+                    lines.append(f"| {threads} | {what}, {ours} / {ltype} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _grid(report: dict, mode: str) -> list[str]:
     threads, contexts = report["config"]["threads"], report["config"]["contexts"]
     times, _ = _index(report)
@@ -259,7 +297,11 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}` ({report['elapsed_s']:.0f} s).",
         "",
-        "## Ours over llama.cpp (median; below 1.00x: ours faster or smaller)",
+        "## Headline: ours / llama.cpp's better setting in each cell (medians; below 1.00x: ours faster or smaller)",
+        "",
+        *headline(report),
+        "",
+        "## Ours over each llama.cpp setting (median; below 1.00x: ours faster or smaller)",
         "",
         "| threads | context | ours | llama.cpp | decode ms/token, ours vs llama | decode ratio "
         "| prefill ms, ours vs llama | prefill ratio | prefill peak MB above the model | memory ratio |",

@@ -150,6 +150,23 @@ def test_our_exports_say_how_they_were_checked(peers):
     assert "| cummax int4-a8 | `--arch cummax --weights int4 --activations int8` | 10.0 | verification failed: logits: median KL |" in md
 
 
+def test_the_headline_takes_llamas_better_setting_in_each_cell(peers):
+    r = report(peers)
+    off = peers.Engine("llama.cpp", "llama", "F32", "/x.gguf", "off")
+    r["engines"].append({**off.__dict__, "key": off.key, "weights_mb": 10.0, "check": None})
+    r["timings"] += [{"engine": off.key, "threads": 1, "mode": "decode", "length": 256, "median_ms": 2.0, "p90_ms": 2.0, "n": 5},
+                     {"engine": off.key, "threads": 1, "mode": "prefill", "length": 256, "median_ms": 400.0, "p90_ms": 400.0, "n": 5}]
+    r["memory"] += [{"engine": off.key, "length": 256, "prefill_peak_mb": 48.0, "peak_rss_mb": 170.0}]
+    r["memory"][0]["peak_rss_mb"], r["memory"][1]["peak_rss_mb"] = 162.0, 144.0
+    lines = peers.headline(r)
+    assert "| 1 | decode ms/token, cummax fp32 / F32 | 8.00 / 2.00 (4.00x) |" in lines  # FA off decodes faster
+    assert "| 1 | prefill ms, cummax fp32 / F32 | 50.0 / 100 (0.50x) |" in lines  # FA on prefills faster
+    assert "| 1 | prefill peak MB above the model, cummax fp32 / F32 | 12.0 / 24.0 (0.50x) |" in lines
+    assert "| 1 | process peak RSS MB, cummax fp32 / F32 | 162.0 / 144.0 (1.12x) |" in lines
+    assert "| 1 | prefill ms, cummax int4-a8 / Q4_0 | - |" in lines  # its prefill failed: no ratio
+    assert "## Headline" in peers.markdown(r)
+
+
 def test_each_flash_attention_setting_is_its_own_peer(peers):
     r = report(peers)
     off = peers.Engine("llama.cpp", "llama", "Q4_0", "/x.gguf", "off")
