@@ -132,10 +132,42 @@ def test_verify_catches_a_corrupted_row_the_random_ids_never_select(tmp_path, ti
 def test_every_id_chunks_cover_the_vocabulary_within_the_output_limit():
     from samout_edge.artifact.golden import MAX_OUTPUT_BYTES, every_id_chunks
 
-    chunks = every_id_chunks(10000, 512)  # the seed preset: 20 calls of 512 one-token rows
-    assert chunks[0] == (0, 512) and chunks[-1] == (9728, 10000) and len(chunks) == 20
-    assert all(b - a <= 512 for a, b in chunks) and 512 * 512 * 4 <= MAX_OUTPUT_BYTES
-    assert every_id_chunks(128, 32) == [(0, 128)]
+    chunks = every_id_chunks(10000, 512 * 4)  # the seed preset: 20 calls of 512 one-token rows
+    assert (chunks[0][0], chunks[0][-1], chunks[-1][0], chunks[-1][-1], len(chunks)) == (0, 511, 9728, 9999, 20)
+    assert list(np.concatenate(chunks)) == list(range(10000)) and 512 * 512 * 4 <= MAX_OUTPUT_BYTES
+    assert [list(c) for c in every_id_chunks(128, 32 * 4)] == [list(range(128))]
+
+
+def test_every_id_cases_keep_a_windowed_state_within_memory():
+    """The seed preset's softmax-w64 feeds 1.5 MiB of empty KV window a row: every id would be
+    15 GiB of golden inputs (an export was OOM-killed at 24 GB). Cases stay small; the golden
+    files take every k-th id (and the last), and say so in the case's name."""
+    from samout_edge.artifact import graph
+    from samout_edge.artifact.arch import arch_spec
+    from samout_edge.artifact.config import PRESETS
+    from samout_edge.artifact.golden import (
+        EVERY_ID_FEED_BYTES,
+        MAX_CASE_STATE_BYTES,
+        MAX_OUTPUT_BYTES,
+        every_id_chunks,
+        every_id_name,
+        every_id_step,
+    )
+
+    cfg = PRESETS["seed"]
+    row = {a: sum(v.nbytes for v in graph.empty_state(cfg, arch_spec(a), 1, "fp32").values())
+           for a in ("cummax", "softmax-w64")}
+    assert every_id_step(cfg.vocab_size, row["cummax"]) == 1  # the seed cummax keeps every id
+    step = every_id_step(cfg.vocab_size, row["softmax-w64"])
+    first = graph.empty_state(cfg, arch_spec("softmax-w64"), 1, "fp32")["past_key_values.0.key"].nbytes
+    chunks = every_id_chunks(cfg.vocab_size, first, row["softmax-w64"], step)
+    ids = np.concatenate(chunks)
+    assert step > 1 and ids[0] == 0 and ids[-1] == cfg.vocab_size - 1 and len(set(ids)) == len(ids)
+    assert len(ids) * row["softmax-w64"] <= EVERY_ID_FEED_BYTES + row["softmax-w64"]  # the last id on top
+    assert all(len(c) * row["softmax-w64"] <= MAX_CASE_STATE_BYTES and len(c) * first <= MAX_OUTPUT_BYTES
+               for c in chunks)
+    assert every_id_name(chunks[0]) == f"every id 0..{chunks[0][-1]} by {step}"
+    assert every_id_name(np.arange(0, 512)) == "every id 0..511"
 
 
 def test_a_case_wider_than_the_runner_runs_in_slices(exported):

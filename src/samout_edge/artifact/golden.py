@@ -84,14 +84,44 @@ LONG_STEPS = 2
 LONG_WINDOW_FACTOR = 8  # a softmax window up to this x max_seq: the long case runs past it
 
 
-def every_id_chunks(vocab: int, hidden: int) -> list[tuple[int, int]]:
-    """[start, end) of the "every id" cases: each id once, as a one-token row, so each
-    embedding row shows in the first layer's state (a linear function of it). Random
-    ids miss some rows (18 of 128 in the tiny preset), and a corrupted row the golden
-    inputs never select would pass verify. Rows per case keep that state within
-    MAX_OUTPUT_BYTES (fp32)."""
-    rows = max(1, MAX_OUTPUT_BYTES // (hidden * 4))
-    return [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
+# Each "every id" row feeds an empty state, which a windowed softmax makes large (the seed
+# preset's softmax-w64: 1.5 MiB a row, 15 GiB for every id): a case's empty states stay within
+# MAX_CASE_STATE_BYTES, and the golden files' within EVERY_ID_FEED_BYTES (every_id_step).
+MAX_CASE_STATE_BYTES = 16 << 20
+EVERY_ID_FEED_BYTES = 128 << 20
+
+
+def every_id_chunks(vocab: int, first_row_bytes: int, state_row_bytes: int = 0, step: int = 1) -> list[np.ndarray]:
+    """The ids of the "every id" cases: each id once (every ``step``-th, and the last), as a
+    one-token row, so each embedding row shows in the first layer's state (a linear function
+    of it). Random ids miss some rows (18 of 128 in the tiny preset), and a corrupted row the
+    golden inputs never select would pass verify. Rows per case keep that state
+    (``first_row_bytes`` a row: hidden x 4 for a running max, a window of keys for a windowed
+    softmax) within MAX_OUTPUT_BYTES and the rows' empty states (``state_row_bytes`` each)
+    within MAX_CASE_STATE_BYTES."""
+    ids = np.arange(0, vocab, step)
+    if ids[-1] != vocab - 1:
+        ids = np.append(ids, vocab - 1)
+    rows = max(1, min(MAX_OUTPUT_BYTES // first_row_bytes, MAX_CASE_STATE_BYTES // max(1, state_row_bytes)))
+    return [ids[i : i + rows] for i in range(0, len(ids), rows)]
+
+
+def every_id_step(vocab: int, state_row_bytes: int, budget: int = EVERY_ID_FEED_BYTES) -> int:
+    """1 (every id) while the cases' empty states fit ``budget`` bytes of golden inputs (the seed
+    preset's cummax: 120 MiB), else the stride that makes them fit."""
+    return max(1, -(-vocab * state_row_bytes // max(1, min(budget, EVERY_ID_FEED_BYTES))))
+
+
+def feed_budget(feeds: list[dict[str, np.ndarray]]) -> int:
+    """What the golden inputs file has left for the "every id" cases' feeds: base64 makes 3
+    bytes 4, and the file stays below MAX_GOLDEN_FILE_BYTES with 16 MiB to spare."""
+    used = sum(v.nbytes for feed in feeds for v in feed.values())
+    return MAX_GOLDEN_FILE_BYTES * 3 // 4 - (16 << 20) - used
+
+
+def every_id_name(ids: np.ndarray) -> str:
+    step = int(ids[1] - ids[0]) if len(ids) > 1 else 1
+    return f"{EVERY_ID} {ids[0]}..{ids[-1]}" + (f" by {step}" if step > 1 else "")
 
 
 def golden_ids(rng: np.random.Generator, vocab: int, batch: int, seq: int) -> np.ndarray:

@@ -61,7 +61,8 @@ def _collapse_every_id(checks: list) -> list[tuple[str, object]]:
             group = chunks[check]
             worst = max(group, key=lambda r: r.max_abs_err / r.tolerance if r.tolerance else float("inf"))
             calls = len({r.check for r in group})
-            label = f"{EVERY_ID} (0..{group[-1].check.rsplit('..', 1)[-1]}, {calls} call{'s' * (calls > 1)})"
+            last = group[-1].check.removeprefix(EVERY_ID).split("..", 1)[-1]  # "9999", or "9999 by 118"
+            label = f"{EVERY_ID} (0..{last}, {calls} call{'s' * (calls > 1)})"
             out.append((label, type(worst)(**{**worst.__dict__, "passed": all(r.passed for r in group)})))
         else:
             out.append((check, c))
