@@ -142,7 +142,6 @@ def test_every_id_cases_keep_a_windowed_state_within_memory():
     """The seed preset's softmax-w64 feeds 1.5 MiB of empty KV window a row: every id would be
     15 GiB of golden inputs (an export was OOM-killed at 24 GB). Cases stay small; the golden
     files take every k-th id (and the last), and say so in the case's name."""
-    from samout_edge.artifact import graph
     from samout_edge.artifact.arch import arch_spec
     from samout_edge.artifact.config import PRESETS
     from samout_edge.artifact.golden import (
@@ -151,21 +150,20 @@ def test_every_id_cases_keep_a_windowed_state_within_memory():
         MAX_OUTPUT_BYTES,
         every_id_chunks,
         every_id_name,
+        every_id_row_bytes,
         every_id_step,
     )
 
     cfg = PRESETS["seed"]
-    row = {a: sum(v.nbytes for v in graph.empty_state(cfg, arch_spec(a), 1, "fp32").values())
-           for a in ("cummax", "softmax-w64")}
-    assert every_id_step(cfg.vocab_size, row["cummax"]) == 1  # the seed cummax keeps every id
-    step = every_id_step(cfg.vocab_size, row["softmax-w64"])
-    first = graph.empty_state(cfg, arch_spec("softmax-w64"), 1, "fp32")["past_key_values.0.key"].nbytes
-    chunks = every_id_chunks(cfg.vocab_size, first, row["softmax-w64"], step)
+    assert every_id_step(cfg.vocab_size, every_id_row_bytes(cfg, arch_spec("cummax"))[1]) == 1  # every id
+    first, row = every_id_row_bytes(cfg, arch_spec("softmax-w64"))
+    assert first == 8 * 64 * 64 * 4 and row > 1 << 20  # a 64-slot key window; 1.5 MiB of empty state
+    step = every_id_step(cfg.vocab_size, row)
+    chunks = every_id_chunks(cfg.vocab_size, first, row, step)
     ids = np.concatenate(chunks)
     assert step > 1 and ids[0] == 0 and ids[-1] == cfg.vocab_size - 1 and len(set(ids)) == len(ids)
-    assert len(ids) * row["softmax-w64"] <= EVERY_ID_FEED_BYTES + row["softmax-w64"]  # the last id on top
-    assert all(len(c) * row["softmax-w64"] <= MAX_CASE_STATE_BYTES and len(c) * first <= MAX_OUTPUT_BYTES
-               for c in chunks)
+    assert len(ids) * row <= EVERY_ID_FEED_BYTES + row  # the last id on top
+    assert all(len(c) * row <= MAX_CASE_STATE_BYTES and len(c) * first <= MAX_OUTPUT_BYTES for c in chunks)
     assert every_id_name(chunks[0]) == f"every id 0..{chunks[0][-1]} by {step}"
     assert every_id_name(np.arange(0, 512)) == "every id 0..511"
 

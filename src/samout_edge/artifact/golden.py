@@ -29,6 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from samout_edge.artifact import graph
+from samout_edge.artifact.arch import ArchSpec
+from samout_edge.artifact.config import ModelConfig
 from samout_edge.artifact.files import write_bytes_atomic
 from samout_edge.errors import SamoutError
 
@@ -104,6 +107,13 @@ def every_id_chunks(vocab: int, first_row_bytes: int, state_row_bytes: int = 0, 
         ids = np.append(ids, vocab - 1)
     rows = max(1, min(MAX_OUTPUT_BYTES // first_row_bytes, MAX_CASE_STATE_BYTES // max(1, state_row_bytes)))
     return [ids[i : i + rows] for i in range(0, len(ids), rows)]
+
+
+def every_id_row_bytes(cfg: ModelConfig, spec: ArchSpec) -> tuple[int, int]:
+    """Bytes a row of an "every id" case takes: its first state (what the case records; a KV
+    cache's past may be empty, its present holds the token) and its empty state (what it feeds)."""
+    empty = list(graph.empty_state(cfg, spec, 1, "fp32").values())
+    return max(empty[0].nbytes, cfg.hidden_size * 4), sum(v.nbytes for v in empty)
 
 
 def every_id_step(vocab: int, state_row_bytes: int, budget: int = EVERY_ID_FEED_BYTES) -> int:

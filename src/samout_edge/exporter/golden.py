@@ -35,6 +35,7 @@ from samout_edge.artifact.golden import (
     chain_lengths,
     every_id_chunks,
     every_id_name,
+    every_id_row_bytes,
     every_id_step,
     feed_budget,
     golden_ids,
@@ -147,9 +148,7 @@ def record_golden(model: SamOut, manifest: Manifest, rtol: float, text_ids: np.n
     if not arch.grows:  # past max_seq: chunks of max_seq with the state carried, as every runner feeds them
         long_case(rng, model, manifest, cases, feeds, outputs)
     first_state = present_names[0]  # a linear function of each row's embedding
-    empty = graph.empty_state(cfg, arch, 1, "fp32")
-    row = sum(v.nbytes for v in empty.values())
-    first = max(empty[past_names[0]].nbytes, cfg.hidden_size * 4)  # a KV cache's past may be empty
+    first, row = every_id_row_bytes(cfg, arch)
     for ids in every_id_chunks(cfg.vocab_size, first, row, every_id_step(cfg.vocab_size, row, feed_budget(feeds))):
         small = len(ids) * cfg.vocab_size * 4 <= MAX_OUTPUT_BYTES
         run(every_id_name(ids), ids[:, None], None, 0, None, record={first_state, graph.LOGITS} if small else {first_state})

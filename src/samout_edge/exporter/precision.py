@@ -39,12 +39,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from samout_edge.artifact import graph
 from samout_edge.artifact.golden import (
     BATCH2_UP_TO,
     DECODE_PREFILL,
     DECODE_STEPS,
     every_id_chunks,
+    every_id_row_bytes,
     golden_ids,
     golden_lengths,
 )
@@ -134,8 +134,7 @@ def calibration_batches(model: SamOut, max_seq: int, trace_seq: int,
     for length in golden_lengths(max_seq, trace_seq):
         yield golden_ids(rng, cfg.vocab_size, 2 if length <= BATCH2_UP_TO else 1, length), False
     yield golden_ids(rng, cfg.vocab_size, 2, min(max_seq, DECODE_PREFILL + DECODE_STEPS)), False
-    empty = list(graph.empty_state(cfg, model.spec, 1, "fp32").values())
-    for ids in every_id_chunks(cfg.vocab_size, max(empty[0].nbytes, cfg.hidden_size * 4), sum(v.nbytes for v in empty)):
+    for ids in every_id_chunks(cfg.vocab_size, *every_id_row_bytes(cfg, model.spec)):
         yield ids[:, None], False
     if text_ids is not None:
         for start in range(0, len(text_ids), max_seq):

@@ -37,6 +37,7 @@ from samout_edge.artifact.golden import (
     chain_lengths,
     every_id_chunks,
     every_id_name,
+    every_id_row_bytes,
     golden_ids,
     golden_lengths,
     load_golden,
@@ -389,8 +390,7 @@ def _recomputed(actual, export_dir: Path, manifest: Manifest, lengths: list[int]
         ids = golden_ids(rng, vocab, small_batch, total)
         check = f"decode {small_batch}x({prefill}+{total - prefill})"
         result.checks += compare_decode(reference, actual, ids, prefill, rtol, check)
-    empty = [np.asarray(reference.to_numpy(v)) for v in reference.initial_state(1).values()]
-    for chunk in every_id_chunks(vocab, max(empty[0].nbytes, manifest.config.hidden_size * 4), sum(v.nbytes for v in empty)):  # every id: nothing is kept
+    for chunk in every_id_chunks(vocab, *every_id_row_bytes(manifest.config, manifest.spec)):  # every id: nothing is kept
         ids = chunk[:, None]
         ref_logits, ref_state = reference.run(ids, reference.initial_state(len(ids)))
         got_logits, got_state = run_rows(actual, ids, actual.initial_state(len(ids)), actual.info.max_batch)
