@@ -12,6 +12,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
+from samout_edge.artifact.golden import polygraphy_line
 from samout_edge.artifact.manifest import (
     META_ARCH,
     META_CONFIG,
@@ -22,7 +23,6 @@ from samout_edge.artifact.manifest import (
     is_export_dir,
     read_manifest,
     runtime_notes,
-    runtime_settings,
 )
 from samout_edge.artifact.tokenizer_files import tokenizer_note
 from samout_edge.errors import SamoutError
@@ -178,16 +178,6 @@ def arch_notes(manifest) -> list[str]:
         notes.append(f"quality (eval --record, {q['measured'][:10]}): {q['bits_per_byte']:.4f} bits per byte on "
                      f"{q['text']} ({q['mode']} of {q['window']}, {q['runner']}){cost}{kl}")
     return notes
-
-
-def polygraphy_line(manifest) -> str | None:
-    """The Polygraphy command that checks an export against its golden files (None: it carries none)."""
-    from samout_edge.artifact.golden import GoldenIndex
-
-    if not manifest.golden:
-        return None
-    level = runtime_settings(manifest).get("onnxruntime", {}).get("graph_optimization_level")
-    return GoldenIndex.from_dict(manifest.golden).polygraphy_command(level)
 
 
 def _int_or_none(value: str | None) -> int | None:

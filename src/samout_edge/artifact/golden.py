@@ -270,3 +270,15 @@ def load_golden(directory: Path, index: GoldenIndex, family: str = "x86") -> Gol
         raise SamoutError(f"the golden files in {directory} hold {len(feeds)} inputs and {len(outputs)} outputs "
                           f"for {len(index.cases)} cases")
     return Golden(index, feeds, outputs)
+
+
+def polygraphy_line(manifest) -> str | None:
+    """The Polygraphy command that checks an export against its golden files (None: it carries none).
+    Here, not in inspection, so the CLI's render imports it without the onnx package (12 MB of RSS
+    in every `generate` and `serve` process)."""
+    from samout_edge.artifact.manifest import runtime_settings
+
+    if not manifest.golden:
+        return None
+    level = runtime_settings(manifest).get("onnxruntime", {}).get("graph_optimization_level")
+    return GoldenIndex.from_dict(manifest.golden).polygraphy_command(level)

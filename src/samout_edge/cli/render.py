@@ -13,10 +13,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from samout_edge.artifact.config import ARCHS
+from samout_edge.artifact.golden import polygraphy_line
 from samout_edge.artifact.manifest import runtime_notes
 from samout_edge.artifact.tokenizer_files import tokenizer_note
 from samout_edge.cli.ui import console, human_bytes, ok
-from samout_edge.inspection import polygraphy_line
 
 
 def verification(result) -> None:
