@@ -856,7 +856,7 @@ def make_export(directory: Path, preset: str, arch: str, form: str, max_seq: int
         f.flush()
         start = f.tell()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    text = log.read_text(errors="replace")[start:]
+    text = log.read_bytes()[start:].decode(errors="replace")  # tell() counts bytes; the tables have 3-byte characters
     if rc == 0:
         status = "verified" if verify else "not verified"
     elif "verification FAILED" in text and (directory / "export.json").exists():
