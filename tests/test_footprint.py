@@ -41,3 +41,23 @@ def test_the_cli_generates_without_the_onnx_package(exported):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "heavy:"
+
+
+def test_process_rss_reports_every_stage_and_the_cli(exported, tmp_path):
+    """benchmarks/process_rss.py: each stage's RSS, and generate's own peak at least the runtime's."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "process_rss.py"
+    d = exported(max_seq=300).directory
+    out = subprocess.run([sys.executable, str(script), str(d), "--tokens", "20", "--ubatch", "8",
+                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    names = [s["stage"] for s in report["stages"]]
+    assert names[1:] == ["numpy", "ONNX Runtime (import)", "samout-edge runtime", "session (the export loaded)",
+                         "prefill 20 tokens", "decode 4 steps"]
+    runtime_peak = max(s["peak_kib"] for s in report["stages"])
+    assert report["cli_peak_kib"] > runtime_peak * 0.8  # the CLI holds the same runtime, plus its own imports
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "not an export directory" in bad.stderr and "Traceback" not in bad.stderr
