@@ -112,6 +112,12 @@ def load_ort_runner(
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = cpu_arena
+    if provider == "CPUExecutionProvider":
+        # ONNX Runtime's buffer-reuse plan (and the memory pattern built on it) holds more than
+        # it saves here: seed int4, a 256-token call 13.0 -> 9.1 MB above the model, calls of
+        # 256 up to 1k-16k tokens 23.0 -> 14.1, at x0.93-1.005 the time (every arch, int4, fp32
+        # and int8 compute; docs/benchmarking.md). Off, each output takes a block of the arena.
+        options.enable_mem_reuse = False
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
     if spinning is not None:
