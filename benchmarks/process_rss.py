@@ -39,6 +39,7 @@ def smaps() -> dict[str, int]:
 
 
 def _status_kib(field: str) -> int:
+    """bench/peak_memory.py's, mirrored: importing that module imports numpy before the numpy stage."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
