@@ -14,7 +14,6 @@ off in the child so freed memory really is returned.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import subprocess
@@ -70,11 +69,10 @@ def _reset_peak() -> None:
 
 
 def _return_freed_memory() -> None:
+    from samout_edge.runtime.ort_runner import return_freed_heap
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return_freed_heap()
 
 
 def measure(spec: MemorySpec) -> int | None:
