@@ -741,17 +741,29 @@ def ensure_venv(venv: Path, version: str, log: Path) -> str:
     return found
 
 
-def write_gguf(path: Path, shape: LlamaShape, seed: int = 0) -> None:
-    """A llama GGUF in F32 with random weights (N(0, 0.02), norms 1) and a placeholder SPM
-    vocabulary of ``shape.vocab`` tokens (<unk> <s> </s>, the 256 byte tokens, then filler):
-    llama.cpp needs a vocabulary to load; the benchmark feeds token ids, never text."""
+def write_gguf(path: Path, shape: LlamaShape, seed: int = 0, weights: dict | None = None,
+               name: str = "samout-peers random llama") -> None:
+    """A llama GGUF in F32 with random weights (N(0, 0.02), norms 1), or ``weights`` (GGUF
+    tensor name -> numpy array, [out, in]: benchmarks/llama_alike.py's trained llama), and a
+    placeholder SPM vocabulary of ``shape.vocab`` tokens (<unk> <s> </s>, the 256 byte tokens,
+    then filler): llama.cpp needs a vocabulary to load; the benchmarks feed token ids, never text."""
     import gguf
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    weights = dict(weights or {})
+
+    def tensor(key: str, make):
+        if not weights:
+            return make()
+        value = np.ascontiguousarray(weights.pop(key), np.float32)
+        if value.shape != make().shape:
+            raise ValueError(f"{key}: {value.shape}, the shape wants {make().shape}")
+        return value
+
     h, ff = shape.hidden, shape.n_ff
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("samout-peers random llama")
+    w.add_name(name)
     w.add_context_length(32768)
     w.add_embedding_length(h)
     w.add_block_count(shape.layers)
@@ -775,11 +787,11 @@ def write_gguf(path: Path, shape: LlamaShape, seed: int = 0) -> None:
     w.add_unk_token_id(0)
     w.add_add_bos_token(False)
 
-    def t(name: str, *dims: int) -> None:  # numpy [out, in]: GGUF's ne (in, out), as llama.cpp reads it
-        w.add_tensor(name, (rng.standard_normal(dims, dtype=np.float32) * 0.02).astype(np.float32))
+    def t(key: str, *dims: int) -> None:  # numpy [out, in]: GGUF's ne (in, out), as llama.cpp reads it
+        w.add_tensor(key, tensor(key, lambda: (rng.standard_normal(dims, dtype=np.float32) * 0.02).astype(np.float32)))
 
-    def ones(name: str) -> None:
-        w.add_tensor(name, np.ones(h, np.float32))
+    def ones(key: str) -> None:
+        w.add_tensor(key, tensor(key, lambda: np.ones(h, np.float32)))
 
     t("token_embd.weight", shape.vocab, h)
     for i in range(shape.layers):
@@ -792,6 +804,8 @@ def write_gguf(path: Path, shape: LlamaShape, seed: int = 0) -> None:
         t(f"blk.{i}.ffn_down.weight", h, ff)
     ones("output_norm.weight")
     t("output.weight", shape.vocab, h)
+    if weights:
+        raise ValueError(f"tensors a llama does not have: {', '.join(sorted(weights))}")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
