@@ -52,6 +52,22 @@ def test_the_window_attends_to_the_last_w_positions_with_zeros_before_the_start(
     assert torch.allclose(causal_attention(q, keys, values, W), want, atol=1e-6)
 
 
+def test_the_exported_softmax_keeps_exp_out_of_denormals_and_masked_keys_out_exactly(monkeypatch):
+    """The exported fp32 attention raises each score to at least max - 80 (x86's exp is 11x slower on
+    denormals) and zeroes the masked weights after: sharp scores (spreads far past 80) give SDPA's
+    answer, and values of 1e30 behind the mask change nothing."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 40, 4) * 60, torch.randn(1, 2, 40 + W, 4), torch.randn(1, 2, 40 + W, 4)
+    keys_seen = [k[:, :, i + 1 : i + 1 + W] for i in range(40)]
+    want = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + 1], keys_seen[i], v[:, :, i + 1 : i + 1 + W])
+                      for i in range(40)], 2)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.allclose(causal_attention(q, k, v, W), want, atol=1e-6)
+    behind = v.clone()
+    behind[:, :, 0] = 1e30  # the first slot: outside every query's window
+    assert torch.equal(causal_attention(q, k, behind, W), causal_attention(q, k, v, W))
+
+
 @pytest.mark.parametrize("arch", [*NEW_ARCHS, "linear"])
 def test_prefill_chunks_and_decode_are_one_computation(arch):
     torch.manual_seed(0)
