@@ -95,3 +95,12 @@ def test_scores_are_bits_kl_and_agreement(alike):
     s = alike.scores(alike.log_softmax(sharp), uniform, targets)
     assert s["bits_per_byte"] < 0.01 and s["kl"] > 1.0  # right and confident: few bits, far from uniform
     assert s["top1_agreement"] == 1.0  # argmax of uniform is 0 too
+
+
+def test_bad_input_is_one_line(tmp_path):
+    import subprocess
+
+    script = ROOT / "benchmarks" / "llama_alike.py"
+    for args, says in ((["score", "--venv", str(tmp_path)], "no peers venv"), (["score", "--bytes", "10"], "--bytes")):
+        out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and says in out.stderr and "Traceback" not in out.stderr
