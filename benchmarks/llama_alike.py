@@ -447,10 +447,10 @@ def main() -> None:
         return train(args.threads, args.out)
     if not (TRAINED / "llama" / "train.json").exists():
         raise SystemExit("no trained llama in benchmarks/trained/llama: run `llama_alike.py train` first")
-    if not (args.venv / "bin" / "python").exists():
-        raise SystemExit(f"no peers venv at {args.venv}: `benchmarks/peers.py` builds llama-cpp-python there on its first run")
     if args.bytes < 2 * (WINDOW + 1):
         raise SystemExit(f"--bytes must be at least {2 * (WINDOW + 1)}")
+    if not (args.venv / "bin" / "python").exists():
+        raise SystemExit(f"no peers venv at {args.venv}: `benchmarks/peers.py` builds llama-cpp-python there on its first run")
     return score(args)
 
 
