@@ -197,14 +197,14 @@ def train(threads: int, out: Path) -> None:
     record = {"shape": shape.to_dict(), "recipe": recipe, "threads": threads, "train_seconds": round(seconds, 1),
               "first_loss": losses[0], "final_loss_mean_last_5pct": round(sum(tail) / len(tail), 4),
               "heldout_bits_per_byte": round(bpb, 4), "heldout_eval_bytes": len(heldout),
-              "batches_sha256": chain.hex(), "machine": ts_machine()}
+              "batches_sha256": chain.hex(), "machine": machine_label()}
     (out / "train.json.tmp").write_text(json.dumps(record, indent=1) + "\n")
     os.replace(out / "train.json.tmp", out / "train.json")
     print(f"[llama] held-out {bpb:.4f} bits/byte (cummax: {recipe['cummax_heldout_bits_per_byte']}); "
           f"{seconds:.0f} s; wrote {out}", flush=True)
 
 
-def ts_machine() -> str:
+def machine_label() -> str:
     from samout_edge.bench.machine import describe
 
     return describe()["label"]
