@@ -269,7 +269,7 @@ def llama_worker(spec: dict) -> None:
     out = {}
     for name in spec["types"]:
         path = Path(spec["f32"]).with_name(f"llama-alike-{name}.gguf")
-        if name != "F32" and not path.exists():
+        if name != "F32":  # quantized again every run: the F32 above is this run's weights (a second or two)
             peers.quantize_gguf(Path(spec["f32"]), path.with_suffix(".tmp"), peers.LLAMA_TYPES[name], spec["threads"])
             os.replace(path.with_suffix(".tmp"), path)
         engine = peers.LlamaEngine(str(path if name != "F32" else spec["f32"]), spec["threads"], WINDOW, WINDOW, "auto")
@@ -315,13 +315,13 @@ def our_logits(arch: str, form: str, args_: list[str], windows, work: Path) -> t
     from samout_edge.runtime.registry import load_runner
 
     directory = work / f"{arch}-{form.replace(' + ', '-').replace(' ', '-')}"
-    if not (directory / "export.json").exists():
-        cmd = [sys.executable, "-m", "samout_edge", "export", str(TRAINED / arch), "--arch", arch,
-               "--logits", "all", "--max-seq", str(WINDOW), "-o", str(directory), "--force",
-               *(str(work / a) if a == CALIBRATION else a for a in args_)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:  # export's own check against PyTorch included: score only what verified
-            raise SystemExit(f"export failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    # exported again every run, from the checkpoint as it is now (no stale export from an older one)
+    cmd = [sys.executable, "-m", "samout_edge", "export", str(TRAINED / arch), "--arch", arch,
+           "--logits", "all", "--max-seq", str(WINDOW), "-o", str(directory), "--force",
+           *(str(work / a) if a == CALIBRATION else a for a in args_)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:  # export's own check against PyTorch included: score only what verified
+        raise SystemExit(f"export failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
     runner = load_runner(directory, "ort")
     out = np.empty((len(windows), WINDOW, runner.info.config.vocab_size), np.float32)
     for w, ids in enumerate(windows):
