@@ -16,7 +16,7 @@ PACKAGE = Path(samout_edge.__file__).parent
 LAYERS = [
     {"errors", "progress"},
     {"artifact"},
-    {"scans", "lowering", "scan_checks", "profiles"},
+    {"scans", "lowering", "scan_checks", "profiles", "native"},
     {"models"},
     {"kernels"},
     {"tensorrt"},
@@ -28,7 +28,7 @@ LAYERS = [
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 # Units the device install (no torch) must be able to import at module level.
-TORCH_FREE = {"errors", "progress", "artifact", "scans", "lowering", "scan_checks", "profiles", "tensorrt", "runtime",
+TORCH_FREE = {"errors", "progress", "artifact", "native", "scans", "lowering", "scan_checks", "profiles", "tensorrt", "runtime",
               "bench", "generate", "evaluate", "serve", "inspection", "inlining", "doctor", "triton_server", "cli"}
 # Modules of torch-free units that import torch at module level, loaded only when torch is asked for.
 TORCH_MODULES = {"bench/op.py", "tensorrt/plugin.py"}  # runtime/torch_runner.py registers torch without it

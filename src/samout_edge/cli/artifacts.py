@@ -114,6 +114,9 @@ def export(
         None, "--calibration-text", help="A UTF-8 text like what the model will read (tokenized with --vocab, else as "
         "bytes): fp16: its activations the fp32 islands must cover too, on top of the golden inputs; int8/int4: "
         f"what GPTQ calibrates on (its first {CALIBRATION_TOKENS:,} tokens)."),
+    native: bool = typer.Option(
+        False, "--native", help="Also write native.safetensors, the weights the native backend runs (cummax, fp32, "
+        "float or int4 weights; no ONNX Runtime in the process: `--backend native`), verified with the export."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Random seed for --preset weights."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the export against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Write into OUTPUT even if it is not an earlier export (nothing there is removed)."),

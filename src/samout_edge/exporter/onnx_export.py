@@ -56,6 +56,8 @@ from samout_edge.exporter.trace import finalize, trace_to_onnx
 from samout_edge.models.checkpoint import Checkpoint, load_checkpoint, random_checkpoint, save_checkpoint
 from samout_edge.models.model import LayerNorm, SamOut, torch_dtype
 from samout_edge.models.quantize import apply_weights, input_grams, quantize_model, set_int8_activations
+from samout_edge.native.weights import FILE as NATIVE_FILE
+from samout_edge.native.weights import native_tensors, unsupported, write_native
 from samout_edge.progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -97,6 +99,7 @@ class ExportOptions:
     embedding_weights: str = "auto"  # int4 exports: the embedding table at int8 (auto) or int4
     quantizer: str = "auto"  # rtn | gptq | auto: gptq where --calibration-text is given
     weights_grid: str = "symmetric"  # int4: symmetric | asymmetric (a zero-point per block; ONNX Runtime only)
+    native: bool = False  # also native.safetensors, for the native backend (native/weights.py)
     # the one quantization spec (artifact/quantization.py Weights), built by validate(), carried to export.json
     quantization: Weights = field(default_factory=Weights, init=False, repr=False, compare=False)
 
@@ -259,6 +262,10 @@ def prepare(out: str | Path, options: ExportOptions, checkpoint: str | Path | No
     if options.dtype == "fp16" and options.calibration_text is None and job.ckpt is not None:
         raise SamoutError(FP16_NEEDS_TEXT)
     options.quantization.check_model(job.config.hidden_size)
+    if options.native:
+        why = unsupported(options.spec, options.dtype, options.quantization, job.config.hidden_size)
+        if why is not None:
+            raise SamoutError(f"--native: the native backend cannot run this export: {why}")
     check_memory(export_memory(job.config, options), f"exporting {options.arch} with --max-seq {options.max_seq}")
     if vocab is not None:  # a bad vocab file fails the export up front
         job.words = Vocab.load(vocab)
@@ -350,6 +357,10 @@ def write_artifact(job: ExportJob, stage: Path) -> None:
         w = manifest.weights
         w.activation_rtol, w.activation_check, w.activation_bounds = int8_bounds(job.reference, manifest, job.golden)
         job.golden.index.atol = polygraphy_atol(w.rtol(manifest.dtype), job.golden.outputs)
+    if job.options.native:
+        params = {name: p.detach().float().numpy() for name, p in job.model.state_dict().items()}
+        write_native(stage / NATIVE_FILE, *native_tensors(params, job.quantized))
+        record_file(stage, manifest, NATIVE_FILE)
     if job.words is not None:
         write_vocab(job, stage)
     if job.source["kind"] == "preset":
@@ -381,6 +392,10 @@ def verify_artifact(job: ExportJob, stage: Path, run_verify: bool) -> ExportResu
     if run_verify:
         with job.stage("verifying against the golden outputs", 5, "verify_s"):
             result.verification = verify(stage)
+            if job.options.native and result.verification.passed:  # the native weights checked as they will run
+                native = verify(stage, backend="native")
+                if not native.passed:
+                    result.verification = native
         manifest.verification = result.verification.to_dict()
         manifest.save(stage)
     job.progress("done", job.total, job.total)

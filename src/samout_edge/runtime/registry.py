@@ -16,7 +16,14 @@ from typing import Any
 
 from samout_edge.artifact.capabilities import refusal
 from samout_edge.errors import SamoutError
-from samout_edge.runtime import openvino_runner, ort_runner, reference_runner, tensorrt_runner, torch_runner
+from samout_edge.runtime import (
+    native_runner,
+    openvino_runner,
+    ort_runner,
+    reference_runner,
+    tensorrt_runner,
+    torch_runner,
+)
 from samout_edge.runtime.backend import Backend, BackendOptions, default_of
 from samout_edge.runtime.base import Runner
 
@@ -141,3 +148,4 @@ register(tensorrt_runner.BACKEND)
 register(torch_runner.BACKEND)
 register(reference_runner.BACKEND)
 register(openvino_runner.BACKEND)
+register(native_runner.BACKEND)
