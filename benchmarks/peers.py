@@ -58,14 +58,19 @@ FORMS: dict[str, list[str]] = {
     "int4": ["--weights", "int4"],
     "int4-a8": ["--weights", "int4", "--activations", "int8"],
     "int8-a8": ["--weights", "int8", "--activations", "int8"],
+    # the same exports run by the native backend (no ONNX Runtime in the process): cummax only
+    "fp32-native": ["--native"],
+    "int4-native": ["--weights", "int4", "--native"],
 }
+NATIVE_FORMS = {"fp32-native", "int4-native"}  # run on the native backend; every other form on ONNX Runtime
 DEFAULT_FORMS = ["fp32", "int4", "int4-a8", "int8-a8"]
 ALL_ARCHS = ["cummax", "hybrid-w64", "softmax-w64", "softmax"]
 # llama.cpp's file types (enum llama_ftype): the GGUF we write is F32, the rest come from its quantizer.
 LLAMA_TYPES: dict[str, int] = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}
 DEFAULT_LLAMA_TYPES = ["F32", "F16", "Q8_0", "Q4_0"]
 # The pairs the ratio table shows: our form over llama.cpp's type (below 1: ours faster / smaller).
-PAIRS = [("fp32", "F32"), ("int4", "Q4_0"), ("int4-a8", "Q4_0"), ("int8-a8", "Q8_0"), ("int8", "Q8_0")]
+PAIRS = [("fp32", "F32"), ("int4", "Q4_0"), ("int4-a8", "Q4_0"), ("int8-a8", "Q8_0"), ("int8", "Q8_0"),
+         ("fp32-native", "F32"), ("int4-native", "Q4_0")]
 MEMORY_STEPS = 4  # decode steps the memory child measures (bench's MemorySpec.steps)
 
 
@@ -437,14 +442,16 @@ def token_ids(length: int, steps: int, vocab: int):
 
 
 class OursEngine:
-    """An export through ONNX Runtime, with bench's calls (bench/suite.py)."""
+    """An export through ONNX Runtime (or the native backend), with bench's calls (bench/suite.py)."""
 
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, backend: str = "ort"):
         from samout_edge.runtime.registry import backend_named, load_runner
 
-        # ONNX Runtime's arena on, as generate and serve run an export: memory is what a user's process holds
-        options = backend_named("ort").options(provider="cpu", spinning=False, intra_op_threads=threads)
-        self.runner = load_runner(path, "ort", options)
+        if backend == "native":
+            options = backend_named("native").options(intra_op_threads=threads)
+        else:  # ONNX Runtime's arena on, as generate and serve run an export: memory is what a user's process holds
+            options = backend_named("ort").options(provider="cpu", spinning=False, intra_op_threads=threads)
+        self.runner = load_runner(path, backend, options)
         self.vocab = self.runner.info.config.vocab_size
 
     def prefill(self, ids, length: int):
@@ -591,7 +598,7 @@ def _load(spec: dict):
     if spec["family"] != "ours" and not spec.get("amx", False) and "llama_cpp" not in sys.modules:
         forbid_amx()  # PR_SET_NO_NEW_PRIVS + PR_SET_SECCOMP
     if spec["family"] == "ours":
-        return OursEngine(spec["path"], spec["threads"])
+        return OursEngine(spec["path"], spec["threads"], spec.get("backend", "ort"))
     return LlamaEngine(spec["path"], spec["threads"], spec["n_batch"], spec["n_ubatch"], spec["flash_attn"])
 
 
@@ -997,7 +1004,8 @@ def run(plan: Plan, venv: Path, work: Path, command: str) -> dict:
             weights_mb[e.key] = ggufs[name]["bytes"] / 2**20
 
     def spec(e: Engine, threads: int) -> dict:
-        return {"family": e.family, "path": e.path, "threads": threads, "n_batch": plan.n_batch,
+        return {"family": e.family, "backend": "native" if e.form in NATIVE_FORMS else "ort", "path": e.path,
+                "threads": threads, "n_batch": plan.n_batch,
                 "n_ubatch": plan.n_ubatch, "flash_attn": e.flash_attn, "amx": plan.llama_amx}
 
     def worker(e: Engine, tag: str) -> Worker:

@@ -137,3 +137,19 @@ def test_a_failed_build_leaves_nothing_behind(monkeypatch, tmp_path):
     with pytest.raises(SamoutError, match="compiling the native kernels failed"):
         build.build()
     assert list((tmp_path / "cache" / "native").iterdir()) == []
+
+
+def test_threads_share_the_panels_and_change_no_bit(native_exports):
+    """Each output is one thread's sum, whoever computes it: 1 and 3 threads agree exactly."""
+    from samout_edge.runtime.native_runner import load_native_runner
+
+    ids = np.random.default_rng(1).integers(0, ODD.vocab_size, (1, 40))
+    with load_native_runner(native_exports["int4"], threads=1) as one, \
+            load_native_runner(native_exports["int4"], threads=3) as three:
+        assert "3 threads" in three.info.device and build.threaded()
+        a, sa = one.run(ids, one.initial_state(1))
+        b, sb = three.run(ids, three.initial_state(1))
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(one.run(ids[:, :1], sa)[0], three.run(ids[:, :1], sb)[0])
+    with pytest.raises(SamoutError, match="threads must be at least 1"):
+        load_native_runner(native_exports["int4"], threads=0)

@@ -50,8 +50,8 @@ def flags(machine: str | None = None) -> list[str]:
     ``-march=x86-64``: plain C)."""
     machine = machine or platform.machine()
     native = "-mcpu=native" if machine in ("aarch64", "arm64") else "-march=native"
-    return ["-O3", *(os.environ.get("SAMOUT_EDGE_NATIVE_ARCH") or native).split(), "-shared", "-fPIC", "-std=c11",
-            "-lm"]
+    return ["-O3", *(os.environ.get("SAMOUT_EDGE_NATIVE_ARCH") or native).split(), "-fopenmp", "-shared", "-fPIC",
+            "-std=c11", "-lm"]
 
 
 def _key(cc: str, args: list[str]) -> str:
@@ -82,6 +82,9 @@ def build() -> Path:
     try:
         done = subprocess.run([cc, str(SOURCE), "-o", str(partial), *args], capture_output=True, text=True,
                               timeout=COMPILE_TIMEOUT_S)
+        if done.returncode != 0 and "-fopenmp" in args:  # a compiler without OpenMP (clang without libomp): one thread
+            done = subprocess.run([cc, str(SOURCE), "-o", str(partial), *(a for a in args if a != "-fopenmp")],
+                                  capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
             raise SamoutError(f"compiling the native kernels failed ({cc}): {first}")
@@ -97,10 +100,16 @@ def build() -> Path:
 def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build()))
     lib.samout_kernels.restype = ctypes.c_char_p
+    lib.samout_threads.restype = ctypes.c_int
     lib.samout_forward.restype = ctypes.c_int
     return lib
 
 
 def kernels() -> str:
-    """Which kernels the library was built with: avx2, neon or c."""
+    """Which kernels the library was built with: avx512, avx2, neon or c."""
     return library().samout_kernels().decode()
+
+
+def threaded() -> bool:
+    """Whether the library was built with OpenMP (else one thread whatever is asked)."""
+    return bool(library().samout_threads())

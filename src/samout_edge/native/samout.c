@@ -52,6 +52,14 @@ const char *samout_kernels(void) {
 #endif
 }
 
+int samout_threads(void) { /* 1 where the build has OpenMP: matmul shares its panels among threads */
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* ---------------------------------------------------------------- vectors */
 
 /* The widest float vector the build has: VL lanes, and the few operations the kernels use */
@@ -87,6 +95,9 @@ typedef __m256 vec;
  *         32 block + 2j (low nibble) and 32 block + 2j + 1 (high); s and z [panel][block][r].
  * The int4 layout is llama.cpp's "repacked" idea, done once at export instead of at every load. */
 #define P 32
+#define AHEAD 8 /* panel rows (128 bytes each) a decode step prefetches ahead: 1 KiB */
+#define Q4_AHEAD 32 /* int4 panel bytes per row a decode step prefetches ahead: 1 KiB */
+#define PREFETCH(p) __builtin_prefetch(p, 0, 3)
 
 /* Each (block, j) of an int4 panel, as floats: lo[r] = (q_lo - z) * s, hi[r] = (q_hi - z) * s
  * (s == 1: unscaled, the decode kernel scales per block). */
@@ -159,8 +170,10 @@ static void q4_panel_gemv(const Mat *w, int p, const float *x, float *y) {
         const uint8_t *q = w->q + at * 16;
         vec t[P / VL];
         for (int v = 0; v < P / VL; v++) { c[v] = vzero_points(w, at, v); t[v] = VZERO(); }
+        PREFETCH(w->s + at + Q4_AHEAD * P / 16);
         for (int j = 0; j < 16; j++) {
             vec xe = VSET(x[32 * b + 2 * j]), xo = VSET(x[32 * b + 2 * j + 1]);
+            PREFETCH(q + (size_t)j * P + Q4_AHEAD * P);
             nibbles(q + (size_t)j * P, c, lo, hi);
             for (int v = 0; v < P / VL; v++) t[v] = VFMA(hi[v], xo, VFMA(lo[v], xe, t[v]));
         }
@@ -182,6 +195,26 @@ static void q4_panel_gemv(const Mat *w, int p, const float *x, float *y) {
         }
         for (int r = 0; r < P; r++) acc[r] += t[r] * w->s[at + r];
     }
+    memcpy(y, acc, sizeof(acc));
+#endif
+}
+
+/* y[0..P) = fp32 panel . x: one token */
+static void f32_panel_gemv(int k, const float *panel, const float *x, float *y) {
+#ifdef SAMOUT_AVX2
+    vec acc[P / VL];
+    for (int v = 0; v < P / VL; v++) acc[v] = VZERO();
+    for (int kk = 0; kk < k; kk++) {
+        vec xb = VSET(x[kk]);
+        PREFETCH(panel + (size_t)(kk + AHEAD) * P); /* the stream the hardware prefetcher drops at each 4 KiB page */
+        PREFETCH(panel + (size_t)(kk + AHEAD) * P + 16);
+        for (int v = 0; v < P / VL; v++) acc[v] = VFMA(VLOAD(panel + (size_t)kk * P + VL * v), xb, acc[v]);
+    }
+    for (int v = 0; v < P / VL; v++) VSTORE(y + VL * v, acc[v]);
+#else
+    float acc[P] = {0};
+    for (int kk = 0; kk < k; kk++)
+        for (int r = 0; r < P; r++) acc[r] += x[kk] * panel[(size_t)kk * P + r];
     memcpy(y, acc, sizeof(acc));
 #endif
 }
@@ -215,32 +248,38 @@ static void panel_gemm(int k, const float *panel, const float *const x[MR], floa
 #endif
 }
 
-/* y[t, n] = W[n] . x[t] (+ bias[n]) for t < T, panel by panel */
-static void matmul(const Mat *w, int T, const float *x, const float *bias, float *y) {
-    int k = w->k;
-    float *scratch = malloc(sizeof(float) * ((size_t)k * P + (MR + 1) * P));
-    float *out = scratch + (size_t)k * P;
-    for (int p = 0; p * P < w->n; p++) {
-        int rows = w->n - p * P < P ? w->n - p * P : P;
-        if (T == 1 && w->q) {
-            q4_panel_gemv(w, p, x, out);
-            memcpy(y + (size_t)p * P, out, sizeof(float) * rows);
-            continue;
+/* y[t, n] = W[n] . x[t] (+ bias[n]) for t < T, panel by panel: `threads` share the panels */
+static void matmul(const Mat *w, int T, const float *x, const float *bias, float *y, int threads) {
+    int k = w->k, panels = (w->n + P - 1) / P;
+    (void)threads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float out[MR * P];
+        float *scratch = (w->q && T > 1) ? malloc(sizeof(float) * (size_t)k * P) : NULL; /* a dequantized panel */
+#pragma omp for schedule(static)
+        for (int p = 0; p < panels; p++) {
+            int rows = w->n - p * P < P ? w->n - p * P : P;
+            const float *panel = w->f + (size_t)p * k * P;
+            if (T == 1) { /* the decode step: straight from the panel, int4 or fp32 */
+                if (w->q) q4_panel_gemv(w, p, x, out);
+                else f32_panel_gemv(k, panel, x, out);
+                memcpy(y + (size_t)p * P, out, sizeof(float) * rows);
+                continue;
+            }
+            if (w->q) {
+                dequant_panel(w, p, scratch);
+                panel = scratch;
+            }
+            for (int t = 0; t < T; t += MR) {
+                const float *xs[MR];
+                for (int i = 0; i < MR; i++) xs[i] = x + (size_t)(t + i < T ? t + i : T - 1) * k;
+                panel_gemm(k, panel, xs, out);
+                for (int i = 0; i < MR && t + i < T; i++)
+                    memcpy(y + (size_t)(t + i) * w->n + (size_t)p * P, out + i * P, sizeof(float) * rows);
+            }
         }
-        const float *panel = w->f + (size_t)p * k * P;
-        if (w->q) {
-            dequant_panel(w, p, scratch);
-            panel = scratch;
-        }
-        for (int t = 0; t < T; t += MR) {
-            const float *xs[MR];
-            for (int i = 0; i < MR; i++) xs[i] = x + (size_t)(t + i < T ? t + i : T - 1) * k;
-            panel_gemm(k, panel, xs, out);
-            for (int i = 0; i < MR && t + i < T; i++)
-                memcpy(y + (size_t)(t + i) * w->n + (size_t)p * P, out + i * P, sizeof(float) * rows);
-        }
+        free(scratch);
     }
-    free(scratch);
     if (bias)
         for (int t = 0; t < T; t++)
             for (int n = 0; n < w->n; n++) y[(size_t)t * w->n + n] += bias[n];
@@ -252,9 +291,9 @@ static float maxf(float a, float b) { return (b > a || b != b) ? b : a; } /* tor
 
 /* One decoder layer over T tokens; run: this layer's running max [hidden], updated */
 static void layer_forward(const Model *m, const Layer *l, int T, float *x, float *run, float *c, float *y,
-                          float *a, float *g) {
+                          float *a, float *g, int threads) {
     int H = m->hidden, D = H / m->heads;
-    matmul(&l->combined, T, x, NULL, c); /* out, out1, out2 = combined(x).chunk(3) */
+    matmul(&l->combined, T, x, NULL, c, threads); /* out, out1, out2 = combined(x).chunk(3) */
     for (int t = 0; t < T; t++) {
         const float *out = c + (size_t)t * 3 * H, *out1 = out + H, *out2 = out + 2 * H;
         float *yt = y + (size_t)t * H;
@@ -268,10 +307,10 @@ static void layer_forward(const Model *m, const Layer *l, int T, float *x, float
             }
         }
     }
-    matmul(&l->ffn1, T, y, l->b1, a); /* ffn2(ffn1(y) * relu(gate(y))) */
-    matmul(&l->gate, T, y, l->bg, g);
+    matmul(&l->ffn1, T, y, l->b1, a, threads); /* ffn2(ffn1(y) * relu(gate(y))) */
+    matmul(&l->gate, T, y, l->bg, g, threads);
     for (size_t i = 0; i < (size_t)T * H; i++) a[i] *= g[i] > 0 ? g[i] : (g[i] != g[i] ? g[i] : 0.0f);
-    matmul(&l->ffn2, T, a, l->b2, g);
+    matmul(&l->ffn2, T, a, l->b2, g, threads);
     for (int t = 0; t < T; t++) { /* x + layer_norm(alpha * ffn + (1 - alpha) * x) */
         float *xt = x + (size_t)t * H, *ft = g + (size_t)t * H;
         float mean = 0, var = 0;
@@ -284,8 +323,10 @@ static void layer_forward(const Model *m, const Layer *l, int T, float *x, float
 }
 
 /* Logits for ids[0..T) after the state (per layer its running max, [layers, hidden], updated
- * in place): all T rows, or the last only. Returns 0, or -1 where memory ran out. */
-int samout_forward(const Model *m, int T, const int64_t *ids, float *state, int all_logits, float *logits) {
+ * in place): all T rows, or the last only; the matrix products on `threads` threads (OpenMP,
+ * where the build has it). Returns 0, or -1 where memory ran out. */
+int samout_forward(const Model *m, int T, const int64_t *ids, float *state, int all_logits, float *logits,
+                   int threads) {
     int H = m->hidden;
     float *buf = malloc(sizeof(float) * (size_t)T * H * 7);
     if (!buf) return -1;
@@ -305,9 +346,9 @@ int samout_forward(const Model *m, int T, const int64_t *ids, float *state, int 
             }
         }
     }
-    for (int l = 0; l < m->layers; l++) layer_forward(m, &m->layer[l], T, x, state + (size_t)l * H, c, y, a, g);
-    if (all_logits) matmul(&m->head, T, x, NULL, logits);
-    else matmul(&m->head, 1, x + (size_t)(T - 1) * H, NULL, logits);
+    for (int l = 0; l < m->layers; l++) layer_forward(m, &m->layer[l], T, x, state + (size_t)l * H, c, y, a, g, threads);
+    if (all_logits) matmul(&m->head, T, x, NULL, logits, threads);
+    else matmul(&m->head, 1, x + (size_t)(T - 1) * H, NULL, logits, threads);
     free(buf);
     return 0;
 }

@@ -12,6 +12,7 @@ verify checks it against the golden outputs like every backend; max_seq does not
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from samout_edge.artifact.manifest import Manifest, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.native import build
 from samout_edge.native.weights import FILE, MATRICES, PANEL, Q4_BLOCK, NativeWeights, unsupported
-from samout_edge.runtime.backend import Backend, BackendOptions
+from samout_edge.runtime.backend import Backend, BackendOptions, option
 from samout_edge.runtime.base import Runner, RunnerInfo, State
 
 LAYER_NORM_EPS = 1e-5  # models/model.py LayerNorm: torch's default
@@ -53,12 +54,12 @@ def _ptr(a: np.ndarray | None, kind):
 
 
 class NativeRunner(Runner):
-    def __init__(self, weights: NativeWeights, manifest: Manifest, lib: ctypes.CDLL):
-        self.weights, self.manifest, self.lib = weights, manifest, lib
+    def __init__(self, weights: NativeWeights, manifest: Manifest, lib: ctypes.CDLL, threads: int):
+        self.weights, self.manifest, self.lib, self.threads = weights, manifest, lib, threads
         c = manifest.config
         self.model = self._model(weights, c)
         self.names = [t.past for t in manifest.spec.states(c.num_layers)]
-        self.info = RunnerInfo("native", f"cpu ({build.kernels()})", manifest.spec, "fp32", manifest.logits, None, c)
+        self.info = RunnerInfo("native", f"cpu ({build.kernels()}, {threads} thread{'s' if threads > 1 else ''})", manifest.spec, "fp32", manifest.logits, None, c)
 
     def _matrix(self, w: NativeWeights, name: str, rows: int, cols: int) -> _Mat:
         panels, blocks = -(-rows // PANEL), cols // Q4_BLOCK
@@ -114,7 +115,7 @@ class NativeRunner(Runner):
         for b in range(batch):
             done = self.lib.samout_forward(ctypes.byref(self.model), seq, ids[b].ctypes.data_as(ctypes.c_void_p),
                                            running[b].ctypes.data_as(ctypes.c_void_p), int(rows > 1),
-                                           logits[b].ctypes.data_as(ctypes.c_void_p))
+                                           logits[b].ctypes.data_as(ctypes.c_void_p), self.threads)
             if done != 0:
                 raise SamoutError(f"the native forward pass ran out of memory on a call of {seq:,} tokens")
         shape = (batch, c.num_heads, 1, c.head_dim)
@@ -124,22 +125,27 @@ class NativeRunner(Runner):
         self.model = self._layers = self.weights = None
 
 
-def load_native_runner(directory: str | Path) -> NativeRunner:
+def load_native_runner(directory: str | Path, threads: int | None = None) -> NativeRunner:
+    """``threads``: threads one call's matrix products use (None: one per core this process may run on)."""
     manifest = read_manifest(directory)
     why = unsupported(manifest.spec, manifest.dtype, manifest.weights, manifest.config.hidden_size)
     if why is not None:
         raise SamoutError(f"the native backend cannot run {directory}: {why}; run it on ort")
     weights = NativeWeights(Path(directory) / FILE)
-    return NativeRunner(weights, manifest, build.library())
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads < 1:
+        raise SamoutError(f"threads must be at least 1, got {threads}")
+    return NativeRunner(weights, manifest, build.library(), threads)
 
 
 @dataclass(frozen=True)
 class NativeOptions(BackendOptions):
-    pass
+    intra_op_threads: int | None = option(None, "Threads one call uses (None: one per core).", cli=False)
 
 
 def _load(directory: Path, options: NativeOptions) -> NativeRunner:
-    return load_native_runner(directory)
+    return load_native_runner(directory, options.intra_op_threads)
 
 
 BACKEND = Backend(
