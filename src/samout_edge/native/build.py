@@ -106,7 +106,8 @@ def library() -> ctypes.CDLL:
 
 
 def kernels() -> str:
-    """Which kernels the library was built with: avx512, avx2, neon or c."""
+    """Which kernels the library was built with: avx512, avx2, or c (the plain loops, vectorized by the
+    compiler for its target: NEON on aarch64)."""
     return library().samout_kernels().decode()
 
 

@@ -4,9 +4,9 @@
  * (MatMulNBits' packing: two a byte, low nibble first; value (q - z) * s, z = 8 where
  * the grid is symmetric). Built by native/build.py with the machine's own compiler.
  *
- * One function is called: samout_forward. x86 with AVX2 and FMA takes the vector
- * kernels below; every other CPU the plain C loops, which the compiler vectorizes
- * (NEON on aarch64). */
+ * One function is called: samout_forward. x86 with AVX2 and FMA (or AVX-512) takes the
+ * vector kernels below; every other CPU the plain C loops ("c"), written so that the
+ * compiler vectorizes them for the CPU it builds for (NEON on a Jetson). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,8 +45,6 @@ const char *samout_kernels(void) {
     return "avx512";
 #elif defined(SAMOUT_AVX2)
     return "avx2";
-#elif defined(__ARM_NEON)
-    return "neon";
 #else
     return "c";
 #endif

@@ -136,7 +136,10 @@ class NativeWeights:
     def __init__(self, path: Path):
         try:
             with open(path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                # mapped in at once (MAP_POPULATE): the model is in memory once loaded, as a peak above it
+                # assumes, and the first token does not fault the weights in page by page
+                self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                      prot=mmap.PROT_READ)
         except FileNotFoundError:
             raise SamoutError(f"{path.parent} has no {FILE}: export it with --native for the native backend") from None
         except (OSError, ValueError) as e:
