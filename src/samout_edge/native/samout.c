@@ -1,8 +1,9 @@
 /* SamOut's forward pass for the CPU, with no runtime under it: the cummax model of
  * models/model.py, step for step, over the weights of an export's native.safetensors
- * (native/weights.py). Matrices are fp32 [n, k] or int4 in blocks of 32 along k
- * (MatMulNBits' packing: two a byte, low nibble first; value (q - z) * s, z = 8 where
- * the grid is symmetric). Built by native/build.py with the machine's own compiler.
+ * (native/weights.py). Matrices are fp32, or int4 in blocks of 32 along k (two a byte,
+ * low nibble first; value (q - z) * s, z = 8 where the grid is symmetric), stored in
+ * panels of 32 rows (see "matrices" below). Built by native/build.py with the machine's
+ * own compiler.
  *
  * One function is called: samout_forward. x86 with AVX2 and FMA (or AVX-512) takes the
  * vector kernels below; every other CPU the plain C loops ("c"), written so that the
@@ -17,11 +18,11 @@
 #endif
 
 typedef struct {
-    int32_t n, k;
-    const float *f;   /* fp32 [n, k], or NULL */
-    const uint8_t *q; /* int4 [n, k / 32, 16] */
-    const float *s;   /* [n, k / 32] */
-    const uint8_t *z; /* [n, k / 32] zero points, or NULL: 8 */
+    int32_t n, k;     /* W is [n, k]: y = W x */
+    const float *f;   /* fp32 panels [n / 32, k, 32], or NULL */
+    const uint8_t *q; /* int4 panels [n / 32, k / 32, 16, 32] */
+    const float *s;   /* [n / 32, k / 32, 32] */
+    const uint8_t *z; /* [n / 32, k / 32, 32] zero points, or NULL: 8 */
 } Mat;
 
 typedef struct {
