@@ -73,7 +73,7 @@ def library_in_use(name: str, rerun) -> dict | None:
     return {"library": name, "resident_kib": resident, "in_use_kib": smaps().get(name, 0)}
 
 
-def child(export: str, tokens: int, threads: int, ubatch: int) -> None:
+def child(export: str, tokens: int, threads: int, ubatch: int, backend: str) -> None:
     """The stages, in this fresh interpreter; one JSON line on stdout."""
     stages = []
     before = smaps()
@@ -92,15 +92,19 @@ def child(export: str, tokens: int, threads: int, ubatch: int) -> None:
     import numpy as np
 
     stage("numpy")
-    import onnxruntime
+    if backend == "ort":
+        import onnxruntime
 
-    stage("ONNX Runtime (import)")
+        stage("ONNX Runtime (import)")
     from samout_edge.runtime.registry import backend_named, load_runner
     from samout_edge.runtime.target import check_ubatch
 
     stage("samout-edge runtime")
-    options = backend_named("ort").options(provider="cpu", intra_op_threads=threads)
-    runner = load_runner(export, "ort", options)
+    if backend == "ort":
+        options = backend_named("ort").options(provider="cpu", intra_op_threads=threads)
+    else:  # the native backend: its kernels built (or taken from the cache) by the load
+        options = backend_named(backend).options(intra_op_threads=threads)
+    runner = load_runner(export, backend, options)
     runner.ubatch = check_ubatch(ubatch)
     vocab = runner.info.config.vocab_size
     ids = (np.arange(tokens + STEPS, dtype=np.int64) * 7919 % (vocab - 1) + 1)[None, :]  # no numpy.random
@@ -116,11 +120,14 @@ def child(export: str, tokens: int, threads: int, ubatch: int) -> None:
         for k in range(STEPS):
             _, again = runner.run(ids[:, tokens + k: tokens + k + 1], again)
 
-    library = os.path.basename(onnxruntime.capi.onnxruntime_pybind11_state.__file__)  # all of ONNX Runtime
-    print(json.dumps({"stages": stages, "vocab": vocab, "library": library_in_use(library, rerun)}))
+    library = None
+    if backend == "ort":
+        name = os.path.basename(onnxruntime.capi.onnxruntime_pybind11_state.__file__)  # all of ONNX Runtime
+        library = library_in_use(name, rerun)
+    print(json.dumps({"stages": stages, "vocab": vocab, "library": library}))
 
 
-def cli_peak_kib(export: str, tokens: int, vocab: int, ubatch: int) -> int:
+def cli_peak_kib(export: str, tokens: int, vocab: int, ubatch: int, backend: str) -> int:
     """The peak RSS of `samout-edge generate` on the same ids: its own VmHWM, read at exit. (Not
     wait4's ru_maxrss: Linux carries the spawning process's RSS across fork and exec into it.)"""
     ids = ",".join(str(i * 7919 % (vocab - 1) + 1) for i in range(tokens))
@@ -132,7 +139,7 @@ def cli_peak_kib(export: str, tokens: int, vocab: int, ubatch: int) -> int:
             "sys.argv = ['samout-edge'] + sys.argv[1:]\n"
             "runpy.run_module('samout_edge', run_name='__main__')\n")
     cmd = [sys.executable, "-c", code, "generate", export, "--ids", ids, "--max-new-tokens", str(STEPS),
-           "--ubatch", str(ubatch)]
+           "--ubatch", str(ubatch), "--backend", backend]
     out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     found = [line for line in out.stderr.splitlines() if line.startswith("VmHWM_KIB=")]
     if out.returncode != 0 or not found:
@@ -146,7 +153,9 @@ def markdown(report: dict) -> str:
         f"# Where the process goes: {report['export']} ({report['machine']}, Linux {report.get('kernel', '?')})",
         "",
         f"A fresh interpreter, stage by stage; {report['tokens']} tokens prefilled in calls of {report['ubatch']}, "
-        f"{STEPS} decode steps; {report['threads']} thread(s); ONNX Runtime's arena on (as `generate` and `serve`).",
+        f"{STEPS} decode steps; {report['threads']} thread(s); "
+        + ("ONNX Runtime's arena on (as `generate` and `serve`)." if report.get("backend", "ort") == "ort" else
+           f"the {report['backend']} backend (no ONNX Runtime in the process)."),
         "",
         "| stage | RSS MB after | + MB | peak inside MB | where the growth is (MB) |",
         "|---|---:|---:|---:|---|",
@@ -175,19 +184,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ubatch", type=int, default=256)
+    parser.add_argument("--backend", choices=("ort", "native"), default="ort")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.child:
-        child(str(a.export), a.tokens, a.threads, a.ubatch)
+        child(str(a.export), a.tokens, a.threads, a.ubatch, a.backend)
         return
     if not (a.export / "export.json").is_file():
         raise SystemExit(f"{a.export} is not an export directory (no export.json)")
     if a.tokens < 1 or a.threads < 1 or a.ubatch < 0:
         raise SystemExit("--tokens and --threads must be at least 1, --ubatch at least 0")
     out = subprocess.run([sys.executable, __file__, str(a.export), "--child", "--tokens", str(a.tokens),
-                          "--threads", str(a.threads), "--ubatch", str(a.ubatch)], capture_output=True, text=True)
+                          "--threads", str(a.threads), "--ubatch", str(a.ubatch), "--backend", a.backend],
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"the measuring child failed: {out.stderr.strip().splitlines()[-1:]}")
     measured = json.loads(out.stdout.strip().splitlines()[-1])
@@ -195,10 +206,10 @@ def main() -> None:
     from samout_edge.bench.machine import describe
     from samout_edge.bench.report import save_results
 
-    report = {"export": str(a.export), "tokens": a.tokens, "threads": a.threads, "ubatch": a.ubatch,
+    report = {"export": str(a.export), "backend": a.backend, "tokens": a.tokens, "threads": a.threads, "ubatch": a.ubatch,
               "machine": describe()["label"], "kernel": platform.release(), "stages": measured["stages"],
               "library": measured["library"],
-              "cli_peak_kib": cli_peak_kib(str(a.export), a.tokens, measured["vocab"], a.ubatch)}
+              "cli_peak_kib": cli_peak_kib(str(a.export), a.tokens, measured["vocab"], a.ubatch, a.backend)}
     text = markdown(report)
     print(text)
     save_results(report, text, a.json, a.markdown)

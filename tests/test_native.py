@@ -121,11 +121,17 @@ def test_bad_ids_and_a_poisoned_state_are_refused(native_exports):
             r.run(np.array([[1]]), state)
 
 
-def test_no_compiler_is_one_line(monkeypatch, tmp_path):
+def test_no_compiler_is_one_line(monkeypatch, tmp_path, native_exports, run_cli):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("SAMOUT_EDGE_CACHE", str(tmp_path))
     with pytest.raises(SamoutError, match="compiles its kernels with this machine's C compiler, and there is none"):
         build.build()
+    code, _, err = run_cli("generate", native_exports["int4"], "--ids", "1", "--backend", "native")
+    assert code != 0 and err == ("error: the native backend needs a C compiler (cc, or the one $CC names), which this "
+                                 "install does not have: apt install gcc\n")
+    code, out, _ = run_cli("doctor", "--json")
+    native = next(b for b in json.loads(out)["backends"] if b["name"] == "native")
+    assert native["missing"] == ["a C compiler (cc, or the one $CC names) (apt install gcc)"]
 
 
 def test_a_failed_build_leaves_nothing_behind(monkeypatch, tmp_path):
@@ -153,3 +159,34 @@ def test_threads_share_the_panels_and_change_no_bit(native_exports):
         np.testing.assert_array_equal(one.run(ids[:, :1], sa)[0], three.run(ids[:, :1], sb)[0])
     with pytest.raises(SamoutError, match="threads must be at least 1"):
         load_native_runner(native_exports["int4"], threads=0)
+
+
+def test_a_native_process_has_no_onnx_runtime_and_runs_no_program(native_exports):
+    """What the native backend is for: a process that loads and runs an export imports neither
+    ONNX Runtime nor onnx, and a cached library is loaded without running the compiler (nor
+    hashlib, shutil, subprocess: 4 MB)."""
+    build.build()  # cached for the child
+    code = (
+        "import sys, numpy as np\n"
+        "from samout_edge.runtime.registry import load_runner\n"
+        f"r = load_runner({str(native_exports['int4'])!r}, 'native')\n"
+        "r.run(np.ones((1, 5), np.int64), r.initial_state(1))\n"
+        "heavy = ('onnxruntime', 'onnx', 'torch', 'rich', 'typer', 'hashlib', 'shutil', 'subprocess')\n"
+        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
+def test_a_cached_library_is_trusted_only_with_its_records(monkeypatch, tmp_path):
+    """An edited source or a stale record builds again; a build killed before its records is redone."""
+    monkeypatch.setenv("SAMOUT_EDGE_CACHE", str(tmp_path))
+    first = build.build()
+    record = first.with_suffix(".key")
+    record.write_text(record.read_text() + "tampered")
+    mtime = first.stat().st_mtime_ns
+    assert build.build() == first and first.stat().st_mtime_ns != mtime  # rebuilt, records rewritten
+    first.with_suffix(".c").unlink()  # as if killed after the library, before its records
+    assert build.build() == first and first.with_suffix(".c").read_bytes() == build.SOURCE.read_bytes()
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".samout-tmp-")]

@@ -10,6 +10,7 @@ below the runtime because TensorRT's build plan (tensorrt/plan.py) asks it too.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,15 +19,30 @@ if TYPE_CHECKING:
     from samout_edge.artifact.manifest import Manifest
 
 
+def which(program: str) -> str | None:
+    """shutil.which without shutil (its bz2 and lzma are 2 MB of a process that runs an export)."""
+    if os.sep in program:
+        return program if os.access(program, os.X_OK) else None
+    for directory in os.get_exec_path():
+        path = os.path.join(directory, program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
 @dataclass(frozen=True)
 class Requirement:
-    """A module a backend imports, and how to install it."""
+    """A module a backend imports (or a program it runs), and how to install it."""
 
-    module: str  # the import name
+    module: str  # the import name ("" for a program)
     what: str  # how messages name it
     install: str  # the line that installs it
+    program: str = ""  # a program on PATH instead of a module: the native backend's C compiler
+    env: str = ""  # the environment variable that names the program instead (CC)
 
     def installed(self) -> bool:
+        if self.program:
+            return which(os.environ.get(self.env, "") or self.program) is not None
         try:
             spec = importlib.util.find_spec(self.module)
         except (ImportError, ValueError):  # a parent package that fails to import

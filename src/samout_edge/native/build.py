@@ -5,21 +5,19 @@ library is built where it runs, for the CPU it runs on (``-march=native`` / ``-m
 AVX2 and FMA, NEON), and cached under ``$SAMOUT_EDGE_CACHE`` (default
 ``~/.cache/samout-edge``) by the hash of the source, the compiler, its flags and the
 machine: a changed source or another CPU builds again, nothing stale is loaded. The
-library is written to a temporary name and renamed into place: a build killed half-way
-leaves nothing a later load would take.
+library is written to a temporary name and renamed into place, then the records a load
+checks: a build killed half-way leaves nothing a later load would take.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
 from functools import cache
 from pathlib import Path
 
+from samout_edge.artifact.capabilities import which
 from samout_edge.errors import SamoutError
 
 SOURCE = Path(__file__).with_name("samout.c")
@@ -34,9 +32,15 @@ def cache_dir() -> Path:
     return Path(base) / "samout-edge" / "native"
 
 
+# subprocess is imported only to compile: loading a cached library runs no program and imports
+# neither it, hashlib (OpenSSL) nor shutil, 4 MB of a process that runs an export
+# (tests/test_footprint.py). A cached library is found by a CRC of what built it and trusted
+# only when its record of that (the source itself and the build's key) matches exactly.
+
+
 def compiler() -> str:
     cc = os.environ.get("CC") or "cc"
-    found = shutil.which(cc)
+    found = which(cc)
     if found is None:
         raise SamoutError(f"the native backend compiles its kernels with this machine's C compiler, and there is none "
                           f"({cc!r} is not on PATH): install one (apt install gcc) or set CC")
@@ -55,30 +59,53 @@ def flags(machine: str | None = None) -> list[str]:
 
 
 def _key(cc: str, args: list[str]) -> str:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    """What the library depends on besides its source: the compiler (the file itself: an upgrade
+    changes it), the flags, the machine and the CPU -march=native builds for."""
+    real = os.path.realpath(cc)
+    stat = os.stat(real)
     cpu = ""
-    try:  # the CPU itself: -march=native builds for it
+    try:
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith(("flags", "Features", "CPU part"))), "")
     except OSError:
         pass
-    parts = [SOURCE.read_bytes(), cc.encode(), *(a.encode() for a in args), *(v.encode() for v in version),
-             platform.machine().encode(), cpu.encode()]
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return "\n".join([real, f"{stat.st_size} {stat.st_mtime_ns}", " ".join(args), platform.machine(), cpu]) + "\n"
+
+
+def _publish(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".samout-tmp-{os.getpid()}-{path.name}")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 def build() -> Path:
     """The library for this machine: the cached one, or compiled now."""
+    import zlib
+
     cc, args = compiler(), flags()
+    source, key = SOURCE.read_bytes(), _key(cc, args)
     directory = cache_dir()
-    target = directory / f"samout-{_key(cc, args)}.so"
-    if target.is_file():
-        return target
+    stem = directory / f"samout-{zlib.crc32(source + key.encode()):08x}"
+    target, record_source, record_key = stem.with_suffix(".so"), stem.with_suffix(".c"), stem.with_suffix(".key")
+    try:
+        if target.is_file() and record_source.read_bytes() == source and record_key.read_text() == key:
+            return target
+    except OSError:
+        pass
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SamoutError(f"cannot create the native kernels' cache {directory}: {e.strerror}") from None
-    partial = directory / f".samout-tmp-{os.getpid()}.so"
+    _compile(cc, args, target)
+    _publish(record_source, source)  # the records last: a library without them is built again
+    _publish(record_key, key.encode())
+    return target
+
+
+def _compile(cc: str, args: list[str], target: Path) -> None:
+    import subprocess
+
+    partial = target.with_name(f".samout-tmp-{os.getpid()}.so")
     try:
         done = subprocess.run([cc, str(SOURCE), "-o", str(partial), *args], capture_output=True, text=True,
                               timeout=COMPILE_TIMEOUT_S)
@@ -93,7 +120,6 @@ def build() -> Path:
         raise SamoutError(f"compiling the native kernels took over {COMPILE_TIMEOUT_S} s ({cc})") from None
     finally:
         partial.unlink(missing_ok=True)
-    return target
 
 
 @cache

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from samout_edge.artifact import graph
-from samout_edge.artifact.capabilities import Capabilities
+from samout_edge.artifact.capabilities import Capabilities, Requirement
 from samout_edge.artifact.manifest import Manifest, read_manifest
 from samout_edge.errors import SamoutError
 from samout_edge.native import build
@@ -150,5 +150,7 @@ def _load(directory: Path, options: NativeOptions) -> NativeRunner:
 
 BACKEND = Backend(
     "native", NativeOptions, _load, "SamOut's cummax forward pass in C, built here (export --native)",
-    Capabilities("the native backend", dtypes=("fp32",), zero_points=True, growing_state=False),
+    Capabilities("the native backend", dtypes=("fp32",), zero_points=True, growing_state=False,
+                 requires=(Requirement("", "a C compiler (cc, or the one $CC names)", "apt install gcc", program="cc",
+                                       env="CC"),)),
 )
