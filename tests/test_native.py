@@ -91,9 +91,9 @@ def test_a_changed_weights_file_fails_verify_and_a_wrong_one_fails_to_load(nativ
     (d / FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(SamoutError, match="is not a native weights file of this version"):
         NativeWeights(d / FILE)
-    (d / FILE).unlink()
-    code, _, err = run_cli("generate", d, "--ids", "1,2", "--max-new-tokens", "2", "--backend", "native")
-    assert code != 0 and "has no native.safetensors: export it with --native" in err
+    (d / FILE).unlink()  # listed in export.json, gone from the directory: the loader says so
+    with pytest.raises(SamoutError, match="has no native.safetensors: export it with --native"):
+        NativeWeights(d / FILE)
 
 
 def test_what_it_does_not_compute_is_refused_in_one_line(exported, odd_checkpoint, tmp_path, run_cli):
@@ -106,7 +106,11 @@ def test_what_it_does_not_compute_is_refused_in_one_line(exported, odd_checkpoin
     code, _, err = run_cli("generate", exported("softmax").directory, "--ids", "1", "--backend", "native")
     assert code != 0 and err.count("\n") == 1 and "(a softmax KV cache), which the native backend does not hold" in err
     code, _, err = run_cli("generate", exported("linear").directory, "--ids", "1", "--backend", "native")
-    assert code != 0 and err.count("\n") == 1 and "it computes the cummax arch only (this export is linear)" in err
+    assert code != 0 and err.count("\n") == 1 and "computes the cummax mixer only (this export is linear)" in err
+    code, _, err = run_cli("generate", exported().directory, "--ids", "1", "--backend", "native")
+    assert code != 0 and "carries no native.safetensors, which the native backend runs (export --native" in err
+    code, out, _ = run_cli("inspect", exported().directory)
+    assert "the native backend" not in out.split("runs in:")[1].splitlines()[0]
 
 
 def test_bad_ids_and_a_poisoned_state_are_refused(native_exports):

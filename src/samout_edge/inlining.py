@@ -28,16 +28,18 @@ from samout_edge.errors import SamoutError
 
 
 def runs_in(lowering: str) -> str | None:
-    """Which registered backends run an export of ``lowering``, from their capabilities (custom:
-    those that run model-local functions; the others get the ``inline`` hint)."""
+    """Which registered backends run the graph of an export of ``lowering``, from their capabilities
+    (custom: those that run model-local functions; the others get the ``inline`` hint). A backend
+    that runs a file of its own instead of the graph (the native backend) is not among them."""
     from samout_edge.runtime.registry import BACKENDS
 
+    graph = [b for b in BACKENDS.values() if b.capabilities.needs_file is None]
     if lowering in ("native", "inlined"):
-        return "every backend: " + ", ".join(b.capabilities.title for b in BACKENDS.values())
+        return "every backend: " + ", ".join(b.capabilities.title for b in graph)
     if lowering != "custom":
         return None
-    able = [b.capabilities.title for b in BACKENDS.values() if b.capabilities.custom_ops]
-    unable = [b.capabilities.title for b in BACKENDS.values() if not b.capabilities.custom_ops]
+    able = [b.capabilities.title for b in graph if b.capabilities.custom_ops]
+    unable = [b.capabilities.title for b in graph if not b.capabilities.custom_ops]
     if not unable:
         return ", ".join(able)
     one = len(unable) == 1

@@ -63,6 +63,8 @@ class Capabilities:
     gpu: bool = False  # needs a GPU whatever its options say
     engines: bool = False  # runs engines built from an export (EXPORT/engines/PROFILE)
     requires: tuple[Requirement, ...] = ()  # what must be installed besides samout-edge's own dependencies
+    mixers: tuple[str, ...] | None = None  # the token mixers it computes (None: every one, from the graph)
+    needs_file: tuple[str, str] | None = None  # a file the export must carry, and how it is made
 
     def missing(self) -> list[Requirement]:
         return [r for r in self.requires if not r.installed()]
@@ -79,6 +81,10 @@ class Capabilities:
             return "zero_points"
         if manifest.spec.grows and not self.growing_state:
             return "growing_state"
+        if self.mixers is not None and any(layer.mixer not in self.mixers for layer in manifest.spec.layers):
+            return "mixers"
+        if self.needs_file is not None and self.needs_file[0] not in manifest.files:
+            return "file"
         return None
 
 
@@ -98,6 +104,12 @@ def refusal(lack: str, manifest: Manifest, name: str, capabilities: Capabilities
         return zero_points_refusal(title)
     if lack == "dtype":
         return f"the {name} backend does not compute {manifest.dtype} graphs ({', '.join(capabilities.dtypes)}){others}"
+    if lack == "mixers":
+        return (f"the {name} backend computes the {', '.join(capabilities.mixers or ())} mixer only (this export is "
+                f"{manifest.arch}){others}")
+    if lack == "file" and capabilities.needs_file is not None:
+        file, how = capabilities.needs_file
+        return f"this export carries no {file}, which the {name} backend runs ({how}){others}"
     return (f"this export's state grows with every token (a {manifest.arch} KV cache), which the {name} backend "
             f"does not hold{others}")
 

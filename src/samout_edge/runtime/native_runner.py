@@ -150,7 +150,8 @@ def _load(directory: Path, options: NativeOptions) -> NativeRunner:
 
 BACKEND = Backend(
     "native", NativeOptions, _load, "SamOut's cummax forward pass in C, built here (export --native)",
-    Capabilities("the native backend", dtypes=("fp32",), zero_points=True, growing_state=False,
+    Capabilities("the native backend", dtypes=("fp32",), zero_points=True, growing_state=False, mixers=("cummax",),
+                 needs_file=(FILE, "export --native writes it"),
                  requires=(Requirement("", "a C compiler (cc, or the one $CC names)", "apt install gcc", program="cc",
                                        env="CC"),)),
 )
