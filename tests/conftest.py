@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Two test workers share two cores: a runtime that forks threads per operator (the native backend's
+# OpenMP) would wait at every barrier for a thread the other worker's process holds the core from.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from samout_edge.artifact.config import PRESETS
 from samout_edge.models.checkpoint import random_checkpoint, save_checkpoint

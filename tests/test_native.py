@@ -165,6 +165,17 @@ def test_threads_share_the_panels_and_change_no_bit(native_exports):
         load_native_runner(native_exports["int4"], threads=0)
 
 
+def test_omp_num_threads_is_the_default(native_exports, monkeypatch):
+    from samout_edge.runtime.native_runner import load_native_runner
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with load_native_runner(native_exports["int4"]) as r:
+        assert r.threads == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "x")
+    with load_native_runner(native_exports["int4"]) as r:
+        assert r.threads == len(os.sched_getaffinity(0))
+
+
 def test_a_native_process_has_no_onnx_runtime_and_runs_no_program(native_exports):
     """What the native backend is for: a process that loads and runs an export imports neither
     ONNX Runtime nor onnx, and a cached library is loaded without running the compiler (nor

@@ -126,14 +126,20 @@ class NativeRunner(Runner):
 
 
 def load_native_runner(directory: str | Path, threads: int | None = None) -> NativeRunner:
-    """``threads``: threads one call's matrix products use (None: one per core this process may run on)."""
+    """``threads``: threads one call's matrix products use (None: $OMP_NUM_THREADS, OpenMP's own
+    variable, else one per core this process may run on). More threads than free cores is slow:
+    each product ends at a barrier that waits for a thread the OS has not scheduled."""
     manifest = read_manifest(directory)
     why = unsupported(manifest.spec, manifest.dtype, manifest.weights, manifest.config.hidden_size)
     if why is not None:
         raise SamoutError(f"the native backend cannot run {directory}: {why}; run it on ort")
     weights = NativeWeights(Path(directory) / FILE)
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        given = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+        if given.isdigit() and int(given) > 0:
+            threads = int(given)
+        else:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if threads < 1:
         raise SamoutError(f"threads must be at least 1, got {threads}")
     return NativeRunner(weights, manifest, build.library(), threads)
